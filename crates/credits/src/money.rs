@@ -1,0 +1,243 @@
+//! Exact decimal money and currency codes, with the wire form the API uses.
+
+use std::fmt;
+use std::str::FromStr;
+
+use rust_decimal::Decimal;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::error::ModelError;
+
+/// An exact decimal amount. On the wire it is a string matching `^-?[0-9]+(\.[0-9]+)?$`:
+/// no exponent, no sign other than a leading minus, no separators, no NaN.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Amount(Decimal);
+
+impl Amount {
+    pub const ZERO: Amount = Amount(Decimal::ZERO);
+
+    pub fn new(value: Decimal) -> Self {
+        Amount(value)
+    }
+
+    pub fn decimal(self) -> Decimal {
+        self.0
+    }
+
+    pub fn is_zero(self) -> bool {
+        self.0.is_zero()
+    }
+
+    pub fn is_positive(self) -> bool {
+        self.0 > Decimal::ZERO
+    }
+
+    pub fn is_negative(self) -> bool {
+        self.0 < Decimal::ZERO
+    }
+
+    pub fn abs(self) -> Self {
+        Amount(self.0.abs())
+    }
+
+    pub fn min(self, other: Self) -> Self {
+        if self <= other {
+            self
+        } else {
+            other
+        }
+    }
+
+    pub fn max(self, other: Self) -> Self {
+        if self >= other {
+            self
+        } else {
+            other
+        }
+    }
+
+    /// Checked multiplication; `None` on overflow of the 96-bit mantissa.
+    pub fn checked_mul(self, other: Decimal) -> Option<Self> {
+        self.0.checked_mul(other).map(Amount)
+    }
+
+    pub fn checked_add(self, other: Self) -> Option<Self> {
+        self.0.checked_add(other.0).map(Amount)
+    }
+
+    /// Parses the strict wire form. Trailing zeros are kept (`"1.50"` stays `1.50`).
+    pub fn parse(text: &str) -> Result<Self, ModelError> {
+        if !is_wire_number(text) {
+            return Err(ModelError::InvalidAmount(text.to_owned()));
+        }
+        Decimal::from_str_exact(text).map(Amount).map_err(|_| ModelError::InvalidAmount(text.to_owned()))
+    }
+}
+
+/// `^-?[0-9]+(\.[0-9]+)?$`, checked by hand so the model needs no regex engine.
+fn is_wire_number(text: &str) -> bool {
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    let (int, frac) = match digits.split_once('.') {
+        Some((int, frac)) => (int, Some(frac)),
+        None => (digits, None),
+    };
+    let all_digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    all_digits(int) && frac.is_none_or(all_digits)
+}
+
+impl fmt::Display for Amount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Decimal's Display never uses an exponent and keeps the scale; "-0" cannot occur
+        // because Decimal normalises the sign of zero on output.
+        write!(f, "{}", self.0)
+    }
+}
+
+impl FromStr for Amount {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Amount::parse(s)
+    }
+}
+
+impl From<Decimal> for Amount {
+    fn from(value: Decimal) -> Self {
+        Amount(value)
+    }
+}
+
+impl std::ops::Add for Amount {
+    type Output = Amount;
+    fn add(self, rhs: Amount) -> Amount {
+        Amount(self.0 + rhs.0)
+    }
+}
+
+impl std::ops::AddAssign for Amount {
+    fn add_assign(&mut self, rhs: Amount) {
+        self.0 += rhs.0;
+    }
+}
+
+impl std::ops::Sub for Amount {
+    type Output = Amount;
+    fn sub(self, rhs: Amount) -> Amount {
+        Amount(self.0 - rhs.0)
+    }
+}
+
+impl std::ops::SubAssign for Amount {
+    fn sub_assign(&mut self, rhs: Amount) {
+        self.0 -= rhs.0;
+    }
+}
+
+impl std::ops::Neg for Amount {
+    type Output = Amount;
+    fn neg(self) -> Amount {
+        Amount(-self.0)
+    }
+}
+
+impl std::iter::Sum for Amount {
+    fn sum<I: Iterator<Item = Amount>>(iter: I) -> Amount {
+        iter.fold(Amount::ZERO, |a, b| a + b)
+    }
+}
+
+impl Serialize for Amount {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Amount {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        Amount::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A three-letter upper-case currency code (ISO 4217 or a custom credit unit such as `CRD`).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Currency([u8; 3]);
+
+impl Currency {
+    pub fn parse(text: &str) -> Result<Self, ModelError> {
+        match text.as_bytes() {
+            [a, b, c] if [a, b, c].iter().all(|x| x.is_ascii_uppercase()) => Ok(Currency([*a, *b, *c])),
+            _ => Err(ModelError::InvalidCurrency(text.to_owned())),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only ASCII upper-case letters are ever stored.
+        std::str::from_utf8(&self.0).unwrap_or("???")
+    }
+}
+
+impl fmt::Display for Currency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for Currency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Currency({})", self.as_str())
+    }
+}
+
+impl FromStr for Currency {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Currency::parse(s)
+    }
+}
+
+impl Serialize for Currency {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Currency {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        Currency::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_amounts_round_trip_without_loss() {
+        for text in ["0", "1", "-1", "1.50", "0.000000001", "123456789012345678.123456789", "-0.10"] {
+            assert_eq!(Amount::parse(text).map(|a| a.to_string()).as_deref(), Ok(text));
+        }
+    }
+
+    #[test]
+    fn malformed_amounts_are_refused() {
+        for text in ["", "1e3", "1,5", "NaN", "+1", "1.", ".5", " 1", "1 ", "--1", "0x10", "inf", "1.2.3"] {
+            assert!(Amount::parse(text).is_err(), "{text:?} must be refused");
+        }
+    }
+
+    #[test]
+    fn amounts_serialize_as_strings() {
+        let a: Amount = serde_json::from_str("\"2.50\"").unwrap();
+        assert_eq!(serde_json::to_string(&a).unwrap(), "\"2.50\"");
+        assert!(serde_json::from_str::<Amount>("2.5").is_err());
+    }
+
+    #[test]
+    fn currencies_are_three_upper_case_letters() {
+        assert_eq!(Currency::parse("USD").unwrap().as_str(), "USD");
+        for bad in ["usd", "US", "USDT", "U$D", "", "ÜSD"] {
+            assert!(Currency::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+}

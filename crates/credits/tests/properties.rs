@@ -1,0 +1,361 @@
+//! Property tests: random sequences of grants, charges, usage, holds, voids, expiries and time.
+
+mod common;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use common::*;
+use credits::journal::{account_balances, check_postings};
+use credits::*;
+use proptest::prelude::*;
+
+#[derive(Clone, Debug)]
+enum Op {
+    Grant { priority: i64, cents: u32, starts_in_hours: u32, lasts_hours: Option<u32>, features: u8 },
+    Charge { cents: u32, feature: u8, then_invoice: bool },
+    Usage { cents: u32, feature: u8 },
+    Hold { cents: u32, feature: u8, lasts_hours: u32 },
+    Capture { hold: usize, cents: u32, feature: u8 },
+    Release { hold: usize },
+    Void { grant: usize },
+    Adjust { cents: i32 },
+}
+
+const FEATURES: [&str; 2] = ["input_tokens", "output_tokens"];
+
+fn feature_of(choice: u8) -> Option<FeatureKey> {
+    match choice % 3 {
+        0 => None,
+        n => Some(feature(FEATURES[usize::from(n - 1)])),
+    }
+}
+
+fn filter_of(choice: u8) -> FeatureFilter {
+    match choice % 4 {
+        0 => FeatureFilter::unrestricted(),
+        1 => FeatureFilter::only(vec![feature(FEATURES[0])]),
+        2 => FeatureFilter::only(vec![feature(FEATURES[1])]),
+        _ => FeatureFilter::only(vec![feature(FEATURES[0]), feature(FEATURES[1])]),
+    }
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (1i64..4, 1u32..5000, 0u32..48, proptest::option::of(1u32..96), 0u8..4)
+            .prop_map(|(priority, cents, starts_in_hours, lasts_hours, features)| Op::Grant { priority, cents, starts_in_hours, lasts_hours, features }),
+        4 => (1u32..3000, 0u8..3, any::<bool>()).prop_map(|(cents, feature, then_invoice)| Op::Charge { cents, feature, then_invoice }),
+        1 => (1u32..3000, 0u8..3).prop_map(|(cents, feature)| Op::Usage { cents, feature }),
+        2 => (1u32..3000, 0u8..3, 1u32..24).prop_map(|(cents, feature, lasts_hours)| Op::Hold { cents, feature, lasts_hours }),
+        2 => (0usize..8, 1u32..3000, 0u8..3).prop_map(|(hold, cents, feature)| Op::Capture { hold, cents, feature }),
+        1 => (0usize..8).prop_map(|hold| Op::Release { hold }),
+        1 => (0usize..8).prop_map(|grant| Op::Void { grant }),
+        1 => (-2000i32..2000).prop_map(|cents| Op::Adjust { cents }),
+    ]
+}
+
+fn cents(n: impl Into<i64>) -> Amount {
+    Amount::new(rust_decimal::Decimal::new(n.into(), 2))
+}
+
+struct World {
+    book: Book,
+    journal: Vec<Entry>,
+    grants: Vec<Grant>,
+    holds: Vec<HoldId>,
+    now: DateTime<Utc>,
+    after_the_fact: bool,
+    held: bool,
+}
+
+impl World {
+    fn grant_features(&self, id: &GrantId) -> Option<&FeatureFilter> {
+        self.grants.iter().find(|g| &g.id == id).map(|g| &g.features)
+    }
+
+    fn apply(&mut self, op: &Op) -> Result<(), TestCaseError> {
+        let before = self.book.clone();
+        let entries = match op {
+            Op::Grant { priority, cents: c, starts_in_hours, lasts_hours, features } => {
+                let spec = GrantSpec {
+                    currency: usd(),
+                    amount: cents(*c),
+                    funding_method: FundingMethod::None,
+                    purchase: None,
+                    priority: Priority::new(*priority).unwrap(),
+                    effective_at: Some(self.now + TimeDelta::hours(i64::from(*starts_in_hours))),
+                    expires_after: lasts_hours.map(|h| IsoDuration::parse(&format!("PT{h}H")).unwrap()),
+                    features: filter_of(*features),
+                };
+                let g =
+                    Grant::new(spec, GrantId(format!("g{}", self.grants.len())), self.now, self.grants.len() as i64)
+                        .unwrap();
+                self.grants.push(g.clone());
+                self.book.add_grant(g, self.now).unwrap()
+            }
+            Op::Charge { cents: c, feature: f, then_invoice } => {
+                let mode = if *then_invoice { SettlementMode::CreditThenInvoice } else { SettlementMode::CreditOnly };
+                let spend = Spend { currency: usd(), amount: cents(*c), feature: feature_of(*f), mode };
+                let available = self.book.clone().balances(self.now, None);
+                match self.book.charge(&spend, self.now) {
+                    Ok(out) => {
+                        self.check_order(&before, &spend, &out)?;
+                        out.entries
+                    }
+                    Err(refusal) => {
+                        prop_assert_eq!(mode, SettlementMode::CreditOnly);
+                        prop_assert!(refusal.available < spend.amount);
+                        prop_assert_eq!(&self.book, &before, "a refused charge changes nothing");
+                        let _ = available;
+                        Vec::new()
+                    }
+                }
+            }
+            Op::Usage { cents: c, feature: f } => {
+                self.after_the_fact = true;
+                let spend = Spend {
+                    currency: usd(),
+                    amount: cents(*c),
+                    feature: feature_of(*f),
+                    mode: SettlementMode::CreditOnly,
+                };
+                let out = self.book.book_usage(&spend, self.now);
+                let drawn: Amount = out.consumed.iter().map(|(_, a)| *a).sum();
+                prop_assert_eq!(drawn + out.uncovered, spend.amount, "usage is booked in full");
+                out.entries
+            }
+            Op::Hold { cents: c, feature: f, lasts_hours } => {
+                self.held = true;
+                let id = HoldId(format!("h{}", self.holds.len()));
+                self.holds.push(id.clone());
+                let expires = self.now + TimeDelta::hours(i64::from(*lasts_hours));
+                let available = self.book.clone().available_after_advance(usd(), feature_of(*f).as_ref(), self.now);
+                let (granted, entries) =
+                    self.book.place_hold(id, usd(), feature_of(*f), cents(*c), expires, self.now).unwrap();
+                prop_assert!(granted <= cents(*c) && granted <= available && !granted.is_negative());
+                entries
+            }
+            Op::Capture { hold, cents: c, feature: f } => match self.holds.get(*hold).cloned() {
+                Some(id) => {
+                    self.after_the_fact = true;
+                    let f = self.book.hold(&id).and_then(|h| h.feature.clone()).or(feature_of(*f));
+                    let spend =
+                        Spend { currency: usd(), amount: cents(*c), feature: f, mode: SettlementMode::CreditOnly };
+                    self.book.capture(&id, &spend, self.now).unwrap().entries
+                }
+                None => Vec::new(),
+            },
+            Op::Release { hold } => {
+                if let Some(id) = self.holds.get(*hold) {
+                    self.book.release_hold(id).unwrap();
+                }
+                Vec::new()
+            }
+            Op::Void { grant } => match self.grants.get(*grant).map(|g| g.id.clone()) {
+                Some(id) => self.book.void(&id, self.now).unwrap(),
+                None => Vec::new(),
+            },
+            Op::Adjust { cents: c } => {
+                if *c < 0 {
+                    self.after_the_fact = true;
+                }
+                let grant = (*c > 0).then(|| {
+                    let spec = GrantSpec {
+                        currency: usd(),
+                        amount: cents(*c),
+                        funding_method: FundingMethod::None,
+                        purchase: None,
+                        priority: Priority::DEFAULT,
+                        effective_at: Some(self.now),
+                        expires_after: None,
+                        features: FeatureFilter::unrestricted(),
+                    };
+                    Grant::new(spec, GrantId(format!("g{}", self.grants.len())), self.now, self.grants.len() as i64)
+                        .unwrap()
+                });
+                if let Some(g) = &grant {
+                    self.grants.push(g.clone());
+                }
+                self.book.adjust(usd(), cents(*c), grant, self.now).unwrap()
+            }
+        };
+        self.check_eligibility(&before, &entries)?;
+        self.journal.extend(entries);
+        self.check_invariants()
+    }
+
+    /// Nothing is drawn from an ineligible, expired, voided or not-yet-effective grant.
+    fn check_eligibility(&self, before: &Book, entries: &[Entry]) -> Result<(), TestCaseError> {
+        for e in entries {
+            if let Entry::Movement(m) = e {
+                if m.kind == MovementKind::Consumed {
+                    if let Some(id) = &m.grant_id {
+                        let g = self.book.grant(id).unwrap();
+                        prop_assert!(
+                            g.grant.features.admits(m.feature.as_ref()),
+                            "drawn from a grant restricted to other features"
+                        );
+                        prop_assert!(g.grant.effective_at <= m.booked_at, "drawn before the grant was effective");
+                        prop_assert!(g.grant.expires_at.is_none_or(|x| m.booked_at < x), "drawn from an expired grant");
+                        prop_assert!(
+                            before.grant(id).is_none_or(|b| b.grant.voided_at.is_none()),
+                            "drawn from a voided grant"
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Draw-down order: no grant that the order puts before a drawn one still has free credit.
+    fn check_order(&self, before: &Book, spend: &Spend, out: &SpendOutcome) -> Result<(), TestCaseError> {
+        let keys: Vec<_> =
+            out.consumed.iter().map(|(id, _)| self.book.grant(id).unwrap().grant.draw_down_key()).collect();
+        prop_assert!(keys.windows(2).all(|w| w[0] < w[1]), "consumed out of order");
+        if self.held {
+            return Ok(()); // with holds, credit can be eligible yet set aside
+        }
+        if let Some(last) = keys.last() {
+            for g in self.book.grants() {
+                let was_eligible = before.grant(&g.grant.id).is_some()
+                    && g.funded
+                    && g.grant.admits(spend.currency, spend.feature.as_ref(), self.book.clock());
+                if was_eligible && g.grant.draw_down_key() < *last {
+                    prop_assert!(g.remaining().is_zero(), "grant {} skipped while it had credit", g.grant.id);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_invariants(&self) -> Result<(), TestCaseError> {
+        // Postings sum to zero per currency.
+        prop_assert!(check_postings(self.journal.iter().map(Entry::postings)).is_empty());
+        // The settled balance equals the sum of movements, in every scope, and the credit
+        // account of the double entry equals it too.
+        for scope in [None, Some(feature(FEATURES[0])), Some(feature(FEATURES[1]))] {
+            let from_book = self
+                .book
+                .balances(self.book.clock(), scope.as_ref())
+                .into_iter()
+                .find(|b| b.currency == usd())
+                .map(|b| b.settled)
+                .unwrap_or_default();
+            let from_journal = credits::history::settled_at(
+                self.journal.iter(),
+                |id| self.grant_features(id),
+                usd(),
+                self.book.clock(),
+                scope.as_ref(),
+            );
+            prop_assert_eq!(from_book, from_journal, "scope {:?}", scope);
+        }
+        let credit_account = account_balances(self.journal.iter().flat_map(|e| e.postings().iter()))
+            .get(&(Account::CustomerCredit, usd()))
+            .copied()
+            .unwrap_or_default();
+        let movements: Amount = self
+            .journal
+            .iter()
+            .filter_map(|e| match e {
+                Entry::Movement(m) => Some(m.amount),
+                _ => None,
+            })
+            .sum();
+        prop_assert_eq!(credit_account, movements);
+        for g in self.book.grants() {
+            // No grant goes below zero.
+            prop_assert!(!g.remaining().is_negative(), "grant {} below zero", g.grant.id);
+            // Expiry never removes consumed credit: what the grant paid for stays paid.
+            let paid: Amount = self
+                .journal
+                .iter()
+                .map(|e| match e {
+                    Entry::Movement(m)
+                        if m.grant_id.as_ref() == Some(&g.grant.id)
+                            && matches!(m.kind, MovementKind::Consumed | MovementKind::Adjusted)
+                            && m.amount.is_negative() =>
+                    {
+                        -m.amount
+                    }
+                    Entry::DebtCovered { grant_id, amount, .. } if grant_id == &g.grant.id => *amount,
+                    _ => Amount::ZERO,
+                })
+                .sum();
+            prop_assert_eq!(paid, g.used);
+            let expired: Amount = self
+                .journal
+                .iter()
+                .map(|e| match e {
+                    Entry::Movement(m)
+                        if m.grant_id.as_ref() == Some(&g.grant.id) && m.kind == MovementKind::Expired =>
+                    {
+                        -m.amount
+                    }
+                    _ => Amount::ZERO,
+                })
+                .sum();
+            prop_assert_eq!(expired, g.expired);
+            prop_assert!(g.used + g.expired + g.voided <= g.grant.amount);
+        }
+        // credit_only charges alone never take the balance below zero.
+        if !self.after_the_fact {
+            prop_assert!(self.book.debts().is_empty());
+            prop_assert!(!settled(&self.book, self.book.clock()).is_negative());
+        }
+        Ok(())
+    }
+}
+
+trait AvailableAfterAdvance {
+    fn available_after_advance(self, currency: Currency, feature: Option<&FeatureKey>, at: DateTime<Utc>) -> Amount;
+}
+
+impl AvailableAfterAdvance for Book {
+    fn available_after_advance(
+        mut self,
+        currency: Currency,
+        feature: Option<&FeatureKey>,
+        at: DateTime<Utc>,
+    ) -> Amount {
+        self.advance(at);
+        self.available(currency, feature, at)
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_operations_keep_every_invariant(ops in proptest::collection::vec((op(), 0u32..30), 1..40)) {
+        let mut world = World { book: Book::new(), journal: Vec::new(), grants: Vec::new(), holds: Vec::new(), now: t(0), after_the_fact: false, held: false };
+        for (op, hours) in &ops {
+            world.now += TimeDelta::hours(i64::from(*hours));
+            world.apply(op)?;
+        }
+        // Everything expires eventually; what remains afterwards is never-expiring credit only.
+        world.now += TimeDelta::days(400);
+        let entries = world.book.advance(world.now);
+        world.journal.extend(entries);
+        world.check_invariants()?;
+    }
+
+    #[test]
+    fn credit_only_charges_never_overdraw(charges in proptest::collection::vec((1u32..2000, 0u8..3), 1..60), grants in proptest::collection::vec((1i64..4, 1u32..5000, 0u8..4), 1..6)) {
+        let mut book = Book::new();
+        for (i, (priority, c, f)) in grants.iter().enumerate() {
+            let spec = GrantSpec { currency: usd(), amount: cents(*c), funding_method: FundingMethod::None, purchase: None, priority: Priority::new(*priority).unwrap(), effective_at: None, expires_after: None, features: filter_of(*f) };
+            book.add_grant(Grant::new(spec, GrantId(format!("g{i}")), t(0), i as i64).unwrap(), t(0)).unwrap();
+        }
+        let total: Amount = grants.iter().map(|(_, c, _)| cents(*c)).sum();
+        let mut spent = Amount::ZERO;
+        for (c, f) in charges {
+            let spend = Spend { currency: usd(), amount: cents(c), feature: feature_of(f), mode: SettlementMode::CreditOnly };
+            if book.charge(&spend, t(1)).is_ok() {
+                spent += spend.amount;
+            }
+            prop_assert!(!settled(&book, t(1)).is_negative());
+        }
+        prop_assert!(spent <= total);
+        prop_assert_eq!(settled(&book, t(1)), total - spent);
+    }
+}

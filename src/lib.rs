@@ -1,0 +1,7 @@
+//! `prepaid_credits`: a proxy-wasm HTTP filter that meters, prices and enforces prepaid credit.
+//!
+//! Decisions live in plain Rust modules tested natively; the proxy-wasm adapter (`host`) only
+//! moves bytes between the host and those decisions.
+
+#[cfg(target_arch = "wasm32")]
+mod host;
