@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ModelError;
-use crate::feature::FeatureKey;
+use crate::feature::{FeatureFilter, FeatureKey, FeatureScope};
 use crate::grant::{Grant, GrantId};
 use crate::journal::{overage_postings, postings_for, Entry, Movement, MovementKind};
 use crate::money::{Amount, Currency};
@@ -583,7 +583,7 @@ impl Book {
     }
 
     /// The settled balance of a currency as booked so far, optionally in a feature's scope.
-    fn settled(&self, currency: Currency, scope: Option<&FeatureKey>) -> Amount {
+    fn settled(&self, currency: Currency, scope: Option<&FeatureScope>) -> Amount {
         let credit: Amount = self
             .grants
             .iter()
@@ -602,7 +602,7 @@ impl Book {
     /// Balances per currency at `at` (≥ the book's clock; earlier instants need the journal, see
     /// [`crate::history`]). Expiries and grants that became effective by then are included even
     /// though nothing has booked them yet.
-    pub fn balances(&self, at: DateTime<Utc>, scope: Option<&FeatureKey>) -> Vec<CurrencyBalance> {
+    pub fn balances(&self, at: DateTime<Utc>, scope: Option<&FeatureScope>) -> Vec<CurrencyBalance> {
         let mut view = self.clone();
         view.advance(at);
         let currencies: BTreeSet<Currency> = view
@@ -633,7 +633,7 @@ impl Book {
     }
 
     /// Credit in `scope` set aside by open holds (plus held amounts no credit backs).
-    fn held_in_scope(&self, currency: Currency, scope: Option<&FeatureKey>, at: DateTime<Utc>) -> Amount {
+    fn held_in_scope(&self, currency: Currency, scope: Option<&FeatureScope>, at: DateTime<Utc>) -> Amount {
         let (free, unbacked) = self.free_credit(currency, at, None);
         let held: Amount = free
             .iter()
@@ -644,15 +644,15 @@ impl Book {
     }
 }
 
-/// Feature scope: unrestricted credit plus credit restricted to sets containing the feature.
-pub fn in_scope(features: &crate::feature::FeatureFilter, scope: Option<&FeatureKey>) -> bool {
-    scope.is_none_or(|f| features.admits(Some(f)))
+/// Feature scope: unrestricted credit plus credit restricted to sets with a matching feature.
+pub fn in_scope(features: &FeatureFilter, scope: Option<&FeatureScope>) -> bool {
+    scope.is_none_or(|s| s.includes(features))
 }
 
 /// Uncovered usage counts in the scope of its own feature; usage without a feature counts in all.
-pub fn debt_in_scope(feature: Option<&FeatureKey>, scope: Option<&FeatureKey>) -> bool {
+pub fn debt_in_scope(feature: Option<&FeatureKey>, scope: Option<&FeatureScope>) -> bool {
     match (feature, scope) {
         (_, None) | (None, _) => true,
-        (Some(f), Some(s)) => f == s,
+        (Some(f), Some(s)) => s.matches(f),
     }
 }

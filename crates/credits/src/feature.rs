@@ -75,6 +75,40 @@ impl FeatureFilter {
     }
 }
 
+/// Which features a balance is asked for (`filter[feature_key][…]` on the API). Credit counts
+/// toward the scope when it is unrestricted or restricted to a set with a matching feature.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FeatureScope {
+    Eq(FeatureKey),
+    OneOf(Vec<FeatureKey>),
+    Neq(FeatureKey),
+    Contains(String),
+    ContainsAny(Vec<String>),
+}
+
+impl FeatureScope {
+    pub fn matches(&self, feature: &FeatureKey) -> bool {
+        match self {
+            FeatureScope::Eq(f) => f == feature,
+            FeatureScope::OneOf(fs) => fs.contains(feature),
+            FeatureScope::Neq(f) => f != feature,
+            FeatureScope::Contains(part) => feature.as_str().contains(part.as_str()),
+            FeatureScope::ContainsAny(parts) => parts.iter().any(|p| feature.as_str().contains(p.as_str())),
+        }
+    }
+
+    /// Does credit under `filter` count toward this scope?
+    pub fn includes(&self, filter: &FeatureFilter) -> bool {
+        filter.is_unrestricted() || filter.features().iter().any(|f| self.matches(f))
+    }
+}
+
+impl From<FeatureKey> for FeatureScope {
+    fn from(feature: FeatureKey) -> Self {
+        FeatureScope::Eq(feature)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

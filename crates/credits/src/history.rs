@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 
 use crate::book::{debt_in_scope, in_scope};
-use crate::feature::{FeatureFilter, FeatureKey};
+use crate::feature::{FeatureFilter, FeatureScope};
 use crate::grant::GrantId;
 use crate::journal::Entry;
 use crate::money::{Amount, Currency};
@@ -16,7 +16,7 @@ pub fn settled_at<'a, F>(
     features_of: F,
     currency: Currency,
     at: DateTime<Utc>,
-    scope: Option<&FeatureKey>,
+    scope: Option<&FeatureScope>,
 ) -> Amount
 where
     F: Fn(&GrantId) -> Option<&'a FeatureFilter>,

@@ -13,7 +13,7 @@ pub mod money;
 pub use book::{Book, CurrencyBalance, Debt, GrantState, Hold, HoldId, Refusal, SettlementMode, Spend, SpendOutcome};
 pub use duration::IsoDuration;
 pub use error::ModelError;
-pub use feature::{FeatureFilter, FeatureKey};
+pub use feature::{FeatureFilter, FeatureKey, FeatureScope};
 pub use grant::{
     Funding, FundingMethod, Grant, GrantId, GrantSpec, GrantStatus, Priority, Purchase, PurchaseTerms, SettlementStatus,
 };

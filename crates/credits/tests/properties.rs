@@ -232,7 +232,12 @@ impl World {
         prop_assert!(check_postings(self.journal.iter().map(Entry::postings)).is_empty());
         // The settled balance equals the sum of movements, in every scope, and the credit
         // account of the double entry equals it too.
-        for scope in [None, Some(feature(FEATURES[0])), Some(feature(FEATURES[1]))] {
+        for scope in [
+            None,
+            Some(FeatureScope::Eq(feature(FEATURES[0]))),
+            Some(FeatureScope::Neq(feature(FEATURES[0]))),
+            Some(FeatureScope::Contains("put".into())),
+        ] {
             let from_book = self
                 .book
                 .balances(self.book.clock(), scope.as_ref())

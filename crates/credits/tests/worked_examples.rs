@@ -112,11 +112,11 @@ fn feature_scope_counts_unrestricted_and_sets_containing_the_feature() {
         grant("both", 1, None, "100").features(&["input_tokens", "output_tokens"]).seq(3).build(),
         grant("storage", 1, None, "1000").features(&["storage"]).seq(4).build(),
     ]);
-    let input = feature("input_tokens");
+    let input = FeatureScope::Eq(feature("input_tokens"));
     let scoped = book.balances(t(1), Some(&input));
     assert_eq!(scoped[0].settled, amt("111"));
     assert_eq!(book.balances(t(1), None)[0].settled, amt("1111"));
-    let storage = feature("storage");
+    let storage = FeatureScope::Eq(feature("storage"));
     assert_eq!(book.balances(t(1), Some(&storage))[0].settled, amt("1001"));
 }
 

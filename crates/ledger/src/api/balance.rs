@@ -1,0 +1,159 @@
+//! `GET …/credits/balance`: settled, live and pending credit per currency, at any instant and
+//! in any feature scope.
+
+use axum::extract::{Path, State};
+use chrono::{DateTime, Utc};
+use credits::{Amount, Currency, CurrencyBalance, FeatureKey, FeatureScope, GrantStatus};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::fields::{parse_timestamp, timestamp};
+use super::problem::{ApiResult, Problem};
+use super::request::{ulid_param, Query, StringFilter};
+use super::AppState;
+use crate::store::{books, movements};
+
+#[derive(Serialize, ToSchema)]
+pub struct BalanceView {
+    pub currency: String,
+    pub settled: String,
+    pub live: String,
+    pub pending: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Balances {
+    pub retrieved_at: String,
+    pub balances: Vec<BalanceView>,
+}
+
+impl From<&CurrencyBalance> for BalanceView {
+    fn from(b: &CurrencyBalance) -> Self {
+        BalanceView {
+            currency: b.currency.to_string(),
+            settled: b.settled.to_string(),
+            live: b.live.to_string(),
+            pending: b.pending.to_string(),
+        }
+    }
+}
+
+/// `filter[feature_key][…]` as a credit scope.
+pub fn feature_scope(query: &Query) -> ApiResult<Option<FeatureScope>> {
+    let keys = |field: &str, values: Vec<String>| {
+        values
+            .iter()
+            .map(|v| FeatureKey::parse(v).map_err(|e| Problem::bad_request(field, e.to_string())))
+            .collect::<ApiResult<Vec<_>>>()
+    };
+    Ok(match query.string_filter("feature_key", &["eq", "oeq", "neq", "contains", "ocontains"])? {
+        None => None,
+        Some(StringFilter::Eq(v)) => Some(FeatureScope::Eq(keys("filter[feature_key][eq]", vec![v])?.remove(0))),
+        Some(StringFilter::Neq(v)) => Some(FeatureScope::Neq(keys("filter[feature_key][neq]", vec![v])?.remove(0))),
+        Some(StringFilter::OneOf(vs)) => Some(FeatureScope::OneOf(keys("filter[feature_key][oeq]", vs)?)),
+        Some(StringFilter::Contains(v)) => Some(FeatureScope::Contains(v)),
+        Some(StringFilter::ContainsAny(vs)) => Some(FeatureScope::ContainsAny(vs)),
+    })
+}
+
+fn currency_filter(query: &Query) -> ApiResult<Option<StringFilter>> {
+    let filter = query.string_filter("currency", &["eq", "oeq", "neq"])?;
+    let check =
+        |field: &str, v: &str| Currency::parse(v).map(|_| ()).map_err(|e| Problem::bad_request(field, e.to_string()));
+    match &filter {
+        Some(StringFilter::Eq(v)) => check("filter[currency][eq]", v)?,
+        Some(StringFilter::Neq(v)) => check("filter[currency][neq]", v)?,
+        Some(StringFilter::OneOf(vs)) => vs.iter().try_for_each(|v| check("filter[currency][oeq]", v))?,
+        _ => {}
+    }
+    Ok(filter)
+}
+
+#[utoipa::path(get, path = "/v3/openmeter/customers/{customerId}/credits/balance",
+    params(("customerId" = String, Path), ("timestamp" = Option<String>, Query),
+        ("filter[currency][eq]" = Option<String>, Query), ("filter[feature_key][eq]" = Option<String>, Query)),
+    responses((status = 200, body = Balances), (status = 400), (status = 401), (status = 404)))]
+pub async fn get(
+    State(state): State<AppState>,
+    Path(customer_id): Path<String>,
+    query: Query,
+) -> ApiResult<axum::Json<Balances>> {
+    let customer_id = ulid_param("customerId", &customer_id)?;
+    query.only(&["timestamp", "filter[currency][*]", "filter[feature_key][*]"])?;
+    let at = query.get("timestamp").map(|t| parse_timestamp("timestamp", t)).transpose()?;
+    let scope = feature_scope(&query)?;
+    let currencies = currency_filter(&query)?;
+    let mut tx = state.db.begin_read().await?;
+    let customer = crate::store::customers::get(&mut tx, &customer_id).await?;
+    if customer.is_none_or(|c| c.deleted_at.is_some()) {
+        return Err(Problem::not_found("customer", &customer_id));
+    }
+    let now = state.db.now(&mut tx).await?;
+    let at = at.unwrap_or(now);
+    let loaded = books::load(&mut tx, &customer_id).await?;
+    let balances = if at >= loaded.book.clock() {
+        loaded.book.balances(at, scope.as_ref())
+    } else {
+        past_balances(&mut tx, &customer_id, &loaded, at, scope.as_ref()).await?
+    };
+    tx.commit().await?;
+    let balances = balances
+        .iter()
+        .filter(|b| currencies.as_ref().is_none_or(|f| f.matches(Some(b.currency.as_str()))))
+        .map(BalanceView::from)
+        .collect();
+    Ok(axum::Json(Balances { retrieved_at: timestamp(now), balances }))
+}
+
+/// Before the book's clock everything due has been booked, so the journal answers exactly:
+/// settled is the sum of movements booked by then; pending the grants not yet effective; live
+/// subtracts the holds open at that instant.
+async fn past_balances(
+    conn: &mut sqlx::AnyConnection,
+    customer_id: &str,
+    loaded: &books::LoadedBook,
+    at: DateTime<Utc>,
+    scope: Option<&FeatureScope>,
+) -> ApiResult<Vec<CurrencyBalance>> {
+    let entries = movements::history(conn, customer_id, at).await?;
+    let held = crate::store::books::holds_open_at(conn, customer_id, at).await?;
+    let grants = loaded.book.grants();
+    let mut currencies: Vec<Currency> =
+        grants.iter().filter(|g| g.grant.created_at <= at).map(|g| g.grant.currency).collect();
+    currencies.extend(entries.iter().filter_map(|e| match e {
+        credits::Entry::Movement(m) => Some(m.currency),
+        _ => None,
+    }));
+    currencies.sort();
+    currencies.dedup();
+    Ok(currencies
+        .into_iter()
+        .map(|currency| {
+            let settled = credits::history::settled_at(
+                entries.iter(),
+                |id| grants.iter().find(|g| &g.grant.id == id).map(|g| &g.grant.features),
+                currency,
+                at,
+                scope,
+            );
+            let pending: Amount = grants
+                .iter()
+                .filter(|g| {
+                    g.grant.currency == currency
+                        && g.grant.created_at <= at
+                        && g.grant.status_at(at) == GrantStatus::Pending
+                })
+                .filter(|g| scope.is_none_or(|s| s.includes(&g.grant.features)))
+                .map(|g| g.grant.amount)
+                .sum();
+            let hold: Amount = held
+                .iter()
+                .filter(|h| {
+                    h.currency == currency && scope.is_none_or(|s| h.feature.as_ref().is_none_or(|f| s.matches(f)))
+                })
+                .map(|h| h.amount)
+                .sum();
+            CurrencyBalance { currency, settled, live: settled - hold, pending }
+        })
+        .collect())
+}

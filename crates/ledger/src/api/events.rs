@@ -1,0 +1,215 @@
+//! `/v3/openmeter/events`: Konnect-compatible CloudEvents ingest, stored durably and
+//! idempotently by (source, id).
+
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+
+use super::fields::timestamp;
+use super::problem::{ApiResult, Problem};
+use super::request::{parse_json, read_body, Query};
+use super::transactions::{page_link, CursorMeta, CursorMetaPage};
+use super::AppState;
+use crate::store::customers;
+use crate::store::events::{self, EventFilters, NewEvent};
+
+/// At most this many events per request.
+pub const MAX_BATCH: usize = 1000;
+
+#[derive(Deserialize, Serialize, ToSchema, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct MeteringEvent {
+    pub id: String,
+    pub source: String,
+    pub specversion: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub datacontenttype: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dataschema: Option<String>,
+    pub subject: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub time: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Map<String, Value>>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    Many(Vec<Value>),
+    One(Value),
+}
+
+fn validate(index: Option<usize>, event: &MeteringEvent) -> ApiResult<()> {
+    let field = |name: &str| match index {
+        Some(i) => format!("[{i}].{name}"),
+        None => name.to_owned(),
+    };
+    for (name, value) in [
+        ("id", &event.id),
+        ("source", &event.source),
+        ("specversion", &event.specversion),
+        ("type", &event.kind),
+        ("subject", &event.subject),
+    ] {
+        if value.is_empty() {
+            return Err(Problem::bad_request(field(name), format!("{name} must not be empty")));
+        }
+    }
+    if event.specversion != "1.0" {
+        return Err(Problem::bad_request(field("specversion"), "only CloudEvents specversion 1.0 is accepted"));
+    }
+    if event.datacontenttype.as_deref().is_some_and(|c| c != "application/json") {
+        return Err(Problem::bad_request(field("datacontenttype"), "datacontenttype must be application/json"));
+    }
+    if event.dataschema.as_deref().is_some_and(str::is_empty) {
+        return Err(Problem::bad_request(field("dataschema"), "dataschema must not be empty"));
+    }
+    Ok(())
+}
+
+fn parse_events(content_type: &str, bytes: &[u8]) -> ApiResult<Vec<MeteringEvent>> {
+    let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let values = match essence.as_str() {
+        "application/cloudevents+json" => vec![parse_json::<Value>(bytes)?],
+        "application/cloudevents-batch+json" => parse_json::<Vec<Value>>(bytes)?,
+        "application/json" => match parse_json::<OneOrMany>(bytes)? {
+            OneOrMany::Many(v) => v,
+            OneOrMany::One(v) => vec![v],
+        },
+        _ => {
+            return Err(Problem::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "use application/cloudevents+json, application/cloudevents-batch+json or application/json",
+            ))
+        }
+    };
+    if values.is_empty() {
+        return Err(Problem::bad_request("body", "no events"));
+    }
+    if values.len() > MAX_BATCH {
+        return Err(Problem::bad_request("body", format!("at most {MAX_BATCH} events per request")));
+    }
+    let batch = values.len() > 1 || essence != "application/cloudevents+json";
+    values
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let index = batch.then_some(i);
+            let event: MeteringEvent = parse_json(v.to_string().as_bytes()).map_err(|mut p| {
+                if let (Some(i), Some(f)) = (index, p.field.take()) {
+                    p.field = Some(format!("[{i}].{f}"));
+                }
+                p
+            })?;
+            validate(index, &event)?;
+            Ok(event)
+        })
+        .collect()
+}
+
+#[utoipa::path(post, path = "/v3/openmeter/events", request_body(content = MeteringEvent, content_type = "application/cloudevents+json",
+        description = "one event; also accepted: application/cloudevents-batch+json (an array) and application/json (either)"),
+    responses((status = 202, description = "stored; an event already seen by (source, id) is not stored again"), (status = 400), (status = 401)))]
+pub async fn ingest(State(state): State<AppState>, req: Request) -> ApiResult<StatusCode> {
+    let content_type = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    let bytes = read_body(req, &state).await?;
+    let events = parse_events(&content_type, &bytes)?;
+    let mut w = state.db.begin_write().await?;
+    let now = state.db.now(&mut w.tx).await?;
+    let mut stored = 0u64;
+    for e in &events {
+        let new = NewEvent {
+            source: &e.source,
+            id: &e.id,
+            kind: &e.kind,
+            subject: &e.subject,
+            time: e.time,
+            body: serde_json::to_string(e).unwrap_or_default(),
+        };
+        stored += u64::from(events::insert(&mut w.tx, &new, now).await?);
+    }
+    w.commit().await?;
+    state.metrics.add("events_stored", stored);
+    state.metrics.add("events_duplicate", events.len() as u64 - stored);
+    Ok(StatusCode::ACCEPTED)
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct CustomerRef {
+    pub id: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct IngestedEvent {
+    pub event: MeteringEvent,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub customer: Option<CustomerRef>,
+    pub ingested_at: String,
+    pub stored_at: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct IngestedEventPage {
+    pub data: Vec<IngestedEvent>,
+    pub meta: CursorMeta,
+}
+
+#[utoipa::path(get, path = "/v3/openmeter/events",
+    params(("page[size]" = Option<i64>, Query), ("page[after]" = Option<String>, Query), ("page[before]" = Option<String>, Query),
+        ("filter[subject][eq]" = Option<String>, Query), ("filter[type][eq]" = Option<String>, Query)),
+    responses((status = 200, body = IngestedEventPage), (status = 400), (status = 401)))]
+pub async fn list(State(state): State<AppState>, query: Query) -> ApiResult<axum::Json<IngestedEventPage>> {
+    query.only(&[
+        "page[size]",
+        "page[after]",
+        "page[before]",
+        "filter[id][*]",
+        "filter[source][*]",
+        "filter[subject][*]",
+        "filter[type][*]",
+    ])?;
+    let ops = ["eq", "oeq", "neq", "contains", "ocontains"];
+    let filters = EventFilters {
+        id: query.string_filter("id", &ops)?,
+        source: query.string_filter("source", &ops)?,
+        subject: query.string_filter("subject", &ops)?,
+        kind: query.string_filter("type", &ops)?,
+    };
+    let page = query.cursor()?;
+    let mut conn = state.db.pool().acquire().await?;
+    let (stored, more) = events::list(&mut conn, state.db.backend(), &filters, page).await?;
+    let mut data = Vec::with_capacity(stored.len());
+    for e in &stored {
+        let event: MeteringEvent = serde_json::from_str(&e.body).map_err(|err| {
+            tracing::error!(error = %err, "stored event does not parse");
+            Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "a stored event could not be read")
+        })?;
+        let customer = customers::by_subject(&mut conn, &e.subject).await?.map(|id| CustomerRef { id });
+        data.push(IngestedEvent {
+            event,
+            customer,
+            ingested_at: timestamp(e.ingested_at),
+            stored_at: timestamp(e.ingested_at),
+        });
+    }
+    let path = "/v3/openmeter/events";
+    let next = match (more, stored.last()) {
+        (true, Some(last)) => Some(page_link(path, &query, page.size, ("page[after]", last.seq))),
+        _ => None,
+    };
+    let previous = stored
+        .first()
+        .filter(|_| page.position != super::request::CursorPosition::Start)
+        .map(|first| page_link(path, &query, page.size, ("page[before]", first.seq)));
+    Ok(axum::Json(IngestedEventPage {
+        data,
+        meta: CursorMeta { page: CursorMetaPage { size: page.size, next, previous } },
+    }))
+}

@@ -1,0 +1,70 @@
+//! Validation and formatting of the fields that many resources share.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+
+use super::problem::Problem;
+use crate::store::Labels;
+
+/// RFC 3339 in UTC, with as many fractional digits as needed.
+pub fn timestamp(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+}
+
+pub fn parse_timestamp(field: &str, text: &str) -> Result<DateTime<Utc>, Problem> {
+    DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|_| Problem::bad_request(field, format!("{field} must be an RFC 3339 date-time, got {text:?}")))
+}
+
+pub fn name(field: &str, value: &str) -> Result<(), Problem> {
+    let len = value.chars().count();
+    if (1..=256).contains(&len) {
+        Ok(())
+    } else {
+        Err(Problem::bad_request(field, format!("{field} must have between 1 and 256 characters")))
+    }
+}
+
+pub fn description(field: &str, value: Option<&str>) -> Result<(), Problem> {
+    match value {
+        Some(v) if v.chars().count() > 1024 => {
+            Err(Problem::bad_request(field, format!("{field} must have at most 1024 characters")))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Konnect labels: at most 50; keys and values of 1..63 characters, alphanumeric at both ends,
+/// `-`, `_` and `.` inside.
+pub fn labels(field: &str, labels: &Labels) -> Result<(), Problem> {
+    if labels.len() > 50 {
+        return Err(Problem::bad_request(field, "at most 50 labels"));
+    }
+    let valid = |s: &str| {
+        let b = s.as_bytes();
+        !b.is_empty()
+            && b.len() <= 63
+            && b[0].is_ascii_alphanumeric()
+            && b[b.len() - 1].is_ascii_alphanumeric()
+            && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+    };
+    for (k, v) in labels {
+        if !valid(k) {
+            return Err(Problem::bad_request(format!("{field}.{k}"), format!("label key {k:?} is not valid")));
+        }
+        if !valid(v) {
+            return Err(Problem::bad_request(format!("{field}.{k}"), format!("label value {v:?} is not valid")));
+        }
+    }
+    Ok(())
+}
+
+/// An idempotency or resource key: 1..256 characters.
+pub fn key(field: &str, value: &str) -> Result<(), Problem> {
+    let len = value.chars().count();
+    if (1..=256).contains(&len) {
+        Ok(())
+    } else {
+        Err(Problem::bad_request(field, format!("{field} must have between 1 and 256 characters")))
+    }
+}

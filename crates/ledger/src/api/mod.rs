@@ -1,0 +1,122 @@
+//! The HTTP API: Konnect-compatible credits endpoints under `/v3/openmeter`, plus our charge
+//! and void extensions, behind a bearer token.
+
+pub mod balance;
+pub mod charges;
+pub mod customers;
+pub mod events;
+pub mod fields;
+pub mod grants;
+pub mod openapi;
+pub mod problem;
+pub mod request;
+pub mod transactions;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use subtle::ConstantTimeEq;
+
+use crate::db::Db;
+use crate::metrics::Metrics;
+use problem::Problem;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub db: Db,
+    pub auth: Auth,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Who may call the API.
+#[derive(Clone)]
+pub enum Auth {
+    Token(Arc<String>),
+    /// Only with `--insecure-no-auth`.
+    Open,
+}
+
+impl Auth {
+    fn admits(&self, authorization: Option<&str>) -> bool {
+        match self {
+            Auth::Open => true,
+            Auth::Token(token) => authorization
+                .and_then(|h| h.strip_prefix("Bearer "))
+                .is_some_and(|given| bool::from(given.as_bytes().ct_eq(token.as_bytes()))),
+        }
+    }
+}
+
+async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let authorization = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    if state.auth.admits(authorization) {
+        next.run(req).await
+    } else {
+        let mut response = Problem::new(StatusCode::UNAUTHORIZED, "a valid bearer token is required").into_response();
+        response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        response
+    }
+}
+
+async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = req.method().to_string();
+    let route =
+        req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".into());
+    let response = next.run(req).await;
+    state.metrics.observe_request(&method, &route, response.status().as_u16(), started.elapsed());
+    response
+}
+
+async fn healthz(State(state): State<AppState>) -> Response {
+    match sqlx::query("SELECT 1").execute(state.db.pool()).await {
+        Ok(_) => (StatusCode::OK, "ok\n").into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "health check failed");
+            Problem::new(StatusCode::SERVICE_UNAVAILABLE, "the database is not reachable").into_response()
+        }
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
+}
+
+async fn not_found() -> Problem {
+    Problem::new(StatusCode::NOT_FOUND, "no such endpoint")
+}
+
+pub fn router(state: AppState) -> Router {
+    let customer = "/v3/openmeter/customers/{customerId}";
+    let api = Router::new()
+        .route("/v3/openmeter/customers", post(customers::create).get(customers::list))
+        .route(customer, get(customers::get).put(customers::update).delete(customers::delete))
+        .route(&format!("{customer}/credits/grants"), post(grants::create).get(grants::list))
+        .route(&format!("{customer}/credits/grants/{{creditGrantId}}"), get(grants::get))
+        .route(
+            &format!("{customer}/credits/grants/{{creditGrantId}}/settlement/external"),
+            post(grants::settle_external),
+        )
+        .route(&format!("{customer}/credits/grants/{{creditGrantId}}/void"), post(grants::void))
+        .route(&format!("{customer}/credits/balance"), get(balance::get))
+        .route(&format!("{customer}/credits/transactions"), get(transactions::list))
+        .route(&format!("{customer}/credits/adjustments"), post(charges::adjust))
+        .route(&format!("{customer}/credits/charges"), post(charges::charge))
+        .route("/v3/openmeter/events", post(events::ingest).get(events::list))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .merge(api)
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/v3/openapi.json", get(openapi::document))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .layer(DefaultBodyLimit::max(request::MAX_BODY_BYTES))
+        .with_state(state)
+}

@@ -1,0 +1,255 @@
+//! Reading requests: JSON bodies that name the offending field, and Konnect's deepObject query
+//! parameters (`filter[key][eq]=…`, `page[size]=…`).
+
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
+use base64::Engine as _;
+use serde::de::DeserializeOwned;
+
+use super::problem::Problem;
+
+/// The largest request body the ledger reads.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// A JSON body; unknown fields and malformed values are a 400 naming the field.
+pub struct Json<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
+    type Rejection = Problem;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Problem> {
+        let content_type =
+            req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+        let bytes = read_body(req, state).await?;
+        if !is_json(&content_type) {
+            return Err(Problem::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "expected Content-Type: application/json"));
+        }
+        parse_json(&bytes).map(Json)
+    }
+}
+
+pub fn is_json(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+pub async fn read_body<S: Send + Sync>(req: Request, state: &S) -> Result<bytes::Bytes, Problem> {
+    bytes::Bytes::from_request(req, state).await.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Problem::new(StatusCode::PAYLOAD_TOO_LARGE, format!("request body exceeds {MAX_BODY_BYTES} bytes"))
+        } else {
+            Problem::new(StatusCode::BAD_REQUEST, format!("could not read the request body: {e}"))
+        }
+    })
+}
+
+/// Deserialises JSON, reporting the path of the field that failed.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(de).map_err(|err| {
+        let path = err.path().to_string();
+        let message = err.inner().to_string();
+        // "unknown field `x`, expected …": the field at fault is x itself.
+        let field = match message.split('`').nth(1) {
+            Some(name) if message.starts_with("unknown field") => {
+                if path == "." {
+                    name.to_owned()
+                } else {
+                    format!("{path}.{name}")
+                }
+            }
+            _ if path == "." => "body".to_owned(),
+            _ => path,
+        };
+        let detail = message.split(" at line ").next().unwrap_or(&message).to_owned();
+        Problem::bad_request(field, detail)
+    })
+}
+
+/// The raw query parameters, in order.
+pub struct Query(pub Vec<(String, String)>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Query {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Problem> {
+        let raw = parts.uri.query().unwrap_or("");
+        Ok(Query(form_urlencoded::parse(raw.as_bytes()).into_owned().collect()))
+    }
+}
+
+/// A string filter: `filter[name]=v` (eq) or `filter[name][eq|oeq|neq|contains|ocontains]=v`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StringFilter {
+    Eq(String),
+    OneOf(Vec<String>),
+    Neq(String),
+    Contains(String),
+    ContainsAny(Vec<String>),
+}
+
+impl StringFilter {
+    pub fn matches(&self, value: Option<&str>) -> bool {
+        match (self, value) {
+            (StringFilter::Neq(v), None) => !v.is_empty(),
+            (_, None) => false,
+            (StringFilter::Eq(v), Some(x)) => v == x,
+            (StringFilter::OneOf(vs), Some(x)) => vs.iter().any(|v| v == x),
+            (StringFilter::Neq(v), Some(x)) => v != x,
+            (StringFilter::Contains(v), Some(x)) => x.contains(v.as_str()),
+            (StringFilter::ContainsAny(vs), Some(x)) => vs.iter().any(|v| x.contains(v.as_str())),
+        }
+    }
+}
+
+impl Query {
+    /// Rejects parameters other than `allowed` (exact names such as `filter[key][eq]`; a name
+    /// ending in `[*]` admits any operator of that filter).
+    pub fn only(&self, allowed: &[&str]) -> Result<(), Problem> {
+        for (name, _) in &self.0 {
+            let ok = allowed.iter().any(|a| match a.strip_suffix("[*]") {
+                Some(prefix) => name == prefix || (name.starts_with(prefix) && name[prefix.len()..].starts_with('[')),
+                None => a == name,
+            });
+            if !ok {
+                return Err(Problem::bad_request(name.clone(), format!("unknown query parameter {name}")));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0.iter().rev().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+
+    /// `filter[field]…` as a string filter, if given.
+    pub fn string_filter(&self, field: &str, operators: &[&str]) -> Result<Option<StringFilter>, Problem> {
+        let base = format!("filter[{field}]");
+        let mut found = None;
+        for (name, value) in &self.0 {
+            let op = if *name == base {
+                "eq"
+            } else if let Some(op) =
+                name.strip_prefix(&base).and_then(|r| r.strip_prefix('[')).and_then(|r| r.strip_suffix(']'))
+            {
+                op
+            } else {
+                continue;
+            };
+            if !operators.contains(&op) {
+                return Err(Problem::bad_request(
+                    name.clone(),
+                    format!("unsupported operator {op:?}; use one of {operators:?}"),
+                ));
+            }
+            let list =
+                || value.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect::<Vec<_>>();
+            let filter = match op {
+                "eq" => StringFilter::Eq(value.clone()),
+                "oeq" => StringFilter::OneOf(list()),
+                "neq" => StringFilter::Neq(value.clone()),
+                "contains" => StringFilter::Contains(value.clone()),
+                _ => StringFilter::ContainsAny(list()),
+            };
+            if found.replace(filter).is_some() {
+                return Err(Problem::bad_request(name.clone(), format!("give one operator for filter[{field}]")));
+            }
+        }
+        Ok(found)
+    }
+
+    /// Page pagination: `page[size]` (1..=1000, default 100) and `page[number]` (≥ 1, default 1).
+    pub fn page(&self) -> Result<Page, Problem> {
+        let size = positive(self.get("page[size]"), "page[size]", 100)?;
+        if size > 1000 {
+            return Err(Problem::bad_request("page[size]", "page[size] must be at most 1000"));
+        }
+        Ok(Page { size, number: positive(self.get("page[number]"), "page[number]", 1)? })
+    }
+
+    /// Cursor pagination: `page[size]` and at most one of `page[after]` / `page[before]`.
+    pub fn cursor(&self) -> Result<CursorPage, Problem> {
+        let size = positive(self.get("page[size]"), "page[size]", 100)?;
+        if size > 1000 {
+            return Err(Problem::bad_request("page[size]", "page[size] must be at most 1000"));
+        }
+        let after = self.get("page[after]").map(|c| decode_cursor("page[after]", c)).transpose()?;
+        let before = self.get("page[before]").map(|c| decode_cursor("page[before]", c)).transpose()?;
+        let position = match (after, before) {
+            (Some(_), Some(_)) => {
+                return Err(Problem::bad_request("page[before]", "give page[after] or page[before], not both"))
+            }
+            (Some(a), None) => CursorPosition::After(a),
+            (None, Some(b)) => CursorPosition::Before(b),
+            (None, None) => CursorPosition::Start,
+        };
+        Ok(CursorPage { size, position })
+    }
+}
+
+fn positive(value: Option<&str>, field: &str, default: i64) -> Result<i64, Problem> {
+    match value {
+        None => Ok(default),
+        Some(v) => match v.parse::<i64>() {
+            Ok(n) if n >= 1 => Ok(n),
+            _ => Err(Problem::bad_request(field, format!("{field} must be a positive integer, got {v:?}"))),
+        },
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Page {
+    pub size: i64,
+    pub number: i64,
+}
+
+impl Page {
+    pub fn offset(&self) -> i64 {
+        (self.number - 1).saturating_mul(self.size)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CursorPosition {
+    Start,
+    /// Items after this one in list order (older, for newest-first lists).
+    After(i64),
+    /// Items before this one in list order (newer).
+    Before(i64),
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct CursorPage {
+    pub size: i64,
+    pub position: CursorPosition,
+}
+
+/// Cursors are opaque: base64url of `c1:<sequence number>`.
+pub fn encode_cursor(seq: i64) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("c1:{seq}"))
+}
+
+fn decode_cursor(field: &str, cursor: &str) -> Result<i64, Problem> {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(cursor)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|s| s.strip_prefix("c1:").and_then(|n| n.parse::<i64>().ok()))
+        .filter(|n| *n >= 0)
+        .ok_or_else(|| Problem::bad_request(field, format!("{field} is not a cursor this API issued")))
+}
+
+/// A path or query identifier that must be a ULID.
+pub fn ulid_param(field: &str, value: &str) -> Result<String, Problem> {
+    let valid = value.len() == 26
+        && value.as_bytes()[0] <= b'7'
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b.is_ascii_uppercase() && !matches!(b, b'I' | b'L' | b'O' | b'U')));
+    if valid {
+        Ok(value.to_owned())
+    } else {
+        Err(Problem::bad_request(field, format!("{field} must be a ULID, got {value:?}")))
+    }
+}

@@ -1,0 +1,68 @@
+//! One customer's write: lock the customer, load the book, let the credit model decide, write
+//! back exactly what changed, commit. Every booking of the ledger goes through here.
+
+use chrono::{DateTime, Utc};
+use credits::{Book, Entry};
+
+use crate::api::problem::{ApiResult, Problem};
+use crate::db::{lock_customer, Db, WriteTx};
+use crate::metrics::Metrics;
+use crate::store::books::{self, LoadedBook, Operation};
+
+pub struct CustomerTx {
+    pub w: WriteTx,
+    pub customer_id: String,
+    /// The database clock, never behind the book's own clock.
+    pub now: DateTime<Utc>,
+    pub loaded: LoadedBook,
+    saved: Book,
+}
+
+impl CustomerTx {
+    /// Locks a live customer; 404 if there is none.
+    pub async fn begin(db: &Db, customer_id: &str) -> ApiResult<CustomerTx> {
+        let mut w = db.begin_write().await?;
+        if !lock_customer(&mut w.tx, customer_id).await? {
+            return Err(Problem::not_found("customer", customer_id));
+        }
+        let db_now = db.now(&mut w.tx).await?;
+        let loaded = books::load(&mut w.tx, customer_id).await?;
+        let now = db_now.max(loaded.book.clock());
+        let saved = loaded.book.clone();
+        Ok(CustomerTx { w, customer_id: customer_id.to_owned(), now, loaded, saved })
+    }
+
+    pub fn book(&mut self) -> &mut Book {
+        &mut self.loaded.book
+    }
+
+    /// Writes what the book changed since the last save, and `entries`, in this transaction.
+    pub async fn save(
+        &mut self,
+        entries: &[Entry],
+        op: &Operation<'_>,
+        metrics: &Metrics,
+    ) -> ApiResult<Vec<Option<String>>> {
+        let ids = books::save(&mut self.w.tx, &self.customer_id, &self.saved, &self.loaded.book, entries, op, self.now)
+            .await?;
+        self.saved = self.loaded.book.clone();
+        metrics.count_entries(entries);
+        Ok(ids)
+    }
+
+    pub async fn commit(self) -> ApiResult<()> {
+        self.w.commit().await?;
+        Ok(())
+    }
+}
+
+/// Books whatever fell due for a customer (expiries, grants becoming effective) if anything did.
+pub async fn settle_due(db: &Db, customer_id: &str, metrics: &Metrics) -> ApiResult<usize> {
+    let mut ctx = CustomerTx::begin(db, customer_id).await?;
+    let now = ctx.now;
+    let entries = ctx.book().advance(now);
+    let labels = Default::default();
+    ctx.save(&entries, &Operation::system("time", &labels), metrics).await?;
+    ctx.commit().await?;
+    Ok(entries.len())
+}

@@ -1,0 +1,194 @@
+//! The database: one code path over SQLite (the embedded default) and PostgreSQL (several ledger
+//! instances on one database) through sqlx's `Any` driver.
+//!
+//! Every write that touches a customer's credit runs in a [`WriteTx`] that first bumps the
+//! customer's `lock_version`: on PostgreSQL that row lock serialises all writers of one customer
+//! across instances; on SQLite it takes the database write lock up front (no upgrade deadlocks),
+//! and an in-process mutex keeps the one process's writers from contending at all.
+
+mod schema;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use chrono::{DateTime, Utc};
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+use tokio::sync::{Mutex, OwnedMutexGuard};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Clone)]
+pub struct Db {
+    pool: AnyPool,
+    backend: Backend,
+    sqlite_writer: Arc<Mutex<()>>,
+}
+
+pub type Tx = sqlx::Transaction<'static, sqlx::Any>;
+
+/// A write transaction; dropping it without `commit` rolls back.
+pub struct WriteTx {
+    pub tx: Tx,
+    _serial: Option<OwnedMutexGuard<()>>,
+}
+
+impl WriteTx {
+    pub async fn commit(self) -> sqlx::Result<()> {
+        self.tx.commit().await
+    }
+}
+
+impl Db {
+    /// Connects, creating an SQLite file on first start, and applies pending migrations.
+    pub async fn connect(url: &str) -> anyhow::Result<Db> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Backend::Postgres
+        } else {
+            anyhow::bail!("unsupported database URL {url:?}: expected sqlite://PATH or postgres://…");
+        };
+        let url = match backend {
+            Backend::Sqlite if !url.contains('?') => format!("{url}?mode=rwc"),
+            _ => url.to_owned(),
+        };
+        let options = AnyPoolOptions::new()
+            .max_connections(match backend {
+                Backend::Sqlite => 4,
+                Backend::Postgres => 16,
+            })
+            .acquire_timeout(Duration::from_secs(10));
+        let options = match backend {
+            // WAL lets readers run beside the writer; synchronous=FULL makes every acknowledged
+            // commit durable; the busy timeout covers a second process (e.g. `check`).
+            Backend::Sqlite => options.after_connect(|conn, _| {
+                Box::pin(async move {
+                    for pragma in [
+                        "PRAGMA journal_mode = WAL",
+                        "PRAGMA synchronous = FULL",
+                        "PRAGMA busy_timeout = 10000",
+                        "PRAGMA foreign_keys = ON",
+                    ] {
+                        sqlx::query(pragma).execute(&mut *conn).await?;
+                    }
+                    Ok(())
+                })
+            }),
+            Backend::Postgres => options,
+        };
+        let pool = options.connect(&url).await.with_context(|| format!("connecting to {}", redact(&url)))?;
+        let db = Db { pool, backend, sqlite_writer: Arc::new(Mutex::new(())) };
+        db.migrate().await?;
+        Ok(db)
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    async fn migrate(&self) -> anyhow::Result<()> {
+        let _serial = self.sqlite_writer.lock().await;
+        let mut tx = self.pool.begin().await?;
+        if self.backend == Backend::Postgres {
+            // Two instances starting together must not both migrate.
+            sqlx::query("SELECT pg_advisory_xact_lock(4802)").execute(&mut *tx).await?;
+        }
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
+        )
+        .execute(&mut *tx)
+        .await?;
+        let applied: i64 = sqlx::query("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get(0)?;
+        for (version, sql) in schema::pending(self.backend, applied) {
+            for statement in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+                sqlx::query(statement).execute(&mut *tx).await.with_context(|| format!("migration {version}"))?;
+            }
+            sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)")
+                .bind(version)
+                .bind(Utc::now().timestamp_micros())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Begins a transaction for writes.
+    pub async fn begin_write(&self) -> sqlx::Result<WriteTx> {
+        let serial = match self.backend {
+            Backend::Sqlite => Some(self.sqlite_writer.clone().lock_owned().await),
+            Backend::Postgres => None,
+        };
+        Ok(WriteTx { tx: self.pool.begin().await?, _serial: serial })
+    }
+
+    /// Begins a read-only snapshot: every statement sees the same committed state.
+    pub async fn begin_read(&self) -> sqlx::Result<Tx> {
+        let mut tx = self.pool.begin().await?;
+        if self.backend == Backend::Postgres {
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *tx).await?;
+        }
+        Ok(tx)
+    }
+
+    /// The database's clock: all instances on one database share it.
+    pub async fn now(&self, conn: &mut sqlx::AnyConnection) -> sqlx::Result<DateTime<Utc>> {
+        let sql = match self.backend {
+            Backend::Sqlite => "SELECT CAST(unixepoch('subsec') * 1000 AS INTEGER) * 1000",
+            Backend::Postgres => "SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000 AS BIGINT)",
+        };
+        let micros: i64 = sqlx::query(sql).fetch_one(&mut *conn).await?.try_get(0)?;
+        Ok(from_micros(micros))
+    }
+}
+
+/// Locks a customer for the rest of the transaction. `false` if there is no such live customer.
+pub async fn lock_customer(tx: &mut Tx, customer_id: &str) -> sqlx::Result<bool> {
+    let done = sqlx::query("UPDATE customers SET lock_version = lock_version + 1 WHERE id = $1 AND deleted_at IS NULL")
+        .bind(customer_id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+pub fn from_micros(micros: i64) -> DateTime<Utc> {
+    DateTime::<Utc>::from_timestamp_micros(micros).unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
+pub fn micros(at: DateTime<Utc>) -> i64 {
+    at.timestamp_micros()
+}
+
+/// Reads an optional column, treating SQL NULL as `None`.
+pub fn opt<'r, T>(row: &'r AnyRow, column: &str) -> sqlx::Result<Option<T>>
+where
+    T: sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any>,
+{
+    row.try_get::<Option<T>, _>(column)
+}
+
+/// A database URL without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}://{}:***@{}", &url[..scheme], user, &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}

@@ -1,0 +1,166 @@
+//! The schema, written once for both databases: `{id}` becomes each one's auto-increment key.
+//!
+//! Money is stored as decimal text and summed in Rust (SQLite has no exact decimal type);
+//! instants as microseconds since the Unix epoch (UTC).
+
+use super::Backend;
+
+/// Applied in order; each runs once, recorded in `schema_migrations`.
+const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    r#"
+CREATE TABLE customers (
+    id TEXT PRIMARY KEY,
+    key TEXT NOT NULL,
+    name TEXT NOT NULL,
+    description TEXT,
+    labels TEXT NOT NULL,
+    primary_email TEXT,
+    currency TEXT,
+    billing_address TEXT,
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    deleted_at BIGINT,
+    clock BIGINT NOT NULL,
+    lock_version BIGINT NOT NULL
+);
+CREATE UNIQUE INDEX customers_live_key ON customers (key) WHERE deleted_at IS NULL;
+CREATE TABLE customer_subjects (
+    subject_key TEXT PRIMARY KEY,
+    customer_id TEXT NOT NULL REFERENCES customers (id),
+    position BIGINT NOT NULL
+);
+CREATE INDEX customer_subjects_customer ON customer_subjects (customer_id);
+CREATE TABLE grants (
+    seq {id},
+    id TEXT NOT NULL UNIQUE,
+    customer_id TEXT NOT NULL REFERENCES customers (id),
+    key TEXT,
+    name TEXT NOT NULL,
+    description TEXT,
+    labels TEXT NOT NULL,
+    currency TEXT NOT NULL,
+    amount TEXT NOT NULL,
+    funding_method TEXT NOT NULL,
+    purchase_currency TEXT,
+    purchase_cost_basis TEXT,
+    purchase_amount TEXT,
+    settlement_status TEXT,
+    priority BIGINT NOT NULL,
+    effective_at BIGINT NOT NULL,
+    expires_after TEXT,
+    expires_at BIGINT,
+    features TEXT NOT NULL,
+    tax_config TEXT,
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    voided_at BIGINT,
+    funded BIGINT NOT NULL,
+    used TEXT NOT NULL,
+    expired TEXT NOT NULL,
+    expiry_booked BIGINT NOT NULL,
+    voided TEXT NOT NULL
+);
+CREATE UNIQUE INDEX grants_customer_key ON grants (customer_id, key);
+CREATE INDEX grants_customer ON grants (customer_id, seq);
+CREATE INDEX grants_due_expiry ON grants (expires_at) WHERE expiry_booked = 0 AND voided_at IS NULL;
+CREATE INDEX grants_due_funding ON grants (effective_at) WHERE funded = 0 AND voided_at IS NULL;
+CREATE TABLE movements (
+    seq {id},
+    id TEXT NOT NULL UNIQUE,
+    customer_id TEXT NOT NULL REFERENCES customers (id),
+    kind TEXT NOT NULL,
+    amount TEXT NOT NULL,
+    currency TEXT NOT NULL,
+    grant_id TEXT,
+    feature TEXT,
+    balance_before TEXT NOT NULL,
+    balance_after TEXT NOT NULL,
+    booked_at BIGINT NOT NULL,
+    created_at BIGINT NOT NULL,
+    name TEXT NOT NULL,
+    description TEXT,
+    labels TEXT NOT NULL,
+    operation TEXT NOT NULL
+);
+CREATE INDEX movements_customer ON movements (customer_id, seq);
+CREATE TABLE debt_covers (
+    seq {id},
+    customer_id TEXT NOT NULL REFERENCES customers (id),
+    grant_id TEXT NOT NULL,
+    currency TEXT NOT NULL,
+    feature TEXT,
+    amount TEXT NOT NULL,
+    at BIGINT NOT NULL
+);
+CREATE INDEX debt_covers_customer ON debt_covers (customer_id);
+CREATE TABLE overages (
+    seq {id},
+    id TEXT NOT NULL UNIQUE,
+    customer_id TEXT NOT NULL REFERENCES customers (id),
+    currency TEXT NOT NULL,
+    feature TEXT,
+    amount TEXT NOT NULL,
+    at BIGINT NOT NULL,
+    operation TEXT NOT NULL
+);
+CREATE INDEX overages_customer ON overages (customer_id);
+CREATE TABLE postings (
+    seq {id},
+    entry_id TEXT NOT NULL,
+    customer_id TEXT NOT NULL,
+    account TEXT NOT NULL,
+    currency TEXT NOT NULL,
+    amount TEXT NOT NULL
+);
+CREATE INDEX postings_entry ON postings (entry_id);
+CREATE TABLE debts (
+    customer_id TEXT NOT NULL REFERENCES customers (id),
+    currency TEXT NOT NULL,
+    feature TEXT NOT NULL,
+    amount TEXT NOT NULL,
+    PRIMARY KEY (customer_id, currency, feature)
+);
+CREATE TABLE holds (
+    id TEXT PRIMARY KEY,
+    customer_id TEXT NOT NULL REFERENCES customers (id),
+    currency TEXT NOT NULL,
+    feature TEXT,
+    amount TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL,
+    released_at BIGINT
+);
+CREATE INDEX holds_customer_open ON holds (customer_id) WHERE released_at IS NULL;
+CREATE TABLE idempotency_records (
+    customer_id TEXT NOT NULL REFERENCES customers (id),
+    operation TEXT NOT NULL,
+    key TEXT NOT NULL,
+    request TEXT NOT NULL,
+    status BIGINT NOT NULL,
+    response TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    PRIMARY KEY (customer_id, operation, key)
+);
+CREATE TABLE events (
+    seq {id},
+    source TEXT NOT NULL,
+    id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    time BIGINT,
+    body TEXT NOT NULL,
+    ingested_at BIGINT NOT NULL
+);
+CREATE UNIQUE INDEX events_source_id ON events (source, id);
+"#,
+)];
+
+/// The migrations not yet applied to a database at `applied`, rendered for `backend`.
+pub fn pending(backend: Backend, applied: i64) -> impl Iterator<Item = (i64, String)> {
+    let id = match backend {
+        Backend::Sqlite => "INTEGER PRIMARY KEY AUTOINCREMENT",
+        Backend::Postgres => "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY",
+    };
+    MIGRATIONS.iter().filter(move |(v, _)| *v > applied).map(move |(v, sql)| (*v, sql.replace("{id}", id)))
+}

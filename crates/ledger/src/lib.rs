@@ -1,0 +1,61 @@
+//! The central credit ledger: a Konnect-compatible credits API over SQLite or PostgreSQL, with
+//! every credit decision taken by the `credits` crate.
+
+pub mod api;
+pub mod check;
+pub mod customer_tx;
+pub mod db;
+pub mod expiry;
+pub mod metrics;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use api::{AppState, Auth};
+
+/// How the service runs.
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub database: String,
+    pub auth: Auth,
+    pub expiry_interval: Duration,
+}
+
+/// Connects, migrates, and builds the application state.
+pub async fn state(database: &str, auth: Auth) -> anyhow::Result<AppState> {
+    let db = db::Db::connect(database).await?;
+    Ok(AppState { db, auth, metrics: Arc::new(metrics::Metrics::default()) })
+}
+
+/// Serves until the listener fails or the process is told to stop.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    expiry_interval: Duration,
+) -> anyhow::Result<()> {
+    let job = tokio::spawn(expiry::run(state.clone(), expiry_interval));
+    let app = api::router(state);
+    let result = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await;
+    job.abort();
+    Ok(result?)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

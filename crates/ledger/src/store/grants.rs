@@ -1,0 +1,229 @@
+//! Grant rows: the grant itself, its metadata, and its state snapshot (funded, used, expired,
+//! voided), which `credits-ledger check` verifies against the journal.
+
+use chrono::{DateTime, Utc};
+use credits::{
+    FeatureFilter, FeatureKey, Funding, Grant, GrantId, GrantState, IsoDuration, Priority, Purchase, SettlementStatus,
+};
+use sqlx::any::AnyRow;
+use sqlx::Row;
+
+use super::{amount, currency, labels, labels_json, Labels, StoreError, StoreResult};
+use crate::db::{from_micros, micros, opt, Tx};
+
+/// A grant as the API shows it.
+#[derive(Clone, Debug)]
+pub struct GrantRecord {
+    pub state: GrantState,
+    pub customer_id: String,
+    pub key: Option<String>,
+    pub name: String,
+    pub description: Option<String>,
+    pub labels: Labels,
+    pub tax_config: Option<serde_json::Value>,
+    pub updated_at: DateTime<Utc>,
+}
+
+const COLUMNS: &str = "seq, id, customer_id, key, name, description, labels, currency, amount, funding_method, \
+    purchase_currency, purchase_cost_basis, purchase_amount, settlement_status, priority, effective_at, expires_after, \
+    expires_at, features, tax_config, created_at, updated_at, voided_at, funded, used, expired, expiry_booked, voided";
+
+fn corrupt(column: &'static str, value: impl Into<String>) -> StoreError {
+    StoreError::Corrupt { table: "grants", column, value: value.into() }
+}
+
+fn settlement_status(text: &str) -> StoreResult<SettlementStatus> {
+    serde_json::from_value(serde_json::Value::String(text.to_owned())).map_err(|_| corrupt("settlement_status", text))
+}
+
+pub fn settlement_status_text(status: SettlementStatus) -> &'static str {
+    match status {
+        SettlementStatus::Pending => "pending",
+        SettlementStatus::Authorized => "authorized",
+        SettlementStatus::Settled => "settled",
+    }
+}
+
+fn from_row(row: &AnyRow) -> StoreResult<GrantRecord> {
+    let funding_method: String = row.try_get("funding_method")?;
+    let funding = match funding_method.as_str() {
+        "none" => Funding::None,
+        method => {
+            let purchase = Purchase {
+                currency: currency("grants", "purchase_currency", row.try_get("purchase_currency")?)?,
+                per_unit_cost_basis: amount("grants", "purchase_cost_basis", row.try_get("purchase_cost_basis")?)?,
+                amount: amount("grants", "purchase_amount", row.try_get("purchase_amount")?)?,
+                settlement_status: settlement_status(&row.try_get::<String, _>("settlement_status")?)?,
+            };
+            match method {
+                "invoice" => Funding::Invoice(purchase),
+                "external" => Funding::External(purchase),
+                other => return Err(corrupt("funding_method", other)),
+            }
+        }
+    };
+    let features_text: String = row.try_get("features")?;
+    let features: Vec<String> =
+        serde_json::from_str(&features_text).map_err(|_| corrupt("features", features_text.clone()))?;
+    let features = features
+        .iter()
+        .map(|f| FeatureKey::parse(f).map_err(|_| corrupt("features", features_text.clone())))
+        .collect::<StoreResult<Vec<_>>>()?;
+    let expires_after = match opt::<String>(row, "expires_after")? {
+        Some(text) => Some(IsoDuration::parse(&text).map_err(|_| corrupt("expires_after", text))?),
+        None => None,
+    };
+    let priority: i64 = row.try_get("priority")?;
+    let grant = Grant {
+        id: GrantId(row.try_get("id")?),
+        currency: currency("grants", "currency", row.try_get("currency")?)?,
+        amount: amount("grants", "amount", row.try_get("amount")?)?,
+        funding,
+        priority: Priority::new(priority).map_err(|_| corrupt("priority", priority.to_string()))?,
+        effective_at: from_micros(row.try_get("effective_at")?),
+        expires_after,
+        expires_at: opt::<i64>(row, "expires_at")?.map(from_micros),
+        features: FeatureFilter::only(features),
+        created_at: from_micros(row.try_get("created_at")?),
+        seq: row.try_get("seq")?,
+        voided_at: opt::<i64>(row, "voided_at")?.map(from_micros),
+    };
+    let state = GrantState {
+        grant,
+        funded: row.try_get::<i64, _>("funded")? != 0,
+        used: amount("grants", "used", row.try_get("used")?)?,
+        expired: amount("grants", "expired", row.try_get("expired")?)?,
+        expiry_booked: row.try_get::<i64, _>("expiry_booked")? != 0,
+        voided: amount("grants", "voided", row.try_get("voided")?)?,
+    };
+    Ok(GrantRecord {
+        state,
+        customer_id: row.try_get("customer_id")?,
+        key: opt(row, "key")?,
+        name: row.try_get("name")?,
+        description: opt(row, "description")?,
+        labels: labels("grants", row.try_get("labels")?)?,
+        tax_config: match opt::<String>(row, "tax_config")? {
+            Some(text) => Some(serde_json::from_str(&text).map_err(|_| corrupt("tax_config", text))?),
+            None => None,
+        },
+        updated_at: from_micros(row.try_get("updated_at")?),
+    })
+}
+
+/// All grants of a customer in creation order.
+pub async fn of_customer(tx: &mut sqlx::AnyConnection, customer_id: &str) -> StoreResult<Vec<GrantRecord>> {
+    let rows = sqlx::query(&format!("SELECT {COLUMNS} FROM grants WHERE customer_id = $1 ORDER BY seq"))
+        .bind(customer_id)
+        .fetch_all(&mut *tx)
+        .await?;
+    rows.iter().map(from_row).collect()
+}
+
+pub async fn get(
+    conn: &mut sqlx::AnyConnection,
+    customer_id: &str,
+    grant_id: &str,
+) -> StoreResult<Option<GrantRecord>> {
+    let row = sqlx::query(&format!("SELECT {COLUMNS} FROM grants WHERE customer_id = $1 AND id = $2"))
+        .bind(customer_id)
+        .bind(grant_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    row.as_ref().map(from_row).transpose()
+}
+
+pub async fn by_key(conn: &mut sqlx::AnyConnection, customer_id: &str, key: &str) -> StoreResult<Option<GrantRecord>> {
+    let row = sqlx::query(&format!("SELECT {COLUMNS} FROM grants WHERE customer_id = $1 AND key = $2"))
+        .bind(customer_id)
+        .bind(key)
+        .fetch_optional(&mut *conn)
+        .await?;
+    row.as_ref().map(from_row).transpose()
+}
+
+/// The next creation sequence number is assigned by the database on insert; the returned
+/// record carries it.
+pub async fn insert(tx: &mut Tx, record: &GrantRecord) -> StoreResult<i64> {
+    let g = &record.state.grant;
+    let purchase = g.funding.purchase();
+    let features: Vec<&str> = g.features.features().iter().map(FeatureKey::as_str).collect();
+    let row = sqlx::query(
+        "INSERT INTO grants (id, customer_id, key, name, description, labels, currency, amount, funding_method, \
+         purchase_currency, purchase_cost_basis, purchase_amount, settlement_status, priority, effective_at, expires_after, \
+         expires_at, features, tax_config, created_at, updated_at, voided_at, funded, used, expired, expiry_booked, voided) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, NULL, 0, '0', '0', 0, '0') \
+         RETURNING seq",
+    )
+    .bind(&g.id.0)
+    .bind(&record.customer_id)
+    .bind(&record.key)
+    .bind(&record.name)
+    .bind(&record.description)
+    .bind(labels_json(&record.labels))
+    .bind(g.currency.as_str())
+    .bind(g.amount.to_string())
+    .bind(g.funding.method().as_str())
+    .bind(purchase.map(|p| p.currency.as_str().to_owned()))
+    .bind(purchase.map(|p| p.per_unit_cost_basis.to_string()))
+    .bind(purchase.map(|p| p.amount.to_string()))
+    .bind(purchase.map(|p| settlement_status_text(p.settlement_status)))
+    .bind(i64::from(g.priority.get()))
+    .bind(micros(g.effective_at))
+    .bind(g.expires_after.map(|d| d.to_string()))
+    .bind(g.expires_at.map(micros))
+    .bind(serde_json::to_string(&features).unwrap_or_else(|_| "[]".into()))
+    .bind(record.tax_config.as_ref().map(|v| v.to_string()))
+    .bind(micros(g.created_at))
+    .bind(micros(record.updated_at))
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(row.try_get(0)?)
+}
+
+/// Writes a grant's state snapshot after an operation changed it.
+pub async fn save_state(tx: &mut Tx, state: &GrantState, now: DateTime<Utc>) -> StoreResult<()> {
+    sqlx::query(
+        "UPDATE grants SET funded = $1, used = $2, expired = $3, expiry_booked = $4, voided = $5, voided_at = $6, \
+         updated_at = $7 WHERE id = $8",
+    )
+    .bind(i64::from(state.funded))
+    .bind(state.used.to_string())
+    .bind(state.expired.to_string())
+    .bind(i64::from(state.expiry_booked))
+    .bind(state.voided.to_string())
+    .bind(state.grant.voided_at.map(micros))
+    .bind(micros(now))
+    .bind(&state.grant.id.0)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+pub async fn save_settlement(tx: &mut Tx, grant: &Grant, now: DateTime<Utc>) -> StoreResult<()> {
+    let status = grant.funding.purchase().map(|p| settlement_status_text(p.settlement_status));
+    sqlx::query("UPDATE grants SET settlement_status = $1, updated_at = $2 WHERE id = $3")
+        .bind(status)
+        .bind(micros(now))
+        .bind(&grant.id.0)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Customers with an expiry or a funding that has fallen due by `now` and is not yet booked.
+pub async fn customers_with_due_events(
+    conn: &mut sqlx::AnyConnection,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> StoreResult<Vec<String>> {
+    let rows = sqlx::query(
+        "SELECT DISTINCT customer_id FROM grants WHERE voided_at IS NULL AND \
+         ((funded = 1 AND expiry_booked = 0 AND expires_at <= $1) OR (funded = 0 AND effective_at <= $1)) LIMIT $2",
+    )
+    .bind(micros(now))
+    .bind(limit)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter().map(|r| r.try_get::<String, _>(0).map_err(StoreError::from)).collect()
+}
