@@ -1,29 +1,555 @@
-//! The proxy-wasm adapter: registers the filter's contexts with the host.
+//! The proxy-wasm adapter: turns host callbacks into calls on the decision modules and their
+//! answers back into host calls. Every host call goes through `hostcalls` and its `Result`, so
+//! nothing here can panic; failures turn into the configured failure mode.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+use std::rc::Rc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use credits::Amount;
+use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{ContextType, LogLevel};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
+
+use crate::config::FilterConfig;
+use crate::decision::{decide, Verdict};
+use crate::problem::Problem;
+use crate::shared::{self, CasMismatch, Keyed, SharedData};
+use crate::sync::{self, AnswerError, PendingSync, Tracker};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(FilterRoot) });
+    std::panic::set_hook(Box::new(|info| {
+        let _ = hostcalls::log(LogLevel::Critical, &format!("prepaid_credits panicked: {info}"));
+    }));
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(FilterRoot::default()) });
 }}
 
-struct FilterRoot;
+/// The host's shared data through `hostcalls`, errors mapped to a lost CAS race (retried).
+struct HostShared;
 
-impl Context for FilterRoot {}
+impl SharedData for HostShared {
+    fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+        hostcalls::get_shared_data(key).unwrap_or((None, None))
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), CasMismatch> {
+        hostcalls::set_shared_data(key, Some(value), cas).map_err(|_| CasMismatch)
+    }
+}
+
+fn now_ms() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn random_u64() -> u64 {
+    // std's RandomState is seeded from the host's randomness (WASI random_get).
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(now_ms());
+    h.finish()
+}
+
+/// The node's identity: created once by the first worker, shared by all.
+struct NodeRecord {
+    id: String,
+}
+
+const NODE_KEY: &str = "prepaid_credits/node";
+
+impl Keyed for NodeRecord {
+    fn key(&self) -> &str {
+        NODE_KEY
+    }
+    fn encode(&self) -> Vec<u8> {
+        format!("node1|{}|{NODE_KEY}", self.id).into_bytes()
+    }
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        let text = std::str::from_utf8(bytes).ok()?;
+        let rest = text.strip_prefix("node1|")?;
+        let (id, key) = rest.split_once('|')?;
+        (key == NODE_KEY).then(|| NodeRecord { id: id.to_owned() })
+    }
+}
+
+fn node_id() -> String {
+    let fresh = format!("{:016x}", random_u64());
+    shared::update::<NodeRecord, String>(&HostShared, NODE_KEY, |existing| match existing {
+        Some(n) => (None, n.id),
+        None => (Some(NodeRecord { id: fresh.clone() }), fresh.clone()),
+    })
+    .unwrap_or(fresh)
+}
+
+/// Metric ids, defined once per VM.
+#[derive(Clone, Copy, Default)]
+struct Metrics {
+    allowed: u32,
+    refused: u32,
+    unidentified: u32,
+    unknown_customer: u32,
+    unavailable: u32,
+    misconfigured: u32,
+    cache_hits: u32,
+    cache_misses: u32,
+    offline_allowed: u32,
+    sync_batches: u32,
+    sync_failures: u32,
+    records_queued: u32,
+    records_confirmed: u32,
+    records_dropped: u32,
+    ledger_rtt_ms: u32,
+}
+
+impl Metrics {
+    fn define() -> Metrics {
+        let counter = |name: &str| hostcalls::define_metric(MetricType::Counter, name).unwrap_or(0);
+        Metrics {
+            allowed: counter("calls_allowed"),
+            refused: counter("calls_refused"),
+            unidentified: counter("calls_unidentified"),
+            unknown_customer: counter("calls_unknown_customer"),
+            unavailable: counter("calls_unavailable"),
+            misconfigured: counter("calls_misconfigured"),
+            cache_hits: counter("cache_hits"),
+            cache_misses: counter("cache_misses"),
+            offline_allowed: counter("calls_allowed_offline"),
+            sync_batches: counter("sync_batches"),
+            sync_failures: counter("sync_failures"),
+            records_queued: counter("records_queued"),
+            records_confirmed: counter("records_confirmed"),
+            records_dropped: counter("records_dropped"),
+            ledger_rtt_ms: hostcalls::define_metric(MetricType::Histogram, "ledger_rtt_ms").unwrap_or(0),
+        }
+    }
+
+    fn add(id: u32, n: u64) {
+        if id != 0 && n > 0 {
+            let _ = hostcalls::increment_metric(id, i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+}
+
+/// A cold-miss balance read in flight, and the calls waiting for it.
+struct Read {
+    pending: PendingSync,
+    /// The call whose dispatch this is; `None` once it went away (its answer will not come).
+    owner: Option<u32>,
+    waiters: Vec<u32>,
+    deadline_ms: u64,
+    sent_ms: u64,
+}
+
+/// State of this worker VM shared by its root and request contexts.
+#[derive(Default)]
+struct Worker {
+    node: String,
+    id: u64,
+    metrics: Metrics,
+    tracker: Tracker,
+    /// Reads by subject.
+    reads: HashMap<String, Read>,
+    /// Allowed calls waiting to add their response headers: context id → (cost, balance).
+    allowed: HashMap<u32, (Amount, Option<Amount>)>,
+    /// Until when the ledger counts as unreachable (after a failed call).
+    ledger_down_until_ms: u64,
+}
+
+thread_local! {
+    static WORKER: RefCell<Worker> = RefCell::new(Worker::default());
+}
+
+fn with_worker<R>(f: impl FnOnce(&mut Worker) -> R) -> R {
+    WORKER.with(|w| f(&mut w.borrow_mut()))
+}
+
+fn ledger_reachable(now: u64) -> bool {
+    with_worker(|w| now >= w.ledger_down_until_ms)
+}
+
+fn mark_ledger_down(config: &FilterConfig, now: u64) {
+    with_worker(|w| w.ledger_down_until_ms = now + u64::from(config.sync.interval_ms));
+}
+
+fn dispatch(config: &FilterConfig, pending: &PendingSync) -> Result<u32, proxy_wasm::types::Status> {
+    let path = format!("{}/gateway/sync", config.ledger.base_path);
+    let auth = format!("Bearer {}", config.ledger.token);
+    let body = pending.body();
+    hostcalls::dispatch_http_call(
+        &config.ledger.upstream,
+        vec![
+            (":method", "POST"),
+            (":path", &path),
+            (":authority", &config.ledger.authority),
+            (":scheme", "http"),
+            ("content-type", "application/json"),
+            ("authorization", &auth),
+        ],
+        Some(&body),
+        vec![],
+        Duration::from_millis(u64::from(config.ledger.timeout_ms)),
+    )
+}
+
+/// Reads the answer to a dispatch; `None` status when the host reports a failure.
+fn call_answer(body_size: usize) -> (Option<u16>, Option<Vec<u8>>) {
+    let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+        .ok()
+        .flatten()
+        .and_then(|s| s.parse().ok());
+    let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size).ok().flatten();
+    (status, body)
+}
+
+/// Handles a sync answer for this worker: applies it or marks the ledger down.
+fn absorb(
+    config: &FilterConfig,
+    pending: &PendingSync,
+    status: Option<u16>,
+    body: Option<&[u8]>,
+    sent_ms: u64,
+) -> bool {
+    let now = now_ms();
+    let metrics = with_worker(|w| w.metrics);
+    if metrics.ledger_rtt_ms != 0 {
+        let _ = hostcalls::record_metric(metrics.ledger_rtt_ms, now.saturating_sub(sent_ms));
+    }
+    match sync::parse_answer(pending, status, body) {
+        Ok(response) => {
+            let applied = sync::apply(&HostShared, config, pending, &response, now);
+            Metrics::add(metrics.records_confirmed, applied.calls_confirmed);
+            Metrics::add(metrics.records_dropped, applied.calls_dropped);
+            with_worker(|w| w.ledger_down_until_ms = 0);
+            true
+        }
+        Err(e) => {
+            Metrics::add(metrics.sync_failures, 1);
+            let message = match &e {
+                AnswerError::Unavailable(m) | AnswerError::Malformed(m) => m.clone(),
+            };
+            log::warn!("prepaid_credits: ledger sync failed: {message}");
+            mark_ledger_down(config, now);
+            false
+        }
+    }
+}
+
+#[derive(Default)]
+struct FilterRoot {
+    config: Option<Rc<Result<FilterConfig, crate::config::ConfigError>>>,
+    ticking: bool,
+    /// The sync this root context has in flight: (token, what was sent, when).
+    in_flight: Option<(u32, PendingSync, u64)>,
+}
+
+impl Context for FilterRoot {
+    fn on_http_call_response(&mut self, token_id: u32, _num_headers: usize, body_size: usize, _num_trailers: usize) {
+        let Some((token, pending, sent_ms)) = self.in_flight.take() else { return };
+        if token != token_id {
+            self.in_flight = Some((token, pending, sent_ms));
+            return;
+        }
+        if let Some(Ok(config)) = self.config.as_deref() {
+            let (status, body) = call_answer(body_size);
+            absorb(config, &pending, status, body.as_deref(), sent_ms);
+        }
+    }
+}
 
 impl RootContext for FilterRoot {
+    fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
+        let bytes =
+            hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX).ok().flatten().unwrap_or_default();
+        let parsed = FilterConfig::parse(&bytes);
+        match &parsed {
+            Ok(c) => {
+                if !c.ledger.upstream.contains(':') {
+                    log::info!(
+                        "prepaid_credits: ledger upstream {:?} (an Envoy cluster name; under Kong use ip:port)",
+                        c.ledger.upstream
+                    );
+                }
+            }
+            // Never refuse the configuration (Kong would block its whole config update): every
+            // call is answered with a 500 naming the field instead.
+            Err(e) => log::error!("prepaid_credits: {e}; every call will be answered with 500"),
+        }
+        let interval = parsed.as_ref().map_or(1000, |c| c.sync.interval_ms);
+        self.config = Some(Rc::new(parsed));
+        with_worker(|w| {
+            if w.node.is_empty() {
+                w.node = node_id();
+                w.id = random_u64();
+                w.metrics = Metrics::define();
+            }
+        });
+        // Kong traps on a second non-zero tick period: set it once per root context.
+        if !self.ticking {
+            self.ticking = hostcalls::set_tick_period(Duration::from_millis(u64::from(interval))).is_ok();
+        }
+        true
+    }
+
+    fn on_tick(&mut self) {
+        let Some(config) = self.config.clone() else { return };
+        let Ok(config) = config.as_ref() else { return };
+        let now = now_ms();
+        expire_waiting_reads(config, now);
+        if let Some((_, _, sent)) = &self.in_flight {
+            // The host always answers within the timeout; this only guards against a lost callback.
+            if now.saturating_sub(*sent) <= 2 * u64::from(config.ledger.timeout_ms) {
+                return;
+            }
+            self.in_flight = None;
+        }
+        let (node, worker, metrics) = with_worker(|w| (w.node.clone(), w.id, w.metrics));
+        let pending = with_worker(|w| sync::prepare(&HostShared, &mut w.tracker, config, &node, worker, now));
+        let Some(pending) = pending else { return };
+        let calls: u64 = pending.request.subjects.iter().filter_map(|s| s.usage.as_ref()).map(|u| u.calls()).sum();
+        match dispatch(config, &pending) {
+            Ok(token) => {
+                Metrics::add(metrics.sync_batches, 1);
+                Metrics::add(metrics.records_queued, calls);
+                self.in_flight = Some((token, pending, now));
+            }
+            Err(status) => {
+                Metrics::add(metrics.sync_failures, 1);
+                log::warn!("prepaid_credits: could not dispatch the sync to {:?}: {status:?}", config.ledger.upstream);
+                mark_ledger_down(config, now);
+            }
+        }
+    }
+
     fn get_type(&self) -> Option<ContextType> {
         Some(ContextType::HttpContext)
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(FilterCall))
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(FilterCall { id: context_id, config: self.config.clone(), subject: None }))
     }
 }
 
-struct FilterCall;
+/// Reads whose answer did not come in time (e.g. the dispatching call went away): their waiters
+/// are decided as if the ledger were unreachable.
+fn expire_waiting_reads(config: &FilterConfig, now: u64) {
+    let expired: Vec<(String, Vec<u32>)> = with_worker(|w| {
+        let subjects: Vec<String> =
+            w.reads.iter().filter(|(_, r)| now > r.deadline_ms).map(|(s, _)| s.clone()).collect();
+        subjects.into_iter().filter_map(|s| w.reads.remove(&s).map(|r| (s, r.waiters))).collect()
+    });
+    for (subject, waiters) in expired {
+        mark_ledger_down(config, now);
+        for waiter in waiters {
+            if hostcalls::set_effective_context(waiter).is_ok() {
+                finish_waiting_call(config, waiter, &subject, now);
+            }
+        }
+    }
+}
 
-impl Context for FilterCall {}
+struct FilterCall {
+    id: u32,
+    config: Option<Rc<Result<FilterConfig, crate::config::ConfigError>>>,
+    subject: Option<String>,
+}
 
-impl HttpContext for FilterCall {}
+fn request_id() -> Option<String> {
+    let kong = hostcalls::get_property(vec!["ngx", "kong_request_id"]).ok().flatten();
+    let id =
+        kong.or_else(|| hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, "x-request-id").ok().flatten());
+    id.and_then(|b| String::from_utf8(b).ok())
+}
+
+fn reply(problem: Problem) {
+    let problem = problem.with_request_id(request_id());
+    let body = problem.body_bytes();
+    let _ = hostcalls::send_http_response(
+        u32::from(problem.status),
+        vec![("content-type", "application/problem+json")],
+        Some(&body),
+    );
+}
+
+/// Acts on a verdict for the current (effective) context. `Pause` means a read is pending.
+fn act(config: &FilterConfig, context_id: u32, subject: &str, verdict: Verdict, now: u64) -> Action {
+    let metrics = with_worker(|w| w.metrics);
+    match verdict {
+        Verdict::Allow { cost, balance } => {
+            Metrics::add(metrics.allowed, 1);
+            with_worker(|w| {
+                w.tracker.touch(subject, now);
+                w.allowed.insert(context_id, (cost, balance));
+            });
+            Action::Continue
+        }
+        Verdict::Refuse { available } => {
+            Metrics::add(metrics.refused, 1);
+            with_worker(|w| w.tracker.touch(subject, now));
+            reply(Problem::payment_required(subject, config.currency, config.price, available));
+            Action::Pause
+        }
+        Verdict::UnknownCustomer => {
+            Metrics::add(metrics.unknown_customer, 1);
+            reply(Problem::unknown_customer(subject, config.subject.unknown_status));
+            Action::Pause
+        }
+        Verdict::Unavailable { reason } => {
+            Metrics::add(metrics.unavailable, 1);
+            reply(Problem::unavailable(reason));
+            Action::Pause
+        }
+        Verdict::AskLedger => {
+            // Only reached when re-deciding a waiter whose read found nothing usable.
+            Metrics::add(metrics.unavailable, 1);
+            reply(Problem::unavailable("the credit ledger did not answer"));
+            Action::Pause
+        }
+    }
+}
+
+/// Decides a call that waited for a read, and resumes it or answers it.
+fn finish_waiting_call(config: &FilterConfig, context_id: u32, subject: &str, now: u64) {
+    let (verdict, effects) = decide(&HostShared, config, subject, config.price, now, ledger_reachable(now));
+    if effects.offline {
+        Metrics::add(with_worker(|w| w.metrics.offline_allowed), u64::from(matches!(verdict, Verdict::Allow { .. })));
+    }
+    if act(config, context_id, subject, verdict, now) == Action::Continue {
+        let _ = hostcalls::resume_http_request();
+    }
+}
+
+impl Context for FilterCall {
+    fn on_http_call_response(&mut self, token_id: u32, _num_headers: usize, body_size: usize, _num_trailers: usize) {
+        let (Some(config), Some(subject)) = (self.config.clone(), self.subject.clone()) else { return };
+        let Ok(config) = config.as_ref() else { return };
+        let _ = token_id;
+        let Some(read) = with_worker(|w| match w.reads.get(&subject) {
+            Some(r) if r.owner == Some(self.id) => w.reads.remove(&subject),
+            _ => None,
+        }) else {
+            return;
+        };
+        let (status, body) = call_answer(body_size);
+        absorb(config, &read.pending, status, body.as_deref(), read.sent_ms);
+        let now = now_ms();
+        for waiter in read.waiters.iter().copied().filter(|w| *w != self.id) {
+            if hostcalls::set_effective_context(waiter).is_ok() {
+                finish_waiting_call(config, waiter, &subject, now);
+            }
+        }
+        let _ = hostcalls::set_effective_context(self.id);
+        finish_waiting_call(config, self.id, &subject, now);
+    }
+}
+
+impl HttpContext for FilterCall {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let Some(config) = self.config.clone() else { return Action::Continue };
+        let config = match config.as_ref() {
+            Ok(c) => c,
+            Err(e) => {
+                Metrics::add(with_worker(|w| w.metrics.misconfigured), 1);
+                reply(Problem::invalid_config(e));
+                return Action::Pause;
+            }
+        };
+        let metrics = with_worker(|w| w.metrics);
+        let subject = hostcalls::get_map_value(MapType::HttpRequestHeaders, &config.subject.header)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let subject = subject.trim();
+        if subject.is_empty() {
+            Metrics::add(metrics.unidentified, 1);
+            reply(Problem::unidentified(&config.subject.header, config.subject.missing_status));
+            return Action::Pause;
+        }
+        let now = now_ms();
+        let (verdict, effects) = decide(&HostShared, config, subject, config.price, now, ledger_reachable(now));
+        Metrics::add(if effects.cache_hit { metrics.cache_hits } else { metrics.cache_misses }, 1);
+        if effects.usage_dropped {
+            Metrics::add(metrics.records_dropped, 1);
+        }
+        if effects.offline && matches!(verdict, Verdict::Allow { .. }) {
+            Metrics::add(metrics.offline_allowed, 1);
+        }
+        if verdict != Verdict::AskLedger {
+            return act(config, self.id, subject, verdict, now);
+        }
+        // Cold miss: wait for the read already in flight for this customer, or start one.
+        self.subject = Some(subject.to_owned());
+        let joined = with_worker(|w| match w.reads.get_mut(subject) {
+            Some(read) if read.owner.is_some() => {
+                read.waiters.push(self.id);
+                true
+            }
+            _ => false,
+        });
+        if joined {
+            return Action::Pause;
+        }
+        let node = with_worker(|w| w.node.clone());
+        let pending = sync::balance_read(config, &node, subject);
+        match dispatch(config, &pending) {
+            Ok(_token) => {
+                let deadline_ms = now + u64::from(config.ledger.timeout_ms) + 100;
+                with_worker(|w| {
+                    // Calls left waiting by an owner that went away wait for this read instead.
+                    let mut waiters = w.reads.remove(subject).map(|r| r.waiters).unwrap_or_default();
+                    waiters.push(self.id);
+                    w.reads.insert(
+                        subject.to_owned(),
+                        Read { pending, owner: Some(self.id), waiters, deadline_ms, sent_ms: now },
+                    )
+                });
+                Action::Pause
+            }
+            Err(status) => {
+                // Unknown cluster or a full circuit breaker: answer now, never hang.
+                log::warn!(
+                    "prepaid_credits: could not dispatch a balance read to {:?}: {status:?}",
+                    config.ledger.upstream
+                );
+                Metrics::add(metrics.sync_failures, 1);
+                mark_ledger_down(config, now);
+                let (verdict, _) = decide(&HostShared, config, subject, config.price, now, false);
+                act(config, self.id, subject, verdict, now)
+            }
+        }
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let Some(Ok(config)) = self.config.as_deref() else { return Action::Continue };
+        if let Some((cost, balance)) = with_worker(|w| w.allowed.remove(&self.id)) {
+            if let Some(name) = &config.response_headers.cost {
+                let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(&cost.to_string()));
+            }
+            if let (Some(name), Some(balance)) = (&config.response_headers.balance, balance) {
+                let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(&balance.to_string()));
+            }
+        }
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        // A call that went away while waiting no longer waits.
+        with_worker(|w| {
+            w.allowed.remove(&self.id);
+            if let Some(subject) = &self.subject {
+                if let Some(read) = w.reads.get_mut(subject) {
+                    read.waiters.retain(|id| *id != self.id);
+                    if read.owner == Some(self.id) {
+                        read.owner = None;
+                    }
+                    if read.waiters.is_empty() && read.owner.is_none() {
+                        w.reads.remove(subject);
+                    }
+                }
+            }
+        });
+    }
+}

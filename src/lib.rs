@@ -3,5 +3,12 @@
 //! Decisions live in plain Rust modules tested natively; the proxy-wasm adapter (`host`) only
 //! moves bytes between the host and those decisions.
 
+pub mod config;
+pub mod customer;
+pub mod decision;
+pub mod problem;
+pub mod shared;
+pub mod sync;
+
 #[cfg(target_arch = "wasm32")]
 mod host;

@@ -9,6 +9,7 @@ pub mod grant;
 pub mod history;
 pub mod journal;
 pub mod money;
+pub mod sync;
 
 pub use book::{Book, CurrencyBalance, Debt, GrantState, Hold, HoldId, Refusal, SettlementMode, Spend, SpendOutcome};
 pub use duration::IsoDuration;

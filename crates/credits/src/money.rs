@@ -87,10 +87,24 @@ fn is_wire_number(text: &str) -> bool {
 
 impl fmt::Display for Amount {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Decimal's Display never uses an exponent and keeps the scale; "-0" cannot occur
-        // because Decimal normalises the sign of zero on output.
-        write!(f, "{}", self.0)
+        // Decimal's Display never uses an exponent and keeps the scale; a zero prints unsigned.
+        if self.0.is_zero() {
+            write!(f, "{}", self.0.abs())
+        } else {
+            write!(f, "{}", self.0)
+        }
     }
+}
+
+/// Sums and differences keep the larger scale of their operands (1.00 − 1.00 = 0.00, not 0),
+/// so amounts print with the precision they were given in.
+fn keep_scale(result: Decimal, a: Decimal, b: Decimal) -> Amount {
+    let scale = a.scale().max(b.scale());
+    let mut r = result;
+    if r.scale() < scale {
+        r.rescale(scale);
+    }
+    Amount(r)
 }
 
 impl FromStr for Amount {
@@ -109,26 +123,26 @@ impl From<Decimal> for Amount {
 impl std::ops::Add for Amount {
     type Output = Amount;
     fn add(self, rhs: Amount) -> Amount {
-        Amount(self.0 + rhs.0)
+        keep_scale(self.0 + rhs.0, self.0, rhs.0)
     }
 }
 
 impl std::ops::AddAssign for Amount {
     fn add_assign(&mut self, rhs: Amount) {
-        self.0 += rhs.0;
+        *self = *self + rhs;
     }
 }
 
 impl std::ops::Sub for Amount {
     type Output = Amount;
     fn sub(self, rhs: Amount) -> Amount {
-        Amount(self.0 - rhs.0)
+        keep_scale(self.0 - rhs.0, self.0, rhs.0)
     }
 }
 
 impl std::ops::SubAssign for Amount {
     fn sub_assign(&mut self, rhs: Amount) {
-        self.0 -= rhs.0;
+        *self = *self - rhs;
     }
 }
 
@@ -224,6 +238,17 @@ mod tests {
         for text in ["", "1e3", "1,5", "NaN", "+1", "1.", ".5", " 1", "1 ", "--1", "0x10", "inf", "1.2.3"] {
             assert!(Amount::parse(text).is_err(), "{text:?} must be refused");
         }
+    }
+
+    #[test]
+    fn arithmetic_keeps_the_scale_and_zero_has_no_sign() {
+        let a = Amount::parse("1.00").unwrap();
+        assert_eq!((a - a).to_string(), "0.00");
+        assert_eq!((Amount::ZERO + (a - a)).to_string(), "0.00");
+        assert_eq!((-(a - a)).to_string(), "0.00");
+        assert_eq!((a + Amount::parse("0.125").unwrap()).to_string(), "1.125");
+        let total: Amount = [a, a].into_iter().sum();
+        assert_eq!(total.to_string(), "2.00");
     }
 
     #[test]

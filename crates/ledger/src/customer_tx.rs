@@ -15,6 +15,8 @@ pub struct CustomerTx {
     /// The database clock, never behind the book's own clock.
     pub now: DateTime<Utc>,
     pub loaded: LoadedBook,
+    /// The customer's revision as of this transaction.
+    pub revision: i64,
     saved: Book,
 }
 
@@ -22,14 +24,14 @@ impl CustomerTx {
     /// Locks a live customer; 404 if there is none.
     pub async fn begin(db: &Db, customer_id: &str) -> ApiResult<CustomerTx> {
         let mut w = db.begin_write().await?;
-        if !lock_customer(&mut w.tx, customer_id).await? {
+        let Some(revision) = lock_customer(&mut w.tx, customer_id).await? else {
             return Err(Problem::not_found("customer", customer_id));
-        }
+        };
         let db_now = db.now(&mut w.tx).await?;
         let loaded = books::load(&mut w.tx, customer_id).await?;
         let now = db_now.max(loaded.book.clock());
         let saved = loaded.book.clone();
-        Ok(CustomerTx { w, customer_id: customer_id.to_owned(), now, loaded, saved })
+        Ok(CustomerTx { w, customer_id: customer_id.to_owned(), now, loaded, revision, saved })
     }
 
     pub fn book(&mut self) -> &mut Book {

@@ -272,7 +272,7 @@ pub async fn delete(State(state): State<AppState>, Path(id): Path<String>) -> Ap
     let id = ulid_param("customerId", &id)?;
     let mut w = state.db.begin_write().await?;
     let now = state.db.now(&mut w.tx).await?;
-    if !crate::db::lock_customer(&mut w.tx, &id).await? {
+    if crate::db::lock_customer(&mut w.tx, &id).await?.is_none() {
         return Err(Problem::not_found("customer", &id));
     }
     customers::delete(&mut w.tx, &id, now).await?;

@@ -103,8 +103,9 @@ fn parse_events(content_type: &str, bytes: &[u8]) -> ApiResult<Vec<MeteringEvent
         .map(|(i, v)| {
             let index = batch.then_some(i);
             let event: MeteringEvent = parse_json(v.to_string().as_bytes()).map_err(|mut p| {
-                if let (Some(i), Some(f)) = (index, p.field.take()) {
-                    p.field = Some(format!("[{i}].{f}"));
+                if let (Some(i), Some(f)) = (index, p.field.as_deref()) {
+                    // "body" means the element as a whole.
+                    p.field = Some(if f == "body" { format!("[{i}]") } else { format!("[{i}].{f}") });
                 }
                 p
             })?;
@@ -184,7 +185,7 @@ pub async fn list(State(state): State<AppState>, query: Query) -> ApiResult<axum
     };
     let page = query.cursor()?;
     let mut conn = state.db.pool().acquire().await?;
-    let (stored, more) = events::list(&mut conn, state.db.backend(), &filters, page).await?;
+    let (stored, has_older, has_newer) = events::list(&mut conn, state.db.backend(), &filters, page).await?;
     let mut data = Vec::with_capacity(stored.len());
     for e in &stored {
         let event: MeteringEvent = serde_json::from_str(&e.body).map_err(|err| {
@@ -200,14 +201,14 @@ pub async fn list(State(state): State<AppState>, query: Query) -> ApiResult<axum
         });
     }
     let path = "/v3/openmeter/events";
-    let next = match (more, stored.last()) {
+    let next = match (has_older, stored.last()) {
         (true, Some(last)) => Some(page_link(path, &query, page.size, ("page[after]", last.seq))),
         _ => None,
     };
-    let previous = stored
-        .first()
-        .filter(|_| page.position != super::request::CursorPosition::Start)
-        .map(|first| page_link(path, &query, page.size, ("page[before]", first.seq)));
+    let previous = match (has_newer, stored.first()) {
+        (true, Some(first)) => Some(page_link(path, &query, page.size, ("page[before]", first.seq))),
+        _ => None,
+    };
     Ok(axum::Json(IngestedEventPage {
         data,
         meta: CursorMeta { page: CursorMetaPage { size: page.size, next, previous } },

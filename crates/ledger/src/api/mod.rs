@@ -6,6 +6,7 @@ pub mod charges;
 pub mod customers;
 pub mod events;
 pub mod fields;
+pub mod gateway;
 pub mod grants;
 pub mod openapi;
 pub mod problem;
@@ -109,6 +110,7 @@ pub fn router(state: AppState) -> Router {
         .route(&format!("{customer}/credits/adjustments"), post(charges::adjust))
         .route(&format!("{customer}/credits/charges"), post(charges::charge))
         .route("/v3/openmeter/events", post(events::ingest).get(events::list))
+        .route("/v3/gateway/sync", post(gateway::sync))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .merge(api)

@@ -16,6 +16,8 @@ pub struct Problem {
     pub field: Option<String>,
     /// Extra members of the problem object (e.g. the balance a charge could not use).
     pub extra: serde_json::Map<String, Value>,
+    /// Where `field` was sent (`query`, `path`, `body`) when its name does not tell.
+    pub source: Option<&'static str>,
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -27,7 +29,13 @@ pub struct InvalidParameter {
 
 impl Problem {
     pub fn new(status: StatusCode, detail: impl Into<String>) -> Self {
-        Problem { status, detail: detail.into(), field: None, extra: serde_json::Map::new() }
+        Problem { status, detail: detail.into(), field: None, extra: serde_json::Map::new(), source: None }
+    }
+
+    /// A bad query parameter (whatever its name).
+    pub fn in_query(mut self) -> Self {
+        self.source = Some("query");
+        self
     }
 
     pub fn bad_request(field: impl Into<String>, detail: impl Into<String>) -> Self {
@@ -59,7 +67,13 @@ impl Problem {
         if let (Some(field), Value::Object(map)) = (&self.field, &mut body) {
             map.insert("field".into(), Value::String(field.clone()));
             if self.status == StatusCode::BAD_REQUEST {
-                let source = if field.starts_with("filter[") || field.starts_with("page[") || field == "timestamp" {
+                let source = if let Some(source) = self.source {
+                    source
+                } else if field.starts_with("filter[")
+                    || field.starts_with("page[")
+                    || field == "timestamp"
+                    || field == "sort"
+                {
                     "query"
                 } else if field == "customerId" || field == "creditGrantId" {
                     "path"

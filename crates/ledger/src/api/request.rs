@@ -50,15 +50,18 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
     serde_path_to_error::deserialize(de).map_err(|err| {
         let path = err.path().to_string();
         let message = err.inner().to_string();
-        // "unknown field `x`, expected …": the field at fault is x itself.
+        // The field at fault is x itself. For "unknown field `x`, expected …" the path already
+        // ends with x (the key was read before it was refused); for "missing field `x`" the path
+        // is the object that lacks it.
         let field = match message.split('`').nth(1) {
-            Some(name) if message.starts_with("unknown field") => {
-                if path == "." {
-                    name.to_owned()
-                } else {
-                    format!("{path}.{name}")
-                }
+            // Broken JSON has no field to blame (the path would be a placeholder such as "?").
+            _ if err.inner().is_syntax() || err.inner().is_eof() => "body".to_owned(),
+            Some(name)
+                if path == "." && (message.starts_with("unknown field") || message.starts_with("missing field")) =>
+            {
+                name.to_owned()
             }
+            Some(name) if message.starts_with("missing field") => format!("{path}.{name}"),
             _ if path == "." => "body".to_owned(),
             _ => path,
         };
@@ -113,7 +116,7 @@ impl Query {
                 None => a == name,
             });
             if !ok {
-                return Err(Problem::bad_request(name.clone(), format!("unknown query parameter {name}")));
+                return Err(Problem::bad_request(name.clone(), format!("unknown query parameter {name}")).in_query());
             }
         }
         Ok(())

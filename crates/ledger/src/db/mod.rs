@@ -156,13 +156,14 @@ impl Db {
     }
 }
 
-/// Locks a customer for the rest of the transaction. `false` if there is no such live customer.
-pub async fn lock_customer(tx: &mut Tx, customer_id: &str) -> sqlx::Result<bool> {
-    let done = sqlx::query("UPDATE customers SET lock_version = lock_version + 1 WHERE id = $1 AND deleted_at IS NULL")
+/// Locks a customer for the rest of the transaction and returns its new revision (which grows
+/// with every write); `None` if there is no such live customer.
+pub async fn lock_customer(tx: &mut Tx, customer_id: &str) -> sqlx::Result<Option<i64>> {
+    let row = sqlx::query("UPDATE customers SET lock_version = lock_version + 1 WHERE id = $1 AND deleted_at IS NULL RETURNING lock_version")
         .bind(customer_id)
-        .execute(&mut **tx)
+        .fetch_optional(&mut **tx)
         .await?;
-    Ok(done.rows_affected() == 1)
+    row.map(|r| r.try_get(0)).transpose()
 }
 
 pub fn from_micros(micros: i64) -> DateTime<Utc> {

@@ -6,9 +6,10 @@
 use super::Backend;
 
 /// Applied in order; each runs once, recorded in `schema_migrations`.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    r#"
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        r#"
 CREATE TABLE customers (
     id TEXT PRIMARY KEY,
     key TEXT NOT NULL,
@@ -154,7 +155,26 @@ CREATE TABLE events (
 );
 CREATE UNIQUE INDEX events_source_id ON events (source, id);
 "#,
-)];
+    ),
+    (
+        2,
+        r#"
+CREATE TABLE usage_records (
+    key TEXT PRIMARY KEY,
+    customer_id TEXT NOT NULL REFERENCES customers (id),
+    node TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    currency TEXT NOT NULL,
+    feature TEXT,
+    amount TEXT NOT NULL,
+    calls BIGINT NOT NULL,
+    settlement_mode TEXT NOT NULL,
+    booked_at BIGINT NOT NULL
+);
+CREATE INDEX usage_records_customer ON usage_records (customer_id, booked_at);
+"#,
+    ),
+];
 
 /// The migrations not yet applied to a database at `applied`, rendered for `backend`.
 pub fn pending(backend: Backend, applied: i64) -> impl Iterator<Item = (i64, String)> {

@@ -50,13 +50,14 @@ pub struct EventFilters {
     pub kind: Option<StringFilter>,
 }
 
-/// A page of events, newest ingested first; the flag tells whether older ones exist.
+/// A page of events, newest ingested first, and whether older / newer matching events exist
+/// beyond it.
 pub async fn list(
     conn: &mut sqlx::AnyConnection,
     backend: Backend,
     filters: &EventFilters,
     page: CursorPage,
-) -> StoreResult<(Vec<StoredEvent>, bool)> {
+) -> StoreResult<(Vec<StoredEvent>, bool, bool)> {
     let mut binds = Vec::new();
     let mut conditions = vec!["1 = 1".to_owned()];
     for (column, filter) in
@@ -71,19 +72,18 @@ pub async fn list(
         CursorPosition::After(seq) => (format!(" AND seq < {seq}"), "DESC"),
         CursorPosition::Before(seq) => (format!(" AND seq > {seq}"), "ASC"),
     };
+    let base = conditions.join(" AND ");
     let sql = format!(
-        "SELECT seq, body, subject, ingested_at FROM events WHERE {}{position} ORDER BY seq {order} LIMIT {}",
-        conditions.join(" AND "),
-        page.size + 1
+        "SELECT seq, body, subject, ingested_at FROM events WHERE {base}{position} ORDER BY seq {order} LIMIT {}",
+        page.size
     );
     let mut query = sqlx::query(&sql);
     for b in &binds {
         query = query.bind(b.clone());
     }
     let rows = query.fetch_all(&mut *conn).await?;
-    let more = rows.len() as i64 > page.size;
     let mut out = Vec::new();
-    for r in rows.iter().take(page.size as usize) {
+    for r in &rows {
         out.push(StoredEvent {
             seq: r.try_get("seq")?,
             body: r.try_get("body")?,
@@ -94,5 +94,29 @@ pub async fn list(
     if order == "ASC" {
         out.reverse();
     }
-    Ok((out, more))
+    // Both directions, whichever way this page was reached (a page reached backwards still has
+    // older events after it).
+    let (has_older, has_newer) = match (out.first(), out.last()) {
+        (Some(newest), Some(oldest)) => (
+            exists_beyond(conn, &base, &binds, "<", oldest.seq).await?,
+            exists_beyond(conn, &base, &binds, ">", newest.seq).await?,
+        ),
+        _ => (false, false),
+    };
+    Ok((out, has_older, has_newer))
+}
+
+async fn exists_beyond(
+    conn: &mut sqlx::AnyConnection,
+    base: &str,
+    binds: &[String],
+    cmp: &str,
+    seq: i64,
+) -> StoreResult<bool> {
+    let sql = format!("SELECT 1 FROM events WHERE {base} AND seq {cmp} {seq} LIMIT 1");
+    let mut q = sqlx::query(&sql);
+    for b in binds {
+        q = q.bind(b.clone());
+    }
+    Ok(q.fetch_optional(&mut *conn).await?.is_some())
 }

@@ -7,6 +7,7 @@ pub mod events;
 pub mod grants;
 pub mod idempotency;
 pub mod movements;
+pub mod usage;
 
 use std::collections::BTreeMap;
 

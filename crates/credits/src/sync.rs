@@ -1,0 +1,142 @@
+//! The gateway sync protocol: what a gateway worker sends the ledger once per tick, and the
+//! answer. Both sides compile these types, so they cannot drift apart.
+//!
+//! Usage travels as *ranges*: the calls a node let through for one subject are numbered
+//! `0, 1, 2, …`; call `n` has the idempotency key `<node>/<subject>/<n>`, and consecutive calls
+//! are reported together as one range with their total. A range is frozen once sent and is
+//! re-sent unchanged until the ledger confirms it, so each call is booked exactly once however
+//! often a range is retried.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::book::SettlementMode;
+use crate::feature::FeatureKey;
+use crate::money::{Amount, Currency};
+
+/// Upper bounds the ledger enforces on one sync request.
+pub const MAX_SUBJECTS_PER_SYNC: usize = 1000;
+pub const MAX_CALLS_PER_RANGE: u64 = 1_000_000;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncRequest {
+    /// Identifies the gateway node for the lifetime of its shared memory.
+    pub node: String,
+    pub subjects: Vec<SubjectSync>,
+}
+
+/// Everything a worker has to say about one subject in one tick.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubjectSync {
+    pub subject: String,
+    pub currency: Currency,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feature_key: Option<FeatureKey>,
+    /// Usage to book, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageRange>,
+}
+
+/// Calls `from..to` (half-open) of a subject on a node, priced at `amount` in total.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageRange {
+    pub from: u64,
+    pub to: u64,
+    pub amount: Amount,
+    pub settlement_mode: SettlementMode,
+}
+
+impl UsageRange {
+    /// The idempotency key of the range (and so of each call in it).
+    pub fn key(&self, node: &str, subject: &str) -> String {
+        format!("{node}/{subject}/{}-{}", self.from, self.to)
+    }
+
+    pub fn calls(&self) -> u64 {
+        self.to.saturating_sub(self.from)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncResponse {
+    pub server_time: DateTime<Utc>,
+    pub subjects: Vec<SubjectAnswer>,
+}
+
+/// The ledger's answer for one subject, in request order. (Answers admit unknown fields so a
+/// newer ledger can add some without breaking older gateways.)
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubjectAnswer {
+    pub subject: String,
+    #[serde(flatten)]
+    pub outcome: SubjectOutcome,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum SubjectOutcome {
+    /// The subject maps to a customer; its usage (if sent) is booked.
+    Ok {
+        customer_id: String,
+        /// What happened to the range that was sent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        usage: Option<UsageOutcome>,
+        /// The live balance in the currency and feature scope asked for, after the booking.
+        live: Amount,
+        /// Increases with every change of the customer's book; older answers are stale.
+        revision: i64,
+    },
+    /// No customer has this subject key: nothing was booked.
+    UnknownSubject,
+    /// The request about this subject was invalid (e.g. a range beyond the bounds).
+    Rejected { reason: String },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UsageOutcome {
+    Booked,
+    /// This range was booked before (a retry): nothing was booked again.
+    Duplicate,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_form_is_stable() {
+        let answer = SubjectAnswer {
+            subject: "alice".into(),
+            outcome: SubjectOutcome::Ok {
+                customer_id: "01J".into(),
+                usage: Some(UsageOutcome::Booked),
+                live: Amount::parse("0.90").unwrap(),
+                revision: 7,
+            },
+        };
+        let text = serde_json::to_string(&answer).unwrap();
+        assert_eq!(
+            text,
+            r#"{"subject":"alice","status":"ok","customer_id":"01J","usage":"booked","live":"0.90","revision":7}"#
+        );
+        assert_eq!(serde_json::from_str::<SubjectAnswer>(&text).unwrap(), answer);
+        let unknown: SubjectAnswer = serde_json::from_str(r#"{"subject":"bob","status":"unknown_subject"}"#).unwrap();
+        assert_eq!(unknown.outcome, SubjectOutcome::UnknownSubject);
+    }
+
+    #[test]
+    fn range_keys_name_node_subject_and_calls() {
+        let r = UsageRange {
+            from: 10,
+            to: 15,
+            amount: Amount::parse("0.50").unwrap(),
+            settlement_mode: SettlementMode::CreditOnly,
+        };
+        assert_eq!(r.key("n1", "alice"), "n1/alice/10-15");
+        assert_eq!(r.calls(), 5);
+    }
+}

@@ -1,0 +1,372 @@
+//! The filter's configuration: one JSON object, parsed and validated once per configure.
+//! `plugin-schema/prepaid_credits.meta.json` describes the same thing for Kong; a test holds
+//! the two to the same verdicts.
+
+use std::fmt;
+
+use credits::{Amount, Currency, FeatureKey, SettlementMode};
+use serde::Deserialize;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FilterConfig {
+    pub ledger: LedgerConfig,
+    pub subject: SubjectConfig,
+    pub price: Amount,
+    pub currency: Currency,
+    pub feature_key: Option<FeatureKey>,
+    pub settlement_mode: SettlementMode,
+    pub sync: SyncConfig,
+    pub failure_mode: FailureMode,
+    /// Credit a customer may spend per node while the ledger is unreachable and nothing usable
+    /// is cached (`allow` only); `None` = unbounded.
+    pub offline_allowance: Option<Amount>,
+    pub response_headers: ResponseHeaders,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LedgerConfig {
+    /// Envoy cluster name, or `host:port` / `ip:port` under Kong's engine.
+    pub upstream: String,
+    pub authority: String,
+    pub base_path: String,
+    pub token: String,
+    pub timeout_ms: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubjectConfig {
+    pub header: String,
+    /// The status of the answer to a call without a subject.
+    pub missing_status: u16,
+    /// The status of the answer to a subject the ledger knows no customer for.
+    pub unknown_status: u16,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Strategy {
+    Cached,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyncConfig {
+    pub strategy: Strategy,
+    pub interval_ms: u32,
+    /// A cached balance older than this (no successful refresh) is not used.
+    pub max_stale_ms: u32,
+    /// A customer unused this long is no longer refreshed by the worker.
+    pub idle_ms: u32,
+    /// Unsent calls a node keeps per customer before the failure mode applies.
+    pub max_unsent_calls: u64,
+    /// How long a "no such customer" answer is remembered.
+    pub unknown_ttl_ms: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureMode {
+    Deny,
+    Allow,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResponseHeaders {
+    pub balance: Option<String>,
+    pub cost: Option<String>,
+}
+
+/// A configuration that cannot be used, naming the offending field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid configuration at {}: {}", self.field, self.message)
+    }
+}
+
+fn error(field: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError { field: field.to_owned(), message: message.into() }
+}
+
+// The raw shapes, exactly as the JSON schema describes them.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    ledger: RawLedger,
+    #[serde(default)]
+    subject: RawSubject,
+    price: String,
+    currency: String,
+    #[serde(default)]
+    feature_key: Option<String>,
+    #[serde(default)]
+    settlement_mode: Option<String>,
+    #[serde(default)]
+    sync: RawSync,
+    #[serde(default)]
+    failure_mode: Option<String>,
+    #[serde(default)]
+    offline_allowance: Option<String>,
+    #[serde(default)]
+    response_headers: RawHeaders,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLedger {
+    upstream: String,
+    #[serde(default)]
+    authority: Option<String>,
+    #[serde(default)]
+    base_path: Option<String>,
+    token: String,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSubject {
+    #[serde(default)]
+    header: Option<String>,
+    #[serde(default)]
+    missing_status: Option<u64>,
+    #[serde(default)]
+    unknown_status: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSync {
+    #[serde(default)]
+    strategy: Option<String>,
+    #[serde(default)]
+    interval_ms: Option<u64>,
+    #[serde(default)]
+    max_stale_ms: Option<u64>,
+    #[serde(default)]
+    idle_ms: Option<u64>,
+    #[serde(default)]
+    max_unsent_calls: Option<u64>,
+    #[serde(default)]
+    unknown_ttl_ms: Option<u64>,
+}
+
+/// `null` switches a header off; absent means the default name.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHeaders {
+    #[serde(default, deserialize_with = "explicit")]
+    balance: Option<Option<String>>,
+    #[serde(default, deserialize_with = "explicit")]
+    cost: Option<Option<String>>,
+}
+
+fn explicit<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
+}
+
+fn bounded(field: &str, value: Option<u64>, default: u64, min: u64, max: u64) -> Result<u64, ConfigError> {
+    let v = value.unwrap_or(default);
+    if (min..=max).contains(&v) {
+        Ok(v)
+    } else {
+        Err(error(field, format!("must be between {min} and {max}, got {v}")))
+    }
+}
+
+fn to_u32(v: u64) -> u32 {
+    u32::try_from(v).unwrap_or(u32::MAX)
+}
+
+/// Header names are lower-case tokens (HTTP/2 and proxy-wasm hosts use lower case).
+fn header_name(field: &str, name: &str) -> Result<String, ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if ok {
+        Ok(name.to_owned())
+    } else {
+        Err(error(field, format!("{name:?} is not a lower-case header name")))
+    }
+}
+
+fn status(field: &str, value: Option<u64>, default: u16) -> Result<u16, ConfigError> {
+    let v = bounded(field, value, u64::from(default), 400, 499)?;
+    Ok(u16::try_from(v).unwrap_or(default))
+}
+
+fn amount(field: &str, text: &str) -> Result<Amount, ConfigError> {
+    let a = Amount::parse(text).map_err(|e| error(field, e.to_string()))?;
+    if a.is_negative() {
+        return Err(error(field, "must not be negative"));
+    }
+    Ok(a)
+}
+
+impl FilterConfig {
+    pub fn parse(bytes: &[u8]) -> Result<FilterConfig, ConfigError> {
+        let de = &mut serde_json::Deserializer::from_slice(bytes);
+        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let message = e.inner().to_string();
+            let message = message.split(" at line ").next().unwrap_or(&message).to_owned();
+            let field = match message.split('`').nth(1) {
+                // serde_path_to_error already ends the path with the unknown field's name.
+                Some(name) if message.starts_with("unknown field") && path == "." => name.to_owned(),
+                Some(name) if message.starts_with("missing field") && path == "." => name.to_owned(),
+                Some(name) if message.starts_with("missing field") => format!("{path}.{name}"),
+                _ if path == "." => "configuration".to_owned(),
+                _ => path,
+            };
+            ConfigError { field, message }
+        })?;
+        Self::from_raw(raw)
+    }
+
+    fn from_raw(raw: RawConfig) -> Result<FilterConfig, ConfigError> {
+        let l = raw.ledger;
+        if l.upstream.is_empty() || l.upstream.chars().count() > 256 || l.upstream.contains(char::is_whitespace) {
+            return Err(error("ledger.upstream", "must be a cluster name or host:port without spaces"));
+        }
+        let authority = l.authority.unwrap_or_else(|| l.upstream.clone());
+        if authority.is_empty() || authority.chars().count() > 256 || authority.contains(char::is_whitespace) {
+            return Err(error("ledger.authority", "must be a host name without spaces"));
+        }
+        let base_path = l.base_path.unwrap_or_else(|| "/v3".to_owned());
+        let segments_ok = base_path == "/"
+            || base_path
+                .strip_prefix('/')
+                .is_some_and(|rest| rest.split('/').all(|s| !s.is_empty() && !s.contains(['?', '#', ' '])));
+        if !segments_ok {
+            return Err(error("ledger.base_path", "must be / or /segment[/segment…] (e.g. /v3)"));
+        }
+        if l.token.is_empty() || l.token.contains(['\r', '\n']) {
+            return Err(error("ledger.token", "must be a non-empty bearer token"));
+        }
+        let timeout_ms = to_u32(bounded("ledger.timeout_ms", l.timeout_ms, 1000, 1, 60_000)?);
+
+        let header = header_name("subject.header", raw.subject.header.as_deref().unwrap_or("x-consumer-username"))?;
+        let subject = SubjectConfig {
+            header,
+            missing_status: status("subject.missing_status", raw.subject.missing_status, 401)?,
+            unknown_status: status("subject.unknown_status", raw.subject.unknown_status, 403)?,
+        };
+
+        let price = amount("price", &raw.price)?;
+        let currency = Currency::parse(&raw.currency).map_err(|e| error("currency", e.to_string()))?;
+        let feature_key = raw
+            .feature_key
+            .as_deref()
+            .map(FeatureKey::parse)
+            .transpose()
+            .map_err(|e| error("feature_key", e.to_string()))?;
+        let settlement_mode = match raw.settlement_mode.as_deref().unwrap_or("credit_only") {
+            "credit_only" => SettlementMode::CreditOnly,
+            "credit_then_invoice" => SettlementMode::CreditThenInvoice,
+            other => {
+                return Err(error("settlement_mode", format!("{other:?} is not credit_only or credit_then_invoice")))
+            }
+        };
+        let s = raw.sync;
+        let strategy = match s.strategy.as_deref().unwrap_or("cached") {
+            "cached" => Strategy::Cached,
+            other => return Err(error("sync.strategy", format!("{other:?} is not a strategy (cached)"))),
+        };
+        let interval_ms = to_u32(bounded("sync.interval_ms", s.interval_ms, 1000, 50, 60_000)?);
+        let sync = SyncConfig {
+            strategy,
+            interval_ms,
+            max_stale_ms: to_u32(bounded("sync.max_stale_ms", s.max_stale_ms, 60_000, 100, 86_400_000)?),
+            idle_ms: to_u32(bounded("sync.idle_ms", s.idle_ms, 300_000, 1_000, 86_400_000)?),
+            max_unsent_calls: bounded(
+                "sync.max_unsent_calls",
+                s.max_unsent_calls,
+                1_000_000,
+                1,
+                credits::sync::MAX_CALLS_PER_RANGE,
+            )?,
+            unknown_ttl_ms: to_u32(bounded("sync.unknown_ttl_ms", s.unknown_ttl_ms, 10_000, 0, 3_600_000)?),
+        };
+        let failure_mode = match raw.failure_mode.as_deref().unwrap_or("deny") {
+            "deny" => FailureMode::Deny,
+            "allow" => FailureMode::Allow,
+            other => return Err(error("failure_mode", format!("{other:?} is not deny or allow"))),
+        };
+        let offline_allowance = raw.offline_allowance.as_deref().map(|t| amount("offline_allowance", t)).transpose()?;
+        let response_headers = ResponseHeaders {
+            balance: match raw.response_headers.balance {
+                None => Some("x-credits-balance".to_owned()),
+                Some(None) => None,
+                Some(Some(name)) => Some(header_name("response_headers.balance", &name)?),
+            },
+            cost: match raw.response_headers.cost {
+                None => Some("x-credits-cost".to_owned()),
+                Some(None) => None,
+                Some(Some(name)) => Some(header_name("response_headers.cost", &name)?),
+            },
+        };
+        Ok(FilterConfig {
+            ledger: LedgerConfig { upstream: l.upstream, authority, base_path, token: l.token, timeout_ms },
+            subject,
+            price,
+            currency,
+            feature_key,
+            settlement_mode,
+            sync,
+            failure_mode,
+            offline_allowance,
+            response_headers,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"{"ledger": {"upstream": "ledger", "token": "t"}, "price": "0.01", "currency": "USD"}"#;
+
+    #[test]
+    fn defaults_fill_in() {
+        let c = FilterConfig::parse(MINIMAL.as_bytes()).unwrap();
+        assert_eq!(c.ledger.authority, "ledger");
+        assert_eq!(c.ledger.base_path, "/v3");
+        assert_eq!(c.ledger.timeout_ms, 1000);
+        assert_eq!(c.subject.header, "x-consumer-username");
+        assert_eq!(c.settlement_mode, SettlementMode::CreditOnly);
+        assert_eq!(c.failure_mode, FailureMode::Deny);
+        assert_eq!(c.sync.interval_ms, 1000);
+        assert_eq!(c.response_headers.balance.as_deref(), Some("x-credits-balance"));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (r#"{"ledger": {"upstream": "l", "token": "t"}, "price": "1e3", "currency": "USD"}"#, "price"),
+            (r#"{"ledger": {"upstream": "l", "token": "t"}, "price": "1", "currency": "usd"}"#, "currency"),
+            (
+                r#"{"ledger": {"upstream": "l", "token": "t", "timeout_ms": 0}, "price": "1", "currency": "USD"}"#,
+                "ledger.timeout_ms",
+            ),
+            (
+                r#"{"ledger": {"upstream": "l", "token": "t", "colour": 1}, "price": "1", "currency": "USD"}"#,
+                "ledger.colour",
+            ),
+            (r#"{"ledger": {"upstream": "l"}, "price": "1", "currency": "USD"}"#, "ledger.token"),
+            (r#"{"ledger": {"upstream": "l", "token": "t"}, "price": 1, "currency": "USD"}"#, "price"),
+            (
+                r#"{"ledger": {"upstream": "l", "token": "t"}, "price": "1", "currency": "USD", "failure_mode": "maybe"}"#,
+                "failure_mode",
+            ),
+            (r#"{"ledger": {"upstream": "l", "token": "t"}, "currency": "USD"}"#, "price"),
+        ];
+        for (json, field) in cases {
+            let err = FilterConfig::parse(json.as_bytes()).unwrap_err();
+            assert_eq!(err.field, field, "{json}: {err}");
+        }
+    }
+}

@@ -1,0 +1,330 @@
+//! The tick's sync: one batched round trip per worker that sends the usage of every customer the
+//! worker serves and refreshes their cached balances from the answer. Cold-miss balance reads use
+//! the same request with a single subject and no usage.
+
+use std::collections::BTreeMap;
+
+use credits::sync::{SubjectOutcome, SubjectSync, SyncRequest, SyncResponse, UsageOutcome, MAX_SUBJECTS_PER_SYNC};
+
+use crate::config::FilterConfig;
+use crate::customer::{CustomerEntry, Standing};
+use crate::decision::entry_key;
+use crate::shared::{self, SharedData};
+
+/// The customers one worker keeps in sync, with when each was last used here.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    subjects: BTreeMap<String, u64>,
+}
+
+impl Tracker {
+    pub fn touch(&mut self, subject: &str, now_ms: u64) {
+        match self.subjects.get_mut(subject) {
+            Some(t) => *t = now_ms,
+            None => {
+                self.subjects.insert(subject.to_owned(), now_ms);
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.subjects.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.subjects.is_empty()
+    }
+}
+
+/// A sync on its way: what was asked, so the answer can be matched to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingSync {
+    pub request: SyncRequest,
+}
+
+impl PendingSync {
+    pub fn body(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.request).unwrap_or_default()
+    }
+}
+
+/// What applying an answer did, for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub calls_confirmed: u64,
+    pub calls_dropped: u64,
+    pub unknown_subjects: u64,
+}
+
+/// How long a range may be in flight before another worker re-sends it.
+pub fn stale_after_ms(config: &FilterConfig) -> u64 {
+    (2 * u64::from(config.ledger.timeout_ms)).max(3 * u64::from(config.sync.interval_ms))
+}
+
+fn subject_sync(config: &FilterConfig, subject: &str) -> SubjectSync {
+    SubjectSync {
+        subject: subject.to_owned(),
+        currency: config.currency,
+        feature_key: config.feature_key.clone(),
+        usage: None,
+    }
+}
+
+/// A balance read for one customer (a cold miss).
+pub fn balance_read(config: &FilterConfig, node: &str, subject: &str) -> PendingSync {
+    PendingSync { request: SyncRequest { node: node.to_owned(), subjects: vec![subject_sync(config, subject)] } }
+}
+
+/// Builds this tick's sync: takes the usage ranges to send out of the shared entries. Customers
+/// idle longer than `sync.idle_ms` with nothing left to send are forgotten.
+pub fn prepare(
+    store: &dyn SharedData,
+    tracker: &mut Tracker,
+    config: &FilterConfig,
+    node: &str,
+    worker: u64,
+    now_ms: u64,
+) -> Option<PendingSync> {
+    let idle = u64::from(config.sync.idle_ms);
+    let stale = stale_after_ms(config);
+    let mut subjects = Vec::new();
+    let mut forget = Vec::new();
+    for (subject, last_used) in &tracker.subjects {
+        if subjects.len() == MAX_SUBJECTS_PER_SYNC {
+            break; // the rest goes out on the next tick
+        }
+        let key = entry_key(config, subject);
+        let taken = shared::update::<CustomerEntry, Option<SubjectSync>>(store, &key, |entry| match entry {
+            None => (None, None),
+            Some(mut e) => {
+                let outgoing = e.take_outgoing(worker, now_ms, stale, config.settlement_mode);
+                let idle_here = now_ms.saturating_sub(*last_used) > idle && e.unsent_calls() == 0 && e.flight.is_none();
+                if idle_here && outgoing.range.is_none() {
+                    return (None, None);
+                }
+                let mut s = subject_sync(config, subject);
+                s.usage = outgoing.range;
+                let changed = s.usage.is_some();
+                (changed.then_some(e), Some(s))
+            }
+        });
+        match taken {
+            Ok(Some(s)) => subjects.push(s),
+            Ok(None) => forget.push(subject.clone()),
+            Err(_) => {} // contended: next tick
+        }
+    }
+    for s in forget {
+        tracker.subjects.remove(&s);
+    }
+    (!subjects.is_empty()).then(|| PendingSync { request: SyncRequest { node: node.to_owned(), subjects } })
+}
+
+/// Why an answer could not be used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AnswerError {
+    /// No answer, or a status that says the ledger is down or overloaded.
+    Unavailable(String),
+    /// An answer that is not what the protocol promises.
+    Malformed(String),
+}
+
+/// Interprets the ledger's HTTP answer to a sync. Anything but a 200 with a matching body is an
+/// error, never a panic.
+pub fn parse_answer(
+    pending: &PendingSync,
+    status: Option<u16>,
+    body: Option<&[u8]>,
+) -> Result<SyncResponse, AnswerError> {
+    let status = status.ok_or_else(|| AnswerError::Unavailable("no response from the ledger".into()))?;
+    if status >= 500 || status == 429 {
+        return Err(AnswerError::Unavailable(format!("the ledger answered {status}")));
+    }
+    if status != 200 {
+        return Err(AnswerError::Malformed(format!("the ledger answered {status}")));
+    }
+    let response: SyncResponse = serde_json::from_slice(body.unwrap_or_default())
+        .map_err(|e| AnswerError::Malformed(format!("unreadable sync answer: {e}")))?;
+    let matches = response.subjects.len() == pending.request.subjects.len()
+        && response.subjects.iter().zip(&pending.request.subjects).all(|(a, q)| a.subject == q.subject);
+    if !matches {
+        return Err(AnswerError::Malformed("the sync answer does not match the request".into()));
+    }
+    Ok(response)
+}
+
+/// Applies a good answer to the shared entries.
+pub fn apply(
+    store: &dyn SharedData,
+    config: &FilterConfig,
+    pending: &PendingSync,
+    response: &SyncResponse,
+    now_ms: u64,
+) -> Applied {
+    let mut applied = Applied::default();
+    for (asked, answer) in pending.request.subjects.iter().zip(&response.subjects) {
+        let key = entry_key(config, &asked.subject);
+        let result = shared::update::<CustomerEntry, Applied>(store, &key, |entry| {
+            let mut e = entry.unwrap_or_else(|| CustomerEntry::new(&key, &asked.subject, now_ms));
+            let mut a = Applied::default();
+            match &answer.outcome {
+                SubjectOutcome::Ok { customer_id, usage, live, revision } => {
+                    if let (Some(range), Some(UsageOutcome::Booked | UsageOutcome::Duplicate)) = (&asked.usage, usage) {
+                        let was_in_flight = e.flight.as_ref().is_some_and(|f| f.from == range.from && f.to == range.to);
+                        e.confirm(range);
+                        a.calls_confirmed += if was_in_flight { range.calls() } else { 0 };
+                    }
+                    e.refresh(customer_id, *live, *revision, now_ms);
+                }
+                SubjectOutcome::UnknownSubject => {
+                    a.calls_dropped += e.mark_unknown(now_ms);
+                    a.unknown_subjects += 1;
+                }
+                SubjectOutcome::Rejected { .. } => {
+                    if let Some(range) = &asked.usage {
+                        a.calls_dropped += e.drop_flight(range);
+                    }
+                }
+            }
+            (Some(e), a)
+        });
+        if let Ok(a) = result {
+            applied.calls_confirmed += a.calls_confirmed;
+            applied.calls_dropped += a.calls_dropped;
+            applied.unknown_subjects += a.unknown_subjects;
+        }
+    }
+    applied
+}
+
+/// Whether an entry's customer is known to the ledger (for tests and logs).
+pub fn is_known(store: &dyn SharedData, config: &FilterConfig, subject: &str) -> bool {
+    shared::read::<CustomerEntry>(store, &entry_key(config, subject))
+        .is_some_and(|e| matches!(e.standing, Standing::Known { .. }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decision::{decide, Verdict};
+    use crate::shared::fake::{FakeShared, Rules};
+    use credits::sync::{SubjectAnswer, UsageRange};
+    use credits::Amount;
+
+    fn config() -> FilterConfig {
+        let json = r#"{"ledger": {"upstream": "ledger", "token": "t"}, "price": "0.10", "currency": "USD"}"#;
+        FilterConfig::parse(json.as_bytes()).unwrap()
+    }
+
+    fn amt(s: &str) -> Amount {
+        Amount::parse(s).unwrap()
+    }
+
+    fn ok(subject: &str, usage: Option<UsageOutcome>, live: &str, revision: i64) -> SubjectAnswer {
+        SubjectAnswer {
+            subject: subject.into(),
+            outcome: SubjectOutcome::Ok { customer_id: "c".into(), usage, live: amt(live), revision },
+        }
+    }
+
+    fn answer(subjects: Vec<SubjectAnswer>) -> SyncResponse {
+        SyncResponse { server_time: chrono::DateTime::UNIX_EPOCH, subjects }
+    }
+
+    /// A ledger that books ranges once per key and tracks one customer's balance.
+    struct MiniLedger {
+        balance: Amount,
+        booked: std::collections::BTreeSet<String>,
+        revision: i64,
+    }
+
+    impl MiniLedger {
+        fn answer(&mut self, req: &SyncRequest) -> SyncResponse {
+            let subjects = req
+                .subjects
+                .iter()
+                .map(|s| {
+                    let usage = s.usage.as_ref().map(|r: &UsageRange| {
+                        if self.booked.insert(r.key(&req.node, &s.subject)) {
+                            self.balance -= r.amount;
+                            self.revision += 1;
+                            UsageOutcome::Booked
+                        } else {
+                            UsageOutcome::Duplicate
+                        }
+                    });
+                    ok(&s.subject, usage, &self.balance.to_string(), self.revision)
+                })
+                .collect();
+            answer(subjects)
+        }
+    }
+
+    #[test]
+    fn cold_read_then_spend_then_sync_books_everything_exactly_once() {
+        let store = FakeShared::new(Rules::Envoy);
+        let c = config();
+        let mut ledger = MiniLedger { balance: amt("1.00"), booked: Default::default(), revision: 1 };
+        let mut tracker = Tracker::default();
+        // Cold miss: read, apply.
+        let read = balance_read(&c, "node", "alice");
+        let resp = ledger.answer(&read.request);
+        apply(&store, &c, &read, &resp, 10);
+        tracker.touch("alice", 10);
+        for i in 0..4 {
+            assert!(matches!(decide(&store, &c, "alice", amt("0.10"), 11 + i, true).0, Verdict::Allow { .. }));
+        }
+        // Tick: the range goes out; the answer is lost; the retry is a duplicate.
+        let first = prepare(&store, &mut tracker, &c, "node", 1, 100).unwrap();
+        let _lost = ledger.answer(&first.request);
+        let retry = prepare(&store, &mut tracker, &c, "node", 1, 200).unwrap();
+        assert_eq!(retry.request.subjects[0].usage, first.request.subjects[0].usage);
+        let resp = ledger.answer(&retry.request);
+        let applied = apply(&store, &c, &retry, &resp, 201);
+        assert_eq!(applied.calls_confirmed, 4);
+        assert_eq!(ledger.balance, amt("0.60"), "four calls booked once");
+        let e = shared::read::<CustomerEntry>(&store, &entry_key(&c, "alice")).unwrap();
+        assert_eq!((e.available(), e.flight.is_none()), (amt("0.60"), true));
+    }
+
+    #[test]
+    fn malformed_or_failed_answers_are_errors_not_panics() {
+        let c = config();
+        let pending = balance_read(&c, "n", "alice");
+        assert!(matches!(parse_answer(&pending, None, None), Err(AnswerError::Unavailable(_))));
+        assert!(matches!(parse_answer(&pending, Some(503), None), Err(AnswerError::Unavailable(_))));
+        assert!(matches!(parse_answer(&pending, Some(200), Some(b"{not json")), Err(AnswerError::Malformed(_))));
+        assert!(matches!(parse_answer(&pending, Some(401), Some(b"{}")), Err(AnswerError::Malformed(_))));
+        let wrong = serde_json::to_vec(&answer(vec![ok("bob", None, "1", 1)])).unwrap();
+        assert!(matches!(parse_answer(&pending, Some(200), Some(&wrong)), Err(AnswerError::Malformed(_))));
+        let right = serde_json::to_vec(&answer(vec![ok("alice", None, "1", 1)])).unwrap();
+        assert!(parse_answer(&pending, Some(200), Some(&right)).is_ok());
+    }
+
+    #[test]
+    fn idle_customers_without_usage_are_forgotten() {
+        let store = FakeShared::new(Rules::Envoy);
+        let c = config();
+        let read = balance_read(&c, "node", "alice");
+        apply(&store, &c, &read, &answer(vec![ok("alice", None, "1", 1)]), 1);
+        let mut tracker = Tracker::default();
+        tracker.touch("alice", 1);
+        assert!(prepare(&store, &mut tracker, &c, "node", 1, 2).is_some());
+        assert!(prepare(&store, &mut tracker, &c, "node", 1, 1 + u64::from(c.sync.idle_ms) + 1).is_none());
+        assert!(tracker.is_empty());
+    }
+
+    #[test]
+    fn usage_of_an_unknown_subject_is_dropped_and_counted() {
+        let store = FakeShared::new(Rules::Envoy);
+        let allow = FilterConfig::parse(br#"{"ledger": {"upstream": "l", "token": "t"}, "price": "0.10", "currency": "USD", "failure_mode": "allow"}"#).unwrap();
+        decide(&store, &allow, "ghost", amt("0.10"), 1, false);
+        let mut tracker = Tracker::default();
+        tracker.touch("ghost", 1);
+        let pending = prepare(&store, &mut tracker, &allow, "node", 1, 2).unwrap();
+        let unknown = SubjectAnswer { subject: "ghost".into(), outcome: SubjectOutcome::UnknownSubject };
+        let applied = apply(&store, &allow, &pending, &answer(vec![unknown]), 3);
+        assert_eq!((applied.calls_dropped, applied.unknown_subjects), (1, 1));
+        assert!(!is_known(&store, &allow, "ghost"));
+    }
+}

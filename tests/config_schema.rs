@@ -1,0 +1,169 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail by panicking
+//! The Kong metadata schema and the filter's own parser must agree on every configuration.
+
+use prepaid_credits::config::FilterConfig;
+use serde_json::{json, Value};
+
+fn schema() -> jsonschema::Validator {
+    let meta: Value =
+        serde_json::from_str(include_str!("../plugin-schema/prepaid_credits.meta.json")).expect("meta.json is JSON");
+    jsonschema::draft4::new(&meta["config_schema"]).expect("config_schema is a valid draft-04 schema")
+}
+
+fn base() -> Value {
+    json!({"ledger": {"upstream": "ledger", "token": "secret"}, "price": "0.01", "currency": "USD"})
+}
+
+/// `base()` with one member (a `/`-separated path) set or, with `None`, removed.
+fn with(path: &str, value: Option<Value>) -> Value {
+    let mut config = base();
+    let mut target = &mut config;
+    let parts: Vec<&str> = path.split('/').collect();
+    for part in &parts[..parts.len() - 1] {
+        let object = target.as_object_mut().expect("object");
+        target = object.entry(part.to_string()).or_insert_with(|| json!({}));
+    }
+    let last = parts[parts.len() - 1];
+    let object = target.as_object_mut().expect("object");
+    match value {
+        Some(v) => {
+            object.insert(last.to_owned(), v);
+        }
+        None => {
+            object.remove(last);
+        }
+    }
+    config
+}
+
+fn corpus() -> Vec<(Value, bool)> {
+    let mut cases = vec![(base(), true)];
+    let valid = [
+        ("ledger/authority", json!("ledger.internal")),
+        ("ledger/base_path", json!("/")),
+        ("ledger/base_path", json!("/api/v3")),
+        ("ledger/timeout_ms", json!(1)),
+        ("ledger/timeout_ms", json!(60000)),
+        ("ledger/upstream", json!("127.0.0.1:8480")),
+        ("subject/header", json!("x-credential-identifier")),
+        ("subject/missing_status", json!(403)),
+        ("subject/unknown_status", json!(404)),
+        ("price", json!("0")),
+        ("price", json!("12.3456789")),
+        ("currency", json!("EUR")),
+        ("feature_key", json!("api_requests")),
+        ("settlement_mode", json!("credit_then_invoice")),
+        ("sync/strategy", json!("cached")),
+        ("sync/interval_ms", json!(50)),
+        ("sync/max_stale_ms", json!(100)),
+        ("sync/idle_ms", json!(86400000)),
+        ("sync/max_unsent_calls", json!(1)),
+        ("sync/unknown_ttl_ms", json!(0)),
+        ("failure_mode", json!("allow")),
+        ("offline_allowance", json!("5.00")),
+        ("response_headers/balance", json!(null)),
+        ("response_headers/cost", json!("x-cost")),
+        ("sync", json!({})),
+        ("subject", json!({})),
+    ];
+    let invalid: [(&str, Option<Value>); 51] = [
+        ("ledger/upstream", Some(json!(""))),
+        ("ledger/upstream", Some(json!("led ger"))),
+        ("ledger/authority", Some(json!(""))),
+        ("ledger/base_path", Some(json!("v3"))),
+        ("ledger/base_path", Some(json!("/v3/"))),
+        ("ledger/base_path", Some(json!("//v3"))),
+        ("ledger/base_path", Some(json!("/v3?x=1"))),
+        ("ledger/token", Some(json!(""))),
+        ("ledger/token", Some(json!("a\nb"))),
+        ("ledger/timeout_ms", Some(json!(0))),
+        ("ledger/timeout_ms", Some(json!(60001))),
+        ("ledger/timeout_ms", Some(json!("1000"))),
+        ("ledger/timeout_ms", Some(json!(-5))),
+        ("ledger/extra", Some(json!(1))),
+        ("ledger/token", None),
+        ("ledger/upstream", None),
+        ("subject/header", Some(json!("X-Consumer"))),
+        ("subject/header", Some(json!(""))),
+        ("subject/missing_status", Some(json!(200))),
+        ("subject/unknown_status", Some(json!(500))),
+        ("subject/unknown", Some(json!(true))),
+        ("price", Some(json!("1e3"))),
+        ("price", Some(json!("1,5"))),
+        ("price", Some(json!("-1"))),
+        ("price", Some(json!("NaN"))),
+        ("price", Some(json!(""))),
+        ("price", Some(json!(0.01))),
+        ("price", None),
+        ("currency", Some(json!("usd"))),
+        ("currency", Some(json!("US"))),
+        ("currency", Some(json!("USDT"))),
+        ("currency", None),
+        ("feature_key", Some(json!("Api"))),
+        ("feature_key", Some(json!("a__b"))),
+        ("feature_key", Some(json!("x".repeat(65)))),
+        ("settlement_mode", Some(json!("invoice"))),
+        ("sync/strategy", Some(json!("psychic"))),
+        ("sync/interval_ms", Some(json!(49))),
+        ("sync/max_stale_ms", Some(json!(99))),
+        ("sync/idle_ms", Some(json!(999))),
+        ("sync/max_unsent_calls", Some(json!(0))),
+        ("sync/max_unsent_calls", Some(json!(1000001))),
+        ("sync/unknown_ttl_ms", Some(json!(3600001))),
+        ("sync/other", Some(json!(1))),
+        ("failure_mode", Some(json!("open"))),
+        ("offline_allowance", Some(json!("-1"))),
+        ("offline_allowance", Some(json!(5))),
+        ("response_headers/balance", Some(json!("X-Balance"))),
+        ("response_headers/other", Some(json!("x"))),
+        ("colour", Some(json!("blue"))),
+        ("ledger", Some(json!("ledger:8480"))),
+    ];
+    cases.extend(valid.into_iter().map(|(p, v)| (with(p, Some(v)), true)));
+    cases.extend(invalid.into_iter().map(|(p, v)| (with(p, v), false)));
+    cases.push((json!([]), false));
+    cases.push((json!("a string"), false));
+    cases
+}
+
+#[test]
+fn schema_and_parser_agree_on_every_config_of_the_corpus() {
+    let validator = schema();
+    let mut disagreements = Vec::new();
+    for (config, expected) in corpus() {
+        let by_schema = validator.is_valid(&config);
+        let by_parser = FilterConfig::parse(config.to_string().as_bytes());
+        if by_schema != expected || by_parser.is_ok() != expected {
+            disagreements.push(format!("{config}: expected {expected}, schema {by_schema}, parser {by_parser:?}"));
+        }
+    }
+    assert!(disagreements.is_empty(), "{}", disagreements.join("\n"));
+}
+
+#[test]
+fn parser_errors_name_the_field_the_schema_points_at() {
+    let config = with("ledger/timeout_ms", Some(json!(0)));
+    let err = FilterConfig::parse(config.to_string().as_bytes()).unwrap_err();
+    assert_eq!(err.field, "ledger.timeout_ms");
+    let schema_error = schema().iter_errors(&config).next().map(|e| e.instance_path.to_string());
+    assert_eq!(schema_error.as_deref(), Some("/ledger/timeout_ms"));
+}
+
+#[test]
+fn every_schema_property_has_a_description_or_a_default() {
+    fn walk(path: &str, node: &Value, missing: &mut Vec<String>) {
+        if let Some(props) = node.get("properties").and_then(Value::as_object) {
+            for (name, prop) in props {
+                let here = format!("{path}.{name}");
+                if prop.get("description").is_none() && prop.get("default").is_none() {
+                    missing.push(here.clone());
+                }
+                walk(&here, prop, missing);
+            }
+        }
+    }
+    let meta: Value = serde_json::from_str(include_str!("../plugin-schema/prepaid_credits.meta.json")).expect("json");
+    let mut missing = Vec::new();
+    walk("config", &meta["config_schema"], &mut missing);
+    assert!(missing.is_empty(), "undocumented keys: {missing:?}");
+}
