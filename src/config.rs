@@ -16,6 +16,7 @@ pub struct FilterConfig {
     pub feature_key: Option<FeatureKey>,
     pub settlement_mode: SettlementMode,
     pub sync: SyncConfig,
+    pub lease: LeaseConfig,
     pub failure_mode: FailureMode,
     /// Credit a customer may spend per node while the ledger is unreachable and nothing usable
     /// is cached (`allow` only); `None` = unbounded.
@@ -44,7 +45,27 @@ pub struct SubjectConfig {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Strategy {
+    /// Spend from a cached live balance; overspend across nodes is bounded by the sync interval.
     Cached,
+    /// Spend only from credit the ledger holds for this node: exact across nodes.
+    Lease,
+}
+
+/// How a node sizes, renews and gives back its leases.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseConfig {
+    /// A lease covers at least this many calls ...
+    pub min_calls: u64,
+    /// ... and at most this many.
+    pub max_calls: u64,
+    /// Top up when less than this share (percent) of the target is left.
+    pub low_water_percent: u64,
+    /// A lease should last this long at the customer's observed rate.
+    pub horizon_ms: u64,
+    /// Give the lease back after this long without calls.
+    pub idle_release_ms: u64,
+    /// The ledger releases a lease not renewed for this long.
+    pub ttl_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -107,6 +128,8 @@ struct RawConfig {
     #[serde(default)]
     sync: RawSync,
     #[serde(default)]
+    lease: RawLease,
+    #[serde(default)]
     failure_mode: Option<String>,
     #[serde(default)]
     offline_allowance: Option<String>,
@@ -153,6 +176,23 @@ struct RawSync {
     max_unsent_calls: Option<u64>,
     #[serde(default)]
     unknown_ttl_ms: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLease {
+    #[serde(default)]
+    min_calls: Option<u64>,
+    #[serde(default)]
+    max_calls: Option<u64>,
+    #[serde(default)]
+    low_water_percent: Option<u64>,
+    #[serde(default)]
+    horizon_ms: Option<u64>,
+    #[serde(default)]
+    idle_release_ms: Option<u64>,
+    #[serde(default)]
+    ttl_ms: Option<u64>,
 }
 
 /// `null` switches a header off; absent means the default name.
@@ -272,9 +312,15 @@ impl FilterConfig {
             }
         };
         let s = raw.sync;
-        let strategy = match s.strategy.as_deref().unwrap_or("cached") {
+        // Exact leases by default where calls are refused for lack of credit.
+        let default_strategy = match settlement_mode {
+            SettlementMode::CreditOnly => "lease",
+            SettlementMode::CreditThenInvoice => "cached",
+        };
+        let strategy = match s.strategy.as_deref().unwrap_or(default_strategy) {
             "cached" => Strategy::Cached,
-            other => return Err(error("sync.strategy", format!("{other:?} is not a strategy (cached)"))),
+            "lease" => Strategy::Lease,
+            other => return Err(error("sync.strategy", format!("{other:?} is not a strategy (lease or cached)"))),
         };
         let interval_ms = to_u32(bounded("sync.interval_ms", s.interval_ms, 1000, 50, 60_000)?);
         let sync = SyncConfig {
@@ -291,6 +337,31 @@ impl FilterConfig {
             )?,
             unknown_ttl_ms: to_u32(bounded("sync.unknown_ttl_ms", s.unknown_ttl_ms, 10_000, 0, 3_600_000)?),
         };
+        let rl = raw.lease;
+        let lease = LeaseConfig {
+            min_calls: bounded("lease.min_calls", rl.min_calls, 10, 1, 1_000_000)?,
+            max_calls: bounded("lease.max_calls", rl.max_calls, 10_000, 1, 1_000_000)?,
+            low_water_percent: bounded("lease.low_water_percent", rl.low_water_percent, 50, 1, 100)?,
+            horizon_ms: bounded(
+                "lease.horizon_ms",
+                rl.horizon_ms,
+                2 * u64::from(interval_ms) + u64::from(timeout_ms),
+                1,
+                3_600_000,
+            )?,
+            idle_release_ms: bounded("lease.idle_release_ms", rl.idle_release_ms, 10_000, 100, 86_400_000)?,
+            ttl_ms: bounded("lease.ttl_ms", rl.ttl_ms, 30_000, 1_000, 3_600_000)?,
+        };
+        if lease.min_calls > lease.max_calls {
+            return Err(error("lease.min_calls", "must not exceed lease.max_calls"));
+        }
+        // Renewals ride on the sync tick: a lease must outlive a few missed ticks.
+        if lease.ttl_ms < 3 * u64::from(interval_ms) {
+            return Err(error(
+                "lease.ttl_ms",
+                format!("must be at least 3 × sync.interval_ms ({})", 3 * u64::from(interval_ms)),
+            ));
+        }
         let failure_mode = match raw.failure_mode.as_deref().unwrap_or("deny") {
             "deny" => FailureMode::Deny,
             "allow" => FailureMode::Allow,
@@ -317,6 +388,7 @@ impl FilterConfig {
             feature_key,
             settlement_mode,
             sync,
+            lease,
             failure_mode,
             offline_allowance,
             response_headers,
@@ -340,6 +412,8 @@ mod tests {
         assert_eq!(c.settlement_mode, SettlementMode::CreditOnly);
         assert_eq!(c.failure_mode, FailureMode::Deny);
         assert_eq!(c.sync.interval_ms, 1000);
+        assert_eq!(c.sync.strategy, Strategy::Lease, "credit_only defaults to exact leases");
+        assert_eq!(c.lease.horizon_ms, 3000);
         assert_eq!(c.response_headers.balance.as_deref(), Some("x-credits-balance"));
     }
 

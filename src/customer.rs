@@ -18,6 +18,29 @@ pub struct Flight {
     pub sent_ms: u64,
 }
 
+/// The node's lease for this customer: credit the ledger holds for the node alone.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Lease {
+    /// Open at the ledger as far as the node knows.
+    pub open: bool,
+    /// The highest top-up request number sent.
+    pub seq: u64,
+    /// What the node may still spend from it.
+    pub remaining: Amount,
+    /// The node stops spending from the lease at this host time (before the ledger's expiry).
+    pub spend_until_ms: u64,
+    /// The revision of the answer `remaining` comes from.
+    pub revision: i64,
+}
+
+/// Calls per minute of this customer on this node, measured over sync ticks.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct RateMeter {
+    pub window_start_ms: u64,
+    pub window_start_call: u64,
+    pub calls_per_min: u64,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Standing {
     /// Known to the ledger as this customer.
@@ -47,6 +70,8 @@ pub struct CustomerEntry {
     /// Spent while the ledger was unreachable and nothing usable was cached.
     pub offline_spent: Amount,
     pub last_used_ms: u64,
+    pub lease: Lease,
+    pub rate: RateMeter,
 }
 
 /// What the next sync should send for an entry.
@@ -70,7 +95,46 @@ impl CustomerEntry {
             flight: None,
             offline_spent: Amount::ZERO,
             last_used_ms: now_ms,
+            lease: Lease::default(),
+            rate: RateMeter { window_start_ms: now_ms, ..RateMeter::default() },
         }
+    }
+
+    /// Can a call priced at `price` be paid from the lease now?
+    pub fn lease_covers(&self, price: Amount, now_ms: u64) -> bool {
+        self.lease.open && now_ms < self.lease.spend_until_ms && self.lease.remaining >= price
+    }
+
+    /// Updates the observed call rate once per `window_ms`.
+    pub fn measure_rate(&mut self, now_ms: u64, window_ms: u64) {
+        let elapsed = now_ms.saturating_sub(self.rate.window_start_ms);
+        if elapsed >= window_ms && elapsed > 0 {
+            let calls = self.next_call - self.rate.window_start_call;
+            self.rate.calls_per_min = calls.saturating_mul(60_000) / elapsed;
+            self.rate.window_start_ms = now_ms;
+            self.rate.window_start_call = self.next_call;
+        }
+    }
+
+    /// The ledger's answer about the lease, given when the request left (`sent_ms`).
+    pub fn apply_lease(&mut self, answer: &credits::sync::LeaseAnswer, revision: i64, sent_ms: u64, ttl_ms: u64) {
+        if revision <= self.lease.revision {
+            return;
+        }
+        self.lease.revision = revision;
+        if answer.closed {
+            self.lease.open = false;
+            self.lease.remaining = Amount::ZERO;
+            return;
+        }
+        // The ledger's hold already reflects every range it confirmed; what this node spent and
+        // has not had confirmed is still in it.
+        let unconfirmed = self.spent + self.flight.as_ref().map_or(Amount::ZERO, |f| f.amount);
+        self.lease.open = true;
+        self.lease.remaining = (answer.held - unconfirmed).max(Amount::ZERO);
+        // Counted from when the request left, and a fifth of the TTL early, so the node stops
+        // spending before the ledger can have released the lease.
+        self.lease.spend_until_ms = sent_ms + ttl_ms - ttl_ms / 5;
     }
 
     /// What can still be spent: the ledger's live balance minus everything not yet in it.
@@ -99,7 +163,14 @@ impl CustomerEntry {
     /// Prepares what `worker` sends now: the range already in flight if it is this worker's or
     /// has gone stale, otherwise the unsent calls as a new range (and none while another
     /// worker's range is fresh).
-    pub fn take_outgoing(&mut self, worker: u64, now_ms: u64, stale_after_ms: u64, mode: SettlementMode) -> Outgoing {
+    pub fn take_outgoing(
+        &mut self,
+        worker: u64,
+        now_ms: u64,
+        stale_after_ms: u64,
+        mode: SettlementMode,
+        lease_id: Option<&str>,
+    ) -> Outgoing {
         if let Some(f) = &mut self.flight {
             let resend = f.owner == worker || now_ms.saturating_sub(f.sent_ms) > stale_after_ms;
             if !resend {
@@ -108,7 +179,13 @@ impl CustomerEntry {
             f.owner = worker;
             f.sent_ms = now_ms;
             return Outgoing {
-                range: Some(UsageRange { from: f.from, to: f.to, amount: f.amount, settlement_mode: mode }),
+                range: Some(UsageRange {
+                    from: f.from,
+                    to: f.to,
+                    amount: f.amount,
+                    settlement_mode: mode,
+                    lease_id: lease_id.map(str::to_owned),
+                }),
             };
         }
         if self.next_call == self.unsent_from {
@@ -116,7 +193,13 @@ impl CustomerEntry {
         }
         let flight =
             Flight { from: self.unsent_from, to: self.next_call, amount: self.spent, owner: worker, sent_ms: now_ms };
-        let range = UsageRange { from: flight.from, to: flight.to, amount: flight.amount, settlement_mode: mode };
+        let range = UsageRange {
+            from: flight.from,
+            to: flight.to,
+            amount: flight.amount,
+            settlement_mode: mode,
+            lease_id: lease_id.map(str::to_owned),
+        };
         self.flight = Some(flight);
         self.spent = Amount::ZERO;
         self.unsent_from = self.next_call;
@@ -165,7 +248,7 @@ impl CustomerEntry {
 }
 
 // The stored form: one line, `|`-separated, with the key last (it may contain `|`).
-// v1|standing|customer_id|live|revision|refreshed|spent|next|unsent_from|flight|offline|last_used|subject_len|subject key
+// v1|standing|customer_id|live|revision|refreshed|spent|next|unsent_from|flight|offline|last_used|lease|rate|subject_len|subject key
 impl Keyed for CustomerEntry {
     fn key(&self) -> &str {
         &self.key
@@ -181,8 +264,18 @@ impl Keyed for CustomerEntry {
             Some(f) => format!("{},{},{},{},{}", f.from, f.to, f.amount, f.owner, f.sent_ms),
             None => String::new(),
         };
+        let lease = &self.lease;
+        let lease = format!(
+            "{},{},{},{},{}",
+            u8::from(lease.open),
+            lease.seq,
+            lease.remaining,
+            lease.spend_until_ms,
+            lease.revision
+        );
+        let rate = format!("{},{},{}", self.rate.window_start_ms, self.rate.window_start_call, self.rate.calls_per_min);
         format!(
-            "v1|{standing}|{customer_id}|{}|{}|{}|{}|{}|{}|{flight}|{}|{}|{}|{}{}",
+            "v1|{standing}|{customer_id}|{}|{}|{}|{}|{}|{}|{flight}|{}|{}|{lease}|{rate}|{}|{}{}",
             self.live,
             self.revision,
             self.refreshed_ms,
@@ -200,7 +293,7 @@ impl Keyed for CustomerEntry {
 
     fn decode(bytes: &[u8]) -> Option<Self> {
         let text = std::str::from_utf8(bytes).ok()?;
-        let mut parts = text.splitn(14, '|');
+        let mut parts = text.splitn(16, '|');
         if parts.next()? != "v1" {
             return None;
         }
@@ -234,6 +327,20 @@ impl Keyed for CustomerEntry {
         };
         let offline_spent = Amount::parse(parts.next()?).ok()?;
         let last_used_ms = parts.next()?.parse().ok()?;
+        let mut l = parts.next()?.split(',');
+        let lease = Lease {
+            open: l.next()? == "1",
+            seq: l.next()?.parse().ok()?,
+            remaining: Amount::parse(l.next()?).ok()?,
+            spend_until_ms: l.next()?.parse().ok()?,
+            revision: l.next()?.parse().ok()?,
+        };
+        let mut r = parts.next()?.split(',');
+        let rate = RateMeter {
+            window_start_ms: r.next()?.parse().ok()?,
+            window_start_call: r.next()?.parse().ok()?,
+            calls_per_min: r.next()?.parse().ok()?,
+        };
         let subject_len: usize = parts.next()?.parse().ok()?;
         let rest = parts.next()?;
         let subject = rest.get(..subject_len)?.to_owned();
@@ -254,6 +361,8 @@ impl Keyed for CustomerEntry {
             flight,
             offline_spent,
             last_used_ms,
+            lease,
+            rate,
         })
     }
 }
@@ -271,12 +380,12 @@ mod tests {
         let mut e = CustomerEntry::new("prepaid_credits/c/USD/-/a|b", "a|b", 5);
         e.refresh("01J", amt("1.00"), 3, 10);
         e.spend(amt("0.10"), 11);
-        e.take_outgoing(9, 12, 1000, SettlementMode::CreditOnly);
+        e.take_outgoing(9, 12, 1000, SettlementMode::CreditOnly, None);
         e.spend(amt("0.10"), 13);
         let back = CustomerEntry::decode(&e.encode()).unwrap();
         assert_eq!(back, e);
         assert!(CustomerEntry::decode(b"v2|garbage").is_none());
-        assert!(CustomerEntry::decode(b"v1|k|x|NaN|1|1|0|0|0||0|0|1|ak").is_none());
+        assert!(CustomerEntry::decode(b"v1|k|x|NaN|1|1|0|0|0||0|0|0,0,0,0,0|0,0,0|1|ak").is_none());
     }
 
     #[test]
@@ -285,7 +394,7 @@ mod tests {
         e.refresh("c", amt("1.00"), 1, 1);
         e.spend(amt("0.30"), 2);
         assert_eq!(e.available(), amt("0.70"));
-        let out = e.take_outgoing(1, 3, 1000, SettlementMode::CreditOnly);
+        let out = e.take_outgoing(1, 3, 1000, SettlementMode::CreditOnly, None);
         let range = out.range.unwrap();
         assert_eq!((range.from, range.to, range.amount), (0, 1, amt("0.30")));
         e.spend(amt("0.20"), 4);
@@ -300,16 +409,16 @@ mod tests {
     fn a_range_is_resent_unchanged_until_confirmed() {
         let mut e = CustomerEntry::new("k", "s", 0);
         e.spend(amt("0.10"), 1);
-        let first = e.take_outgoing(1, 2, 1000, SettlementMode::CreditOnly).range.unwrap();
+        let first = e.take_outgoing(1, 2, 1000, SettlementMode::CreditOnly, None).range.unwrap();
         e.spend(amt("0.10"), 3);
         // Another worker may not take it while it is fresh ...
-        assert_eq!(e.take_outgoing(2, 500, 1000, SettlementMode::CreditOnly).range, None);
+        assert_eq!(e.take_outgoing(2, 500, 1000, SettlementMode::CreditOnly, None).range, None);
         // ... the owner re-sends the same range ...
-        assert_eq!(e.take_outgoing(1, 600, 1000, SettlementMode::CreditOnly).range, Some(first.clone()));
+        assert_eq!(e.take_outgoing(1, 600, 1000, SettlementMode::CreditOnly, None).range, Some(first.clone()));
         // ... and so does anyone once it is stale.
-        assert_eq!(e.take_outgoing(2, 5000, 1000, SettlementMode::CreditOnly).range, Some(first.clone()));
+        assert_eq!(e.take_outgoing(2, 5000, 1000, SettlementMode::CreditOnly, None).range, Some(first.clone()));
         e.confirm(&first);
-        let second = e.take_outgoing(2, 5001, 1000, SettlementMode::CreditOnly).range.unwrap();
+        let second = e.take_outgoing(2, 5001, 1000, SettlementMode::CreditOnly, None).range.unwrap();
         assert_eq!((second.from, second.to), (1, 2));
     }
 

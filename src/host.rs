@@ -14,7 +14,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
 
 use crate::config::FilterConfig;
-use crate::decision::{decide, Verdict};
+use crate::decision::{decide, LedgerAccess, Verdict};
 use crate::problem::Problem;
 use crate::shared::{self, CasMismatch, Keyed, SharedData};
 use crate::sync::{self, AnswerError, PendingSync, Tracker};
@@ -141,7 +141,6 @@ struct Read {
     owner: Option<u32>,
     waiters: Vec<u32>,
     deadline_ms: u64,
-    sent_ms: u64,
 }
 
 /// State of this worker VM shared by its root and request contexts.
@@ -167,8 +166,12 @@ fn with_worker<R>(f: impl FnOnce(&mut Worker) -> R) -> R {
     WORKER.with(|w| f(&mut w.borrow_mut()))
 }
 
-fn ledger_reachable(now: u64) -> bool {
-    with_worker(|w| now >= w.ledger_down_until_ms)
+fn access(now: u64) -> LedgerAccess {
+    if with_worker(|w| now >= w.ledger_down_until_ms) {
+        LedgerAccess::Reachable
+    } else {
+        LedgerAccess::Unreachable
+    }
 }
 
 fn mark_ledger_down(config: &FilterConfig, now: u64) {
@@ -206,17 +209,11 @@ fn call_answer(body_size: usize) -> (Option<u16>, Option<Vec<u8>>) {
 }
 
 /// Handles a sync answer for this worker: applies it or marks the ledger down.
-fn absorb(
-    config: &FilterConfig,
-    pending: &PendingSync,
-    status: Option<u16>,
-    body: Option<&[u8]>,
-    sent_ms: u64,
-) -> bool {
+fn absorb(config: &FilterConfig, pending: &PendingSync, status: Option<u16>, body: Option<&[u8]>) -> bool {
     let now = now_ms();
     let metrics = with_worker(|w| w.metrics);
     if metrics.ledger_rtt_ms != 0 {
-        let _ = hostcalls::record_metric(metrics.ledger_rtt_ms, now.saturating_sub(sent_ms));
+        let _ = hostcalls::record_metric(metrics.ledger_rtt_ms, now.saturating_sub(pending.sent_ms));
     }
     match sync::parse_answer(pending, status, body) {
         Ok(response) => {
@@ -242,20 +239,20 @@ fn absorb(
 struct FilterRoot {
     config: Option<Rc<Result<FilterConfig, crate::config::ConfigError>>>,
     ticking: bool,
-    /// The sync this root context has in flight: (token, what was sent, when).
-    in_flight: Option<(u32, PendingSync, u64)>,
+    /// The sync this root context has in flight: its token and what was sent.
+    in_flight: Option<(u32, PendingSync)>,
 }
 
 impl Context for FilterRoot {
     fn on_http_call_response(&mut self, token_id: u32, _num_headers: usize, body_size: usize, _num_trailers: usize) {
-        let Some((token, pending, sent_ms)) = self.in_flight.take() else { return };
+        let Some((token, pending)) = self.in_flight.take() else { return };
         if token != token_id {
-            self.in_flight = Some((token, pending, sent_ms));
+            self.in_flight = Some((token, pending));
             return;
         }
         if let Some(Ok(config)) = self.config.as_deref() {
             let (status, body) = call_answer(body_size);
-            absorb(config, &pending, status, body.as_deref(), sent_ms);
+            absorb(config, &pending, status, body.as_deref());
         }
     }
 }
@@ -299,9 +296,9 @@ impl RootContext for FilterRoot {
         let Ok(config) = config.as_ref() else { return };
         let now = now_ms();
         expire_waiting_reads(config, now);
-        if let Some((_, _, sent)) = &self.in_flight {
+        if let Some((_, pending)) = &self.in_flight {
             // The host always answers within the timeout; this only guards against a lost callback.
-            if now.saturating_sub(*sent) <= 2 * u64::from(config.ledger.timeout_ms) {
+            if now.saturating_sub(pending.sent_ms) <= 2 * u64::from(config.ledger.timeout_ms) {
                 return;
             }
             self.in_flight = None;
@@ -314,7 +311,7 @@ impl RootContext for FilterRoot {
             Ok(token) => {
                 Metrics::add(metrics.sync_batches, 1);
                 Metrics::add(metrics.records_queued, calls);
-                self.in_flight = Some((token, pending, now));
+                self.in_flight = Some((token, pending));
             }
             Err(status) => {
                 Metrics::add(metrics.sync_failures, 1);
@@ -413,7 +410,12 @@ fn act(config: &FilterConfig, context_id: u32, subject: &str, verdict: Verdict, 
 
 /// Decides a call that waited for a read, and resumes it or answers it.
 fn finish_waiting_call(config: &FilterConfig, context_id: u32, subject: &str, now: u64) {
-    let (verdict, effects) = decide(&HostShared, config, subject, config.price, now, ledger_reachable(now));
+    // This call has had its answer (or its chance): decide on what is known now.
+    let asked = match access(now) {
+        LedgerAccess::Reachable => LedgerAccess::Asked,
+        unreachable => unreachable,
+    };
+    let (verdict, effects) = decide(&HostShared, config, subject, config.price, now, asked);
     if effects.offline {
         Metrics::add(with_worker(|w| w.metrics.offline_allowed), u64::from(matches!(verdict, Verdict::Allow { .. })));
     }
@@ -434,7 +436,7 @@ impl Context for FilterCall {
             return;
         };
         let (status, body) = call_answer(body_size);
-        absorb(config, &read.pending, status, body.as_deref(), read.sent_ms);
+        absorb(config, &read.pending, status, body.as_deref());
         let now = now_ms();
         for waiter in read.waiters.iter().copied().filter(|w| *w != self.id) {
             if hostcalls::set_effective_context(waiter).is_ok() {
@@ -469,7 +471,7 @@ impl HttpContext for FilterCall {
             return Action::Pause;
         }
         let now = now_ms();
-        let (verdict, effects) = decide(&HostShared, config, subject, config.price, now, ledger_reachable(now));
+        let (verdict, effects) = decide(&HostShared, config, subject, config.price, now, access(now));
         Metrics::add(if effects.cache_hit { metrics.cache_hits } else { metrics.cache_misses }, 1);
         if effects.usage_dropped {
             Metrics::add(metrics.records_dropped, 1);
@@ -493,7 +495,7 @@ impl HttpContext for FilterCall {
             return Action::Pause;
         }
         let node = with_worker(|w| w.node.clone());
-        let pending = sync::balance_read(config, &node, subject);
+        let pending = sync::balance_read(&HostShared, config, &node, subject, now);
         match dispatch(config, &pending) {
             Ok(_token) => {
                 let deadline_ms = now + u64::from(config.ledger.timeout_ms) + 100;
@@ -501,10 +503,7 @@ impl HttpContext for FilterCall {
                     // Calls left waiting by an owner that went away wait for this read instead.
                     let mut waiters = w.reads.remove(subject).map(|r| r.waiters).unwrap_or_default();
                     waiters.push(self.id);
-                    w.reads.insert(
-                        subject.to_owned(),
-                        Read { pending, owner: Some(self.id), waiters, deadline_ms, sent_ms: now },
-                    )
+                    w.reads.insert(subject.to_owned(), Read { pending, owner: Some(self.id), waiters, deadline_ms })
                 });
                 Action::Pause
             }
@@ -516,7 +515,7 @@ impl HttpContext for FilterCall {
                 );
                 Metrics::add(metrics.sync_failures, 1);
                 mark_ledger_down(config, now);
-                let (verdict, _) = decide(&HostShared, config, subject, config.price, now, false);
+                let (verdict, _) = decide(&HostShared, config, subject, config.price, now, LedgerAccess::Unreachable);
                 act(config, self.id, subject, verdict, now)
             }
         }

@@ -4,9 +4,12 @@
 
 use std::collections::BTreeMap;
 
-use credits::sync::{SubjectOutcome, SubjectSync, SyncRequest, SyncResponse, UsageOutcome, MAX_SUBJECTS_PER_SYNC};
+use credits::sync::{
+    LeaseRequest, SubjectOutcome, SubjectSync, SyncRequest, SyncResponse, UsageOutcome, MAX_SUBJECTS_PER_SYNC,
+};
+use credits::Amount;
 
-use crate::config::FilterConfig;
+use crate::config::{FilterConfig, Strategy};
 use crate::customer::{CustomerEntry, Standing};
 use crate::decision::entry_key;
 use crate::shared::{self, SharedData};
@@ -36,10 +39,11 @@ impl Tracker {
     }
 }
 
-/// A sync on its way: what was asked, so the answer can be matched to it.
+/// A sync on its way: what was asked and when, so the answer can be matched to it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PendingSync {
     pub request: SyncRequest,
+    pub sent_ms: u64,
 }
 
 impl PendingSync {
@@ -67,12 +71,83 @@ fn subject_sync(config: &FilterConfig, subject: &str) -> SubjectSync {
         currency: config.currency,
         feature_key: config.feature_key.clone(),
         usage: None,
+        lease: None,
     }
 }
 
-/// A balance read for one customer (a cold miss).
-pub fn balance_read(config: &FilterConfig, node: &str, subject: &str) -> PendingSync {
-    PendingSync { request: SyncRequest { node: node.to_owned(), subjects: vec![subject_sync(config, subject)] } }
+/// The node's lease for a customer keeps one id for the node's life; the ledger re-opens it
+/// after it was released.
+pub fn lease_id(node: &str, config: &FilterConfig, subject: &str) -> String {
+    format!("{node}/{}", entry_key(config, subject))
+}
+
+/// The credit a lease should hold: enough for `lease.horizon_ms` at the observed rate, within
+/// the configured bounds (in calls).
+pub fn lease_target(config: &FilterConfig, calls_per_min: u64) -> Amount {
+    let l = &config.lease;
+    let calls = (calls_per_min.saturating_mul(l.horizon_ms) / 60_000).clamp(l.min_calls, l.max_calls);
+    config.price.times(calls).unwrap_or(config.price)
+}
+
+/// What to ask about the lease now: a top-up below the low-water mark (or for a waiting call),
+/// a release once idle with nothing left to report, otherwise a renewal of an open lease.
+fn lease_request(
+    e: &mut CustomerEntry,
+    config: &FilterConfig,
+    node: &str,
+    subject: &str,
+    now_ms: u64,
+    for_call: bool,
+) -> Option<LeaseRequest> {
+    let l = &config.lease;
+    let id = lease_id(node, config, subject);
+    let idle = now_ms.saturating_sub(e.last_used_ms) > l.idle_release_ms;
+    if idle && !for_call {
+        if e.lease.open && e.unsent_calls() == 0 && e.flight.is_none() {
+            return Some(LeaseRequest {
+                lease_id: id,
+                seq: e.lease.seq,
+                want: Amount::ZERO,
+                ttl_ms: l.ttl_ms,
+                release: true,
+            });
+        }
+        if !e.lease.open {
+            return None;
+        }
+    }
+    let target = lease_target(config, e.rate.calls_per_min);
+    let remaining = if e.lease.open && now_ms < e.lease.spend_until_ms { e.lease.remaining } else { Amount::ZERO };
+    let low = target.percent(l.low_water_percent).unwrap_or(target);
+    let want = if for_call || remaining < low { (target - remaining).max(config.price) } else { Amount::ZERO };
+    if want.is_positive() {
+        e.lease.seq += 1;
+    } else if !e.lease.open {
+        return None;
+    }
+    Some(LeaseRequest { lease_id: id, seq: e.lease.seq, want, ttl_ms: l.ttl_ms, release: false })
+}
+
+/// A read for one customer whose call cannot be decided from what the node holds: its balance,
+/// and under `lease` a top-up sized for the customer.
+pub fn balance_read(
+    store: &dyn SharedData,
+    config: &FilterConfig,
+    node: &str,
+    subject: &str,
+    now_ms: u64,
+) -> PendingSync {
+    let mut asked = subject_sync(config, subject);
+    if config.sync.strategy == Strategy::Lease {
+        let key = entry_key(config, subject);
+        let lease = shared::update::<CustomerEntry, Option<LeaseRequest>>(store, &key, |entry| {
+            let mut e = entry.unwrap_or_else(|| CustomerEntry::new(&key, subject, now_ms));
+            let request = lease_request(&mut e, config, node, subject, now_ms, true);
+            (Some(e), request)
+        });
+        asked.lease = lease.ok().flatten();
+    }
+    PendingSync { request: SyncRequest { node: node.to_owned(), subjects: vec![asked] }, sent_ms: now_ms }
 }
 
 /// Builds this tick's sync: takes the usage ranges to send out of the shared entries. Customers
@@ -94,18 +169,22 @@ pub fn prepare(
             break; // the rest goes out on the next tick
         }
         let key = entry_key(config, subject);
+        let leased = config.sync.strategy == Strategy::Lease;
+        let lease_id = leased.then(|| lease_id(node, config, subject));
         let taken = shared::update::<CustomerEntry, Option<SubjectSync>>(store, &key, |entry| match entry {
             None => (None, None),
             Some(mut e) => {
-                let outgoing = e.take_outgoing(worker, now_ms, stale, config.settlement_mode);
+                e.measure_rate(now_ms, u64::from(config.sync.interval_ms));
+                let outgoing = e.take_outgoing(worker, now_ms, stale, config.settlement_mode, lease_id.as_deref());
+                let lease = if leased { lease_request(&mut e, config, node, subject, now_ms, false) } else { None };
                 let idle_here = now_ms.saturating_sub(*last_used) > idle && e.unsent_calls() == 0 && e.flight.is_none();
-                if idle_here && outgoing.range.is_none() {
+                if idle_here && outgoing.range.is_none() && lease.is_none() {
                     return (None, None);
                 }
                 let mut s = subject_sync(config, subject);
                 s.usage = outgoing.range;
-                let changed = s.usage.is_some();
-                (changed.then_some(e), Some(s))
+                s.lease = lease;
+                (Some(e), Some(s))
             }
         });
         match taken {
@@ -117,7 +196,8 @@ pub fn prepare(
     for s in forget {
         tracker.subjects.remove(&s);
     }
-    (!subjects.is_empty()).then(|| PendingSync { request: SyncRequest { node: node.to_owned(), subjects } })
+    (!subjects.is_empty())
+        .then(|| PendingSync { request: SyncRequest { node: node.to_owned(), subjects }, sent_ms: now_ms })
 }
 
 /// Why an answer could not be used.
@@ -168,11 +248,14 @@ pub fn apply(
             let mut e = entry.unwrap_or_else(|| CustomerEntry::new(&key, &asked.subject, now_ms));
             let mut a = Applied::default();
             match &answer.outcome {
-                SubjectOutcome::Ok { customer_id, usage, live, revision } => {
+                SubjectOutcome::Ok { customer_id, usage, live, revision, lease } => {
                     if let (Some(range), Some(UsageOutcome::Booked | UsageOutcome::Duplicate)) = (&asked.usage, usage) {
                         let was_in_flight = e.flight.as_ref().is_some_and(|f| f.from == range.from && f.to == range.to);
                         e.confirm(range);
                         a.calls_confirmed += if was_in_flight { range.calls() } else { 0 };
+                    }
+                    if let Some(lease) = lease {
+                        e.apply_lease(lease, *revision, pending.sent_ms, config.lease.ttl_ms);
                     }
                     e.refresh(customer_id, *live, *revision, now_ms);
                 }
@@ -206,13 +289,13 @@ pub fn is_known(store: &dyn SharedData, config: &FilterConfig, subject: &str) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decision::{decide, Verdict};
+    use crate::decision::{decide, LedgerAccess, Verdict};
     use crate::shared::fake::{FakeShared, Rules};
     use credits::sync::{SubjectAnswer, UsageRange};
     use credits::Amount;
 
     fn config() -> FilterConfig {
-        let json = r#"{"ledger": {"upstream": "ledger", "token": "t"}, "price": "0.10", "currency": "USD"}"#;
+        let json = r#"{"ledger": {"upstream": "ledger", "token": "t"}, "price": "0.10", "currency": "USD", "sync": {"strategy": "cached"}}"#;
         FilterConfig::parse(json.as_bytes()).unwrap()
     }
 
@@ -223,7 +306,7 @@ mod tests {
     fn ok(subject: &str, usage: Option<UsageOutcome>, live: &str, revision: i64) -> SubjectAnswer {
         SubjectAnswer {
             subject: subject.into(),
-            outcome: SubjectOutcome::Ok { customer_id: "c".into(), usage, live: amt(live), revision },
+            outcome: SubjectOutcome::Ok { customer_id: "c".into(), usage, live: amt(live), revision, lease: None },
         }
     }
 
@@ -267,12 +350,15 @@ mod tests {
         let mut ledger = MiniLedger { balance: amt("1.00"), booked: Default::default(), revision: 1 };
         let mut tracker = Tracker::default();
         // Cold miss: read, apply.
-        let read = balance_read(&c, "node", "alice");
+        let read = balance_read(&store, &c, "node", "alice", 10);
         let resp = ledger.answer(&read.request);
         apply(&store, &c, &read, &resp, 10);
         tracker.touch("alice", 10);
         for i in 0..4 {
-            assert!(matches!(decide(&store, &c, "alice", amt("0.10"), 11 + i, true).0, Verdict::Allow { .. }));
+            assert!(matches!(
+                decide(&store, &c, "alice", amt("0.10"), 11 + i, LedgerAccess::Reachable).0,
+                Verdict::Allow { .. }
+            ));
         }
         // Tick: the range goes out; the answer is lost; the retry is a duplicate.
         let first = prepare(&store, &mut tracker, &c, "node", 1, 100).unwrap();
@@ -290,7 +376,7 @@ mod tests {
     #[test]
     fn malformed_or_failed_answers_are_errors_not_panics() {
         let c = config();
-        let pending = balance_read(&c, "n", "alice");
+        let pending = balance_read(&FakeShared::new(Rules::Envoy), &c, "n", "alice", 1);
         assert!(matches!(parse_answer(&pending, None, None), Err(AnswerError::Unavailable(_))));
         assert!(matches!(parse_answer(&pending, Some(503), None), Err(AnswerError::Unavailable(_))));
         assert!(matches!(parse_answer(&pending, Some(200), Some(b"{not json")), Err(AnswerError::Malformed(_))));
@@ -305,7 +391,7 @@ mod tests {
     fn idle_customers_without_usage_are_forgotten() {
         let store = FakeShared::new(Rules::Envoy);
         let c = config();
-        let read = balance_read(&c, "node", "alice");
+        let read = balance_read(&store, &c, "node", "alice", 10);
         apply(&store, &c, &read, &answer(vec![ok("alice", None, "1", 1)]), 1);
         let mut tracker = Tracker::default();
         tracker.touch("alice", 1);
@@ -317,8 +403,8 @@ mod tests {
     #[test]
     fn usage_of_an_unknown_subject_is_dropped_and_counted() {
         let store = FakeShared::new(Rules::Envoy);
-        let allow = FilterConfig::parse(br#"{"ledger": {"upstream": "l", "token": "t"}, "price": "0.10", "currency": "USD", "failure_mode": "allow"}"#).unwrap();
-        decide(&store, &allow, "ghost", amt("0.10"), 1, false);
+        let allow = FilterConfig::parse(br#"{"ledger": {"upstream": "l", "token": "t"}, "price": "0.10", "currency": "USD", "failure_mode": "allow", "sync": {"strategy": "cached"}}"#).unwrap();
+        decide(&store, &allow, "ghost", amt("0.10"), 1, LedgerAccess::Unreachable);
         let mut tracker = Tracker::default();
         tracker.touch("ghost", 1);
         let pending = prepare(&store, &mut tracker, &allow, "node", 1, 2).unwrap();

@@ -534,8 +534,11 @@ impl Book {
         expires_at: DateTime<Utc>,
         now: DateTime<Utc>,
     ) -> Result<(Amount, Vec<Entry>), ModelError> {
-        if self.hold(&id).is_some() {
-            return Err(ModelError::DuplicateHold(id.0));
+        // A released hold's id may be used again (a gateway re-opens its lease under one id).
+        match self.hold(&id) {
+            Some(h) if !h.released => return Err(ModelError::DuplicateHold(id.0)),
+            Some(_) => self.holds.retain(|h| h.id != id),
+            None => {}
         }
         let entries = self.advance(now);
         let granted = requested.max(Amount::ZERO).min(self.available(currency, feature.as_ref(), now));
@@ -571,6 +574,18 @@ impl Book {
         let from_hold = if self.holds[index].is_open_at(now) { held.min(spend.amount) } else { Amount::ZERO };
         self.holds[index].amount = held - from_hold;
         Ok(self.spend(spend, now, None))
+    }
+
+    /// Closes holds whose TTL has passed by `now`; returns each with what it still held (credit
+    /// that was set aside and never reported).
+    pub fn expire_holds(&mut self, now: DateTime<Utc>) -> Vec<(HoldId, Amount)> {
+        let mut expired = Vec::new();
+        for hold in self.holds.iter_mut().filter(|h| !h.released && h.expires_at <= now) {
+            expired.push((hold.id.clone(), hold.amount));
+            hold.released = true;
+            hold.amount = Amount::ZERO;
+        }
+        expired
     }
 
     /// Returns what a hold still sets aside to the live balance.

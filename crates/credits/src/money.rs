@@ -61,6 +61,16 @@ impl Amount {
         self.0.checked_mul(other).map(Amount)
     }
 
+    /// `self × n`, e.g. the price of `n` calls; `None` on overflow.
+    pub fn times(self, n: u64) -> Option<Self> {
+        self.0.checked_mul(Decimal::from(n)).map(Amount)
+    }
+
+    /// `percent` % of `self`; `None` on overflow.
+    pub fn percent(self, percent: u64) -> Option<Self> {
+        self.0.checked_mul(Decimal::from(percent)).and_then(|v| v.checked_div(Decimal::ONE_HUNDRED)).map(Amount)
+    }
+
     pub fn checked_add(self, other: Self) -> Option<Self> {
         self.0.checked_add(other.0).map(Amount)
     }

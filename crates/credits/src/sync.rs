@@ -6,6 +6,10 @@
 //! are reported together as one range with their total. A range is frozen once sent and is
 //! re-sent unchanged until the ledger confirms it, so each call is booked exactly once however
 //! often a range is retried.
+//!
+//! Leases (exact enforcement across nodes) are holds carved atomically out of the customer's live
+//! balance. A node names its lease and numbers its requests for it, so a retried top-up is applied
+//! once; usage ranges name the lease they were spent from, and the ledger captures them against it.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -37,6 +41,26 @@ pub struct SubjectSync {
     /// Usage to book, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<UsageRange>,
+    /// Open, top up, renew or release the node's lease for this subject.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<LeaseRequest>,
+}
+
+/// A request about a node's lease. Every request renews the lease's TTL.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseRequest {
+    /// Chosen by the node, unique per node and subject (a new lease gets a new id).
+    pub lease_id: String,
+    /// Increases with every top-up the node asks for; a request with a number already applied
+    /// adds nothing (a retry).
+    pub seq: u64,
+    /// Credit to add to the lease, up to what is live (may be 0: renew only).
+    pub want: Amount,
+    pub ttl_ms: u64,
+    /// Return what is left to the live balance and close the lease.
+    #[serde(default)]
+    pub release: bool,
 }
 
 /// Calls `from..to` (half-open) of a subject on a node, priced at `amount` in total.
@@ -47,6 +71,9 @@ pub struct UsageRange {
     pub to: u64,
     pub amount: Amount,
     pub settlement_mode: SettlementMode,
+    /// The lease the calls were spent from (captured against it); none under `cached`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_id: Option<String>,
 }
 
 impl UsageRange {
@@ -88,11 +115,27 @@ pub enum SubjectOutcome {
         live: Amount,
         /// Increases with every change of the customer's book; older answers are stale.
         revision: i64,
+        /// The lease after the request, if one was asked about.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lease: Option<LeaseAnswer>,
     },
     /// No customer has this subject key: nothing was booked.
     UnknownSubject,
     /// The request about this subject was invalid (e.g. a range beyond the bounds).
     Rejected { reason: String },
+}
+
+/// A lease as the ledger holds it after a request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseAnswer {
+    pub lease_id: String,
+    /// Credit the lease still holds: granted minus captured usage.
+    pub held: Amount,
+    /// Added by this request (less than asked when less was live; zero for a retry).
+    pub granted: Amount,
+    pub expires_at: DateTime<Utc>,
+    /// The lease is closed (released or expired): the node must open a new one.
+    pub closed: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,6 +159,7 @@ mod tests {
                 usage: Some(UsageOutcome::Booked),
                 live: Amount::parse("0.90").unwrap(),
                 revision: 7,
+                lease: None,
             },
         };
         let text = serde_json::to_string(&answer).unwrap();
@@ -135,6 +179,7 @@ mod tests {
             to: 15,
             amount: Amount::parse("0.50").unwrap(),
             settlement_mode: SettlementMode::CreditOnly,
+            lease_id: None,
         };
         assert_eq!(r.key("n1", "alice"), "n1/alice/10-15");
         assert_eq!(r.calls(), 5);

@@ -52,17 +52,27 @@ impl CustomerTx {
         Ok(ids)
     }
 
+    /// Closes leases whose TTL has passed (they stopped counting against the live balance at
+    /// that instant already); counts those that still held credit nobody reported.
+    pub fn close_expired_leases(&mut self, metrics: &Metrics) {
+        let now = self.now;
+        let unreported = self.book().expire_holds(now).iter().filter(|(_, held)| held.is_positive()).count();
+        metrics.add("leases_expired_unreported", unreported as u64);
+    }
+
     pub async fn commit(self) -> ApiResult<()> {
         self.w.commit().await?;
         Ok(())
     }
 }
 
-/// Books whatever fell due for a customer (expiries, grants becoming effective) if anything did.
+/// Books whatever fell due for a customer (expiries, grants becoming effective) and closes leases
+/// whose TTL passed. Returns the journal entries booked.
 pub async fn settle_due(db: &Db, customer_id: &str, metrics: &Metrics) -> ApiResult<usize> {
     let mut ctx = CustomerTx::begin(db, customer_id).await?;
     let now = ctx.now;
     let entries = ctx.book().advance(now);
+    ctx.close_expired_leases(metrics);
     let labels = Default::default();
     ctx.save(&entries, &Operation::system("time", &labels), metrics).await?;
     ctx.commit().await?;

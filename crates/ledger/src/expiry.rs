@@ -1,12 +1,13 @@
-//! The background job that books expiries and fundings as they fall due. Queries see them at
-//! once anyway; the job makes the journal catch up. Each customer is booked under its lock, so
-//! several ledger instances running the job book every expiry exactly once.
+//! The background job that books expiries and fundings as they fall due and closes leases whose
+//! TTL passed. Queries see all of these at once anyway; the job makes the store catch up. Each
+//! customer is handled under its lock, so several ledger instances running the job book every
+//! expiry (and close every lease) exactly once.
 
 use std::time::Duration;
 
 use crate::api::AppState;
 use crate::customer_tx::settle_due;
-use crate::store::grants;
+use crate::store::{grants, leases};
 
 /// How many customers one pass books at most before the next pass.
 const BATCH: i64 = 200;
@@ -26,7 +27,10 @@ pub async fn run(state: AppState, interval: Duration) {
 pub async fn pass(state: &AppState) -> anyhow::Result<usize> {
     let mut conn = state.db.pool().acquire().await?;
     let now = state.db.now(&mut conn).await?;
-    let due = grants::customers_with_due_events(&mut conn, now, BATCH).await?;
+    let mut due = grants::customers_with_due_events(&mut conn, now, BATCH).await?;
+    due.extend(leases::customers_with_expired(&mut conn, now, BATCH).await?);
+    due.sort();
+    due.dedup();
     drop(conn);
     let mut booked = 0;
     for customer_id in due {

@@ -4,16 +4,17 @@
 
 use axum::extract::State;
 use credits::sync::{
-    SubjectAnswer, SubjectOutcome, SubjectSync, SyncRequest, SyncResponse, UsageOutcome, MAX_CALLS_PER_RANGE,
-    MAX_SUBJECTS_PER_SYNC,
+    LeaseAnswer, LeaseRequest, SubjectAnswer, SubjectOutcome, SubjectSync, SyncRequest, SyncResponse, UsageOutcome,
+    MAX_CALLS_PER_RANGE, MAX_SUBJECTS_PER_SYNC,
 };
-use credits::{FeatureScope, Spend};
+use credits::{Amount, FeatureScope, HoldId, Spend};
 
 use super::problem::{ApiResult, Problem};
 use super::request::Json;
 use super::AppState;
 use crate::customer_tx::CustomerTx;
 use crate::store::books::Operation;
+use crate::store::leases;
 use crate::store::usage::{self, UsageRecord};
 use crate::store::{customers, Labels};
 
@@ -35,6 +36,22 @@ fn invalid(s: &SubjectSync) -> Option<String> {
     None
 }
 
+fn invalid_lease(l: &LeaseRequest) -> Option<String> {
+    if l.lease_id.is_empty() || l.lease_id.len() > 512 {
+        return Some("lease_id must have 1..512 characters".into());
+    }
+    if l.want.is_negative() {
+        return Some("a lease cannot want a negative amount".into());
+    }
+    if !(1..=3_600_000).contains(&l.ttl_ms) {
+        return Some("lease ttl_ms must be between 1 and 3600000".into());
+    }
+    if l.seq > i64::MAX as u64 {
+        return Some("lease seq is too large".into());
+    }
+    None
+}
+
 #[utoipa::path(post, path = "/v3/gateway/sync", request_body(content = serde_json::Value, description = "credits::sync::SyncRequest"),
     responses((status = 200, description = "credits::sync::SyncResponse: one answer per subject, in order"), (status = 400), (status = 401)))]
 pub async fn sync(State(state): State<AppState>, Json(req): Json<SyncRequest>) -> ApiResult<axum::Json<SyncResponse>> {
@@ -46,7 +63,7 @@ pub async fn sync(State(state): State<AppState>, Json(req): Json<SyncRequest>) -
     }
     let mut answers = Vec::with_capacity(req.subjects.len());
     for s in &req.subjects {
-        let outcome = match invalid(s) {
+        let outcome = match invalid(s).or_else(|| s.lease.as_ref().and_then(invalid_lease)) {
             Some(reason) => SubjectOutcome::Rejected { reason },
             None => sync_subject(&state, &req.node, s).await?,
         };
@@ -73,6 +90,7 @@ async fn sync_subject(state: &AppState, node: &str, s: &SubjectSync) -> ApiResul
         Err(p) => return Err(p),
     };
     let now = ctx.now;
+    ctx.close_expired_leases(&state.metrics);
     let mut usage_outcome = None;
     if let Some(range) = &s.usage {
         let key = range.key(node, &s.subject);
@@ -93,7 +111,20 @@ async fn sync_subject(state: &AppState, node: &str, s: &SubjectSync) -> ApiResul
                     feature: s.feature_key.clone(),
                     mode: range.settlement_mode,
                 };
-                let outcome = ctx.book().book_usage(&spend, now);
+                // Usage spent from a lease is captured against it; usage beyond it (or after it
+                // closed) is booked all the same.
+                let lease = range
+                    .lease_id
+                    .as_ref()
+                    .map(|id| HoldId(id.clone()))
+                    .filter(|id| ctx.loaded.book.hold(id).is_some());
+                let outcome = match lease {
+                    Some(id) => ctx
+                        .book()
+                        .capture(&id, &spend, now)
+                        .map_err(|e| Problem::bad_request("lease_id", e.to_string()))?,
+                    None => ctx.book().book_usage(&spend, now),
+                };
                 let labels = Labels::from([
                     ("node".to_owned(), label_safe(node)),
                     ("calls".to_owned(), range.calls().to_string()),
@@ -112,6 +143,16 @@ async fn sync_subject(state: &AppState, node: &str, s: &SubjectSync) -> ApiResul
             usage_outcome = Some(UsageOutcome::Duplicate);
         }
     }
+    let lease = match &s.lease {
+        Some(request) => match lease(state, &mut ctx, &customer_id, s, request).await? {
+            Ok(answer) => Some(answer),
+            Err(reason) => return Ok(SubjectOutcome::Rejected { reason }),
+        },
+        None => None,
+    };
+    // Writes the holds the lease request changed (no journal entries: holds are not movements).
+    let labels = Labels::new();
+    ctx.save(&[], &Operation::system("lease", &labels), &state.metrics).await?;
     let scope = s.feature_key.clone().map(FeatureScope::Eq);
     let live = ctx
         .book()
@@ -122,7 +163,74 @@ async fn sync_subject(state: &AppState, node: &str, s: &SubjectSync) -> ApiResul
         .unwrap_or_default();
     let revision = ctx.revision;
     ctx.commit().await?;
-    Ok(SubjectOutcome::Ok { customer_id, usage: usage_outcome, live, revision })
+    Ok(SubjectOutcome::Ok { customer_id, usage: usage_outcome, live, revision, lease })
+}
+
+/// Opens, tops up, renews or releases a node's lease, atomically within the customer's lock: a
+/// top-up is carved out of what is live, so all leases together never hold more than that.
+async fn lease(
+    state: &AppState,
+    ctx: &mut CustomerTx,
+    customer_id: &str,
+    s: &SubjectSync,
+    request: &LeaseRequest,
+) -> ApiResult<Result<LeaseAnswer, String>> {
+    let now = ctx.now;
+    let id = HoldId(request.lease_id.clone());
+    let ttl = chrono::TimeDelta::milliseconds(i64::try_from(request.ttl_ms).unwrap_or(i64::MAX));
+    let expires_at = now + ttl;
+    let seq = i64::try_from(request.seq).unwrap_or(i64::MAX);
+    let known = leases::find(&mut ctx.w.tx, &request.lease_id).await?;
+    let closed = |held: Amount| LeaseAnswer {
+        lease_id: request.lease_id.clone(),
+        held,
+        granted: Amount::ZERO,
+        expires_at: now,
+        closed: true,
+    };
+    let open = known.as_ref().is_some_and(|k| !k.closed) && ctx.loaded.book.hold(&id).is_some_and(|h| !h.released);
+    match known {
+        Some(k) if k.customer_id != customer_id => Ok(Err("lease_id belongs to another customer".into())),
+        Some(k) if open => {
+            if request.release {
+                ctx.book().release_hold(&id).map_err(|e| Problem::bad_request("lease_id", e.to_string()))?;
+                state.metrics.add("leases_released", 1);
+                return Ok(Ok(closed(Amount::ZERO)));
+            }
+            let want = if seq > k.last_seq { request.want } else { Amount::ZERO };
+            // Also a renewal: the expiry moves forward (extend_hold never shortens it).
+            let (granted, _) = ctx
+                .book()
+                .extend_hold(&id, want, expires_at, now)
+                .map_err(|e| Problem::bad_request("lease_id", e.to_string()))?;
+            if seq > k.last_seq {
+                leases::set_last_seq(&mut ctx.w.tx, &request.lease_id, seq).await?;
+            }
+            let hold = ctx.loaded.book.hold(&id);
+            let (held, expires_at) = hold.map_or((Amount::ZERO, expires_at), |h| (h.amount, h.expires_at));
+            Ok(Ok(LeaseAnswer { lease_id: request.lease_id.clone(), held, granted, expires_at, closed: false }))
+        }
+        _ if request.release => Ok(Ok(closed(Amount::ZERO))),
+        // New, or closed before (released or expired): open it, carved out of what is live.
+        known => {
+            let last_seq = known.map_or(-1, |k| k.last_seq);
+            let want = if seq > last_seq { request.want } else { Amount::ZERO };
+            let (granted, _) = ctx
+                .book()
+                .place_hold(id.clone(), s.currency, s.feature_key.clone(), want, expires_at, now)
+                .map_err(|e| Problem::bad_request("lease_id", e.to_string()))?;
+            ctx.save(&[], &Operation::system("lease", &Labels::new()), &state.metrics).await?;
+            leases::set_last_seq(&mut ctx.w.tx, &request.lease_id, seq.max(last_seq)).await?;
+            state.metrics.add("leases_opened", 1);
+            Ok(Ok(LeaseAnswer {
+                lease_id: request.lease_id.clone(),
+                held: granted,
+                granted,
+                expires_at,
+                closed: false,
+            }))
+        }
+    }
 }
 
 /// Labels admit `[A-Za-z0-9._-]`; anything else in a node name becomes `_`.

@@ -47,9 +47,11 @@ impl Auth {
     fn admits(&self, authorization: Option<&str>) -> bool {
         match self {
             Auth::Open => true,
+            // The scheme is case-insensitive (RFC 7235 §2.1); the token is not.
             Auth::Token(token) => authorization
-                .and_then(|h| h.strip_prefix("Bearer "))
-                .is_some_and(|given| bool::from(given.as_bytes().ct_eq(token.as_bytes()))),
+                .and_then(|h| h.split_once(' '))
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                .is_some_and(|(_, given)| bool::from(given.as_bytes().ct_eq(token.as_bytes()))),
         }
     }
 }
@@ -93,6 +95,10 @@ async fn not_found() -> Problem {
     Problem::new(StatusCode::NOT_FOUND, "no such endpoint")
 }
 
+async fn method_not_allowed() -> Problem {
+    Problem::new(StatusCode::METHOD_NOT_ALLOWED, "this endpoint does not support this method")
+}
+
 pub fn router(state: AppState) -> Router {
     let customer = "/v3/openmeter/customers/{customerId}";
     let api = Router::new()
@@ -118,6 +124,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/v3/openapi.json", get(openapi::document))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(DefaultBodyLimit::max(request::MAX_BODY_BYTES))
         .with_state(state)

@@ -174,6 +174,13 @@ CREATE TABLE usage_records (
 CREATE INDEX usage_records_customer ON usage_records (customer_id, booked_at);
 "#,
     ),
+    (
+        3,
+        r#"
+ALTER TABLE holds ADD COLUMN last_seq BIGINT NOT NULL DEFAULT 0;
+CREATE INDEX holds_due_expiry ON holds (expires_at) WHERE released_at IS NULL;
+"#,
+    ),
 ];
 
 /// The migrations not yet applied to a database at `applied`, rendered for `backend`.

@@ -123,7 +123,8 @@ async fn save_hold(tx: &mut Tx, customer_id: &str, hold: &Hold, now: DateTime<Ut
     sqlx::query(
         "INSERT INTO holds (id, customer_id, currency, feature, amount, created_at, expires_at, released_at) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-         ON CONFLICT (id) DO UPDATE SET amount = excluded.amount, expires_at = excluded.expires_at, released_at = excluded.released_at",
+         ON CONFLICT (id) DO UPDATE SET amount = excluded.amount, created_at = excluded.created_at, \
+         expires_at = excluded.expires_at, released_at = excluded.released_at",
     )
     .bind(&hold.id.0)
     .bind(customer_id)

@@ -6,6 +6,7 @@ pub mod customers;
 pub mod events;
 pub mod grants;
 pub mod idempotency;
+pub mod leases;
 pub mod movements;
 pub mod usage;
 

@@ -124,14 +124,30 @@ impl Ledger {
     }
 
     pub async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut req = self.http.request(method, self.url(path)).bearer_auth(TOKEN);
+        let mut call = self.call(method, path);
         if let Some(b) = body {
-            req = req.json(&b);
+            call = call.json(&b);
         }
-        let resp = req.send().await.expect("request");
-        let status = resp.status().as_u16();
-        let text = resp.text().await.unwrap_or_default();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        let reply = call.send().await;
+        (reply.status, reply.body)
+    }
+
+    /// A request with the valid bearer token, to be completed and sent.
+    pub fn call(&self, method: reqwest::Method, path: &str) -> Call {
+        Call(self.http.request(method, self.url(path)).bearer_auth(TOKEN))
+    }
+
+    /// A request without any Authorization header.
+    pub fn call_without_token(&self, method: reqwest::Method, path: &str) -> Call {
+        Call(self.http.request(method, self.url(path)))
+    }
+
+    pub async fn put(&self, path: &str, body: Value) -> (u16, Value) {
+        self.send(reqwest::Method::PUT, path, Some(body)).await
+    }
+
+    pub async fn delete(&self, path: &str) -> (u16, Value) {
+        self.send(reqwest::Method::DELETE, path, None).await
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
@@ -183,6 +199,245 @@ impl Ledger {
     pub async fn check(&self) -> Vec<String> {
         ledger::check::run(&self.state.db).await.expect("check runs")
     }
+
+    /// The journal invariant checker finds nothing wrong.
+    pub async fn assert_journal_sound(&self) {
+        let problems = self.check().await;
+        assert!(problems.is_empty(), "journal check: {problems:?}");
+    }
+
+    /// A charge with any body; `(status, body)`.
+    pub async fn charge_with(&self, customer: &str, body: Value) -> (u16, Value) {
+        self.post(&format!("{}/credits/charges", customer_path(customer)), body).await
+    }
+
+    /// An adjustment; asserts 201.
+    pub async fn adjust(&self, customer: &str, body: Value) -> Value {
+        let (status, body) = self.post(&format!("{}/credits/adjustments", customer_path(customer)), body).await;
+        assert_eq!(status, 201, "{body}");
+        body
+    }
+
+    /// All balances (one per currency) for a query such as `?filter[currency][eq]=USD`.
+    pub async fn balances(&self, customer: &str, query: &str) -> Value {
+        let (status, body) = self.get(&format!("{}/credits/balance{query}", customer_path(customer))).await;
+        assert_eq!(status, 200, "{body}");
+        body["balances"].clone()
+    }
+
+    /// The settled balance of the only currency at `at` (RFC 3339), or "none" if there is none.
+    pub async fn settled_at(&self, customer: &str, at: &str) -> String {
+        self.balance(customer, &format!("?timestamp={}", enc(at))).await.0
+    }
+
+    /// One page of the transaction history; asserts 200.
+    pub async fn transactions(&self, customer: &str, query: &str) -> Value {
+        let (status, body) = self.get(&format!("{}/credits/transactions{query}", customer_path(customer))).await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    /// The whole transaction history, newest first, following `next` links.
+    pub async fn all_transactions(&self, customer: &str) -> Vec<Value> {
+        let mut items = Vec::new();
+        let mut body = self.transactions(customer, "?page[size]=50").await;
+        loop {
+            items.extend(body["data"].as_array().expect("data").iter().cloned());
+            match body["meta"]["page"]["next"].as_str() {
+                Some(next) => {
+                    let (status, next_body) = self.get(next).await;
+                    assert_eq!(status, 200, "{next_body}");
+                    body = next_body;
+                }
+                None => return items,
+            }
+        }
+    }
+
+    /// Rows per table: anything booked, stored or recorded shows up here.
+    pub async fn row_counts(&self) -> Value {
+        let mut counts = serde_json::Map::new();
+        for table in [
+            "customers",
+            "customer_subjects",
+            "grants",
+            "movements",
+            "postings",
+            "overages",
+            "debts",
+            "debt_covers",
+            "holds",
+            "idempotency_records",
+            "events",
+        ] {
+            let n: i64 = sqlx::Row::try_get(
+                &sqlx::query(&format!("SELECT COUNT(*) FROM {table}"))
+                    .fetch_one(self.state.db.pool())
+                    .await
+                    .expect("count"),
+                0,
+            )
+            .expect("count value");
+            counts.insert(table.to_owned(), json!(n));
+        }
+        Value::Object(counts)
+    }
+
+    /// Everything a request could have changed for a customer: row counts, balances, history,
+    /// grants. Compare before and after a refused request.
+    pub async fn snapshot(&self, customer: &str) -> Value {
+        let (status, grants) = self.get(&format!("{}/credits/grants", customer_path(customer))).await;
+        assert_eq!(status, 200, "{grants}");
+        json!({
+            "rows": self.row_counts().await,
+            "balances": self.balances(customer, "").await,
+            "transactions": self.all_transactions(customer).await,
+            "grants": grants["data"],
+        })
+    }
+
+    /// The database clock (the one every booking uses).
+    pub async fn db_now(&self) -> chrono::DateTime<chrono::Utc> {
+        let mut conn = self.state.db.pool().acquire().await.expect("connection");
+        self.state.db.now(&mut conn).await.expect("now")
+    }
+
+    /// Waits until the database clock is past `instant` (SQLite's clock ticks in milliseconds, so
+    /// two bookings in a row may share an instant).
+    pub async fn wait_past(&self, instant: &str) {
+        let instant = parse_time(instant);
+        while self.db_now().await <= instant {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+}
+
+/// A request being built; see [`Ledger::call`].
+pub struct Call(reqwest::RequestBuilder);
+
+impl Call {
+    pub fn header(self, name: &str, value: &str) -> Call {
+        Call(self.0.header(name, value))
+    }
+
+    pub fn json(self, body: &Value) -> Call {
+        Call(self.0.json(body))
+    }
+
+    /// A body with an explicit content type (or none at all).
+    pub fn body(self, content_type: Option<&str>, bytes: impl Into<Vec<u8>>) -> Call {
+        let req = match content_type {
+            Some(ct) => self.0.header(reqwest::header::CONTENT_TYPE, ct),
+            None => self.0,
+        };
+        Call(req.body(bytes.into()))
+    }
+
+    pub async fn send(self) -> Reply {
+        let resp = self.0.send().await.expect("request");
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let content_type =
+            headers.get(reqwest::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+        let text = resp.text().await.unwrap_or_default();
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text.clone()));
+        Reply { status, content_type, headers, text, body }
+    }
+}
+
+/// A response with everything a test may look at.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub content_type: String,
+    pub headers: reqwest::header::HeaderMap,
+    pub text: String,
+    pub body: Value,
+}
+
+impl Reply {
+    /// An RFC 9457 problem with this status, naming `field` (or no field at all for `None`).
+    pub fn assert_problem(&self, status: u16, field: Option<&str>) -> &Reply {
+        assert_problem(self.status, &self.content_type, &self.body, status, field);
+        self
+    }
+}
+
+/// Asserts an `application/problem+json` answer: status, title, detail, and the field at fault.
+pub fn assert_problem(got_status: u16, content_type: &str, body: &Value, status: u16, field: Option<&str>) {
+    assert_eq!(got_status, status, "status of {body}");
+    assert_eq!(content_type, "application/problem+json", "content type of {body}");
+    assert_eq!(body["status"], json!(status), "{body}");
+    let title = reqwest::StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()).unwrap_or("Error");
+    assert_eq!(body["title"], json!(title), "{body}");
+    assert!(body["detail"].as_str().is_some_and(|d| !d.is_empty()), "detail in {body}");
+    assert!(body["instance"].as_str().is_some_and(|d| !d.is_empty()), "instance in {body}");
+    match field {
+        Some(f) => {
+            assert_eq!(body["field"], json!(f), "field of {body}");
+            if status == 400 {
+                assert_eq!(body["invalid_parameters"][0]["field"], json!(f), "{body}");
+            }
+        }
+        None => assert!(body.get("field").is_none(), "no field expected in {body}"),
+    }
+}
+
+/// `/v3/openmeter/customers/{id}`.
+pub fn customer_path(id: &str) -> String {
+    format!("/v3/openmeter/customers/{id}")
+}
+
+/// Percent-encodes a query value.
+pub fn enc(value: &str) -> String {
+    form_urlencoded::byte_serialize(value.as_bytes()).collect()
+}
+
+pub fn parse_time(text: &str) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::parse_from_rfc3339(text).unwrap_or_else(|e| panic!("{text:?} is not RFC 3339: {e}")).to_utc()
+}
+
+/// RFC 3339 with microseconds, as the ledger stores instants.
+pub fn format_time(at: chrono::DateTime<chrono::Utc>) -> String {
+    at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+/// `text` moved by `micros` microseconds.
+pub fn shift(text: &str, micros: i64) -> String {
+    format_time(parse_time(text) + chrono::TimeDelta::microseconds(micros))
+}
+
+/// A well-formed ULID that no resource has.
+pub const UNKNOWN_ID: &str = "01ARZ3NDEKTSV4RRFFQ69G5FAV";
+
+/// A promotional USD grant of `amount`, with `extra` fields merged in.
+pub fn grant_body(amount: &str, extra: Value) -> Value {
+    merged(json!({"name": "grant", "funding_method": "none", "currency": "USD", "amount": amount}), extra)
+}
+
+/// `base` with the members of `extra` set (a `null` member removes it).
+pub fn merged(base: Value, extra: Value) -> Value {
+    let mut out = base;
+    if let (Value::Object(o), Value::Object(e)) = (&mut out, extra) {
+        for (k, v) in e {
+            if v.is_null() {
+                o.remove(&k);
+            } else {
+                o.insert(k, v);
+            }
+        }
+    }
+    out
+}
+
+/// The `data` array of a list answer.
+pub fn data(body: &Value) -> &Vec<Value> {
+    body["data"].as_array().unwrap_or_else(|| panic!("no data array in {body}"))
+}
+
+/// One string member of every item of a list answer.
+pub fn column(body: &Value, member: &str) -> Vec<String> {
+    data(body).iter().map(|item| item[member].as_str().unwrap_or("?").to_owned()).collect()
 }
 
 /// Generates one test per backend from an async scenario `fn(Backend)`.

@@ -1,0 +1,49 @@
+//! What the ledger remembers about gateway leases beyond the hold itself: who owns the id and
+//! which top-up request was applied last.
+
+use chrono::{DateTime, Utc};
+use sqlx::Row;
+
+use super::StoreResult;
+use crate::db::{micros, Tx};
+
+pub struct LeaseRecord {
+    pub customer_id: String,
+    pub closed: bool,
+    pub last_seq: i64,
+}
+
+pub async fn find(tx: &mut Tx, lease_id: &str) -> StoreResult<Option<LeaseRecord>> {
+    let row = sqlx::query("SELECT customer_id, released_at, last_seq FROM holds WHERE id = $1")
+        .bind(lease_id)
+        .fetch_optional(&mut **tx)
+        .await?;
+    match row {
+        Some(r) => Ok(Some(LeaseRecord {
+            customer_id: r.try_get("customer_id")?,
+            closed: r.try_get::<Option<i64>, _>("released_at")?.is_some(),
+            last_seq: r.try_get("last_seq")?,
+        })),
+        None => Ok(None),
+    }
+}
+
+pub async fn set_last_seq(tx: &mut Tx, lease_id: &str, seq: i64) -> StoreResult<()> {
+    sqlx::query("UPDATE holds SET last_seq = $1 WHERE id = $2").bind(seq).bind(lease_id).execute(&mut **tx).await?;
+    Ok(())
+}
+
+/// Customers with leases whose TTL passed by `now` and that are not yet closed.
+pub async fn customers_with_expired(
+    conn: &mut sqlx::AnyConnection,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> StoreResult<Vec<String>> {
+    let rows =
+        sqlx::query("SELECT DISTINCT customer_id FROM holds WHERE released_at IS NULL AND expires_at <= $1 LIMIT $2")
+            .bind(micros(now))
+            .bind(limit)
+            .fetch_all(&mut *conn)
+            .await?;
+    Ok(rows.iter().map(|r| r.try_get::<String, _>(0)).collect::<Result<_, _>>()?)
+}
