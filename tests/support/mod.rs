@@ -251,6 +251,12 @@ impl Envoy {
         panic!("envoy did not become ready; log:\n{}", envoy.log_text());
     }
 
+    /// Kills the node at once (SIGKILL): nothing it has not sent yet reaches the ledger.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
