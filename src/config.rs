@@ -337,6 +337,9 @@ impl FilterConfig {
             )?,
             unknown_ttl_ms: to_u32(bounded("sync.unknown_ttl_ms", s.unknown_ttl_ms, 10_000, 0, 3_600_000)?),
         };
+        // Renewals ride on the sync tick, and a node stops spending a lease interval + timeout
+        // (and a tenth of the TTL) before it could expire: the TTL must leave room to spend.
+        let ttl_floor = 3 * (u64::from(interval_ms) + u64::from(timeout_ms));
         let rl = raw.lease;
         let lease = LeaseConfig {
             min_calls: bounded("lease.min_calls", rl.min_calls, 10, 1, 1_000_000)?,
@@ -350,17 +353,14 @@ impl FilterConfig {
                 3_600_000,
             )?,
             idle_release_ms: bounded("lease.idle_release_ms", rl.idle_release_ms, 10_000, 100, 86_400_000)?,
-            ttl_ms: bounded("lease.ttl_ms", rl.ttl_ms, 30_000, 1_000, 3_600_000)?,
+            ttl_ms: bounded("lease.ttl_ms", rl.ttl_ms, ttl_floor.max(30_000), 1_000, 3_600_000)?,
         };
         if lease.min_calls > lease.max_calls {
             return Err(error("lease.min_calls", "must not exceed lease.max_calls"));
         }
-        // Renewals ride on the sync tick: a lease must outlive a few missed ticks.
-        if lease.ttl_ms < 3 * u64::from(interval_ms) {
-            return Err(error(
-                "lease.ttl_ms",
-                format!("must be at least 3 × sync.interval_ms ({})", 3 * u64::from(interval_ms)),
-            ));
+        if strategy == Strategy::Lease && lease.ttl_ms < ttl_floor {
+            let message = format!("must be at least 3 × (sync.interval_ms + ledger.timeout_ms) = {ttl_floor}");
+            return Err(error("lease.ttl_ms", message));
         }
         let failure_mode = match raw.failure_mode.as_deref().unwrap_or("deny") {
             "deny" => FailureMode::Deny,

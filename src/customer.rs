@@ -31,6 +31,8 @@ pub struct Lease {
     pub spend_until_ms: u64,
     /// The revision of the answer `remaining` comes from.
     pub revision: i64,
+    /// Answers to requests numbered below this are stale: the node released the lease since.
+    pub floor_seq: u64,
 }
 
 /// Calls per minute of this customer on this node, measured over sync ticks.
@@ -100,6 +102,11 @@ impl CustomerEntry {
         }
     }
 
+    /// Does the node still owe the ledger a report or hold a lease of this customer?
+    pub fn has_pending(&self) -> bool {
+        self.unsent_calls() > 0 || self.flight.is_some() || self.lease.open
+    }
+
     /// Can a call priced at `price` be paid from the lease now?
     pub fn lease_covers(&self, price: Amount, now_ms: u64) -> bool {
         self.lease.open && now_ms < self.lease.spend_until_ms && self.lease.remaining >= price
@@ -116,9 +123,19 @@ impl CustomerEntry {
         }
     }
 
-    /// The ledger's answer about the lease, given when the request left (`sent_ms`).
-    pub fn apply_lease(&mut self, answer: &credits::sync::LeaseAnswer, revision: i64, sent_ms: u64, ttl_ms: u64) {
-        if revision <= self.lease.revision {
+    /// The ledger's answer about the lease, given when the request left (`sent_ms`). The node
+    /// stops spending `reserve_ms` before the ledger could expire the lease, so that every call it
+    /// lets through can still be reported in time (see `sync::lease_reserve_ms`).
+    pub fn apply_lease(
+        &mut self,
+        answer: &credits::sync::LeaseAnswer,
+        request_seq: u64,
+        revision: i64,
+        sent_ms: u64,
+        ttl_ms: u64,
+        reserve_ms: u64,
+    ) {
+        if revision <= self.lease.revision || request_seq < self.lease.floor_seq {
             return;
         }
         self.lease.revision = revision;
@@ -132,9 +149,8 @@ impl CustomerEntry {
         let unconfirmed = self.spent + self.flight.as_ref().map_or(Amount::ZERO, |f| f.amount);
         self.lease.open = true;
         self.lease.remaining = (answer.held - unconfirmed).max(Amount::ZERO);
-        // Counted from when the request left, and a fifth of the TTL early, so the node stops
-        // spending before the ledger can have released the lease.
-        self.lease.spend_until_ms = sent_ms + ttl_ms - ttl_ms / 5;
+        // Counted from when the request left: the ledger's TTL started no earlier.
+        self.lease.spend_until_ms = (sent_ms + ttl_ms).saturating_sub(reserve_ms);
     }
 
     /// What can still be spent: the ledger's live balance minus everything not yet in it.
@@ -266,12 +282,13 @@ impl Keyed for CustomerEntry {
         };
         let lease = &self.lease;
         let lease = format!(
-            "{},{},{},{},{}",
+            "{},{},{},{},{},{}",
             u8::from(lease.open),
             lease.seq,
             lease.remaining,
             lease.spend_until_ms,
-            lease.revision
+            lease.revision,
+            lease.floor_seq
         );
         let rate = format!("{},{},{}", self.rate.window_start_ms, self.rate.window_start_call, self.rate.calls_per_min);
         format!(
@@ -334,6 +351,7 @@ impl Keyed for CustomerEntry {
             remaining: Amount::parse(l.next()?).ok()?,
             spend_until_ms: l.next()?.parse().ok()?,
             revision: l.next()?.parse().ok()?,
+            floor_seq: l.next()?.parse().ok()?,
         };
         let mut r = parts.next()?.split(',');
         let rate = RateMeter {
@@ -385,7 +403,7 @@ mod tests {
         let back = CustomerEntry::decode(&e.encode()).unwrap();
         assert_eq!(back, e);
         assert!(CustomerEntry::decode(b"v2|garbage").is_none());
-        assert!(CustomerEntry::decode(b"v1|k|x|NaN|1|1|0|0|0||0|0|0,0,0,0,0|0,0,0|1|ak").is_none());
+        assert!(CustomerEntry::decode(b"v1|k|x|NaN|1|1|0|0|0||0|0|0,0,0,0,0,0|0,0,0|1|ak").is_none());
     }
 
     #[test]

@@ -36,6 +36,8 @@ pub enum LedgerAccess {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Effects {
     pub cache_hit: bool,
+    /// The customer now has something to report (register it so every worker syncs it).
+    pub became_pending: bool,
     /// The call was let through but its usage could not be recorded (backlog full).
     pub usage_dropped: bool,
     pub offline: bool,
@@ -58,7 +60,10 @@ pub fn decide(
 ) -> (Verdict, Effects) {
     let key = entry_key(config, subject);
     let result = shared::update::<CustomerEntry, (Verdict, Effects)>(store, &key, |entry| {
-        decide_entry(entry, &key, subject, config, price, now_ms, access)
+        let was_pending = entry.as_ref().is_some_and(CustomerEntry::has_pending);
+        let (next, (verdict, mut effects)) = decide_entry(entry, &key, subject, config, price, now_ms, access);
+        effects.became_pending = !was_pending && next.as_ref().is_some_and(CustomerEntry::has_pending);
+        (next, (verdict, effects))
     });
     match result {
         Ok(outcome) => outcome,
@@ -306,7 +311,7 @@ mod tests {
                 expires_at: chrono::DateTime::UNIX_EPOCH,
                 closed: false,
             };
-            e.apply_lease(&answer, 1, at, c.lease.ttl_ms);
+            e.apply_lease(&answer, 1, 1, at, c.lease.ttl_ms, crate::sync::lease_reserve_ms(c));
             (Some(e), ())
         })
         .unwrap();
@@ -338,13 +343,14 @@ mod tests {
         let store = FakeShared::new(Rules::Envoy);
         let c = config(r#", "sync": {"strategy": "lease"}, "lease": {"ttl_ms": 10000}"#);
         leased(&store, &c, "alice", "5", 1000);
+        // Sent at 1000, the ledger may expire it from 11000: the node stops at
+        // 11000 − (1000 interval + 1000 timeout + 1000 tenth of the TTL) so its calls get reported.
         assert!(matches!(
-            decide(&store, &c, "alice", amt("0.10"), 8999, LedgerAccess::Unreachable).0,
+            decide(&store, &c, "alice", amt("0.10"), 7999, LedgerAccess::Unreachable).0,
             Verdict::Allow { .. }
         ));
-        // 1000 + 10000 − 10000/5: the ledger may release it soon after, so the node stops here.
         assert!(matches!(
-            decide(&store, &c, "alice", amt("0.10"), 9000, LedgerAccess::Unreachable).0,
+            decide(&store, &c, "alice", amt("0.10"), 8000, LedgerAccess::Unreachable).0,
             Verdict::Unavailable { .. }
         ));
     }

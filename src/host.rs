@@ -16,6 +16,7 @@ use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, Metr
 use crate::config::FilterConfig;
 use crate::decision::{decide, LedgerAccess, Verdict};
 use crate::problem::Problem;
+use crate::registry;
 use crate::shared::{self, CasMismatch, Keyed, SharedData};
 use crate::sync::{self, AnswerError, PendingSync, Tracker};
 
@@ -218,6 +219,7 @@ fn absorb(config: &FilterConfig, pending: &PendingSync, status: Option<u16>, bod
     match sync::parse_answer(pending, status, body) {
         Ok(response) => {
             let applied = sync::apply(&HostShared, config, pending, &response, now);
+            sync::register_pending(&HostShared, config, pending);
             Metrics::add(metrics.records_confirmed, applied.calls_confirmed);
             Metrics::add(metrics.records_dropped, applied.calls_dropped);
             with_worker(|w| w.ledger_down_until_ms = 0);
@@ -416,6 +418,9 @@ fn finish_waiting_call(config: &FilterConfig, context_id: u32, subject: &str, no
         unreachable => unreachable,
     };
     let (verdict, effects) = decide(&HostShared, config, subject, config.price, now, asked);
+    if effects.became_pending {
+        registry::add(&HostShared, config, subject);
+    }
     if effects.offline {
         Metrics::add(with_worker(|w| w.metrics.offline_allowed), u64::from(matches!(verdict, Verdict::Allow { .. })));
     }
@@ -472,6 +477,9 @@ impl HttpContext for FilterCall {
         }
         let now = now_ms();
         let (verdict, effects) = decide(&HostShared, config, subject, config.price, now, access(now));
+        if effects.became_pending {
+            registry::add(&HostShared, config, subject);
+        }
         Metrics::add(if effects.cache_hit { metrics.cache_hits } else { metrics.cache_misses }, 1);
         if effects.usage_dropped {
             Metrics::add(metrics.records_dropped, 1);

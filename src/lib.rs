@@ -7,8 +7,12 @@ pub mod config;
 pub mod customer;
 pub mod decision;
 pub mod problem;
+pub mod registry;
 pub mod shared;
 pub mod sync;
+
+#[cfg(test)]
+mod simulation;
 
 #[cfg(target_arch = "wasm32")]
 mod host;

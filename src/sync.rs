@@ -12,6 +12,7 @@ use credits::Amount;
 use crate::config::{FilterConfig, Strategy};
 use crate::customer::{CustomerEntry, Standing};
 use crate::decision::entry_key;
+use crate::registry;
 use crate::shared::{self, SharedData};
 
 /// The customers one worker keeps in sync, with when each was last used here.
@@ -27,6 +28,13 @@ impl Tracker {
             None => {
                 self.subjects.insert(subject.to_owned(), now_ms);
             }
+        }
+    }
+
+    /// Starts keeping a customer in sync (an instance that lost its tracker picks it up again).
+    pub fn touch_if_absent(&mut self, subject: &str, now_ms: u64) {
+        if !self.subjects.contains_key(subject) {
+            self.subjects.insert(subject.to_owned(), now_ms);
         }
     }
 
@@ -81,6 +89,13 @@ pub fn lease_id(node: &str, config: &FilterConfig, subject: &str) -> String {
     format!("{node}/{}", entry_key(config, subject))
 }
 
+/// How long before the ledger could expire a lease the node stops spending from it: long enough
+/// for the calls it lets through until then to reach the ledger — the next tick, a sync stuck
+/// behind an unanswered one until its timeout, and a tenth of the TTL for the way there.
+pub fn lease_reserve_ms(config: &FilterConfig) -> u64 {
+    u64::from(config.sync.interval_ms) + u64::from(config.ledger.timeout_ms) + config.lease.ttl_ms / 10
+}
+
 /// The credit a lease should hold: enough for `lease.horizon_ms` at the observed rate, within
 /// the configured bounds (in calls).
 pub fn lease_target(config: &FilterConfig, calls_per_min: u64) -> Amount {
@@ -104,6 +119,12 @@ fn lease_request(
     let idle = now_ms.saturating_sub(e.last_used_ms) > l.idle_release_ms;
     if idle && !for_call {
         if e.lease.open && e.unsent_calls() == 0 && e.flight.is_none() {
+            // From now on nothing is spent from it: the ledger gives back whatever it still holds,
+            // and answers to earlier requests (which knew the lease open) no longer count.
+            e.lease.open = false;
+            e.lease.remaining = Amount::ZERO;
+            e.lease.seq += 1;
+            e.lease.floor_seq = e.lease.seq;
             return Some(LeaseRequest {
                 lease_id: id,
                 seq: e.lease.seq,
@@ -160,40 +181,54 @@ pub fn prepare(
     worker: u64,
     now_ms: u64,
 ) -> Option<PendingSync> {
+    // Whatever any worker of the node left to report or renew is this worker's business too.
+    for subject in registry::all(store, config) {
+        tracker.touch_if_absent(&subject, now_ms);
+    }
     let idle = u64::from(config.sync.idle_ms);
     let stale = stale_after_ms(config);
+    let leased = config.sync.strategy == Strategy::Lease;
     let mut subjects = Vec::new();
     let mut forget = Vec::new();
-    for (subject, last_used) in &tracker.subjects {
+    for subject in tracker.subjects.keys() {
         if subjects.len() == MAX_SUBJECTS_PER_SYNC {
             break; // the rest goes out on the next tick
         }
         let key = entry_key(config, subject);
-        let leased = config.sync.strategy == Strategy::Lease;
         let lease_id = leased.then(|| lease_id(node, config, subject));
-        let taken = shared::update::<CustomerEntry, Option<SubjectSync>>(store, &key, |entry| match entry {
+        let taken = shared::update::<CustomerEntry, Option<(SubjectSync, bool)>>(store, &key, |entry| match entry {
             None => (None, None),
             Some(mut e) => {
                 e.measure_rate(now_ms, u64::from(config.sync.interval_ms));
                 let outgoing = e.take_outgoing(worker, now_ms, stale, config.settlement_mode, lease_id.as_deref());
                 let lease = if leased { lease_request(&mut e, config, node, subject, now_ms, false) } else { None };
-                let idle_here = now_ms.saturating_sub(*last_used) > idle && e.unsent_calls() == 0 && e.flight.is_none();
-                if idle_here && outgoing.range.is_none() && lease.is_none() {
+                let pending = e.has_pending();
+                if now_ms.saturating_sub(e.last_used_ms) > idle
+                    && !pending
+                    && outgoing.range.is_none()
+                    && lease.is_none()
+                {
                     return (None, None);
                 }
                 let mut s = subject_sync(config, subject);
                 s.usage = outgoing.range;
                 s.lease = lease;
-                (Some(e), Some(s))
+                (Some(e), Some((s, pending)))
             }
         });
         match taken {
-            Ok(Some(s)) => subjects.push(s),
+            Ok(Some((s, pending))) => {
+                if pending {
+                    registry::add(store, config, subject);
+                }
+                subjects.push(s);
+            }
             Ok(None) => forget.push(subject.clone()),
             Err(_) => {} // contended: next tick
         }
     }
     for s in forget {
+        registry::remove(store, config, &s);
         tracker.subjects.remove(&s);
     }
     (!subjects.is_empty())
@@ -254,8 +289,9 @@ pub fn apply(
                         e.confirm(range);
                         a.calls_confirmed += if was_in_flight { range.calls() } else { 0 };
                     }
-                    if let Some(lease) = lease {
-                        e.apply_lease(lease, *revision, pending.sent_ms, config.lease.ttl_ms);
+                    if let (Some(lease), Some(asked_lease)) = (lease, &asked.lease) {
+                        let reserve = lease_reserve_ms(config);
+                        e.apply_lease(lease, asked_lease.seq, *revision, pending.sent_ms, config.lease.ttl_ms, reserve);
                     }
                     e.refresh(customer_id, *live, *revision, now_ms);
                 }
@@ -278,6 +314,17 @@ pub fn apply(
         }
     }
     applied
+}
+
+/// Registers the customers of an applied answer that now hold a lease or owe a report.
+pub fn register_pending(store: &dyn SharedData, config: &FilterConfig, pending: &PendingSync) {
+    for asked in &pending.request.subjects {
+        let pending =
+            shared::read::<CustomerEntry>(store, &entry_key(config, &asked.subject)).is_some_and(|e| e.has_pending());
+        if pending {
+            registry::add(store, config, &asked.subject);
+        }
+    }
 }
 
 /// Whether an entry's customer is known to the ledger (for tests and logs).

@@ -60,7 +60,7 @@ fn corpus() -> Vec<(Value, bool)> {
         ("lease/low_water_percent", json!(100)),
         ("lease/horizon_ms", json!(5000)),
         ("lease/idle_release_ms", json!(100)),
-        ("lease/ttl_ms", json!(3000)),
+        ("lease/ttl_ms", json!(6000)),
         ("lease", json!({})),
         ("sync/interval_ms", json!(50)),
         ("sync/max_stale_ms", json!(100)),

@@ -13,6 +13,7 @@ use support::{filter_config, upstream, Envoy, Ledger, TempDir};
 fn lease_config() -> Value {
     filter_config(json!({
         "price": "0.01",
+        "ledger": {"timeout_ms": 500},
         "sync": {"strategy": "lease", "interval_ms": 200},
         "lease": {"ttl_ms": 3000, "idle_release_ms": 1000, "min_calls": 5, "max_calls": 200}
     }))
@@ -29,7 +30,12 @@ async fn load(port: u16, subject: &'static str, clients: usize, patience: u32) -
             let http = reqwest::Client::new();
             let mut refused_in_a_row = 0;
             while refused_in_a_row < patience {
-                let resp = http.get(format!("http://127.0.0.1:{port}/work")).header("x-consumer-username", subject).send().await.expect("call");
+                let resp = http
+                    .get(format!("http://127.0.0.1:{port}/work"))
+                    .header("x-consumer-username", subject)
+                    .send()
+                    .await
+                    .expect("call");
                 match resp.status().as_u16() {
                     200 => {
                         allowed.fetch_add(1, Ordering::SeqCst);
@@ -56,7 +62,10 @@ async fn two_nodes_let_through_exactly_what_the_balance_pays_for() {
     let ledger = Ledger::start(&dir.0).await;
     let erin = ledger.customer_with_credit("erin", "5.00").await;
     let (up, _u) = upstream().await;
-    let (a, b) = (Envoy::start(&dir.0, up, ledger.port, &lease_config()).await, Envoy::start(&dir.0, up, ledger.port, &lease_config()).await);
+    let (a, b) = (
+        Envoy::start(&dir.0, up, ledger.port, &lease_config()).await,
+        Envoy::start(&dir.0, up, ledger.port, &lease_config()).await,
+    );
     let (through_a, through_b) = tokio::join!(load(a.port, "erin", 4, 30), load(b.port, "erin", 4, 30));
     assert_eq!(through_a + through_b, 500, "5.00 at 0.01 pays for exactly 500 calls (a {through_a}, b {through_b})");
     assert!(through_a > 0 && through_b > 0, "both nodes served calls");
@@ -71,7 +80,10 @@ async fn an_idle_node_strands_no_credit() {
     let ledger = Ledger::start(&dir.0).await;
     let fay = ledger.customer_with_credit("fay", "1.00").await;
     let (up, _u) = upstream().await;
-    let (a, b) = (Envoy::start(&dir.0, up, ledger.port, &lease_config()).await, Envoy::start(&dir.0, up, ledger.port, &lease_config()).await);
+    let (a, b) = (
+        Envoy::start(&dir.0, up, ledger.port, &lease_config()).await,
+        Envoy::start(&dir.0, up, ledger.port, &lease_config()).await,
+    );
     // Node b serves a few calls and takes a lease, then goes quiet.
     for _ in 0..3 {
         assert_eq!(b.call(Some("fay")).await.0, 200);

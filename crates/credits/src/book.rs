@@ -348,12 +348,13 @@ impl Book {
 
     /// Eligible grants of `currency` at `at` in draw-down order with the credit not set aside by
     /// open holds (holds are placed greedily, oldest first, in draw-down order), and the part of
-    /// holds that no credit backs any more.
+    /// holds that no credit backs any more. With `before_hold`, only the holds placed before that
+    /// one count: what is left is, in order, the credit that hold sets aside and then the rest.
     fn free_credit(
         &self,
         currency: Currency,
         at: DateTime<Utc>,
-        skip_hold: Option<&HoldId>,
+        before_hold: Option<&HoldId>,
     ) -> (Vec<(usize, Amount)>, Amount) {
         let mut order: Vec<usize> = (0..self.grants.len())
             .filter(|&i| {
@@ -367,8 +368,8 @@ impl Book {
         order.sort_by_key(|&i| self.grants[i].grant.draw_down_key());
         let mut free: Vec<(usize, Amount)> = order.into_iter().map(|i| (i, self.grants[i].remaining())).collect();
         let mut unbacked = Amount::ZERO;
-        for hold in self.holds.iter().filter(|h| h.currency == currency && h.is_open_at(at) && Some(&h.id) != skip_hold)
-        {
+        let placed = self.holds.iter().take_while(|h| Some(&h.id) != before_hold);
+        for hold in placed.filter(|h| h.currency == currency && h.is_open_at(at)) {
             let mut need = hold.amount;
             for (i, f) in free.iter_mut() {
                 if need.is_zero() {
@@ -392,9 +393,9 @@ impl Book {
         feature: Option<&FeatureKey>,
         amount: Amount,
         at: DateTime<Utc>,
-        skip_hold: Option<&HoldId>,
+        before_hold: Option<&HoldId>,
     ) -> Vec<(usize, Amount)> {
-        let (free, _) = self.free_credit(currency, at, skip_hold);
+        let (free, _) = self.free_credit(currency, at, before_hold);
         let mut left = amount;
         let mut plan = Vec::new();
         for (i, f) in free {
@@ -434,10 +435,31 @@ impl Book {
         self.spend(spend, now, None)
     }
 
-    fn spend(&mut self, spend: &Spend, now: DateTime<Utc>, skip_hold: Option<&HoldId>) -> SpendOutcome {
+    /// With `from_hold`, up to that amount is drawn from the credit the hold set aside (it is no
+    /// longer held), the rest from free credit.
+    fn spend(&mut self, spend: &Spend, now: DateTime<Utc>, from_hold: Option<(&HoldId, Amount)>) -> SpendOutcome {
         let mut outcome = SpendOutcome { entries: self.advance(now), ..SpendOutcome::default() };
         let at = self.clock;
-        let plan = self.plan_draw(spend.currency, spend.feature.as_ref(), spend.amount, at, skip_hold);
+        let (currency, feature) = (spend.currency, spend.feature.as_ref());
+        let plan = match from_hold.filter(|(_, held)| held.is_positive()) {
+            None => self.plan_draw(currency, feature, spend.amount, at, None),
+            Some((id, held)) => {
+                let mut plan = self.plan_draw(currency, feature, held.min(spend.amount), at, Some(id));
+                let mut rest = self.clone();
+                for (index, take) in &plan {
+                    rest.grants[*index].used += *take;
+                }
+                let left = spend.amount - plan.iter().map(|(_, take)| *take).sum::<Amount>();
+                for (index, take) in rest.plan_draw(currency, feature, left, at, None) {
+                    match plan.iter_mut().find(|(i, _)| *i == index) {
+                        Some((_, t)) => *t += take,
+                        None => plan.push((index, take)),
+                    }
+                }
+                plan.sort_by_key(|(index, _)| self.grants[*index].grant.draw_down_key());
+                plan
+            }
+        };
         let mut left = spend.amount;
         for (index, take) in plan {
             let id = self.grants[index].grant.id.clone();
@@ -573,7 +595,7 @@ impl Book {
         let held = self.holds[index].amount;
         let from_hold = if self.holds[index].is_open_at(now) { held.min(spend.amount) } else { Amount::ZERO };
         self.holds[index].amount = held - from_hold;
-        Ok(self.spend(spend, now, None))
+        Ok(self.spend(spend, now, Some((id, from_hold))))
     }
 
     /// Closes holds whose TTL has passed by `now`; returns each with what it still held (credit

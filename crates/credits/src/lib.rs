@@ -5,6 +5,7 @@ pub mod book;
 pub mod duration;
 pub mod error;
 pub mod feature;
+pub mod gateway;
 pub mod grant;
 pub mod history;
 pub mod journal;

@@ -52,8 +52,9 @@ pub struct SubjectSync {
 pub struct LeaseRequest {
     /// Chosen by the node, unique per node and subject (a new lease gets a new id).
     pub lease_id: String,
-    /// Increases with every top-up the node asks for; a request with a number already applied
-    /// adds nothing (a retry).
+    /// Every top-up and every release takes a new, higher number. A top-up numbered at or below
+    /// one already applied adds nothing (a retry); such a release is ignored (overtaken by a
+    /// later request of the node); renewals repeat the last number.
     pub seq: u64,
     /// Credit to add to the lease, up to what is live (may be 0: renew only).
     pub want: Amount,

@@ -211,15 +211,17 @@ pub async fn save_settlement(tx: &mut Tx, grant: &Grant, now: DateTime<Utc>) -> 
     Ok(())
 }
 
-/// Customers with an expiry or a funding that has fallen due by `now` and is not yet booked.
+/// Live customers with an expiry or a funding that has fallen due by `now` and is not yet booked
+/// (a deleted customer cannot be locked, so it must not fill the batch).
 pub async fn customers_with_due_events(
     conn: &mut sqlx::AnyConnection,
     now: DateTime<Utc>,
     limit: i64,
 ) -> StoreResult<Vec<String>> {
     let rows = sqlx::query(
-        "SELECT DISTINCT customer_id FROM grants WHERE voided_at IS NULL AND \
-         ((funded = 1 AND expiry_booked = 0 AND expires_at <= $1) OR (funded = 0 AND effective_at <= $1)) LIMIT $2",
+        "SELECT DISTINCT g.customer_id FROM grants g JOIN customers c ON c.id = g.customer_id \
+         WHERE g.voided_at IS NULL AND c.deleted_at IS NULL AND ((g.funded = 1 AND g.expiry_booked = 0 \
+         AND g.expires_at <= $1) OR (g.funded = 0 AND g.effective_at <= $1)) LIMIT $2",
     )
     .bind(micros(now))
     .bind(limit)

@@ -33,17 +33,20 @@ pub async fn set_last_seq(tx: &mut Tx, lease_id: &str, seq: i64) -> StoreResult<
     Ok(())
 }
 
-/// Customers with leases whose TTL passed by `now` and that are not yet closed.
+/// Live customers with leases whose TTL passed by `now` and that are not yet closed (a deleted
+/// customer cannot be locked, so its leases stay as they are and must not fill the batch).
 pub async fn customers_with_expired(
     conn: &mut sqlx::AnyConnection,
     now: DateTime<Utc>,
     limit: i64,
 ) -> StoreResult<Vec<String>> {
-    let rows =
-        sqlx::query("SELECT DISTINCT customer_id FROM holds WHERE released_at IS NULL AND expires_at <= $1 LIMIT $2")
-            .bind(micros(now))
-            .bind(limit)
-            .fetch_all(&mut *conn)
-            .await?;
+    let rows = sqlx::query(
+        "SELECT DISTINCT h.customer_id FROM holds h JOIN customers c ON c.id = h.customer_id \
+         WHERE h.released_at IS NULL AND h.expires_at <= $1 AND c.deleted_at IS NULL LIMIT $2",
+    )
+    .bind(micros(now))
+    .bind(limit)
+    .fetch_all(&mut *conn)
+    .await?;
     Ok(rows.iter().map(|r| r.try_get::<String, _>(0)).collect::<Result<_, _>>()?)
 }

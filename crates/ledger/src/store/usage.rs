@@ -17,6 +17,11 @@ pub struct UsageRecord<'a> {
     pub range: &'a UsageRange,
 }
 
+/// Was this range's key recorded before?
+pub async fn exists(tx: &mut Tx, key: &str) -> StoreResult<bool> {
+    Ok(sqlx::query("SELECT 1 FROM usage_records WHERE key = $1").bind(key).fetch_optional(&mut **tx).await?.is_some())
+}
+
 /// Records a range; `false` if its key was recorded before (nothing to book).
 pub async fn record(tx: &mut Tx, r: &UsageRecord<'_>, now: DateTime<Utc>) -> StoreResult<bool> {
     let done = sqlx::query(

@@ -269,6 +269,7 @@ impl Ledger {
             "holds",
             "idempotency_records",
             "events",
+            "usage_records",
         ] {
             let n: i64 = sqlx::Row::try_get(
                 &sqlx::query(&format!("SELECT COUNT(*) FROM {table}"))
@@ -300,6 +301,46 @@ impl Ledger {
     pub async fn db_now(&self) -> chrono::DateTime<chrono::Utc> {
         let mut conn = self.state.db.pool().acquire().await.expect("connection");
         self.state.db.now(&mut conn).await.expect("now")
+    }
+
+    /// `POST /v3/gateway/sync` with any body; `(status, body)`.
+    pub async fn sync(&self, body: Value) -> (u16, Value) {
+        self.post("/v3/gateway/sync", body).await
+    }
+
+    /// A sync by `node` about one subject; asserts 200 and returns that subject's answer.
+    pub async fn sync_one(&self, node: &str, subject: Value) -> Value {
+        let (status, body) = self.sync(json!({"node": node, "subjects": [subject]})).await;
+        assert_eq!(status, 200, "{body}");
+        let answers = body["subjects"].as_array().unwrap_or_else(|| panic!("no subjects in {body}"));
+        assert_eq!(answers.len(), 1, "{body}");
+        answers[0].clone()
+    }
+
+    /// A counter of `GET /metrics` (`credits_ledger_<name>_total`); 0 while it was never counted.
+    pub async fn counter(&self, name: &str) -> u64 {
+        let metrics = self.call_without_token(reqwest::Method::GET, "/metrics").send().await;
+        assert_eq!(metrics.status, 200, "{}", metrics.text);
+        let prefix = format!("credits_ledger_{name}_total ");
+        metrics
+            .text
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .map_or(0, |n| n.parse().unwrap_or_else(|e| panic!("counter {name}: {n:?}: {e}")))
+    }
+
+    /// The stored lease (hold) row: `(customer_id, amount, closed)`, or `None` if there is none.
+    pub async fn lease_row(&self, lease_id: &str) -> Option<(String, String, bool)> {
+        let row = sqlx::query("SELECT customer_id, amount, released_at FROM holds WHERE id = $1")
+            .bind(lease_id)
+            .fetch_optional(self.state.db.pool())
+            .await
+            .expect("hold row");
+        row.map(|r| {
+            let get = |c: &str| sqlx::Row::try_get::<String, _>(&r, c).expect("column");
+            let released: Option<i64> = sqlx::Row::try_get(&r, "released_at").expect("released_at");
+            (get("customer_id"), get("amount"), released.is_some())
+        })
     }
 
     /// Waits until the database clock is past `instant` (SQLite's clock ticks in milliseconds, so
@@ -438,6 +479,55 @@ pub fn data(body: &Value) -> &Vec<Value> {
 /// One string member of every item of a list answer.
 pub fn column(body: &Value, member: &str) -> Vec<String> {
     data(body).iter().map(|item| item[member].as_str().unwrap_or("?").to_owned()).collect()
+}
+
+/// One subject of a gateway sync in USD, with `extra` members (`usage`, `lease`, …) merged in.
+pub fn subject_sync(subject: &str, extra: Value) -> Value {
+    merged(json!({"subject": subject, "currency": "USD"}), extra)
+}
+
+/// A usage range `from..to` priced `amount` in total.
+pub fn usage_range(from: u64, to: u64, amount: &str, settlement_mode: &str) -> Value {
+    json!({"from": from, "to": to, "amount": amount, "settlement_mode": settlement_mode})
+}
+
+/// A lease request (open, top up or renew).
+pub fn lease_request(lease_id: &str, seq: u64, want: &str, ttl_ms: u64) -> Value {
+    json!({"lease_id": lease_id, "seq": seq, "want": want, "ttl_ms": ttl_ms})
+}
+
+/// (type, amount, grant_id or "-", balance before, balance after) of history items.
+pub fn summary(items: &[Value]) -> Vec<(String, String, String, String, String)> {
+    let s = |v: &Value| v.as_str().unwrap_or("-").to_owned();
+    items
+        .iter()
+        .map(|t| {
+            (
+                s(&t["type"]),
+                s(&t["amount"]),
+                s(&t["grant_id"]),
+                s(&t["available_balance"]["before"]),
+                s(&t["available_balance"]["after"]),
+            )
+        })
+        .collect()
+}
+
+/// One [`summary`] row.
+pub fn row(
+    kind: &str,
+    amount: &str,
+    grant: &str,
+    before: &str,
+    after: &str,
+) -> (String, String, String, String, String) {
+    (kind.into(), amount.into(), grant.into(), before.into(), after.into())
+}
+
+/// A decimal amount from the wire.
+pub fn amount(v: &Value) -> credits::Amount {
+    let text = v.as_str().unwrap_or_else(|| panic!("{v} is not an amount string"));
+    credits::Amount::parse(text).unwrap_or_else(|e| panic!("{text:?}: {e}"))
 }
 
 /// Generates one test per backend from an async scenario `fn(Backend)`.

@@ -1,0 +1,259 @@
+//! `POST /v3/gateway/sync`, usage side: ranges booked through the draw-down order exactly once
+//! per key, usage beyond the balance, per-subject outcomes within one batch, malformed requests,
+//! and the endpoint's entry in the OpenAPI document. Leases: `gateway_leases.rs`.
+
+mod support;
+
+use serde_json::{json, Value};
+use support::{grant_body, row, subject_sync, summary, usage_range, Backend, Ledger, TestDb};
+
+fn id_of(v: &Value) -> String {
+    v["id"].as_str().unwrap_or_else(|| panic!("no id in {v}")).to_owned()
+}
+
+fn revision(answer: &Value) -> i64 {
+    answer["revision"].as_i64().unwrap_or_else(|| panic!("no revision in {answer}"))
+}
+
+/// A sync by `node` booking one range for `subject`.
+async fn book(ledger: &Ledger, node: &str, subject: &str, range: Value) -> Value {
+    ledger.sync_one(node, subject_sync(subject, json!({ "usage": range }))).await
+}
+
+async fn usage_ranges_book_once_through_the_draw_down_order(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ledger = Ledger::start(&db).await;
+    let c = ledger.customer("ranges").await;
+    // B is created first, but A (priority 1) is drawn first.
+    let b = ledger.grant(&c, grant_body("10.00", json!({"name": "B", "priority": 2}))).await;
+    let a = ledger.grant(&c, grant_body("3.00", json!({"name": "A", "priority": 1, "expires_after": "P10D"}))).await;
+
+    let first = book(&ledger, "node-1", "ranges-subject", usage_range(0, 5, "4.50", "credit_only")).await;
+    assert_eq!(first["subject"], "ranges-subject", "{first}");
+    assert_eq!(first["status"], "ok", "{first}");
+    assert_eq!(first["customer_id"], json!(c), "{first}");
+    assert_eq!(first["usage"], "booked", "{first}");
+    assert_eq!(first["live"], "8.50", "{first}");
+    assert!(first.get("lease").is_none(), "no lease was asked about: {first}");
+    let history = ledger.all_transactions(&c).await;
+    assert_eq!(
+        summary(&history),
+        vec![
+            row("consumed", "-1.50", &id_of(&b), "10.00", "8.50"),
+            row("consumed", "-3.00", &id_of(&a), "13.00", "10.00"),
+            row("funded", "3.00", &id_of(&a), "10.00", "13.00"),
+            row("funded", "10.00", &id_of(&b), "0", "10.00"),
+        ]
+    );
+    for t in &history[..2] {
+        assert_eq!(t["name"], "Gateway usage", "{t}");
+        assert_eq!(t["labels"]["node"], "node-1", "{t}");
+    }
+    assert_eq!(ledger.balance(&c, "").await, ("8.50".into(), "8.50".into(), "0".into()));
+
+    // The same range again (a retry) books nothing, even if its amount were different.
+    let before = ledger.snapshot(&c).await;
+    let again = book(&ledger, "node-1", "ranges-subject", usage_range(0, 5, "4.50", "credit_only")).await;
+    assert_eq!(again["usage"], "duplicate", "{again}");
+    assert_eq!(again["live"], "8.50", "{again}");
+    let changed = book(&ledger, "node-1", "ranges-subject", usage_range(0, 5, "7.00", "credit_then_invoice")).await;
+    assert_eq!(changed["usage"], "duplicate", "{changed}");
+    assert_eq!(ledger.snapshot(&c).await, before, "a retried range books nothing");
+    assert!(revision(&first) < revision(&again) && revision(&again) < revision(&changed), "{first} {again} {changed}");
+
+    // The next range, a charge in between, and the same numbers from another node: all new.
+    let next = book(&ledger, "node-1", "ranges-subject", usage_range(5, 7, "0.25", "credit_only")).await;
+    assert_eq!((next["usage"].as_str(), next["live"].as_str()), (Some("booked"), Some("8.25")), "{next}");
+    assert!(revision(&next) > revision(&changed), "{next}");
+    let (status, charge) = ledger.charge(&c, "0.25", "between").await;
+    assert_eq!(status, 201, "{charge}");
+    let other_node = book(&ledger, "node-2", "ranges-subject", usage_range(0, 5, "1.00", "credit_only")).await;
+    assert_eq!((other_node["usage"].as_str(), other_node["live"].as_str()), (Some("booked"), Some("7.00")));
+    assert!(revision(&other_node) > revision(&next) + 1, "the charge is a write too: {next} {other_node}");
+    assert_eq!(ledger.all_transactions(&c).await[0]["labels"]["node"], "node-2");
+    // A sync without usage only reads: it answers the live balance.
+    let read = ledger.sync_one("node-1", subject_sync("ranges-subject", json!({}))).await;
+    assert!(read.get("usage").is_none(), "{read}");
+    assert_eq!(read["live"], "7.00", "{read}");
+    assert!(revision(&read) > revision(&other_node), "{read}");
+    assert_eq!(ledger.balance(&c, "").await, ("7.00".into(), "7.00".into(), "0".into()));
+    assert_eq!(ledger.row_counts().await["usage_records"], 3);
+    ledger.assert_journal_sound().await;
+}
+
+async fn usage_beyond_the_balance_is_booked_in_full(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ledger = Ledger::start(&db).await;
+
+    // credit_only: what no credit covers leaves the settled balance negative.
+    let short = ledger.customer("short").await;
+    let g = ledger.grant(&short, grant_body("2.00", json!({}))).await;
+    let answer = book(&ledger, "n", "short-subject", usage_range(0, 3, "3.50", "credit_only")).await;
+    assert_eq!((answer["usage"].as_str(), answer["live"].as_str()), (Some("booked"), Some("-1.50")), "{answer}");
+    assert_eq!(ledger.balance(&short, "").await, ("-1.50".into(), "-1.50".into(), "0".into()));
+    assert_eq!(
+        summary(&ledger.all_transactions(&short).await[..2]),
+        vec![row("consumed", "-1.50", "-", "0.00", "-1.50"), row("consumed", "-2.00", &id_of(&g), "2.00", "0.00")]
+    );
+    let again = book(&ledger, "n", "short-subject", usage_range(0, 3, "3.50", "credit_only")).await;
+    assert_eq!((again["usage"].as_str(), again["live"].as_str()), (Some("duplicate"), Some("-1.50")), "{again}");
+    // New credit covers the uncovered usage first.
+    ledger.grant(&short, grant_body("5.00", json!({}))).await;
+    assert_eq!(ledger.balance(&short, "").await, ("3.50".into(), "3.50".into(), "0".into()));
+
+    // credit_then_invoice: the rest is overage, the settled balance stays at zero.
+    let invoiced = ledger.customer("invoiced").await;
+    let g = ledger.grant(&invoiced, grant_body("2.00", json!({}))).await;
+    let answer = book(&ledger, "n", "invoiced-subject", usage_range(0, 3, "3.50", "credit_then_invoice")).await;
+    assert_eq!((answer["usage"].as_str(), answer["live"].as_str()), (Some("booked"), Some("0.00")), "{answer}");
+    assert_eq!(ledger.balance(&invoiced, "").await, ("0.00".into(), "0.00".into(), "0".into()));
+    assert_eq!(
+        summary(&ledger.all_transactions(&invoiced).await),
+        vec![row("consumed", "-2.00", &id_of(&g), "2.00", "0.00"), row("funded", "2.00", &id_of(&g), "0", "2.00")]
+    );
+    assert_eq!(ledger.row_counts().await["overages"], 1);
+    let again = book(&ledger, "n", "invoiced-subject", usage_range(0, 3, "3.50", "credit_then_invoice")).await;
+    assert_eq!(again["usage"], "duplicate", "{again}");
+    assert_eq!(ledger.row_counts().await["overages"], 1, "a retry records no second overage");
+    ledger.assert_journal_sound().await;
+}
+
+async fn each_subject_of_a_batch_gets_its_own_outcome(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ledger = Ledger::start(&db).await;
+    let alpha = ledger.customer("alpha").await;
+    let beta = ledger.customer("beta").await;
+    ledger.grant(&alpha, grant_body("10.00", json!({}))).await;
+    ledger.grant(&beta, grant_body("10.00", json!({}))).await;
+    let usage = |subject: &str, from: u64, to: u64, amount: &str| {
+        subject_sync(subject, json!({"usage": usage_range(from, to, amount, "credit_only")}))
+    };
+    let lease = |subject: &str, want: &str, ttl_ms: u64| {
+        subject_sync(subject, json!({"lease": support::lease_request("beta-lease", 1, want, ttl_ms)}))
+    };
+    let (status, body) = ledger
+        .sync(json!({"node": "n", "subjects": [
+            usage("alpha-subject", 0, 2, "1.00"),
+            usage("nobody", 0, 1, "1.00"),
+            usage("beta-subject", 5, 5, "1.00"),
+            usage("beta-subject", 7, 6, "1.00"),
+            usage("beta-subject", 3, 4, "-1.00"),
+            lease("beta-subject", "1.00", 0),
+            lease("beta-subject", "-1.00", 1000),
+            usage("", 0, 1, "1.00"),
+            usage("beta-subject", 10, 1_000_011, "1.00"),
+            subject_sync("beta-subject", json!({"lease": {"lease_id": "", "seq": 1, "want": "1.00", "ttl_ms": 1000}})),
+            subject_sync("beta-subject", json!({"lease": {"lease_id": "x", "seq": u64::MAX, "want": "1.00", "ttl_ms": 1000}})),
+            usage("beta-subject", 0, 3, "2.00"),
+        ]}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let server_time = support::parse_time(body["server_time"].as_str().expect("server_time"));
+    assert!(server_time <= ledger.db_now().await);
+    let rejected = |subject: &str, reason: &str| json!({"subject": subject, "status": "rejected", "reason": reason});
+    let answers = body["subjects"].as_array().expect("subjects").clone();
+    assert_eq!(answers.len(), 12, "{body}");
+    assert_eq!(answers[0]["status"], "ok", "{body}");
+    assert_eq!((answers[0]["usage"].as_str(), answers[0]["live"].as_str()), (Some("booked"), Some("9.00")));
+    assert_eq!(answers[0]["customer_id"], json!(alpha));
+    assert_eq!(answers[1], json!({"subject": "nobody", "status": "unknown_subject"}));
+    assert_eq!(answers[2], rejected("beta-subject", "usage range 5..5 is empty"));
+    assert_eq!(answers[3], rejected("beta-subject", "usage range 7..6 is empty"));
+    assert_eq!(answers[4], rejected("beta-subject", "usage amount must not be negative"));
+    assert_eq!(answers[5], rejected("beta-subject", "lease ttl_ms must be between 1 and 3600000"));
+    assert_eq!(answers[6], rejected("beta-subject", "a lease cannot want a negative amount"));
+    assert_eq!(answers[7], rejected("", "subject must have 1..256 characters"));
+    assert_eq!(answers[8], rejected("beta-subject", "usage range holds more than 1000000 calls"));
+    assert_eq!(answers[9], rejected("beta-subject", "lease_id must have 1..512 characters"));
+    assert_eq!(answers[10], rejected("beta-subject", "lease seq is too large"));
+    assert_eq!(answers[11]["status"], "ok", "{body}");
+    assert_eq!((answers[11]["usage"].as_str(), answers[11]["live"].as_str()), (Some("booked"), Some("8.00")));
+    assert_eq!(answers[11]["customer_id"], json!(beta));
+
+    // Only the two valid ranges were recorded and booked; no lease was opened.
+    let rows = ledger.row_counts().await;
+    assert_eq!((rows["usage_records"].as_i64(), rows["holds"].as_i64()), (Some(2), Some(0)), "{rows}");
+    assert_eq!(ledger.balance(&alpha, "").await, ("9.00".into(), "9.00".into(), "0".into()));
+    assert_eq!(ledger.balance(&beta, "").await, ("8.00".into(), "8.00".into(), "0".into()));
+    assert_eq!(ledger.all_transactions(&beta).await.len(), 2, "funded and one consumed");
+    // A rejected range left no key behind: sent again correctly, it books.
+    let fixed = book(&ledger, "n", "beta-subject", usage_range(3, 4, "0.50", "credit_only")).await;
+    assert_eq!((fixed["usage"].as_str(), fixed["live"].as_str()), (Some("booked"), Some("7.50")), "{fixed}");
+    ledger.assert_journal_sound().await;
+}
+
+async fn malformed_syncs_are_refused_and_book_nothing(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ledger = Ledger::start(&db).await;
+    let c = ledger.customer("careful").await;
+    ledger.grant(&c, grant_body("10.00", json!({}))).await;
+    let valid = subject_sync("careful-subject", json!({"usage": usage_range(0, 1, "1.00", "credit_only")}));
+    let before = ledger.snapshot(&c).await;
+
+    let sync = |body: Value| ledger.call(reqwest::Method::POST, "/v3/gateway/sync").json(&body).send();
+    sync(json!({"subjects": [valid]})).await.assert_problem(400, Some("node"));
+    sync(json!({"node": "", "subjects": [valid]})).await.assert_problem(400, Some("node"));
+    sync(json!({"node": "n".repeat(129), "subjects": [valid]})).await.assert_problem(400, Some("node"));
+    sync(json!({"node": "n"})).await.assert_problem(400, Some("subjects"));
+    sync(json!({"node": "n", "subjects": [valid], "extra": 1})).await.assert_problem(400, Some("extra"));
+    let mut bogus = valid.clone();
+    bogus["bogus"] = json!(true);
+    sync(json!({"node": "n", "subjects": [bogus]})).await.assert_problem(400, Some("subjects[0].bogus"));
+    let mut bogus = valid.clone();
+    bogus["usage"]["colour"] = json!("red");
+    sync(json!({"node": "n", "subjects": [valid, bogus]})).await.assert_problem(400, Some("subjects[1].usage.colour"));
+    let mut bad = valid.clone();
+    bad["usage"]["amount"] = json!("1.0.0");
+    sync(json!({"node": "n", "subjects": [bad]})).await.assert_problem(400, Some("subjects[0].usage.amount"));
+    let too_many = vec![valid.clone(); 1001];
+    let reply = sync(json!({"node": "n", "subjects": too_many})).await;
+    reply.assert_problem(400, Some("subjects"));
+    assert!(reply.body["detail"].as_str().is_some_and(|d| d.contains("1000")), "{}", reply.body);
+
+    let reply = ledger
+        .call_without_token(reqwest::Method::POST, "/v3/gateway/sync")
+        .json(&json!({"node": "n", "subjects": [valid]}))
+        .send()
+        .await;
+    reply.assert_problem(401, None);
+    assert_eq!(reply.headers.get("www-authenticate").and_then(|v| v.to_str().ok()), Some("Bearer"));
+    ledger
+        .call_without_token(reqwest::Method::POST, "/v3/gateway/sync")
+        .header("authorization", "Bearer wrong-token")
+        .json(&json!({"node": "n", "subjects": [valid]}))
+        .send()
+        .await
+        .assert_problem(401, None);
+    assert_eq!(ledger.snapshot(&c).await, before, "nothing booked");
+
+    // Exactly the limit is fine.
+    let (status, body) =
+        ledger.sync(json!({"node": "n", "subjects": vec![subject_sync("nobody", json!({})); 1000]})).await;
+    assert_eq!(status, 200, "{body}");
+    let answers = body["subjects"].as_array().expect("subjects");
+    assert_eq!(answers.len(), 1000);
+    assert!(answers.iter().all(|a| a["status"] == "unknown_subject"), "{body}");
+    assert_eq!(ledger.snapshot(&c).await, before, "nothing booked");
+    ledger.assert_journal_sound().await;
+}
+
+async fn openapi_lists_the_gateway_sync_endpoint(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ledger = Ledger::start(&db).await;
+    let openapi = ledger.call_without_token(reqwest::Method::GET, "/v3/openapi.json").send().await;
+    assert_eq!(openapi.status, 200, "{}", openapi.text);
+    let sync = &openapi.body["paths"]["/v3/gateway/sync"];
+    assert!(sync["post"].is_object(), "POST /v3/gateway/sync missing from the OpenAPI document: {sync}");
+    for status in ["200", "400", "401"] {
+        assert!(sync["post"]["responses"][status].is_object(), "response {status} of {sync}");
+    }
+    assert!(sync["post"]["requestBody"].is_object(), "{sync}");
+}
+
+on_both_backends!(
+    usage_ranges_book_once_through_the_draw_down_order,
+    usage_beyond_the_balance_is_booked_in_full,
+    each_subject_of_a_batch_gets_its_own_outcome,
+    malformed_syncs_are_refused_and_book_nothing,
+    openapi_lists_the_gateway_sync_endpoint,
+);

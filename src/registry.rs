@@ -1,0 +1,114 @@
+//! The node's register of customers with something to report or renew (unsent usage, a range in
+//! flight, an open lease), in shared data. Every worker's tick syncs them, so nothing depends on
+//! the one worker that served a customer: a worker whose instance was reset, or that no longer
+//! sees that customer's calls, still gets its usage out and its lease renewed.
+
+use std::collections::BTreeSet;
+
+use crate::config::FilterConfig;
+use crate::shared::{self, Keyed, SharedData};
+
+/// The register is split so one write stays small however many customers a node serves.
+pub const SHARDS: u64 = 16;
+/// Beyond this many customers per shard, customers are synced by the workers that serve them only.
+pub const MAX_PER_SHARD: usize = 4096;
+
+struct Shard {
+    key: String,
+    subjects: BTreeSet<String>,
+}
+
+impl Keyed for Shard {
+    fn key(&self) -> &str {
+        &self.key
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut out = format!("reg1\n{}\n", self.key);
+        for s in &self.subjects {
+            out.push_str(s);
+            out.push('\n');
+        }
+        out.into_bytes()
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        let text = std::str::from_utf8(bytes).ok()?;
+        let mut lines = text.split('\n');
+        if lines.next()? != "reg1" {
+            return None;
+        }
+        let key = lines.next()?.to_owned();
+        Some(Shard { key, subjects: lines.filter(|l| !l.is_empty()).map(str::to_owned).collect() })
+    }
+}
+
+fn shard_of(subject: &str) -> u64 {
+    // FNV-1a: stable across workers and hosts.
+    subject.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)) % SHARDS
+}
+
+fn shard_key(config: &FilterConfig, shard: u64) -> String {
+    let feature = config.feature_key.as_ref().map_or("-", |f| f.as_str());
+    format!("prepaid_credits/r/{}/{feature}/{shard}", config.currency)
+}
+
+/// Registers a customer; `false` if it could not be (shard full or contended).
+pub fn add(store: &dyn SharedData, config: &FilterConfig, subject: &str) -> bool {
+    let key = shard_key(config, shard_of(subject));
+    if shared::read::<Shard>(store, &key).is_some_and(|s| s.subjects.contains(subject)) {
+        return true;
+    }
+    let result = shared::update::<Shard, bool>(store, &key, |current| {
+        let mut shard = current.unwrap_or_else(|| Shard { key: key.clone(), subjects: BTreeSet::new() });
+        if shard.subjects.contains(subject) {
+            return (None, true);
+        }
+        if shard.subjects.len() >= MAX_PER_SHARD {
+            return (None, false);
+        }
+        shard.subjects.insert(subject.to_owned());
+        (Some(shard), true)
+    });
+    result.unwrap_or(false)
+}
+
+pub fn remove(store: &dyn SharedData, config: &FilterConfig, subject: &str) {
+    let key = shard_key(config, shard_of(subject));
+    let _ = shared::update::<Shard, ()>(store, &key, |current| match current {
+        Some(mut shard) => {
+            let removed = shard.subjects.remove(subject);
+            (removed.then_some(shard), ())
+        }
+        None => (None, ()),
+    });
+}
+
+/// Every registered customer.
+pub fn all(store: &dyn SharedData, config: &FilterConfig) -> Vec<String> {
+    (0..SHARDS).filter_map(|i| shared::read::<Shard>(store, &shard_key(config, i))).flat_map(|s| s.subjects).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shared::fake::{FakeShared, Rules};
+
+    #[test]
+    fn customers_come_and_go_under_both_hosts() {
+        let config =
+            FilterConfig::parse(br#"{"ledger": {"upstream": "l", "token": "t"}, "price": "1", "currency": "USD"}"#)
+                .unwrap();
+        for rules in
+            [Rules::Envoy, Rules::Kong { hash: |k| k.len() as u32 * 131 + u32::from(k.as_bytes()[k.len() - 1]) }]
+        {
+            let store = FakeShared::new(rules);
+            assert!(add(&store, &config, "alice") && add(&store, &config, "bob") && add(&store, &config, "alice"));
+            let mut everyone = all(&store, &config);
+            everyone.sort();
+            assert_eq!(everyone, ["alice", "bob"]);
+            remove(&store, &config, "alice");
+            assert_eq!(all(&store, &config), ["bob"]);
+        }
+    }
+}
