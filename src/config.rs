@@ -32,6 +32,23 @@ pub struct LedgerConfig {
     pub base_path: String,
     pub token: String,
     pub timeout_ms: u32,
+    /// Call the ledger over TLS (`:scheme: https`): Kong's engine then opens a TLS connection;
+    /// under Envoy, TLS is the ledger cluster's transport socket.
+    pub tls: bool,
+}
+
+impl LedgerConfig {
+    /// `host:port` with a host name rather than an IP: Kong resolves it with nginx's resolver
+    /// (not /etc/hosts), outside the dispatch timeout.
+    pub fn upstream_is_host_name(&self) -> bool {
+        match self.upstream.rsplit_once(':') {
+            Some((host, port)) if port.parse::<u16>().is_ok() => {
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                host.parse::<std::net::IpAddr>().is_err()
+            }
+            _ => false,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -148,6 +165,8 @@ struct RawLedger {
     token: String,
     #[serde(default)]
     timeout_ms: Option<u64>,
+    #[serde(default)]
+    tls: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -381,7 +400,14 @@ impl FilterConfig {
             },
         };
         Ok(FilterConfig {
-            ledger: LedgerConfig { upstream: l.upstream, authority, base_path, token: l.token, timeout_ms },
+            ledger: LedgerConfig {
+                upstream: l.upstream,
+                authority,
+                base_path,
+                token: l.token,
+                timeout_ms,
+                tls: l.tls.unwrap_or(false),
+            },
             subject,
             price,
             currency,
@@ -408,6 +434,18 @@ mod tests {
         assert_eq!(c.ledger.authority, "ledger");
         assert_eq!(c.ledger.base_path, "/v3");
         assert_eq!(c.ledger.timeout_ms, 1000);
+        assert!(!c.ledger.tls);
+        assert!(!c.ledger.upstream_is_host_name(), "an Envoy cluster name");
+        let kong = |u: &str| {
+            FilterConfig::parse(
+                format!(r#"{{"ledger": {{"upstream": "{u}", "token": "t"}}, "price": "1", "currency": "USD"}}"#)
+                    .as_bytes(),
+            )
+            .unwrap()
+        };
+        assert!(kong("ledger.internal:8480").ledger.upstream_is_host_name());
+        assert!(!kong("10.0.0.7:8480").ledger.upstream_is_host_name());
+        assert!(!kong("[::1]:8480").ledger.upstream_is_host_name());
         assert_eq!(c.subject.header, "x-consumer-username");
         assert_eq!(c.settlement_mode, SettlementMode::CreditOnly);
         assert_eq!(c.failure_mode, FailureMode::Deny);

@@ -189,7 +189,7 @@ fn dispatch(config: &FilterConfig, pending: &PendingSync) -> Result<u32, proxy_w
             (":method", "POST"),
             (":path", &path),
             (":authority", &config.ledger.authority),
-            (":scheme", "http"),
+            (":scheme", if config.ledger.tls { "https" } else { "http" }),
             ("content-type", "application/json"),
             ("authorization", &auth),
         ],
@@ -266,9 +266,10 @@ impl RootContext for FilterRoot {
         let parsed = FilterConfig::parse(&bytes);
         match &parsed {
             Ok(c) => {
-                if !c.ledger.upstream.contains(':') {
-                    log::info!(
-                        "prepaid_credits: ledger upstream {:?} (an Envoy cluster name; under Kong use ip:port)",
+                if c.ledger.upstream_is_host_name() {
+                    log::warn!(
+                        "prepaid_credits: ledger.upstream {:?} is a host name: under Kong it is resolved by nginx's \
+                         resolver (not /etc/hosts) and the lookup is not covered by ledger.timeout_ms; prefer ip:port",
                         c.ledger.upstream
                     );
                 }

@@ -43,6 +43,7 @@ fn corpus() -> Vec<(Value, bool)> {
         ("ledger/base_path", json!("/")),
         ("ledger/base_path", json!("/api/v3")),
         ("ledger/timeout_ms", json!(1)),
+        ("ledger/tls", json!(true)),
         ("ledger/timeout_ms", json!(60000)),
         ("ledger/upstream", json!("127.0.0.1:8480")),
         ("subject/header", json!("x-credential-identifier")),
@@ -74,7 +75,7 @@ fn corpus() -> Vec<(Value, bool)> {
         ("sync", json!({})),
         ("subject", json!({})),
     ];
-    let invalid: [(&str, Option<Value>); 58] = [
+    let invalid: [(&str, Option<Value>); 59] = [
         ("ledger/upstream", Some(json!(""))),
         ("ledger/upstream", Some(json!("led ger"))),
         ("ledger/authority", Some(json!(""))),
@@ -89,6 +90,7 @@ fn corpus() -> Vec<(Value, bool)> {
         ("ledger/timeout_ms", Some(json!("1000"))),
         ("ledger/timeout_ms", Some(json!(-5))),
         ("ledger/extra", Some(json!(1))),
+        ("ledger/tls", Some(json!("yes"))),
         ("ledger/token", None),
         ("ledger/upstream", None),
         ("subject/header", Some(json!("X-Consumer"))),
