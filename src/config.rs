@@ -54,6 +54,10 @@ impl LedgerConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SubjectConfig {
     pub header: String,
+    /// Headers that must come with the subject (e.g. `x-credential-identifier`, which Kong's
+    /// authentication plugins set together with the consumer headers); a call without them is
+    /// refused like one without a subject.
+    pub require_headers: Vec<String>,
     /// The status of the answer to a call without a subject.
     pub missing_status: u16,
     /// The status of the answer to a subject the ledger knows no customer for.
@@ -174,6 +178,8 @@ struct RawLedger {
 struct RawSubject {
     #[serde(default)]
     header: Option<String>,
+    #[serde(default)]
+    require_headers: Option<Vec<String>>,
     #[serde(default)]
     missing_status: Option<u64>,
     #[serde(default)]
@@ -309,8 +315,18 @@ impl FilterConfig {
         let timeout_ms = to_u32(bounded("ledger.timeout_ms", l.timeout_ms, 1000, 1, 60_000)?);
 
         let header = header_name("subject.header", raw.subject.header.as_deref().unwrap_or("x-consumer-username"))?;
+        let require = raw.subject.require_headers.unwrap_or_default();
+        if require.len() > 8 {
+            return Err(error("subject.require_headers", "at most 8 headers"));
+        }
+        let require_headers = require
+            .iter()
+            .enumerate()
+            .map(|(i, h)| header_name(&format!("subject.require_headers[{i}]"), h))
+            .collect::<Result<Vec<_>, _>>()?;
         let subject = SubjectConfig {
             header,
+            require_headers,
             missing_status: status("subject.missing_status", raw.subject.missing_status, 401)?,
             unknown_status: status("subject.unknown_status", raw.subject.unknown_status, 403)?,
         };

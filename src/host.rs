@@ -157,6 +157,9 @@ struct Worker {
     allowed: HashMap<u32, (Amount, Option<Amount>)>,
     /// Until when the ledger counts as unreachable (after a failed call).
     ledger_down_until_ms: u64,
+    /// Kong's engine accepts `set_effective_context` but ignores it: there a call can only be
+    /// resumed from its own callbacks, so each cold call waits for a read of its own.
+    on_kong: Option<bool>,
 }
 
 thread_local! {
@@ -329,7 +332,7 @@ impl RootContext for FilterRoot {
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(FilterCall { id: context_id, config: self.config.clone(), subject: None }))
+        Some(Box::new(FilterCall { id: context_id, config: self.config.clone(), subject: None, own_read: None }))
     }
 }
 
@@ -355,6 +358,18 @@ struct FilterCall {
     id: u32,
     config: Option<Rc<Result<FilterConfig, crate::config::ConfigError>>>,
     subject: Option<String>,
+    /// This call's own read (under Kong), rather than one shared with other calls.
+    own_read: Option<PendingSync>,
+}
+
+/// Whether this worker runs in Kong's engine (it has nginx's request properties).
+fn on_kong() -> bool {
+    if let Some(known) = with_worker(|w| w.on_kong) {
+        return known;
+    }
+    let kong = hostcalls::get_property(vec!["ngx", "kong_request_id"]).ok().flatten().is_some();
+    with_worker(|w| w.on_kong = Some(kong));
+    kong
 }
 
 fn request_id() -> Option<String> {
@@ -435,6 +450,12 @@ impl Context for FilterCall {
         let (Some(config), Some(subject)) = (self.config.clone(), self.subject.clone()) else { return };
         let Ok(config) = config.as_ref() else { return };
         let _ = token_id;
+        if let Some(pending) = self.own_read.take() {
+            let (status, body) = call_answer(body_size);
+            absorb(config, &pending, status, body.as_deref());
+            finish_waiting_call(config, self.id, &subject, now_ms());
+            return;
+        }
         let Some(read) = with_worker(|w| match w.reads.get(&subject) {
             Some(r) if r.owner == Some(self.id) => w.reads.remove(&subject),
             _ => None,
@@ -471,9 +492,16 @@ impl HttpContext for FilterCall {
             .flatten()
             .unwrap_or_default();
         let subject = subject.trim();
-        if subject.is_empty() {
+        let unverified = config.subject.require_headers.iter().any(|h| {
+            hostcalls::get_map_value(MapType::HttpRequestHeaders, h).ok().flatten().is_none_or(|v| v.trim().is_empty())
+        });
+        if subject.is_empty() || unverified {
             Metrics::add(metrics.unidentified, 1);
-            reply(Problem::unidentified(&config.subject.header, config.subject.missing_status));
+            reply(Problem::unidentified(
+                &config.subject.header,
+                &config.subject.require_headers,
+                config.subject.missing_status,
+            ));
             return Action::Pause;
         }
         let now = now_ms();
@@ -491,21 +519,28 @@ impl HttpContext for FilterCall {
         if verdict != Verdict::AskLedger {
             return act(config, self.id, subject, verdict, now);
         }
-        // Cold miss: wait for the read already in flight for this customer, or start one.
+        // Cold miss: wait for the read already in flight for this customer, or start one (under
+        // Kong every call reads for itself: see `Worker::on_kong`).
         self.subject = Some(subject.to_owned());
-        let joined = with_worker(|w| match w.reads.get_mut(subject) {
-            Some(read) if read.owner.is_some() => {
-                read.waiters.push(self.id);
-                true
-            }
-            _ => false,
-        });
+        let kong = on_kong();
+        let joined = !kong
+            && with_worker(|w| match w.reads.get_mut(subject) {
+                Some(read) if read.owner.is_some() => {
+                    read.waiters.push(self.id);
+                    true
+                }
+                _ => false,
+            });
         if joined {
             return Action::Pause;
         }
         let node = with_worker(|w| w.node.clone());
         let pending = sync::balance_read(&HostShared, config, &node, subject, now);
         match dispatch(config, &pending) {
+            Ok(_token) if kong => {
+                self.own_read = Some(pending);
+                Action::Pause
+            }
             Ok(_token) => {
                 let deadline_ms = now + u64::from(config.ledger.timeout_ms) + 100;
                 with_worker(|w| {

@@ -56,12 +56,16 @@ impl Problem {
         .with("available", available.to_string())
     }
 
-    pub fn unidentified(header: &str, status: u16) -> Self {
-        Problem::new(
-            status,
-            reason(status),
-            format!("the request does not name a customer (header {header} is missing or empty)"),
-        )
+    pub fn unidentified(header: &str, required: &[String], status: u16) -> Self {
+        let detail = if required.is_empty() {
+            format!("the request does not name a customer (header {header} is missing or empty)")
+        } else {
+            format!(
+                "the request does not name an authenticated customer (headers {header}, {} must all be set)",
+                required.join(", ")
+            )
+        };
+        Problem::new(status, reason(status), detail)
     }
 
     pub fn unknown_customer(subject: &str, status: u16) -> Self {

@@ -47,6 +47,8 @@ fn corpus() -> Vec<(Value, bool)> {
         ("ledger/timeout_ms", json!(60000)),
         ("ledger/upstream", json!("127.0.0.1:8480")),
         ("subject/header", json!("x-credential-identifier")),
+        ("subject/require_headers", json!(["x-credential-identifier"])),
+        ("subject/require_headers", json!([])),
         ("subject/missing_status", json!(403)),
         ("subject/unknown_status", json!(404)),
         ("price", json!("0")),
@@ -75,7 +77,7 @@ fn corpus() -> Vec<(Value, bool)> {
         ("sync", json!({})),
         ("subject", json!({})),
     ];
-    let invalid: [(&str, Option<Value>); 59] = [
+    let invalid: [(&str, Option<Value>); 62] = [
         ("ledger/upstream", Some(json!(""))),
         ("ledger/upstream", Some(json!("led ger"))),
         ("ledger/authority", Some(json!(""))),
@@ -95,6 +97,9 @@ fn corpus() -> Vec<(Value, bool)> {
         ("ledger/upstream", None),
         ("subject/header", Some(json!("X-Consumer"))),
         ("subject/header", Some(json!(""))),
+        ("subject/require_headers", Some(json!(["X-Credential"]))),
+        ("subject/require_headers", Some(json!("x-credential-identifier"))),
+        ("subject/require_headers", Some(json!(["a", "b", "c", "d", "e", "f", "g", "h", "i"]))),
         ("subject/missing_status", Some(json!(200))),
         ("subject/unknown_status", Some(json!(500))),
         ("subject/unknown", Some(json!(true))),

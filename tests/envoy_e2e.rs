@@ -103,3 +103,22 @@ async fn an_invalid_config_answers_500_naming_the_field() {
     // The worker stays up: the next call gets the same answer.
     assert_eq!(envoy.call(Some("alice")).await.0, 500);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_subject_without_the_authentication_header_is_refused() {
+    let dir = TempDir::new("spoof");
+    let ledger = Ledger::start(&dir.0).await;
+    let hal = ledger.customer_with_credit("hal", "1.00").await;
+    let (up, _u) = upstream().await;
+    let config = filter_config(json!({"subject": {"require_headers": ["x-credential-identifier"]}}));
+    let envoy = Envoy::start(&dir.0, up, ledger.port, &config).await;
+    // A client naming a customer by itself (no authentication plugin vouched for it).
+    let (status, _, body) = envoy.call_with(&[("x-consumer-username", "hal")]).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(problem(&body)["detail"].as_str().unwrap_or_default().contains("x-credential-identifier"));
+    // With the header an authentication plugin sets alongside the consumer, the call is metered.
+    let (status, _, body) =
+        envoy.call_with(&[("x-consumer-username", "hal"), ("x-credential-identifier", "key-7")]).await;
+    assert_eq!(status, 200, "{body}");
+    ledger.wait_settled(&hal, "0.90").await;
+}

@@ -262,9 +262,16 @@ impl Envoy {
     }
 
     pub async fn call(&self, subject: Option<&str>) -> (u16, reqwest::header::HeaderMap, String) {
+        match subject {
+            Some(s) => self.call_with(&[("x-consumer-username", s)]).await,
+            None => self.call_with(&[]).await,
+        }
+    }
+
+    pub async fn call_with(&self, headers: &[(&str, &str)]) -> (u16, reqwest::header::HeaderMap, String) {
         let mut req = reqwest::Client::new().get(format!("http://127.0.0.1:{}/api/thing", self.port));
-        if let Some(s) = subject {
-            req = req.header("x-consumer-username", s);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
         }
         let resp = req.send().await.expect("call through envoy");
         let status = resp.status().as_u16();

@@ -1,0 +1,265 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail by panicking
+//! The built `prepaid_credits.wasm` in a host that plays Kong's engine (ngx_wasm_module): shared
+//! data with Kong's compare-and-swap rules and hash-only keys, a trap on a second tick period, on a
+//! dispatch outside the phases that allow it and on a dispatch without `:method`/`:path`, failed
+//! dispatches reported the Kong 3.9 way, and instances that are thrown away after a trap.
+
+#[path = "kong_host/harness.rs"]
+mod kong_host;
+
+use chrono::DateTime;
+use credits::sync::{SubjectAnswer, SubjectOutcome, SyncRequest, SyncResponse, UsageOutcome};
+use credits::Amount;
+use kong_host::{crc32, HttpCall, Kong, LocalResponse, Node};
+
+const CONFIG: &str = r#"{"ledger": {"upstream": "127.0.0.1:8480", "token": "t"}, "price": "0.10", "currency": "USD",
+    "sync": {"strategy": "cached", "interval_ms": 1000}}"#;
+
+/// The ledger's answer to a sync request: every subject it names is a customer with `live`.
+fn ledger_answer(node: &Node, call: &HttpCall, live: &[(&str, &str)]) -> Vec<u8> {
+    let request: SyncRequest = serde_json::from_slice(&call.body).unwrap();
+    let subjects = request
+        .subjects
+        .iter()
+        .map(|s| {
+            let live = live.iter().find(|(name, _)| *name == s.subject).map_or("0", |(_, l)| l);
+            SubjectAnswer {
+                subject: s.subject.clone(),
+                outcome: SubjectOutcome::Ok {
+                    customer_id: format!("cust-{}", s.subject),
+                    usage: s.usage.as_ref().map(|_| UsageOutcome::Booked),
+                    live: Amount::parse(live).unwrap(),
+                    revision: 1,
+                    lease: None,
+                },
+            }
+        })
+        .collect();
+    let answer = SyncResponse {
+        server_time: DateTime::from_timestamp_millis(i64::try_from(node.now_ms()).unwrap()).unwrap(),
+        subjects,
+    };
+    serde_json::to_vec(&answer).unwrap()
+}
+
+#[derive(Debug)]
+enum Outcome {
+    Allowed,
+    Local(LocalResponse),
+}
+
+/// One call of `subject` that must be decided without the ledger, run to its end.
+fn call(kong: &mut Kong, subject: &str) -> Outcome {
+    let dispatches = kong.calls().len();
+    let (id, action) = kong.request(&[("x-consumer-username", subject)]).unwrap();
+    assert_eq!(kong.calls().len(), dispatches, "a warm call dispatched");
+    let outcome = match (action, kong.request_state(id).local.clone()) {
+        (0, None) => Outcome::Allowed,
+        (1, Some(local)) => Outcome::Local(local),
+        (action, local) => panic!("call left hanging: action {action}, local {local:?}"),
+    };
+    kong.finish(id).unwrap();
+    outcome
+}
+
+/// A cold call of `subject`: pauses, reads the balance, and is resumed on the answer.
+fn cold_call(kong: &mut Kong, node: &Node, subject: &str, live: &str) {
+    let (id, action) = kong.request(&[("x-consumer-username", subject)]).unwrap();
+    assert_eq!(action, 1, "a cold call pauses");
+    let dispatch = kong.calls().last().cloned().expect("a cold call dispatches");
+    assert_eq!(dispatch.context, id);
+    let body = ledger_answer(node, &dispatch, &[(subject, live)]);
+    kong.answer_ok(dispatch.token, &body).unwrap();
+    let state = kong.request_state(id);
+    assert!(state.local.is_none(), "answered locally: {:?}", state.local);
+    assert_eq!(state.resumed, 1, "resumed once");
+    kong.finish(id).unwrap();
+}
+
+fn configured(node: &Node, config: &str) -> Kong {
+    let mut kong = Kong::new(node);
+    assert!(kong.configure(config).unwrap());
+    kong
+}
+
+#[test]
+fn cold_call_reads_the_balance_then_calls_are_paid_until_402() {
+    let node = Node::new(crc32);
+    let mut kong = configured(&node, CONFIG);
+    let (id, action) = kong.request(&[("x-consumer-username", "alice")]).unwrap();
+    assert_eq!(action, 1, "paused");
+    let calls = kong.calls().to_vec();
+    assert_eq!(calls.len(), 1);
+    let dispatch = &calls[0];
+    assert_eq!(dispatch.upstream, "127.0.0.1:8480");
+    assert_eq!(dispatch.header(":method"), Some("POST"));
+    assert_eq!(dispatch.header(":path"), Some("/v3/gateway/sync"));
+    assert_eq!(dispatch.header("authorization"), Some("Bearer t"));
+    assert!(dispatch.timeout_ms > 0, "Kong: timeout 0 means 60 s");
+    let request: SyncRequest = serde_json::from_slice(&dispatch.body).unwrap();
+    assert_eq!(request.subjects.len(), 1);
+    assert_eq!(request.subjects[0].subject, "alice");
+
+    let body = ledger_answer(&node, dispatch, &[("alice", "1.00")]);
+    kong.answer_ok(dispatch.token, &body).unwrap();
+    assert_eq!(kong.request_state(id).resumed, 1);
+    assert!(kong.request_state(id).local.is_none());
+    kong.finish(id).unwrap();
+
+    for n in 2..=10 {
+        assert!(matches!(call(&mut kong, "alice"), Outcome::Allowed), "call {n}");
+    }
+    let Outcome::Local(refused) = call(&mut kong, "alice") else { panic!("call 11 let through") };
+    assert_eq!(refused.status, 402);
+    assert!(refused.body_text().contains("alice"), "{}", refused.body_text());
+    assert!(refused.headers.iter().any(|(k, v)| k == "content-type" && v == "application/problem+json"));
+    assert_eq!(kong.metric("calls_allowed"), 10);
+    assert_eq!(kong.metric("calls_refused"), 1);
+}
+
+#[test]
+fn failed_dispatch_reported_the_kong_3_9_way_follows_the_failure_mode() {
+    let node = Node::new(crc32);
+    let mut kong = configured(&node, CONFIG);
+    let (id, action) = kong.request(&[("x-consumer-username", "alice")]).unwrap();
+    assert_eq!(action, 1);
+    let token = kong.calls()[0].token;
+    kong.answer(token, &[(":dispatch_status", "timeout")], 0, b"").unwrap();
+    let local = kong.request_state(id).local.clone().expect("answered");
+    assert_eq!(local.status, 503, "{}", local.body_text());
+    assert_eq!(kong.request_state(id).resumed, 0);
+    kong.finish(id).unwrap();
+    // The ledger counts as down: the next call is decided at once (no new dispatch, no trap).
+    let Outcome::Local(next) = call(&mut kong, "alice") else { panic!("let through while the ledger is down") };
+    assert_eq!(next.status, 503);
+    assert_eq!(kong.metric("sync_failures"), 1);
+}
+
+#[test]
+fn configuring_again_never_sets_the_tick_period_twice() {
+    let node = Node::new(crc32);
+    let mut kong = configured(&node, CONFIG);
+    assert_eq!(kong.host().tick_period_ms.get(&kong_host::ROOT_ID), Some(&1000));
+    // Kong traps on a second non-zero set_tick_period: the harness does too.
+    assert!(kong.configure(CONFIG).unwrap());
+    assert!(kong.configure(&CONFIG.replace("1000", "2000")).unwrap());
+    kong.tick().unwrap();
+    assert_eq!(kong.roots().len(), 1);
+}
+
+#[test]
+fn shared_data_under_kong_cas_rules_and_colliding_keys() {
+    // Every key naming bob hashes like the same key naming alice: Kong would alias them.
+    fn colliding(key: &str) -> u32 {
+        crc32(&key.replace("bob", "alice"))
+    }
+    let node = Node::new(colliding);
+    let mut kong = configured(&node, CONFIG);
+    cold_call(&mut kong, &node, "alice", "1.00");
+    cold_call(&mut kong, &node, "bob", "0.30");
+    for _ in 0..2 {
+        assert!(matches!(call(&mut kong, "bob"), Outcome::Allowed));
+    }
+    for _ in 0..9 {
+        assert!(matches!(call(&mut kong, "alice"), Outcome::Allowed));
+    }
+    let Outcome::Local(bob) = call(&mut kong, "bob") else { panic!("bob overspent") };
+    assert_eq!(bob.status, 402);
+    assert!(bob.body_text().contains("bob"), "{}", bob.body_text());
+    let Outcome::Local(alice) = call(&mut kong, "alice") else { panic!("alice overspent") };
+    assert_eq!(alice.status, 402);
+    assert!(alice.body_text().contains("alice"), "{}", alice.body_text());
+
+    // A second worker on the same node sees both balances (all used up) without asking the ledger.
+    let mut other = configured(&node, CONFIG);
+    assert!(matches!(call(&mut other, "alice"), Outcome::Local(ref l) if l.status == 402));
+    assert!(matches!(call(&mut other, "bob"), Outcome::Local(ref l) if l.status == 402));
+    let shm = node.shm.lock().unwrap();
+    assert!(shm.entries.values().any(|(k, _, _)| k.contains("bob#")), "bob's entry probed past alice's");
+}
+
+#[test]
+fn invalid_config_is_accepted_and_every_call_gets_a_500_naming_the_field() {
+    let node = Node::new(crc32);
+    let mut kong = Kong::new(&node);
+    let bad = CONFIG.replace(r#""price": "0.10""#, r#""price": "ten cents""#);
+    assert!(kong.configure(&bad).unwrap(), "on_configure must not fail (Kong would block its config update)");
+    let Outcome::Local(local) = call(&mut kong, "alice") else { panic!("let through") };
+    assert_eq!(local.status, 500);
+    assert!(local.body_text().contains("price"), "{}", local.body_text());
+    assert!(kong.host().logs.iter().any(|(_, m)| m.contains("price")), "the field is logged");
+    assert!(kong.calls().is_empty());
+}
+
+#[test]
+fn unsent_usage_survives_an_instance_reset() {
+    let node = Node::new(crc32);
+    let mut first = configured(&node, CONFIG);
+    cold_call(&mut first, &node, "alice", "1.00");
+    for _ in 0..3 {
+        assert!(matches!(call(&mut first, "alice"), Outcome::Allowed));
+    }
+    // A trap: Kong throws the instance away and starts a fresh one; shared memory stays.
+    drop(first);
+    let mut second = configured(&node, CONFIG);
+    node.advance(1000);
+    second.tick().unwrap();
+    let sync = second.calls().last().cloned().expect("the tick sends a sync");
+    assert_eq!(sync.header(":path"), Some("/v3/gateway/sync"));
+    let request: SyncRequest = serde_json::from_slice(&sync.body).unwrap();
+    let alice = request.subjects.iter().find(|s| s.subject == "alice").expect("alice is synced");
+    let usage = alice.usage.as_ref().expect("alice's usage is sent");
+    assert_eq!(usage.calls(), 4, "{usage:?}");
+    assert_eq!(usage.amount, Amount::parse("0.40").unwrap());
+    let body = ledger_answer(&node, &sync, &[("alice", "0.60")]);
+    second.answer_ok(sync.token, &body).unwrap();
+}
+
+#[test]
+fn no_dispatch_outside_the_phases_kong_allows() {
+    let node = Node::new(crc32);
+    let mut kong = configured(&node, CONFIG);
+    cold_call(&mut kong, &node, "alice", "1.00");
+    let (id, action) = kong.request(&[("x-consumer-username", "alice")]).unwrap();
+    assert_eq!(action, 0);
+    let before = kong.calls().len();
+    kong.response_headers(id).unwrap();
+    let headers = &kong.request_state(id).response_headers;
+    assert!(headers.iter().any(|(k, v)| k == "x-credits-cost" && v == "0.10"), "{headers:?}");
+    assert!(headers.iter().any(|(k, v)| k == "x-credits-balance" && v == "0.80"), "{headers:?}");
+    kong.log(id).unwrap();
+    kong.done(id).unwrap();
+    assert_eq!(kong.calls().len(), before, "dispatched from on_response_headers / on_log / on_done");
+    // Every dispatch so far came from a phase Kong allows.
+    for c in kong.calls() {
+        assert!(
+            matches!(
+                c.phase,
+                kong_host::Phase::RequestHeaders | kong_host::Phase::Tick | kong_host::Phase::CallResponse
+            ),
+            "{c:?}"
+        );
+    }
+    assert!(kong.host().root_property_reads.is_empty(), "{:?}", kong.host().root_property_reads);
+}
+
+/// Kong's `proxy_set_effective_context` does nothing: a resume or local response made for a
+/// *waiting* call from another call's `on_http_call_response` would land on the running call. So
+/// under Kong (recognised by nginx's request properties) each cold call reads for itself and is
+/// decided in its own callback; every call is resumed exactly once.
+#[test]
+fn concurrent_cold_calls_are_all_resumed_under_kong() {
+    let node = Node::new(crc32);
+    let mut kong = configured(&node, CONFIG);
+    let (first, a) = kong.request(&[("x-consumer-username", "alice")]).unwrap();
+    let (second, b) = kong.request(&[("x-consumer-username", "alice")]).unwrap();
+    assert_eq!((a, b), (1, 1), "both calls wait for the ledger");
+    assert_eq!(kong.calls().len(), 2, "under Kong each cold call reads for itself");
+    for dispatch in kong.calls().to_vec() {
+        let body = ledger_answer(&node, &dispatch, &[("alice", "1.00")]);
+        kong.answer_ok(dispatch.token, &body).unwrap();
+    }
+    assert!(kong.host().effective_context_switches.is_empty(), "{:?}", kong.host().effective_context_switches);
+    assert_eq!(kong.request_state(first).resumed, 1);
+    assert_eq!(kong.request_state(second).resumed, 1);
+}
