@@ -58,18 +58,8 @@ pub async fn load(conn: &mut sqlx::AnyConnection, customer_id: &str) -> StoreRes
     .bind(customer_id)
     .fetch_all(&mut *conn)
     .await?
-    .into_iter()
-    .map(|r| {
-        Ok(Hold {
-            id: HoldId(r.try_get("id")?),
-            currency: currency("holds", "currency", r.try_get("currency")?)?,
-            feature: feature("holds", "feature", opt(&r, "feature")?)?,
-            amount: amount("holds", "amount", r.try_get("amount")?)?,
-            created_at: from_micros(r.try_get("created_at")?),
-            expires_at: from_micros(r.try_get("expires_at")?),
-            released: false,
-        })
-    })
+    .iter()
+    .map(hold_from_row)
     .collect::<StoreResult<Vec<_>>>()?;
     let states: Vec<GrantState> = grants.iter().map(|g| g.state.clone()).collect();
     Ok(LoadedBook { book: Book::from_parts(states, debts, holds, from_micros(clock)), grants })
@@ -236,6 +226,18 @@ async fn write_entry(
     Ok(id)
 }
 
+fn hold_from_row(r: &sqlx::any::AnyRow) -> StoreResult<Hold> {
+    Ok(Hold {
+        id: HoldId(r.try_get("id")?),
+        currency: currency("holds", "currency", r.try_get("currency")?)?,
+        feature: feature("holds", "feature", opt(r, "feature")?)?,
+        amount: amount("holds", "amount", r.try_get("amount")?)?,
+        created_at: from_micros(r.try_get("created_at")?),
+        expires_at: from_micros(r.try_get("expires_at")?),
+        released: false,
+    })
+}
+
 /// Holds that were open at `at` (created by then, not yet expired or released), with what they
 /// hold now.
 pub async fn holds_open_at(
@@ -251,17 +253,5 @@ pub async fn holds_open_at(
     .bind(micros(at))
     .fetch_all(&mut *conn)
     .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(Hold {
-                id: HoldId(r.try_get("id")?),
-                currency: currency("holds", "currency", r.try_get("currency")?)?,
-                feature: feature("holds", "feature", opt(r, "feature")?)?,
-                amount: amount("holds", "amount", r.try_get("amount")?)?,
-                created_at: from_micros(r.try_get("created_at")?),
-                expires_at: from_micros(r.try_get("expires_at")?),
-                released: false,
-            })
-        })
-        .collect()
+    rows.iter().map(hold_from_row).collect()
 }
