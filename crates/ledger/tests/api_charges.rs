@@ -4,7 +4,7 @@
 mod support;
 
 use serde_json::{json, Value};
-use support::{customer_path, grant_body, Backend, Ledger, TestDb};
+use support::{customer_path, grant_body, summary, Backend, Ledger, TestDb};
 
 fn id_of(v: &Value) -> String {
     v["id"].as_str().unwrap_or_else(|| panic!("no id in {v}")).to_owned()
@@ -22,23 +22,6 @@ async fn charge_ok(ledger: &Ledger, customer: &str, body: Value) -> Value {
 
 fn consumed(pairs: &[(&Value, &str)]) -> Value {
     Value::Array(pairs.iter().map(|(g, a)| json!({"grant_id": id_of(g), "amount": a})).collect())
-}
-
-/// (type, amount, grant_id or "-", balance before, balance after) of history items.
-fn summary(items: &[Value]) -> Vec<(String, String, String, String, String)> {
-    let s = |v: &Value| v.as_str().unwrap_or("-").to_owned();
-    items
-        .iter()
-        .map(|t| {
-            (
-                s(&t["type"]),
-                s(&t["amount"]),
-                s(&t["grant_id"]),
-                s(&t["available_balance"]["before"]),
-                s(&t["available_balance"]["after"]),
-            )
-        })
-        .collect()
 }
 
 fn row(t: &str, amount: &str, grant: &str, before: &str, after: &str) -> (String, String, String, String, String) {
