@@ -7,13 +7,18 @@ use std::fmt;
 use credits::{Amount, Currency, FeatureKey, SettlementMode};
 use serde::Deserialize;
 
+use crate::pricing::{self, Pricing, RawPricing};
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FilterConfig {
     pub ledger: LedgerConfig,
     pub subject: SubjectConfig,
+    /// The fixed price of every call (zero when only `pricing.units` price calls).
     pub price: Amount,
     pub currency: Currency,
+    /// The feature the fixed price is charged in.
     pub feature_key: Option<FeatureKey>,
+    pub pricing: Pricing,
     pub settlement_mode: SettlementMode,
     pub sync: SyncConfig,
     pub lease: LeaseConfig,
@@ -128,7 +133,7 @@ impl fmt::Display for ConfigError {
     }
 }
 
-fn error(field: &str, message: impl Into<String>) -> ConfigError {
+pub(crate) fn error(field: &str, message: impl Into<String>) -> ConfigError {
     ConfigError { field: field.to_owned(), message: message.into() }
 }
 
@@ -140,10 +145,13 @@ struct RawConfig {
     ledger: RawLedger,
     #[serde(default)]
     subject: RawSubject,
-    price: String,
+    #[serde(default)]
+    price: Option<String>,
     currency: String,
     #[serde(default)]
     feature_key: Option<String>,
+    #[serde(default)]
+    pricing: RawPricing,
     #[serde(default)]
     settlement_mode: Option<String>,
     #[serde(default)]
@@ -234,7 +242,7 @@ fn explicit<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<Stri
     Option::<String>::deserialize(d).map(Some)
 }
 
-fn bounded(field: &str, value: Option<u64>, default: u64, min: u64, max: u64) -> Result<u64, ConfigError> {
+pub(crate) fn bounded(field: &str, value: Option<u64>, default: u64, min: u64, max: u64) -> Result<u64, ConfigError> {
     let v = value.unwrap_or(default);
     if (min..=max).contains(&v) {
         Ok(v)
@@ -248,7 +256,7 @@ fn to_u32(v: u64) -> u32 {
 }
 
 /// Header names are lower-case tokens (HTTP/2 and proxy-wasm hosts use lower case).
-fn header_name(field: &str, name: &str) -> Result<String, ConfigError> {
+pub(crate) fn header_name(field: &str, name: &str) -> Result<String, ConfigError> {
     let ok = !name.is_empty()
         && name.len() <= 128
         && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
@@ -264,7 +272,7 @@ fn status(field: &str, value: Option<u64>, default: u16) -> Result<u16, ConfigEr
     Ok(u16::try_from(v).unwrap_or(default))
 }
 
-fn amount(field: &str, text: &str) -> Result<Amount, ConfigError> {
+pub(crate) fn amount(field: &str, text: &str) -> Result<Amount, ConfigError> {
     let a = Amount::parse(text).map_err(|e| error(field, e.to_string()))?;
     if a.is_negative() {
         return Err(error(field, "must not be negative"));
@@ -331,7 +339,11 @@ impl FilterConfig {
             unknown_status: status("subject.unknown_status", raw.subject.unknown_status, 403)?,
         };
 
-        let price = amount("price", &raw.price)?;
+        let price = match raw.price.as_deref() {
+            Some(text) => amount("price", text)?,
+            None if !raw.pricing.has_units() => return Err(error("price", "missing field `price`")),
+            None => Amount::ZERO,
+        };
         let currency = Currency::parse(&raw.currency).map_err(|e| error("currency", e.to_string()))?;
         let feature_key = raw
             .feature_key
@@ -339,6 +351,7 @@ impl FilterConfig {
             .map(FeatureKey::parse)
             .transpose()
             .map_err(|e| error("feature_key", e.to_string()))?;
+        let pricing = pricing::parse(raw.pricing, price, feature_key.clone(), bounded)?;
         let settlement_mode = match raw.settlement_mode.as_deref().unwrap_or("credit_only") {
             "credit_only" => SettlementMode::CreditOnly,
             "credit_then_invoice" => SettlementMode::CreditThenInvoice,
@@ -428,6 +441,7 @@ impl FilterConfig {
             price,
             currency,
             feature_key,
+            pricing,
             settlement_mode,
             sync,
             lease,

@@ -74,6 +74,16 @@ pub struct CustomerEntry {
     pub last_used_ms: u64,
     pub lease: Lease,
     pub rate: RateMeter,
+    pub holds: Holds,
+}
+
+/// What calls let through and not yet settled set aside (their estimates). A worker that goes
+/// away mid-call never settles its hold, so holds stop counting `timeout` after the last one.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Holds {
+    pub amount: Amount,
+    pub count: u64,
+    pub until_ms: u64,
 }
 
 /// What the next sync should send for an entry.
@@ -99,12 +109,35 @@ impl CustomerEntry {
             last_used_ms: now_ms,
             lease: Lease::default(),
             rate: RateMeter { window_start_ms: now_ms, ..RateMeter::default() },
+            holds: Holds::default(),
         }
+    }
+
+    /// Forgets holds whose calls can no longer settle.
+    pub fn expire_holds(&mut self, now_ms: u64) {
+        if self.holds.count > 0 && now_ms >= self.holds.until_ms {
+            self.holds = Holds::default();
+        }
+    }
+
+    /// Sets `amount` aside for a call until it settles.
+    pub fn place_hold(&mut self, amount: Amount, now_ms: u64, timeout_ms: u64) {
+        self.holds.amount += amount;
+        self.holds.count += 1;
+        self.holds.until_ms = self.holds.until_ms.max(now_ms + timeout_ms);
+        self.last_used_ms = now_ms;
+    }
+
+    /// Ends a call's hold of `amount` (what it then costs is spent separately).
+    pub fn release_hold(&mut self, amount: Amount) {
+        self.holds.count = self.holds.count.saturating_sub(1);
+        self.holds.amount =
+            if self.holds.count == 0 { Amount::ZERO } else { (self.holds.amount - amount).max(Amount::ZERO) };
     }
 
     /// Does the node still owe the ledger a report or hold a lease of this customer?
     pub fn has_pending(&self) -> bool {
-        self.unsent_calls() > 0 || self.flight.is_some() || self.lease.open
+        self.unsent_calls() > 0 || self.flight.is_some() || self.lease.open || self.holds.count > 0
     }
 
     /// Can a call priced at `price` be paid from the lease now?
@@ -146,16 +179,18 @@ impl CustomerEntry {
         }
         // The ledger's hold already reflects every range it confirmed; what this node spent and
         // has not had confirmed is still in it.
-        let unconfirmed = self.spent + self.flight.as_ref().map_or(Amount::ZERO, |f| f.amount);
+        // Calls still holding their estimate will spend from it too.
+        let unconfirmed = self.spent + self.flight.as_ref().map_or(Amount::ZERO, |f| f.amount) + self.holds.amount;
         self.lease.open = true;
         self.lease.remaining = (answer.held - unconfirmed).max(Amount::ZERO);
         // Counted from when the request left: the ledger's TTL started no earlier.
         self.lease.spend_until_ms = (sent_ms + ttl_ms).saturating_sub(reserve_ms);
     }
 
-    /// What can still be spent: the ledger's live balance minus everything not yet in it.
+    /// What can still be spent: the ledger's live balance minus everything not yet in it and
+    /// what calls in progress hold.
     pub fn available(&self) -> Amount {
-        self.live - self.spent - self.flight.as_ref().map_or(Amount::ZERO, |f| f.amount)
+        self.live - self.spent - self.flight.as_ref().map_or(Amount::ZERO, |f| f.amount) - self.holds.amount
     }
 
     /// Has the ledger answered recently enough to trust `live`?
@@ -264,7 +299,7 @@ impl CustomerEntry {
 }
 
 // The stored form: one line, `|`-separated, with the key last (it may contain `|`).
-// v1|standing|customer_id|live|revision|refreshed|spent|next|unsent_from|flight|offline|last_used|lease|rate|subject_len|subject key
+// v2|standing|customer_id|live|revision|refreshed|spent|next|unsent_from|flight|offline|last_used|lease|rate|holds|subject_len|subject key
 impl Keyed for CustomerEntry {
     fn key(&self) -> &str {
         &self.key
@@ -291,8 +326,9 @@ impl Keyed for CustomerEntry {
             lease.floor_seq
         );
         let rate = format!("{},{},{}", self.rate.window_start_ms, self.rate.window_start_call, self.rate.calls_per_min);
+        let holds = format!("{},{},{}", self.holds.amount, self.holds.count, self.holds.until_ms);
         format!(
-            "v1|{standing}|{customer_id}|{}|{}|{}|{}|{}|{}|{flight}|{}|{}|{lease}|{rate}|{}|{}{}",
+            "v2|{standing}|{customer_id}|{}|{}|{}|{}|{}|{}|{flight}|{}|{}|{lease}|{rate}|{holds}|{}|{}{}",
             self.live,
             self.revision,
             self.refreshed_ms,
@@ -310,8 +346,8 @@ impl Keyed for CustomerEntry {
 
     fn decode(bytes: &[u8]) -> Option<Self> {
         let text = std::str::from_utf8(bytes).ok()?;
-        let mut parts = text.splitn(16, '|');
-        if parts.next()? != "v1" {
+        let mut parts = text.splitn(17, '|');
+        if parts.next()? != "v2" {
             return None;
         }
         let standing = parts.next()?;
@@ -359,6 +395,12 @@ impl Keyed for CustomerEntry {
             window_start_call: r.next()?.parse().ok()?,
             calls_per_min: r.next()?.parse().ok()?,
         };
+        let mut h = parts.next()?.split(',');
+        let holds = Holds {
+            amount: Amount::parse(h.next()?).ok()?,
+            count: h.next()?.parse().ok()?,
+            until_ms: h.next()?.parse().ok()?,
+        };
         let subject_len: usize = parts.next()?.parse().ok()?;
         let rest = parts.next()?;
         let subject = rest.get(..subject_len)?.to_owned();
@@ -381,6 +423,7 @@ impl Keyed for CustomerEntry {
             last_used_ms,
             lease,
             rate,
+            holds,
         })
     }
 }
@@ -403,7 +446,10 @@ mod tests {
         let back = CustomerEntry::decode(&e.encode()).unwrap();
         assert_eq!(back, e);
         assert!(CustomerEntry::decode(b"v2|garbage").is_none());
-        assert!(CustomerEntry::decode(b"v1|k|x|NaN|1|1|0|0|0||0|0|0,0,0,0,0,0|0,0,0|1|ak").is_none());
+        assert!(CustomerEntry::decode(b"v2|k|x|NaN|1|1|0|0|0||0|0|0,0,0,0,0,0|0,0,0|0,0,0|1|ak").is_none());
+        let mut held = e.clone();
+        held.place_hold(amt("0.25"), 20, 1000);
+        assert_eq!(CustomerEntry::decode(&held.encode()).unwrap(), held);
     }
 
     #[test]
@@ -438,6 +484,27 @@ mod tests {
         e.confirm(&first);
         let second = e.take_outgoing(2, 5001, 1000, SettlementMode::CreditOnly, None).range.unwrap();
         assert_eq!((second.from, second.to), (1, 2));
+    }
+
+    #[test]
+    fn holds_set_credit_aside_until_settled_or_timed_out() {
+        let mut e = CustomerEntry::new("k", "s", 0);
+        e.refresh("c", amt("1.00"), 1, 1);
+        e.place_hold(amt("0.40"), 2, 100);
+        e.place_hold(amt("0.30"), 3, 100);
+        assert_eq!(e.available(), amt("0.30"));
+        assert!(e.has_pending(), "an entry with calls in progress is kept");
+        e.release_hold(amt("0.40"));
+        e.spend(amt("0.55"), 4);
+        assert_eq!(e.available(), amt("0.15"));
+        // The other call's worker went away: its hold stops counting after the timeout.
+        e.expire_holds(102);
+        assert_eq!(e.available(), amt("0.15"));
+        e.expire_holds(103);
+        assert_eq!((e.available(), e.holds.count), (amt("0.45"), 0));
+        // A late settlement of an expired hold does not go below zero.
+        e.release_hold(amt("0.30"));
+        assert_eq!(e.holds, Holds::default());
     }
 
     #[test]

@@ -1,24 +1,51 @@
-//! The decision for one call, from the node's shared state of its customer.
+//! The decision for one call in one scope, from the node's shared state of its customer: let it
+//! through holding its estimate, or refuse it; and, once its response is complete, settle it.
 
 use credits::{Amount, SettlementMode};
 
 use crate::config::{FailureMode, FilterConfig, Strategy};
 use crate::customer::{CustomerEntry, Standing};
+use crate::pricing::Scope;
 use crate::shared::{self, SharedData};
+
+/// What a call let through holds in one scope until it settles.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Held {
+    pub amount: Amount,
+    /// The part taken from the node's lease (given back to it when the call settles).
+    pub from_lease: Amount,
+    /// Its usage cannot be recorded (the backlog was full under `allow`): settle books nothing.
+    pub unrecorded: bool,
+}
 
 /// What happens to a call.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
-    /// Let through; `balance` is what is left (unknown while the ledger is unreachable).
-    Allow { cost: Amount, balance: Option<Amount> },
-    /// 402: credit does not cover the price; nothing deducted.
-    Refuse { available: Amount },
+    /// Let through holding `held` (per scope); `balance` is what is left in the first scope
+    /// (unknown while the ledger is unreachable).
+    Allow { held: Vec<Held>, balance: Option<Amount> },
+    /// 402: credit in `scope` does not cover what the call `needed` there; nothing held.
+    Refuse { scope: usize, needed: Amount, available: Amount },
     /// The ledger knows no customer with this subject.
     UnknownCustomer,
     /// The ledger cannot be asked and the failure mode says deny (503).
     Unavailable { reason: &'static str },
     /// Nothing usable is cached: wait for a balance read from the ledger.
     AskLedger,
+}
+
+/// What happens to a call in one scope.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum ScopeVerdict {
+    Allow {
+        held: Held,
+        balance: Option<Amount>,
+    },
+    Refuse {
+        available: Amount,
+    },
+    /// Anything but a yes or a no on credit decides for the whole call.
+    Call(Verdict),
 }
 
 /// Whether this call may still wait for the ledger.
@@ -43,33 +70,172 @@ pub struct Effects {
     pub offline: bool,
 }
 
-/// The shared-data key of a customer's entry for this configuration's currency and feature.
-pub fn entry_key(config: &FilterConfig, subject: &str) -> String {
-    let feature = config.feature_key.as_ref().map_or("-", |f| f.as_str());
+/// The shared-data key of a customer's entry in one scope of this configuration's currency.
+pub fn entry_key(config: &FilterConfig, scope: &Scope, subject: &str) -> String {
+    let feature = scope.feature.as_ref().map_or("-", |f| f.as_str());
     format!("prepaid_credits/c/{}/{feature}/{subject}", config.currency)
 }
 
-/// Decides a call of `subject` priced at `price` and records it if it is let through.
-pub fn decide(
+/// Decides whether a call of `subject` that needs `holds` (per scope of the configuration) goes
+/// through, and holds them if it does. A call is let through only if every scope covers it.
+pub fn admit(
     store: &dyn SharedData,
     config: &FilterConfig,
     subject: &str,
-    price: Amount,
+    holds: &[Amount],
     now_ms: u64,
     access: LedgerAccess,
 ) -> (Verdict, Effects) {
-    let key = entry_key(config, subject);
-    let result = shared::update::<CustomerEntry, (Verdict, Effects)>(store, &key, |entry| {
+    let scopes = &config.pricing.scopes;
+    let mut held = Vec::with_capacity(scopes.len());
+    let mut balance = None;
+    let mut effects = Effects { cache_hit: true, ..Effects::default() };
+    for (i, (scope, amount)) in scopes.iter().zip(holds).enumerate() {
+        let (verdict, e) = hold(store, config, scope, subject, *amount, now_ms, access);
+        effects.cache_hit &= e.cache_hit;
+        effects.became_pending |= e.became_pending;
+        effects.usage_dropped |= e.usage_dropped;
+        effects.offline |= e.offline;
+        let refused = match verdict {
+            ScopeVerdict::Allow { held: h, balance: b } => {
+                if i == 0 {
+                    balance = b;
+                }
+                held.push(h);
+                continue;
+            }
+            ScopeVerdict::Refuse { available } => Verdict::Refuse { scope: i, needed: *amount, available },
+            ScopeVerdict::Call(v) => v,
+        };
+        // Given back: the scopes before this one let it through.
+        for (scope, h) in scopes.iter().zip(&held) {
+            cancel(store, config, scope, subject, h);
+        }
+        return (refused, effects);
+    }
+    (Verdict::Allow { held, balance }, effects)
+}
+
+/// Settles a call that holds `held` at what it cost, `actual` (both per scope).
+pub fn settle_call(
+    store: &dyn SharedData,
+    config: &FilterConfig,
+    subject: &str,
+    held: &[Held],
+    actual: &[Amount],
+    now_ms: u64,
+) -> Settled {
+    let mut out = Settled::default();
+    for (i, ((scope, h), a)) in config.pricing.scopes.iter().zip(held).zip(actual).enumerate() {
+        let s = settle(store, config, scope, subject, h, *a, now_ms);
+        if i == 0 {
+            out.balance = s.balance;
+        }
+        out.effects.became_pending |= s.effects.became_pending;
+        out.effects.usage_dropped |= s.effects.usage_dropped;
+    }
+    out
+}
+
+/// Decides a call in one scope and holds `amount` there if it goes through.
+fn hold(
+    store: &dyn SharedData,
+    config: &FilterConfig,
+    scope: &Scope,
+    subject: &str,
+    amount: Amount,
+    now_ms: u64,
+    access: LedgerAccess,
+) -> (ScopeVerdict, Effects) {
+    let key = entry_key(config, scope, subject);
+    let result = shared::update::<CustomerEntry, (ScopeVerdict, Effects)>(store, &key, |entry| {
         let was_pending = entry.as_ref().is_some_and(CustomerEntry::has_pending);
-        let (next, (verdict, mut effects)) = decide_entry(entry, &key, subject, config, price, now_ms, access);
+        let entry = entry.map(|mut e| {
+            e.expire_holds(now_ms);
+            e
+        });
+        let (next, (verdict, mut effects)) = decide_entry(entry, &key, subject, config, amount, now_ms, access);
         effects.became_pending = !was_pending && next.as_ref().is_some_and(CustomerEntry::has_pending);
         (next, (verdict, effects))
     });
     match result {
         Ok(outcome) => outcome,
         // Nothing could be recorded, so nothing may be let through, whatever the failure mode.
-        Err(_) => (Verdict::Unavailable { reason: "the gateway's shared state is contended" }, Effects::default()),
+        Err(_) => (
+            ScopeVerdict::Call(Verdict::Unavailable { reason: "the gateway's shared state is contended" }),
+            Effects::default(),
+        ),
     }
+}
+
+/// A call given back before it went upstream (another scope refused it): its hold is released
+/// and nothing is spent.
+fn cancel(store: &dyn SharedData, config: &FilterConfig, scope: &Scope, subject: &str, held: &Held) {
+    let key = entry_key(config, scope, subject);
+    if held.unrecorded {
+        return;
+    }
+    let _ = shared::update::<CustomerEntry, ()>(store, &key, |entry| match entry {
+        Some(mut e) => {
+            e.release_hold(held.amount);
+            e.lease.remaining += held.from_lease;
+            (Some(e), ())
+        }
+        None => (None, ()),
+    });
+}
+
+/// What settling a call did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settled {
+    /// What is left after it, when known.
+    pub balance: Option<Amount>,
+    pub effects: Effects,
+}
+
+/// Settles a call in one scope that held `held` at what it cost, `actual`: the hold goes, the
+/// cost is recorded as one call to report (more than the hold included: it was let through).
+fn settle(
+    store: &dyn SharedData,
+    config: &FilterConfig,
+    scope: &Scope,
+    subject: &str,
+    held: &Held,
+    actual: Amount,
+    now_ms: u64,
+) -> Settled {
+    let key = entry_key(config, scope, subject);
+    let result = shared::update::<CustomerEntry, Settled>(store, &key, |entry| {
+        let was_pending = entry.as_ref().is_some_and(CustomerEntry::has_pending);
+        let mut e = entry.unwrap_or_else(|| CustomerEntry::new(&key, subject, now_ms));
+        if !held.unrecorded {
+            e.release_hold(held.amount);
+            e.lease.remaining += held.from_lease;
+        }
+        let mut effects = Effects::default();
+        if e.standing == Standing::Unknown || actual.is_zero() {
+            // Nothing to book (an unknown customer's usage cannot be).
+        } else if held.unrecorded || e.unsent_calls() >= config.sync.max_unsent_calls {
+            effects.usage_dropped = true;
+        } else {
+            if config.sync.strategy == Strategy::Lease {
+                let from_lease = match config.settlement_mode {
+                    // Paid from the lease, beyond it if the call used more than it held.
+                    SettlementMode::CreditOnly => actual,
+                    SettlementMode::CreditThenInvoice => e.lease.remaining.min(actual).max(Amount::ZERO),
+                };
+                e.lease.remaining -= from_lease;
+            }
+            e.spend(actual, now_ms);
+        }
+        effects.became_pending = !was_pending && e.has_pending();
+        let balance = match config.sync.strategy {
+            Strategy::Lease => e.lease.open.then(|| e.live + e.lease.remaining),
+            Strategy::Cached => e.is_fresh(now_ms, u64::from(config.sync.max_stale_ms)).then(|| e.available()),
+        };
+        (Some(e), Settled { balance, effects })
+    });
+    result.unwrap_or_default()
 }
 
 fn decide_entry(
@@ -77,80 +243,86 @@ fn decide_entry(
     key: &str,
     subject: &str,
     config: &FilterConfig,
-    price: Amount,
+    amount: Amount,
     now_ms: u64,
     access: LedgerAccess,
-) -> (Option<CustomerEntry>, (Verdict, Effects)) {
+) -> (Option<CustomerEntry>, (ScopeVerdict, Effects)) {
     let max_stale = u64::from(config.sync.max_stale_ms);
     let hit = Effects { cache_hit: true, ..Effects::default() };
+    let timeout = config.pricing.hold_timeout_ms;
     match entry {
         Some(e) if e.standing == Standing::Unknown => {
             if now_ms.saturating_sub(e.refreshed_ms) <= u64::from(config.sync.unknown_ttl_ms)
                 || access != LedgerAccess::Reachable
             {
-                (None, (Verdict::UnknownCustomer, hit))
+                (None, (ScopeVerdict::Call(Verdict::UnknownCustomer), hit))
             } else {
-                (None, (Verdict::AskLedger, Effects::default()))
+                (None, (ScopeVerdict::Call(Verdict::AskLedger), Effects::default()))
             }
         }
         Some(e) if matches!(e.standing, Standing::Known { .. }) && config.sync.strategy == Strategy::Lease => {
-            spend_from_lease(e, config, price, now_ms, access)
+            hold_from_lease(e, config, amount, now_ms, access)
         }
         Some(mut e) if matches!(e.standing, Standing::Known { .. }) && e.is_fresh(now_ms, max_stale) => {
             if e.unsent_calls() >= config.sync.max_unsent_calls {
-                return backlog_full(e, config, price, now_ms);
+                return backlog_full(e, config, now_ms);
             }
             let available = e.available();
-            if config.settlement_mode == SettlementMode::CreditOnly && available < price {
-                return (None, (Verdict::Refuse { available }, hit));
+            if config.settlement_mode == SettlementMode::CreditOnly && available < amount {
+                return (None, (ScopeVerdict::Refuse { available }, hit));
             }
-            e.spend(price, now_ms);
+            e.place_hold(amount, now_ms, timeout);
             let balance = Some(e.available());
-            (Some(e), (Verdict::Allow { cost: price, balance }, hit))
+            let held = Held { amount, ..Held::default() };
+            (Some(e), (ScopeVerdict::Allow { held, balance }, hit))
         }
-        _ if access == LedgerAccess::Reachable => (None, (Verdict::AskLedger, Effects::default())),
-        other => offline(other.unwrap_or_else(|| CustomerEntry::new(key, subject, now_ms)), config, price, now_ms),
+        _ if access == LedgerAccess::Reachable => (None, (ScopeVerdict::Call(Verdict::AskLedger), Effects::default())),
+        other => offline(other.unwrap_or_else(|| CustomerEntry::new(key, subject, now_ms)), config, amount, now_ms),
     }
 }
 
-/// Under `lease`, a call is paid only from credit the ledger holds for this node: never on a
-/// guess. Without enough, it waits for a top-up; after one, what is held decides.
-fn spend_from_lease(
+/// Under `lease`, a call is let through only on credit the ledger holds for this node: never on
+/// a guess. Without enough, it waits for a top-up; after one, what is held decides.
+fn hold_from_lease(
     mut e: CustomerEntry,
     config: &FilterConfig,
-    price: Amount,
+    amount: Amount,
     now_ms: u64,
     access: LedgerAccess,
-) -> (Option<CustomerEntry>, (Verdict, Effects)) {
+) -> (Option<CustomerEntry>, (ScopeVerdict, Effects)) {
     let hit = Effects { cache_hit: true, ..Effects::default() };
+    let timeout = config.pricing.hold_timeout_ms;
     if e.unsent_calls() >= config.sync.max_unsent_calls {
-        return backlog_full(e, config, price, now_ms);
+        return backlog_full(e, config, now_ms);
     }
     let balance = |e: &CustomerEntry| Some(e.live + e.lease.remaining);
-    if e.lease_covers(price, now_ms) {
-        e.lease.remaining -= price;
-        e.spend(price, now_ms);
+    // A call that holds nothing here (its units are estimated at zero) needs no lease.
+    if amount.is_zero() || e.lease_covers(amount, now_ms) {
+        e.lease.remaining -= amount;
+        e.place_hold(amount, now_ms, timeout);
         let balance = balance(&e);
-        return (Some(e), (Verdict::Allow { cost: price, balance }, hit));
+        let held = Held { amount, from_lease: amount, unrecorded: false };
+        return (Some(e), (ScopeVerdict::Allow { held, balance }, hit));
     }
     if config.settlement_mode == SettlementMode::CreditThenInvoice
         && e.is_fresh(now_ms, u64::from(config.sync.max_stale_ms))
     {
         // Never refused for lack of credit: usage beyond the lease is booked all the same.
-        let from_lease = e.lease.remaining.min(price).max(Amount::ZERO);
+        let from_lease = e.lease.remaining.min(amount).max(Amount::ZERO);
         e.lease.remaining -= from_lease;
-        e.spend(price, now_ms);
+        e.place_hold(amount, now_ms, timeout);
         let balance = balance(&e);
-        return (Some(e), (Verdict::Allow { cost: price, balance }, hit));
+        let held = Held { amount, from_lease, unrecorded: false };
+        return (Some(e), (ScopeVerdict::Allow { held, balance }, hit));
     }
     match access {
-        LedgerAccess::Reachable => (None, (Verdict::AskLedger, Effects::default())),
+        LedgerAccess::Reachable => (None, (ScopeVerdict::Call(Verdict::AskLedger), Effects::default())),
         LedgerAccess::Asked if e.is_fresh(now_ms, u64::from(config.sync.max_stale_ms)) => {
             let available =
                 if e.lease.open && now_ms < e.lease.spend_until_ms { e.lease.remaining } else { Amount::ZERO };
-            (None, (Verdict::Refuse { available: available + e.live.max(Amount::ZERO) }, hit))
+            (None, (ScopeVerdict::Refuse { available: available.max(Amount::ZERO) + e.live.max(Amount::ZERO) }, hit))
         }
-        _ => offline(e, config, price, now_ms),
+        _ => offline(e, config, amount, now_ms),
     }
 }
 
@@ -158,22 +330,35 @@ fn spend_from_lease(
 fn offline(
     mut e: CustomerEntry,
     config: &FilterConfig,
-    price: Amount,
+    amount: Amount,
     now_ms: u64,
-) -> (Option<CustomerEntry>, (Verdict, Effects)) {
+) -> (Option<CustomerEntry>, (ScopeVerdict, Effects)) {
     let effects = Effects { offline: true, ..Effects::default() };
     if config.failure_mode == FailureMode::Deny {
-        return (None, (Verdict::Unavailable { reason: "the credit ledger cannot be reached" }, effects));
+        return (
+            None,
+            (ScopeVerdict::Call(Verdict::Unavailable { reason: "the credit ledger cannot be reached" }), effects),
+        );
     }
-    if config.offline_allowance.is_some_and(|allowance| e.offline_spent + price > allowance) {
-        return (None, (Verdict::Unavailable { reason: "the offline allowance of this customer is used up" }, effects));
+    if config.offline_allowance.is_some_and(|allowance| e.offline_spent + amount > allowance) {
+        return (
+            None,
+            (
+                ScopeVerdict::Call(Verdict::Unavailable {
+                    reason: "the offline allowance of this customer is used up",
+                }),
+                effects,
+            ),
+        );
     }
     if e.unsent_calls() >= config.sync.max_unsent_calls {
-        return backlog_full(e, config, price, now_ms);
+        return backlog_full(e, config, now_ms);
     }
-    e.offline_spent += price;
-    e.spend(price, now_ms);
-    (Some(e), (Verdict::Allow { cost: price, balance: None }, effects))
+    // The allowance counts what calls hold: their cost is not known yet.
+    e.offline_spent += amount;
+    e.place_hold(amount, now_ms, config.pricing.hold_timeout_ms);
+    let held = Held { amount, ..Held::default() };
+    (Some(e), (ScopeVerdict::Allow { held, balance: None }, effects))
 }
 
 /// The node holds as many unsent calls of this customer as it may: `deny` refuses, `allow` lets
@@ -181,22 +366,41 @@ fn offline(
 fn backlog_full(
     e: CustomerEntry,
     config: &FilterConfig,
-    price: Amount,
     now_ms: u64,
-) -> (Option<CustomerEntry>, (Verdict, Effects)) {
+) -> (Option<CustomerEntry>, (ScopeVerdict, Effects)) {
     match config.failure_mode {
         FailureMode::Deny => (
             None,
             (
-                Verdict::Unavailable { reason: "too much usage of this customer is waiting for the ledger" },
+                ScopeVerdict::Call(Verdict::Unavailable {
+                    reason: "too much usage of this customer is waiting for the ledger",
+                }),
                 Effects::default(),
             ),
         ),
         FailureMode::Allow => {
             let balance = e.is_fresh(now_ms, u64::from(config.sync.max_stale_ms)).then(|| e.available());
-            (None, (Verdict::Allow { cost: price, balance }, Effects { usage_dropped: true, ..Effects::default() }))
+            let held = Held { unrecorded: true, ..Held::default() };
+            (None, (ScopeVerdict::Allow { held, balance }, Effects { usage_dropped: true, ..Effects::default() }))
         }
     }
+}
+
+/// A call priced at `price` in the first scope: holds it and, if let through, settles at it.
+#[cfg(test)]
+pub(crate) fn call(
+    store: &dyn SharedData,
+    c: &FilterConfig,
+    subject: &str,
+    price: Amount,
+    now: u64,
+    access: LedgerAccess,
+) -> (Verdict, Effects) {
+    let (verdict, effects) = admit(store, c, subject, &[price], now, access);
+    if let Verdict::Allow { held, .. } = &verdict {
+        settle_call(store, c, subject, held, &[price], now);
+    }
+    (verdict, effects)
 }
 
 #[cfg(test)]
@@ -217,8 +421,12 @@ mod tests {
         Amount::parse(s).unwrap()
     }
 
+    fn allowed(amount: &str, balance: Option<&str>) -> Verdict {
+        Verdict::Allow { held: vec![Held { amount: amt(amount), ..Held::default() }], balance: balance.map(amt) }
+    }
+
     fn known(store: &FakeShared, c: &FilterConfig, subject: &str, live: &str, at: u64) {
-        let key = entry_key(c, subject);
+        let key = entry_key(c, &c.pricing.scopes[0], subject);
         shared::update::<CustomerEntry, ()>(store, &key, |e| {
             let mut e = e.unwrap_or_else(|| CustomerEntry::new(&key, subject, at));
             e.refresh("cust", amt(live), 1, at);
@@ -231,7 +439,7 @@ mod tests {
     fn a_cold_customer_waits_for_the_ledger() {
         let store = FakeShared::new(Rules::Envoy);
         let c = config("");
-        assert_eq!(decide(&store, &c, "alice", amt("0.10"), 1, LedgerAccess::Reachable).0, Verdict::AskLedger);
+        assert_eq!(call(&store, &c, "alice", amt("0.10"), 1, LedgerAccess::Reachable).0, Verdict::AskLedger);
     }
 
     #[test]
@@ -240,10 +448,10 @@ mod tests {
         let c = config("");
         known(&store, &c, "alice", "1.00", 1);
         let verdicts: Vec<Verdict> =
-            (0..11).map(|i| decide(&store, &c, "alice", amt("0.10"), 2 + i, LedgerAccess::Reachable).0).collect();
+            (0..11).map(|i| call(&store, &c, "alice", amt("0.10"), 2 + i, LedgerAccess::Reachable).0).collect();
         assert!(verdicts[..10].iter().all(|v| matches!(v, Verdict::Allow { .. })));
-        assert_eq!(verdicts[9], Verdict::Allow { cost: amt("0.10"), balance: Some(amt("0.00")) });
-        assert_eq!(verdicts[10], Verdict::Refuse { available: amt("0.00") });
+        assert_eq!(verdicts[9], allowed("0.10", Some("0.00")));
+        assert_eq!(verdicts[10], Verdict::Refuse { scope: 0, needed: amt("0.10"), available: amt("0.00") });
     }
 
     #[test]
@@ -251,10 +459,7 @@ mod tests {
         let store = FakeShared::new(Rules::Kong { hash: |k| k.len() as u32 });
         let c = config(r#", "settlement_mode": "credit_then_invoice""#);
         known(&store, &c, "alice", "0.05", 1);
-        assert!(matches!(
-            decide(&store, &c, "alice", amt("0.10"), 2, LedgerAccess::Reachable).0,
-            Verdict::Allow { .. }
-        ));
+        assert!(matches!(call(&store, &c, "alice", amt("0.10"), 2, LedgerAccess::Reachable).0, Verdict::Allow { .. }));
     }
 
     #[test]
@@ -262,7 +467,7 @@ mod tests {
         let store = FakeShared::new(Rules::Envoy);
         let c = config(r#", "sync": {"strategy": "cached", "max_stale_ms": 1000}"#);
         known(&store, &c, "alice", "1.00", 1);
-        assert_eq!(decide(&store, &c, "alice", amt("0.10"), 5000, LedgerAccess::Reachable).0, Verdict::AskLedger);
+        assert_eq!(call(&store, &c, "alice", amt("0.10"), 5000, LedgerAccess::Reachable).0, Verdict::AskLedger);
     }
 
     #[test]
@@ -270,17 +475,17 @@ mod tests {
         let store = FakeShared::new(Rules::Envoy);
         let deny = config("");
         assert!(matches!(
-            decide(&store, &deny, "bob", amt("0.10"), 1, LedgerAccess::Unreachable).0,
+            call(&store, &deny, "bob", amt("0.10"), 1, LedgerAccess::Unreachable).0,
             Verdict::Unavailable { .. }
         ));
         let allow = config(r#", "failure_mode": "allow", "offline_allowance": "0.25""#);
         let verdicts: Vec<Verdict> =
-            (0..3).map(|i| decide(&store, &allow, "bob", amt("0.10"), 1 + i, LedgerAccess::Unreachable).0).collect();
-        assert_eq!(verdicts[0], Verdict::Allow { cost: amt("0.10"), balance: None });
-        assert_eq!(verdicts[1], Verdict::Allow { cost: amt("0.10"), balance: None });
+            (0..3).map(|i| call(&store, &allow, "bob", amt("0.10"), 1 + i, LedgerAccess::Unreachable).0).collect();
+        assert_eq!(verdicts[0], allowed("0.10", None));
+        assert_eq!(verdicts[1], allowed("0.10", None));
         assert!(matches!(verdicts[2], Verdict::Unavailable { .. }), "the allowance bounds offline spend");
         // The calls let through are recorded for booking later.
-        let e = shared::read::<CustomerEntry>(&store, &entry_key(&allow, "bob")).unwrap();
+        let e = shared::read::<CustomerEntry>(&store, &entry_key(&allow, &allow.pricing.scopes[0], "bob")).unwrap();
         assert_eq!((e.unsent_calls(), e.spent), (2, amt("0.20")));
     }
 
@@ -288,19 +493,19 @@ mod tests {
     fn unknown_customers_are_refused_until_the_answer_expires() {
         let store = FakeShared::new(Rules::Envoy);
         let c = config(r#", "sync": {"strategy": "cached", "unknown_ttl_ms": 100}"#);
-        let key = entry_key(&c, "mallory");
+        let key = entry_key(&c, &c.pricing.scopes[0], "mallory");
         shared::update::<CustomerEntry, ()>(&store, &key, |_| {
             let mut e = CustomerEntry::new(&key, "mallory", 1);
             e.mark_unknown(1);
             (Some(e), ())
         })
         .unwrap();
-        assert_eq!(decide(&store, &c, "mallory", amt("0.10"), 50, LedgerAccess::Reachable).0, Verdict::UnknownCustomer);
-        assert_eq!(decide(&store, &c, "mallory", amt("0.10"), 500, LedgerAccess::Reachable).0, Verdict::AskLedger);
+        assert_eq!(call(&store, &c, "mallory", amt("0.10"), 50, LedgerAccess::Reachable).0, Verdict::UnknownCustomer);
+        assert_eq!(call(&store, &c, "mallory", amt("0.10"), 500, LedgerAccess::Reachable).0, Verdict::AskLedger);
     }
 
     fn leased(store: &FakeShared, c: &FilterConfig, subject: &str, held: &str, at: u64) {
-        let key = entry_key(c, subject);
+        let key = entry_key(c, &c.pricing.scopes[0], subject);
         shared::update::<CustomerEntry, ()>(store, &key, |e| {
             let mut e = e.unwrap_or_else(|| CustomerEntry::new(&key, subject, at));
             e.refresh("cust", amt("0"), 1, at);
@@ -321,20 +526,20 @@ mod tests {
     fn a_lease_pays_for_calls_until_it_is_used_up_then_calls_wait_for_a_top_up() {
         let store = FakeShared::new(Rules::Kong { hash: |k| k.len() as u32 * 7 });
         let c = config(r#", "sync": {"strategy": "lease"}"#);
-        assert_eq!(decide(&store, &c, "alice", amt("0.10"), 1, LedgerAccess::Reachable).0, Verdict::AskLedger);
+        assert_eq!(call(&store, &c, "alice", amt("0.10"), 1, LedgerAccess::Reachable).0, Verdict::AskLedger);
         leased(&store, &c, "alice", "0.30", 1);
         for i in 0..3 {
             assert!(matches!(
-                decide(&store, &c, "alice", amt("0.10"), 2 + i, LedgerAccess::Reachable).0,
+                call(&store, &c, "alice", amt("0.10"), 2 + i, LedgerAccess::Reachable).0,
                 Verdict::Allow { .. }
             ));
         }
         // Not covered: wait for a top-up rather than guess ...
-        assert_eq!(decide(&store, &c, "alice", amt("0.10"), 6, LedgerAccess::Reachable).0, Verdict::AskLedger);
+        assert_eq!(call(&store, &c, "alice", amt("0.10"), 6, LedgerAccess::Reachable).0, Verdict::AskLedger);
         // ... and after it, what is held decides.
         assert_eq!(
-            decide(&store, &c, "alice", amt("0.10"), 7, LedgerAccess::Asked).0,
-            Verdict::Refuse { available: amt("0.00") }
+            call(&store, &c, "alice", amt("0.10"), 7, LedgerAccess::Asked).0,
+            Verdict::Refuse { scope: 0, needed: amt("0.10"), available: amt("0.00") }
         );
     }
 
@@ -346,13 +551,89 @@ mod tests {
         // Sent at 1000, the ledger may expire it from 11000: the node stops at
         // 11000 − (1000 interval + 1000 timeout + 1000 tenth of the TTL) so its calls get reported.
         assert!(matches!(
-            decide(&store, &c, "alice", amt("0.10"), 7999, LedgerAccess::Unreachable).0,
+            call(&store, &c, "alice", amt("0.10"), 7999, LedgerAccess::Unreachable).0,
             Verdict::Allow { .. }
         ));
         assert!(matches!(
-            decide(&store, &c, "alice", amt("0.10"), 8000, LedgerAccess::Unreachable).0,
+            call(&store, &c, "alice", amt("0.10"), 8000, LedgerAccess::Unreachable).0,
             Verdict::Unavailable { .. }
         ));
+    }
+
+    /// Input tokens (estimated 100 at 0.01) and output tokens (estimated 10 at 0.10), each in its
+    /// own feature, under `cached`.
+    fn tokens() -> FilterConfig {
+        let json = r#"{"ledger": {"upstream": "ledger", "token": "t"}, "currency": "USD", "sync": {"strategy": "cached"},
+            "pricing": {"units": [
+                {"name": "in", "feature_key": "input_tokens", "unit_price": "0.01", "source": {"response_header": "x-in"}, "estimate": {"units": "100"}},
+                {"name": "out", "feature_key": "output_tokens", "unit_price": "0.10", "source": {"response_header": "x-out"}, "estimate": {"units": "10"}}
+            ]}}"#;
+        FilterConfig::parse(json.as_bytes()).unwrap()
+    }
+
+    fn known_in(store: &FakeShared, c: &FilterConfig, scope: usize, subject: &str, live: &str) {
+        let key = entry_key(c, &c.pricing.scopes[scope], subject);
+        shared::update::<CustomerEntry, ()>(store, &key, |e| {
+            let mut e = e.unwrap_or_else(|| CustomerEntry::new(&key, subject, 1));
+            e.refresh("cust", amt(live), 1, 1);
+            (Some(e), ())
+        })
+        .unwrap();
+    }
+
+    fn entry(store: &FakeShared, c: &FilterConfig, scope: usize, subject: &str) -> CustomerEntry {
+        shared::read::<CustomerEntry>(store, &entry_key(c, &c.pricing.scopes[scope], subject)).unwrap()
+    }
+
+    #[test]
+    fn a_call_is_let_through_only_if_every_feature_covers_its_estimate() {
+        let store = FakeShared::new(Rules::Envoy);
+        let c = tokens();
+        known_in(&store, &c, 0, "ann", "5.00");
+        known_in(&store, &c, 1, "ann", "0.50");
+        let (v, _) = admit(&store, &c, "ann", &[amt("1.00"), amt("1.00")], 2, LedgerAccess::Reachable);
+        assert_eq!(v, Verdict::Refuse { scope: 1, needed: amt("1.00"), available: amt("0.50") });
+        // The input tokens' hold was given back.
+        assert_eq!(
+            (entry(&store, &c, 0, "ann").available(), entry(&store, &c, 0, "ann").holds.count),
+            (amt("5.00"), 0)
+        );
+        let (v, _) = admit(&store, &c, "ann", &[amt("1.00"), amt("0.40")], 3, LedgerAccess::Reachable);
+        let Verdict::Allow { held, balance } = v else { panic!("{v:?}") };
+        assert_eq!(balance, Some(amt("4.00")));
+        assert_eq!(entry(&store, &c, 1, "ann").available(), amt("0.10"));
+        // It used 30 input tokens and 7 output tokens (more than the 4 it held for).
+        let settled = settle_call(&store, &c, "ann", &held, &[amt("0.30"), amt("0.70")], 4);
+        assert_eq!(settled.balance, Some(amt("4.70")));
+        let (input, output) = (entry(&store, &c, 0, "ann"), entry(&store, &c, 1, "ann"));
+        assert_eq!((input.available(), input.spent, input.holds.count), (amt("4.70"), amt("0.30"), 0));
+        assert_eq!((output.available(), output.spent), (amt("-0.20"), amt("0.70")), "charged in full");
+        // Its output credit is overdrawn now: even a call that holds nothing there is refused.
+        let (v, _) = admit(&store, &c, "ann", &[amt("1.00"), amt("0")], 5, LedgerAccess::Reachable);
+        assert_eq!(v, Verdict::Refuse { scope: 1, needed: amt("0"), available: amt("-0.20") });
+        // A call that costs nothing (an upstream error) leaves no usage behind.
+        known_in(&store, &c, 0, "bo", "1.00");
+        known_in(&store, &c, 1, "bo", "1.00");
+        let (v, _) = admit(&store, &c, "bo", &[amt("1.00"), amt("0.40")], 6, LedgerAccess::Reachable);
+        let Verdict::Allow { held, .. } = v else { panic!("{v:?}") };
+        settle_call(&store, &c, "bo", &held, &[amt("0"), amt("0")], 7);
+        let (input, output) = (entry(&store, &c, 0, "bo"), entry(&store, &c, 1, "bo"));
+        assert_eq!((input.unsent_calls(), input.available(), output.available()), (0, amt("1.00"), amt("1.00")));
+    }
+
+    #[test]
+    fn a_lease_scope_that_holds_nothing_needs_no_lease() {
+        let store = FakeShared::new(Rules::Envoy);
+        let json = r#"{"ledger": {"upstream": "ledger", "token": "t"}, "currency": "USD",
+            "pricing": {"units": [{"name": "rows", "unit_price": "0.01", "source": {"response_header": "x-rows"}}]}}"#;
+        let c = FilterConfig::parse(json.as_bytes()).unwrap();
+        assert_eq!(c.sync.strategy, Strategy::Lease);
+        known_in(&store, &c, 0, "ann", "1.00");
+        let (v, _) = admit(&store, &c, "ann", &[amt("0")], 2, LedgerAccess::Reachable);
+        let Verdict::Allow { held, .. } = v else { panic!("{v:?}") };
+        settle_call(&store, &c, "ann", &held, &[amt("0.05")], 3);
+        let e = entry(&store, &c, 0, "ann");
+        assert_eq!((e.spent, e.unsent_calls()), (amt("0.05"), 1));
     }
 
     #[test]
@@ -360,14 +641,14 @@ mod tests {
         let store = FakeShared::new(Rules::Envoy);
         let c = config(r#", "sync": {"strategy": "cached", "max_unsent_calls": 2}"#);
         known(&store, &c, "alice", "10", 1);
-        decide(&store, &c, "alice", amt("0.10"), 2, LedgerAccess::Reachable);
-        decide(&store, &c, "alice", amt("0.10"), 3, LedgerAccess::Reachable);
+        call(&store, &c, "alice", amt("0.10"), 2, LedgerAccess::Reachable);
+        call(&store, &c, "alice", amt("0.10"), 3, LedgerAccess::Reachable);
         assert!(matches!(
-            decide(&store, &c, "alice", amt("0.10"), 4, LedgerAccess::Reachable).0,
+            call(&store, &c, "alice", amt("0.10"), 4, LedgerAccess::Reachable).0,
             Verdict::Unavailable { .. }
         ));
         let allow = config(r#", "failure_mode": "allow", "sync": {"strategy": "cached", "max_unsent_calls": 2}"#);
-        let (v, effects) = decide(&store, &allow, "alice", amt("0.10"), 5, LedgerAccess::Reachable);
+        let (v, effects) = call(&store, &allow, "alice", amt("0.10"), 5, LedgerAccess::Reachable);
         assert!(matches!(v, Verdict::Allow { .. }) && effects.usage_dropped);
     }
 }

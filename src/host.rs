@@ -14,11 +14,13 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
 
 use crate::config::FilterConfig;
-use crate::decision::{decide, LedgerAccess, Verdict};
+use crate::decision::{admit, settle_call, Held, LedgerAccess, Verdict};
+use crate::pricing::{self, Quote};
 use crate::problem::Problem;
 use crate::registry;
 use crate::shared::{self, CasMismatch, Keyed, SharedData};
 use crate::sync::{self, AnswerError, PendingSync, Tracker};
+use crate::units;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -103,6 +105,7 @@ struct Metrics {
     records_queued: u32,
     records_confirmed: u32,
     records_dropped: u32,
+    usage_unreported: u32,
     ledger_rtt_ms: u32,
 }
 
@@ -124,6 +127,7 @@ impl Metrics {
             records_queued: counter("records_queued"),
             records_confirmed: counter("records_confirmed"),
             records_dropped: counter("records_dropped"),
+            usage_unreported: counter("calls_usage_unreported"),
             ledger_rtt_ms: hostcalls::define_metric(MetricType::Histogram, "ledger_rtt_ms").unwrap_or(0),
         }
     }
@@ -144,6 +148,18 @@ struct Read {
     deadline_ms: u64,
 }
 
+/// A call of this worker from its pricing until its response headers: what it needs, and what
+/// it holds once let through. Kept here rather than in the call's context because a read's
+/// answer decides every call waiting for it, from whichever context it arrives in.
+struct Admission {
+    subject: String,
+    quote: Quote,
+    /// The request id, read before the request headers went on (then the host no longer lets
+    /// the filter read them).
+    request_id: Option<String>,
+    verdict: Option<(Vec<Held>, Option<Amount>)>,
+}
+
 /// State of this worker VM shared by its root and request contexts.
 #[derive(Default)]
 struct Worker {
@@ -153,8 +169,8 @@ struct Worker {
     tracker: Tracker,
     /// Reads by subject.
     reads: HashMap<String, Read>,
-    /// Allowed calls waiting to add their response headers: context id → (cost, balance).
-    allowed: HashMap<u32, (Amount, Option<Amount>)>,
+    /// Calls between their pricing and their response headers, by context id.
+    calls: HashMap<u32, Admission>,
     /// Until when the ledger counts as unreachable (after a failed call).
     ledger_down_until_ms: u64,
     /// Kong's engine accepts `set_effective_context` but ignores it: there a call can only be
@@ -332,34 +348,63 @@ impl RootContext for FilterRoot {
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(FilterCall { id: context_id, config: self.config.clone(), subject: None, own_read: None }))
+        Some(Box::new(FilterCall {
+            id: context_id,
+            config: self.config.clone(),
+            subject: None,
+            own_read: None,
+            awaiting_body: None,
+            admitted: None,
+            status: None,
+            reported: Vec::new(),
+            reader: None,
+        }))
     }
 }
 
 /// Reads whose answer did not come in time (e.g. the dispatching call went away): their waiters
 /// are decided as if the ledger were unreachable.
 fn expire_waiting_reads(config: &FilterConfig, now: u64) {
-    let expired: Vec<(String, Vec<u32>)> = with_worker(|w| {
+    let expired: Vec<Vec<u32>> = with_worker(|w| {
         let subjects: Vec<String> =
             w.reads.iter().filter(|(_, r)| now > r.deadline_ms).map(|(s, _)| s.clone()).collect();
-        subjects.into_iter().filter_map(|s| w.reads.remove(&s).map(|r| (s, r.waiters))).collect()
+        subjects.into_iter().filter_map(|s| w.reads.remove(&s).map(|r| r.waiters)).collect()
     });
-    for (subject, waiters) in expired {
+    for waiters in expired {
         mark_ledger_down(config, now);
         for waiter in waiters {
             if hostcalls::set_effective_context(waiter).is_ok() {
-                finish_waiting_call(config, waiter, &subject, now);
+                finish_waiting_call(config, waiter, now);
             }
         }
     }
 }
 
+/// What a call waiting for its request body read of the request headers before they went on
+/// (the host does not let a filter read them afterwards).
+struct EarlyHeaders {
+    request_id: Option<String>,
+    /// The headers unit rules read, by name.
+    units: Vec<(String, String)>,
+}
+
+/// One call through the filter.
 struct FilterCall {
     id: u32,
     config: Option<Rc<Result<FilterConfig, crate::config::ConfigError>>>,
     subject: Option<String>,
     /// This call's own read (under Kong), rather than one shared with other calls.
     own_read: Option<PendingSync>,
+    /// Waiting for the request body to estimate the call from it.
+    awaiting_body: Option<EarlyHeaders>,
+    /// Let through: its subject, price and holds, until it settles.
+    admitted: Option<(String, Quote, Vec<Held>)>,
+    /// The upstream's status (or a later filter's local reply).
+    status: Option<u16>,
+    /// Units the response headers reported, per rule.
+    reported: Vec<Option<Amount>>,
+    /// Reads units from the response body as it passes.
+    reader: Option<units::BodyReader>,
 }
 
 /// Whether this worker runs in Kong's engine (it has nginx's request properties).
@@ -379,8 +424,13 @@ fn request_id() -> Option<String> {
     id.and_then(|b| String::from_utf8(b).ok())
 }
 
-fn reply(problem: Problem) {
-    let problem = problem.with_request_id(request_id());
+fn header(map: MapType, name: &str) -> Option<String> {
+    hostcalls::get_map_value(map, name).ok().flatten()
+}
+
+/// Answers the call in place of the upstream; `id` is its request id if it was read already.
+fn reply(problem: Problem, id: Option<String>) {
+    let problem = problem.with_request_id(id.or_else(request_id));
     let body = problem.body_bytes();
     let _ = hostcalls::send_http_response(
         u32::from(problem.status),
@@ -389,58 +439,84 @@ fn reply(problem: Problem) {
     );
 }
 
-/// Acts on a verdict for the current (effective) context. `Pause` means a read is pending.
-fn act(config: &FilterConfig, context_id: u32, subject: &str, verdict: Verdict, now: u64) -> Action {
+/// Acts on a verdict for the current (effective) context. `Pause` means the call was answered.
+fn act(config: &FilterConfig, context_id: u32, verdict: Verdict, now: u64) -> Action {
     let metrics = with_worker(|w| w.metrics);
+    let (subject, id) = with_worker(|w| match &verdict {
+        Verdict::Allow { .. } => w.calls.get(&context_id).map(|a| (a.subject.clone(), None)),
+        _ => w.calls.remove(&context_id).map(|a| (a.subject, a.request_id)),
+    })
+    .unwrap_or_default();
     match verdict {
-        Verdict::Allow { cost, balance } => {
+        Verdict::Allow { held, balance } => {
             Metrics::add(metrics.allowed, 1);
             with_worker(|w| {
-                w.tracker.touch(subject, now);
-                w.allowed.insert(context_id, (cost, balance));
+                w.tracker.touch(&subject, now);
+                if let Some(a) = w.calls.get_mut(&context_id) {
+                    a.verdict = Some((held, balance));
+                }
             });
             Action::Continue
         }
-        Verdict::Refuse { available } => {
+        Verdict::Refuse { scope, needed, available } => {
             Metrics::add(metrics.refused, 1);
-            with_worker(|w| w.tracker.touch(subject, now));
-            reply(Problem::payment_required(subject, config.currency, config.price, available));
+            with_worker(|w| w.tracker.touch(&subject, now));
+            let feature = config.pricing.scopes.get(scope).and_then(|s| s.feature.as_ref());
+            reply(Problem::payment_required(&subject, config.currency, feature, needed, available), id);
             Action::Pause
         }
         Verdict::UnknownCustomer => {
             Metrics::add(metrics.unknown_customer, 1);
-            reply(Problem::unknown_customer(subject, config.subject.unknown_status));
+            reply(Problem::unknown_customer(&subject, config.subject.unknown_status), id);
             Action::Pause
         }
         Verdict::Unavailable { reason } => {
             Metrics::add(metrics.unavailable, 1);
-            reply(Problem::unavailable(reason));
+            reply(Problem::unavailable(reason), id);
             Action::Pause
         }
         Verdict::AskLedger => {
             // Only reached when re-deciding a waiter whose read found nothing usable.
             Metrics::add(metrics.unavailable, 1);
-            reply(Problem::unavailable("the credit ledger did not answer"));
+            reply(Problem::unavailable("the credit ledger did not answer"), id);
             Action::Pause
         }
     }
 }
 
+/// Decides a call of this worker (its admission is in `Worker::calls`) with `access`.
+fn decide_call(config: &FilterConfig, context_id: u32, now: u64, access: LedgerAccess) -> Verdict {
+    let Some((subject, holds)) =
+        with_worker(|w| w.calls.get(&context_id).map(|a| (a.subject.clone(), a.quote.holds.clone())))
+    else {
+        return Verdict::Unavailable { reason: "the call's pricing was lost" };
+    };
+    let (verdict, effects) = admit(&HostShared, config, &subject, &holds, now, access);
+    let metrics = with_worker(|w| w.metrics);
+    if effects.became_pending {
+        registry::add(&HostShared, config, &subject);
+    }
+    if verdict != Verdict::AskLedger {
+        Metrics::add(if effects.cache_hit { metrics.cache_hits } else { metrics.cache_misses }, 1);
+    }
+    if effects.usage_dropped {
+        Metrics::add(metrics.records_dropped, 1);
+    }
+    if effects.offline && matches!(verdict, Verdict::Allow { .. }) {
+        Metrics::add(metrics.offline_allowed, 1);
+    }
+    verdict
+}
+
 /// Decides a call that waited for a read, and resumes it or answers it.
-fn finish_waiting_call(config: &FilterConfig, context_id: u32, subject: &str, now: u64) {
+fn finish_waiting_call(config: &FilterConfig, context_id: u32, now: u64) {
     // This call has had its answer (or its chance): decide on what is known now.
     let asked = match access(now) {
         LedgerAccess::Reachable => LedgerAccess::Asked,
         unreachable => unreachable,
     };
-    let (verdict, effects) = decide(&HostShared, config, subject, config.price, now, asked);
-    if effects.became_pending {
-        registry::add(&HostShared, config, subject);
-    }
-    if effects.offline {
-        Metrics::add(with_worker(|w| w.metrics.offline_allowed), u64::from(matches!(verdict, Verdict::Allow { .. })));
-    }
-    if act(config, context_id, subject, verdict, now) == Action::Continue {
+    let verdict = decide_call(config, context_id, now, asked);
+    if act(config, context_id, verdict, now) == Action::Continue {
         let _ = hostcalls::resume_http_request();
     }
 }
@@ -453,7 +529,7 @@ impl Context for FilterCall {
         if let Some(pending) = self.own_read.take() {
             let (status, body) = call_answer(body_size);
             absorb(config, &pending, status, body.as_deref());
-            finish_waiting_call(config, self.id, &subject, now_ms());
+            finish_waiting_call(config, self.id, now_ms());
             return;
         }
         let Some(read) = with_worker(|w| match w.reads.get(&subject) {
@@ -467,57 +543,32 @@ impl Context for FilterCall {
         let now = now_ms();
         for waiter in read.waiters.iter().copied().filter(|w| *w != self.id) {
             if hostcalls::set_effective_context(waiter).is_ok() {
-                finish_waiting_call(config, waiter, &subject, now);
+                finish_waiting_call(config, waiter, now);
             }
         }
         let _ = hostcalls::set_effective_context(self.id);
-        finish_waiting_call(config, self.id, &subject, now);
+        finish_waiting_call(config, self.id, now);
     }
 }
 
-impl HttpContext for FilterCall {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let Some(config) = self.config.clone() else { return Action::Continue };
-        let config = match config.as_ref() {
-            Ok(c) => c,
-            Err(e) => {
-                Metrics::add(with_worker(|w| w.metrics.misconfigured), 1);
-                reply(Problem::invalid_config(e));
-                return Action::Pause;
-            }
-        };
-        let metrics = with_worker(|w| w.metrics);
-        let subject = hostcalls::get_map_value(MapType::HttpRequestHeaders, &config.subject.header)
-            .ok()
-            .flatten()
-            .unwrap_or_default();
-        let subject = subject.trim();
-        let unverified = config.subject.require_headers.iter().any(|h| {
-            hostcalls::get_map_value(MapType::HttpRequestHeaders, h).ok().flatten().is_none_or(|v| v.trim().is_empty())
-        });
-        if subject.is_empty() || unverified {
-            Metrics::add(metrics.unidentified, 1);
-            reply(Problem::unidentified(
-                &config.subject.header,
-                &config.subject.require_headers,
-                config.subject.missing_status,
-            ));
-            return Action::Pause;
-        }
+impl FilterCall {
+    /// Prices the call and decides it; `request_header` reads request headers, `request_id` is
+    /// the call's if read already.
+    fn price_and_decide(
+        &mut self,
+        config: &FilterConfig,
+        subject: &str,
+        request_header: &dyn Fn(&str) -> Option<String>,
+        request_id: Option<String>,
+        body: Option<&[u8]>,
+    ) -> Action {
+        let quote = pricing::quote(&config.pricing, config.price, request_header, body);
         let now = now_ms();
-        let (verdict, effects) = decide(&HostShared, config, subject, config.price, now, access(now));
-        if effects.became_pending {
-            registry::add(&HostShared, config, subject);
-        }
-        Metrics::add(if effects.cache_hit { metrics.cache_hits } else { metrics.cache_misses }, 1);
-        if effects.usage_dropped {
-            Metrics::add(metrics.records_dropped, 1);
-        }
-        if effects.offline && matches!(verdict, Verdict::Allow { .. }) {
-            Metrics::add(metrics.offline_allowed, 1);
-        }
+        let admission = Admission { subject: subject.to_owned(), quote, request_id, verdict: None };
+        with_worker(|w| w.calls.insert(self.id, admission));
+        let verdict = decide_call(config, self.id, now, access(now));
         if verdict != Verdict::AskLedger {
-            return act(config, self.id, subject, verdict, now);
+            return act(config, self.id, verdict, now);
         }
         // Cold miss: wait for the read already in flight for this customer, or start one (under
         // Kong every call reads for itself: see `Worker::on_kong`).
@@ -535,7 +586,8 @@ impl HttpContext for FilterCall {
             return Action::Pause;
         }
         let node = with_worker(|w| w.node.clone());
-        let pending = sync::balance_read(&HostShared, config, &node, subject, now);
+        let holds = with_worker(|w| w.calls.get(&self.id).map(|a| a.quote.holds.clone())).unwrap_or_default();
+        let pending = sync::balance_read(&HostShared, config, &node, subject, &holds, now);
         match dispatch(config, &pending) {
             Ok(_token) if kong => {
                 self.own_read = Some(pending);
@@ -557,17 +609,162 @@ impl HttpContext for FilterCall {
                     "prepaid_credits: could not dispatch a balance read to {:?}: {status:?}",
                     config.ledger.upstream
                 );
-                Metrics::add(metrics.sync_failures, 1);
+                Metrics::add(with_worker(|w| w.metrics.sync_failures), 1);
                 mark_ledger_down(config, now);
-                let (verdict, _) = decide(&HostShared, config, subject, config.price, now, LedgerAccess::Unreachable);
-                act(config, self.id, subject, verdict, now)
+                let verdict = decide_call(config, self.id, now, LedgerAccess::Unreachable);
+                act(config, self.id, verdict, now)
             }
         }
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let Some(Ok(config)) = self.config.as_deref() else { return Action::Continue };
-        if let Some((cost, balance)) = with_worker(|w| w.allowed.remove(&self.id)) {
+    /// Takes the call's admission once it was let through.
+    fn take_admission(&mut self) {
+        if self.admitted.is_none() {
+            let admission = with_worker(|w| w.calls.remove(&self.id));
+            if let Some(Admission { subject, quote, verdict: Some((held, _)), .. }) = admission {
+                self.admitted = Some((subject, quote, held));
+            }
+        }
+    }
+
+    /// Settles a call that was let through at what its response reported; returns the cost and
+    /// the balance after it.
+    fn settle(&mut self, config: &FilterConfig) -> Option<(Amount, Option<Amount>)> {
+        self.take_admission();
+        let (subject, quote, held) = self.admitted.take()?;
+        let mut observed = self.reader.take().map(units::BodyReader::finish).unwrap_or_default();
+        observed.resize(config.pricing.units.len(), None);
+        for (seen, from_header) in observed.iter_mut().zip(&self.reported) {
+            if from_header.is_some() {
+                *seen = *from_header;
+            }
+        }
+        let unreported = config
+            .pricing
+            .units
+            .iter()
+            .zip(&quote.units)
+            .zip(&observed)
+            .any(|((_, (_, is_final)), seen)| !is_final && seen.is_none());
+        let actual = pricing::settle(&config.pricing, config.price, &quote, self.status, &observed);
+        let now = now_ms();
+        let settled = settle_call(&HostShared, config, &subject, &held, &actual, now);
+        let metrics = with_worker(|w| {
+            w.tracker.touch(&subject, now);
+            w.metrics
+        });
+        if unreported && self.status.is_some_and(|s| s < 400) {
+            Metrics::add(metrics.usage_unreported, 1);
+        }
+        if settled.effects.became_pending {
+            registry::add(&HostShared, config, &subject);
+        }
+        if settled.effects.usage_dropped {
+            Metrics::add(metrics.records_dropped, 1);
+        }
+        Some((actual.iter().copied().sum(), settled.balance))
+    }
+}
+
+impl HttpContext for FilterCall {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        let Some(config) = self.config.clone() else { return Action::Continue };
+        let config = match config.as_ref() {
+            Ok(c) => c,
+            Err(e) => {
+                Metrics::add(with_worker(|w| w.metrics.misconfigured), 1);
+                reply(Problem::invalid_config(e), None);
+                return Action::Pause;
+            }
+        };
+        let subject = header(MapType::HttpRequestHeaders, &config.subject.header).unwrap_or_default();
+        let subject = subject.trim();
+        let unverified = config
+            .subject
+            .require_headers
+            .iter()
+            .any(|h| header(MapType::HttpRequestHeaders, h).is_none_or(|v| v.trim().is_empty()));
+        if subject.is_empty() || unverified {
+            Metrics::add(with_worker(|w| w.metrics.unidentified), 1);
+            reply(
+                Problem::unidentified(
+                    &config.subject.header,
+                    &config.subject.require_headers,
+                    config.subject.missing_status,
+                ),
+                None,
+            );
+            return Action::Pause;
+        }
+        if config.pricing.needs_request_body() && !end_of_stream {
+            // Decided once the body is in. Neither host delivers the body to a filter that paused
+            // the headers (Envoy turns that pause into "stop all iteration"), so the headers go
+            // on; Kong reads the whole body before it contacts the upstream, Envoy sends the
+            // headers and resets the upstream request if the call is refused.
+            self.subject = Some(subject.to_owned());
+            let headers = config
+                .pricing
+                .request_headers()
+                .filter_map(|name| Some((name.to_owned(), header(MapType::HttpRequestHeaders, name)?)))
+                .collect();
+            self.awaiting_body = Some(EarlyHeaders { request_id: request_id(), units: headers });
+            return Action::Continue;
+        }
+        self.price_and_decide(config, subject, &|name| header(MapType::HttpRequestHeaders, name), None, None)
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if self.awaiting_body.is_none() {
+            return Action::Continue;
+        }
+        let (Some(config), Some(subject)) = (self.config.clone(), self.subject.clone()) else {
+            return Action::Continue;
+        };
+        let Ok(config) = config.as_ref() else { return Action::Continue };
+        let too_large = body_size > config.pricing.max_body_bytes;
+        if !end_of_stream && !too_large {
+            return Action::Pause; // the host buffers it until the end
+        }
+        let Some(EarlyHeaders { request_id, units: headers }) = self.awaiting_body.take() else {
+            return Action::Continue;
+        };
+        let request_header = |name: &str| headers.iter().find(|(n, _)| n.as_str() == name).map(|(_, v)| v.clone());
+        // A body over the limit is not read: the rules' default estimates apply.
+        let body = if too_large {
+            None
+        } else {
+            hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size).ok().flatten()
+        };
+        self.price_and_decide(config, &subject, &request_header, request_id, body.as_deref())
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        let Some(config) = self.config.clone() else { return Action::Continue };
+        let Ok(config) = config.as_ref() else { return Action::Continue };
+        self.take_admission();
+        if self.admitted.is_none() {
+            return Action::Continue;
+        }
+        self.status = header(MapType::HttpResponseHeaders, ":status").and_then(|s| s.parse().ok());
+        self.reported = config
+            .pricing
+            .units
+            .iter()
+            .map(|u| match &u.source {
+                pricing::UnitSource::ResponseHeader(name) => {
+                    header(MapType::HttpResponseHeaders, name).as_deref().and_then(units::from_text)
+                }
+                _ => None,
+            })
+            .collect();
+        let failed = self.status.is_none_or(|s| s >= 400) && !config.pricing.charge_errors;
+        if config.pricing.needs_response_body() && !end_of_stream && !failed {
+            let content_type = header(MapType::HttpResponseHeaders, "content-type");
+            self.reader = Some(units::BodyReader::new(&config.pricing, content_type.as_deref()));
+            return Action::Continue;
+        }
+        // The cost is known now: settle, and tell the client.
+        if let Some((cost, balance)) = self.settle(config) {
             if let Some(name) = &config.response_headers.cost {
                 let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(&cost.to_string()));
             }
@@ -578,10 +775,32 @@ impl HttpContext for FilterCall {
         Action::Continue
     }
 
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let Some(reader) = &mut self.reader else { return Action::Continue };
+        // A copy of each chunk as it passes; the response is never held back.
+        if body_size > 0 {
+            if let Ok(Some(chunk)) = hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size) {
+                reader.feed(&chunk);
+            }
+        }
+        if end_of_stream {
+            if let Some(Ok(config)) = self.config.clone().as_deref() {
+                self.settle(config);
+            }
+        }
+        Action::Continue
+    }
+
     fn on_log(&mut self) {
+        // A call let through settles now if its response did not complete (client gone,
+        // upstream reset): with no response status it is an error, charged per
+        // `pricing.charge_errors`.
+        if let Some(Ok(config)) = self.config.clone().as_deref() {
+            self.settle(config);
+        }
         // A call that went away while waiting no longer waits.
         with_worker(|w| {
-            w.allowed.remove(&self.id);
+            w.calls.remove(&self.id);
             if let Some(subject) = &self.subject {
                 if let Some(read) = w.reads.get_mut(subject) {
                     read.waiters.retain(|id| *id != self.id);

@@ -6,10 +6,12 @@
 pub mod config;
 pub mod customer;
 pub mod decision;
+pub mod pricing;
 pub mod problem;
 pub mod registry;
 pub mod shared;
 pub mod sync;
+pub mod units;
 
 #[cfg(test)]
 mod simulation;

@@ -1,6 +1,6 @@
 //! The answers the gateway gives instead of the upstream's: `application/problem+json`.
 
-use credits::{Amount, Currency};
+use credits::{Amount, Currency, FeatureKey};
 use serde_json::{json, Value};
 
 use crate::config::ConfigError;
@@ -44,16 +44,31 @@ impl Problem {
         serde_json::to_vec(&self.body).unwrap_or_default()
     }
 
-    pub fn payment_required(subject: &str, currency: Currency, price: Amount, available: Amount) -> Self {
-        Problem::new(
+    /// `price` is what the call needs in the scope that refused it (its estimate, for calls
+    /// priced by what they use), `feature` that scope's feature.
+    pub fn payment_required(
+        subject: &str,
+        currency: Currency,
+        feature: Option<&FeatureKey>,
+        price: Amount,
+        available: Amount,
+    ) -> Self {
+        let scope = feature.map_or(String::new(), |f| format!(" for {f}"));
+        let problem = Problem::new(
             402,
             "Payment Required",
-            format!("customer [{subject}] has {available} {currency} of credit; this call costs {price} {currency}"),
+            format!(
+                "customer [{subject}] has {available} {currency} of credit{scope}; this call needs {price} {currency}"
+            ),
         )
         .with("customer", subject)
         .with("currency", currency.to_string())
         .with("price", price.to_string())
-        .with("available", available.to_string())
+        .with("available", available.to_string());
+        match feature {
+            Some(f) => problem.with("feature", f.as_str()),
+            None => problem,
+        }
     }
 
     pub fn unidentified(header: &str, required: &[String], status: u16) -> Self {
@@ -105,6 +120,7 @@ mod tests {
         let p = Problem::payment_required(
             "alice",
             Currency::parse("USD").unwrap(),
+            None,
             Amount::parse("0.10").unwrap(),
             Amount::parse("0.05").unwrap(),
         );
@@ -113,5 +129,16 @@ mod tests {
         assert_eq!(p.body["currency"], "USD");
         assert_eq!(p.body["price"], "0.10");
         assert_eq!(p.body["available"], "0.05");
+        assert!(p.body.get("feature").is_none());
+        let tokens = FeatureKey::parse("output_tokens").unwrap();
+        let p = Problem::payment_required(
+            "alice",
+            Currency::parse("USD").unwrap(),
+            Some(&tokens),
+            Amount::parse("0.008").unwrap(),
+            Amount::parse("0").unwrap(),
+        );
+        assert_eq!(p.body["feature"], "output_tokens");
+        assert!(p.body["detail"].as_str().unwrap().contains("for output_tokens"));
     }
 }

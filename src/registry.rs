@@ -48,9 +48,11 @@ fn shard_of(subject: &str) -> u64 {
     subject.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)) % SHARDS
 }
 
+/// One register per currency and set of scopes: configurations that price alike share it.
 fn shard_key(config: &FilterConfig, shard: u64) -> String {
-    let feature = config.feature_key.as_ref().map_or("-", |f| f.as_str());
-    format!("prepaid_credits/r/{}/{feature}/{shard}", config.currency)
+    let scopes: Vec<&str> =
+        config.pricing.scopes.iter().map(|s| s.feature.as_ref().map_or("-", |f| f.as_str())).collect();
+    format!("prepaid_credits/r/{}/{}/{shard}", config.currency, scopes.join(","))
 }
 
 /// Registers a customer; `false` if it could not be (shard full or contended).

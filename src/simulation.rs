@@ -17,7 +17,7 @@ use credits::{
 use proptest::prelude::*;
 
 use crate::config::FilterConfig;
-use crate::decision::{decide, LedgerAccess, Verdict};
+use crate::decision::{call, LedgerAccess, Verdict};
 use crate::shared::fake::{FakeShared, Rules};
 use crate::sync::{self, PendingSync, Tracker};
 
@@ -80,7 +80,7 @@ impl Ledger {
                 } else if let Some(reason) = gateway::invalid(s) {
                     SubjectOutcome::Rejected { reason }
                 } else {
-                    let key = s.usage.as_ref().map(|r| r.key(&request.node, &s.subject));
+                    let key = s.usage_key(&request.node);
                     let facts = Facts {
                         usage_seen: key.as_ref().is_some_and(|k| self.seen.contains(k)),
                         lease: s.lease.as_ref().and_then(|l| {
@@ -264,7 +264,7 @@ impl Sim {
 
     fn settle_call(&mut self, node: usize, worker: usize, access: LedgerAccess) {
         let t = self.node_time(node);
-        let (verdict, effects) = decide(&self.nodes[node].store, &self.config, SUBJECT, self.config.price, t, access);
+        let (verdict, effects) = call(&self.nodes[node].store, &self.config, SUBJECT, self.config.price, t, access);
         if effects.became_pending {
             crate::registry::add(&self.nodes[node].store, &self.config, SUBJECT);
         }
@@ -278,7 +278,7 @@ impl Sim {
     fn call(&mut self, node: usize, worker: usize, delay: u64) {
         let t = self.node_time(node);
         let access = self.access(node, worker);
-        let (verdict, effects) = decide(&self.nodes[node].store, &self.config, SUBJECT, self.config.price, t, access);
+        let (verdict, effects) = call(&self.nodes[node].store, &self.config, SUBJECT, self.config.price, t, access);
         if effects.became_pending {
             crate::registry::add(&self.nodes[node].store, &self.config, SUBJECT);
         }
@@ -294,8 +294,14 @@ impl Sim {
                     *waiting += 1;
                     return;
                 }
-                let pending =
-                    sync::balance_read(&self.nodes[node].store, &self.config, &self.nodes[node].id, SUBJECT, t);
+                let pending = sync::balance_read(
+                    &self.nodes[node].store,
+                    &self.config,
+                    &self.nodes[node].id,
+                    SUBJECT,
+                    &[self.config.price],
+                    t,
+                );
                 let id = self.send(node, worker, Kind::Read, pending, delay);
                 self.nodes[node].workers[worker].reads.insert(id, 1);
             }
@@ -342,7 +348,7 @@ impl Sim {
                         m.id,
                         crate::shared::read::<crate::customer::CustomerEntry>(
                             &self.nodes[m.node].store,
-                            &crate::decision::entry_key(&self.config, SUBJECT)
+                            &crate::decision::entry_key(&self.config, &self.config.pricing.scopes[0], SUBJECT)
                         )
                     )
                 });
@@ -522,7 +528,7 @@ impl Sim {
         // Every call a node let through is recorded in its shared state (nothing lost to a reset
         // or a lost race).
         for node in &self.nodes {
-            let key = crate::decision::entry_key(&self.config, SUBJECT);
+            let key = crate::decision::entry_key(&self.config, &self.config.pricing.scopes[0], SUBJECT);
             let recorded =
                 crate::shared::read::<crate::customer::CustomerEntry>(&node.store, &key).map_or(0, |e| e.next_call);
             prop_assert_eq!(

@@ -12,6 +12,7 @@ use credits::Amount;
 use crate::config::{FilterConfig, Strategy};
 use crate::customer::{CustomerEntry, Standing};
 use crate::decision::entry_key;
+use crate::pricing::Scope;
 use crate::registry;
 use crate::shared::{self, SharedData};
 
@@ -73,20 +74,25 @@ pub fn stale_after_ms(config: &FilterConfig) -> u64 {
     (2 * u64::from(config.ledger.timeout_ms)).max(3 * u64::from(config.sync.interval_ms))
 }
 
-fn subject_sync(config: &FilterConfig, subject: &str) -> SubjectSync {
+fn subject_sync(config: &FilterConfig, scope: &Scope, subject: &str) -> SubjectSync {
     SubjectSync {
         subject: subject.to_owned(),
         currency: config.currency,
-        feature_key: config.feature_key.clone(),
+        feature_key: scope.feature.clone(),
         usage: None,
         lease: None,
     }
 }
 
-/// The node's lease for a customer keeps one id for the node's life; the ledger re-opens it
-/// after it was released.
-pub fn lease_id(node: &str, config: &FilterConfig, subject: &str) -> String {
-    format!("{node}/{}", entry_key(config, subject))
+/// The scope of this configuration a subject's sync was about (none if it has no such scope).
+fn scope_of<'c>(config: &'c FilterConfig, asked: &SubjectSync) -> Option<&'c Scope> {
+    config.pricing.scopes.iter().find(|s| s.feature == asked.feature_key)
+}
+
+/// The node's lease for a customer in a scope keeps one id for the node's life; the ledger
+/// re-opens it after it was released.
+pub fn lease_id(node: &str, config: &FilterConfig, scope: &Scope, subject: &str) -> String {
+    format!("{node}/{}", entry_key(config, scope, subject))
 }
 
 /// How long before the ledger could expire a lease the node stops spending from it: long enough
@@ -97,28 +103,30 @@ pub fn lease_reserve_ms(config: &FilterConfig) -> u64 {
 }
 
 /// The credit a lease should hold: enough for `lease.horizon_ms` at the observed rate, within
-/// the configured bounds (in calls).
-pub fn lease_target(config: &FilterConfig, calls_per_min: u64) -> Amount {
+/// the configured bounds (in typical calls of the scope).
+pub fn lease_target(config: &FilterConfig, scope: &Scope, calls_per_min: u64) -> Amount {
     let l = &config.lease;
     let calls = (calls_per_min.saturating_mul(l.horizon_ms) / 60_000).clamp(l.min_calls, l.max_calls);
-    config.price.times(calls).unwrap_or(config.price)
+    scope.typical.times(calls).unwrap_or(scope.typical)
 }
 
-/// What to ask about the lease now: a top-up below the low-water mark (or for a waiting call),
-/// a release once idle with nothing left to report, otherwise a renewal of an open lease.
+/// What to ask about the lease now: a top-up below the low-water mark (or enough for a waiting
+/// call that needs `for_call`), a release once idle with nothing left to report or settle,
+/// otherwise a renewal of an open lease.
 fn lease_request(
     e: &mut CustomerEntry,
     config: &FilterConfig,
+    scope: &Scope,
     node: &str,
     subject: &str,
     now_ms: u64,
-    for_call: bool,
+    for_call: Option<Amount>,
 ) -> Option<LeaseRequest> {
     let l = &config.lease;
-    let id = lease_id(node, config, subject);
+    let id = lease_id(node, config, scope, subject);
     let idle = now_ms.saturating_sub(e.last_used_ms) > l.idle_release_ms;
-    if idle && !for_call {
-        if e.lease.open && e.unsent_calls() == 0 && e.flight.is_none() {
+    if idle && for_call.is_none() {
+        if e.lease.open && e.unsent_calls() == 0 && e.flight.is_none() && e.holds.count == 0 {
             // From now on nothing is spent from it: the ledger gives back whatever it still holds,
             // and answers to earlier requests (which knew the lease open) no longer count.
             e.lease.open = false;
@@ -137,10 +145,14 @@ fn lease_request(
             return None;
         }
     }
-    let target = lease_target(config, e.rate.calls_per_min);
+    let target = lease_target(config, scope, e.rate.calls_per_min);
     let remaining = if e.lease.open && now_ms < e.lease.spend_until_ms { e.lease.remaining } else { Amount::ZERO };
     let low = target.percent(l.low_water_percent).unwrap_or(target);
-    let want = if for_call || remaining < low { (target - remaining).max(config.price) } else { Amount::ZERO };
+    let want = if for_call.is_some() || remaining < low {
+        (target - remaining).max(for_call.unwrap_or(scope.typical))
+    } else {
+        Amount::ZERO
+    };
     if want.is_positive() {
         e.lease.seq += 1;
     } else if !e.lease.open {
@@ -149,26 +161,37 @@ fn lease_request(
     Some(LeaseRequest { lease_id: id, seq: e.lease.seq, want, ttl_ms: l.ttl_ms, release: false })
 }
 
-/// A read for one customer whose call cannot be decided from what the node holds: its balance,
-/// and under `lease` a top-up sized for the customer.
+/// A read for one customer whose call cannot be decided from what the node holds: its balance in
+/// every scope of the configuration, and under `lease` top-ups sized for the customer and enough
+/// for the waiting call, which holds `holds` (per scope).
 pub fn balance_read(
     store: &dyn SharedData,
     config: &FilterConfig,
     node: &str,
     subject: &str,
+    holds: &[Amount],
     now_ms: u64,
 ) -> PendingSync {
-    let mut asked = subject_sync(config, subject);
-    if config.sync.strategy == Strategy::Lease {
-        let key = entry_key(config, subject);
-        let lease = shared::update::<CustomerEntry, Option<LeaseRequest>>(store, &key, |entry| {
-            let mut e = entry.unwrap_or_else(|| CustomerEntry::new(&key, subject, now_ms));
-            let request = lease_request(&mut e, config, node, subject, now_ms, true);
-            (Some(e), request)
-        });
-        asked.lease = lease.ok().flatten();
-    }
-    PendingSync { request: SyncRequest { node: node.to_owned(), subjects: vec![asked] }, sent_ms: now_ms }
+    let subjects = config
+        .pricing
+        .scopes
+        .iter()
+        .zip(holds)
+        .map(|(scope, needed)| {
+            let mut asked = subject_sync(config, scope, subject);
+            if config.sync.strategy == Strategy::Lease {
+                let key = entry_key(config, scope, subject);
+                let lease = shared::update::<CustomerEntry, Option<LeaseRequest>>(store, &key, |entry| {
+                    let mut e = entry.unwrap_or_else(|| CustomerEntry::new(&key, subject, now_ms));
+                    let request = lease_request(&mut e, config, scope, node, subject, now_ms, Some(*needed));
+                    (Some(e), request)
+                });
+                asked.lease = lease.ok().flatten();
+            }
+            asked
+        })
+        .collect();
+    PendingSync { request: SyncRequest { node: node.to_owned(), subjects }, sent_ms: now_ms }
 }
 
 /// Builds this tick's sync: takes the usage ranges to send out of the shared entries. Customers
@@ -188,43 +211,58 @@ pub fn prepare(
     let idle = u64::from(config.sync.idle_ms);
     let stale = stale_after_ms(config);
     let leased = config.sync.strategy == Strategy::Lease;
+    let scopes = &config.pricing.scopes;
     let mut subjects = Vec::new();
     let mut forget = Vec::new();
     for subject in tracker.subjects.keys() {
-        if subjects.len() == MAX_SUBJECTS_PER_SYNC {
+        if subjects.len() + scopes.len() > MAX_SUBJECTS_PER_SYNC {
             break; // the rest goes out on the next tick
         }
-        let key = entry_key(config, subject);
-        let lease_id = leased.then(|| lease_id(node, config, subject));
-        let taken = shared::update::<CustomerEntry, Option<(SubjectSync, bool)>>(store, &key, |entry| match entry {
-            None => (None, None),
-            Some(mut e) => {
-                e.measure_rate(now_ms, u64::from(config.sync.interval_ms));
-                let outgoing = e.take_outgoing(worker, now_ms, stale, config.settlement_mode, lease_id.as_deref());
-                let lease = if leased { lease_request(&mut e, config, node, subject, now_ms, false) } else { None };
-                let pending = e.has_pending();
-                if now_ms.saturating_sub(e.last_used_ms) > idle
-                    && !pending
-                    && outgoing.range.is_none()
-                    && lease.is_none()
-                {
-                    return (None, None);
+        let mut kept = false;
+        for scope in scopes {
+            let key = entry_key(config, scope, subject);
+            let lease_id = leased.then(|| lease_id(node, config, scope, subject));
+            let taken =
+                shared::update::<CustomerEntry, Option<(SubjectSync, bool)>>(store, &key, |entry| match entry {
+                    None => (None, None),
+                    Some(mut e) => {
+                        e.expire_holds(now_ms);
+                        e.measure_rate(now_ms, u64::from(config.sync.interval_ms));
+                        let outgoing =
+                            e.take_outgoing(worker, now_ms, stale, config.settlement_mode, lease_id.as_deref());
+                        let lease = if leased {
+                            lease_request(&mut e, config, scope, node, subject, now_ms, None)
+                        } else {
+                            None
+                        };
+                        let pending = e.has_pending();
+                        if now_ms.saturating_sub(e.last_used_ms) > idle
+                            && !pending
+                            && outgoing.range.is_none()
+                            && lease.is_none()
+                        {
+                            return (None, None);
+                        }
+                        let mut s = subject_sync(config, scope, subject);
+                        s.usage = outgoing.range;
+                        s.lease = lease;
+                        (Some(e), Some((s, pending)))
+                    }
+                });
+            match taken {
+                Ok(Some((s, pending))) => {
+                    if pending {
+                        registry::add(store, config, subject);
+                    }
+                    subjects.push(s);
+                    kept = true;
                 }
-                let mut s = subject_sync(config, subject);
-                s.usage = outgoing.range;
-                s.lease = lease;
-                (Some(e), Some((s, pending)))
+                Ok(None) => {}
+                Err(_) => kept = true, // contended: next tick
             }
-        });
-        match taken {
-            Ok(Some((s, pending))) => {
-                if pending {
-                    registry::add(store, config, subject);
-                }
-                subjects.push(s);
-            }
-            Ok(None) => forget.push(subject.clone()),
-            Err(_) => {} // contended: next tick
+        }
+        if !kept {
+            forget.push(subject.clone());
         }
     }
     for s in forget {
@@ -278,7 +316,8 @@ pub fn apply(
 ) -> Applied {
     let mut applied = Applied::default();
     for (asked, answer) in pending.request.subjects.iter().zip(&response.subjects) {
-        let key = entry_key(config, &asked.subject);
+        let Some(scope) = scope_of(config, asked) else { continue };
+        let key = entry_key(config, scope, &asked.subject);
         let result = shared::update::<CustomerEntry, Applied>(store, &key, |entry| {
             let mut e = entry.unwrap_or_else(|| CustomerEntry::new(&key, &asked.subject, now_ms));
             let mut a = Applied::default();
@@ -319,8 +358,9 @@ pub fn apply(
 /// Registers the customers of an applied answer that now hold a lease or owe a report.
 pub fn register_pending(store: &dyn SharedData, config: &FilterConfig, pending: &PendingSync) {
     for asked in &pending.request.subjects {
-        let pending =
-            shared::read::<CustomerEntry>(store, &entry_key(config, &asked.subject)).is_some_and(|e| e.has_pending());
+        let Some(scope) = scope_of(config, asked) else { continue };
+        let pending = shared::read::<CustomerEntry>(store, &entry_key(config, scope, &asked.subject))
+            .is_some_and(|e| e.has_pending());
         if pending {
             registry::add(store, config, &asked.subject);
         }
@@ -329,14 +369,16 @@ pub fn register_pending(store: &dyn SharedData, config: &FilterConfig, pending: 
 
 /// Whether an entry's customer is known to the ledger (for tests and logs).
 pub fn is_known(store: &dyn SharedData, config: &FilterConfig, subject: &str) -> bool {
-    shared::read::<CustomerEntry>(store, &entry_key(config, subject))
-        .is_some_and(|e| matches!(e.standing, Standing::Known { .. }))
+    config.pricing.scopes.iter().all(|scope| {
+        shared::read::<CustomerEntry>(store, &entry_key(config, scope, subject))
+            .is_some_and(|e| matches!(e.standing, Standing::Known { .. }))
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decision::{decide, LedgerAccess, Verdict};
+    use crate::decision::{call, LedgerAccess, Verdict};
     use crate::shared::fake::{FakeShared, Rules};
     use credits::sync::{SubjectAnswer, UsageRange};
     use credits::Amount;
@@ -375,7 +417,7 @@ mod tests {
                 .iter()
                 .map(|s| {
                     let usage = s.usage.as_ref().map(|r: &UsageRange| {
-                        if self.booked.insert(r.key(&req.node, &s.subject)) {
+                        if self.booked.insert(s.usage_key(&req.node).unwrap_or_default()) {
                             self.balance -= r.amount;
                             self.revision += 1;
                             UsageOutcome::Booked
@@ -397,13 +439,13 @@ mod tests {
         let mut ledger = MiniLedger { balance: amt("1.00"), booked: Default::default(), revision: 1 };
         let mut tracker = Tracker::default();
         // Cold miss: read, apply.
-        let read = balance_read(&store, &c, "node", "alice", 10);
+        let read = balance_read(&store, &c, "node", "alice", &[c.price], 10);
         let resp = ledger.answer(&read.request);
         apply(&store, &c, &read, &resp, 10);
         tracker.touch("alice", 10);
         for i in 0..4 {
             assert!(matches!(
-                decide(&store, &c, "alice", amt("0.10"), 11 + i, LedgerAccess::Reachable).0,
+                call(&store, &c, "alice", amt("0.10"), 11 + i, LedgerAccess::Reachable).0,
                 Verdict::Allow { .. }
             ));
         }
@@ -416,14 +458,14 @@ mod tests {
         let applied = apply(&store, &c, &retry, &resp, 201);
         assert_eq!(applied.calls_confirmed, 4);
         assert_eq!(ledger.balance, amt("0.60"), "four calls booked once");
-        let e = shared::read::<CustomerEntry>(&store, &entry_key(&c, "alice")).unwrap();
+        let e = shared::read::<CustomerEntry>(&store, &entry_key(&c, &c.pricing.scopes[0], "alice")).unwrap();
         assert_eq!((e.available(), e.flight.is_none()), (amt("0.60"), true));
     }
 
     #[test]
     fn malformed_or_failed_answers_are_errors_not_panics() {
         let c = config();
-        let pending = balance_read(&FakeShared::new(Rules::Envoy), &c, "n", "alice", 1);
+        let pending = balance_read(&FakeShared::new(Rules::Envoy), &c, "n", "alice", &[c.price], 1);
         assert!(matches!(parse_answer(&pending, None, None), Err(AnswerError::Unavailable(_))));
         assert!(matches!(parse_answer(&pending, Some(503), None), Err(AnswerError::Unavailable(_))));
         assert!(matches!(parse_answer(&pending, Some(200), Some(b"{not json")), Err(AnswerError::Malformed(_))));
@@ -438,7 +480,7 @@ mod tests {
     fn idle_customers_without_usage_are_forgotten() {
         let store = FakeShared::new(Rules::Envoy);
         let c = config();
-        let read = balance_read(&store, &c, "node", "alice", 10);
+        let read = balance_read(&store, &c, "node", "alice", &[c.price], 10);
         apply(&store, &c, &read, &answer(vec![ok("alice", None, "1", 1)]), 1);
         let mut tracker = Tracker::default();
         tracker.touch("alice", 1);
@@ -451,7 +493,7 @@ mod tests {
     fn usage_of_an_unknown_subject_is_dropped_and_counted() {
         let store = FakeShared::new(Rules::Envoy);
         let allow = FilterConfig::parse(br#"{"ledger": {"upstream": "l", "token": "t"}, "price": "0.10", "currency": "USD", "failure_mode": "allow", "sync": {"strategy": "cached"}}"#).unwrap();
-        decide(&store, &allow, "ghost", amt("0.10"), 1, LedgerAccess::Unreachable);
+        call(&store, &allow, "ghost", amt("0.10"), 1, LedgerAccess::Unreachable);
         let mut tracker = Tracker::default();
         tracker.touch("ghost", 1);
         let pending = prepare(&store, &mut tracker, &allow, "node", 1, 2).unwrap();

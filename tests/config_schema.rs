@@ -143,6 +143,62 @@ fn corpus() -> Vec<(Value, bool)> {
     ];
     cases.extend(valid.into_iter().map(|(p, v)| (with(p, Some(v)), true)));
     cases.extend(invalid.into_iter().map(|(p, v)| (with(p, v), false)));
+    let ai = |units: Value| json!({"ledger": {"upstream": "l", "token": "t"}, "currency": "USD", "pricing": {"units": units}});
+    let rule = |extra: Value| {
+        let mut r = json!({"name": "output_tokens", "unit_price": "0.000008", "source": {"response_json": "/usage/completion_tokens"}});
+        for (k, v) in extra.as_object().unwrap() {
+            r[k] = v.clone();
+        }
+        r
+    };
+    let pricing_valid = [
+        ai(json!([rule(json!({}))])),
+        ai(json!([rule(
+            json!({"feature_key": "output_tokens", "estimate": {"request_json": "/max_tokens", "default_units": "1024"}})
+        )])),
+        ai(json!([rule(json!({"estimate": {"units": "500"}, "source": {"response_header": "x-tokens"}}))])),
+        ai(json!([rule(json!({"source": {"request_header": "x-units"}, "unit_price": "1000000"}))])),
+        ai(json!([
+            rule(json!({"estimate": {"request_json": "/n"}})),
+            rule(json!({"name": "in", "estimate": {"units": "1000000000000"}}))
+        ])),
+        with(
+            "pricing",
+            Some(
+                json!({"charge_errors": true, "missing_usage": "charge_nothing", "max_body_bytes": 1024, "hold_timeout_ms": 1000}),
+            ),
+        ),
+        with("pricing", Some(json!({"units": [rule(json!({}))]}))),
+        with("pricing", Some(json!({}))),
+    ];
+    let pricing_invalid = [
+        ai(json!([])),
+        ai(json!([rule(json!({"source": {}}))])),
+        ai(json!([rule(json!({"source": {"response_json": "/a", "response_header": "x"}}))])),
+        ai(json!([rule(json!({"source": {"response_json": "usage/x"}}))])),
+        ai(json!([rule(json!({"source": {"response_header": "X-Tokens"}}))])),
+        ai(json!([rule(json!({"source": {"body": "/x"}}))])),
+        ai(json!([rule(json!({"unit_price": "-1"}))])),
+        ai(json!([rule(json!({"unit_price": "1000000.5"}))])),
+        ai(json!([rule(json!({"unit_price": 0.1}))])),
+        ai(json!([rule(json!({"name": ""}))])),
+        ai(json!([rule(json!({"feature_key": "Output"}))])),
+        ai(json!([rule(json!({"estimate": {"units": "1", "request_json": "/n"}}))])),
+        ai(json!([rule(json!({"estimate": {"units": "1", "default_units": "2"}}))])),
+        ai(json!([rule(json!({"estimate": {"default_units": "2"}}))])),
+        ai(json!([rule(json!({"estimate": {"units": "1000000000001"}}))])),
+        ai(json!([rule(json!({"estimate": {"units": "-1"}}))])),
+        ai(json!([rule(json!({"extra": 1}))])),
+        ai(json!([{"name": "a", "source": {"response_header": "x"}}])),
+        ai(json!((0..9).map(|i| rule(json!({"name": format!("r{i}")}))).collect::<Vec<_>>())),
+        with("pricing/missing_usage", Some(json!("guess"))),
+        with("pricing/max_body_bytes", Some(json!(1023))),
+        with("pricing/hold_timeout_ms", Some(json!(999))),
+        with("pricing/charge_errors", Some(json!("no"))),
+        with("pricing/other", Some(json!(1))),
+    ];
+    cases.extend(pricing_valid.into_iter().map(|c| (c, true)));
+    cases.extend(pricing_invalid.into_iter().map(|c| (c, false)));
     cases.push((json!([]), false));
     cases.push((json!("a string"), false));
     cases

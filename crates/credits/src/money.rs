@@ -130,6 +130,13 @@ impl From<Decimal> for Amount {
     }
 }
 
+/// A whole count (e.g. of units a call used).
+impl From<u64> for Amount {
+    fn from(value: u64) -> Self {
+        Amount(Decimal::from(value))
+    }
+}
+
 impl std::ops::Add for Amount {
     type Output = Amount;
     fn add(self, rhs: Amount) -> Amount {

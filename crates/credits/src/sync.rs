@@ -77,12 +77,17 @@ pub struct UsageRange {
     pub lease_id: Option<String>,
 }
 
-impl UsageRange {
-    /// The idempotency key of the range (and so of each call in it).
-    pub fn key(&self, node: &str, subject: &str) -> String {
-        format!("{node}/{subject}/{}-{}", self.from, self.to)
+impl SubjectSync {
+    /// The idempotency key of the usage range (and so of each call in it). Calls are numbered per
+    /// node, subject, currency and feature: one call can be priced in several features.
+    pub fn usage_key(&self, node: &str) -> Option<String> {
+        let feature = self.feature_key.as_ref().map_or("-", FeatureKey::as_str);
+        let r = self.usage.as_ref()?;
+        Some(format!("{node}/{}/{}/{feature}/{}-{}", self.subject, self.currency, r.from, r.to))
     }
+}
 
+impl UsageRange {
     pub fn calls(&self) -> u64 {
         self.to.saturating_sub(self.from)
     }
@@ -174,7 +179,7 @@ mod tests {
     }
 
     #[test]
-    fn range_keys_name_node_subject_and_calls() {
+    fn usage_keys_name_node_subject_scope_and_calls() {
         let r = UsageRange {
             from: 10,
             to: 15,
@@ -182,7 +187,18 @@ mod tests {
             settlement_mode: SettlementMode::CreditOnly,
             lease_id: None,
         };
-        assert_eq!(r.key("n1", "alice"), "n1/alice/10-15");
         assert_eq!(r.calls(), 5);
+        let mut s = SubjectSync {
+            subject: "alice".into(),
+            currency: Currency::parse("USD").unwrap(),
+            feature_key: None,
+            usage: Some(r),
+            lease: None,
+        };
+        assert_eq!(s.usage_key("n1").as_deref(), Some("n1/alice/USD/-/10-15"));
+        s.feature_key = Some(FeatureKey::parse("output_tokens").unwrap());
+        assert_eq!(s.usage_key("n1").as_deref(), Some("n1/alice/USD/output_tokens/10-15"));
+        s.usage = None;
+        assert_eq!(s.usage_key("n1"), None);
     }
 }

@@ -53,7 +53,7 @@ async fn sync_subject(state: &AppState, node: &str, s: &SubjectSync) -> ApiResul
         Err(p) => return Err(p),
     };
     let now = ctx.now;
-    let key = s.usage.as_ref().map(|range| range.key(node, &s.subject));
+    let key = s.usage_key(node);
     let facts = Facts {
         usage_seen: match &key {
             Some(key) => usage::exists(&mut ctx.w.tx, key).await?,

@@ -1,0 +1,453 @@
+//! How a call is priced: a fixed price per call, plus units the call itself reports — AI tokens
+//! in and out, bytes, rows — each with a unit price and the feature its credit must cover.
+//!
+//! A call is priced twice. Before it goes upstream it holds an estimate ([`quote`]); when its
+//! response is complete it settles at what it actually used ([`settle`]) and the difference goes
+//! back. Each price lands in a *scope* (a feature key, or none): the node keeps one balance (and
+//! one lease) per customer and scope, because credit restricted to `output_tokens` cannot pay for
+//! `input_tokens`.
+
+use credits::{Amount, FeatureKey};
+use serde::Deserialize;
+
+use crate::config::{amount, error, header_name, ConfigError};
+
+/// Where a unit count comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UnitSource {
+    /// A JSON pointer into the response body (e.g. `/usage/prompt_tokens`); for
+    /// `text/event-stream` responses, into the last event that has it.
+    ResponseJson(String),
+    ResponseHeader(String),
+    /// Known before the call goes upstream: the hold is the actual price.
+    RequestHeader(String),
+}
+
+/// What a call holds for a unit before its response tells the real count.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Estimate {
+    Units(Amount),
+    /// A JSON pointer into the request body (e.g. `/max_tokens`), with the count assumed when the
+    /// body does not have it.
+    RequestJson {
+        pointer: String,
+        default: Amount,
+    },
+}
+
+/// What a call whose response did not report its units (missing, unreadable, cut off) is charged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MissingUsage {
+    /// What it held: the customer agreed to that much when the call was let through.
+    ChargeEstimate,
+    ChargeNothing,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnitRule {
+    pub name: String,
+    pub unit_price: Amount,
+    pub source: UnitSource,
+    pub estimate: Estimate,
+    /// Index into [`FilterConfig::scopes`](crate::config::FilterConfig).
+    pub scope: usize,
+}
+
+/// A balance a call can draw on: credit in one feature's scope (or unrestricted).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Scope {
+    pub feature: Option<FeatureKey>,
+    /// What a typical call holds here (the fixed price and the units' default estimates): leases
+    /// are sized in these.
+    pub typical: Amount,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pricing {
+    pub units: Vec<UnitRule>,
+    /// The scope the fixed `price` is charged in; `None` when the price is zero and units price
+    /// the call.
+    pub fixed_scope: Option<usize>,
+    pub scopes: Vec<Scope>,
+    /// Charge calls the upstream answered with 4xx or 5xx (and calls with no response).
+    pub charge_errors: bool,
+    pub missing_usage: MissingUsage,
+    /// Most of a body the filter reads (request body for estimates; a JSON response for units; one
+    /// event of a stream). The body itself always passes through whole.
+    pub max_body_bytes: usize,
+    /// A hold not settled within this long (its worker went away) stops counting.
+    pub hold_timeout_ms: u64,
+}
+
+impl Pricing {
+    pub fn needs_request_body(&self) -> bool {
+        self.units.iter().any(|u| matches!(u.estimate, Estimate::RequestJson { .. }))
+    }
+
+    /// The request headers rules read.
+    pub fn request_headers(&self) -> impl Iterator<Item = &str> {
+        self.units.iter().filter_map(|u| match &u.source {
+            UnitSource::RequestHeader(name) => Some(name.as_str()),
+            _ => None,
+        })
+    }
+
+    pub fn needs_response_body(&self) -> bool {
+        self.units.iter().any(|u| matches!(u.source, UnitSource::ResponseJson(_)))
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPricing {
+    #[serde(default)]
+    units: Vec<RawUnit>,
+    #[serde(default)]
+    charge_errors: Option<bool>,
+    #[serde(default)]
+    missing_usage: Option<String>,
+    #[serde(default)]
+    max_body_bytes: Option<u64>,
+    #[serde(default)]
+    hold_timeout_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUnit {
+    name: String,
+    unit_price: String,
+    #[serde(default)]
+    feature_key: Option<String>,
+    source: RawSource,
+    #[serde(default)]
+    estimate: Option<RawEstimate>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    #[serde(default)]
+    response_json: Option<String>,
+    #[serde(default)]
+    response_header: Option<String>,
+    #[serde(default)]
+    request_header: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEstimate {
+    #[serde(default)]
+    units: Option<String>,
+    #[serde(default)]
+    request_json: Option<String>,
+    #[serde(default)]
+    default_units: Option<String>,
+}
+
+impl RawPricing {
+    pub(crate) fn has_units(&self) -> bool {
+        !self.units.is_empty()
+    }
+}
+
+pub const MAX_UNITS: usize = 8;
+pub const MAX_UNIT_PRICE: u32 = 1_000_000;
+
+fn pointer(field: &str, p: &str) -> Result<String, ConfigError> {
+    if p.starts_with('/') && p.len() <= 256 {
+        Ok(p.to_owned())
+    } else {
+        Err(error(field, format!("{p:?} is not a JSON pointer (e.g. /usage/prompt_tokens)")))
+    }
+}
+
+fn units(field: &str, text: &str) -> Result<Amount, ConfigError> {
+    crate::units::from_text(text)
+        .ok_or_else(|| error(field, format!("{text:?} is not a count from 0 to {}", crate::units::MAX_COUNT)))
+}
+
+fn feature(field: &str, key: Option<&str>) -> Result<Option<FeatureKey>, ConfigError> {
+    key.map(FeatureKey::parse).transpose().map_err(|e| error(field, e.to_string()))
+}
+
+/// The scope of `feature`, added if new.
+fn scope_of(scopes: &mut Vec<Scope>, feature: Option<FeatureKey>) -> usize {
+    match scopes.iter().position(|s| s.feature == feature) {
+        Some(i) => i,
+        None => {
+            scopes.push(Scope { feature, typical: Amount::ZERO });
+            scopes.len() - 1
+        }
+    }
+}
+
+pub(crate) fn parse(
+    raw: RawPricing,
+    price: Amount,
+    fixed_feature: Option<FeatureKey>,
+    bounded: impl Fn(&str, Option<u64>, u64, u64, u64) -> Result<u64, ConfigError>,
+) -> Result<Pricing, ConfigError> {
+    if raw.units.len() > MAX_UNITS {
+        return Err(error("pricing.units", format!("at most {MAX_UNITS} unit rules")));
+    }
+    let mut scopes = Vec::new();
+    let fixed_scope = (!price.is_zero() || raw.units.is_empty()).then(|| scope_of(&mut scopes, fixed_feature));
+    if let Some(i) = fixed_scope {
+        scopes[i].typical = price;
+    }
+    let mut rules = Vec::with_capacity(raw.units.len());
+    for (i, u) in raw.units.into_iter().enumerate() {
+        let at = |name: &str| format!("pricing.units[{i}].{name}");
+        if u.name.is_empty() || u.name.len() > 64 || rules.iter().any(|r: &UnitRule| r.name == u.name) {
+            return Err(error(&at("name"), "must be a unique name of 1..64 characters"));
+        }
+        let unit_price = amount(&at("unit_price"), &u.unit_price)?;
+        if unit_price.decimal() > MAX_UNIT_PRICE.into() {
+            return Err(error(&at("unit_price"), format!("must be at most {MAX_UNIT_PRICE}")));
+        }
+        let s = u.source;
+        let source = match (s.response_json, s.response_header, s.request_header) {
+            (Some(p), None, None) => UnitSource::ResponseJson(pointer(&at("source.response_json"), &p)?),
+            (None, Some(h), None) => UnitSource::ResponseHeader(header_name(&at("source.response_header"), &h)?),
+            (None, None, Some(h)) => UnitSource::RequestHeader(header_name(&at("source.request_header"), &h)?),
+            _ => {
+                return Err(error(&at("source"), "give exactly one of response_json, response_header, request_header"))
+            }
+        };
+        let estimate = match u.estimate {
+            None => Estimate::Units(Amount::ZERO),
+            Some(RawEstimate { units: Some(n), request_json: None, default_units: None }) => {
+                Estimate::Units(units(&at("estimate.units"), &n)?)
+            }
+            Some(RawEstimate { units: None, request_json: Some(p), default_units }) => Estimate::RequestJson {
+                pointer: pointer(&at("estimate.request_json"), &p)?,
+                default: units(&at("estimate.default_units"), default_units.as_deref().unwrap_or("0"))?,
+            },
+            Some(_) => return Err(error(&at("estimate"), "give units, or request_json (with optional default_units)")),
+        };
+        let scope = scope_of(&mut scopes, feature(&at("feature_key"), u.feature_key.as_deref())?);
+        let default_units = match &estimate {
+            Estimate::Units(n) | Estimate::RequestJson { default: n, .. } => *n,
+        };
+        let typical = unit_cost(unit_price, default_units)
+            .ok_or_else(|| error(&at("unit_price"), "unit_price × estimate is too large"))?;
+        scopes[scope].typical += typical;
+        rules.push(UnitRule { name: u.name, unit_price, source, estimate, scope });
+    }
+    let missing_usage = match raw.missing_usage.as_deref().unwrap_or("charge_estimate") {
+        "charge_estimate" => MissingUsage::ChargeEstimate,
+        "charge_nothing" => MissingUsage::ChargeNothing,
+        other => {
+            return Err(error("pricing.missing_usage", format!("{other:?} is not charge_estimate or charge_nothing")))
+        }
+    };
+    let max_body_bytes = bounded("pricing.max_body_bytes", raw.max_body_bytes, 1 << 20, 1024, 64 << 20)?;
+    Ok(Pricing {
+        units: rules,
+        fixed_scope,
+        scopes,
+        charge_errors: raw.charge_errors.unwrap_or(false),
+        missing_usage,
+        max_body_bytes: usize::try_from(max_body_bytes).unwrap_or(usize::MAX),
+        hold_timeout_ms: bounded("pricing.hold_timeout_ms", raw.hold_timeout_ms, 600_000, 1_000, 86_400_000)?,
+    })
+}
+
+/// `units × unit_price`, exact.
+pub fn unit_cost(unit_price: Amount, units: Amount) -> Option<Amount> {
+    unit_price.checked_mul(units.decimal())
+}
+
+/// What a call holds before it goes upstream, per scope, and the units each rule assumed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Quote {
+    pub holds: Vec<Amount>,
+    /// Per rule: the count the hold assumed, and whether it is final (a request header).
+    pub units: Vec<(Amount, bool)>,
+}
+
+/// Prices a call before its response: `header` reads a request header, `body` is the request
+/// body when a rule estimates from it (`None` when absent or too large: defaults apply).
+pub fn quote(pricing: &Pricing, price: Amount, header: &dyn Fn(&str) -> Option<String>, body: Option<&[u8]>) -> Quote {
+    let body: Option<serde_json::Value> =
+        if pricing.needs_request_body() { body.and_then(|b| serde_json::from_slice(b).ok()) } else { None };
+    let units: Vec<(Amount, bool)> = pricing
+        .units
+        .iter()
+        .map(|rule| {
+            if let UnitSource::RequestHeader(name) = &rule.source {
+                if let Some(n) = header(name).as_deref().and_then(crate::units::from_text) {
+                    return (n, true);
+                }
+            }
+            let estimate = match &rule.estimate {
+                Estimate::Units(n) => *n,
+                Estimate::RequestJson { pointer, default } => {
+                    body.as_ref().and_then(|v| v.pointer(pointer)).and_then(crate::units::from_json).unwrap_or(*default)
+                }
+            };
+            (estimate, false)
+        })
+        .collect();
+    let amounts: Vec<Amount> = units.iter().map(|(n, _)| *n).collect();
+    Quote { holds: per_scope(pricing, price, &amounts), units }
+}
+
+/// Per scope: the fixed price plus each rule's units at its price.
+fn per_scope(pricing: &Pricing, price: Amount, units: &[Amount]) -> Vec<Amount> {
+    let mut amounts = vec![Amount::ZERO; pricing.scopes.len()];
+    if let Some(i) = pricing.fixed_scope {
+        amounts[i] = price;
+    }
+    for (rule, n) in pricing.units.iter().zip(units) {
+        // Cannot overflow: unit prices are at most MAX_UNIT_PRICE and counts at most
+        // `units::MAX_COUNT`, so a rule costs at most 10^18.
+        let cost = unit_cost(rule.unit_price, *n).unwrap_or(Amount::ZERO);
+        amounts[rule.scope] += cost;
+    }
+    amounts
+}
+
+/// What the call costs now that its response is complete: `status` is the upstream's (`None`:
+/// no response), `observed` the units the response reported per rule (`None`: not reported).
+pub fn settle(
+    pricing: &Pricing,
+    price: Amount,
+    quote: &Quote,
+    status: Option<u16>,
+    observed: &[Option<Amount>],
+) -> Vec<Amount> {
+    let failed = status.is_none_or(|s| s >= 400);
+    if failed && !pricing.charge_errors {
+        return vec![Amount::ZERO; pricing.scopes.len()];
+    }
+    let units: Vec<Amount> = quote
+        .units
+        .iter()
+        .zip(observed)
+        .map(|((estimate, is_final), seen)| match (is_final, seen) {
+            (true, _) => *estimate,
+            (false, Some(n)) => *n,
+            (false, None) => match pricing.missing_usage {
+                MissingUsage::ChargeEstimate => *estimate,
+                MissingUsage::ChargeNothing => Amount::ZERO,
+            },
+        })
+        .collect();
+    per_scope(pricing, price, &units)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::FilterConfig;
+
+    fn amt(s: &str) -> Amount {
+        Amount::parse(s).unwrap()
+    }
+
+    fn ai() -> FilterConfig {
+        let json = r#"{"ledger": {"upstream": "l", "token": "t"}, "price": "0.001", "currency": "USD",
+            "feature_key": "api_requests",
+            "pricing": {"units": [
+                {"name": "input", "feature_key": "input_tokens", "unit_price": "0.000002",
+                 "source": {"response_json": "/usage/prompt_tokens"}, "estimate": {"units": "500"}},
+                {"name": "output", "feature_key": "output_tokens", "unit_price": "0.000008",
+                 "source": {"response_json": "/usage/completion_tokens"},
+                 "estimate": {"request_json": "/max_tokens", "default_units": "1000"}}
+            ]}}"#;
+        FilterConfig::parse(json.as_bytes()).unwrap()
+    }
+
+    fn no_header(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn each_feature_gets_its_own_scope_sized_by_its_typical_call() {
+        let c = ai();
+        let p = &c.pricing;
+        let features: Vec<_> = p.scopes.iter().map(|s| s.feature.as_ref().map(|f| f.as_str().to_owned())).collect();
+        assert_eq!(
+            features,
+            [Some("api_requests".to_owned()), Some("input_tokens".to_owned()), Some("output_tokens".to_owned())]
+        );
+        let typical: Vec<_> = p.scopes.iter().map(|s| s.typical).collect();
+        assert_eq!(typical, [amt("0.001"), amt("0.001"), amt("0.008")]);
+        assert!(p.needs_request_body() && p.needs_response_body());
+    }
+
+    #[test]
+    fn the_estimate_comes_from_the_request_body_or_its_default() {
+        let c = ai();
+        let q = quote(&c.pricing, c.price, &no_header, Some(br#"{"model": "m", "max_tokens": 200}"#));
+        assert_eq!(q.holds, [amt("0.001"), amt("0.001"), amt("0.0016")]);
+        let q = quote(&c.pricing, c.price, &no_header, Some(b"not json"));
+        assert_eq!(q.holds[2], amt("0.008"));
+        let q = quote(&c.pricing, c.price, &no_header, None);
+        assert_eq!(q.holds[2], amt("0.008"));
+    }
+
+    #[test]
+    fn settling_charges_what_was_used_and_nothing_for_upstream_errors() {
+        let c = ai();
+        let q = quote(&c.pricing, c.price, &no_header, Some(br#"{"max_tokens": 200}"#));
+        let used = settle(&c.pricing, c.price, &q, Some(200), &[Some(amt("120")), Some(amt("350"))]);
+        // More output than estimated is still charged.
+        assert_eq!(used, [amt("0.001"), amt("0.00024"), amt("0.0028")]);
+        let failed = settle(&c.pricing, c.price, &q, Some(503), &[Some(amt("120")), None]);
+        assert!(failed.iter().all(|a| a.is_zero()));
+        assert!(settle(&c.pricing, c.price, &q, None, &[None, None]).iter().all(|a| a.is_zero()));
+        // Missing usage: the estimate by default.
+        let missing = settle(&c.pricing, c.price, &q, Some(200), &[None, None]);
+        assert_eq!(missing, q.holds);
+    }
+
+    #[test]
+    fn errors_are_charged_when_configured_and_missing_usage_can_cost_nothing() {
+        let json = r#"{"ledger": {"upstream": "l", "token": "t"}, "price": "0", "currency": "USD",
+            "pricing": {"charge_errors": true, "missing_usage": "charge_nothing", "units": [
+                {"name": "rows", "unit_price": "0.01", "source": {"response_header": "x-rows"}, "estimate": {"units": "10"}},
+                {"name": "size", "unit_price": "0.5", "source": {"request_header": "x-size"}}
+            ]}}"#;
+        let c = FilterConfig::parse(json.as_bytes()).unwrap();
+        assert_eq!(c.pricing.fixed_scope, None, "a zero price with units has no fixed scope");
+        assert_eq!(c.pricing.scopes.len(), 1, "both rules are unrestricted: one scope");
+        let header = |name: &str| (name == "x-size").then(|| "3".to_owned());
+        let q = quote(&c.pricing, c.price, &header, None);
+        assert_eq!(q.holds, [amt("1.60")]);
+        assert_eq!(settle(&c.pricing, c.price, &q, Some(500), &[Some(amt("2")), None]), [amt("1.52")]);
+        assert_eq!(settle(&c.pricing, c.price, &q, Some(200), &[None, None]), [amt("1.5")]);
+    }
+
+    #[test]
+    fn bad_rules_name_their_field() {
+        let base = |units: &str| {
+            format!(
+                r#"{{"ledger": {{"upstream": "l", "token": "t"}}, "price": "0", "currency": "USD", "pricing": {{"units": [{units}]}}}}"#
+            )
+        };
+        let cases = [
+            (r#"{"name": "a", "unit_price": "1", "source": {}}"#, "pricing.units[0].source"),
+            (
+                r#"{"name": "a", "unit_price": "1", "source": {"response_json": "usage"}}"#,
+                "pricing.units[0].source.response_json",
+            ),
+            (r#"{"name": "a", "unit_price": "-1", "source": {"response_header": "x"}}"#, "pricing.units[0].unit_price"),
+            (
+                r#"{"name": "a", "unit_price": "1", "source": {"response_header": "X-Up"}}"#,
+                "pricing.units[0].source.response_header",
+            ),
+            (
+                r#"{"name": "a", "unit_price": "1", "source": {"response_header": "x"}, "estimate": {"units": "1", "request_json": "/n"}}"#,
+                "pricing.units[0].estimate",
+            ),
+        ];
+        for (unit, field) in cases {
+            let err = FilterConfig::parse(base(unit).as_bytes()).unwrap_err();
+            assert_eq!(err.field, field, "{unit}: {err}");
+        }
+    }
+}
