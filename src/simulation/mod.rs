@@ -27,7 +27,7 @@ use world::{Scenario, Sim, Stats, START_MS, SUBJECT};
 
 const MAX_ACTIONS: usize = 400;
 /// The seeds the test command runs against the real ledger.
-const SEEDS: std::ops::Range<u64> = 0..12;
+const SEEDS: std::ops::Range<u64> = 0..32;
 
 fn run<L: Ledger>(s: &Scenario, ledger: impl FnOnce(&crate::config::FilterConfig) -> L) -> Result<Stats, String> {
     let mut sim = Sim::new(s, ledger);

@@ -525,6 +525,11 @@ impl<L: Ledger> Sim<L> {
             if !books.problems.is_empty() {
                 return Err(format!("journal check: {:?}", books.problems));
             }
+            // Nodes report only calls they let through: booking more is booking some twice.
+            let let_through = self.config.price.times(self.let_through()).unwrap();
+            if books.consumed > let_through {
+                return Err(format!("consumed {} with {let_through} let through", books.consumed));
+            }
             self.book = Some(books.book);
         }
         // Time alone lowers the credit (expiries), so this is checked whatever the step did.
