@@ -25,6 +25,8 @@ pub struct SqliteLedger {
     runtime: tokio::runtime::Runtime,
     dir: PathBuf,
     url: String,
+    /// The ledger's clock, and the handle that moves it.
+    clock: Clock,
     instant: Arc<AtomicI64>,
     state: Option<AppState>,
     customer_id: String,
@@ -51,9 +53,17 @@ impl SqliteLedger {
         let dir = scratch_dir();
         std::fs::create_dir_all(&dir).unwrap();
         let url = format!("sqlite://{}", dir.join("ledger.db").display());
-        let (_, instant) = Clock::manual(now);
-        let mut ledger =
-            SqliteLedger { runtime, dir, url, instant, state: None, customer_id: String::new(), failures: Vec::new() };
+        let (clock, instant) = Clock::manual(now);
+        let mut ledger = SqliteLedger {
+            runtime,
+            dir,
+            url,
+            clock,
+            instant,
+            state: None,
+            customer_id: String::new(),
+            failures: Vec::new(),
+        };
         ledger.restart();
         let state = ledger.state().clone();
         ledger.customer_id = ledger.runtime.block_on(async {
@@ -114,8 +124,7 @@ impl Ledger for SqliteLedger {
         if let Some(state) = self.state.take() {
             self.runtime.block_on(state.db.pool().close());
         }
-        let clock = Clock::Manual(self.instant.clone());
-        let db = self.runtime.block_on(Db::connect(&self.url)).unwrap().with_clock(clock);
+        let db = self.runtime.block_on(Db::connect(&self.url)).unwrap().with_clock(self.clock.clone());
         self.state = Some(AppState { db, auth: Auth::Open, metrics: Default::default() });
     }
 
