@@ -18,6 +18,12 @@ use crate::store::{customers, Labels};
 #[utoipa::path(post, path = "/v3/gateway/sync", request_body(content = serde_json::Value, description = "credits::sync::SyncRequest"),
     responses((status = 200, description = "credits::sync::SyncResponse: one answer per subject, in order"), (status = 400), (status = 401)))]
 pub async fn sync(State(state): State<AppState>, Json(req): Json<SyncRequest>) -> ApiResult<axum::Json<SyncResponse>> {
+    Ok(axum::Json(serve(&state, &req).await?))
+}
+
+/// Serves one sync request: each subject in its own customer transaction. The HTTP handler and
+/// the protocol simulator (which runs the ledger in-process) both come through here.
+pub async fn serve(state: &AppState, req: &SyncRequest) -> ApiResult<SyncResponse> {
     if req.node.is_empty() || req.node.len() > 128 {
         return Err(Problem::bad_request("node", "node must have 1..128 characters"));
     }
@@ -28,14 +34,14 @@ pub async fn sync(State(state): State<AppState>, Json(req): Json<SyncRequest>) -
     for s in &req.subjects {
         let outcome = match gateway::invalid(s) {
             Some(reason) => SubjectOutcome::Rejected { reason },
-            None => sync_subject(&state, &req.node, s).await?,
+            None => sync_subject(state, &req.node, s).await?,
         };
         answers.push(SubjectAnswer { subject: s.subject.clone(), outcome });
     }
     let mut conn = state.db.pool().acquire().await?;
     let server_time = state.db.now(&mut conn).await?;
     state.metrics.add("gateway_syncs", 1);
-    Ok(axum::Json(SyncResponse { server_time, subjects: answers }))
+    Ok(SyncResponse { server_time, subjects: answers })
 }
 
 async fn sync_subject(state: &AppState, node: &str, s: &SubjectSync) -> ApiResult<SubjectOutcome> {

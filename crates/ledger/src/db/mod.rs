@@ -8,6 +8,7 @@
 
 mod schema;
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +29,26 @@ pub struct Db {
     pool: AnyPool,
     backend: Backend,
     sqlite_writer: Arc<Mutex<()>>,
+    clock: Clock,
+}
+
+/// Where the ledger's "now" comes from.
+#[derive(Clone, Debug, Default)]
+pub enum Clock {
+    /// The database's clock, shared by all instances on one database.
+    #[default]
+    Database,
+    /// An instant (microseconds since the Unix epoch) that its owner moves: a deterministic
+    /// simulation runs the ledger on its own time.
+    Manual(Arc<AtomicI64>),
+}
+
+impl Clock {
+    /// A manual clock at `at`, and the handle that moves it.
+    pub fn manual(at: DateTime<Utc>) -> (Clock, Arc<AtomicI64>) {
+        let instant = Arc::new(AtomicI64::new(micros(at)));
+        (Clock::Manual(instant.clone()), instant)
+    }
 }
 
 pub type Tx = sqlx::Transaction<'static, sqlx::Any>;
@@ -84,9 +105,14 @@ impl Db {
             Backend::Postgres => options,
         };
         let pool = options.connect(&url).await.with_context(|| format!("connecting to {}", redact(&url)))?;
-        let db = Db { pool, backend, sqlite_writer: Arc::new(Mutex::new(())) };
+        let db = Db { pool, backend, sqlite_writer: Arc::new(Mutex::new(())), clock: Clock::Database };
         db.migrate().await?;
         Ok(db)
+    }
+
+    /// The same database on another clock.
+    pub fn with_clock(self, clock: Clock) -> Db {
+        Db { clock, ..self }
     }
 
     pub fn backend(&self) -> Backend {
@@ -145,8 +171,12 @@ impl Db {
         Ok(tx)
     }
 
-    /// The database's clock: all instances on one database share it.
+    /// The ledger's clock: the database's (all instances on one database share it) unless a
+    /// manual clock was set.
     pub async fn now(&self, conn: &mut sqlx::AnyConnection) -> sqlx::Result<DateTime<Utc>> {
+        if let Clock::Manual(instant) = &self.clock {
+            return Ok(from_micros(instant.load(Ordering::SeqCst)));
+        }
         let sql = match self.backend {
             Backend::Sqlite => "SELECT CAST(unixepoch('subsec') * 1000 AS INTEGER) * 1000",
             Backend::Postgres => "SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000 AS BIGINT)",

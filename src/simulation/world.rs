@@ -1,0 +1,607 @@
+//! The simulated world: gateway nodes (each with its own shared data under Envoy's or Kong's
+//! rules and its own clock skew) with several workers, a network between them and the ledger,
+//! and the auditor. Everything is driven by a [`Scenario`], so a scenario replays identically.
+
+use std::collections::BTreeMap;
+
+use credits::sync::SyncResponse;
+use credits::{Amount, Book};
+use proptest::prelude::*;
+
+use super::backend::{at, Books, GrantPlan, Ledger};
+use super::filter::{self, NodeFilter};
+use crate::config::FilterConfig;
+use crate::decision::{LedgerAccess, Verdict};
+use crate::shared::fake::{FakeShared, Rules};
+use crate::sync::{PendingSync, Tracker};
+
+pub const SUBJECT: &str = "alice";
+const NODES: usize = 3;
+const WORKERS: usize = 2;
+/// Simulated time starts here (ms since the epoch); the scenario's grants are created then.
+pub const START_MS: u64 = 1_000;
+
+fn trace(line: impl FnOnce() -> String) {
+    if std::env::var_os("SIM_TRACE").is_some() {
+        eprintln!("{}", line());
+    }
+}
+
+pub fn config() -> FilterConfig {
+    let json = r#"{"ledger": {"upstream": "ledger", "token": "t", "timeout_ms": 200}, "price": "0.01", "currency": "USD",
+        "feature_key": "api_requests", "sync": {"strategy": "lease", "interval_ms": 100},
+        "lease": {"min_calls": 3, "max_calls": 20, "ttl_ms": 1000, "idle_release_ms": 300}}"#;
+    FilterConfig::parse(json.as_bytes()).unwrap()
+}
+
+#[derive(Clone, Debug)]
+pub enum Action {
+    /// A call arrives at a worker.
+    Call { node: usize, worker: usize },
+    /// One of the answers that have arrived is handed to its worker (answers are reordered).
+    Deliver { pick: usize },
+    /// Time passes: requests reach the ledger (within a tenth of the lease TTL, the filter's
+    /// assumption) unless lost, some twice; answers are lost, duplicated or delayed as `fates`
+    /// says; workers tick every interval; the host fails calls whose answer missed the timeout.
+    Advance { ms: u64, fates: u64 },
+    /// A worker's instance is replaced: its in-VM state is gone, shared data stays.
+    Reset { node: usize, worker: usize },
+    /// The ledger's background job runs (expiries, fundings, expired leases).
+    LedgerJob,
+    /// The ledger stops and starts again on the same store.
+    LedgerRestart,
+}
+
+fn action() -> impl Strategy<Value = Action> {
+    prop_oneof![
+        6 => (0..NODES, 0..WORKERS).prop_map(|(node, worker)| Action::Call { node, worker }),
+        5 => any::<usize>().prop_map(|pick| Action::Deliver { pick }),
+        4 => (1u64..150, any::<u64>()).prop_map(|(ms, fates)| Action::Advance { ms, fates }),
+        1 => (0..NODES, 0..WORKERS).prop_map(|(node, worker)| Action::Reset { node, worker }),
+        1 => Just(Action::LedgerJob),
+        1 => Just(Action::LedgerRestart),
+    ]
+}
+
+/// Everything a run depends on.
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    pub kong: bool,
+    /// Each node's clock is ahead of the ledger's by this much.
+    pub skews_ms: [u64; NODES],
+    /// Decides which requests are lost or duplicated.
+    pub noise: u64,
+    pub grants: Vec<GrantPlan>,
+    pub actions: Vec<Action>,
+}
+
+/// Promotional credit consumed first that expires mid-run, credit that never expires, and
+/// (sometimes) credit that becomes effective later.
+fn grants() -> impl Strategy<Value = Vec<GrantPlan>> {
+    (1u64..15, 300u64..5_000, 5u64..25, 0u64..10, 500u64..5_000).prop_map(
+        |(promo, promo_life_ms, main, later, later_ms)| {
+            let mut plans = vec![
+                GrantPlan { calls: promo, priority: 1, effective_ms: START_MS, expires_after_ms: Some(promo_life_ms) },
+                GrantPlan { calls: main, priority: 10, effective_ms: START_MS, expires_after_ms: None },
+            ];
+            if later > 0 {
+                plans.push(GrantPlan {
+                    calls: later,
+                    priority: 5,
+                    effective_ms: START_MS + later_ms,
+                    expires_after_ms: None,
+                });
+            }
+            plans
+        },
+    )
+}
+
+pub fn scenario(max_actions: usize) -> impl Strategy<Value = Scenario> {
+    (
+        any::<bool>(),
+        [0u64..50, 0u64..50, 0u64..50],
+        any::<u64>(),
+        grants(),
+        proptest::collection::vec(action(), 1..max_actions),
+    )
+        .prop_map(|(kong, skews_ms, noise, grants, actions)| Scenario { kong, skews_ms, noise, grants, actions })
+}
+
+/// A deterministic draw for message `id` (splitmix64).
+fn roll(noise: u64, id: u64, salt: u64) -> u64 {
+    let mut z = noise ^ id.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ salt.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// What a run exercised, so a summary can show the faults really happened.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    pub allowed: u64,
+    pub refused: u64,
+    pub unavailable: u64,
+    pub requests_lost: u64,
+    pub requests_duplicated: u64,
+    pub answers_lost: u64,
+    pub answers_duplicated: u64,
+    pub host_timeouts: u64,
+    pub worker_resets: u64,
+    pub ledger_restarts: u64,
+    pub ledger_jobs: u64,
+    /// The most the expiry allowance was needed (see [`Sim::audit`]).
+    pub expiry_excess: Amount,
+}
+
+#[derive(Default)]
+struct Worker {
+    id: u64,
+    tracker: Tracker,
+    /// The tick's sync in flight: message id.
+    in_flight: Option<u64>,
+    /// Reads in flight: message id → calls waiting for it.
+    reads: BTreeMap<u64, u32>,
+    down_until: u64,
+}
+
+struct Node {
+    id: String,
+    store: FakeShared,
+    skew_ms: u64,
+    workers: Vec<Worker>,
+    let_through: u64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Tick,
+    Read,
+}
+
+#[derive(Clone)]
+struct Message {
+    id: u64,
+    node: usize,
+    worker: usize,
+    worker_id: u64,
+    kind: Kind,
+    pending: PendingSync,
+    /// When the request reaches the ledger, or when the answer reaches the node.
+    due_ms: u64,
+    /// The request never reaches the ledger.
+    lost: bool,
+    answer: Option<SyncResponse>,
+    /// When the host gives up on the call (the timeout).
+    deadline_ms: u64,
+}
+
+pub struct Sim<L: Ledger> {
+    pub config: FilterConfig,
+    pub ledger: L,
+    noise: u64,
+    nodes: Vec<Node>,
+    messages: Vec<Message>,
+    pub now: u64,
+    next_id: u64,
+    request_delay_ms: u64,
+    /// The network loses and duplicates nothing (the final drain).
+    reliable: bool,
+    /// The customer's book as of the last audit; `None`: the ledger changed since.
+    book: Option<Book>,
+    /// Each expiring grant's instant (ms) and, once passed, what leases held then.
+    expiries: Vec<(u64, Option<Amount>)>,
+    pub stats: Stats,
+    /// Hold the auditor to the balance alone, with no allowance for grants expiring under leases.
+    strict: bool,
+}
+
+impl<L: Ledger> Sim<L> {
+    pub fn new(s: &Scenario, ledger: impl FnOnce(&FilterConfig) -> L) -> Sim<L> {
+        let config = config();
+        let rules = if s.kong {
+            Rules::Kong { hash: |k| k.bytes().fold(7u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b))) }
+        } else {
+            Rules::Envoy
+        };
+        let nodes = (0..NODES)
+            .map(|n| Node {
+                id: format!("node{n}"),
+                store: FakeShared::new(rules),
+                skew_ms: s.skews_ms[n],
+                workers: (0..WORKERS).map(|w| Worker { id: (n * 10 + w) as u64 + 1, ..Worker::default() }).collect(),
+                let_through: 0,
+            })
+            .collect();
+        let request_delay_ms = config.lease.ttl_ms / 10 - 1;
+        let ledger = ledger(&config);
+        Sim {
+            config,
+            ledger,
+            noise: s.noise,
+            nodes,
+            messages: Vec::new(),
+            now: START_MS,
+            next_id: 1,
+            request_delay_ms,
+            reliable: false,
+            book: None,
+            expiries: s.grants.iter().filter_map(|g| Some((g.effective_ms + g.expires_after_ms?, None))).collect(),
+            stats: Stats::default(),
+            strict: std::env::var_os("SIM_STRICT").is_some(),
+        }
+    }
+
+    fn filter(&self, node: usize) -> NodeFilter<'_> {
+        NodeFilter { config: &self.config, store: &self.nodes[node].store, node: &self.nodes[node].id }
+    }
+
+    fn node_time(&self, node: usize) -> u64 {
+        self.now + self.nodes[node].skew_ms
+    }
+
+    fn access(&self, node: usize, worker: usize) -> LedgerAccess {
+        if self.node_time(node) >= self.nodes[node].workers[worker].down_until {
+            LedgerAccess::Reachable
+        } else {
+            LedgerAccess::Unreachable
+        }
+    }
+
+    fn send(&mut self, node: usize, worker: usize, kind: Kind, pending: PendingSync) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        let fate = if self.reliable { 2 } else { roll(self.noise, id, 1) % 12 };
+        let m = Message {
+            id,
+            node,
+            worker,
+            worker_id: self.nodes[node].workers[worker].id,
+            kind,
+            pending,
+            due_ms: self.now + roll(self.noise, id, 2) % self.request_delay_ms,
+            lost: fate == 0,
+            answer: None,
+            deadline_ms: self.now + u64::from(self.config.ledger.timeout_ms),
+        };
+        self.stats.requests_lost += u64::from(fate == 0);
+        if fate == 1 {
+            self.stats.requests_duplicated += 1;
+            // Duplicated on the way: the ledger serves it twice; the host takes the first answer.
+            let copy = Message { due_ms: self.now + roll(self.noise, id, 3) % self.request_delay_ms, ..m.clone() };
+            self.messages.push(copy);
+        }
+        self.messages.push(m);
+        id
+    }
+
+    fn record_allowed(&mut self, node: usize, worker: usize, verdict: &Verdict) {
+        match verdict {
+            Verdict::Allow { .. } => {
+                let t = self.node_time(node);
+                self.nodes[node].let_through += 1;
+                self.nodes[node].workers[worker].tracker.touch(SUBJECT, t);
+                self.stats.allowed += 1;
+            }
+            Verdict::Refuse { .. } => self.stats.refused += 1,
+            Verdict::Unavailable { .. } => self.stats.unavailable += 1,
+            Verdict::UnknownCustomer | Verdict::AskLedger => {}
+        }
+    }
+
+    fn call(&mut self, node: usize, worker: usize) {
+        let t = self.node_time(node);
+        let access = self.access(node, worker);
+        let verdict = self.filter(node).decide(SUBJECT, t, access);
+        trace(|| format!("t={} call node{node} w{worker} {access:?} -> {verdict:?}", self.now));
+        self.record_allowed(node, worker, &verdict);
+        if verdict == Verdict::AskLedger {
+            // Join the worker's read in flight, or start one.
+            if let Some(waiting) = self.nodes[node].workers[worker].reads.values_mut().next() {
+                *waiting += 1;
+                return;
+            }
+            let pending = self.filter(node).balance_read(SUBJECT, t);
+            let id = self.send(node, worker, Kind::Read, pending);
+            self.nodes[node].workers[worker].reads.insert(id, 1);
+        }
+    }
+
+    fn tick(&mut self, node: usize, worker: usize) {
+        if self.nodes[node].workers[worker].in_flight.is_some() {
+            return;
+        }
+        let t = self.node_time(node);
+        let n = &mut self.nodes[node];
+        let w = &mut n.workers[worker];
+        let f = NodeFilter { config: &self.config, store: &n.store, node: &n.id };
+        if let Some(pending) = f.prepare(&mut w.tracker, w.id, t) {
+            let id = self.send(node, worker, Kind::Tick, pending);
+            self.nodes[node].workers[worker].in_flight = Some(id);
+        }
+    }
+
+    /// The answer (or the failure) reaches the worker that asked, if it is still the same one.
+    fn answer(&mut self, m: &Message, response: Option<&SyncResponse>) {
+        let worker = &self.nodes[m.node].workers[m.worker];
+        let expected = match m.kind {
+            Kind::Tick => worker.in_flight == Some(m.id),
+            Kind::Read => worker.reads.contains_key(&m.id),
+        };
+        if worker.id != m.worker_id || !expected {
+            return; // a reset worker, a duplicate, or an answer after its timeout: dropped
+        }
+        let t = self.node_time(m.node);
+        let ok = self.filter(m.node).answer(&m.pending, response, t);
+        trace(|| {
+            format!("t={} node{} applies #{} ok={ok}: {:?}", self.now, m.node, m.id, self.filter(m.node).entry(SUBJECT))
+        });
+        let w = &mut self.nodes[m.node].workers[m.worker];
+        w.down_until = if ok { 0 } else { t + u64::from(self.config.sync.interval_ms) };
+        match m.kind {
+            Kind::Tick => w.in_flight = None,
+            Kind::Read => {
+                let waiting = w.reads.remove(&m.id).unwrap_or(0);
+                w.tracker.touch(SUBJECT, t);
+                let access = if ok { LedgerAccess::Asked } else { LedgerAccess::Unreachable };
+                for _ in 0..waiting {
+                    let verdict = self.filter(m.node).decide(SUBJECT, t, access);
+                    trace(|| format!("t={} waiting call node{} {access:?} -> {verdict:?}", self.now, m.node));
+                    self.record_allowed(m.node, m.worker, &verdict);
+                }
+            }
+        }
+    }
+
+    /// Requests due at the ledger are served; each answer's fate comes from `fates`.
+    fn serve_requests(&mut self, fates: u64) {
+        let due: Vec<usize> = (0..self.messages.len())
+            .filter(|&i| {
+                let m = &self.messages[i];
+                m.answer.is_none() && !m.lost && m.due_ms <= self.now
+            })
+            .collect();
+        for i in due.into_iter().rev() {
+            let mut m = self.messages.swap_remove(i);
+            self.book = None;
+            let Some(response) = self.ledger.serve(&m.pending.request, at(self.now)) else {
+                continue; // the ledger failed: the host reports it at the timeout
+            };
+            trace(|| format!("t={} ledger serves #{} {:?}\n   -> {:?}", self.now, m.id, m.pending.request, response));
+            let fate = if self.reliable { 2 } else { fates.rotate_left((m.id % 61) as u32) % 6 };
+            match fate {
+                0 => self.stats.answers_lost += 1, // the host reports a timeout at the deadline
+                1 => {
+                    // duplicated: the same answer arrives twice
+                    self.stats.answers_duplicated += 1;
+                    let copy = Message { due_ms: self.now, answer: Some(response.clone()), ..m.clone() };
+                    self.messages.push(copy);
+                    m.answer = Some(response);
+                    m.due_ms = self.now + 1;
+                    self.messages.push(m);
+                }
+                _ => {
+                    m.answer = Some(response);
+                    m.due_ms = self.now + if self.reliable { 0 } else { (fates >> 8) % 150 };
+                    self.messages.push(m);
+                }
+            }
+        }
+    }
+
+    /// Hands one arrived answer to its worker.
+    fn deliver(&mut self, pick: usize) {
+        let due: Vec<usize> = (0..self.messages.len())
+            .filter(|&i| self.messages[i].answer.is_some() && self.messages[i].due_ms <= self.now)
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        let m = self.messages.swap_remove(due[pick % due.len()]);
+        if self.now <= m.deadline_ms {
+            self.answer(&m, m.answer.as_ref());
+        }
+    }
+
+    /// Time passes one millisecond at a time.
+    fn advance(&mut self, ms: u64, fates: u64) {
+        for step in 0..ms {
+            self.now += 1;
+            self.note_expiries();
+            self.serve_requests(fates.rotate_left((step % 64) as u32));
+            let interval = u64::from(self.config.sync.interval_ms);
+            for n in 0..NODES {
+                for w in 0..WORKERS {
+                    // Each worker ticks every interval, at its own phase.
+                    if (self.node_time(n) + 37 * w as u64) % interval == 0 {
+                        self.tick(n, w);
+                    }
+                }
+            }
+            self.timeouts();
+        }
+    }
+
+    /// Records the credit leases hold as a grant expires (see [`Sim::expiry_allowance`]). Runs
+    /// before this millisecond's requests reach the ledger, so the book is as of the instant.
+    fn note_expiries(&mut self) {
+        for i in 0..self.expiries.len() {
+            let (ms, noted) = self.expiries[i];
+            if noted.is_none() && ms <= self.now {
+                let book = self.book.take().unwrap_or_else(|| self.ledger.books().book);
+                let held = book.holds().iter().filter(|h| h.is_open_at(at(ms))).map(|h| h.amount).sum();
+                self.expiries[i].1 = Some(held);
+                self.book = Some(book);
+            }
+        }
+    }
+
+    /// Calls whose answer did not come by the timeout get the host's failure.
+    fn timeouts(&mut self) {
+        let now = self.now;
+        let waiting: Vec<(u64, usize, usize, Kind)> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .flat_map(|(n, node)| {
+                node.workers.iter().enumerate().flat_map(move |(w, wk)| {
+                    let tick = wk.in_flight.iter().map(move |id| (*id, n, w, Kind::Tick));
+                    tick.chain(wk.reads.keys().map(move |id| (*id, n, w, Kind::Read))).collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for (id, node, worker, kind) in waiting {
+            let deadline = self.messages.iter().find(|m| m.id == id).map(|m| m.deadline_ms);
+            if deadline.is_none_or(|d| now > d) {
+                // The host synthesises a failure (Envoy: 504) once the timeout passes.
+                self.stats.host_timeouts += 1;
+                self.messages.retain(|m| m.id != id);
+                let failed = Message {
+                    id,
+                    node,
+                    worker,
+                    worker_id: self.nodes[node].workers[worker].id,
+                    kind,
+                    pending: filter::failed_request(),
+                    due_ms: now,
+                    lost: false,
+                    answer: None,
+                    deadline_ms: now,
+                };
+                self.answer(&failed, None);
+            }
+        }
+    }
+
+    pub fn step(&mut self, a: &Action) {
+        match *a {
+            Action::Call { node, worker } => self.call(node, worker),
+            Action::Deliver { pick } => self.deliver(pick),
+            Action::Advance { ms, fates } => self.advance(ms, fates),
+            Action::Reset { node, worker } => {
+                let w = &mut self.nodes[node].workers[worker];
+                *w = Worker { id: w.id + 100, ..Worker::default() };
+                self.stats.worker_resets += 1;
+            }
+            Action::LedgerJob => {
+                self.ledger.job(at(self.now));
+                self.stats.ledger_jobs += 1;
+                self.book = None;
+            }
+            Action::LedgerRestart => {
+                self.ledger.restart();
+                self.stats.ledger_restarts += 1;
+                self.book = None;
+            }
+        }
+    }
+
+    /// A reliable network until everything is reported and every lease given back.
+    pub fn drain(&mut self) {
+        self.reliable = true;
+        for _ in 0..200 {
+            self.advance(10, 2);
+            while self.messages.iter().any(|m| m.answer.is_some() && m.due_ms <= self.now) {
+                self.deliver(0);
+            }
+        }
+    }
+
+    fn let_through(&self) -> u64 {
+        self.nodes.iter().map(|n| n.let_through).sum()
+    }
+
+    /// The auditor, after every step: never more let through than the credit there was, every
+    /// call let through recorded in its node's shared state, the journal sound.
+    pub fn audit(&mut self) -> Result<(), String> {
+        for (n, node) in self.nodes.iter().enumerate() {
+            let recorded = self.filter(n).calls_recorded(SUBJECT);
+            if recorded != node.let_through {
+                return Err(format!("{} recorded {recorded} calls, let {} through", node.id, node.let_through));
+            }
+        }
+        if self.book.is_none() {
+            let books = self.ledger.books();
+            if !books.problems.is_empty() {
+                return Err(format!("journal check: {:?}", books.problems));
+            }
+            // Nodes report only calls they let through: booking more is booking some twice.
+            let let_through = self.config.price.times(self.let_through()).unwrap();
+            if books.consumed > let_through {
+                return Err(format!("consumed {} with {let_through} let through", books.consumed));
+            }
+            self.book = Some(books.book);
+        }
+        // Time alone lowers the credit (expiries), so this is checked whatever the step did.
+        let credit = self.book.as_ref().map_or(Amount::ZERO, |b| credit_until(b, self.now));
+        let allowance = if self.strict { Amount::ZERO } else { self.expiry_allowance() };
+        let spent = self.config.price.times(self.let_through()).unwrap();
+        self.stats.expiry_excess = self.stats.expiry_excess.max(spent - credit);
+        if spent > credit + allowance {
+            return Err(format!(
+                "let through {} calls ({spent}) with credit {credit} (allowance {allowance})",
+                self.let_through()
+            ));
+        }
+        Ok(())
+    }
+
+    /// A known gap, allowed for explicitly: a grant's expiry takes all its unused credit, also
+    /// what leases hold of it; calls spent from those leases are booked afterwards as uncovered
+    /// usage. So each expiry may let through up to the lesser of what it took and what leases
+    /// held at that instant. `SIM_STRICT=1` allows nothing.
+    fn expiry_allowance(&self) -> Amount {
+        let Some(book) = &self.book else { return Amount::ZERO };
+        let mut view = book.clone();
+        view.advance(at(self.now));
+        self.expiries
+            .iter()
+            .filter_map(|(ms, held)| {
+                let expired = view.grants().iter().find(|g| g.grant.expires_at == Some(at(*ms)))?.expired;
+                Some(expired.min((*held)?))
+            })
+            .sum()
+    }
+
+    /// After the drain: each call booked exactly once, nothing left held.
+    pub fn audit_drained(&mut self) -> Result<(), String> {
+        self.book = None;
+        self.audit()?;
+        let books: Books = self.ledger.books();
+        for node in &self.nodes {
+            let mut ranges = books.booked.get(&node.id).cloned().unwrap_or_default();
+            ranges.sort();
+            let mut next = 0;
+            for (from, to) in &ranges {
+                if *from != next {
+                    return Err(format!("{} booked ranges {ranges:?}", node.id));
+                }
+                next = *to;
+            }
+            if next != node.let_through {
+                return Err(format!("{} let {} calls through, booked {next}", node.id, node.let_through));
+            }
+        }
+        let spent = self.config.price.times(self.let_through()).unwrap();
+        if books.consumed != spent {
+            return Err(format!("consumed {} for {} calls let through ({spent})", books.consumed, self.let_through()));
+        }
+        let b = books.book.balances(at(self.now), None);
+        let b = b.first().ok_or("no balance")?;
+        if b.live != b.settled {
+            return Err(format!("credit stranded: live {} settled {}", b.live, b.settled));
+        }
+        let credit = credit_until(&books.book, self.now);
+        if b.settled != credit - spent {
+            return Err(format!("settled {} != credit {credit} - consumed {spent}", b.settled));
+        }
+        Ok(())
+    }
+}
+
+/// Credit that could be spent by `now_ms`: what became effective, less what expired unused.
+fn credit_until(book: &Book, now_ms: u64) -> Amount {
+    let mut view = book.clone();
+    view.advance(at(now_ms));
+    view.grants().iter().filter(|g| g.funded).map(|g| g.grant.amount - g.expired - g.voided).sum()
+}
