@@ -81,6 +81,7 @@ def ledger():
                         (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=7)
         if mode == "sync":
             ax.axhline(50_000, color="red", linestyle="--", label="target 50,000 records/s")
+            ax.set_yscale("log")
             ax.legend()
         ax.set_title(title)
     fig.tight_layout()
@@ -102,7 +103,7 @@ def profile():
         top = run["top"][:10]
         ax.barh([f"{run['name']}: {t['function'][:60]}" for t in top], [t["instructions_per_call"] for t in top])
     ax.invert_yaxis()
-    ax.set_title("callgrind: instructions per call by function (inclusive of nothing: self cost)")
+    ax.set_title("callgrind: self instructions per call, top functions")
     fig.tight_layout()
     fig.savefig(os.path.join(RESULTS, "profile.png"), dpi=90)
 
