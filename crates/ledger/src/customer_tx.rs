@@ -23,15 +23,27 @@ pub struct CustomerTx {
 impl CustomerTx {
     /// Locks a live customer; 404 if there is none.
     pub async fn begin(db: &Db, customer_id: &str) -> ApiResult<CustomerTx> {
-        let mut w = db.begin_write().await?;
+        let w = db.begin_write().await?;
+        CustomerTx::lock(db, w, customer_id).await?.map_err(|_| Problem::not_found("customer", customer_id))
+    }
+
+    /// Locks a live customer within a write transaction that may go on with other customers (a
+    /// gateway sync books all its subjects in one); hands the transaction back if there is no such
+    /// customer. Callers that lock several customers lock them in id order.
+    pub async fn lock(db: &Db, mut w: WriteTx, customer_id: &str) -> ApiResult<Result<CustomerTx, WriteTx>> {
         let Some(revision) = lock_customer(&mut w.tx, customer_id).await? else {
-            return Err(Problem::not_found("customer", customer_id));
+            return Ok(Err(w));
         };
         let db_now = db.now(&mut w.tx).await?;
         let loaded = books::load(&mut w.tx, customer_id).await?;
         let now = db_now.max(loaded.book.clock());
         let saved = loaded.book.clone();
-        Ok(CustomerTx { w, customer_id: customer_id.to_owned(), now, loaded, revision, saved })
+        Ok(Ok(CustomerTx { w, customer_id: customer_id.to_owned(), now, loaded, revision, saved }))
+    }
+
+    /// Ends this customer's part of a transaction that goes on (uncommitted).
+    pub fn into_write(self) -> WriteTx {
+        self.w
     }
 
     pub fn book(&mut self) -> &mut Book {

@@ -92,6 +92,13 @@ pub async fn charge(
     Json(req): Json<ChargeRequest>,
 ) -> ApiResult<Response> {
     let customer_id = ulid_param("customerId", &customer_id)?;
+    book_charge(&state, &customer_id, &req).await
+}
+
+/// Validates and books a charge for a customer (also the per-call charge of
+/// `/v3/gateway/authorize`): 201 with the result, the original answer for a replayed key, 402
+/// when `credit_only` credit does not cover it.
+pub async fn book_charge(state: &AppState, customer_id: &str, req: &ChargeRequest) -> ApiResult<Response> {
     fields::key("key", &req.key)?;
     fields::labels("labels", &req.labels)?;
     fields::description("description", req.description.as_deref())?;
@@ -101,7 +108,8 @@ pub async fn charge(
     if !req.amount.is_positive() {
         return Err(Problem::bad_request("amount", "amount must be greater than zero"));
     }
-    let request = serde_json::to_string(&req).unwrap_or_default();
+    let customer_id = customer_id.to_owned();
+    let request = serde_json::to_string(req).unwrap_or_default();
     let mut ctx = CustomerTx::begin(&state.db, &customer_id).await?;
     if let Some(recorded) = idempotency::find(&mut ctx.w.tx, &customer_id, "charge", &req.key).await? {
         return replay(recorded, &request, "key");

@@ -1,6 +1,7 @@
 //! The HTTP API: Konnect-compatible credits endpoints under `/v3/openmeter`, plus our charge
 //! and void extensions, behind a bearer token.
 
+pub mod authorize;
 pub mod balance;
 pub mod charges;
 pub mod customers;
@@ -20,7 +21,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::Router;
 use subtle::ConstantTimeEq;
 
@@ -117,6 +118,8 @@ pub fn router(state: AppState) -> Router {
         .route(&format!("{customer}/credits/charges"), post(charges::charge))
         .route("/v3/openmeter/events", post(events::ingest).get(events::list))
         .route("/v3/gateway/sync", post(gateway::sync))
+        .route("/v3/gateway/authorize", any(authorize::authorize))
+        .route("/v3/gateway/authorize/{*path}", any(authorize::authorize))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .merge(api)

@@ -3,7 +3,7 @@
 use axum::response::IntoResponse;
 use utoipa::OpenApi;
 
-use super::{balance, charges, customers, events, gateway, grants, transactions};
+use super::{authorize, balance, charges, customers, events, gateway, grants, transactions};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -11,7 +11,7 @@ use super::{balance, charges, customers, events, gateway, grants, transactions};
     paths(
         customers::create, customers::list, customers::get, customers::update, customers::delete,
         grants::create, grants::list, grants::get, grants::settle_external, grants::void,
-        balance::get, transactions::list, charges::charge, charges::adjust, events::ingest, events::list, gateway::sync,
+        balance::get, transactions::list, charges::charge, charges::adjust, events::ingest, events::list, gateway::sync, authorize::authorize,
     ),
     modifiers(&BearerAuth)
 )]

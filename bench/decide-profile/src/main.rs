@@ -1,0 +1,121 @@
+//! The filter's per-call work, natively, for `valgrind --tool=callgrind` (see `bench/profile.sh`):
+//! the decision of `src/decision.rs` against an in-memory shared store, then what the adapter
+//! formats for the response headers — the steady state of `bench/gateway.sh` cases b (one
+//! customer on a warm lease) and c (many subjects). Also prints the encoded size of a customer's
+//! shared-data entry.
+//!
+//!   decide-profile [calls, default 100000] [subjects, default 1]
+//!
+//! Not included: the host ABI crossings themselves (header read, shared-data get/set copies, metric
+//! increments), which only run inside a proxy-wasm host.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use credits::sync::LeaseAnswer;
+use credits::Amount;
+use prepaid_credits::config::FilterConfig;
+use prepaid_credits::customer::CustomerEntry;
+use prepaid_credits::decision::{admit, entry_key, settle_call, LedgerAccess, Verdict};
+use prepaid_credits::shared::{self, CasMismatch, Keyed, SharedData};
+
+/// Shared data with Envoy's rules: a value and a CAS token per key, values copied in and out as
+/// the host does. (`prepaid_credits::shared::fake` is test-only, so this binary has its own.)
+#[derive(Default)]
+struct Store {
+    entries: RefCell<HashMap<String, (Vec<u8>, u32)>>,
+    next_cas: RefCell<u32>,
+}
+
+impl SharedData for Store {
+    fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+        match self.entries.borrow().get(key) {
+            Some((v, cas)) => (Some(v.clone()), Some(*cas)),
+            None => (None, None),
+        }
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), CasMismatch> {
+        let mut entries = self.entries.borrow_mut();
+        if let (Some((_, stored)), Some(cas)) = (entries.get(key), cas) {
+            if *stored != cas {
+                return Err(CasMismatch);
+            }
+        }
+        let mut next = self.next_cas.borrow_mut();
+        *next += 1;
+        entries.insert(key.to_owned(), (value.to_vec(), *next));
+        Ok(())
+    }
+}
+
+const CONFIG: &str = r#"{"ledger": {"upstream": "ledger", "token": "bench-token", "timeout_ms": 1000},
+    "subject": {"header": "x-consumer-username"}, "price": "0.01", "currency": "USD",
+    "feature_key": "api_requests", "settlement_mode": "credit_only"}"#;
+
+/// Gives `subject` an open lease holding `held`, as a sync answer would.
+fn lease(store: &Store, config: &FilterConfig, subject: &str, held: Amount, now_ms: u64) -> Option<usize> {
+    let key = entry_key(config, &config.pricing.scopes[0], subject);
+    let answer = LeaseAnswer {
+        lease_id: format!("node/{subject}"),
+        held,
+        granted: held,
+        expires_at: Default::default(),
+        closed: false,
+    };
+    shared::update::<CustomerEntry, usize>(store, &key, |e| {
+        let mut e = e.unwrap_or_else(|| CustomerEntry::new(&key, subject, now_ms));
+        e.refresh("01JCUSTOMER0000000000000000", Amount::ZERO, 1, now_ms);
+        // A day of TTL: the lease stays spendable for the whole run.
+        e.apply_lease(&answer, 1, 2, now_ms, 86_400_000, 0);
+        let size = e.encode().len();
+        (Some(e), size)
+    })
+    .ok()
+}
+
+/// The measured part (`bench/profile.sh` collects only inside this function): `calls` calls
+/// round-robin over `names`, 16 per millisecond, each held at its price and settled at it (as a
+/// fixed-price call is at its response headers). Returns the calls allowed and the header bytes.
+#[inline(never)]
+fn run_calls(store: &Store, config: &FilterConfig, names: &[String], calls: u64, start_ms: u64) -> (u64, usize) {
+    let (mut allowed, mut header_bytes) = (0u64, 0usize);
+    for i in 0..calls {
+        let subject = &names[(i % names.len() as u64) as usize];
+        let now = start_ms + i / 16;
+        let (verdict, _effects) = admit(store, config, subject, &[config.price], now, LedgerAccess::Reachable);
+        if let Verdict::Allow { held, .. } = verdict {
+            allowed += 1;
+            let settled = settle_call(store, config, subject, &held, &[config.price], now);
+            // The adapter's response headers: x-credits-cost and x-credits-balance.
+            header_bytes += config.price.to_string().len() + settled.balance.map_or(0, |b| b.to_string().len());
+        }
+    }
+    (allowed, header_bytes)
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let calls: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(100_000);
+    let subjects: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(1).max(1);
+    let Ok(config) = FilterConfig::parse(CONFIG.as_bytes()) else {
+        eprintln!("the built-in configuration does not parse");
+        std::process::exit(2);
+    };
+    let store = Store::default();
+    let names: Vec<String> = (0..subjects).map(|i| format!("s{i}")).collect();
+    let start_ms = 1_800_000_000_000;
+    let held = Amount::parse("1000000").unwrap_or(Amount::ZERO);
+    let mut entry_bytes = 0;
+    for name in &names {
+        entry_bytes = lease(&store, &config, name, held, start_ms).unwrap_or(0);
+    }
+    let (allowed, header_bytes) = run_calls(&store, &config, &names, calls, start_ms);
+    let key = entry_key(&config, &config.pricing.scopes[0], &names[0]);
+    let after = shared::read::<CustomerEntry>(&store, &key).map_or(0, |e| e.encode().len());
+    println!(
+        "{{\"calls\": {calls}, \"subjects\": {subjects}, \"allowed\": {allowed}, \"header_bytes\": {header_bytes}, \
+         \"entry_key_bytes\": {}, \"entry_bytes_fresh_lease\": {entry_bytes}, \"entry_bytes_after_run\": {after}}}",
+        key.len()
+    );
+}

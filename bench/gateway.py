@@ -1,0 +1,371 @@
+#!/usr/bin/env python3
+"""Gateway overhead: the same Envoy binary, the same load generator (wrk), the same direct-response
+route, five cases side by side in one run, interleaved over rounds (the machine is shared and noisy;
+each case's figure is its median round):
+
+  a  no filter                         (the physical limit of this machine)
+  e  no-op proxy-wasm filter            (reads one header: the floor of any proxy-wasm filter)
+  b  prepaid_credits, one customer      (warm lease: a paying customer's steady state)
+  c  prepaid_credits, 10k subjects      (wrk script bench/subjects.lua: shared data and batching)
+  d  ext_authz (HTTP) to the ledger     (the naive design: a durable charge per call)
+
+Every Envoy runs with --concurrency 1 pinned to CPU 0; wrk (1 thread) and the ledger share CPU 1.
+CPU per call is Envoy's own utime+stime (/proc/PID/stat) over the run divided by the calls wrk
+completed. Sync cost comes from Envoy's stats of its `ledger` cluster during cases b and c.
+
+Run through bench/gateway.sh (which builds everything first). Starts a ledger on SQLite in a
+temporary directory and the Envoys, and stops all of them on exit.
+  python3 bench/gateway.py --seconds 10 --rounds 3 --connections 16
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKEN = "bench-token"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+SUBJECTS = 10_000
+PRICE = "0.01"
+
+children = []
+
+
+def stop_children():
+    for p in reversed(children):
+        if p.poll() is None:
+            p.terminate()
+    for p in reversed(children):
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    children.clear()
+
+
+def on_signal(signum, _frame):
+    stop_children()
+    sys.exit(128 + signum)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(cmd, log, cpu):
+    p = subprocess.Popen(["taskset", "-c", str(cpu)] + cmd, stdout=log, stderr=subprocess.STDOUT)
+    children.append(p)
+    return p
+
+
+def http_get(url, timeout=2.0):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.status, r.read().decode()
+
+
+def wait_until(url, what, seconds=30):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            if http_get(url)[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"{what} did not become ready ({url})")
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # utime and stime are fields 14 and 15 of the whole line; here offset by the 2 before ")".
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def wasm_filter(name, wasm, configuration):
+    config = json.dumps(configuration) if configuration is not None else ""
+    return f"""
+          - name: envoy.filters.http.wasm
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: {name}
+                root_id: {name}
+                vm_config:
+                  vm_id: {name}
+                  runtime: envoy.wasm.runtime.v8
+                  code: {{ local: {{ filename: "{wasm}" }} }}
+                configuration:
+                  "@type": type.googleapis.com/google.protobuf.StringValue
+                  value: '{config}'
+                failure_policy: FAIL_CLOSED"""
+
+
+def ext_authz(ledger_port):
+    headers = {
+        "authorization": f"Bearer {TOKEN}",
+        "x-credits-price": PRICE,
+        "x-credits-currency": "USD",
+        "x-credits-feature-key": "api_requests",
+    }
+    to_add = "".join(f"\n                  - {{ key: {k}, value: \"{v}\" }}" for k, v in headers.items())
+    return f"""
+          - name: envoy.filters.http.ext_authz
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz
+              transport_api_version: V3
+              failure_mode_allow: false
+              allowed_headers:
+                patterns: [ {{ exact: x-consumer-username }}, {{ exact: x-request-id }} ]
+              http_service:
+                server_uri: {{ uri: "http://127.0.0.1:{ledger_port}", cluster: ledger, timeout: 1s }}
+                path_prefix: /v3/gateway/authorize
+                authorization_request:
+                  headers_to_add:{to_add}"""
+
+
+def envoy_yaml(admin, listen, ledger_port, filters):
+    return f"""
+admin:
+  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }}
+static_resources:
+  listeners:
+  - name: api
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {listen} }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: api
+          route_config:
+            virtual_hosts:
+            - name: api
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: "/" }}
+                direct_response: {{ status: 200, body: {{ inline_string: "ok" }} }}
+          http_filters:{filters}
+          - name: envoy.filters.http.router
+            typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
+  clusters:
+  - name: ledger
+    connect_timeout: 0.5s
+    type: STATIC
+    load_assignment:
+      cluster_name: ledger
+      endpoints: [ {{ lb_endpoints: [ {{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {ledger_port} }} }} }} }} ] }} ]
+"""
+
+
+class Envoy:
+    def __init__(self, case, filters, ledger_port, work, envoy_bin):
+        self.case = case
+        self.admin, self.port = free_port(), free_port()
+        path = os.path.join(work, f"envoy-{case}.yaml")
+        with open(path, "w") as f:
+            f.write(envoy_yaml(self.admin, self.port, ledger_port, filters))
+        log = open(os.path.join(work, f"envoy-{case}.log"), "w")
+        self.proc = spawn([envoy_bin, "-c", path, "--concurrency", "1", "--log-level", "warn",
+                           "--base-id", str(100 + ord(case))], log, 0)
+        wait_until(f"http://127.0.0.1:{self.admin}/ready", f"Envoy for case {case}")
+
+    def stats(self):
+        _, text = http_get(f"http://127.0.0.1:{self.admin}/stats?format=json", timeout=5)
+        out = {}
+        for s in json.loads(text).get("stats", []):
+            if "name" in s and "value" in s:
+                out[s["name"]] = s["value"]
+        return out
+
+
+def wrk(url, seconds, connections, subject, script):
+    cmd = ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    if script:
+        cmd += ["-s", script]
+    else:
+        cmd += ["-H", f"x-consumer-username: {subject}"]
+    out = subprocess.run(cmd + [url], capture_output=True, text=True, check=True).stdout
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+
+    def latency_ms(pct):
+        m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        value, unit = float(m.group(1)), m.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    return {
+        "requests": requests,
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "p50_ms": latency_ms(50),
+        "p99_ms": latency_ms(99),
+        "non_2xx": int(non_2xx.group(1)) if non_2xx else 0,
+        "socket_errors": errors.group(1).strip() if errors else "",
+    }
+
+
+LEDGER_STATS = ["cluster.ledger.upstream_rq_total", "cluster.ledger.upstream_cx_tx_bytes_total",
+                "cluster.ledger.upstream_cx_rx_bytes_total", "wasmcustom.calls_allowed", "wasmcustom.cache_misses",
+                "wasmcustom.sync_batches", "wasmcustom.sync_failures", "wasmcustom.records_queued",
+                "wasmcustom.calls_refused", "wasmcustom.calls_unavailable"]
+
+
+def measure(envoy, ledger_pid, seconds, connections, subject, script):
+    before, cpu0, lcpu0 = envoy.stats(), cpu_seconds(envoy.proc.pid), cpu_seconds(ledger_pid)
+    r = wrk(f"http://127.0.0.1:{envoy.port}/api/v1/things", seconds, connections, subject, script)
+    cpu1, lcpu1, after = cpu_seconds(envoy.proc.pid), cpu_seconds(ledger_pid), envoy.stats()
+    calls = max(r["requests"], 1)
+    r["envoy_cpu_us_per_call"] = (cpu1 - cpu0) * 1e6 / calls
+    r["ledger_cpu_us_per_call"] = (lcpu1 - lcpu0) * 1e6 / calls
+    r["stats_delta"] = {k.split(".")[-1] if k.startswith("wasmcustom") else k.replace("cluster.ledger.", "ledger_"):
+                        after.get(k, 0) - before.get(k, 0) for k in LEDGER_STATS if k in after}
+    return r
+
+
+def warm_up(envoy, connections, script, max_seconds=90):
+    """Load until the filter's cache misses fall below 1 % of calls (every subject cached, leases
+    sized for the rate), or for 3 s without a filter; at most `max_seconds`."""
+    started = time.time()
+    while True:
+        before = envoy.stats()
+        r = wrk(f"http://127.0.0.1:{envoy.port}/", 3, connections, "payer0", script)
+        misses = envoy.stats().get("wasmcustom.cache_misses", 0) - before.get("wasmcustom.cache_misses", 0)
+        if misses <= 0.01 * r["requests"] or time.time() - started > max_seconds:
+            print(f"case {envoy.case} warm after {time.time() - started:.0f} s ({misses} misses in the last "
+                  f"{r['requests']} calls)", file=sys.stderr)
+            return
+
+
+def median(values):
+    v = sorted(values)
+    return v[len(v) // 2]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--connections", type=int, default=16)
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench/results/gateway.json"))
+    a = ap.parse_args()
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    envoy_bin = os.environ.get("ENVOY_BIN") or shutil.which("envoy")
+    release = os.path.join(ROOT, "target/release")
+    wasm = os.path.join(ROOT, "target/wasm32-wasip1/release")
+    work = tempfile.mkdtemp(prefix="gateway-bench-")
+    try:
+        ledger_port = free_port()
+        ledger = spawn([f"{release}/credits-ledger", "serve", "--listen", f"127.0.0.1:{ledger_port}",
+                        "--database", f"sqlite://{work}/ledger.db", "--token", TOKEN],
+                       open(os.path.join(work, "ledger.log"), "w"), 1)
+        base = f"http://127.0.0.1:{ledger_port}"
+        wait_until(f"{base}/healthz", "the ledger")
+        for prefix, n in [("payer", 1), ("s", SUBJECTS)]:
+            subprocess.run([f"{release}/examples/ledger_bench", "--mode", "setup", "--url", base,
+                            "--customers", str(n), "--subject-prefix", prefix], check=True, stdout=subprocess.DEVNULL)
+        filter_config = {"ledger": {"upstream": "ledger", "token": TOKEN, "timeout_ms": 1000},
+                         "subject": {"header": "x-consumer-username"}, "price": PRICE, "currency": "USD",
+                         "feature_key": "api_requests", "settlement_mode": "credit_only"}
+        cases = {
+            "a": ("no filter", ""),
+            "e": ("no-op wasm filter", wasm_filter("noop_filter", f"{wasm}/noop_filter.wasm", None)),
+            "b": ("prepaid_credits, 1 customer", wasm_filter("prepaid_credits", f"{wasm}/prepaid_credits.wasm", filter_config)),
+            "c": ("prepaid_credits, 10k subjects", wasm_filter("prepaid_credits", f"{wasm}/prepaid_credits.wasm", filter_config)),
+            "d": ("ext_authz to the ledger", ext_authz(ledger_port)),
+        }
+        script = {"c": os.path.join(ROOT, "bench/subjects.lua")}
+        envoys = {}
+        rss = {}
+        for case, (_, filters) in cases.items():
+            envoys[case] = Envoy(case, filters, ledger_port, work, envoy_bin)
+            warm_up(envoys[case], a.connections, script.get(case))
+            rss[case] = rss_kib(envoys[case].proc.pid)
+        runs = {case: [] for case in cases}
+        for rnd in range(a.rounds):
+            for case in cases:
+                r = measure(envoys[case], ledger.pid, a.seconds, a.connections, "payer0", script.get(case))
+                runs[case].append(r)
+                print(f"round {rnd + 1} case {case}: {r['rps']:.0f} req/s, p50 {r['p50_ms']:.3f} ms, "
+                      f"p99 {r['p99_ms']:.3f} ms, {r['envoy_cpu_us_per_call']:.1f} µs CPU/call, non-2xx {r['non_2xx']}",
+                      file=sys.stderr)
+        results = {}
+        for case, (label, _) in cases.items():
+            rs = runs[case]
+            results[case] = {
+                "label": label,
+                "rps": median([r["rps"] for r in rs]),
+                "p50_ms": median([r["p50_ms"] for r in rs]),
+                "p99_ms": median([r["p99_ms"] for r in rs]),
+                "envoy_cpu_us_per_call": median([r["envoy_cpu_us_per_call"] for r in rs]),
+                "ledger_cpu_us_per_call": median([r["ledger_cpu_us_per_call"] for r in rs]),
+                "rss_kib_after_warmup": rss[case],
+                "non_2xx_share": sum(r["non_2xx"] for r in rs) / max(sum(r["requests"] for r in rs), 1),
+                "runs": rs,
+            }
+        for case in ("b", "c"):
+            calls = sum(r["requests"] for r in runs[case])
+            d = [r["stats_delta"] for r in runs[case]]
+            rq = sum(x.get("ledger_upstream_rq_total", 0) for x in d)
+            tx = sum(x.get("ledger_upstream_cx_tx_bytes_total", 0) for x in d)
+            rx = sum(x.get("ledger_upstream_cx_rx_bytes_total", 0) for x in d)
+            results[case]["sync"] = {
+                "calls": calls,
+                "ledger_round_trips": rq,
+                "round_trips_per_1000_calls": rq * 1000 / max(calls, 1),
+                "bytes_sent_per_call": tx / max(calls, 1),
+                "bytes_received_per_call": rx / max(calls, 1),
+                "round_trips_per_second": rq / (a.seconds * a.rounds),
+            }
+        ra = results["a"]
+        ratios = {
+            "b/a": results["b"]["rps"] / ra["rps"],
+            "b/e": results["b"]["rps"] / results["e"]["rps"],
+            "c/a": results["c"]["rps"] / ra["rps"],
+            "b/d": results["b"]["rps"] / results["d"]["rps"],
+            "e/a": results["e"]["rps"] / ra["rps"],
+            "added_cpu_us_b_over_a": results["b"]["envoy_cpu_us_per_call"] - ra["envoy_cpu_us_per_call"],
+            "added_cpu_us_b_over_e": results["b"]["envoy_cpu_us_per_call"] - results["e"]["envoy_cpu_us_per_call"],
+            "added_cpu_us_e_over_a": results["e"]["envoy_cpu_us_per_call"] - ra["envoy_cpu_us_per_call"],
+        }
+        version = subprocess.run([envoy_bin, "--version"], capture_output=True, text=True).stdout.strip()
+        doc = {
+            "benchmark": "gateway",
+            "load_average_at_end": os.getloadavg(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "envoy": version.split("version:")[-1].strip(),
+            "seconds": a.seconds, "rounds": a.rounds, "connections": a.connections,
+            "load_generator": "wrk -t1 (CPU 1, with the ledger); Envoy --concurrency 1 (CPU 0)",
+            "cases": results, "ratios": ratios,
+        }
+        with open(a.out, "w") as f:
+            json.dump(doc, f, indent=1)
+        print(json.dumps({"ratios": ratios, **{k: {x: v[x] for x in ("rps", "p50_ms", "p99_ms", "envoy_cpu_us_per_call")}
+                                                for k, v in results.items()}}, indent=1))
+    finally:
+        stop_children()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The ledger's throughput on SQLite and PostgreSQL, 1 and 10,000 customers, with the latency of a
+# balance read (GET …/credits/balance every 10 ms) under that load:
+# - charges/s through the public charge endpoint (16 concurrent clients), and
+# - usage records/s through the gateway's batched POST /v3/gateway/sync (4 clients = 4 gateway
+#   nodes; a record is one usage range: one subject's calls since its node's last report; each
+#   sync carries one range per subject, up to 1,000 subjects, 10 calls per range).
+# Every run starts its own credits-ledger (crates/ledger/examples/ledger_bench.rs) and stops it;
+# the PostgreSQL database is created for the run and dropped on exit. Needs PostgreSQL at
+# 127.0.0.1:5432 (trust auth), as on this machine. Writes bench/results/ledger.json and
+# bench/results/ledger.png, and prints a Markdown table.
+#   bench/ledger.sh [seconds per run, default 5]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seconds=${1:-5}
+mkdir -p bench/results
+cargo build --quiet --release -p ledger --bin credits-ledger --example ledger_bench
+work=$(mktemp -d)
+pgdb="ledger_bench_$$"
+psql -q -h 127.0.0.1 -U postgres -c "CREATE DATABASE $pgdb" >/dev/null
+cleanup() { psql -q -h 127.0.0.1 -U postgres -c "DROP DATABASE IF EXISTS $pgdb WITH (FORCE)" >/dev/null; rm -rf "$work"; }
+trap cleanup EXIT
+out=bench/results/ledger.json
+echo "[" > "$out"
+first=true
+for backend in sqlite postgres; do
+  for customers in 1 10000; do
+    for mode in charges sync; do
+      case $mode in charges) clients=16 ;; sync) clients=4 ;; esac
+      case $backend in
+        sqlite) db="sqlite://$work/bench-$customers-$mode.db" ;;
+        postgres) db="postgres://postgres@127.0.0.1:5432/$pgdb" ;;
+      esac
+      line=$(target/release/examples/ledger_bench --mode "$mode" --ledger target/release/credits-ledger \
+        --database "$db" --customers "$customers" --clients "$clients" --seconds "$seconds")
+      $first || echo "," >> "$out"
+      first=false
+      echo "$line" >> "$out"
+      echo "$line" >&2
+    done
+  done
+done
+echo "]" >> "$out"
+python3 bench/chart.py ledger

@@ -1,0 +1,353 @@
+//! Load on a real `credits-ledger` process: charges through `POST …/credits/charges`, or usage
+//! through the gateway's batched `POST /v3/gateway/sync`, while a reader measures the latency of
+//! `GET …/credits/balance`. Also sets up customers for `bench/gateway.sh`.
+//!
+//! cargo run --release -p ledger --example ledger_bench -- --mode sync \
+//!     --ledger target/release/credits-ledger --database sqlite:///tmp/bench.db --customers 10000 --clients 4 --seconds 5
+//! … --mode setup --url http://127.0.0.1:8480 --customers 10000 --subject-prefix s   (customers only, then exit)
+//!
+//! Modes:
+//! - `charges`: each client issues `credit_only` charges of 0.01 with unique keys back to back,
+//!   round-robin over the customers.
+//! - `sync`: each client is a gateway node; each request carries one usage range per subject for
+//!   `--subjects-per-sync` subjects (at most the number of customers), each range
+//!   `--calls-per-range` calls at 0.01. A *usage record* is one such range: the calls one node let
+//!   through for one subject since its last report, booked as one movement under one idempotency
+//!   key (see `crates/credits/src/sync.rs`). Reports ranges/s and calls/s.
+//! - `setup`: creates the customers (subject keys `<prefix>0 … <prefix>N-1`, 1,000,000 USD each)
+//!   in the ledger at `--url` and exits.
+//!
+//! Prints one JSON object.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+const TOKEN: &str = "bench-token";
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Charges,
+    Sync,
+    Setup,
+}
+
+struct Args {
+    mode: Mode,
+    ledger: String,
+    url: Option<String>,
+    database: String,
+    customers: usize,
+    clients: usize,
+    seconds: u64,
+    subjects_per_sync: usize,
+    calls_per_range: u64,
+    subject_prefix: Option<String>,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        mode: Mode::Charges,
+        ledger: "target/release/credits-ledger".into(),
+        url: None,
+        database: String::new(),
+        customers: 1,
+        clients: 1,
+        seconds: 5,
+        subjects_per_sync: 1000,
+        calls_per_range: 10,
+        subject_prefix: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it.next().unwrap_or_default();
+        match flag.as_str() {
+            "--mode" => {
+                a.mode = match value.as_str() {
+                    "charges" => Mode::Charges,
+                    "sync" => Mode::Sync,
+                    "setup" => Mode::Setup,
+                    other => panic!("unknown mode {other}"),
+                }
+            }
+            "--ledger" => a.ledger = value,
+            "--url" => a.url = Some(value),
+            "--database" => a.database = value,
+            "--customers" => a.customers = value.parse().unwrap_or(1),
+            "--clients" => a.clients = value.parse().unwrap_or(1),
+            "--seconds" => a.seconds = value.parse().unwrap_or(5),
+            "--subjects-per-sync" => a.subjects_per_sync = value.parse().unwrap_or(1000),
+            "--calls-per-range" => a.calls_per_range = value.parse().unwrap_or(10),
+            "--subject-prefix" => a.subject_prefix = Some(value),
+            other => panic!("unknown flag {other}"),
+        }
+    }
+    assert!(a.url.is_some() || !a.database.is_empty(), "--database (or --url of a running ledger) is required");
+    a
+}
+
+/// The ledger under test: one this example started (killed on drop), or one at `--url`.
+struct Target {
+    base: String,
+    child: Option<Child>,
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+async fn start(a: &Args, http: &reqwest::Client) -> Target {
+    let target = match &a.url {
+        Some(url) => Target { base: url.trim_end_matches('/').to_owned(), child: None },
+        None => {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|x| x.port())
+                .expect("port");
+            let child = Command::new(&a.ledger)
+                .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--database", &a.database, "--token", TOKEN])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start credits-ledger");
+            Target { base: format!("http://127.0.0.1:{port}"), child: Some(child) }
+        }
+    };
+    for _ in 0..200 {
+        if http.get(format!("{}/healthz", target.base)).send().await.is_ok_and(|r| r.status().is_success()) {
+            return target;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the ledger at {} did not become healthy", target.base);
+}
+
+/// Creates the customers (16 at a time: the ledger serialises writes anyway); returns their ids.
+async fn create_customers(http: &reqwest::Client, base: &str, prefix: &str, n: usize) -> Vec<String> {
+    let base = format!("{base}/v3/openmeter");
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (http, base, prefix, next) = (http.clone(), base.clone(), prefix.to_owned(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut made = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                if i >= n {
+                    return made;
+                }
+                let subject = format!("{prefix}{i}");
+                let body = json!({"name": subject, "key": subject, "usage_attribution": {"subject_keys": [subject]}});
+                let c: serde_json::Value = http
+                    .post(format!("{base}/customers"))
+                    .bearer_auth(TOKEN)
+                    .json(&body)
+                    .send()
+                    .await
+                    .expect("customer")
+                    .json()
+                    .await
+                    .expect("json");
+                let id = c["id"].as_str().unwrap_or_else(|| panic!("no customer id in {c}")).to_owned();
+                let grant = json!({"name": "bench", "funding_method": "none", "currency": "USD", "amount": "1000000"});
+                let status = http
+                    .post(format!("{base}/customers/{id}/credits/grants"))
+                    .bearer_auth(TOKEN)
+                    .json(&grant)
+                    .send()
+                    .await
+                    .expect("grant")
+                    .status();
+                assert_eq!(status, 201, "grant for {subject}");
+                made.push((i, id));
+            }
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("setup task"));
+    }
+    all.sort();
+    all.into_iter().map(|(_, id)| id).collect()
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let ms = sorted.get(((sorted.len() as f64 - 1.0) * p) as usize).map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+    (ms * 100.0).round() / 100.0
+}
+
+/// One request of a client: `Some(ranges booked)` if it succeeded.
+async fn one_request(
+    a: &Args,
+    http: &reqwest::Client,
+    base: &str,
+    customers: &[String],
+    subjects: &[String],
+    client: usize,
+    n: usize,
+) -> Option<u64> {
+    match a.mode {
+        Mode::Charges => {
+            let customer = &customers[(client + n * 7) % customers.len()];
+            let body = json!({"amount": "0.01", "currency": "USD", "settlement_mode": "credit_only", "key": format!("c{client}-{n}")});
+            let url = format!("{base}/v3/openmeter/customers/{customer}/credits/charges");
+            let ok = http.post(url).bearer_auth(TOKEN).json(&body).send().await.is_ok_and(|r| r.status() == 201);
+            ok.then_some(1)
+        }
+        Mode::Sync => {
+            let per = a.subjects_per_sync.min(subjects.len()).max(1);
+            let k = a.calls_per_range;
+            let amount = rust_decimal::Decimal::new(i64::try_from(k).unwrap_or(i64::MAX), 2).to_string();
+            // Batch n of this node: the next `per` subjects round-robin; each subject's calls of
+            // batch n are `n·k .. (n+1)·k`, so every range key is new.
+            let start = (n * per + client * 7) % subjects.len();
+            let batch: Vec<serde_json::Value> = (0..per)
+                .map(|j| {
+                    let subject = &subjects[(start + j) % subjects.len()];
+                    let from = n as u64 * k;
+                    json!({"subject": subject, "currency": "USD", "feature_key": "api_requests",
+                        "usage": {"from": from, "to": from + k, "amount": amount, "settlement_mode": "credit_only"}})
+                })
+                .collect();
+            let body = json!({"node": format!("bench-node-{client}"), "subjects": batch});
+            let reply =
+                http.post(format!("{base}/v3/gateway/sync")).bearer_auth(TOKEN).json(&body).send().await.ok()?;
+            if reply.status() != 200 {
+                return None;
+            }
+            let answer: serde_json::Value = reply.json().await.ok()?;
+            let booked =
+                answer["subjects"].as_array()?.iter().filter(|s| s["status"] == "ok" && s["usage"] == "booked").count();
+            Some(booked as u64)
+        }
+        Mode::Setup => None,
+    }
+}
+
+/// Reads balances of random customers every 10 ms until `stop`; the latencies.
+async fn read_balances(
+    http: reqwest::Client,
+    base: String,
+    customers: Arc<Vec<String>>,
+    stop: Arc<AtomicBool>,
+) -> Vec<Duration> {
+    let mut latencies = Vec::new();
+    let mut n = 0usize;
+    while !stop.load(Ordering::Relaxed) {
+        let customer = &customers[(n * 7919) % customers.len()];
+        let t = Instant::now();
+        let ok = http
+            .get(format!("{base}/v3/openmeter/customers/{customer}/credits/balance"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200);
+        if ok {
+            latencies.push(t.elapsed());
+        }
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    latencies
+}
+
+#[tokio::main]
+async fn main() {
+    let a = Arc::new(args());
+    let http = reqwest::Client::builder().pool_max_idle_per_host(a.clients * 2 + 16).build().expect("client");
+    let target = start(&a, &http).await;
+    let run = ulid::Ulid::new().to_string().to_lowercase();
+    let prefix = a.subject_prefix.clone().unwrap_or_else(|| format!("bench-{run}-"));
+    let setup_started = Instant::now();
+    let customers = Arc::new(create_customers(&http, &target.base, &prefix, a.customers).await);
+    let setup_seconds = setup_started.elapsed().as_secs_f64();
+    if a.mode == Mode::Setup {
+        println!("{}", json!({"mode": "setup", "customers": customers.len(), "setup_seconds": setup_seconds}));
+        return;
+    }
+    let subjects: Arc<Vec<String>> = Arc::new((0..a.customers).map(|i| format!("{prefix}{i}")).collect());
+    let ops = Arc::new(AtomicU64::new(0));
+    let records = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = tokio::spawn(read_balances(http.clone(), target.base.clone(), customers.clone(), stop.clone()));
+    let deadline = Instant::now() + Duration::from_secs(a.seconds);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for client in 0..a.clients {
+        let (a, http, base, customers, subjects) =
+            (a.clone(), http.clone(), target.base.clone(), customers.clone(), subjects.clone());
+        let (ops, records, failed) = (ops.clone(), records.clone(), failed.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut n = 0usize;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let booked = one_request(&a, &http, &base, &customers, &subjects, client, n).await;
+                latencies.push(t.elapsed());
+                match booked {
+                    Some(r) => {
+                        ops.fetch_add(1, Ordering::Relaxed);
+                        records.fetch_add(r, Ordering::Relaxed);
+                    }
+                    None => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                n += 1;
+            }
+            latencies
+        }));
+    }
+    let mut latencies: Vec<Duration> = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await.expect("client"));
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let mut reads = reader.await.expect("reader");
+    latencies.sort();
+    reads.sort();
+    let backend = match &a.url {
+        Some(_) => "external",
+        None if a.database.starts_with("sqlite") => "sqlite",
+        None => "postgres",
+    };
+    let (ops, records) = (ops.load(Ordering::Relaxed), records.load(Ordering::Relaxed));
+    let mut result = json!({
+        "mode": if a.mode == Mode::Sync { "sync" } else { "charges" },
+        "backend": backend,
+        "customers": a.customers,
+        "clients": a.clients,
+        "seconds": elapsed,
+        "setup_seconds": setup_seconds,
+        "requests": ops,
+        "failed": failed.load(Ordering::Relaxed),
+        "requests_per_second": (ops as f64 / elapsed).round(),
+        "p50_ms": percentile(&latencies, 0.50),
+        "p99_ms": percentile(&latencies, 0.99),
+        "balance_reads": reads.len(),
+        "balance_p50_ms": percentile(&reads, 0.50),
+        "balance_p99_ms": percentile(&reads, 0.99),
+    });
+    match a.mode {
+        Mode::Charges => result["charges_per_second"] = json!((ops as f64 / elapsed).round()),
+        Mode::Sync => {
+            let per = a.subjects_per_sync.min(a.customers).max(1);
+            result["ranges_per_sync"] = json!(per);
+            result["calls_per_range"] = json!(a.calls_per_range);
+            result["ranges_per_second"] = json!((records as f64 / elapsed).round());
+            result["calls_per_second"] = json!((records as f64 * a.calls_per_range as f64 / elapsed).round());
+        }
+        Mode::Setup => {}
+    }
+    println!("{result}");
+}
