@@ -318,9 +318,14 @@ fn hold_from_lease(
     match access {
         LedgerAccess::Reachable => (None, (ScopeVerdict::Call(Verdict::AskLedger), Effects::default())),
         LedgerAccess::Asked if e.is_fresh(now_ms, u64::from(config.sync.max_stale_ms)) => {
-            let available =
-                if e.lease.open && now_ms < e.lease.spend_until_ms { e.lease.remaining } else { Amount::ZERO };
-            (None, (ScopeVerdict::Refuse { available: available.max(Amount::ZERO) + e.live.max(Amount::ZERO) }, hit))
+            let leased = if e.lease.open && now_ms < e.lease.spend_until_ms { e.lease.remaining } else { Amount::ZERO };
+            let available = leased.max(Amount::ZERO) + e.live.max(Amount::ZERO);
+            if available >= amount && e.live.is_positive() {
+                // Covered by credit the ledger has not set aside for this node yet (calls that
+                // waited for the same top-up took it): ask for another.
+                return (None, (ScopeVerdict::Call(Verdict::AskLedger), Effects::default()));
+            }
+            (None, (ScopeVerdict::Refuse { available }, hit))
         }
         _ => offline(e, config, amount, now_ms),
     }
@@ -536,7 +541,22 @@ mod tests {
         }
         // Not covered: wait for a top-up rather than guess ...
         assert_eq!(call(&store, &c, "alice", amt("0.10"), 6, LedgerAccess::Reachable).0, Verdict::AskLedger);
-        // ... and after it, what is held decides.
+        // ... and after it, what is held decides — unless the ledger had more than it set aside
+        // (calls that waited for the same top-up took it): then another top-up is asked for.
+        let key = entry_key(&c, &c.pricing.scopes[0], "alice");
+        shared::update::<CustomerEntry, ()>(&store, &key, |e| {
+            let mut e = e.unwrap();
+            e.live = amt("5.00");
+            (Some(e), ())
+        })
+        .unwrap();
+        assert_eq!(call(&store, &c, "alice", amt("0.10"), 7, LedgerAccess::Asked).0, Verdict::AskLedger);
+        shared::update::<CustomerEntry, ()>(&store, &key, |e| {
+            let mut e = e.unwrap();
+            e.live = amt("0.00");
+            (Some(e), ())
+        })
+        .unwrap();
         assert_eq!(
             call(&store, &c, "alice", amt("0.10"), 7, LedgerAccess::Asked).0,
             Verdict::Refuse { scope: 0, needed: amt("0.10"), available: amt("0.00") }

@@ -157,7 +157,78 @@ struct Admission {
     /// The request id, read before the request headers went on (then the host no longer lets
     /// the filter read them).
     request_id: Option<String>,
+    /// Reads of the ledger this call has waited for.
+    reads: u32,
     verdict: Option<(Vec<Held>, Option<Amount>)>,
+}
+
+/// Reads one call may wait for: a burst that outruns a top-up waits for one more, sized for every
+/// call still waiting; beyond that the ledger is too slow to set credit aside.
+const MAX_READS_PER_CALL: u32 = 3;
+
+/// How a call that must wait for the ledger waits.
+enum Wait {
+    /// For a read of the worker's (joined or started).
+    Shared,
+    /// For its own read (under Kong), answered in its own context.
+    Own(PendingSync),
+    /// The read could not be dispatched: decide as if the ledger were unreachable.
+    Failed,
+}
+
+/// Makes `waiters` wait for a read of their customer that tops up enough for all of them, joining
+/// one in flight if there is one. `running` is the context whose callback runs now: a host
+/// answers a dispatch in the context that made it, so it owns a read it starts — and must still
+/// be waiting itself, or the answer could go away with it.
+fn wait_for_read(config: &FilterConfig, running: u32, waiters: &[u32], subject: &str, now: u64) -> Wait {
+    let kong = on_kong();
+    let queue = waiters.len() as u64;
+    let holds = with_worker(|w| {
+        for id in waiters {
+            if let Some(a) = w.calls.get_mut(id) {
+                a.reads += 1;
+            }
+        }
+        let a = w.calls.get(&running)?;
+        Some(a.quote.holds.iter().map(|h| h.times(queue).unwrap_or(*h)).collect::<Vec<_>>())
+    })
+    .unwrap_or_default();
+    let joined = !kong
+        && with_worker(|w| match w.reads.get_mut(subject) {
+            Some(read) if read.owner.is_some() => {
+                read.waiters.extend_from_slice(waiters);
+                true
+            }
+            _ => false,
+        });
+    if joined {
+        return Wait::Shared;
+    }
+    let node = with_worker(|w| w.node.clone());
+    let pending = sync::balance_read(&HostShared, config, &node, subject, &holds, now);
+    match dispatch(config, &pending) {
+        Ok(_token) if kong => Wait::Own(pending),
+        Ok(_token) => {
+            let deadline_ms = now + u64::from(config.ledger.timeout_ms) + 100;
+            with_worker(|w| {
+                // Calls left waiting by an owner that went away wait for this read instead.
+                let mut all = w.reads.remove(subject).map(|r| r.waiters).unwrap_or_default();
+                all.extend_from_slice(waiters);
+                w.reads.insert(subject.to_owned(), Read { pending, owner: Some(running), waiters: all, deadline_ms })
+            });
+            Wait::Shared
+        }
+        Err(status) => {
+            // Unknown cluster or a full circuit breaker: answer now, never hang.
+            log::warn!(
+                "prepaid_credits: could not dispatch a balance read to {:?}: {status:?}",
+                config.ledger.upstream
+            );
+            Metrics::add(with_worker(|w| w.metrics.sync_failures), 1);
+            mark_ledger_down(config, now);
+            Wait::Failed
+        }
+    }
 }
 
 /// State of this worker VM shared by its root and request contexts.
@@ -373,6 +444,7 @@ fn expire_waiting_reads(config: &FilterConfig, now: u64) {
     for waiters in expired {
         mark_ledger_down(config, now);
         for waiter in waiters {
+            // The ledger is down: nobody waits for another read.
             if hostcalls::set_effective_context(waiter).is_ok() {
                 finish_waiting_call(config, waiter, now);
             }
@@ -508,16 +580,36 @@ fn decide_call(config: &FilterConfig, context_id: u32, now: u64, access: LedgerA
     verdict
 }
 
-/// Decides a call that waited for a read, and resumes it or answers it.
-fn finish_waiting_call(config: &FilterConfig, context_id: u32, now: u64) {
+/// Decides a call that waited for a read (the effective context), and resumes it or answers it;
+/// `true` if it must wait for another read instead (the ledger has more credit than the top-up
+/// set aside: calls that waited for the same one took it).
+fn finish_waiting_call(config: &FilterConfig, context_id: u32, now: u64) -> bool {
     // This call has had its answer (or its chance): decide on what is known now.
     let asked = match access(now) {
         LedgerAccess::Reachable => LedgerAccess::Asked,
         unreachable => unreachable,
     };
     let verdict = decide_call(config, context_id, now, asked);
+    if verdict == Verdict::AskLedger
+        && with_worker(|w| w.calls.get(&context_id).is_some_and(|a| a.reads < MAX_READS_PER_CALL))
+    {
+        return true;
+    }
     if act(config, context_id, verdict, now) == Action::Continue {
         let _ = hostcalls::resume_http_request();
+    }
+    false
+}
+
+/// Calls that could not be let wait for another read: decided as if the ledger were unreachable.
+fn give_up_waiting(config: &FilterConfig, waiters: &[u32], now: u64) {
+    for &id in waiters {
+        if hostcalls::set_effective_context(id).is_ok() {
+            let verdict = decide_call(config, id, now, LedgerAccess::Unreachable);
+            if act(config, id, verdict, now) == Action::Continue {
+                let _ = hostcalls::resume_http_request();
+            }
+        }
     }
 }
 
@@ -529,7 +621,14 @@ impl Context for FilterCall {
         if let Some(pending) = self.own_read.take() {
             let (status, body) = call_answer(body_size);
             absorb(config, &pending, status, body.as_deref());
-            finish_waiting_call(config, self.id, now_ms());
+            let now = now_ms();
+            if finish_waiting_call(config, self.id, now) {
+                match wait_for_read(config, self.id, &[self.id], &subject, now) {
+                    Wait::Own(pending) => self.own_read = Some(pending),
+                    Wait::Shared => {}
+                    Wait::Failed => give_up_waiting(config, &[self.id], now),
+                }
+            }
             return;
         }
         let Some(read) = with_worker(|w| match w.reads.get(&subject) {
@@ -541,13 +640,20 @@ impl Context for FilterCall {
         let (status, body) = call_answer(body_size);
         absorb(config, &read.pending, status, body.as_deref());
         let now = now_ms();
+        let mut again = Vec::new();
         for waiter in read.waiters.iter().copied().filter(|w| *w != self.id) {
-            if hostcalls::set_effective_context(waiter).is_ok() {
-                finish_waiting_call(config, waiter, now);
+            if hostcalls::set_effective_context(waiter).is_ok() && finish_waiting_call(config, waiter, now) {
+                again.push(waiter);
             }
         }
         let _ = hostcalls::set_effective_context(self.id);
-        finish_waiting_call(config, self.id, now);
+        // This call owns the next read, so it waits for it too: its answer comes back here.
+        if !again.is_empty() || finish_waiting_call(config, self.id, now) {
+            again.push(self.id);
+            if let Wait::Failed = wait_for_read(config, self.id, &again, &subject, now) {
+                give_up_waiting(config, &again, now);
+            }
+        }
     }
 }
 
@@ -564,7 +670,7 @@ impl FilterCall {
     ) -> Action {
         let quote = pricing::quote(&config.pricing, config.price, request_header, body);
         let now = now_ms();
-        let admission = Admission { subject: subject.to_owned(), quote, request_id, verdict: None };
+        let admission = Admission { subject: subject.to_owned(), quote, request_id, reads: 0, verdict: None };
         with_worker(|w| w.calls.insert(self.id, admission));
         let verdict = decide_call(config, self.id, now, access(now));
         if verdict != Verdict::AskLedger {
@@ -573,44 +679,13 @@ impl FilterCall {
         // Cold miss: wait for the read already in flight for this customer, or start one (under
         // Kong every call reads for itself: see `Worker::on_kong`).
         self.subject = Some(subject.to_owned());
-        let kong = on_kong();
-        let joined = !kong
-            && with_worker(|w| match w.reads.get_mut(subject) {
-                Some(read) if read.owner.is_some() => {
-                    read.waiters.push(self.id);
-                    true
-                }
-                _ => false,
-            });
-        if joined {
-            return Action::Pause;
-        }
-        let node = with_worker(|w| w.node.clone());
-        let holds = with_worker(|w| w.calls.get(&self.id).map(|a| a.quote.holds.clone())).unwrap_or_default();
-        let pending = sync::balance_read(&HostShared, config, &node, subject, &holds, now);
-        match dispatch(config, &pending) {
-            Ok(_token) if kong => {
+        match wait_for_read(config, self.id, &[self.id], subject, now) {
+            Wait::Shared => Action::Pause,
+            Wait::Own(pending) => {
                 self.own_read = Some(pending);
                 Action::Pause
             }
-            Ok(_token) => {
-                let deadline_ms = now + u64::from(config.ledger.timeout_ms) + 100;
-                with_worker(|w| {
-                    // Calls left waiting by an owner that went away wait for this read instead.
-                    let mut waiters = w.reads.remove(subject).map(|r| r.waiters).unwrap_or_default();
-                    waiters.push(self.id);
-                    w.reads.insert(subject.to_owned(), Read { pending, owner: Some(self.id), waiters, deadline_ms })
-                });
-                Action::Pause
-            }
-            Err(status) => {
-                // Unknown cluster or a full circuit breaker: answer now, never hang.
-                log::warn!(
-                    "prepaid_credits: could not dispatch a balance read to {:?}: {status:?}",
-                    config.ledger.upstream
-                );
-                Metrics::add(with_worker(|w| w.metrics.sync_failures), 1);
-                mark_ledger_down(config, now);
+            Wait::Failed => {
                 let verdict = decide_call(config, self.id, now, LedgerAccess::Unreachable);
                 act(config, self.id, verdict, now)
             }

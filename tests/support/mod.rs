@@ -41,7 +41,9 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        if std::env::var_os("KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 }
 
@@ -227,6 +229,8 @@ impl Envoy {
                 "--concurrency",
                 "2",
                 "--disable-hot-restart",
+                "--file-flush-interval-msec",
+                "100",
                 "-l",
                 "warning",
                 "--component-log-level",
