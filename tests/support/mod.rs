@@ -4,12 +4,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
+/// The ledger's admin token: the tests set up customers and grants with it.
 pub const TOKEN: &str = "e2e-token";
+/// The ledger's gateway token: the filter's `ledger.token`.
+pub const GATEWAY_TOKEN: &str = "e2e-gateway-token";
 
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
@@ -66,8 +68,8 @@ impl Ledger {
     }
 
     pub async fn resume(&mut self) {
-        let state =
-            ledger::state(&self.database, ledger::api::Auth::Token(Arc::new(TOKEN.to_owned()))).await.expect("ledger");
+        let auth = ledger::api::Auth::tokens(&[TOKEN], &[GATEWAY_TOKEN]).expect("tokens");
+        let state = ledger::state(&self.database, auth).await.expect("ledger");
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await.expect("bind ledger port");
         self.server = Some(tokio::spawn(async move {
             let _ = ledger::serve(listener, state, Duration::from_millis(500)).await;
@@ -171,7 +173,7 @@ pub async fn upstream() -> (u16, tokio::task::JoinHandle<()>) {
 /// The filter configuration the tests use, with `extra` members merged in.
 pub fn filter_config(extra: Value) -> Value {
     let mut base = json!({
-        "ledger": {"upstream": "ledger", "authority": "ledger.internal", "base_path": "/v3", "token": TOKEN, "timeout_ms": 1000},
+        "ledger": {"upstream": "ledger", "authority": "ledger.internal", "base_path": "/v3", "token": GATEWAY_TOKEN, "timeout_ms": 1000},
         "subject": {"header": "x-consumer-username"},
         "price": "0.10", "currency": "USD", "feature_key": "api_requests",
         "settlement_mode": "credit_only",
