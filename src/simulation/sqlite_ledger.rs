@@ -125,7 +125,8 @@ impl Ledger for SqliteLedger {
             self.runtime.block_on(state.db.pool().close());
         }
         let db = self.runtime.block_on(Db::connect(&self.url)).unwrap().with_clock(self.clock.clone());
-        self.state = Some(AppState { db, auth: Auth::Open, metrics: Default::default() });
+        let max_body_bytes = ledger::api::request::DEFAULT_MAX_BODY_BYTES;
+        self.state = Some(AppState { db, auth: Auth::Open, metrics: Default::default(), max_body_bytes });
     }
 
     fn books(&mut self) -> Books {

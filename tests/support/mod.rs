@@ -2,14 +2,19 @@
 //! real ledger (in-process, on SQLite), and a real upstream.
 #![allow(dead_code)]
 
+pub mod fault_proxy;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
+/// The ledger's admin token: the tests set up customers and grants with it.
 pub const TOKEN: &str = "e2e-token";
+/// The ledger's gateway token: the filter's `ledger.token`.
+pub const GATEWAY_TOKEN: &str = "e2e-gateway-token";
 
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
@@ -67,9 +72,15 @@ impl Ledger {
         ledger
     }
 
+    /// A client of a ledger served elsewhere (a process) on `port` over `database`.
+    pub fn client(port: u16, database: String) -> Ledger {
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client");
+        Ledger { port, database, http, server: None }
+    }
+
     pub async fn resume(&mut self) {
-        let state =
-            ledger::state(&self.database, ledger::api::Auth::Token(Arc::new(TOKEN.to_owned()))).await.expect("ledger");
+        let auth = ledger::api::Auth::tokens(&[TOKEN], &[GATEWAY_TOKEN]).expect("tokens");
+        let state = ledger::state(&self.database, auth).await.expect("ledger");
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await.expect("bind ledger port");
         self.server = Some(tokio::spawn(async move {
             let _ = ledger::serve(listener, state, Duration::from_millis(500)).await;
@@ -157,6 +168,86 @@ impl Ledger {
     }
 }
 
+/// The `credits-ledger` binary. Cargo builds it for the ledger's own tests but not for this
+/// package's, so the first caller makes sure it is built and current.
+pub fn ledger_binary() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+            let status = Command::new(cargo)
+                .args(["build", "--quiet", "-p", "ledger", "--bin", "credits-ledger"])
+                .current_dir(repo())
+                .status()
+                .expect("run cargo build");
+            assert!(status.success(), "cargo build -p ledger failed");
+            let target = std::env::var("CARGO_TARGET_DIR").map_or_else(|_| repo().join("target"), PathBuf::from);
+            target.join("debug/credits-ledger")
+        })
+        .clone()
+}
+
+/// The ledger as a real process (SQLite in `dir`), which can be killed with SIGKILL and started
+/// again on the same database and port.
+pub struct LedgerProcess {
+    pub api: Ledger,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl LedgerProcess {
+    pub async fn start(dir: &Path) -> LedgerProcess {
+        let database = format!("sqlite://{}", dir.join("ledger.db").display());
+        let mut ledger =
+            LedgerProcess { api: Ledger::client(free_port(), database), child: None, log: dir.join("ledger.log") };
+        ledger.restart().await;
+        ledger
+    }
+
+    /// Starts the process (again) and waits until it answers.
+    pub async fn restart(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("ledger log");
+        let child = Command::new(ledger_binary())
+            .args(["serve", "--listen", &format!("127.0.0.1:{}", self.api.port), "--database", &self.api.database])
+            .args(["--token", TOKEN, "--gateway-token", GATEWAY_TOKEN, "--expiry-interval-ms", "100"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn credits-ledger");
+        self.child = Some(child);
+        for _ in 0..200 {
+            if self.api.http.get(self.api.url("/healthz")).send().await.is_ok_and(|r| r.status().is_success()) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("the ledger did not start:\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
+    }
+
+    /// SIGKILL: no shutdown hook runs, whatever was in flight is cut off.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// `credits-ledger check` on the database: the journal invariants hold.
+    pub fn check(&self) {
+        let output = Command::new(ledger_binary())
+            .args(["check", "--database", &self.api.database])
+            .output()
+            .expect("run credits-ledger check");
+        assert!(output.status.success(), "credits-ledger check failed:\n{}", String::from_utf8_lossy(&output.stdout));
+    }
+}
+
+impl Drop for LedgerProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
 /// The upstream API: answers 200 to everything.
 pub async fn upstream() -> (u16, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -173,7 +264,7 @@ pub async fn upstream() -> (u16, tokio::task::JoinHandle<()>) {
 /// The filter configuration the tests use, with `extra` members merged in.
 pub fn filter_config(extra: Value) -> Value {
     let mut base = json!({
-        "ledger": {"upstream": "ledger", "authority": "ledger.internal", "base_path": "/v3", "token": TOKEN, "timeout_ms": 1000},
+        "ledger": {"upstream": "ledger", "authority": "ledger.internal", "base_path": "/v3", "token": GATEWAY_TOKEN, "timeout_ms": 1000},
         "subject": {"header": "x-consumer-username"},
         "price": "0.10", "currency": "USD", "feature_key": "api_requests",
         "settlement_mode": "credit_only",

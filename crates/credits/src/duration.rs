@@ -38,13 +38,17 @@ impl IsoDuration {
         let mut out = IsoDuration::default();
         for (value, unit) in components(date_part, "YMWD").ok_or_else(invalid)? {
             let whole = whole_number(value).ok_or_else(invalid)?;
+            // Checked sums: repeated or huge components must be refused, not overflow.
             match unit {
-                'Y' => {
-                    out.months += u32::try_from(whole.checked_mul(12).ok_or_else(invalid)?).map_err(|_| invalid())?
+                'Y' | 'M' => {
+                    let months = if unit == 'Y' { whole.checked_mul(12).ok_or_else(invalid)? } else { whole };
+                    let months = u32::try_from(months).map_err(|_| invalid())?;
+                    out.months = out.months.checked_add(months).ok_or_else(invalid)?;
                 }
-                'M' => out.months += u32::try_from(whole).map_err(|_| invalid())?,
-                'W' => out.days += whole.checked_mul(7).ok_or_else(invalid)?,
-                _ => out.days += whole,
+                _ => {
+                    let days = if unit == 'W' { whole.checked_mul(7).ok_or_else(invalid)? } else { whole };
+                    out.days = out.days.checked_add(days).ok_or_else(invalid)?;
+                }
             }
         }
         if let Some(time) = time_part {
@@ -54,7 +58,7 @@ impl IsoDuration {
                     'M' => u128::from(whole_number(value).ok_or_else(invalid)?) * 60 * NANOS_PER_SECOND,
                     _ => seconds_to_nanos(value).ok_or_else(invalid)?,
                 };
-                out.nanos += nanos;
+                out.nanos = out.nanos.checked_add(nanos).ok_or_else(invalid)?;
             }
         }
         if out.months > MAX_MONTHS || out.days > MAX_DAYS || out.nanos > MAX_NANOS {
@@ -188,6 +192,14 @@ mod tests {
             IsoDuration::parse("P1Y2M3DT4H").unwrap().add_to(at(2026, 1, 1)),
             Some(Utc.with_ymd_and_hms(2027, 3, 4, 16, 0, 0).unwrap())
         );
+    }
+
+    #[test]
+    fn components_whose_sum_overflows_are_refused() {
+        // Found by fuzzing (fuzz/fuzz_targets/ledger_values.rs): the sums overflowed.
+        for huge in ["P357913941Y4294967295M", "P2635249153387078802W18446744073709551615D"] {
+            assert!(IsoDuration::parse(huge).is_err(), "{huge}");
+        }
     }
 
     #[test]

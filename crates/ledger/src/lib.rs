@@ -26,7 +26,8 @@ pub struct ServeConfig {
 /// Connects, migrates, and builds the application state.
 pub async fn state(database: &str, auth: Auth) -> anyhow::Result<AppState> {
     let db = db::Db::connect(database).await?;
-    Ok(AppState { db, auth, metrics: Arc::new(metrics::Metrics::default()) })
+    let metrics = Arc::new(metrics::Metrics::default());
+    Ok(AppState { db, auth, metrics, max_body_bytes: api::request::DEFAULT_MAX_BODY_BYTES })
 }
 
 /// Serves until the listener fails or the process is told to stop.

@@ -2,11 +2,10 @@
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use ledger::api::Auth;
+use ledger::api::auth::{Auth, TokenError};
 
 #[derive(Parser)]
 #[command(name = "credits-ledger", version, about = "The central prepaid-credit ledger")]
@@ -24,15 +23,22 @@ enum Command {
         /// sqlite://PATH (created on first start) or postgres://USER@HOST/DB.
         #[arg(long, env = "CREDITS_LEDGER_DATABASE", default_value = "sqlite://credits-ledger.db")]
         database: String,
-        /// The bearer token clients must send.
-        #[arg(long, env = "CREDITS_LEDGER_TOKEN", hide_env_values = true)]
-        token: Option<String>,
+        /// Admin bearer token(s): every endpoint. Comma-separated to accept several (rotation).
+        #[arg(long, env = "CREDITS_LEDGER_TOKEN", hide_env_values = true, value_delimiter = ',')]
+        token: Vec<String>,
+        /// Gateway bearer token(s): customer look-ups, balances, usage and leases only.
+        /// Comma-separated to accept several (rotation).
+        #[arg(long, env = "CREDITS_LEDGER_GATEWAY_TOKEN", hide_env_values = true, value_delimiter = ',')]
+        gateway_token: Vec<String>,
         /// Serve without authentication (local experiments only).
         #[arg(long)]
         insecure_no_auth: bool,
         /// How often the background job books expiries that fell due.
         #[arg(long, env = "CREDITS_LEDGER_EXPIRY_INTERVAL_MS", default_value_t = 1000)]
         expiry_interval_ms: u64,
+        /// The largest request body read; larger ones are refused with 413.
+        #[arg(long, env = "CREDITS_LEDGER_MAX_BODY_BYTES", default_value_t = ledger::api::request::DEFAULT_MAX_BODY_BYTES)]
+        max_body_bytes: usize,
     },
     /// Verify the whole journal; exits non-zero with a report on any violation.
     Check {
@@ -58,18 +64,29 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Serve { listen, database, token, insecure_no_auth, expiry_interval_ms } => {
-            let auth = match (token, insecure_no_auth) {
-                (Some(t), _) if !t.is_empty() => Auth::Token(Arc::new(t)),
-                (_, true) => {
-                    tracing::warn!("serving WITHOUT authentication (--insecure-no-auth)");
-                    Auth::Open
-                }
-                _ => anyhow::bail!(
-                    "no token: pass --token or CREDITS_LEDGER_TOKEN (or --insecure-no-auth for local experiments)"
-                ),
+        Command::Serve {
+            listen,
+            database,
+            token,
+            gateway_token,
+            insecure_no_auth,
+            expiry_interval_ms,
+            max_body_bytes,
+        } => {
+            if max_body_bytes < 1024 {
+                anyhow::bail!("--max-body-bytes must be at least 1024");
+            }
+            let auth = if token.is_empty() && gateway_token.is_empty() && insecure_no_auth {
+                tracing::warn!("serving WITHOUT authentication (--insecure-no-auth)");
+                Auth::Open
+            } else {
+                Auth::tokens(&token, &gateway_token).map_err(|e| match e {
+                    TokenError::NoAdminToken => anyhow::anyhow!("{e} (or --insecure-no-auth for local experiments)"),
+                    e => anyhow::anyhow!("{e}"),
+                })?
             };
-            let state = ledger::state(&database, auth).await?;
+            let mut state = ledger::state(&database, auth).await?;
+            state.max_body_bytes = max_body_bytes;
             let listener = tokio::net::TcpListener::bind(listen).await?;
             tracing::info!(listen = %listener.local_addr()?, database = %ledger::db::redact(&database), "credits-ledger serving");
             ledger::serve(listener, state, Duration::from_millis(expiry_interval_ms.max(10))).await?;

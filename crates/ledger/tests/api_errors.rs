@@ -5,7 +5,7 @@ mod support;
 
 use reqwest::Method;
 use serde_json::{json, Value};
-use support::{customer_path, grant_body, merged, Backend, Ledger, TestDb, UNKNOWN_ID};
+use support::{customer_path, grant_body, merged, protected_calls, Backend, Ledger, ProtectedCall, TestDb, UNKNOWN_ID};
 
 /// A customer with some credit, booked, so that "nothing changed" means something.
 async fn funded_customer(ledger: &Ledger) -> (String, String) {
@@ -273,37 +273,6 @@ async fn unknown_customers_and_grants_are_not_found(backend: Backend) {
     ledger.assert_journal_sound().await;
 }
 
-/// Every endpoint behind the token, with a body it would accept.
-fn protected_calls(c: &str, g: &str) -> Vec<(Method, String, Option<Value>)> {
-    let customer = customer_path(c);
-    vec![
-        (Method::POST, "/v3/openmeter/customers".into(), Some(json!({"name": "n", "key": "new"}))),
-        (Method::GET, "/v3/openmeter/customers".into(), None),
-        (Method::GET, customer.clone(), None),
-        (Method::PUT, customer.clone(), Some(json!({"name": "renamed"}))),
-        (Method::DELETE, customer.clone(), None),
-        (Method::POST, format!("{customer}/credits/grants"), Some(grant_body("1", json!({})))),
-        (Method::GET, format!("{customer}/credits/grants"), None),
-        (Method::GET, format!("{customer}/credits/grants/{g}"), None),
-        (
-            Method::POST,
-            format!("{customer}/credits/grants/{g}/settlement/external"),
-            Some(json!({"status": "settled"})),
-        ),
-        (Method::POST, format!("{customer}/credits/grants/{g}/void"), None),
-        (Method::GET, format!("{customer}/credits/balance"), None),
-        (Method::GET, format!("{customer}/credits/transactions"), None),
-        (Method::POST, format!("{customer}/credits/adjustments"), Some(adjustment_body(json!({})))),
-        (Method::POST, format!("{customer}/credits/charges"), Some(charge_body(json!({"key": "new"})))),
-        (
-            Method::POST,
-            "/v3/openmeter/events".into(),
-            Some(json!({"id": "e", "source": "s", "specversion": "1.0", "type": "t", "subject": "x"})),
-        ),
-        (Method::GET, "/v3/openmeter/events".into(), None),
-    ]
-}
-
 async fn missing_or_wrong_tokens_are_refused(backend: Backend) {
     let db = TestDb::new(backend).await;
     let ledger = Ledger::start(&db).await;
@@ -318,7 +287,7 @@ async fn missing_or_wrong_tokens_are_refused(backend: Backend) {
         Some(support::TOKEN.to_owned()),
         Some("Bearer ".to_owned()),
     ];
-    for (method, path, body) in protected_calls(&c, &g) {
+    for ProtectedCall { method, path, body, .. } in protected_calls(&c, &g) {
         for authorization in &wrong {
             let mut call = ledger.call_without_token(method.clone(), &path);
             if let Some(a) = authorization {
@@ -362,11 +331,12 @@ async fn wrong_content_types_are_refused(backend: Backend) {
     let ledger = Ledger::start(&db).await;
     let (c, g) = funded_customer(&ledger).await;
     let before = ledger.snapshot(&c).await;
-    let with_bodies = protected_calls(&c, &g).into_iter().filter_map(|(m, p, b)| {
-        let b = b?;
-        // Voiding takes no body at all; events have their own content types (see api_events).
-        (!p.ends_with("/void") && !p.ends_with("/events")).then_some((m, p, b))
-    });
+    let with_bodies =
+        protected_calls(&c, &g).into_iter().filter_map(|ProtectedCall { method: m, path: p, body: b, .. }| {
+            let b = b?;
+            // Voiding takes no body at all; events have their own content types (see api_events).
+            (!p.ends_with("/void") && !p.ends_with("/events")).then_some((m, p, b))
+        });
     for (method, path, body) in with_bodies {
         for content_type in
             [Some("text/plain"), Some("application/x-www-form-urlencoded"), Some("application/xml"), None]
@@ -390,7 +360,7 @@ async fn oversized_bodies_are_refused(backend: Backend) {
     let ledger = Ledger::start(&db).await;
     let (c, g) = funded_customer(&ledger).await;
     let before = ledger.snapshot(&c).await;
-    let limit = ledger::api::request::MAX_BODY_BYTES;
+    let limit = ledger::api::request::DEFAULT_MAX_BODY_BYTES;
     assert_eq!(limit, 1 << 20);
     // A JSON object of exactly `size` bytes whose name is far too long. (One byte over the limit:
     // the server reads every byte before it refuses, so the client never writes into a closed

@@ -1,10 +1,13 @@
 //! Concurrent charges never over-consume: on SQLite, on PostgreSQL, and with two ledger
-//! instances on one PostgreSQL database.
+//! instances on one PostgreSQL database; two instances book every expiry exactly once.
 
 mod support;
 
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
 use serde_json::json;
-use support::{Backend, Ledger, TestDb};
+use support::{free_port, lease_request, subject_sync, wait_healthy, Backend, Ledger, TestDb, GATEWAY_TOKEN, TOKEN};
 
 /// 50 parallel `credit_only` charges of 1 against a balance of 30, spread over `ledgers`.
 async fn fifty_charges_against_thirty(ledgers: &[&Ledger]) {
@@ -87,4 +90,74 @@ async fn futures_total(handles: Vec<tokio::task::JoinHandle<usize>>) -> usize {
         total += h.await.expect("join");
     }
     total
+}
+
+/// A `credits-ledger serve` process whose expiry job runs every 20 ms; `(process, base URL)`.
+async fn serving_process(db: &TestDb) -> (Child, String) {
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_credits-ledger"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--database", &db.url, "--expiry-interval-ms", "20"])
+        .args(["--token", TOKEN, "--gateway-token", GATEWAY_TOKEN])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn credits-ledger");
+    let base = format!("http://127.0.0.1:{port}");
+    wait_healthy(&reqwest::Client::new(), &base).await;
+    (child, base)
+}
+
+/// A counter (`credits_ledger_…` line of `GET /metrics`, labels included) of the process at `base`.
+async fn metric(base: &str, line_prefix: &str) -> u64 {
+    let text = reqwest::get(format!("{base}/metrics")).await.expect("metrics").text().await.expect("text");
+    text.lines().find_map(|l| l.strip_prefix(line_prefix)).map_or(0, |n| n.trim().parse().expect("counter"))
+}
+
+/// Two real processes on one PostgreSQL database, both running the expiry job: every lease that
+/// runs out and every grant that expires is booked once in all, by one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_serving_processes_book_every_expiry_and_lease_expiry_once() {
+    let db = TestDb::new(Backend::Postgres).await;
+    // Set up through an instance without the expiry job.
+    let setup = Ledger::start(&db).await;
+    let customers = 12;
+    let mut ids = Vec::new();
+    for i in 0..customers {
+        let c = setup.customer(&format!("due-{i}")).await;
+        let grant = json!({"name": "short", "funding_method": "none", "currency": "USD", "amount": "5", "expires_after": "PT2S"});
+        setup.grant(&c, grant).await;
+        let lease = subject_sync(
+            &format!("due-{i}-subject"),
+            json!({"lease": lease_request(&format!("lease-{i}"), 1, "1.00", 300)}),
+        );
+        let answer = setup.sync_one("node-a", lease).await;
+        assert_eq!(answer["lease"]["granted"], "1.00", "{answer}");
+        ids.push(c);
+    }
+    let (mut a, base_a) = serving_process(&db).await;
+    let (mut b, base_b) = serving_process(&db).await;
+    let (expired, leases) =
+        ("credits_ledger_bookings_total{kind=\"expired\"} ", "credits_ledger_leases_expired_unreported_total ");
+    let total = |prefix: &'static str| {
+        let (base_a, base_b) = (base_a.clone(), base_b.clone());
+        async move { metric(&base_a, prefix).await + metric(&base_b, prefix).await }
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while (total(expired).await < customers || total(leases).await < customers) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Many more passes of both jobs change nothing.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(total(leases).await, customers, "every lease closed once, by one of the two");
+    assert_eq!(total(expired).await, customers, "every grant expiry booked once, by one of the two");
+    let (by_a, by_b) = (metric(&base_a, expired).await, metric(&base_b, expired).await);
+    let _ = (a.kill(), b.kill(), a.wait(), b.wait());
+    for (i, c) in ids.iter().enumerate() {
+        let (_, _, closed) = setup.lease_row(&format!("lease-{i}")).await.expect("lease row");
+        assert!(closed, "lease-{i} closed");
+        let history = setup.transactions(c, "?filter[type]=expired").await;
+        assert_eq!(support::column(&history, "amount"), ["-5"], "{history}");
+    }
+    setup.assert_journal_sound().await;
+    println!("expiries booked: {by_a} by one instance, {by_b} by the other");
 }

@@ -7,12 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
-use support::{Backend, TestDb, TOKEN};
+use support::{free_port, wait_healthy, Backend, TestDb, TOKEN};
 use tokio::sync::Mutex;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
-}
 
 fn spawn_ledger(db: &str, port: u16) -> Child {
     Command::new(env!("CARGO_BIN_EXE_credits-ledger"))
@@ -21,16 +17,6 @@ fn spawn_ledger(db: &str, port: u16) -> Child {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn credits-ledger")
-}
-
-async fn wait_healthy(http: &reqwest::Client, base: &str) {
-    for _ in 0..200 {
-        if http.get(format!("{base}/healthz")).send().await.is_ok_and(|r| r.status().is_success()) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("ledger at {base} did not become healthy");
 }
 
 async fn kill_nine_under_load(backend: Backend) {

@@ -111,6 +111,9 @@ impl From<CustomerRecord> for Customer {
     }
 }
 
+/// Subject keys one customer may have (each request checks them pairwise for duplicates).
+pub const MAX_SUBJECT_KEYS: usize = 100;
+
 fn validate(req: &CustomerRequest) -> ApiResult<()> {
     fields::name("name", &req.name)?;
     fields::description("description", req.description.as_deref())?;
@@ -127,6 +130,12 @@ fn validate(req: &CustomerRequest) -> ApiResult<()> {
         }
     }
     let subjects = req.usage_attribution.as_ref().map(|u| u.subject_keys.as_slice()).unwrap_or_default();
+    if subjects.len() > MAX_SUBJECT_KEYS {
+        return Err(Problem::bad_request(
+            "usage_attribution.subject_keys",
+            format!("at most {MAX_SUBJECT_KEYS} subject keys per customer"),
+        ));
+    }
     for (i, s) in subjects.iter().enumerate() {
         if s.is_empty() || s.len() > 256 {
             return Err(Problem::bad_request(

@@ -74,7 +74,9 @@ fn validate(index: Option<usize>, event: &MeteringEvent) -> ApiResult<()> {
     Ok(())
 }
 
-fn parse_events(content_type: &str, bytes: &[u8]) -> ApiResult<Vec<MeteringEvent>> {
+/// Reads an ingest body as its content type says: one event or a batch; a 400 names the event and
+/// field at fault.
+pub fn parse_events(content_type: &str, bytes: &[u8]) -> ApiResult<Vec<MeteringEvent>> {
     let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
     let values = match essence.as_str() {
         "application/cloudevents+json" => vec![parse_json::<Value>(bytes)?],

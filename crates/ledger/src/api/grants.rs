@@ -144,12 +144,18 @@ pub fn view(record: &GrantRecord, now: DateTime<Utc>) -> GrantView {
     }
 }
 
+/// Features one grant may be restricted to.
+pub const MAX_FEATURES: usize = 100;
+
 fn validate(req: &CreateGrantRequest) -> ApiResult<Priority> {
     fields::name("name", &req.name)?;
     fields::description("description", req.description.as_deref())?;
     fields::labels("labels", &req.labels)?;
     if let Some(key) = &req.key {
         fields::key("key", key)?;
+    }
+    if req.filters.as_ref().is_some_and(|f| f.features.len() > MAX_FEATURES) {
+        return Err(Problem::bad_request("filters.features", format!("at most {MAX_FEATURES} features per grant")));
     }
     if !req.amount.is_positive() {
         return Err(Problem::bad_request("amount", "amount must be greater than zero"));

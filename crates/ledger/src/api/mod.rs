@@ -1,6 +1,7 @@
 //! The HTTP API: Konnect-compatible credits endpoints under `/v3/openmeter`, plus our charge
-//! and void extensions, behind a bearer token.
+//! and void extensions, behind bearer tokens (see [`auth`]).
 
+pub mod auth;
 pub mod authorize;
 pub mod balance;
 pub mod charges;
@@ -23,10 +24,10 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::Router;
-use subtle::ConstantTimeEq;
 
 use crate::db::Db;
 use crate::metrics::Metrics;
+pub use auth::Auth;
 use problem::Problem;
 
 #[derive(Clone)]
@@ -34,38 +35,8 @@ pub struct AppState {
     pub db: Db,
     pub auth: Auth,
     pub metrics: Arc<Metrics>,
-}
-
-/// Who may call the API.
-#[derive(Clone)]
-pub enum Auth {
-    Token(Arc<String>),
-    /// Only with `--insecure-no-auth`.
-    Open,
-}
-
-impl Auth {
-    fn admits(&self, authorization: Option<&str>) -> bool {
-        match self {
-            Auth::Open => true,
-            // The scheme is case-insensitive (RFC 7235 §2.1); the token is not.
-            Auth::Token(token) => authorization
-                .and_then(|h| h.split_once(' '))
-                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-                .is_some_and(|(_, given)| bool::from(given.as_bytes().ct_eq(token.as_bytes()))),
-        }
-    }
-}
-
-async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let authorization = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    if state.auth.admits(authorization) {
-        next.run(req).await
-    } else {
-        let mut response = Problem::new(StatusCode::UNAUTHORIZED, "a valid bearer token is required").into_response();
-        response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
-        response
-    }
+    /// The largest request body read (`--max-body-bytes`); larger ones are refused with 413.
+    pub max_body_bytes: usize,
 }
 
 async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Response {
@@ -120,7 +91,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v3/gateway/sync", post(gateway::sync))
         .route("/v3/gateway/authorize", any(authorize::authorize))
         .route("/v3/gateway/authorize/{*path}", any(authorize::authorize))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_token));
     Router::new()
         .merge(api)
         .route("/healthz", get(healthz))
@@ -129,6 +100,6 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), observe))
-        .layer(DefaultBodyLimit::max(request::MAX_BODY_BYTES))
+        .layer(DefaultBodyLimit::max(state.max_body_bytes))
         .with_state(state)
 }

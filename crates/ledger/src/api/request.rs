@@ -9,8 +9,8 @@ use serde::de::DeserializeOwned;
 
 use super::problem::Problem;
 
-/// The largest request body the ledger reads.
-pub const MAX_BODY_BYTES: usize = 1 << 20;
+/// The largest request body the ledger reads unless `--max-body-bytes` says otherwise.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
 
 /// A JSON body; unknown fields and malformed values are a 400 naming the field.
 pub struct Json<T>(pub T);
@@ -37,7 +37,10 @@ pub fn is_json(content_type: &str) -> bool {
 pub async fn read_body<S: Send + Sync>(req: Request, state: &S) -> Result<bytes::Bytes, Problem> {
     bytes::Bytes::from_request(req, state).await.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            Problem::new(StatusCode::PAYLOAD_TOO_LARGE, format!("request body exceeds {MAX_BODY_BYTES} bytes"))
+            Problem::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "the request body is larger than this ledger accepts (--max-body-bytes)",
+            )
         } else {
             Problem::new(StatusCode::BAD_REQUEST, format!("could not read the request body: {e}"))
         }

@@ -2,13 +2,17 @@
 //! PostgreSQL database that is dropped afterwards.
 #![allow(dead_code)]
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use ledger::api::{AppState, Auth};
 use serde_json::{json, Value};
 
 pub const TOKEN: &str = "test-token";
+/// A second admin token (rotation: both are valid).
+pub const NEXT_TOKEN: &str = "test-token-next";
+/// The gateway's tokens: customer look-ups, balances, usage and leases only.
+pub const GATEWAY_TOKEN: &str = "test-gateway-token";
+pub const NEXT_GATEWAY_TOKEN: &str = "test-gateway-token-next";
 
 /// Where PostgreSQL tests create their databases (trust auth on this machine kind).
 pub fn postgres_admin_url() -> String {
@@ -108,7 +112,14 @@ impl Drop for Ledger {
 
 impl Ledger {
     pub async fn start(db: &TestDb) -> Ledger {
-        let state = ledger::state(&db.url, Auth::Token(Arc::new(TOKEN.to_owned()))).await.expect("ledger state");
+        Ledger::start_with(db, ledger::api::request::DEFAULT_MAX_BODY_BYTES).await
+    }
+
+    /// A ledger that reads request bodies up to `max_body_bytes`.
+    pub async fn start_with(db: &TestDb, max_body_bytes: usize) -> Ledger {
+        let auth = Auth::tokens(&[TOKEN, NEXT_TOKEN], &[GATEWAY_TOKEN, NEXT_GATEWAY_TOKEN]).expect("tokens");
+        let mut state = ledger::state(&db.url, auth).await.expect("ledger state");
+        state.max_body_bytes = max_body_bytes;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let base = format!("http://{}", listener.local_addr().expect("addr"));
         let app = ledger::api::router(state.clone());
@@ -135,6 +146,11 @@ impl Ledger {
     /// A request with the valid bearer token, to be completed and sent.
     pub fn call(&self, method: reqwest::Method, path: &str) -> Call {
         Call(self.http.request(method, self.url(path)).bearer_auth(TOKEN))
+    }
+
+    /// A request with `token` as the bearer token.
+    pub fn call_as(&self, token: &str, method: reqwest::Method, path: &str) -> Call {
+        Call(self.http.request(method, self.url(path)).bearer_auth(token))
     }
 
     /// A request without any Authorization header.
@@ -424,6 +440,58 @@ pub fn assert_problem(got_status: u16, content_type: &str, body: &Value, status:
     }
 }
 
+/// An endpoint behind the tokens, with a body it would accept.
+pub struct ProtectedCall {
+    pub method: reqwest::Method,
+    pub path: String,
+    pub body: Option<Value>,
+    /// Whether a gateway token may call it (an admin token may call every one).
+    pub gateway: bool,
+}
+
+/// Every endpoint behind the tokens, for customer `c` and its grant `g`.
+pub fn protected_calls(c: &str, g: &str) -> Vec<ProtectedCall> {
+    use reqwest::Method;
+    let customer = customer_path(c);
+    let call = |method: Method, path: String, body: Option<Value>, gateway: bool| ProtectedCall {
+        method,
+        path,
+        body,
+        gateway,
+    };
+    let charge = json!({"amount": "1", "currency": "USD", "settlement_mode": "credit_only", "key": "new"});
+    let event = json!({"id": "e", "source": "s", "specversion": "1.0", "type": "t", "subject": "x"});
+    vec![
+        call(Method::POST, "/v3/openmeter/customers".into(), Some(json!({"name": "n", "key": "new"})), false),
+        call(Method::GET, "/v3/openmeter/customers".into(), None, true),
+        call(Method::GET, customer.clone(), None, true),
+        call(Method::PUT, customer.clone(), Some(json!({"name": "renamed"})), false),
+        call(Method::DELETE, customer.clone(), None, false),
+        call(Method::POST, format!("{customer}/credits/grants"), Some(grant_body("1", json!({}))), false),
+        call(Method::GET, format!("{customer}/credits/grants"), None, false),
+        call(Method::GET, format!("{customer}/credits/grants/{g}"), None, false),
+        call(
+            Method::POST,
+            format!("{customer}/credits/grants/{g}/settlement/external"),
+            Some(json!({"status": "settled"})),
+            false,
+        ),
+        call(Method::POST, format!("{customer}/credits/grants/{g}/void"), None, false),
+        call(Method::GET, format!("{customer}/credits/balance"), None, true),
+        call(Method::GET, format!("{customer}/credits/transactions"), None, false),
+        call(
+            Method::POST,
+            format!("{customer}/credits/adjustments"),
+            Some(json!({"name": "fix", "currency": "USD", "amount": "1"})),
+            false,
+        ),
+        call(Method::POST, format!("{customer}/credits/charges"), Some(charge), false),
+        call(Method::POST, "/v3/openmeter/events".into(), Some(event), true),
+        call(Method::GET, "/v3/openmeter/events".into(), None, false),
+        call(Method::POST, "/v3/gateway/sync".into(), Some(json!({"node": "n", "subjects": []})), true),
+    ]
+}
+
 /// `/v3/openmeter/customers/{id}`.
 pub fn customer_path(id: &str) -> String {
     format!("/v3/openmeter/customers/{id}")
@@ -528,6 +596,22 @@ pub fn row(
 pub fn amount(v: &Value) -> credits::Amount {
     let text = v.as_str().unwrap_or_else(|| panic!("{v} is not an amount string"));
     credits::Amount::parse(text).unwrap_or_else(|e| panic!("{text:?}: {e}"))
+}
+
+/// A TCP port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// Waits until the ledger at `base` answers its health check.
+pub async fn wait_healthy(http: &reqwest::Client, base: &str) {
+    for _ in 0..200 {
+        if http.get(format!("{base}/healthz")).send().await.is_ok_and(|r| r.status().is_success()) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("ledger at {base} did not become healthy");
 }
 
 /// Generates one test per backend from an async scenario `fn(Backend)`.
