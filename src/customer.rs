@@ -4,6 +4,7 @@
 
 use credits::sync::UsageRange;
 use credits::{Amount, SettlementMode};
+use rust_decimal::Decimal;
 
 use crate::shared::Keyed;
 
@@ -298,8 +299,19 @@ impl CustomerEntry {
     }
 }
 
-// The stored form: one line, `|`-separated, with the key last (it may contain `|`).
-// v2|standing|customer_id|live|revision|refreshed|spent|next|unsent_from|flight|offline|last_used|lease|rate|holds|subject_len|subject key
+// The stored form, binary so that the two updates of every call (hold, settle) cost little:
+// version byte, then fixed-width little-endian fields in declaration order (amounts as the 16
+// bytes of `Decimal::serialize`, flags as 0/1, the flight behind a presence flag), then the
+// strings, each behind a u32 length: customer id (only when known), subject, key.
+const VERSION: u8 = 3;
+const UNCONFIRMED: u8 = 0;
+const UNKNOWN: u8 = 1;
+const KNOWN: u8 = 2;
+/// Every fixed-width field without a flight (2 bytes, 2 flags, 5 amounts, 14 integers), and what a
+/// flight adds: the encoding is allocated once, at its final size.
+const FIXED_LEN: usize = 2 + 2 + 5 * 16 + 14 * 8;
+const FLIGHT_LEN: usize = 16 + 4 * 8;
+
 impl Keyed for CustomerEntry {
     fn key(&self) -> &str {
         &self.key
@@ -307,105 +319,96 @@ impl Keyed for CustomerEntry {
 
     fn encode(&self) -> Vec<u8> {
         let (standing, customer_id) = match &self.standing {
-            Standing::Known { customer_id } => ("k", customer_id.as_str()),
-            Standing::Unknown => ("u", ""),
-            Standing::Unconfirmed => ("n", ""),
+            Standing::Known { customer_id } => (KNOWN, Some(customer_id.as_str())),
+            Standing::Unknown => (UNKNOWN, None),
+            Standing::Unconfirmed => (UNCONFIRMED, None),
         };
-        let flight = match &self.flight {
-            Some(f) => format!("{},{},{},{},{}", f.from, f.to, f.amount, f.owner, f.sent_ms),
-            None => String::new(),
-        };
+        let strings = customer_id.map_or(0, |c| 4 + c.len()) + 8 + self.subject.len() + self.key.len();
+        let flight = if self.flight.is_some() { FLIGHT_LEN } else { 0 };
+        let mut w = Writer(Vec::with_capacity(FIXED_LEN + flight + strings));
+        w.u8(VERSION);
+        w.u8(standing);
+        w.amount(self.live);
+        w.i64(self.revision);
+        w.u64(self.refreshed_ms);
+        w.amount(self.spent);
+        w.u64(self.next_call);
+        w.u64(self.unsent_from);
+        w.u8(u8::from(self.flight.is_some()));
+        if let Some(f) = &self.flight {
+            w.u64(f.from);
+            w.u64(f.to);
+            w.amount(f.amount);
+            w.u64(f.owner);
+            w.u64(f.sent_ms);
+        }
+        w.amount(self.offline_spent);
+        w.u64(self.last_used_ms);
         let lease = &self.lease;
-        let lease = format!(
-            "{},{},{},{},{},{}",
-            u8::from(lease.open),
-            lease.seq,
-            lease.remaining,
-            lease.spend_until_ms,
-            lease.revision,
-            lease.floor_seq
-        );
-        let rate = format!("{},{},{}", self.rate.window_start_ms, self.rate.window_start_call, self.rate.calls_per_min);
-        let holds = format!("{},{},{}", self.holds.amount, self.holds.count, self.holds.until_ms);
-        format!(
-            "v2|{standing}|{customer_id}|{}|{}|{}|{}|{}|{}|{flight}|{}|{}|{lease}|{rate}|{holds}|{}|{}{}",
-            self.live,
-            self.revision,
-            self.refreshed_ms,
-            self.spent,
-            self.next_call,
-            self.unsent_from,
-            self.offline_spent,
-            self.last_used_ms,
-            self.subject.len(),
-            self.subject,
-            self.key
-        )
-        .into_bytes()
+        w.u8(u8::from(lease.open));
+        w.u64(lease.seq);
+        w.amount(lease.remaining);
+        w.u64(lease.spend_until_ms);
+        w.i64(lease.revision);
+        w.u64(lease.floor_seq);
+        w.u64(self.rate.window_start_ms);
+        w.u64(self.rate.window_start_call);
+        w.u64(self.rate.calls_per_min);
+        w.amount(self.holds.amount);
+        w.u64(self.holds.count);
+        w.u64(self.holds.until_ms);
+        if let Some(c) = customer_id {
+            w.str(c);
+        }
+        w.str(&self.subject);
+        w.str(&self.key);
+        w.0
     }
 
     fn decode(bytes: &[u8]) -> Option<Self> {
-        let text = std::str::from_utf8(bytes).ok()?;
-        let mut parts = text.splitn(17, '|');
-        if parts.next()? != "v2" {
+        let mut r = Reader(bytes);
+        if r.u8()? != VERSION {
             return None;
         }
-        let standing = parts.next()?;
-        let customer_id = parts.next()?;
+        let standing = r.u8()?;
+        let live = r.amount()?;
+        let revision = r.i64()?;
+        let refreshed_ms = r.u64()?;
+        let spent = r.amount()?;
+        let next_call = r.u64()?;
+        let unsent_from = r.u64()?;
+        let flight = if r.flag()? {
+            let flight =
+                Flight { from: r.u64()?, to: r.u64()?, amount: r.amount()?, owner: r.u64()?, sent_ms: r.u64()? };
+            // Ranges are taken from `unsent_from..next_call`: never backwards.
+            if flight.from > flight.to {
+                return None;
+            }
+            Some(flight)
+        } else {
+            None
+        };
+        let offline_spent = r.amount()?;
+        let last_used_ms = r.u64()?;
+        let lease = Lease {
+            open: r.flag()?,
+            seq: r.u64()?,
+            remaining: r.amount()?,
+            spend_until_ms: r.u64()?,
+            revision: r.i64()?,
+            floor_seq: r.u64()?,
+        };
+        let rate = RateMeter { window_start_ms: r.u64()?, window_start_call: r.u64()?, calls_per_min: r.u64()? };
+        let holds = Holds { amount: r.amount()?, count: r.u64()?, until_ms: r.u64()? };
         let standing = match standing {
-            "k" => Standing::Known { customer_id: customer_id.to_owned() },
-            "u" => Standing::Unknown,
-            "n" => Standing::Unconfirmed,
+            KNOWN => Standing::Known { customer_id: r.string()? },
+            UNKNOWN => Standing::Unknown,
+            UNCONFIRMED => Standing::Unconfirmed,
             _ => return None,
         };
-        let live = Amount::parse(parts.next()?).ok()?;
-        let revision = parts.next()?.parse().ok()?;
-        let refreshed_ms = parts.next()?.parse().ok()?;
-        let spent = Amount::parse(parts.next()?).ok()?;
-        let next_call = parts.next()?.parse().ok()?;
-        let unsent_from = parts.next()?.parse().ok()?;
-        let flight = match parts.next()? {
-            "" => None,
-            f => {
-                let mut it = f.split(',');
-                let flight = Flight {
-                    from: it.next()?.parse().ok()?,
-                    to: it.next()?.parse().ok()?,
-                    amount: Amount::parse(it.next()?).ok()?,
-                    owner: it.next()?.parse().ok()?,
-                    sent_ms: it.next()?.parse().ok()?,
-                };
-                Some(flight)
-            }
-        };
-        let offline_spent = Amount::parse(parts.next()?).ok()?;
-        let last_used_ms = parts.next()?.parse().ok()?;
-        let mut l = parts.next()?.split(',');
-        let lease = Lease {
-            open: l.next()? == "1",
-            seq: l.next()?.parse().ok()?,
-            remaining: Amount::parse(l.next()?).ok()?,
-            spend_until_ms: l.next()?.parse().ok()?,
-            revision: l.next()?.parse().ok()?,
-            floor_seq: l.next()?.parse().ok()?,
-        };
-        let mut r = parts.next()?.split(',');
-        let rate = RateMeter {
-            window_start_ms: r.next()?.parse().ok()?,
-            window_start_call: r.next()?.parse().ok()?,
-            calls_per_min: r.next()?.parse().ok()?,
-        };
-        let mut h = parts.next()?.split(',');
-        let holds = Holds {
-            amount: Amount::parse(h.next()?).ok()?,
-            count: h.next()?.parse().ok()?,
-            until_ms: h.next()?.parse().ok()?,
-        };
-        let subject_len: usize = parts.next()?.parse().ok()?;
-        let rest = parts.next()?;
-        let subject = rest.get(..subject_len)?.to_owned();
-        let key = rest.get(subject_len..)?.to_owned();
-        if unsent_from > next_call {
+        let subject = r.string()?;
+        let key = r.string()?;
+        if !r.0.is_empty() || unsent_from > next_call {
             return None;
         }
         Some(CustomerEntry {
@@ -428,28 +431,228 @@ impl Keyed for CustomerEntry {
     }
 }
 
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+
+    fn i64(&mut self, v: i64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+
+    fn amount(&mut self, v: Amount) {
+        self.0.extend_from_slice(&v.decimal().serialize());
+    }
+
+    fn str(&mut self, v: &str) {
+        // Shared data values are far below 4 GiB; a longer string would decode as truncated.
+        self.0.extend_from_slice(&u32::try_from(v.len()).unwrap_or(u32::MAX).to_le_bytes());
+        self.0.extend_from_slice(v.as_bytes());
+    }
+}
+
+/// Reads the stored form front to back; every read past the end is `None`.
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let (head, rest) = self.0.split_first_chunk::<N>()?;
+        self.0 = rest;
+        Some(*head)
+    }
+
+    fn u8(&mut self) -> Option<u8> {
+        self.take::<1>().map(|[b]| b)
+    }
+
+    fn flag(&mut self) -> Option<bool> {
+        match self.u8()? {
+            0 => Some(false),
+            1 => Some(true),
+            _ => None,
+        }
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        self.take().map(u64::from_le_bytes)
+    }
+
+    fn i64(&mut self) -> Option<i64> {
+        self.take().map(i64::from_le_bytes)
+    }
+
+    /// Only the bytes `Decimal::serialize` writes: unused flag bits or a scale over 28 are corrupt.
+    fn amount(&mut self) -> Option<Amount> {
+        let bytes = self.take::<16>()?;
+        let value = Decimal::deserialize(bytes);
+        (value.serialize() == bytes).then_some(Amount::new(value))
+    }
+
+    fn string(&mut self) -> Option<String> {
+        let len = usize::try_from(u32::from_le_bytes(self.take()?)).ok()?;
+        let (text, rest) = self.0.split_at_checked(len)?;
+        self.0 = rest;
+        std::str::from_utf8(text).ok().map(str::to_owned)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn amt(s: &str) -> Amount {
         Amount::parse(s).unwrap()
     }
 
-    #[test]
-    fn round_trips_through_its_stored_form() {
+    /// An entry with every optional part present: known, a range in flight, a lease, holds.
+    fn full_entry() -> CustomerEntry {
         let mut e = CustomerEntry::new("prepaid_credits/c/USD/-/a|b", "a|b", 5);
         e.refresh("01J", amt("1.00"), 3, 10);
         e.spend(amt("0.10"), 11);
         e.take_outgoing(9, 12, 1000, SettlementMode::CreditOnly, None);
         e.spend(amt("0.10"), 13);
-        let back = CustomerEntry::decode(&e.encode()).unwrap();
-        assert_eq!(back, e);
-        assert!(CustomerEntry::decode(b"v2|garbage").is_none());
-        assert!(CustomerEntry::decode(b"v2|k|x|NaN|1|1|0|0|0||0|0|0,0,0,0,0,0|0,0,0|0,0,0|1|ak").is_none());
-        let mut held = e.clone();
-        held.place_hold(amt("0.25"), 20, 1000);
-        assert_eq!(CustomerEntry::decode(&held.encode()).unwrap(), held);
+        e.place_hold(amt("0.25"), 20, 1000);
+        e.lease = Lease {
+            open: true,
+            seq: 4,
+            remaining: amt("-0.000000000000000000000000001"),
+            spend_until_ms: 9000,
+            revision: -2,
+            floor_seq: 1,
+        };
+        e
+    }
+
+    #[test]
+    fn round_trips_through_its_stored_form() {
+        let e = full_entry();
+        let bytes = e.encode();
+        assert_eq!(
+            bytes.len(),
+            FIXED_LEN + FLIGHT_LEN + 4 + 3 + 4 + 3 + 4 + e.key.len(),
+            "allocated at its final size"
+        );
+        assert_eq!(CustomerEntry::decode(&bytes).unwrap(), e);
+        let fresh = CustomerEntry::new("k", "", 0);
+        assert_eq!(CustomerEntry::decode(&fresh.encode()).unwrap(), fresh);
+        let mut unknown = e.clone();
+        unknown.mark_unknown(30);
+        assert_eq!(CustomerEntry::decode(&unknown.encode()).unwrap(), unknown);
+    }
+
+    #[test]
+    fn rejects_other_versions_and_corrupt_fields() {
+        let bytes = full_entry().encode();
+        let corrupt = |at: usize, value: u8| {
+            let mut b = bytes.clone();
+            b[at] = value;
+            CustomerEntry::decode(&b)
+        };
+        // The previous text form, and an unknown version.
+        assert!(CustomerEntry::decode(b"v2|k|x|1|1|1|0|0|0||0|0|0,0,0,0,0,0|0,0,0|0,0,0|1|ak").is_none());
+        assert!(corrupt(0, VERSION + 1).is_none());
+        assert!(corrupt(1, 3).is_none(), "standing");
+        // The live balance's scale byte (flags bits 16..24): 29 is beyond Decimal's precision.
+        assert!(corrupt(2 + 2, 29).is_none());
+        assert!(corrupt(2, 1).is_none(), "unused decimal flag bits");
+        // The flight's presence flag is neither 0 nor 1.
+        assert!(corrupt(2 + 16 + 16 + 8 * 4, 2).is_none());
+        // Invalid UTF-8 in the key (its last byte).
+        assert!(corrupt(bytes.len() - 1, 0xff).is_none());
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(CustomerEntry::decode(&longer).is_none(), "trailing bytes");
+        // Fewer calls sent than made cannot be: `unsent_from` after `next_call`.
+        let mut e = full_entry();
+        e.unsent_from = e.next_call + 1;
+        assert!(CustomerEntry::decode(&e.encode()).is_none());
+    }
+
+    #[test]
+    fn every_truncation_of_a_valid_encoding_is_rejected() {
+        for e in [full_entry(), CustomerEntry::new("k", "s", 1)] {
+            let bytes = e.encode();
+            for len in 0..bytes.len() {
+                assert!(CustomerEntry::decode(&bytes[..len]).is_none(), "decoded {len} of {} bytes", bytes.len());
+            }
+        }
+    }
+
+    fn any_amount() -> impl Strategy<Value = Amount> {
+        (any::<u32>(), any::<u32>(), any::<u32>(), any::<bool>(), 0u32..=28)
+            .prop_map(|(lo, mid, hi, negative, scale)| Amount::new(Decimal::from_parts(lo, mid, hi, negative, scale)))
+    }
+
+    fn any_entry() -> impl Strategy<Value = CustomerEntry> {
+        let standing = prop_oneof![
+            Just(Standing::Unknown),
+            Just(Standing::Unconfirmed),
+            ".*".prop_map(|customer_id| Standing::Known { customer_id }),
+        ];
+        let flight =
+            proptest::option::of((any::<u64>(), any::<u64>(), any_amount(), any::<u64>(), any::<u64>()).prop_map(
+                |(a, b, amount, owner, sent_ms)| Flight { from: a.min(b), to: a.max(b), amount, owner, sent_ms },
+            ));
+        let lease = (any::<bool>(), any::<u64>(), any_amount(), any::<u64>(), any::<i64>(), any::<u64>()).prop_map(
+            |(open, seq, remaining, spend_until_ms, revision, floor_seq)| Lease {
+                open,
+                seq,
+                remaining,
+                spend_until_ms,
+                revision,
+                floor_seq,
+            },
+        );
+        let rate = (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(a, b, c)| RateMeter {
+            window_start_ms: a,
+            window_start_call: b,
+            calls_per_min: c,
+        });
+        let holds = (any_amount(), any::<u64>(), any::<u64>()).prop_map(|(amount, count, until_ms)| Holds {
+            amount,
+            count,
+            until_ms,
+        });
+        let strings = (".*", ".*", standing);
+        let balance = (any_amount(), any::<i64>(), any::<u64>(), any_amount(), any::<u64>(), any::<u64>());
+        let rest = (flight, any_amount(), any::<u64>(), lease, rate, holds);
+        (strings, balance, rest).prop_map(
+            |(
+                (key, subject, standing),
+                (live, revision, refreshed_ms, spent, a, b),
+                (flight, offline_spent, last_used_ms, lease, rate, holds),
+            )| CustomerEntry {
+                key,
+                subject,
+                standing,
+                live,
+                revision,
+                refreshed_ms,
+                spent,
+                next_call: a.max(b),
+                unsent_from: a.min(b),
+                flight,
+                offline_spent,
+                last_used_ms,
+                lease,
+                rate,
+                holds,
+            },
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn any_entry_round_trips(e in any_entry()) {
+            prop_assert_eq!(CustomerEntry::decode(&e.encode()), Some(e));
+        }
     }
 
     #[test]
