@@ -59,13 +59,13 @@ fuzz_target!(|data: &[u8]| {
     for config in [&lease, &cached] {
         let store = Memory::default();
         // A cold read first, so that there is node state for the answer to change.
-        let _ = balance_read(&store, config, "node-1", "alice", 900);
+        let _ = balance_read(&store, config, "node-1", "alice", &[config.price], 900);
         if let Ok(response) = parse_answer(&pending, status, body) {
             assert_eq!(response.subjects.len(), pending.request.subjects.len(), "an accepted answer matches");
             apply(&store, config, &pending, &response, 1_100);
             // A duplicated answer changes nothing it must not; a later read still works.
             apply(&store, config, &pending, &response, 1_200);
-            let _ = balance_read(&store, config, "node-1", "alice", 1_300);
+            let _ = balance_read(&store, config, "node-1", "alice", &[config.price], 1_300);
         }
     }
 });
