@@ -1,5 +1,6 @@
 //! `POST /v3/gateway/sync`, usage side: ranges booked through the draw-down order exactly once
-//! per key, usage beyond the balance, per-subject outcomes within one batch, malformed requests,
+//! per key, usage beyond the balance, per-subject outcomes within one batch, a batch larger than
+//! one statement's chunk, malformed requests,
 //! and the endpoint's entry in the OpenAPI document. Leases: `gateway_leases.rs`.
 
 mod support;
@@ -182,6 +183,71 @@ async fn each_subject_of_a_batch_gets_its_own_outcome(backend: Backend) {
     ledger.assert_journal_sound().await;
 }
 
+/// A sync is served set-wise (a few statements for the whole batch, in chunks of 500 rows): more
+/// customers than one chunk, subjects that repeat within the batch, and a lease opened and topped
+/// up by two subjects of one sync must come out as if each subject were served alone, in order.
+async fn a_large_batch_books_like_its_subjects_one_by_one(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ledger = Ledger::start(&db).await;
+    let mut customers = Vec::new();
+    for i in 0..600 {
+        customers.push(ledger.customer(&format!("bulk{i}")).await);
+    }
+    ledger.grant(&customers[0], grant_body("10.00", json!({}))).await;
+    let usage = |i: usize, from: u64, to: u64, amount: &str| {
+        subject_sync(&format!("bulk{i}-subject"), json!({"usage": usage_range(from, to, amount, "credit_only")}))
+    };
+    let lease = |seq: u64, want: &str| {
+        subject_sync("bulk0-subject", json!({"lease": support::lease_request("bulk0-lease", seq, want, 60_000)}))
+    };
+    // Listed from the last customer down, so that request order and id order differ.
+    let mut subjects: Vec<Value> = (0..600).rev().map(|i| usage(i, 0, 1, "1.00")).collect();
+    subjects.extend([usage(0, 0, 1, "1.00"), usage(0, 1, 3, "2.00"), lease(1, "5.00"), lease(2, "1.00")]);
+    let (status, body) = ledger.sync(json!({"node": "n", "subjects": subjects})).await;
+    assert_eq!(status, 200, "{body}");
+    let answers = body["subjects"].as_array().expect("subjects").clone();
+    assert_eq!(answers.len(), 604);
+    for (k, a) in answers[..600].iter().enumerate() {
+        let i = 599 - k;
+        assert_eq!(a["customer_id"], json!(customers[i]), "{a}");
+        assert_eq!(a["usage"], "booked", "{a}");
+        let live = if i == 0 { "9.00" } else { "-1.00" };
+        assert_eq!(a["live"], live, "{a}");
+    }
+    assert_eq!((answers[600]["usage"].as_str(), answers[600]["live"].as_str()), (Some("duplicate"), Some("9.00")));
+    assert_eq!((answers[601]["usage"].as_str(), answers[601]["live"].as_str()), (Some("booked"), Some("7.00")));
+    assert_eq!(answers[602]["lease"]["granted"], "5.00", "{}", answers[602]);
+    assert_eq!(answers[602]["live"], "2.00", "{}", answers[602]);
+    assert_eq!(answers[603]["lease"]["granted"], "1.00", "a top-up of the lease the batch opened: {}", answers[603]);
+    assert_eq!(answers[603]["lease"]["held"], "6.00", "{}", answers[603]);
+    assert_eq!(answers[603]["live"], "1.00", "{}", answers[603]);
+    let revision = answers[0]["revision"].clone();
+    assert!(
+        answers[600..].iter().all(|a| a["revision"] == answers[600]["revision"]),
+        "one revision per customer per sync"
+    );
+    assert_ne!(revision, json!(null));
+
+    let rows = ledger.row_counts().await;
+    assert_eq!((rows["usage_records"].as_i64(), rows["debts"].as_i64()), (Some(601), Some(599)), "{rows}");
+    assert_eq!(ledger.lease_row("bulk0-lease").await, Some((customers[0].clone(), "6.00".into(), false)));
+    assert_eq!(ledger.balance(&customers[0], "").await, ("7.00".into(), "1.00".into(), "0".into()));
+    assert_eq!(ledger.balance(&customers[599], "").await, ("-1.00".into(), "-1.00".into(), "0".into()));
+
+    // The whole sync again (a retry): every range is a duplicate, the lease requests are retries.
+    let before = (ledger.snapshot(&customers[0]).await, ledger.snapshot(&customers[599]).await);
+    let (status, again) = ledger.sync(json!({"node": "n", "subjects": subjects})).await;
+    assert_eq!(status, 200, "{again}");
+    let again = again["subjects"].as_array().expect("subjects").clone();
+    assert!(again.iter().filter(|a| a.get("usage").is_some()).all(|a| a["usage"] == "duplicate"), "{again:?}");
+    assert_eq!(again[603]["lease"]["held"], "6.00", "{}", again[603]);
+    let after = (ledger.snapshot(&customers[0]).await, ledger.snapshot(&customers[599]).await);
+    assert_eq!(after.0["transactions"], before.0["transactions"]);
+    assert_eq!(after.1, before.1);
+    assert_eq!(ledger.row_counts().await["usage_records"], 601);
+    ledger.assert_journal_sound().await;
+}
+
 async fn malformed_syncs_are_refused_and_book_nothing(backend: Backend) {
     let db = TestDb::new(backend).await;
     let ledger = Ledger::start(&db).await;
@@ -254,6 +320,7 @@ on_both_backends!(
     usage_ranges_book_once_through_the_draw_down_order,
     usage_beyond_the_balance_is_booked_in_full,
     each_subject_of_a_batch_gets_its_own_outcome,
+    a_large_batch_books_like_its_subjects_one_by_one,
     malformed_syncs_are_refused_and_book_nothing,
     openapi_lists_the_gateway_sync_endpoint,
 );

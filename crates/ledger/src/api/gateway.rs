@@ -4,15 +4,18 @@
 
 use axum::extract::State;
 use credits::gateway::{self, Facts, LeaseFacts};
-use credits::sync::{SubjectAnswer, SubjectOutcome, SubjectSync, SyncRequest, SyncResponse, MAX_SUBJECTS_PER_SYNC};
+use credits::sync::{SubjectAnswer, SubjectOutcome, SyncRequest, SyncResponse, MAX_SUBJECTS_PER_SYNC};
 
 use super::problem::{ApiResult, Problem};
 use super::request::Json;
 use super::AppState;
-use crate::customer_tx::CustomerTx;
-use crate::db::WriteTx;
-use crate::store::books::Operation;
-use crate::store::leases;
+use std::collections::HashMap;
+
+use credits::{Book, HoldId};
+
+use crate::db::lock_customers;
+use crate::store::books::{self, Operation, Writes};
+use crate::store::leases::{self, LeaseRecord};
 use crate::store::usage::{self, UsageRecord};
 use crate::store::{customers, Labels};
 
@@ -24,6 +27,12 @@ pub async fn sync(State(state): State<AppState>, Json(req): Json<SyncRequest>) -
 
 /// Serves one sync request in one write transaction. The HTTP handler and
 /// the protocol simulator (which runs the ledger in-process) both come through here.
+///
+/// A sync carries up to a thousand subjects, so it is served set-wise: a few statements read
+/// every book, usage key and lease it touches, the credit model decides subject by subject in
+/// memory (in request order within each customer), and a few multi-row statements write the
+/// result. A failure rolls the whole sync back; the node re-sends it unchanged and every range
+/// still books exactly once.
 pub async fn serve(state: &AppState, req: &SyncRequest) -> ApiResult<SyncResponse> {
     if req.node.is_empty() || req.node.len() > 128 {
         return Err(Problem::bad_request("node", "node must have 1..128 characters"));
@@ -31,34 +40,117 @@ pub async fn serve(state: &AppState, req: &SyncRequest) -> ApiResult<SyncRespons
     if req.subjects.len() > MAX_SUBJECTS_PER_SYNC {
         return Err(Problem::bad_request("subjects", format!("at most {MAX_SUBJECTS_PER_SYNC} subjects per sync")));
     }
-    // Resolve every subject first, then book them all in one write transaction (one commit per
-    // sync, not per subject), locking customers in id order so that concurrent syncs of other
-    // nodes cannot deadlock. A failure rolls the whole sync back; the node re-sends it unchanged
-    // and every range still books exactly once.
-    let mut outcomes: Vec<Option<SubjectOutcome>> = Vec::with_capacity(req.subjects.len());
-    let mut owners: Vec<(String, usize)> = Vec::new();
-    {
+    let mut outcomes: Vec<Option<SubjectOutcome>> =
+        req.subjects.iter().map(|s| gateway::invalid(s).map(|reason| SubjectOutcome::Rejected { reason })).collect();
+    let subjects: Vec<String> =
+        req.subjects.iter().zip(&outcomes).filter(|(_, o)| o.is_none()).map(|(s, _)| s.subject.clone()).collect();
+    let owner_of = {
         let mut conn = state.db.pool().acquire().await?;
-        for (i, s) in req.subjects.iter().enumerate() {
-            if let Some(reason) = gateway::invalid(s) {
-                outcomes.push(Some(SubjectOutcome::Rejected { reason }));
-            } else if let Some(customer_id) = customers::by_subject(&mut conn, &s.subject).await? {
-                outcomes.push(None);
-                owners.push((customer_id, i));
-            } else {
-                outcomes.push(Some(SubjectOutcome::UnknownSubject));
+        customers::by_subjects(&mut conn, &subjects).await?
+    };
+    // (customer, subject index), stable-sorted: subjects of one customer keep their request order.
+    let mut owners: Vec<(&str, usize)> = Vec::new();
+    for (i, s) in req.subjects.iter().enumerate() {
+        if outcomes[i].is_none() {
+            match owner_of.get(&s.subject) {
+                Some(customer_id) => owners.push((customer_id, i)),
+                None => outcomes[i] = Some(SubjectOutcome::UnknownSubject),
             }
         }
     }
-    // Stable: subjects of one customer keep their request order.
-    owners.sort_by(|a, b| a.0.cmp(&b.0));
+    owners.sort_by(|a, b| a.0.cmp(b.0));
+    let mut customer_ids: Vec<String> = owners.iter().map(|(c, _)| (*c).to_owned()).collect();
+    customer_ids.dedup();
+
     let mut w = state.db.begin_write().await?;
+    let revisions = lock_customers(&mut w.tx, state.db.backend(), &customer_ids).await?;
+    let db_now = state.db.now(&mut w.tx).await?;
+    let mut books = books::load_many(&mut w.tx, &customer_ids).await?;
+    let keys: Vec<String> = owners.iter().filter_map(|&(_, i)| req.subjects[i].usage_key(&req.node)).collect();
+    let mut recorded = usage::recorded(&mut w.tx, &keys).await?;
+    let lease_ids: Vec<String> =
+        owners.iter().filter_map(|&(_, i)| req.subjects[i].lease.as_ref().map(|l| l.lease_id.clone())).collect();
+    let mut leases = leases::find_many(&mut w.tx, &lease_ids).await?;
+
+    let labels = Labels::from([("node".to_owned(), label_safe(&req.node))]);
+    let mut writes = Writes::new();
     let mut counts = Counts::default();
-    for (customer_id, i) in owners {
-        let (outcome, back) = sync_subject(state, w, &req.node, &req.subjects[i], customer_id, &mut counts).await?;
-        outcomes[i] = Some(outcome);
-        w = back;
+    let mut before: HashMap<&str, Book> = HashMap::new();
+    for &(customer_id, i) in &owners {
+        // Deleted between the lookup and the lock: no revision, no book.
+        let (Some(&revision), Some(loaded)) = (revisions.get(customer_id), books.get_mut(customer_id)) else {
+            outcomes[i] = Some(SubjectOutcome::UnknownSubject);
+            continue;
+        };
+        let book = &mut loaded.book;
+        before.entry(customer_id).or_insert_with(|| book.clone());
+        // The database clock, never behind the book's own clock.
+        let now = db_now.max(book.clock());
+        let s = &req.subjects[i];
+        let key = s.usage_key(&req.node);
+        let facts = Facts {
+            usage_seen: key.as_ref().is_some_and(|k| recorded.contains(k)),
+            lease: s.lease.as_ref().and_then(|l| leases.get(&l.lease_id)).map(|k| LeaseFacts {
+                owned_by_this_customer: k.customer_id == customer_id,
+                closed: k.closed,
+                last_seq: k.last_seq,
+            }),
+        };
+        let served = gateway::serve(book, s, &facts, now);
+        if let (Some(range), Some(key)) = (&s.usage, &key) {
+            if served.record_usage {
+                let record = UsageRecord {
+                    key,
+                    customer_id,
+                    node: &req.node,
+                    subject: &s.subject,
+                    currency: s.currency,
+                    feature: s.feature_key.as_ref(),
+                    range,
+                };
+                writes.usage(&record, now);
+                recorded.insert(key.clone());
+                counts.usage_calls += range.calls();
+            }
+        }
+        let reference = key.map_or_else(|| "lease".to_owned(), |k| format!("usage:{k}"));
+        let op = Operation { reference, name: "Gateway usage", description: None, labels: &labels };
+        writes.entries(customer_id, &served.entries, &op, now);
+        state.metrics.count_entries(&served.entries);
+        if let Some(request) = &s.lease {
+            // What a later subject of this sync must know about the lease.
+            let hold = book.hold(&HoldId(request.lease_id.clone()));
+            let known = leases.get(&request.lease_id);
+            if known.is_none_or(|k| k.customer_id == customer_id) && (hold.is_some() || known.is_some()) {
+                let last_seq = served.lease_seq.or(known.map(|k| k.last_seq)).unwrap_or(0);
+                let closed = hold.is_none_or(|h| h.released);
+                leases.insert(
+                    request.lease_id.clone(),
+                    LeaseRecord { customer_id: customer_id.to_owned(), closed, last_seq },
+                );
+            }
+            if let Some(seq) = served.lease_seq {
+                writes.lease_seq(&request.lease_id, seq);
+            }
+        }
+        counts.leases_opened += u64::from(served.lease_opened);
+        counts.leases_released += u64::from(served.lease_released);
+        counts.leases_expired_unreported += served.expired_unreported as u64;
+        outcomes[i] = Some(SubjectOutcome::Ok {
+            customer_id: customer_id.to_owned(),
+            usage: served.usage,
+            live: served.live,
+            revision,
+            lease: served.lease,
+        });
     }
+    for (customer_id, before) in &before {
+        if let Some(loaded) = books.get(*customer_id) {
+            let now = db_now.max(before.clock());
+            writes.changes(customer_id, before, &loaded.book, now);
+        }
+    }
+    writes.flush(&mut w.tx).await?;
     let server_time = state.db.now(&mut w.tx).await?;
     w.commit().await?;
     counts.publish(state);
@@ -68,7 +160,7 @@ pub async fn serve(state: &AppState, req: &SyncRequest) -> ApiResult<SyncRespons
         .zip(outcomes)
         .map(|(s, outcome)| SubjectAnswer {
             subject: s.subject.clone(),
-            // Every slot was filled above; a deleted customer answers as unknown.
+            // Every slot was filled above.
             outcome: outcome.unwrap_or(SubjectOutcome::UnknownSubject),
         })
         .collect();
@@ -92,69 +184,6 @@ impl Counts {
         state.metrics.add("leases_expired_unreported", self.leases_expired_unreported);
         state.metrics.add("gateway_syncs", 1);
     }
-}
-
-/// Serves one subject within the sync's transaction and hands the transaction back.
-async fn sync_subject(
-    state: &AppState,
-    w: WriteTx,
-    node: &str,
-    s: &SubjectSync,
-    customer_id: String,
-    counts: &mut Counts,
-) -> ApiResult<(SubjectOutcome, WriteTx)> {
-    let mut ctx = match CustomerTx::lock(&state.db, w, &customer_id).await? {
-        Ok(ctx) => ctx,
-        // Deleted between the lookup and the lock.
-        Err(w) => return Ok((SubjectOutcome::UnknownSubject, w)),
-    };
-    let now = ctx.now;
-    let key = s.usage_key(node);
-    let facts = Facts {
-        usage_seen: match &key {
-            Some(key) => usage::exists(&mut ctx.w.tx, key).await?,
-            None => false,
-        },
-        lease: match &s.lease {
-            Some(l) => leases::find(&mut ctx.w.tx, &l.lease_id).await?.map(|k| LeaseFacts {
-                owned_by_this_customer: k.customer_id == customer_id,
-                closed: k.closed,
-                last_seq: k.last_seq,
-            }),
-            None => None,
-        },
-    };
-    let served = gateway::serve(ctx.book(), s, &facts, now);
-    if let (Some(range), Some(key)) = (&s.usage, &key) {
-        if served.record_usage {
-            let record = UsageRecord {
-                key,
-                customer_id: &customer_id,
-                node,
-                subject: &s.subject,
-                currency: s.currency,
-                feature: s.feature_key.as_ref(),
-                range,
-            };
-            usage::record(&mut ctx.w.tx, &record, now).await?;
-            counts.usage_calls += range.calls();
-        }
-    }
-    let labels = Labels::from([("node".to_owned(), label_safe(node))]);
-    let reference = key.map_or_else(|| "lease".to_owned(), |k| format!("usage:{k}"));
-    let op = Operation { reference, name: "Gateway usage", description: None, labels: &labels };
-    // Writes the entries and every hold the request changed (holds are not journal entries).
-    ctx.save(&served.entries, &op, &state.metrics).await?;
-    if let (Some(request), Some(seq)) = (&s.lease, served.lease_seq) {
-        leases::set_last_seq(&mut ctx.w.tx, &request.lease_id, seq).await?;
-    }
-    counts.leases_opened += u64::from(served.lease_opened);
-    counts.leases_released += u64::from(served.lease_released);
-    counts.leases_expired_unreported += served.expired_unreported as u64;
-    let revision = ctx.revision;
-    let outcome =
-        SubjectOutcome::Ok { customer_id, usage: served.usage, live: served.live, revision, lease: served.lease };
-    Ok((outcome, ctx.into_write()))
 }
 
 /// Labels admit `[A-Za-z0-9._-]`; anything else in a node name becomes `_`.

@@ -6,6 +6,7 @@
 //! across instances; on SQLite it takes the database write lock up front (no upgrade deadlocks),
 //! and an in-process mutex keeps the one process's writers from contending at all.
 
+pub mod rows;
 mod schema;
 
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -189,11 +190,32 @@ impl Db {
 /// Locks a customer for the rest of the transaction and returns its new revision (which grows
 /// with every write); `None` if there is no such live customer.
 pub async fn lock_customer(tx: &mut Tx, customer_id: &str) -> sqlx::Result<Option<i64>> {
-    let row = sqlx::query("UPDATE customers SET lock_version = lock_version + 1 WHERE id = $1 AND deleted_at IS NULL RETURNING lock_version")
-        .bind(customer_id)
-        .fetch_optional(&mut **tx)
-        .await?;
-    row.map(|r| r.try_get(0)).transpose()
+    let row = rows::fetch_by_ids(&mut **tx, LOCK, &[customer_id.to_owned()]).await?.pop();
+    row.map(|r| r.try_get(1)).transpose()
+}
+
+/// Bumps the lock version (the customer's revision) of the live customers among `{list}`.
+const LOCK: &str =
+    "UPDATE customers SET lock_version = lock_version + 1 WHERE id IN ({list}) AND deleted_at IS NULL RETURNING id, lock_version";
+
+/// Locks many customers (ids sorted, no duplicates) and returns the new revision of each live
+/// one. On PostgreSQL the rows are locked in id order first, so that two transactions locking
+/// overlapping sets cannot deadlock; on SQLite the transaction already holds the database's write
+/// lock.
+pub async fn lock_customers(
+    tx: &mut Tx,
+    backend: Backend,
+    ids: &[String],
+) -> sqlx::Result<std::collections::HashMap<String, i64>> {
+    if backend == Backend::Postgres && ids.len() > 1 {
+        let sql = "SELECT id FROM customers WHERE id IN ({list}) ORDER BY id FOR UPDATE";
+        rows::fetch_by_ids(&mut **tx, sql, ids).await?;
+    }
+    let mut revisions = std::collections::HashMap::with_capacity(ids.len());
+    for row in rows::fetch_by_ids(&mut **tx, LOCK, ids).await? {
+        revisions.insert(row.try_get(0)?, row.try_get(1)?);
+    }
+    Ok(revisions)
 }
 
 pub fn from_micros(micros: i64) -> DateTime<Utc> {

@@ -4,8 +4,12 @@ use chrono::{DateTime, Utc};
 use credits::{Book, Debt, Entry, GrantState, Hold, HoldId, MovementKind};
 use sqlx::Row;
 
+use std::collections::{BTreeMap, HashMap};
+
 use super::grants::{self, GrantRecord};
-use super::{amount, currency, feature, labels_json, new_id, Labels, StoreResult};
+use super::usage::UsageRecord;
+use super::{amount, currency, feature, labels_json, new_id, Labels, StoreError, StoreResult};
+use crate::db::rows::{self, Rows, Value};
 use crate::db::{from_micros, micros, opt, Tx};
 
 /// A book with the grant metadata the API needs.
@@ -31,41 +35,57 @@ impl<'a> Operation<'a> {
 }
 
 pub async fn load(conn: &mut sqlx::AnyConnection, customer_id: &str) -> StoreResult<LoadedBook> {
-    let clock: i64 = sqlx::query("SELECT clock FROM customers WHERE id = $1")
-        .bind(customer_id)
-        .fetch_one(&mut *conn)
+    load_many(conn, &[customer_id.to_owned()])
         .await?
-        .try_get(0)?;
-    let grants = grants::of_customer(&mut *conn, customer_id).await?;
-    let debts =
-        sqlx::query("SELECT currency, feature, amount FROM debts WHERE customer_id = $1 ORDER BY currency, feature")
-            .bind(customer_id)
-            .fetch_all(&mut *conn)
-            .await?
-            .into_iter()
-            .map(|r| {
-                Ok(Debt {
-                    currency: currency("debts", "currency", r.try_get("currency")?)?,
-                    feature: feature("debts", "feature", r.try_get("feature")?)?,
-                    amount: amount("debts", "amount", r.try_get("amount")?)?,
-                })
-            })
-            .collect::<StoreResult<Vec<_>>>()?;
-    let holds = sqlx::query(
-        "SELECT id, currency, feature, amount, created_at, expires_at FROM holds \
-         WHERE customer_id = $1 AND released_at IS NULL ORDER BY created_at, id",
-    )
-    .bind(customer_id)
-    .fetch_all(&mut *conn)
-    .await?
-    .iter()
-    .map(hold_from_row)
-    .collect::<StoreResult<Vec<_>>>()?;
-    let states: Vec<GrantState> = grants.iter().map(|g| g.state.clone()).collect();
-    Ok(LoadedBook { book: Book::from_parts(states, debts, holds, from_micros(clock)), grants })
+        .remove(customer_id)
+        .ok_or(StoreError::Sql(sqlx::Error::RowNotFound))
 }
 
-/// The ids given to the entries written, in order (movements and overages; covers have none).
+/// The books of the customers (a missing customer has none), with a few statements whatever
+/// their number.
+pub async fn load_many(
+    conn: &mut sqlx::AnyConnection,
+    customer_ids: &[String],
+) -> StoreResult<HashMap<String, LoadedBook>> {
+    let clocks = rows::fetch_by_ids(&mut *conn, "SELECT id, clock FROM customers WHERE id IN ({list})", customer_ids)
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)?)))
+        .collect::<StoreResult<Vec<_>>>()?;
+    let mut grants_of: HashMap<String, Vec<GrantRecord>> = HashMap::new();
+    for g in grants::of_customers(&mut *conn, customer_ids).await? {
+        grants_of.entry(g.customer_id.clone()).or_default().push(g);
+    }
+    let mut debts_of: HashMap<String, Vec<Debt>> = HashMap::new();
+    let sql = "SELECT customer_id, currency, feature, amount FROM debts WHERE customer_id IN ({list}) \
+               ORDER BY customer_id, currency, feature";
+    for r in rows::fetch_by_ids(&mut *conn, sql, customer_ids).await? {
+        debts_of.entry(r.try_get("customer_id")?).or_default().push(Debt {
+            currency: currency("debts", "currency", r.try_get("currency")?)?,
+            feature: feature("debts", "feature", r.try_get("feature")?)?,
+            amount: amount("debts", "amount", r.try_get("amount")?)?,
+        });
+    }
+    let mut holds_of: HashMap<String, Vec<Hold>> = HashMap::new();
+    let sql = "SELECT customer_id, id, currency, feature, amount, created_at, expires_at FROM holds \
+               WHERE customer_id IN ({list}) AND released_at IS NULL ORDER BY customer_id, created_at, id";
+    for r in rows::fetch_by_ids(&mut *conn, sql, customer_ids).await? {
+        holds_of.entry(r.try_get("customer_id")?).or_default().push(hold_from_row(&r)?);
+    }
+    Ok(clocks
+        .into_iter()
+        .map(|(id, clock)| {
+            let grants = grants_of.remove(&id).unwrap_or_default();
+            let states: Vec<GrantState> = grants.iter().map(|g| g.state.clone()).collect();
+            let debts = debts_of.remove(&id).unwrap_or_default();
+            let holds = holds_of.remove(&id).unwrap_or_default();
+            (id, LoadedBook { book: Book::from_parts(states, debts, holds, from_micros(clock)), grants })
+        })
+        .collect())
+}
+
+/// Writes what an operation changed and the entries it booked, in this transaction. The ids are
+/// those given to the entries, in order (movements and overages; covers have none).
 pub async fn save(
     tx: &mut Tx,
     customer_id: &str,
@@ -75,58 +95,249 @@ pub async fn save(
     op: &Operation<'_>,
     now: DateTime<Utc>,
 ) -> StoreResult<Vec<Option<String>>> {
-    for state in after.grants() {
-        if before.grant(&state.grant.id) != Some(state) {
-            grants::save_state(tx, state, now).await?;
-        }
-    }
-    if before.debts() != after.debts() {
-        sqlx::query("DELETE FROM debts WHERE customer_id = $1").bind(customer_id).execute(&mut **tx).await?;
-        for d in after.debts() {
-            sqlx::query("INSERT INTO debts (customer_id, currency, feature, amount) VALUES ($1, $2, $3, $4)")
-                .bind(customer_id)
-                .bind(d.currency.as_str())
-                .bind(d.feature.as_ref().map(|f| f.as_str()).unwrap_or(""))
-                .bind(d.amount.to_string())
-                .execute(&mut **tx)
-                .await?;
-        }
-    }
-    for hold in after.holds() {
-        if before.hold(&hold.id) != Some(hold) {
-            save_hold(tx, customer_id, hold, now).await?;
-        }
-    }
-    sqlx::query("UPDATE customers SET clock = $1 WHERE id = $2")
-        .bind(micros(after.clock()))
-        .bind(customer_id)
-        .execute(&mut **tx)
-        .await?;
-    let mut ids = Vec::with_capacity(entries.len());
-    for entry in entries {
-        ids.push(write_entry(tx, customer_id, entry, op, now).await?);
-    }
+    let mut writes = Writes::new();
+    writes.changes(customer_id, before, after, now);
+    let ids = writes.entries(customer_id, entries, op, now);
+    writes.flush(tx).await?;
     Ok(ids)
 }
 
-async fn save_hold(tx: &mut Tx, customer_id: &str, hold: &Hold, now: DateTime<Utc>) -> StoreResult<()> {
-    sqlx::query(
-        "INSERT INTO holds (id, customer_id, currency, feature, amount, created_at, expires_at, released_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-         ON CONFLICT (id) DO UPDATE SET amount = excluded.amount, created_at = excluded.created_at, \
-         expires_at = excluded.expires_at, released_at = excluded.released_at",
-    )
-    .bind(&hold.id.0)
-    .bind(customer_id)
-    .bind(hold.currency.as_str())
-    .bind(hold.feature.as_ref().map(|f| f.as_str().to_owned()))
-    .bind(hold.amount.to_string())
-    .bind(micros(hold.created_at))
-    .bind(micros(hold.expires_at))
-    .bind(hold.released.then_some(micros(now)))
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
+/// The rows that operations on one or many books write, gathered so that they go out in a few
+/// multi-row statements (a gateway sync books a thousand customers at once). Each book's
+/// changes are added once per flush, after all its operations.
+pub struct Writes {
+    grant_states: Rows,
+    debt_owners: Vec<String>,
+    debts: Rows,
+    holds: Rows,
+    clocks: Rows,
+    movements: Rows,
+    overages: Rows,
+    covers: Rows,
+    postings: Rows,
+    usage: Rows,
+    lease_seqs: BTreeMap<String, i64>,
+}
+
+impl Default for Writes {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Writes {
+    pub fn new() -> Self {
+        Writes {
+            grant_states: Rows::new(grants::STATE_COLUMNS),
+            debt_owners: Vec::new(),
+            debts: Rows::new(4),
+            holds: Rows::new(8),
+            clocks: Rows::new(2),
+            movements: Rows::new(15),
+            overages: Rows::new(7),
+            covers: Rows::new(6),
+            postings: Rows::new(5),
+            usage: Rows::new(10),
+            lease_seqs: BTreeMap::new(),
+        }
+    }
+
+    /// What changed in a book between `before` and `after`: grant states, debts, holds (holds are
+    /// not journal entries) and the book's clock.
+    pub fn changes(&mut self, customer_id: &str, before: &Book, after: &Book, now: DateTime<Utc>) {
+        for state in after.grants() {
+            if before.grant(&state.grant.id) != Some(state) {
+                grants::push_state(&mut self.grant_states, state, now);
+            }
+        }
+        if before.debts() != after.debts() {
+            self.debt_owners.push(customer_id.to_owned());
+            for d in after.debts() {
+                self.debts.push([
+                    Value::from(customer_id),
+                    Value::from(d.currency.as_str()),
+                    Value::from(d.feature.as_ref().map_or("", |f| f.as_str())),
+                    Value::from(d.amount.to_string()),
+                ]);
+            }
+        }
+        for hold in after.holds() {
+            if before.hold(&hold.id) != Some(hold) {
+                self.holds.push([
+                    Value::from(hold.id.0.clone()),
+                    Value::from(customer_id),
+                    Value::from(hold.currency.as_str()),
+                    Value::from(hold.feature.as_ref().map(|f| f.as_str().to_owned())),
+                    Value::from(hold.amount.to_string()),
+                    Value::from(micros(hold.created_at)),
+                    Value::from(micros(hold.expires_at)),
+                    Value::from(hold.released.then_some(micros(now))),
+                ]);
+            }
+        }
+        self.clocks.push([Value::from(customer_id), Value::from(micros(after.clock()))]);
+    }
+
+    /// Journal entries an operation booked; returns the ids given to them, in order (movements
+    /// and overages; covers have none).
+    pub fn entries(
+        &mut self,
+        customer_id: &str,
+        entries: &[Entry],
+        op: &Operation<'_>,
+        now: DateTime<Utc>,
+    ) -> Vec<Option<String>> {
+        entries.iter().map(|e| self.entry(customer_id, e, op, now)).collect()
+    }
+
+    /// A gateway usage range, recorded by its key so that a retry books nothing.
+    pub fn usage(&mut self, r: &UsageRecord<'_>, now: DateTime<Utc>) {
+        self.usage.push([
+            Value::from(r.key),
+            Value::from(r.customer_id),
+            Value::from(r.node),
+            Value::from(r.subject),
+            Value::from(r.currency.as_str()),
+            Value::from(r.feature.map(|f| f.as_str().to_owned())),
+            Value::from(r.range.amount.to_string()),
+            Value::from(i64::try_from(r.range.calls()).unwrap_or(i64::MAX)),
+            Value::from(r.range.settlement_mode.as_str()),
+            Value::from(micros(now)),
+        ]);
+    }
+
+    /// The last top-up request number applied to a lease (its hold is written by `changes`).
+    pub fn lease_seq(&mut self, lease_id: &str, seq: i64) {
+        self.lease_seqs.insert(lease_id.to_owned(), seq);
+    }
+
+    fn entry(&mut self, customer_id: &str, entry: &Entry, op: &Operation<'_>, now: DateTime<Utc>) -> Option<String> {
+        let id = match entry {
+            Entry::Movement(m) => {
+                let id = new_id();
+                // Movements the passage of time books (fundings, expiries) carry no caller labels.
+                let (description, labels) = match m.kind {
+                    MovementKind::Consumed | MovementKind::Adjusted => (op.description, labels_json(op.labels)),
+                    _ => (None, labels_json(&Labels::new())),
+                };
+                self.movements.push([
+                    Value::from(id.clone()),
+                    Value::from(customer_id),
+                    Value::from(m.kind.as_str()),
+                    Value::from(m.amount.to_string()),
+                    Value::from(m.currency.as_str()),
+                    Value::from(m.grant_id.as_ref().map(|g| g.0.clone())),
+                    Value::from(m.feature.as_ref().map(|f| f.as_str().to_owned())),
+                    Value::from(m.balance_before.to_string()),
+                    Value::from(m.balance_after.to_string()),
+                    Value::from(micros(m.booked_at)),
+                    Value::from(micros(now)),
+                    Value::from(movement_name(m.kind, op)),
+                    Value::from(description.map(str::to_owned)),
+                    Value::from(labels),
+                    Value::from(op.reference.as_str()),
+                ]);
+                Some(id)
+            }
+            Entry::Overage { currency, feature, amount, at, .. } => {
+                let id = new_id();
+                self.overages.push([
+                    Value::from(id.clone()),
+                    Value::from(customer_id),
+                    Value::from(currency.as_str()),
+                    Value::from(feature.as_ref().map(|f| f.as_str().to_owned())),
+                    Value::from(amount.to_string()),
+                    Value::from(micros(*at)),
+                    Value::from(op.reference.as_str()),
+                ]);
+                Some(id)
+            }
+            Entry::DebtCovered { grant_id, currency, feature, amount, at } => {
+                self.covers.push([
+                    Value::from(customer_id),
+                    Value::from(grant_id.0.as_str()),
+                    Value::from(currency.as_str()),
+                    Value::from(feature.as_ref().map(|f| f.as_str().to_owned())),
+                    Value::from(amount.to_string()),
+                    Value::from(micros(*at)),
+                ]);
+                None
+            }
+        };
+        if let Some(entry_id) = &id {
+            for p in entry.postings() {
+                self.postings.push([
+                    Value::from(entry_id.as_str()),
+                    Value::from(customer_id),
+                    Value::from(p.account.as_str()),
+                    Value::from(p.currency.as_str()),
+                    Value::from(p.amount.to_string()),
+                ]);
+            }
+        }
+        id
+    }
+
+    /// Writes every row gathered, in this transaction.
+    pub async fn flush(&self, tx: &mut Tx) -> StoreResult<()> {
+        grants::save_states(tx, &self.grant_states).await?;
+        if !self.debt_owners.is_empty() {
+            rows::fetch_by_ids(&mut **tx, "DELETE FROM debts WHERE customer_id IN ({list})", &self.debt_owners).await?;
+            self.debts.execute(tx, "INSERT INTO debts (customer_id, currency, feature, amount)", "").await?;
+        }
+        self.holds
+            .execute(
+                tx,
+                "INSERT INTO holds (id, customer_id, currency, feature, amount, created_at, expires_at, released_at)",
+                "ON CONFLICT (id) DO UPDATE SET amount = excluded.amount, created_at = excluded.created_at, \
+                 expires_at = excluded.expires_at, released_at = excluded.released_at",
+            )
+            .await?;
+        let mut lease_seqs = Rows::new(2);
+        for (id, seq) in &self.lease_seqs {
+            lease_seqs.push([Value::from(id.as_str()), Value::from(*seq)]);
+        }
+        lease_seqs
+            .execute(
+                tx,
+                "UPDATE holds SET last_seq = CAST(v.column2 AS BIGINT) FROM (",
+                ") AS v WHERE holds.id = v.column1",
+            )
+            .await?;
+        self.clocks
+            .execute(
+                tx,
+                "UPDATE customers SET clock = CAST(v.column2 AS BIGINT) FROM (",
+                ") AS v WHERE customers.id = v.column1",
+            )
+            .await?;
+        self.movements
+            .execute(
+                tx,
+                "INSERT INTO movements (id, customer_id, kind, amount, currency, grant_id, feature, balance_before, \
+                 balance_after, booked_at, created_at, name, description, labels, operation)",
+                "",
+            )
+            .await?;
+        self.overages
+            .execute(tx, "INSERT INTO overages (id, customer_id, currency, feature, amount, at, operation)", "")
+            .await?;
+        self.covers
+            .execute(tx, "INSERT INTO debt_covers (customer_id, grant_id, currency, feature, amount, at)", "")
+            .await?;
+        self.postings
+            .execute(tx, "INSERT INTO postings (entry_id, customer_id, account, currency, amount)", "")
+            .await?;
+        self.usage
+            .execute(
+                tx,
+                "INSERT INTO usage_records (key, customer_id, node, subject, currency, feature, amount, calls, \
+                 settlement_mode, booked_at)",
+                "ON CONFLICT (key) DO NOTHING",
+            )
+            .await?;
+        Ok(())
+    }
 }
 
 fn movement_name<'a>(kind: MovementKind, op: &Operation<'a>) -> &'a str {
@@ -136,94 +347,6 @@ fn movement_name<'a>(kind: MovementKind, op: &Operation<'a>) -> &'a str {
         MovementKind::Voided => "Grant voided",
         MovementKind::Consumed | MovementKind::Adjusted => op.name,
     }
-}
-
-async fn write_entry(
-    tx: &mut Tx,
-    customer_id: &str,
-    entry: &Entry,
-    op: &Operation<'_>,
-    now: DateTime<Utc>,
-) -> StoreResult<Option<String>> {
-    let id = match entry {
-        Entry::Movement(m) => {
-            let id = new_id();
-            // Movements the passage of time books (fundings, expiries) carry no caller labels.
-            let (description, labels) = match m.kind {
-                MovementKind::Consumed | MovementKind::Adjusted => (op.description, op.labels.clone()),
-                _ => (None, Labels::new()),
-            };
-            let name = movement_name(m.kind, op);
-            sqlx::query(
-                "INSERT INTO movements (id, customer_id, kind, amount, currency, grant_id, feature, balance_before, \
-                 balance_after, booked_at, created_at, name, description, labels, operation) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
-            )
-            .bind(&id)
-            .bind(customer_id)
-            .bind(m.kind.as_str())
-            .bind(m.amount.to_string())
-            .bind(m.currency.as_str())
-            .bind(m.grant_id.as_ref().map(|g| g.0.clone()))
-            .bind(m.feature.as_ref().map(|f| f.as_str().to_owned()))
-            .bind(m.balance_before.to_string())
-            .bind(m.balance_after.to_string())
-            .bind(micros(m.booked_at))
-            .bind(micros(now))
-            .bind(name)
-            .bind(description)
-            .bind(labels_json(&labels))
-            .bind(&op.reference)
-            .execute(&mut **tx)
-            .await?;
-            Some(id)
-        }
-        Entry::Overage { currency, feature, amount, at, .. } => {
-            let id = new_id();
-            sqlx::query(
-                "INSERT INTO overages (id, customer_id, currency, feature, amount, at, operation) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            )
-            .bind(&id)
-            .bind(customer_id)
-            .bind(currency.as_str())
-            .bind(feature.as_ref().map(|f| f.as_str().to_owned()))
-            .bind(amount.to_string())
-            .bind(micros(*at))
-            .bind(&op.reference)
-            .execute(&mut **tx)
-            .await?;
-            Some(id)
-        }
-        Entry::DebtCovered { grant_id, currency, feature, amount, at } => {
-            sqlx::query(
-                "INSERT INTO debt_covers (customer_id, grant_id, currency, feature, amount, at) VALUES ($1, $2, $3, $4, $5, $6)",
-            )
-            .bind(customer_id)
-            .bind(&grant_id.0)
-            .bind(currency.as_str())
-            .bind(feature.as_ref().map(|f| f.as_str().to_owned()))
-            .bind(amount.to_string())
-            .bind(micros(*at))
-            .execute(&mut **tx)
-            .await?;
-            None
-        }
-    };
-    if let Some(entry_id) = &id {
-        for p in entry.postings() {
-            sqlx::query(
-                "INSERT INTO postings (entry_id, customer_id, account, currency, amount) VALUES ($1, $2, $3, $4, $5)",
-            )
-            .bind(entry_id)
-            .bind(customer_id)
-            .bind(p.account.as_str())
-            .bind(p.currency.as_str())
-            .bind(p.amount.to_string())
-            .execute(&mut **tx)
-            .await?;
-        }
-    }
-    Ok(id)
 }
 
 fn hold_from_row(r: &sqlx::any::AnyRow) -> StoreResult<Hold> {

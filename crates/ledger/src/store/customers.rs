@@ -1,12 +1,14 @@
 //! Customer rows and their usage-attribution subject keys (unique across live customers).
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
 use super::{labels, labels_json, Labels, StoreError, StoreResult};
 use crate::api::request::StringFilter;
-use crate::db::{from_micros, micros, opt, Backend, Tx};
+use crate::db::{from_micros, micros, opt, rows, Backend, Tx};
 
 #[derive(Clone, Debug)]
 pub struct CustomerRecord {
@@ -74,11 +76,15 @@ pub async fn get(conn: &mut sqlx::AnyConnection, id: &str) -> StoreResult<Option
 
 /// The live customer a usage-attribution subject key maps to.
 pub async fn by_subject(conn: &mut sqlx::AnyConnection, subject: &str) -> StoreResult<Option<String>> {
-    let row = sqlx::query("SELECT customer_id FROM customer_subjects WHERE subject_key = $1")
-        .bind(subject)
-        .fetch_optional(&mut *conn)
-        .await?;
-    Ok(row.map(|r| r.try_get(0)).transpose()?)
+    Ok(by_subjects(conn, &[subject.to_owned()]).await?.remove(subject))
+}
+
+/// The live customers usage-attribution subject keys map to, by subject key (unknown keys are
+/// absent).
+pub async fn by_subjects(conn: &mut sqlx::AnyConnection, subjects: &[String]) -> StoreResult<HashMap<String, String>> {
+    let sql = "SELECT subject_key, customer_id FROM customer_subjects WHERE subject_key IN ({list})";
+    let rows = rows::fetch_by_ids(conn, sql, subjects).await?;
+    Ok(rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect::<sqlx::Result<_>>()?)
 }
 
 /// Why a customer could not be written.

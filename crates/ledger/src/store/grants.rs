@@ -9,6 +9,7 @@ use sqlx::any::AnyRow;
 use sqlx::Row;
 
 use super::{amount, currency, labels, labels_json, Labels, StoreError, StoreResult};
+use crate::db::rows::{self, Rows, Value};
 use crate::db::{from_micros, micros, opt, Tx};
 
 /// A grant as the API shows it.
@@ -112,12 +113,14 @@ fn from_row(row: &AnyRow) -> StoreResult<GrantRecord> {
 }
 
 /// All grants of a customer in creation order.
-pub async fn of_customer(tx: &mut sqlx::AnyConnection, customer_id: &str) -> StoreResult<Vec<GrantRecord>> {
-    let rows = sqlx::query(&format!("SELECT {COLUMNS} FROM grants WHERE customer_id = $1 ORDER BY seq"))
-        .bind(customer_id)
-        .fetch_all(&mut *tx)
-        .await?;
-    rows.iter().map(from_row).collect()
+pub async fn of_customer(conn: &mut sqlx::AnyConnection, customer_id: &str) -> StoreResult<Vec<GrantRecord>> {
+    of_customers(conn, &[customer_id.to_owned()]).await
+}
+
+/// All grants of the customers, by customer, each customer's in creation order.
+pub async fn of_customers(conn: &mut sqlx::AnyConnection, customer_ids: &[String]) -> StoreResult<Vec<GrantRecord>> {
+    let sql = format!("SELECT {COLUMNS} FROM grants WHERE customer_id IN ({{list}}) ORDER BY customer_id, seq");
+    rows::fetch_by_ids(conn, &sql, customer_ids).await?.iter().map(from_row).collect()
 }
 
 pub async fn get(
@@ -181,24 +184,36 @@ pub async fn insert(tx: &mut Tx, record: &GrantRecord) -> StoreResult<i64> {
     Ok(row.try_get(0)?)
 }
 
-/// Writes a grant's state snapshot after an operation changed it.
-pub async fn save_state(tx: &mut Tx, state: &GrantState, now: DateTime<Utc>) -> StoreResult<()> {
-    sqlx::query(
-        "UPDATE grants SET funded = $1, used = $2, expired = $3, expiry_booked = $4, voided = $5, voided_at = $6, \
-         updated_at = $7 WHERE id = $8",
-    )
-    .bind(i64::from(state.funded))
-    .bind(state.used.to_string())
-    .bind(state.expired.to_string())
-    .bind(i64::from(state.expiry_booked))
-    .bind(state.voided.to_string())
-    .bind(state.grant.voided_at.map(micros))
-    .bind(micros(now))
-    .bind(&state.grant.id.0)
-    .execute(&mut **tx)
-    .await?;
+/// Adds a grant's state snapshot, after an operation changed it, to the rows `save_states` writes.
+pub fn push_state(rows: &mut Rows, state: &GrantState, now: DateTime<Utc>) {
+    rows.push([
+        Value::from(state.grant.id.0.clone()),
+        Value::from(i64::from(state.funded)),
+        Value::from(state.used.to_string()),
+        Value::from(state.expired.to_string()),
+        Value::from(i64::from(state.expiry_booked)),
+        Value::from(state.voided.to_string()),
+        Value::from(state.grant.voided_at.map(micros)),
+        Value::from(micros(now)),
+    ]);
+}
+
+/// Writes grant state snapshots (rows of `push_state`, one per grant).
+pub async fn save_states(tx: &mut Tx, states: &Rows) -> StoreResult<()> {
+    states
+        .execute(
+            tx,
+            "UPDATE grants SET funded = CAST(v.column2 AS BIGINT), used = v.column3, expired = v.column4, \
+             expiry_booked = CAST(v.column5 AS BIGINT), voided = v.column6, voided_at = CAST(v.column7 AS BIGINT), \
+             updated_at = CAST(v.column8 AS BIGINT) FROM (",
+            ") AS v WHERE grants.id = v.column1",
+        )
+        .await?;
     Ok(())
 }
+
+/// The columns of a `push_state` row.
+pub const STATE_COLUMNS: usize = 8;
 
 pub async fn save_settlement(tx: &mut Tx, grant: &Grant, now: DateTime<Utc>) -> StoreResult<()> {
     let status = grant.funding.purchase().map(|p| settlement_status_text(p.settlement_status));

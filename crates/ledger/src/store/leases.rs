@@ -1,11 +1,13 @@
 //! What the ledger remembers about gateway leases beyond the hold itself: who owns the id and
 //! which top-up request was applied last.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use sqlx::Row;
 
 use super::StoreResult;
-use crate::db::{micros, Tx};
+use crate::db::{micros, rows};
 
 pub struct LeaseRecord {
     pub customer_id: String,
@@ -13,24 +15,22 @@ pub struct LeaseRecord {
     pub last_seq: i64,
 }
 
-pub async fn find(tx: &mut Tx, lease_id: &str) -> StoreResult<Option<LeaseRecord>> {
-    let row = sqlx::query("SELECT customer_id, released_at, last_seq FROM holds WHERE id = $1")
-        .bind(lease_id)
-        .fetch_optional(&mut **tx)
-        .await?;
-    match row {
-        Some(r) => Ok(Some(LeaseRecord {
+/// The leases among `lease_ids` that ever existed, by id.
+pub async fn find_many(
+    conn: &mut sqlx::AnyConnection,
+    lease_ids: &[String],
+) -> StoreResult<HashMap<String, LeaseRecord>> {
+    let sql = "SELECT id, customer_id, released_at, last_seq FROM holds WHERE id IN ({list})";
+    let mut found = HashMap::new();
+    for r in rows::fetch_by_ids(conn, sql, lease_ids).await? {
+        let record = LeaseRecord {
             customer_id: r.try_get("customer_id")?,
             closed: r.try_get::<Option<i64>, _>("released_at")?.is_some(),
             last_seq: r.try_get("last_seq")?,
-        })),
-        None => Ok(None),
+        };
+        found.insert(r.try_get("id")?, record);
     }
-}
-
-pub async fn set_last_seq(tx: &mut Tx, lease_id: &str, seq: i64) -> StoreResult<()> {
-    sqlx::query("UPDATE holds SET last_seq = $1 WHERE id = $2").bind(seq).bind(lease_id).execute(&mut **tx).await?;
-    Ok(())
+    Ok(found)
 }
 
 /// Live customers with leases whose TTL passed by `now` and that are not yet closed (a deleted

@@ -1,0 +1,156 @@
+//! Many rows in one statement: a gateway sync writes thousands of rows, and one round trip per
+//! row (each a channel hop to SQLite's worker thread, or a network round trip to PostgreSQL) was
+//! most of its cost. The same SQL runs on both databases: `INSERT … VALUES (…), (…)` and
+//! `UPDATE … FROM (VALUES …) AS v` (whose columns both name `column1`, `column2`, …).
+
+use super::Tx;
+
+/// A value bound to one placeholder.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    Text(Option<String>),
+    Int(Option<i64>),
+}
+
+impl From<String> for Value {
+    fn from(v: String) -> Self {
+        Value::Text(Some(v))
+    }
+}
+
+impl From<&str> for Value {
+    fn from(v: &str) -> Self {
+        Value::Text(Some(v.to_owned()))
+    }
+}
+
+impl From<Option<String>> for Value {
+    fn from(v: Option<String>) -> Self {
+        Value::Text(v)
+    }
+}
+
+impl From<i64> for Value {
+    fn from(v: i64) -> Self {
+        Value::Int(Some(v))
+    }
+}
+
+impl From<Option<i64>> for Value {
+    fn from(v: Option<i64>) -> Self {
+        Value::Int(v)
+    }
+}
+
+/// Rows of one shape, written by one statement per chunk.
+#[derive(Debug)]
+pub struct Rows {
+    columns: usize,
+    values: Vec<Value>,
+}
+
+/// Rows per statement: far below SQLite's 32,766 and PostgreSQL's 65,535 placeholders, and
+/// SQLite's 500-term compound limit.
+const MAX_ROWS_PER_STATEMENT: usize = 500;
+
+impl Rows {
+    pub fn new(columns: usize) -> Self {
+        Rows { columns, values: Vec::new() }
+    }
+
+    /// Adds a row; it must have `columns` values.
+    pub fn push<const N: usize>(&mut self, row: [Value; N]) {
+        debug_assert_eq!(N, self.columns);
+        self.values.extend(row);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.values.len() / self.columns.max(1)
+    }
+
+    /// Runs `{head} VALUES (…), (…) {tail}` once per chunk of rows.
+    pub async fn execute(&self, tx: &mut Tx, head: &str, tail: &str) -> sqlx::Result<()> {
+        for chunk in self.values.chunks(self.columns * MAX_ROWS_PER_STATEMENT) {
+            let sql = format!("{head} VALUES {} {tail}", placeholders(self.columns, chunk.len() / self.columns));
+            let mut query = sqlx::query(&sql).persistent(false);
+            for v in chunk {
+                query = match v {
+                    Value::Text(t) => query.bind(t.clone()),
+                    Value::Int(i) => query.bind(*i),
+                };
+            }
+            query.execute(&mut **tx).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Ids per `IN (…)` list.
+pub const MAX_IDS_PER_LIST: usize = 500;
+
+/// `$1, $2, $3` for an `IN (…)` list of three.
+pub fn id_list(n: usize) -> String {
+    (1..=n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
+}
+
+/// Runs `sql_with_list` (whose `{list}` is an `IN (…)` list) for `ids` in chunks and gathers the rows.
+pub async fn fetch_by_ids(
+    conn: &mut sqlx::AnyConnection,
+    sql_with_list: &str,
+    ids: &[String],
+) -> sqlx::Result<Vec<sqlx::any::AnyRow>> {
+    let mut out = Vec::new();
+    for chunk in ids.chunks(MAX_IDS_PER_LIST) {
+        let sql = sql_with_list.replace("{list}", &id_list(chunk.len()));
+        let mut query = sqlx::query(&sql).persistent(false);
+        for id in chunk {
+            query = query.bind(id);
+        }
+        out.extend(query.fetch_all(&mut *conn).await?);
+    }
+    Ok(out)
+}
+
+/// `($1, $2), ($3, $4)` for two rows of two columns.
+fn placeholders(columns: usize, rows: usize) -> String {
+    let mut out = String::with_capacity(rows * columns * 6);
+    for r in 0..rows {
+        if r > 0 {
+            out.push_str(", ");
+        }
+        out.push('(');
+        for c in 0..columns {
+            if c > 0 {
+                out.push_str(", ");
+            }
+            out.push('$');
+            out.push_str(&(r * columns + c + 1).to_string());
+        }
+        out.push(')');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_number_rows_then_columns() {
+        assert_eq!(placeholders(2, 2), "($1, $2), ($3, $4)");
+        assert_eq!(placeholders(1, 1), "($1)");
+    }
+
+    #[test]
+    fn rows_count_whole_rows() {
+        let mut rows = Rows::new(2);
+        assert!(rows.is_empty());
+        rows.push([Value::from("a"), Value::from(1)]);
+        rows.push([Value::from(None::<String>), Value::from(None::<i64>)]);
+        assert_eq!(rows.len(), 2);
+    }
+}
