@@ -190,7 +190,7 @@ impl Db {
 /// Locks a customer for the rest of the transaction and returns its new revision (which grows
 /// with every write); `None` if there is no such live customer.
 pub async fn lock_customer(tx: &mut Tx, customer_id: &str) -> sqlx::Result<Option<i64>> {
-    let row = rows::fetch_by_ids(&mut **tx, LOCK, &[customer_id.to_owned()]).await?.pop();
+    let row = rows::fetch_by_ids(tx, LOCK, &[customer_id.to_owned()]).await?.pop();
     row.map(|r| r.try_get(1)).transpose()
 }
 
@@ -209,10 +209,10 @@ pub async fn lock_customers(
 ) -> sqlx::Result<std::collections::HashMap<String, i64>> {
     if backend == Backend::Postgres && ids.len() > 1 {
         let sql = "SELECT id FROM customers WHERE id IN ({list}) ORDER BY id FOR UPDATE";
-        rows::fetch_by_ids(&mut **tx, sql, ids).await?;
+        rows::fetch_by_ids(tx, sql, ids).await?;
     }
     let mut revisions = std::collections::HashMap::with_capacity(ids.len());
-    for row in rows::fetch_by_ids(&mut **tx, LOCK, ids).await? {
+    for row in rows::fetch_by_ids(tx, LOCK, ids).await? {
         revisions.insert(row.try_get(0)?, row.try_get(1)?);
     }
     Ok(revisions)

@@ -282,7 +282,7 @@ impl Writes {
     pub async fn flush(&self, tx: &mut Tx) -> StoreResult<()> {
         grants::save_states(tx, &self.grant_states).await?;
         if !self.debt_owners.is_empty() {
-            rows::fetch_by_ids(&mut **tx, "DELETE FROM debts WHERE customer_id IN ({list})", &self.debt_owners).await?;
+            rows::fetch_by_ids(tx, "DELETE FROM debts WHERE customer_id IN ({list})", &self.debt_owners).await?;
             self.debts.execute(tx, "INSERT INTO debts (customer_id, currency, feature, amount)", "").await?;
         }
         self.holds
