@@ -2,6 +2,10 @@
 //! row (each a channel hop to SQLite's worker thread, or a network round trip to PostgreSQL) was
 //! most of its cost. The same SQL runs on both databases: `INSERT … VALUES (…), (…)` and
 //! `UPDATE … FROM (VALUES …) AS v` (whose columns both name `column1`, `column2`, …).
+//!
+//! Placeholders are `$1, $2, …` on PostgreSQL but plain `?` on SQLite: SQLite looks numbered
+//! parameters up in a list, once when it parses and once per bind, so a statement with thousands
+//! of them cost time quadratic in their number (measured: ≈ 100 µs per row of a 500-row insert).
 
 use super::Tx;
 
@@ -74,8 +78,9 @@ impl Rows {
 
     /// Runs `{head} VALUES (…), (…) {tail}` once per chunk of rows.
     pub async fn execute(&self, tx: &mut Tx, head: &str, tail: &str) -> sqlx::Result<()> {
+        let style = Placeholders::of(tx);
         for chunk in self.values.chunks(self.columns * MAX_ROWS_PER_STATEMENT) {
-            let sql = format!("{head} VALUES {} {tail}", placeholders(self.columns, chunk.len() / self.columns));
+            let sql = format!("{head} VALUES {} {tail}", style.rows(self.columns, chunk.len() / self.columns));
             let mut query = sqlx::query(&sql).persistent(false);
             for v in chunk {
                 query = match v {
@@ -92,20 +97,16 @@ impl Rows {
 /// Ids per `IN (…)` list.
 pub const MAX_IDS_PER_LIST: usize = 500;
 
-/// `$1, $2, $3` for an `IN (…)` list of three.
-pub fn id_list(n: usize) -> String {
-    (1..=n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
-}
-
 /// Runs `sql_with_list` (whose `{list}` is an `IN (…)` list) for `ids` in chunks and gathers the rows.
 pub async fn fetch_by_ids(
     conn: &mut sqlx::AnyConnection,
     sql_with_list: &str,
     ids: &[String],
 ) -> sqlx::Result<Vec<sqlx::any::AnyRow>> {
+    let style = Placeholders::of(conn);
     let mut out = Vec::new();
     for chunk in ids.chunks(MAX_IDS_PER_LIST) {
-        let sql = sql_with_list.replace("{list}", &id_list(chunk.len()));
+        let sql = sql_with_list.replace("{list}", &style.list(0, chunk.len()));
         let mut query = sqlx::query(&sql).persistent(false);
         for id in chunk {
             query = query.bind(id);
@@ -115,24 +116,46 @@ pub async fn fetch_by_ids(
     Ok(out)
 }
 
-/// `($1, $2), ($3, $4)` for two rows of two columns.
-fn placeholders(columns: usize, rows: usize) -> String {
-    let mut out = String::with_capacity(rows * columns * 6);
-    for r in 0..rows {
-        if r > 0 {
-            out.push_str(", ");
+/// How a database spells the placeholders of a statement that has no others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Placeholders {
+    /// `$1, $2, …` (PostgreSQL).
+    Numbered,
+    /// `?, ?, …` in order (SQLite).
+    Positional,
+}
+
+impl Placeholders {
+    fn of(conn: &sqlx::AnyConnection) -> Self {
+        if conn.backend_name().eq_ignore_ascii_case("sqlite") {
+            Placeholders::Positional
+        } else {
+            Placeholders::Numbered
         }
-        out.push('(');
-        for c in 0..columns {
-            if c > 0 {
+    }
+
+    /// `n` placeholders after the first `before`, comma-separated.
+    fn list(self, before: usize, n: usize) -> String {
+        let mut out = String::with_capacity(n * 6);
+        for i in 0..n {
+            if i > 0 {
                 out.push_str(", ");
             }
-            out.push('$');
-            out.push_str(&(r * columns + c + 1).to_string());
+            match self {
+                Placeholders::Numbered => {
+                    out.push('$');
+                    out.push_str(&(before + i + 1).to_string());
+                }
+                Placeholders::Positional => out.push('?'),
+            }
         }
-        out.push(')');
+        out
     }
-    out
+
+    /// `(…), (…)`: `rows` rows of `columns` placeholders.
+    fn rows(self, columns: usize, rows: usize) -> String {
+        (0..rows).map(|r| format!("({})", self.list(r * columns, columns))).collect::<Vec<_>>().join(", ")
+    }
 }
 
 #[cfg(test)]
@@ -141,8 +164,10 @@ mod tests {
 
     #[test]
     fn placeholders_number_rows_then_columns() {
-        assert_eq!(placeholders(2, 2), "($1, $2), ($3, $4)");
-        assert_eq!(placeholders(1, 1), "($1)");
+        assert_eq!(Placeholders::Numbered.rows(2, 2), "($1, $2), ($3, $4)");
+        assert_eq!(Placeholders::Numbered.rows(1, 1), "($1)");
+        assert_eq!(Placeholders::Positional.rows(2, 2), "(?, ?), (?, ?)");
+        assert_eq!(Placeholders::Numbered.list(0, 3), "$1, $2, $3");
     }
 
     #[test]
