@@ -2,7 +2,8 @@
 //! worker serves and refreshes their cached balances from the answer. Cold-miss balance reads use
 //! the same request with a single subject and no usage.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::ops::Bound;
 
 use credits::sync::{
     LeaseRequest, SubjectOutcome, SubjectSync, SyncRequest, SyncResponse, UsageOutcome, MAX_SUBJECTS_PER_SYNC,
@@ -20,6 +21,10 @@ use crate::shared::{self, SharedData};
 #[derive(Debug, Default)]
 pub struct Tracker {
     subjects: BTreeMap<String, u64>,
+    /// Where the last tick stopped: a sync holds at most `MAX_SUBJECTS_PER_SYNC` subjects, so a
+    /// worker with more customers goes round them over several ticks instead of always syncing
+    /// the first ones.
+    resume_after: Option<String>,
 }
 
 impl Tracker {
@@ -29,6 +34,18 @@ impl Tracker {
             None => {
                 self.subjects.insert(subject.to_owned(), now_ms);
             }
+        }
+    }
+
+    /// Every customer once, starting after the one the last tick stopped at.
+    fn in_turn(&self) -> Vec<String> {
+        match &self.resume_after {
+            Some(last) => {
+                let after = self.subjects.range::<String, _>((Bound::Excluded(last), Bound::Unbounded));
+                let until = self.subjects.range::<String, _>((Bound::Unbounded, Bound::Included(last)));
+                after.chain(until).map(|(s, _)| s.clone()).collect()
+            }
+            None => self.subjects.keys().cloned().collect(),
         }
     }
 
@@ -205,8 +222,9 @@ pub fn prepare(
     now_ms: u64,
 ) -> Option<PendingSync> {
     // Whatever any worker of the node left to report or renew is this worker's business too.
-    for subject in registry::all(store, config) {
-        tracker.touch_if_absent(&subject, now_ms);
+    let registered: HashSet<String> = registry::all(store, config).into_iter().collect();
+    for subject in &registered {
+        tracker.touch_if_absent(subject, now_ms);
     }
     let idle = u64::from(config.sync.idle_ms);
     let stale = stale_after_ms(config);
@@ -214,14 +232,15 @@ pub fn prepare(
     let scopes = &config.pricing.scopes;
     let mut subjects = Vec::new();
     let mut forget = Vec::new();
-    for subject in tracker.subjects.keys() {
+    for subject in tracker.in_turn() {
         if subjects.len() + scopes.len() > MAX_SUBJECTS_PER_SYNC {
-            break; // the rest goes out on the next tick
+            break; // the rest goes out on the next ticks, in turn
         }
+        tracker.resume_after = Some(subject.clone());
         let mut kept = false;
         for scope in scopes {
-            let key = entry_key(config, scope, subject);
-            let lease_id = leased.then(|| lease_id(node, config, scope, subject));
+            let key = entry_key(config, scope, &subject);
+            let lease_id = leased.then(|| lease_id(node, config, scope, &subject));
             let taken =
                 shared::update::<CustomerEntry, Option<(SubjectSync, bool)>>(store, &key, |entry| match entry {
                     None => (None, None),
@@ -231,7 +250,7 @@ pub fn prepare(
                         let outgoing =
                             e.take_outgoing(worker, now_ms, stale, config.settlement_mode, lease_id.as_deref());
                         let lease = if leased {
-                            lease_request(&mut e, config, scope, node, subject, now_ms, None)
+                            lease_request(&mut e, config, scope, node, &subject, now_ms, None)
                         } else {
                             None
                         };
@@ -243,7 +262,7 @@ pub fn prepare(
                         {
                             return (None, None);
                         }
-                        let mut s = subject_sync(config, scope, subject);
+                        let mut s = subject_sync(config, scope, &subject);
                         s.usage = outgoing.range;
                         s.lease = lease;
                         (Some(e), Some((s, pending)))
@@ -251,8 +270,9 @@ pub fn prepare(
                 });
             match taken {
                 Ok(Some((s, pending))) => {
-                    if pending {
-                        registry::add(store, config, subject);
+                    // Checked against the tick's snapshot: `add` reads a whole shard.
+                    if pending && !registered.contains(&subject) {
+                        registry::add(store, config, &subject);
                     }
                     subjects.push(s);
                     kept = true;
@@ -262,7 +282,7 @@ pub fn prepare(
             }
         }
         if !kept {
-            forget.push(subject.clone());
+            forget.push(subject);
         }
     }
     for s in forget {
@@ -460,6 +480,28 @@ mod tests {
         assert_eq!(ledger.balance, amt("0.60"), "four calls booked once");
         let e = shared::read::<CustomerEntry>(&store, &entry_key(&c, &c.pricing.scopes[0], "alice")).unwrap();
         assert_eq!((e.available(), e.flight.is_none()), (amt("0.60"), true));
+    }
+
+    #[test]
+    fn a_worker_with_more_customers_than_one_sync_holds_goes_round_them_in_turn() {
+        let store = FakeShared::new(Rules::Envoy);
+        let c = config();
+        let mut tracker = Tracker::default();
+        let everyone: Vec<String> = (0..2500).map(|i| format!("s{i:04}")).collect();
+        for s in &everyone {
+            let read = balance_read(&store, &c, "node", s, &[c.price], 10);
+            apply(&store, &c, &read, &answer(vec![ok(s, None, "1", 1)]), 10);
+            tracker.touch(s, 10);
+            assert!(matches!(call(&store, &c, s, amt("0.10"), 11, LedgerAccess::Reachable).0, Verdict::Allow { .. }));
+        }
+        let mut reported = std::collections::BTreeSet::new();
+        for tick in 0..3 {
+            let pending = prepare(&store, &mut tracker, &c, "node", 1, 100 + tick).unwrap();
+            assert!(pending.request.subjects.len() <= MAX_SUBJECTS_PER_SYNC);
+            reported.extend(pending.request.subjects.iter().filter(|s| s.usage.is_some()).map(|s| s.subject.clone()));
+        }
+        let missed: Vec<&String> = everyone.iter().filter(|s| !reported.contains(*s)).collect();
+        assert!(missed.is_empty(), "{} customers were never reported, e.g. {:?}", missed.len(), missed.first());
     }
 
     #[test]
