@@ -556,20 +556,18 @@ fn act(config: &FilterConfig, context_id: u32, verdict: Verdict, now: u64) -> Ac
     }
 }
 
-/// Decides a call of this worker (its admission is in `Worker::calls`) with `access`.
-fn decide_call(config: &FilterConfig, context_id: u32, now: u64, access: LedgerAccess) -> Verdict {
+/// Decides a call of this worker (its admission is in `Worker::calls`) with `access`; and
+/// whether it was decided from what the node holds (a cache hit).
+fn decide_call(config: &FilterConfig, context_id: u32, now: u64, access: LedgerAccess) -> (Verdict, bool) {
     let Some((subject, holds)) =
         with_worker(|w| w.calls.get(&context_id).map(|a| (a.subject.clone(), a.quote.holds.clone())))
     else {
-        return Verdict::Unavailable { reason: "the call's pricing was lost" };
+        return (Verdict::Unavailable { reason: "the call's pricing was lost" }, false);
     };
     let (verdict, effects) = admit(&HostShared, config, &subject, &holds, now, access);
     let metrics = with_worker(|w| w.metrics);
     if effects.became_pending {
         registry::add(&HostShared, config, &subject);
-    }
-    if verdict != Verdict::AskLedger {
-        Metrics::add(if effects.cache_hit { metrics.cache_hits } else { metrics.cache_misses }, 1);
     }
     if effects.usage_dropped {
         Metrics::add(metrics.records_dropped, 1);
@@ -577,7 +575,8 @@ fn decide_call(config: &FilterConfig, context_id: u32, now: u64, access: LedgerA
     if effects.offline && matches!(verdict, Verdict::Allow { .. }) {
         Metrics::add(metrics.offline_allowed, 1);
     }
-    verdict
+    let hit = effects.cache_hit && verdict != Verdict::AskLedger;
+    (verdict, hit)
 }
 
 /// Decides a call that waited for a read (the effective context), and resumes it or answers it;
@@ -589,7 +588,7 @@ fn finish_waiting_call(config: &FilterConfig, context_id: u32, now: u64) -> bool
         LedgerAccess::Reachable => LedgerAccess::Asked,
         unreachable => unreachable,
     };
-    let verdict = decide_call(config, context_id, now, asked);
+    let (verdict, _) = decide_call(config, context_id, now, asked);
     if verdict == Verdict::AskLedger
         && with_worker(|w| w.calls.get(&context_id).is_some_and(|a| a.reads < MAX_READS_PER_CALL))
     {
@@ -605,7 +604,7 @@ fn finish_waiting_call(config: &FilterConfig, context_id: u32, now: u64) -> bool
 fn give_up_waiting(config: &FilterConfig, waiters: &[u32], now: u64) {
     for &id in waiters {
         if hostcalls::set_effective_context(id).is_ok() {
-            let verdict = decide_call(config, id, now, LedgerAccess::Unreachable);
+            let (verdict, _) = decide_call(config, id, now, LedgerAccess::Unreachable);
             if act(config, id, verdict, now) == Action::Continue {
                 let _ = hostcalls::resume_http_request();
             }
@@ -672,7 +671,11 @@ impl FilterCall {
         let now = now_ms();
         let admission = Admission { subject: subject.to_owned(), quote, request_id, reads: 0, verdict: None };
         with_worker(|w| w.calls.insert(self.id, admission));
-        let verdict = decide_call(config, self.id, now, access(now));
+        // Each call counts once, when first decided: a hit if what the node holds decided it, a
+        // miss if it waits for the ledger or was decided without it.
+        let (verdict, hit) = decide_call(config, self.id, now, access(now));
+        let metrics = with_worker(|w| w.metrics);
+        Metrics::add(if hit { metrics.cache_hits } else { metrics.cache_misses }, 1);
         if verdict != Verdict::AskLedger {
             return act(config, self.id, verdict, now);
         }
@@ -686,7 +689,7 @@ impl FilterCall {
                 Action::Pause
             }
             Wait::Failed => {
-                let verdict = decide_call(config, self.id, now, LedgerAccess::Unreachable);
+                let (verdict, _) = decide_call(config, self.id, now, LedgerAccess::Unreachable);
                 act(config, self.id, verdict, now)
             }
         }

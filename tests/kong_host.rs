@@ -115,6 +115,8 @@ fn cold_call_reads_the_balance_then_calls_are_paid_until_402() {
     assert!(refused.headers.iter().any(|(k, v)| k == "content-type" && v == "application/problem+json"));
     assert_eq!(kong.metric("calls_allowed"), 10);
     assert_eq!(kong.metric("calls_refused"), 1);
+    // Each call counts once: the first waited for the ledger, the rest were decided locally.
+    assert_eq!((kong.metric("cache_misses"), kong.metric("cache_hits")), (1, 10));
 }
 
 #[test]
