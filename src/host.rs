@@ -148,9 +148,10 @@ struct Read {
     deadline_ms: u64,
 }
 
-/// A call of this worker from its pricing until its response headers: what it needs, and what
-/// it holds once let through. Kept here rather than in the call's context because a read's
-/// answer decides every call waiting for it, from whichever context it arrives in.
+/// A call of this worker that waits for the ledger, from its pricing until its response headers:
+/// what it needs, and what it holds once let through. Kept here rather than in the call's context
+/// because a read's answer decides every call waiting for it, from whichever context it arrives
+/// in. (A call decided at once never comes here.)
 struct Admission {
     subject: String,
     quote: Quote,
@@ -159,7 +160,8 @@ struct Admission {
     request_id: Option<String>,
     /// Reads of the ledger this call has waited for.
     reads: u32,
-    verdict: Option<(Vec<Held>, Option<Amount>)>,
+    /// What it holds, once let through.
+    held: Option<Vec<Held>>,
 }
 
 /// Reads one call may wait for: a burst that outruns a top-up waits for one more, sized for every
@@ -511,63 +513,70 @@ fn reply(problem: Problem, id: Option<String>) {
     );
 }
 
-/// Acts on a verdict for the current (effective) context. `Pause` means the call was answered.
-fn act(config: &FilterConfig, context_id: u32, verdict: Verdict, now: u64) -> Action {
+/// What became of a call once decided.
+enum Acted {
+    /// Let through, holding this per scope.
+    LetThrough(Vec<Held>),
+    /// Answered in place of the upstream.
+    Answered,
+}
+
+/// Acts on a verdict for the current (effective) context; `request_id` is the call's if it was
+/// read already.
+fn act(config: &FilterConfig, subject: &str, request_id: Option<String>, verdict: Verdict, now: u64) -> Acted {
     let metrics = with_worker(|w| w.metrics);
-    let (subject, id) = with_worker(|w| match &verdict {
-        Verdict::Allow { .. } => w.calls.get(&context_id).map(|a| (a.subject.clone(), None)),
-        _ => w.calls.remove(&context_id).map(|a| (a.subject, a.request_id)),
-    })
-    .unwrap_or_default();
     match verdict {
-        Verdict::Allow { held, balance } => {
+        Verdict::Allow { held, .. } => {
             Metrics::add(metrics.allowed, 1);
-            with_worker(|w| {
-                w.tracker.touch(&subject, now);
-                if let Some(a) = w.calls.get_mut(&context_id) {
-                    a.verdict = Some((held, balance));
-                }
-            });
-            Action::Continue
+            with_worker(|w| w.tracker.touch(subject, now));
+            return Acted::LetThrough(held);
         }
         Verdict::Refuse { scope, needed, available } => {
             Metrics::add(metrics.refused, 1);
-            with_worker(|w| w.tracker.touch(&subject, now));
+            with_worker(|w| w.tracker.touch(subject, now));
             let feature = config.pricing.scopes.get(scope).and_then(|s| s.feature.as_ref());
-            reply(Problem::payment_required(&subject, config.currency, feature, needed, available), id);
-            Action::Pause
+            reply(Problem::payment_required(subject, config.currency, feature, needed, available), request_id);
         }
         Verdict::UnknownCustomer => {
             Metrics::add(metrics.unknown_customer, 1);
-            reply(Problem::unknown_customer(&subject, config.subject.unknown_status), id);
-            Action::Pause
+            reply(Problem::unknown_customer(subject, config.subject.unknown_status), request_id);
         }
         Verdict::Unavailable { reason } => {
             Metrics::add(metrics.unavailable, 1);
-            reply(Problem::unavailable(reason), id);
-            Action::Pause
+            reply(Problem::unavailable(reason), request_id);
         }
         Verdict::AskLedger => {
             // Only reached when re-deciding a waiter whose read found nothing usable.
             Metrics::add(metrics.unavailable, 1);
-            reply(Problem::unavailable("the credit ledger did not answer"), id);
-            Action::Pause
+            reply(Problem::unavailable("the credit ledger did not answer"), request_id);
         }
+    }
+    Acted::Answered
+}
+
+/// Acts on a verdict for a call that waited (the effective context); it keeps its admission, with
+/// what it holds, if it is let through. `Pause` means the call was answered.
+fn act_on_waiter(config: &FilterConfig, context_id: u32, verdict: Verdict, now: u64) -> Action {
+    let Some(mut admission) = with_worker(|w| w.calls.remove(&context_id)) else {
+        return Action::Continue; // gone (its log phase ran)
+    };
+    match act(config, &admission.subject, admission.request_id.take(), verdict, now) {
+        Acted::LetThrough(held) => {
+            admission.held = Some(held);
+            with_worker(|w| w.calls.insert(context_id, admission));
+            Action::Continue
+        }
+        Acted::Answered => Action::Pause,
     }
 }
 
-/// Decides a call of this worker (its admission is in `Worker::calls`) with `access`; and
-/// whether it was decided from what the node holds (a cache hit).
-fn decide_call(config: &FilterConfig, context_id: u32, now: u64, access: LedgerAccess) -> (Verdict, bool) {
-    let Some((subject, holds)) =
-        with_worker(|w| w.calls.get(&context_id).map(|a| (a.subject.clone(), a.quote.holds.clone())))
-    else {
-        return (Verdict::Unavailable { reason: "the call's pricing was lost" }, false);
-    };
-    let (verdict, effects) = admit(&HostShared, config, &subject, &holds, now, access);
+/// Decides a call of `subject` that needs `holds` with `access`; and whether it was decided from
+/// what the node holds (a cache hit).
+fn decide(config: &FilterConfig, subject: &str, holds: &[Amount], now: u64, access: LedgerAccess) -> (Verdict, bool) {
+    let (verdict, effects) = admit(&HostShared, config, subject, holds, now, access);
     let metrics = with_worker(|w| w.metrics);
     if effects.became_pending {
-        registry::add(&HostShared, config, &subject);
+        registry::add(&HostShared, config, subject);
     }
     if effects.usage_dropped {
         Metrics::add(metrics.records_dropped, 1);
@@ -579,6 +588,16 @@ fn decide_call(config: &FilterConfig, context_id: u32, now: u64, access: LedgerA
     (verdict, hit)
 }
 
+/// Decides a call of this worker that waits (its admission is in `Worker::calls`) with `access`.
+fn decide_call(config: &FilterConfig, context_id: u32, now: u64, access: LedgerAccess) -> Verdict {
+    let Some((subject, holds)) =
+        with_worker(|w| w.calls.get(&context_id).map(|a| (a.subject.clone(), a.quote.holds.clone())))
+    else {
+        return Verdict::Unavailable { reason: "the call's pricing was lost" };
+    };
+    decide(config, &subject, &holds, now, access).0
+}
+
 /// Decides a call that waited for a read (the effective context), and resumes it or answers it;
 /// `true` if it must wait for another read instead (the ledger has more credit than the top-up
 /// set aside: calls that waited for the same one took it).
@@ -588,13 +607,13 @@ fn finish_waiting_call(config: &FilterConfig, context_id: u32, now: u64) -> bool
         LedgerAccess::Reachable => LedgerAccess::Asked,
         unreachable => unreachable,
     };
-    let (verdict, _) = decide_call(config, context_id, now, asked);
+    let verdict = decide_call(config, context_id, now, asked);
     if verdict == Verdict::AskLedger
         && with_worker(|w| w.calls.get(&context_id).is_some_and(|a| a.reads < MAX_READS_PER_CALL))
     {
         return true;
     }
-    if act(config, context_id, verdict, now) == Action::Continue {
+    if act_on_waiter(config, context_id, verdict, now) == Action::Continue {
         let _ = hostcalls::resume_http_request();
     }
     false
@@ -604,8 +623,8 @@ fn finish_waiting_call(config: &FilterConfig, context_id: u32, now: u64) -> bool
 fn give_up_waiting(config: &FilterConfig, waiters: &[u32], now: u64) {
     for &id in waiters {
         if hostcalls::set_effective_context(id).is_ok() {
-            let (verdict, _) = decide_call(config, id, now, LedgerAccess::Unreachable);
-            if act(config, id, verdict, now) == Action::Continue {
+            let verdict = decide_call(config, id, now, LedgerAccess::Unreachable);
+            if act_on_waiter(config, id, verdict, now) == Action::Continue {
                 let _ = hostcalls::resume_http_request();
             }
         }
@@ -669,18 +688,24 @@ impl FilterCall {
     ) -> Action {
         let quote = pricing::quote(&config.pricing, config.price, request_header, body);
         let now = now_ms();
-        let admission = Admission { subject: subject.to_owned(), quote, request_id, reads: 0, verdict: None };
-        with_worker(|w| w.calls.insert(self.id, admission));
         // Each call counts once, when first decided: a hit if what the node holds decided it, a
         // miss if it waits for the ledger or was decided without it.
-        let (verdict, hit) = decide_call(config, self.id, now, access(now));
+        let (verdict, hit) = decide(config, subject, &quote.holds, now, access(now));
         let metrics = with_worker(|w| w.metrics);
         Metrics::add(if hit { metrics.cache_hits } else { metrics.cache_misses }, 1);
         if verdict != Verdict::AskLedger {
-            return act(config, self.id, verdict, now);
+            return match act(config, subject, request_id, verdict, now) {
+                Acted::LetThrough(held) => {
+                    self.admitted = Some((subject.to_owned(), quote, held));
+                    Action::Continue
+                }
+                Acted::Answered => Action::Pause,
+            };
         }
         // Cold miss: wait for the read already in flight for this customer, or start one (under
         // Kong every call reads for itself: see `Worker::on_kong`).
+        let admission = Admission { subject: subject.to_owned(), quote, request_id, reads: 0, held: None };
+        with_worker(|w| w.calls.insert(self.id, admission));
         self.subject = Some(subject.to_owned());
         match wait_for_read(config, self.id, &[self.id], subject, now) {
             Wait::Shared => Action::Pause,
@@ -689,8 +714,8 @@ impl FilterCall {
                 Action::Pause
             }
             Wait::Failed => {
-                let (verdict, _) = decide_call(config, self.id, now, LedgerAccess::Unreachable);
-                act(config, self.id, verdict, now)
+                let verdict = decide_call(config, self.id, now, LedgerAccess::Unreachable);
+                act_on_waiter(config, self.id, verdict, now)
             }
         }
     }
@@ -699,7 +724,7 @@ impl FilterCall {
     fn take_admission(&mut self) {
         if self.admitted.is_none() {
             let admission = with_worker(|w| w.calls.remove(&self.id));
-            if let Some(Admission { subject, quote, verdict: Some((held, _)), .. }) = admission {
+            if let Some(Admission { subject, quote, held: Some(held), .. }) = admission {
                 self.admitted = Some((subject, quote, held));
             }
         }

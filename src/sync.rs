@@ -38,14 +38,14 @@ impl Tracker {
     }
 
     /// Every customer once, starting after the one the last tick stopped at.
-    fn in_turn(&self) -> Vec<String> {
+    fn in_turn(&self) -> Vec<&String> {
         match &self.resume_after {
             Some(last) => {
                 let after = self.subjects.range::<String, _>((Bound::Excluded(last), Bound::Unbounded));
                 let until = self.subjects.range::<String, _>((Bound::Unbounded, Bound::Included(last)));
-                after.chain(until).map(|(s, _)| s.clone()).collect()
+                after.chain(until).map(|(s, _)| s).collect()
             }
-            None => self.subjects.keys().cloned().collect(),
+            None => self.subjects.keys().collect(),
         }
     }
 
@@ -232,15 +232,16 @@ pub fn prepare(
     let scopes = &config.pricing.scopes;
     let mut subjects = Vec::new();
     let mut forget = Vec::new();
+    let mut last = None;
     for subject in tracker.in_turn() {
         if subjects.len() + scopes.len() > MAX_SUBJECTS_PER_SYNC {
             break; // the rest goes out on the next ticks, in turn
         }
-        tracker.resume_after = Some(subject.clone());
+        last = Some(subject);
         let mut kept = false;
         for scope in scopes {
-            let key = entry_key(config, scope, &subject);
-            let lease_id = leased.then(|| lease_id(node, config, scope, &subject));
+            let key = entry_key(config, scope, subject);
+            let lease_id = leased.then(|| lease_id(node, config, scope, subject));
             let taken =
                 shared::update::<CustomerEntry, Option<(SubjectSync, bool)>>(store, &key, |entry| match entry {
                     None => (None, None),
@@ -250,7 +251,7 @@ pub fn prepare(
                         let outgoing =
                             e.take_outgoing(worker, now_ms, stale, config.settlement_mode, lease_id.as_deref());
                         let lease = if leased {
-                            lease_request(&mut e, config, scope, node, &subject, now_ms, None)
+                            lease_request(&mut e, config, scope, node, subject, now_ms, None)
                         } else {
                             None
                         };
@@ -262,7 +263,7 @@ pub fn prepare(
                         {
                             return (None, None);
                         }
-                        let mut s = subject_sync(config, scope, &subject);
+                        let mut s = subject_sync(config, scope, subject);
                         s.usage = outgoing.range;
                         s.lease = lease;
                         (Some(e), Some((s, pending)))
@@ -271,8 +272,8 @@ pub fn prepare(
             match taken {
                 Ok(Some((s, pending))) => {
                     // Checked against the tick's snapshot: `add` reads a whole shard.
-                    if pending && !registered.contains(&subject) {
-                        registry::add(store, config, &subject);
+                    if pending && !registered.contains(subject) {
+                        registry::add(store, config, subject);
                     }
                     subjects.push(s);
                     kept = true;
@@ -282,9 +283,10 @@ pub fn prepare(
             }
         }
         if !kept {
-            forget.push(subject);
+            forget.push(subject.clone());
         }
     }
+    tracker.resume_after = last.cloned();
     for s in forget {
         registry::remove(store, config, &s);
         tracker.subjects.remove(&s);
