@@ -119,17 +119,20 @@ pub fn lease_reserve_ms(config: &FilterConfig) -> u64 {
     u64::from(config.sync.interval_ms) + u64::from(config.ledger.timeout_ms) + config.lease.ttl_ms / 10
 }
 
-/// The credit a lease should hold: enough for `lease.horizon_ms` at the observed rate, within
+/// The credit a lease should hold: enough at the observed rate for `lease.horizon_ms`, or until
+/// the customer's next turn in a sync (`turn_ms` away) and its answer if that is later, within
 /// the configured bounds (in typical calls of the scope).
-pub fn lease_target(config: &FilterConfig, scope: &Scope, calls_per_min: u64) -> Amount {
+pub fn lease_target(config: &FilterConfig, scope: &Scope, calls_per_min: u64, turn_ms: u64) -> Amount {
     let l = &config.lease;
-    let calls = (calls_per_min.saturating_mul(l.horizon_ms) / 60_000).clamp(l.min_calls, l.max_calls);
+    let horizon = l.horizon_ms.max(turn_ms.saturating_add(u64::from(config.ledger.timeout_ms)));
+    let calls = (calls_per_min.saturating_mul(horizon) / 60_000).clamp(l.min_calls, l.max_calls);
     scope.typical.times(calls).unwrap_or(scope.typical)
 }
 
 /// What to ask about the lease now: a top-up below the low-water mark (or enough for a waiting
 /// call that needs `for_call`), a release once idle with nothing left to report or settle,
-/// otherwise a renewal of an open lease.
+/// otherwise a renewal of an open lease. The customer's next sync is `turn_ms` away.
+#[allow(clippy::too_many_arguments)]
 fn lease_request(
     e: &mut CustomerEntry,
     config: &FilterConfig,
@@ -137,6 +140,7 @@ fn lease_request(
     node: &str,
     subject: &str,
     now_ms: u64,
+    turn_ms: u64,
     for_call: Option<Amount>,
 ) -> Option<LeaseRequest> {
     let l = &config.lease;
@@ -162,7 +166,7 @@ fn lease_request(
             return None;
         }
     }
-    let target = lease_target(config, scope, e.rate.calls_per_min);
+    let target = lease_target(config, scope, e.rate.calls_per_min, turn_ms);
     let remaining = if e.lease.open && now_ms < e.lease.spend_until_ms { e.lease.remaining } else { Amount::ZERO };
     let low = target.percent(l.low_water_percent).unwrap_or(target);
     let want = if for_call.is_some() || remaining < low {
@@ -200,7 +204,8 @@ pub fn balance_read(
                 let key = entry_key(config, scope, subject);
                 let lease = shared::update::<CustomerEntry, Option<LeaseRequest>>(store, &key, |entry| {
                     let mut e = entry.unwrap_or_else(|| CustomerEntry::new(&key, subject, now_ms));
-                    let request = lease_request(&mut e, config, scope, node, subject, now_ms, Some(*needed));
+                    let interval = u64::from(config.sync.interval_ms);
+                    let request = lease_request(&mut e, config, scope, node, subject, now_ms, interval, Some(*needed));
                     (Some(e), request)
                 });
                 asked.lease = lease.ok().flatten();
@@ -232,6 +237,10 @@ pub fn prepare(
     let scopes = &config.pricing.scopes;
     let mut subjects = Vec::new();
     let mut forget = Vec::new();
+    // A worker with more customers than one sync holds reaches each only every few ticks: its
+    // leases must last that long.
+    let per_sync = (MAX_SUBJECTS_PER_SYNC / scopes.len().max(1)).max(1);
+    let turn_ms = u64::from(config.sync.interval_ms) * (tracker.len().div_ceil(per_sync).max(1) as u64);
     let mut last = None;
     for subject in tracker.in_turn() {
         if subjects.len() + scopes.len() > MAX_SUBJECTS_PER_SYNC {
@@ -251,7 +260,7 @@ pub fn prepare(
                         let outgoing =
                             e.take_outgoing(worker, now_ms, stale, config.settlement_mode, lease_id.as_deref());
                         let lease = if leased {
-                            lease_request(&mut e, config, scope, node, subject, now_ms, None)
+                            lease_request(&mut e, config, scope, node, subject, now_ms, turn_ms, None)
                         } else {
                             None
                         };
@@ -504,6 +513,18 @@ mod tests {
         }
         let missed: Vec<&String> = everyone.iter().filter(|s| !reported.contains(*s)).collect();
         assert!(missed.is_empty(), "{} customers were never reported, e.g. {:?}", missed.len(), missed.first());
+    }
+
+    #[test]
+    fn a_lease_lasts_until_the_customers_next_turn_in_a_sync() {
+        let c = FilterConfig::parse(br#"{"ledger": {"upstream": "l", "token": "t", "timeout_ms": 500}, "price": "0.01", "currency": "USD", "lease": {"max_calls": 100000}}"#).unwrap();
+        let scope = &c.pricing.scopes[0];
+        // 600 calls a minute: the default horizon (2 × 1 s interval + 0.5 s timeout) is 25 calls …
+        assert_eq!(lease_target(&c, scope, 600, 1_000), amt("0.25"));
+        // … but a customer synced every 10 ticks needs 10.5 s of calls.
+        assert_eq!(lease_target(&c, scope, 600, 10_000), amt("1.05"));
+        // Bounded as configured.
+        assert_eq!(lease_target(&c, scope, 1, 10_000), amt("0.10"), "lease.min_calls");
     }
 
     #[test]
