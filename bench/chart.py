@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Charts and Markdown tables from bench/results/*.json (matplotlib: pip install matplotlib).
-  python3 bench/chart.py gateway|ledger|profile   → bench/results/NAME.png, table on stdout"""
+  python3 bench/chart.py gateway|ledger|profile|footprint   → bench/results/NAME.png, table on stdout"""
 
 import json
 import os
@@ -108,5 +108,28 @@ def profile():
     fig.savefig(os.path.join(RESULTS, "profile.png"), dpi=90)
 
 
+def footprint():
+    doc = load("footprint")
+    names = ["prepaid_credits.wasm", "after wasm-opt -O3", "after wasm-opt -Oz", "noop_filter.wasm"]
+    raw = [doc["prepaid_credits_wasm_bytes"], doc["wasm_opt_O3_bytes"], doc["wasm_opt_Oz_bytes"],
+           doc["noop_filter_wasm_bytes"]]
+    gz = [doc["prepaid_credits_wasm_gzip_bytes"], doc["wasm_opt_O3_gzip_bytes"], doc["wasm_opt_Oz_gzip_bytes"], None]
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    ys = range(len(names))
+    ax.barh([y + 0.2 for y in ys], [b / 1024 for b in raw], height=0.4, label="as built", color="#4c72b0")
+    ax.barh([y - 0.2 for y in ys], [(g or 0) / 1024 for g in gz], height=0.4, label="gzip -9", color="#55a868")
+    ax.set_yticks(list(ys), names)
+    ax.invert_yaxis()
+    ax.set_xlabel("KiB")
+    ax.set_title(f"Filter size; one cached customer: key {doc['shared_entry_key_bytes']} B + "
+                 f"value {doc['shared_entry_value_bytes']} B of shared data")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(RESULTS, "footprint.png"), dpi=90)
+    print("| what | bytes | gzip -9 |\n|---|---:|---:|")
+    for n, b, g in zip(names, raw, gz):
+        print(f"| {n} | {b:,} | {f'{g:,}' if g else '—'} |")
+
+
 if __name__ == "__main__":
-    {"gateway": gateway, "ledger": ledger, "profile": profile}[sys.argv[1]]()
+    {"gateway": gateway, "ledger": ledger, "profile": profile, "footprint": footprint}[sys.argv[1]]()

@@ -3,7 +3,7 @@
 # run with npx into a temporary directory; -O3 and -Oz), gzipped; and the shared-data size of one
 # cached customer (key + encoded CustomerEntry, from bench/decide-profile). Memory per Envoy worker
 # comes from bench/gateway.sh (RSS of each case's Envoy after warm-up). Writes
-# bench/results/footprint.json.
+# bench/results/footprint.json and bench/results/footprint.png.
 #   bench/footprint.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,3 +47,4 @@ doc = {
 json.dump(doc, open("bench/results/footprint.json", "w"), indent=1)
 print(json.dumps(doc, indent=1))
 PY
+python3 bench/chart.py footprint
