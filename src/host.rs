@@ -558,7 +558,9 @@ fn act(config: &FilterConfig, subject: &str, request_id: Option<String>, verdict
 /// what it holds, if it is let through. `Pause` means the call was answered.
 fn act_on_waiter(config: &FilterConfig, context_id: u32, verdict: Verdict, now: u64) -> Action {
     let Some(mut admission) = with_worker(|w| w.calls.remove(&context_id)) else {
-        return Action::Continue; // gone (its log phase ran)
+        // Never let through what nothing was held for (a live waiting call always has one).
+        reply(Problem::unavailable("the call's pricing was lost"), None);
+        return Action::Pause;
     };
     match act(config, &admission.subject, admission.request_id.take(), verdict, now) {
         Acted::LetThrough(held) => {
