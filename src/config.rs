@@ -2,11 +2,11 @@
 //! `plugin-schema/prepaid_credits.meta.json` describes the same thing for Kong; a test holds
 //! the two to the same verdicts.
 
-use std::fmt;
-
 use credits::{Amount, Currency, FeatureKey, SettlementMode};
 use serde::Deserialize;
 
+pub use crate::fields::ConfigError;
+use crate::fields::{amount, bounded, error, header_name, status, to_u32};
 use crate::pricing::{self, Pricing, RawPricing};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -120,23 +120,6 @@ pub struct ResponseHeaders {
     pub cost: Option<String>,
 }
 
-/// A configuration that cannot be used, naming the offending field.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ConfigError {
-    pub field: String,
-    pub message: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid configuration at {}: {}", self.field, self.message)
-    }
-}
-
-pub(crate) fn error(field: &str, message: impl Into<String>) -> ConfigError {
-    ConfigError { field: field.to_owned(), message: message.into() }
-}
-
 // The raw shapes, exactly as the JSON schema describes them.
 
 #[derive(Deserialize)]
@@ -242,44 +225,6 @@ fn explicit<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<Stri
     Option::<String>::deserialize(d).map(Some)
 }
 
-pub(crate) fn bounded(field: &str, value: Option<u64>, default: u64, min: u64, max: u64) -> Result<u64, ConfigError> {
-    let v = value.unwrap_or(default);
-    if (min..=max).contains(&v) {
-        Ok(v)
-    } else {
-        Err(error(field, format!("must be between {min} and {max}, got {v}")))
-    }
-}
-
-fn to_u32(v: u64) -> u32 {
-    u32::try_from(v).unwrap_or(u32::MAX)
-}
-
-/// Header names are lower-case tokens (HTTP/2 and proxy-wasm hosts use lower case).
-pub(crate) fn header_name(field: &str, name: &str) -> Result<String, ConfigError> {
-    let ok = !name.is_empty()
-        && name.len() <= 128
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
-    if ok {
-        Ok(name.to_owned())
-    } else {
-        Err(error(field, format!("{name:?} is not a lower-case header name")))
-    }
-}
-
-fn status(field: &str, value: Option<u64>, default: u16) -> Result<u16, ConfigError> {
-    let v = bounded(field, value, u64::from(default), 400, 499)?;
-    Ok(u16::try_from(v).unwrap_or(default))
-}
-
-pub(crate) fn amount(field: &str, text: &str) -> Result<Amount, ConfigError> {
-    let a = Amount::parse(text).map_err(|e| error(field, e.to_string()))?;
-    if a.is_negative() {
-        return Err(error(field, "must not be negative"));
-    }
-    Ok(a)
-}
-
 impl FilterConfig {
     pub fn parse(bytes: &[u8]) -> Result<FilterConfig, ConfigError> {
         let de = &mut serde_json::Deserializer::from_slice(bytes);
@@ -351,7 +296,7 @@ impl FilterConfig {
             .map(FeatureKey::parse)
             .transpose()
             .map_err(|e| error("feature_key", e.to_string()))?;
-        let pricing = pricing::parse(raw.pricing, price, feature_key.clone(), bounded)?;
+        let pricing = pricing::parse(raw.pricing, price, feature_key.clone())?;
         let settlement_mode = match raw.settlement_mode.as_deref().unwrap_or("credit_only") {
             "credit_only" => SettlementMode::CreditOnly,
             "credit_then_invoice" => SettlementMode::CreditThenInvoice,

@@ -6,7 +6,15 @@ use credits::sync::UsageRange;
 use credits::{Amount, SettlementMode};
 use rust_decimal::Decimal;
 
+use crate::config::FilterConfig;
+use crate::pricing::Scope;
 use crate::shared::Keyed;
+
+/// The shared-data key of a customer's entry in one scope of this configuration's currency.
+pub fn entry_key(config: &FilterConfig, scope: &Scope, subject: &str) -> String {
+    let feature = scope.feature.as_ref().map_or("-", |f| f.as_str());
+    format!("prepaid_credits/c/{}/{feature}/{subject}", config.currency)
+}
 
 /// Calls `from..to` sent to the ledger and not yet confirmed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,8 +86,8 @@ pub struct CustomerEntry {
     pub holds: Holds,
 }
 
-/// What calls let through and not yet settled set aside (their estimates). A worker that goes
-/// away mid-call never settles its hold, so holds stop counting `timeout` after the last one.
+/// What calls let through and not yet completed set aside (their estimates). A worker that goes
+/// away mid-call never releases its hold, so holds stop counting `timeout` after the last one.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Holds {
     pub amount: Amount,
@@ -114,14 +122,14 @@ impl CustomerEntry {
         }
     }
 
-    /// Forgets holds whose calls can no longer settle.
+    /// Forgets holds whose calls can no longer complete.
     pub fn expire_holds(&mut self, now_ms: u64) {
         if self.holds.count > 0 && now_ms >= self.holds.until_ms {
             self.holds = Holds::default();
         }
     }
 
-    /// Sets `amount` aside for a call until it settles.
+    /// Sets `amount` aside for a call until it completes.
     pub fn place_hold(&mut self, amount: Amount, now_ms: u64, timeout_ms: u64) {
         self.holds.amount += amount;
         self.holds.count += 1;
@@ -159,7 +167,7 @@ impl CustomerEntry {
 
     /// The ledger's answer about the lease, given when the request left (`sent_ms`). The node
     /// stops spending `reserve_ms` before the ledger could expire the lease, so that every call it
-    /// lets through can still be reported in time (see `sync::lease_reserve_ms`).
+    /// lets through can still be reported in time (see `lease::reserve_ms`).
     pub fn apply_lease(
         &mut self,
         answer: &credits::sync::LeaseAnswer,
@@ -299,7 +307,7 @@ impl CustomerEntry {
     }
 }
 
-// The stored form, binary so that the two updates of every call (hold, settle) cost little:
+// The stored form, binary so that the two updates of every call (hold, complete) cost little:
 // version byte, then fixed-width little-endian fields in declaration order (amounts as the 16
 // bytes of `Decimal::serialize`, flags as 0/1, the flight behind a presence flag), then the
 // strings, each behind a u32 length: customer id (only when known), subject, key.
@@ -690,7 +698,7 @@ mod tests {
     }
 
     #[test]
-    fn holds_set_credit_aside_until_settled_or_timed_out() {
+    fn holds_set_credit_aside_until_released_or_timed_out() {
         let mut e = CustomerEntry::new("k", "s", 0);
         e.refresh("c", amt("1.00"), 1, 1);
         e.place_hold(amt("0.40"), 2, 100);
@@ -705,7 +713,7 @@ mod tests {
         assert_eq!(e.available(), amt("0.15"));
         e.expire_holds(103);
         assert_eq!((e.available(), e.holds.count), (amt("0.45"), 0));
-        // A late settlement of an expired hold does not go below zero.
+        // A late release of an expired hold does not go below zero.
         e.release_hold(amt("0.30"));
         assert_eq!(e.holds, Holds::default());
     }

@@ -1,20 +1,21 @@
 //! The decision for one call in one scope, from the node's shared state of its customer: let it
-//! through holding its estimate, or refuse it; and, once its response is complete, settle it.
+//! through holding its estimate, or refuse it; and, once its response is complete, complete it:
+//! release the hold and record what it cost.
 
 use credits::{Amount, SettlementMode};
 
 use crate::config::{FailureMode, FilterConfig, Strategy};
-use crate::customer::{CustomerEntry, Standing};
+use crate::customer::{entry_key, CustomerEntry, Standing};
 use crate::pricing::Scope;
 use crate::shared::{self, SharedData};
 
-/// What a call let through holds in one scope until it settles.
+/// What a call let through holds in one scope until it completes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Held {
+pub struct Hold {
     pub amount: Amount,
-    /// The part taken from the node's lease (given back to it when the call settles).
+    /// The part taken from the node's lease (given back to it when the call completes).
     pub from_lease: Amount,
-    /// Its usage cannot be recorded (the backlog was full under `allow`): settle books nothing.
+    /// Its usage cannot be recorded (the backlog was full under `allow`): completing records nothing.
     pub unrecorded: bool,
 }
 
@@ -23,7 +24,7 @@ pub struct Held {
 pub enum Verdict {
     /// Let through holding `held` (per scope); `balance` is what is left in the first scope
     /// (unknown while the ledger is unreachable).
-    Allow { held: Vec<Held>, balance: Option<Amount> },
+    Allow { held: Vec<Hold>, balance: Option<Amount> },
     /// 402: credit in `scope` does not cover what the call `needed` there; nothing held.
     Refuse { scope: usize, needed: Amount, available: Amount },
     /// The ledger knows no customer with this subject.
@@ -38,7 +39,7 @@ pub enum Verdict {
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum ScopeVerdict {
     Allow {
-        held: Held,
+        held: Hold,
         balance: Option<Amount>,
     },
     Refuse {
@@ -68,21 +69,27 @@ pub struct Effects {
     /// The call was let through but its usage could not be recorded (backlog full).
     pub usage_dropped: bool,
     pub offline: bool,
+    /// Other workers kept winning the compare-and-swap: nothing was recorded.
+    pub contended: bool,
 }
 
-/// The shared-data key of a customer's entry in one scope of this configuration's currency.
-pub fn entry_key(config: &FilterConfig, scope: &Scope, subject: &str) -> String {
-    let feature = scope.feature.as_ref().map_or("-", |f| f.as_str());
-    format!("prepaid_credits/c/{}/{feature}/{subject}", config.currency)
+impl Effects {
+    fn merge(&mut self, other: Effects) {
+        self.cache_hit &= other.cache_hit;
+        self.became_pending |= other.became_pending;
+        self.usage_dropped |= other.usage_dropped;
+        self.offline |= other.offline;
+        self.contended |= other.contended;
+    }
 }
 
-/// Decides whether a call of `subject` that needs `holds` (per scope of the configuration) goes
-/// through, and holds them if it does. A call is let through only if every scope covers it.
+/// Decides whether a call of `subject` that needs `estimates` (per scope of the configuration)
+/// goes through, and holds them if it does. A call is let through only if every scope covers it.
 pub fn admit(
     store: &dyn SharedData,
     config: &FilterConfig,
     subject: &str,
-    holds: &[Amount],
+    estimates: &[Amount],
     now_ms: u64,
     access: LedgerAccess,
 ) -> (Verdict, Effects) {
@@ -90,12 +97,9 @@ pub fn admit(
     let mut held = Vec::with_capacity(scopes.len());
     let mut balance = None;
     let mut effects = Effects { cache_hit: true, ..Effects::default() };
-    for (i, (scope, amount)) in scopes.iter().zip(holds).enumerate() {
-        let (verdict, e) = hold(store, config, scope, subject, *amount, now_ms, access);
-        effects.cache_hit &= e.cache_hit;
-        effects.became_pending |= e.became_pending;
-        effects.usage_dropped |= e.usage_dropped;
-        effects.offline |= e.offline;
+    for (i, (scope, amount)) in scopes.iter().zip(estimates).enumerate() {
+        let (verdict, e) = hold_in_scope(store, config, scope, subject, *amount, now_ms, access);
+        effects.merge(e);
         let refused = match verdict {
             ScopeVerdict::Allow { held: h, balance: b } => {
                 if i == 0 {
@@ -109,25 +113,31 @@ pub fn admit(
         };
         // Given back: the scopes before this one let it through.
         for (scope, h) in scopes.iter().zip(&held) {
-            cancel(store, config, scope, subject, h);
+            effects.contended |= !cancel(store, config, scope, subject, h);
         }
         return (refused, effects);
     }
     (Verdict::Allow { held, balance }, effects)
 }
 
-/// Settles a call that holds `held` at what it cost, `actual` (both per scope).
-pub fn settle_call(
+/// Completes a call that holds `held` at what it cost, `actual` (both per scope). A call that
+/// holds nothing in a scope (the engine let it through before it was decided) is still charged.
+/// Scopes whose entry could not be written are left out of `Completed::done`, for a retry.
+pub fn complete(
     store: &dyn SharedData,
     config: &FilterConfig,
     subject: &str,
-    held: &[Held],
+    held: &[Hold],
     actual: &[Amount],
     now_ms: u64,
-) -> Settled {
-    let mut out = Settled::default();
-    for (i, ((scope, h), a)) in config.pricing.scopes.iter().zip(held).zip(actual).enumerate() {
-        let s = settle(store, config, scope, subject, h, *a, now_ms);
+) -> Completed {
+    let mut out = Completed { done: vec![true; actual.len()], ..Completed::default() };
+    for (i, (scope, a)) in config.pricing.scopes.iter().zip(actual).enumerate() {
+        let Some(s) = complete_in_scope(store, config, scope, subject, held.get(i), *a, now_ms) else {
+            out.done[i] = false;
+            out.effects.contended = true;
+            continue;
+        };
         if i == 0 {
             out.balance = s.balance;
         }
@@ -138,7 +148,7 @@ pub fn settle_call(
 }
 
 /// Decides a call in one scope and holds `amount` there if it goes through.
-fn hold(
+fn hold_in_scope(
     store: &dyn SharedData,
     config: &FilterConfig,
     scope: &Scope,
@@ -163,19 +173,19 @@ fn hold(
         // Nothing could be recorded, so nothing may be let through, whatever the failure mode.
         Err(_) => (
             ScopeVerdict::Call(Verdict::Unavailable { reason: "the gateway's shared state is contended" }),
-            Effects::default(),
+            Effects { contended: true, ..Effects::default() },
         ),
     }
 }
 
 /// A call given back before it went upstream (another scope refused it): its hold is released
-/// and nothing is spent.
-fn cancel(store: &dyn SharedData, config: &FilterConfig, scope: &Scope, subject: &str, held: &Held) {
+/// and nothing is spent. `false` if the entry could not be written (the hold then times out).
+fn cancel(store: &dyn SharedData, config: &FilterConfig, scope: &Scope, subject: &str, held: &Hold) -> bool {
     let key = entry_key(config, scope, subject);
     if held.unrecorded {
-        return;
+        return true;
     }
-    let _ = shared::update::<CustomerEntry, ()>(store, &key, |entry| match entry {
+    let result = shared::update::<CustomerEntry, ()>(store, &key, |entry| match entry {
         Some(mut e) => {
             e.release_hold(held.amount);
             e.lease.remaining += held.from_lease;
@@ -183,39 +193,50 @@ fn cancel(store: &dyn SharedData, config: &FilterConfig, scope: &Scope, subject:
         }
         None => (None, ()),
     });
+    result.is_ok()
 }
 
-/// What settling a call did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Settled {
+/// What completing a call did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Completed {
     /// What is left after it, when known.
+    pub balance: Option<Amount>,
+    pub effects: Effects,
+    /// Per scope: recorded (`false`: the entry could not be written; retry it).
+    pub done: Vec<bool>,
+}
+
+/// What completing a call in one scope did.
+pub struct ScopeCompleted {
     pub balance: Option<Amount>,
     pub effects: Effects,
 }
 
-/// Settles a call in one scope that held `held` at what it cost, `actual`: the hold goes, the
+/// Completes a call in one scope that held `held` at what it cost, `actual`: the hold goes, the
 /// cost is recorded as one call to report (more than the hold included: it was let through).
-fn settle(
+/// `None` if the entry could not be written.
+pub fn complete_in_scope(
     store: &dyn SharedData,
     config: &FilterConfig,
     scope: &Scope,
     subject: &str,
-    held: &Held,
+    held: Option<&Hold>,
     actual: Amount,
     now_ms: u64,
-) -> Settled {
+) -> Option<ScopeCompleted> {
     let key = entry_key(config, scope, subject);
-    let result = shared::update::<CustomerEntry, Settled>(store, &key, |entry| {
+    let unrecorded = held.is_some_and(|h| h.unrecorded);
+    let result = shared::update::<CustomerEntry, ScopeCompleted>(store, &key, |entry| {
         let was_pending = entry.as_ref().is_some_and(CustomerEntry::has_pending);
         let mut e = entry.unwrap_or_else(|| CustomerEntry::new(&key, subject, now_ms));
-        if !held.unrecorded {
-            e.release_hold(held.amount);
-            e.lease.remaining += held.from_lease;
+        if let Some(h) = held.filter(|h| !h.unrecorded) {
+            e.release_hold(h.amount);
+            e.lease.remaining += h.from_lease;
         }
         let mut effects = Effects::default();
         if e.standing == Standing::Unknown || actual.is_zero() {
             // Nothing to book (an unknown customer's usage cannot be).
-        } else if held.unrecorded || e.unsent_calls() >= config.sync.max_unsent_calls {
+        } else if unrecorded || e.unsent_calls() >= config.sync.max_unsent_calls {
             effects.usage_dropped = true;
         } else {
             if config.sync.strategy == Strategy::Lease {
@@ -233,9 +254,9 @@ fn settle(
             Strategy::Lease => e.lease.open.then(|| e.live + e.lease.remaining),
             Strategy::Cached => e.is_fresh(now_ms, u64::from(config.sync.max_stale_ms)).then(|| e.available()),
         };
-        (Some(e), Settled { balance, effects })
+        (Some(e), ScopeCompleted { balance, effects })
     });
-    result.unwrap_or_default()
+    result.ok()
 }
 
 fn decide_entry(
@@ -273,7 +294,7 @@ fn decide_entry(
             }
             e.place_hold(amount, now_ms, timeout);
             let balance = Some(e.available());
-            let held = Held { amount, ..Held::default() };
+            let held = Hold { amount, ..Hold::default() };
             (Some(e), (ScopeVerdict::Allow { held, balance }, hit))
         }
         _ if access == LedgerAccess::Reachable => (None, (ScopeVerdict::Call(Verdict::AskLedger), Effects::default())),
@@ -301,7 +322,7 @@ fn hold_from_lease(
         e.lease.remaining -= amount;
         e.place_hold(amount, now_ms, timeout);
         let balance = balance(&e);
-        let held = Held { amount, from_lease: amount, unrecorded: false };
+        let held = Hold { amount, from_lease: amount, unrecorded: false };
         return (Some(e), (ScopeVerdict::Allow { held, balance }, hit));
     }
     if config.settlement_mode == SettlementMode::CreditThenInvoice
@@ -312,7 +333,7 @@ fn hold_from_lease(
         e.lease.remaining -= from_lease;
         e.place_hold(amount, now_ms, timeout);
         let balance = balance(&e);
-        let held = Held { amount, from_lease, unrecorded: false };
+        let held = Hold { amount, from_lease, unrecorded: false };
         return (Some(e), (ScopeVerdict::Allow { held, balance }, hit));
     }
     match access {
@@ -362,7 +383,7 @@ fn offline(
     // The allowance counts what calls hold: their cost is not known yet.
     e.offline_spent += amount;
     e.place_hold(amount, now_ms, config.pricing.hold_timeout_ms);
-    let held = Held { amount, ..Held::default() };
+    let held = Hold { amount, ..Hold::default() };
     (Some(e), (ScopeVerdict::Allow { held, balance: None }, effects))
 }
 
@@ -385,13 +406,13 @@ fn backlog_full(
         ),
         FailureMode::Allow => {
             let balance = e.is_fresh(now_ms, u64::from(config.sync.max_stale_ms)).then(|| e.available());
-            let held = Held { unrecorded: true, ..Held::default() };
+            let held = Hold { unrecorded: true, ..Hold::default() };
             (None, (ScopeVerdict::Allow { held, balance }, Effects { usage_dropped: true, ..Effects::default() }))
         }
     }
 }
 
-/// A call priced at `price` in the first scope: holds it and, if let through, settles at it.
+/// A call priced at `price` in the first scope: holds it and, if let through, completes at it.
 #[cfg(test)]
 pub(crate) fn call(
     store: &dyn SharedData,
@@ -403,7 +424,7 @@ pub(crate) fn call(
 ) -> (Verdict, Effects) {
     let (verdict, effects) = admit(store, c, subject, &[price], now, access);
     if let Verdict::Allow { held, .. } = &verdict {
-        settle_call(store, c, subject, held, &[price], now);
+        complete(store, c, subject, held, &[price], now);
     }
     (verdict, effects)
 }
@@ -427,7 +448,7 @@ mod tests {
     }
 
     fn allowed(amount: &str, balance: Option<&str>) -> Verdict {
-        Verdict::Allow { held: vec![Held { amount: amt(amount), ..Held::default() }], balance: balance.map(amt) }
+        Verdict::Allow { held: vec![Hold { amount: amt(amount), ..Hold::default() }], balance: balance.map(amt) }
     }
 
     fn known(store: &FakeShared, c: &FilterConfig, subject: &str, live: &str, at: u64) {
@@ -521,7 +542,7 @@ mod tests {
                 expires_at: chrono::DateTime::UNIX_EPOCH,
                 closed: false,
             };
-            e.apply_lease(&answer, 1, 1, at, c.lease.ttl_ms, crate::sync::lease_reserve_ms(c));
+            e.apply_lease(&answer, 1, 1, at, c.lease.ttl_ms, crate::lease::reserve_ms(c));
             (Some(e), ())
         })
         .unwrap();
@@ -623,8 +644,8 @@ mod tests {
         assert_eq!(balance, Some(amt("4.00")));
         assert_eq!(entry(&store, &c, 1, "ann").available(), amt("0.10"));
         // It used 30 input tokens and 7 output tokens (more than the 4 it held for).
-        let settled = settle_call(&store, &c, "ann", &held, &[amt("0.30"), amt("0.70")], 4);
-        assert_eq!(settled.balance, Some(amt("4.70")));
+        let completed = complete(&store, &c, "ann", &held, &[amt("0.30"), amt("0.70")], 4);
+        assert_eq!(completed.balance, Some(amt("4.70")));
         let (input, output) = (entry(&store, &c, 0, "ann"), entry(&store, &c, 1, "ann"));
         assert_eq!((input.available(), input.spent, input.holds.count), (amt("4.70"), amt("0.30"), 0));
         assert_eq!((output.available(), output.spent), (amt("-0.20"), amt("0.70")), "charged in full");
@@ -636,7 +657,7 @@ mod tests {
         known_in(&store, &c, 1, "bo", "1.00");
         let (v, _) = admit(&store, &c, "bo", &[amt("1.00"), amt("0.40")], 6, LedgerAccess::Reachable);
         let Verdict::Allow { held, .. } = v else { panic!("{v:?}") };
-        settle_call(&store, &c, "bo", &held, &[amt("0"), amt("0")], 7);
+        complete(&store, &c, "bo", &held, &[amt("0"), amt("0")], 7);
         let (input, output) = (entry(&store, &c, 0, "bo"), entry(&store, &c, 1, "bo"));
         assert_eq!((input.unsent_calls(), input.available(), output.available()), (0, amt("1.00"), amt("1.00")));
     }
@@ -651,7 +672,7 @@ mod tests {
         known_in(&store, &c, 0, "ann", "1.00");
         let (v, _) = admit(&store, &c, "ann", &[amt("0")], 2, LedgerAccess::Reachable);
         let Verdict::Allow { held, .. } = v else { panic!("{v:?}") };
-        settle_call(&store, &c, "ann", &held, &[amt("0.05")], 3);
+        complete(&store, &c, "ann", &held, &[amt("0.05")], 3);
         let e = entry(&store, &c, 0, "ann");
         assert_eq!((e.spent, e.unsent_calls()), (amt("0.05"), 1));
     }

@@ -2,7 +2,7 @@
 //! in and out, bytes, rows — each with a unit price and the feature its credit must cover.
 //!
 //! A call is priced twice. Before it goes upstream it holds an estimate ([`quote`]); when its
-//! response is complete it settles at what it actually used ([`settle`]) and the difference goes
+//! response is complete it costs what it actually used ([`cost`]) and the difference goes
 //! back. Each price lands in a *scope* (a feature key, or none): the node keeps one balance (and
 //! one lease) per customer and scope, because credit restricted to `output_tokens` cannot pay for
 //! `input_tokens`.
@@ -10,7 +10,7 @@
 use credits::{Amount, FeatureKey};
 use serde::Deserialize;
 
-use crate::config::{amount, error, header_name, ConfigError};
+use crate::fields::{amount, bounded, error, header_name, ConfigError};
 
 /// Where a unit count comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -75,7 +75,7 @@ pub struct Pricing {
     /// Most of a body the filter reads (request body for estimates; a JSON response for units; one
     /// event of a stream). The body itself always passes through whole.
     pub max_body_bytes: usize,
-    /// A hold not settled within this long (its worker went away) stops counting.
+    /// A hold not released within this long (its worker went away) stops counting.
     pub hold_timeout_ms: u64,
 }
 
@@ -152,6 +152,28 @@ impl RawPricing {
     }
 }
 
+/// The largest count a call may report (larger ones are treated as unreadable).
+pub const MAX_COUNT: u64 = 1_000_000_000_000;
+
+/// A count written as a decimal: `42`, `0.5`; not negative, not above [`MAX_COUNT`].
+pub fn count_from_text(text: &str) -> Option<Amount> {
+    let n = Amount::parse(text.trim()).ok()?;
+    (!n.is_negative() && n.decimal() <= MAX_COUNT.into()).then_some(n)
+}
+
+/// A count as a JSON number or a string holding one.
+pub fn count_from_json(value: &serde_json::Value) -> Option<Amount> {
+    match value {
+        serde_json::Value::Number(n) => match n.as_u64() {
+            Some(u) => (u <= MAX_COUNT).then(|| Amount::from(u)),
+            // Floats print without an exponent in Rust; NaN and infinities are not JSON numbers.
+            None => n.as_f64().and_then(|f| count_from_text(&f.to_string())),
+        },
+        serde_json::Value::String(s) => count_from_text(s),
+        _ => None,
+    }
+}
+
 pub const MAX_UNITS: usize = 8;
 pub const MAX_UNIT_PRICE: u32 = 1_000_000;
 
@@ -164,8 +186,7 @@ fn pointer(field: &str, p: &str) -> Result<String, ConfigError> {
 }
 
 fn units(field: &str, text: &str) -> Result<Amount, ConfigError> {
-    crate::units::from_text(text)
-        .ok_or_else(|| error(field, format!("{text:?} is not a count from 0 to {}", crate::units::MAX_COUNT)))
+    count_from_text(text).ok_or_else(|| error(field, format!("{text:?} is not a count from 0 to {}", MAX_COUNT)))
 }
 
 fn feature(field: &str, key: Option<&str>) -> Result<Option<FeatureKey>, ConfigError> {
@@ -183,12 +204,7 @@ fn scope_of(scopes: &mut Vec<Scope>, feature: Option<FeatureKey>) -> usize {
     }
 }
 
-pub(crate) fn parse(
-    raw: RawPricing,
-    price: Amount,
-    fixed_feature: Option<FeatureKey>,
-    bounded: impl Fn(&str, Option<u64>, u64, u64, u64) -> Result<u64, ConfigError>,
-) -> Result<Pricing, ConfigError> {
+pub(crate) fn parse(raw: RawPricing, price: Amount, fixed_feature: Option<FeatureKey>) -> Result<Pricing, ConfigError> {
     if raw.units.len() > MAX_UNITS {
         return Err(error("pricing.units", format!("at most {MAX_UNITS} unit rules")));
     }
@@ -263,7 +279,7 @@ pub fn unit_cost(unit_price: Amount, units: Amount) -> Option<Amount> {
 /// What a call holds before it goes upstream, per scope, and the units each rule assumed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Quote {
-    pub holds: Vec<Amount>,
+    pub estimates: Vec<Amount>,
     /// Per rule: the count the hold assumed, and whether it is final (a request header).
     pub units: Vec<(Amount, bool)>,
 }
@@ -278,21 +294,21 @@ pub fn quote(pricing: &Pricing, price: Amount, header: &dyn Fn(&str) -> Option<S
         .iter()
         .map(|rule| {
             if let UnitSource::RequestHeader(name) = &rule.source {
-                if let Some(n) = header(name).as_deref().and_then(crate::units::from_text) {
+                if let Some(n) = header(name).as_deref().and_then(count_from_text) {
                     return (n, true);
                 }
             }
             let estimate = match &rule.estimate {
                 Estimate::Units(n) => *n,
                 Estimate::RequestJson { pointer, default } => {
-                    body.as_ref().and_then(|v| v.pointer(pointer)).and_then(crate::units::from_json).unwrap_or(*default)
+                    body.as_ref().and_then(|v| v.pointer(pointer)).and_then(count_from_json).unwrap_or(*default)
                 }
             };
             (estimate, false)
         })
         .collect();
     let amounts: Vec<Amount> = units.iter().map(|(n, _)| *n).collect();
-    Quote { holds: per_scope(pricing, price, &amounts), units }
+    Quote { estimates: per_scope(pricing, price, &amounts), units }
 }
 
 /// Per scope: the fixed price plus each rule's units at its price.
@@ -303,7 +319,7 @@ fn per_scope(pricing: &Pricing, price: Amount, units: &[Amount]) -> Vec<Amount> 
     }
     for (rule, n) in pricing.units.iter().zip(units) {
         // Cannot overflow: unit prices are at most MAX_UNIT_PRICE and counts at most
-        // `units::MAX_COUNT`, so a rule costs at most 10^18.
+        // `MAX_COUNT`, so a rule costs at most 10^18.
         let cost = unit_cost(rule.unit_price, *n).unwrap_or(Amount::ZERO);
         amounts[rule.scope] += cost;
     }
@@ -312,7 +328,7 @@ fn per_scope(pricing: &Pricing, price: Amount, units: &[Amount]) -> Vec<Amount> 
 
 /// What the call costs now that its response is complete: `status` is the upstream's (`None`:
 /// no response), `observed` the units the response reported per rule (`None`: not reported).
-pub fn settle(
+pub fn cost(
     pricing: &Pricing,
     price: Amount,
     quote: &Quote,
@@ -361,6 +377,21 @@ mod tests {
         FilterConfig::parse(json.as_bytes()).unwrap()
     }
 
+    #[test]
+    fn counts_are_non_negative_decimals_in_bounds() {
+        assert_eq!(count_from_text(" 42 "), Some(amt("42")));
+        assert_eq!(count_from_text("0.5"), Some(amt("0.5")));
+        for bad in ["-1", "1e3", "", "NaN", "ten", "1000000000001"] {
+            assert_eq!(count_from_text(bad), None, "{bad}");
+        }
+        assert_eq!(count_from_json(&serde_json::json!(7)), Some(amt("7")));
+        assert_eq!(count_from_json(&serde_json::json!(2.5)), Some(amt("2.5")));
+        assert_eq!(count_from_json(&serde_json::json!("12")), Some(amt("12")));
+        for bad in [serde_json::json!(-3), serde_json::json!(null), serde_json::json!([1]), serde_json::json!(1e300)] {
+            assert_eq!(count_from_json(&bad), None, "{bad}");
+        }
+    }
+
     fn no_header(_: &str) -> Option<String> {
         None
     }
@@ -383,26 +414,26 @@ mod tests {
     fn the_estimate_comes_from_the_request_body_or_its_default() {
         let c = ai();
         let q = quote(&c.pricing, c.price, &no_header, Some(br#"{"model": "m", "max_tokens": 200}"#));
-        assert_eq!(q.holds, [amt("0.001"), amt("0.001"), amt("0.0016")]);
+        assert_eq!(q.estimates, [amt("0.001"), amt("0.001"), amt("0.0016")]);
         let q = quote(&c.pricing, c.price, &no_header, Some(b"not json"));
-        assert_eq!(q.holds[2], amt("0.008"));
+        assert_eq!(q.estimates[2], amt("0.008"));
         let q = quote(&c.pricing, c.price, &no_header, None);
-        assert_eq!(q.holds[2], amt("0.008"));
+        assert_eq!(q.estimates[2], amt("0.008"));
     }
 
     #[test]
-    fn settling_charges_what_was_used_and_nothing_for_upstream_errors() {
+    fn a_call_costs_what_it_used_and_nothing_for_upstream_errors() {
         let c = ai();
         let q = quote(&c.pricing, c.price, &no_header, Some(br#"{"max_tokens": 200}"#));
-        let used = settle(&c.pricing, c.price, &q, Some(200), &[Some(amt("120")), Some(amt("350"))]);
+        let used = cost(&c.pricing, c.price, &q, Some(200), &[Some(amt("120")), Some(amt("350"))]);
         // More output than estimated is still charged.
         assert_eq!(used, [amt("0.001"), amt("0.00024"), amt("0.0028")]);
-        let failed = settle(&c.pricing, c.price, &q, Some(503), &[Some(amt("120")), None]);
+        let failed = cost(&c.pricing, c.price, &q, Some(503), &[Some(amt("120")), None]);
         assert!(failed.iter().all(|a| a.is_zero()));
-        assert!(settle(&c.pricing, c.price, &q, None, &[None, None]).iter().all(|a| a.is_zero()));
+        assert!(cost(&c.pricing, c.price, &q, None, &[None, None]).iter().all(|a| a.is_zero()));
         // Missing usage: the estimate by default.
-        let missing = settle(&c.pricing, c.price, &q, Some(200), &[None, None]);
-        assert_eq!(missing, q.holds);
+        let missing = cost(&c.pricing, c.price, &q, Some(200), &[None, None]);
+        assert_eq!(missing, q.estimates);
     }
 
     #[test]
@@ -417,9 +448,9 @@ mod tests {
         assert_eq!(c.pricing.scopes.len(), 1, "both rules are unrestricted: one scope");
         let header = |name: &str| (name == "x-size").then(|| "3".to_owned());
         let q = quote(&c.pricing, c.price, &header, None);
-        assert_eq!(q.holds, [amt("1.60")]);
-        assert_eq!(settle(&c.pricing, c.price, &q, Some(500), &[Some(amt("2")), None]), [amt("1.52")]);
-        assert_eq!(settle(&c.pricing, c.price, &q, Some(200), &[None, None]), [amt("1.5")]);
+        assert_eq!(q.estimates, [amt("1.60")]);
+        assert_eq!(cost(&c.pricing, c.price, &q, Some(500), &[Some(amt("2")), None]), [amt("1.52")]);
+        assert_eq!(cost(&c.pricing, c.price, &q, Some(200), &[None, None]), [amt("1.5")]);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use credits::{Amount, Currency, FeatureKey};
 use serde_json::{json, Value};
 
-use crate::config::ConfigError;
+use crate::fields::ConfigError;
 
 /// A local reply: status and problem body.
 #[derive(Clone, Debug, PartialEq, Eq)]

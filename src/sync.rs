@@ -2,8 +2,7 @@
 //! worker serves and refreshes their cached balances from the answer. Cold-miss balance reads use
 //! the same request with a single subject and no usage.
 
-use std::collections::{BTreeMap, HashSet};
-use std::ops::Bound;
+use std::collections::HashSet;
 
 use credits::sync::{
     LeaseRequest, SubjectOutcome, SubjectSync, SyncRequest, SyncResponse, UsageOutcome, MAX_SUBJECTS_PER_SYNC,
@@ -11,59 +10,12 @@ use credits::sync::{
 use credits::Amount;
 
 use crate::config::{FilterConfig, Strategy};
-use crate::customer::{CustomerEntry, Standing};
-use crate::decision::entry_key;
+use crate::customer::{entry_key, CustomerEntry, Standing};
+use crate::lease;
 use crate::pricing::Scope;
 use crate::registry;
 use crate::shared::{self, SharedData};
-
-/// The customers one worker keeps in sync, with when each was last used here.
-#[derive(Debug, Default)]
-pub struct Tracker {
-    subjects: BTreeMap<String, u64>,
-    /// Where the last tick stopped: a sync holds at most `MAX_SUBJECTS_PER_SYNC` subjects, so a
-    /// worker with more customers goes round them over several ticks instead of always syncing
-    /// the first ones.
-    resume_after: Option<String>,
-}
-
-impl Tracker {
-    pub fn touch(&mut self, subject: &str, now_ms: u64) {
-        match self.subjects.get_mut(subject) {
-            Some(t) => *t = now_ms,
-            None => {
-                self.subjects.insert(subject.to_owned(), now_ms);
-            }
-        }
-    }
-
-    /// Every customer once, starting after the one the last tick stopped at.
-    fn in_turn(&self) -> Vec<&String> {
-        match &self.resume_after {
-            Some(last) => {
-                let after = self.subjects.range::<String, _>((Bound::Excluded(last), Bound::Unbounded));
-                let until = self.subjects.range::<String, _>((Bound::Unbounded, Bound::Included(last)));
-                after.chain(until).map(|(s, _)| s).collect()
-            }
-            None => self.subjects.keys().collect(),
-        }
-    }
-
-    /// Starts keeping a customer in sync (an instance that lost its tracker picks it up again).
-    pub fn touch_if_absent(&mut self, subject: &str, now_ms: u64) {
-        if !self.subjects.contains_key(subject) {
-            self.subjects.insert(subject.to_owned(), now_ms);
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.subjects.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.subjects.is_empty()
-    }
-}
+use crate::tracker::Tracker;
 
 /// A sync on its way: what was asked and when, so the answer can be matched to it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -75,6 +27,11 @@ pub struct PendingSync {
 impl PendingSync {
     pub fn body(&self) -> Vec<u8> {
         serde_json::to_vec(&self.request).unwrap_or_default()
+    }
+
+    /// The calls it reports.
+    pub fn calls(&self) -> u64 {
+        self.request.subjects.iter().filter_map(|s| s.usage.as_ref()).map(|u| u.calls()).sum()
     }
 }
 
@@ -106,98 +63,22 @@ fn scope_of<'c>(config: &'c FilterConfig, asked: &SubjectSync) -> Option<&'c Sco
     config.pricing.scopes.iter().find(|s| s.feature == asked.feature_key)
 }
 
-/// The node's lease for a customer in a scope keeps one id for the node's life; the ledger
-/// re-opens it after it was released.
-pub fn lease_id(node: &str, config: &FilterConfig, scope: &Scope, subject: &str) -> String {
-    format!("{node}/{}", entry_key(config, scope, subject))
-}
-
-/// How long before the ledger could expire a lease the node stops spending from it: long enough
-/// for the calls it lets through until then to reach the ledger — the next tick, a sync stuck
-/// behind an unanswered one until its timeout, and a tenth of the TTL for the way there.
-pub fn lease_reserve_ms(config: &FilterConfig) -> u64 {
-    u64::from(config.sync.interval_ms) + u64::from(config.ledger.timeout_ms) + config.lease.ttl_ms / 10
-}
-
-/// The credit a lease should hold: enough at the observed rate for `lease.horizon_ms`, or until
-/// the customer's next turn in a sync (`turn_ms` away) and its answer if that is later, within
-/// the configured bounds (in typical calls of the scope).
-pub fn lease_target(config: &FilterConfig, scope: &Scope, calls_per_min: u64, turn_ms: u64) -> Amount {
-    let l = &config.lease;
-    let horizon = l.horizon_ms.max(turn_ms.saturating_add(u64::from(config.ledger.timeout_ms)));
-    let calls = (calls_per_min.saturating_mul(horizon) / 60_000).clamp(l.min_calls, l.max_calls);
-    scope.typical.times(calls).unwrap_or(scope.typical)
-}
-
-/// What to ask about the lease now: a top-up below the low-water mark (or enough for a waiting
-/// call that needs `for_call`), a release once idle with nothing left to report or settle,
-/// otherwise a renewal of an open lease. The customer's next sync is `turn_ms` away.
-#[allow(clippy::too_many_arguments)]
-fn lease_request(
-    e: &mut CustomerEntry,
-    config: &FilterConfig,
-    scope: &Scope,
-    node: &str,
-    subject: &str,
-    now_ms: u64,
-    turn_ms: u64,
-    for_call: Option<Amount>,
-) -> Option<LeaseRequest> {
-    let l = &config.lease;
-    let id = lease_id(node, config, scope, subject);
-    let idle = now_ms.saturating_sub(e.last_used_ms) > l.idle_release_ms;
-    if idle && for_call.is_none() {
-        if e.lease.open && e.unsent_calls() == 0 && e.flight.is_none() && e.holds.count == 0 {
-            // From now on nothing is spent from it: the ledger gives back whatever it still holds,
-            // and answers to earlier requests (which knew the lease open) no longer count.
-            e.lease.open = false;
-            e.lease.remaining = Amount::ZERO;
-            e.lease.seq += 1;
-            e.lease.floor_seq = e.lease.seq;
-            return Some(LeaseRequest {
-                lease_id: id,
-                seq: e.lease.seq,
-                want: Amount::ZERO,
-                ttl_ms: l.ttl_ms,
-                release: true,
-            });
-        }
-        if !e.lease.open {
-            return None;
-        }
-    }
-    let target = lease_target(config, scope, e.rate.calls_per_min, turn_ms);
-    let remaining = if e.lease.open && now_ms < e.lease.spend_until_ms { e.lease.remaining } else { Amount::ZERO };
-    let low = target.percent(l.low_water_percent).unwrap_or(target);
-    let want = if for_call.is_some() || remaining < low {
-        (target - remaining).max(for_call.unwrap_or(scope.typical))
-    } else {
-        Amount::ZERO
-    };
-    if want.is_positive() {
-        e.lease.seq += 1;
-    } else if !e.lease.open {
-        return None;
-    }
-    Some(LeaseRequest { lease_id: id, seq: e.lease.seq, want, ttl_ms: l.ttl_ms, release: false })
-}
-
 /// A read for one customer whose call cannot be decided from what the node holds: its balance in
 /// every scope of the configuration, and under `lease` top-ups sized for the customer and enough
-/// for the waiting call, which holds `holds` (per scope).
+/// for the waiting calls, which need `needed` (per scope).
 pub fn balance_read(
     store: &dyn SharedData,
     config: &FilterConfig,
     node: &str,
     subject: &str,
-    holds: &[Amount],
+    needed: &[Amount],
     now_ms: u64,
 ) -> PendingSync {
     let subjects = config
         .pricing
         .scopes
         .iter()
-        .zip(holds)
+        .zip(needed)
         .map(|(scope, needed)| {
             let mut asked = subject_sync(config, scope, subject);
             if config.sync.strategy == Strategy::Lease {
@@ -205,7 +86,7 @@ pub fn balance_read(
                 let lease = shared::update::<CustomerEntry, Option<LeaseRequest>>(store, &key, |entry| {
                     let mut e = entry.unwrap_or_else(|| CustomerEntry::new(&key, subject, now_ms));
                     let interval = u64::from(config.sync.interval_ms);
-                    let request = lease_request(&mut e, config, scope, node, subject, now_ms, interval, Some(*needed));
+                    let request = lease::request(&mut e, config, scope, node, subject, now_ms, interval, Some(*needed));
                     (Some(e), request)
                 });
                 asked.lease = lease.ok().flatten();
@@ -214,6 +95,24 @@ pub fn balance_read(
         })
         .collect();
     PendingSync { request: SyncRequest { node: node.to_owned(), subjects }, sent_ms: now_ms }
+}
+
+/// This tick's sync, and the customers that have something to report but are not in the node's
+/// register yet (the caller registers them).
+#[derive(Debug, Default)]
+pub struct Prepared {
+    pub sync: Option<PendingSync>,
+    pub unregistered: Vec<String>,
+}
+
+/// What one tick is about: the same for every customer it takes.
+struct Tick<'a> {
+    config: &'a FilterConfig,
+    node: &'a str,
+    worker: u64,
+    now_ms: u64,
+    /// A customer's next turn in a sync is this far away: its lease must last that long.
+    turn_ms: u64,
 }
 
 /// Builds this tick's sync: takes the usage ranges to send out of the shared entries. Customers
@@ -225,71 +124,31 @@ pub fn prepare(
     node: &str,
     worker: u64,
     now_ms: u64,
-) -> Option<PendingSync> {
+) -> Prepared {
     // Whatever any worker of the node left to report or renew is this worker's business too.
     let registered: HashSet<String> = registry::all(store, config).into_iter().collect();
     for subject in &registered {
         tracker.touch_if_absent(subject, now_ms);
     }
-    let idle = u64::from(config.sync.idle_ms);
-    let stale = stale_after_ms(config);
-    let leased = config.sync.strategy == Strategy::Lease;
-    let scopes = &config.pricing.scopes;
+    let scopes = config.pricing.scopes.len();
+    // A worker with more customers than one sync holds reaches each only every few ticks.
+    let per_sync = (MAX_SUBJECTS_PER_SYNC / scopes.max(1)).max(1);
+    let turn_ms = u64::from(config.sync.interval_ms) * (tracker.len().div_ceil(per_sync).max(1) as u64);
+    let tick = Tick { config, node, worker, now_ms, turn_ms };
+    let mut prepared = Prepared::default();
     let mut subjects = Vec::new();
     let mut forget = Vec::new();
-    // A worker with more customers than one sync holds reaches each only every few ticks: its
-    // leases must last that long.
-    let per_sync = (MAX_SUBJECTS_PER_SYNC / scopes.len().max(1)).max(1);
-    let turn_ms = u64::from(config.sync.interval_ms) * (tracker.len().div_ceil(per_sync).max(1) as u64);
     let mut last = None;
     for subject in tracker.in_turn() {
-        if subjects.len() + scopes.len() > MAX_SUBJECTS_PER_SYNC {
+        if subjects.len() + scopes > MAX_SUBJECTS_PER_SYNC {
             break; // the rest goes out on the next ticks, in turn
         }
         last = Some(subject);
-        let mut kept = false;
-        for scope in scopes {
-            let key = entry_key(config, scope, subject);
-            let lease_id = leased.then(|| lease_id(node, config, scope, subject));
-            let taken =
-                shared::update::<CustomerEntry, Option<(SubjectSync, bool)>>(store, &key, |entry| match entry {
-                    None => (None, None),
-                    Some(mut e) => {
-                        e.expire_holds(now_ms);
-                        e.measure_rate(now_ms, u64::from(config.sync.interval_ms));
-                        let outgoing =
-                            e.take_outgoing(worker, now_ms, stale, config.settlement_mode, lease_id.as_deref());
-                        let lease = if leased {
-                            lease_request(&mut e, config, scope, node, subject, now_ms, turn_ms, None)
-                        } else {
-                            None
-                        };
-                        let pending = e.has_pending();
-                        if now_ms.saturating_sub(e.last_used_ms) > idle
-                            && !pending
-                            && outgoing.range.is_none()
-                            && lease.is_none()
-                        {
-                            return (None, None);
-                        }
-                        let mut s = subject_sync(config, scope, subject);
-                        s.usage = outgoing.range;
-                        s.lease = lease;
-                        (Some(e), Some((s, pending)))
-                    }
-                });
-            match taken {
-                Ok(Some((s, pending))) => {
-                    // Checked against the tick's snapshot: `add` reads a whole shard.
-                    if pending && !registered.contains(subject) {
-                        registry::add(store, config, subject);
-                    }
-                    subjects.push(s);
-                    kept = true;
-                }
-                Ok(None) => {}
-                Err(_) => kept = true, // contended: next tick
-            }
+        let (taken, pending, kept) = take_subject(store, &tick, subject);
+        subjects.extend(taken);
+        // Checked against the tick's snapshot: the register is a whole shard to read.
+        if pending && !registered.contains(subject) {
+            prepared.unregistered.push(subject.clone());
         }
         if !kept {
             forget.push(subject.clone());
@@ -300,8 +159,62 @@ pub fn prepare(
         registry::remove(store, config, &s);
         tracker.subjects.remove(&s);
     }
-    (!subjects.is_empty())
-        .then(|| PendingSync { request: SyncRequest { node: node.to_owned(), subjects }, sent_ms: now_ms })
+    prepared.sync = (!subjects.is_empty())
+        .then(|| PendingSync { request: SyncRequest { node: node.to_owned(), subjects }, sent_ms: now_ms });
+    prepared
+}
+
+/// What the tick sends about one customer, in every scope; whether it still has something to
+/// report; and whether the worker keeps it (it is not idle, or its entry was contended).
+fn take_subject(store: &dyn SharedData, tick: &Tick<'_>, subject: &str) -> (Vec<SubjectSync>, bool, bool) {
+    let mut taken = Vec::new();
+    let (mut pending, mut kept) = (false, false);
+    for scope in &tick.config.pricing.scopes {
+        let key = entry_key(tick.config, scope, subject);
+        match shared::update::<CustomerEntry, Option<(SubjectSync, bool)>>(store, &key, |entry| {
+            take_scope(entry, tick, scope, subject)
+        }) {
+            Ok(Some((s, p))) => {
+                taken.push(s);
+                pending |= p;
+                kept = true;
+            }
+            Ok(None) => {}
+            Err(_) => kept = true, // contended: next tick
+        }
+    }
+    (taken, pending, kept)
+}
+
+/// The sync of one customer in one scope, taken out of its entry (`None`: idle, forget it).
+fn take_scope(
+    entry: Option<CustomerEntry>,
+    tick: &Tick<'_>,
+    scope: &Scope,
+    subject: &str,
+) -> (Option<CustomerEntry>, Option<(SubjectSync, bool)>) {
+    let Some(mut e) = entry else { return (None, None) };
+    let config = tick.config;
+    let leased = config.sync.strategy == Strategy::Lease;
+    e.expire_holds(tick.now_ms);
+    e.measure_rate(tick.now_ms, u64::from(config.sync.interval_ms));
+    let lease_id = leased.then(|| lease::id(tick.node, config, scope, subject));
+    let stale = stale_after_ms(config);
+    let outgoing = e.take_outgoing(tick.worker, tick.now_ms, stale, config.settlement_mode, lease_id.as_deref());
+    let lease = if leased {
+        lease::request(&mut e, config, scope, tick.node, subject, tick.now_ms, tick.turn_ms, None)
+    } else {
+        None
+    };
+    let pending = e.has_pending();
+    let idle = tick.now_ms.saturating_sub(e.last_used_ms) > u64::from(config.sync.idle_ms);
+    if idle && !pending && outgoing.range.is_none() && lease.is_none() {
+        return (None, None);
+    }
+    let mut s = subject_sync(config, scope, subject);
+    s.usage = outgoing.range;
+    s.lease = lease;
+    (Some(e), Some((s, pending)))
 }
 
 /// Why an answer could not be used.
@@ -360,7 +273,7 @@ pub fn apply(
                         a.calls_confirmed += if was_in_flight { range.calls() } else { 0 };
                     }
                     if let (Some(lease), Some(asked_lease)) = (lease, &asked.lease) {
-                        let reserve = lease_reserve_ms(config);
+                        let reserve = lease::reserve_ms(config);
                         e.apply_lease(lease, asked_lease.seq, *revision, pending.sent_ms, config.lease.ttl_ms, reserve);
                     }
                     e.refresh(customer_id, *live, *revision, now_ms);
@@ -386,16 +299,22 @@ pub fn apply(
     applied
 }
 
-/// Registers the customers of an applied answer that now hold a lease or owe a report.
-pub fn register_pending(store: &dyn SharedData, config: &FilterConfig, pending: &PendingSync) {
-    for asked in &pending.request.subjects {
-        let Some(scope) = scope_of(config, asked) else { continue };
-        let pending = shared::read::<CustomerEntry>(store, &entry_key(config, scope, &asked.subject))
-            .is_some_and(|e| e.has_pending());
-        if pending {
-            registry::add(store, config, &asked.subject);
-        }
-    }
+/// The customers of an applied answer that now hold a lease or owe a report (to register).
+pub fn pending_subjects(store: &dyn SharedData, config: &FilterConfig, pending: &PendingSync) -> Vec<String> {
+    let mut subjects: Vec<String> = pending
+        .request
+        .subjects
+        .iter()
+        .filter(|asked| {
+            scope_of(config, asked).is_some_and(|scope| {
+                shared::read::<CustomerEntry>(store, &entry_key(config, scope, &asked.subject))
+                    .is_some_and(|e| e.has_pending())
+            })
+        })
+        .map(|asked| asked.subject.clone())
+        .collect();
+    subjects.dedup();
+    subjects
 }
 
 /// Whether an entry's customer is known to the ledger (for tests and logs).
@@ -481,9 +400,9 @@ mod tests {
             ));
         }
         // Tick: the range goes out; the answer is lost; the retry is a duplicate.
-        let first = prepare(&store, &mut tracker, &c, "node", 1, 100).unwrap();
+        let first = prepare(&store, &mut tracker, &c, "node", 1, 100).sync.unwrap();
         let _lost = ledger.answer(&first.request);
-        let retry = prepare(&store, &mut tracker, &c, "node", 1, 200).unwrap();
+        let retry = prepare(&store, &mut tracker, &c, "node", 1, 200).sync.unwrap();
         assert_eq!(retry.request.subjects[0].usage, first.request.subjects[0].usage);
         let resp = ledger.answer(&retry.request);
         let applied = apply(&store, &c, &retry, &resp, 201);
@@ -507,24 +426,12 @@ mod tests {
         }
         let mut reported = std::collections::BTreeSet::new();
         for tick in 0..3 {
-            let pending = prepare(&store, &mut tracker, &c, "node", 1, 100 + tick).unwrap();
+            let pending = prepare(&store, &mut tracker, &c, "node", 1, 100 + tick).sync.unwrap();
             assert!(pending.request.subjects.len() <= MAX_SUBJECTS_PER_SYNC);
             reported.extend(pending.request.subjects.iter().filter(|s| s.usage.is_some()).map(|s| s.subject.clone()));
         }
         let missed: Vec<&String> = everyone.iter().filter(|s| !reported.contains(*s)).collect();
         assert!(missed.is_empty(), "{} customers were never reported, e.g. {:?}", missed.len(), missed.first());
-    }
-
-    #[test]
-    fn a_lease_lasts_until_the_customers_next_turn_in_a_sync() {
-        let c = FilterConfig::parse(br#"{"ledger": {"upstream": "l", "token": "t", "timeout_ms": 500}, "price": "0.01", "currency": "USD", "lease": {"max_calls": 100000}}"#).unwrap();
-        let scope = &c.pricing.scopes[0];
-        // 600 calls a minute: the default horizon (2 × 1 s interval + 0.5 s timeout) is 25 calls …
-        assert_eq!(lease_target(&c, scope, 600, 1_000), amt("0.25"));
-        // … but a customer synced every 10 ticks needs 10.5 s of calls.
-        assert_eq!(lease_target(&c, scope, 600, 10_000), amt("1.05"));
-        // Bounded as configured.
-        assert_eq!(lease_target(&c, scope, 1, 10_000), amt("0.10"), "lease.min_calls");
     }
 
     #[test]
@@ -549,8 +456,8 @@ mod tests {
         apply(&store, &c, &read, &answer(vec![ok("alice", None, "1", 1)]), 1);
         let mut tracker = Tracker::default();
         tracker.touch("alice", 1);
-        assert!(prepare(&store, &mut tracker, &c, "node", 1, 2).is_some());
-        assert!(prepare(&store, &mut tracker, &c, "node", 1, 1 + u64::from(c.sync.idle_ms) + 1).is_none());
+        assert!(prepare(&store, &mut tracker, &c, "node", 1, 2).sync.is_some());
+        assert!(prepare(&store, &mut tracker, &c, "node", 1, 1 + u64::from(c.sync.idle_ms) + 1).sync.is_none());
         assert!(tracker.is_empty());
     }
 
@@ -561,7 +468,7 @@ mod tests {
         call(&store, &allow, "ghost", amt("0.10"), 1, LedgerAccess::Unreachable);
         let mut tracker = Tracker::default();
         tracker.touch("ghost", 1);
-        let pending = prepare(&store, &mut tracker, &allow, "node", 1, 2).unwrap();
+        let pending = prepare(&store, &mut tracker, &allow, "node", 1, 2).sync.unwrap();
         let unknown = SubjectAnswer { subject: "ghost".into(), outcome: SubjectOutcome::UnknownSubject };
         let applied = apply(&store, &allow, &pending, &answer(vec![unknown]), 3);
         assert_eq!((applied.calls_dropped, applied.unknown_subjects), (1, 1));

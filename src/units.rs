@@ -6,29 +6,7 @@
 use credits::Amount;
 use serde_json::Value;
 
-use crate::pricing::{Pricing, UnitSource};
-
-/// The largest count a call may report (larger ones are treated as unreadable).
-pub const MAX_COUNT: u64 = 1_000_000_000_000;
-
-/// A count written as a decimal: `42`, `0.5`; not negative, not above [`MAX_COUNT`].
-pub fn from_text(text: &str) -> Option<Amount> {
-    let n = Amount::parse(text.trim()).ok()?;
-    (!n.is_negative() && n.decimal() <= MAX_COUNT.into()).then_some(n)
-}
-
-/// A count as a JSON number or a string holding one.
-pub fn from_json(value: &Value) -> Option<Amount> {
-    match value {
-        Value::Number(n) => match n.as_u64() {
-            Some(u) => (u <= MAX_COUNT).then(|| Amount::from(u)),
-            // Floats print without an exponent in Rust; NaN and infinities are not JSON numbers.
-            None => n.as_f64().and_then(|f| from_text(&f.to_string())),
-        },
-        Value::String(s) => from_text(s),
-        _ => None,
-    }
-}
+use crate::pricing::{count_from_json, Pricing, UnitSource};
 
 /// Reads units from a response body as it streams past.
 #[derive(Debug)]
@@ -109,7 +87,9 @@ impl BodyReader {
                 let doc: Option<Value> = if *overflow { None } else { serde_json::from_slice(body).ok() };
                 self.pointers
                     .iter()
-                    .map(|p| Some((p.as_ref()?, doc.as_ref()?)).and_then(|(p, d)| d.pointer(p)).and_then(from_json))
+                    .map(|p| {
+                        Some((p.as_ref()?, doc.as_ref()?)).and_then(|(p, d)| d.pointer(p)).and_then(count_from_json)
+                    })
                     .collect()
             }
             Mode::Events { pending, seen, skipping, .. } => {
@@ -148,7 +128,7 @@ fn read_event(event: &[u8], pointers: &[Option<String>], seen: &mut [Option<Amou
     }
     let Ok(doc) = serde_json::from_str::<Value>(&data.join("\n")) else { return };
     for (p, slot) in pointers.iter().zip(seen.iter_mut()) {
-        if let Some(n) = p.as_ref().and_then(|p| doc.pointer(p)).and_then(from_json) {
+        if let Some(n) = p.as_ref().and_then(|p| doc.pointer(p)).and_then(count_from_json) {
             *slot = Some(n);
         }
     }
@@ -181,21 +161,6 @@ mod tests {
             r.feed(c);
         }
         r.finish()
-    }
-
-    #[test]
-    fn counts_are_non_negative_decimals_in_bounds() {
-        assert_eq!(from_text(" 42 "), Some(amt("42")));
-        assert_eq!(from_text("0.5"), Some(amt("0.5")));
-        for bad in ["-1", "1e3", "", "NaN", "ten", "1000000000001"] {
-            assert_eq!(from_text(bad), None, "{bad}");
-        }
-        assert_eq!(from_json(&serde_json::json!(7)), Some(amt("7")));
-        assert_eq!(from_json(&serde_json::json!(2.5)), Some(amt("2.5")));
-        assert_eq!(from_json(&serde_json::json!("12")), Some(amt("12")));
-        for bad in [serde_json::json!(-3), serde_json::json!(null), serde_json::json!([1]), serde_json::json!(1e300)] {
-            assert_eq!(from_json(&bad), None, "{bad}");
-        }
     }
 
     #[test]

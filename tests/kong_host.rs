@@ -5,6 +5,7 @@
 //! dispatches reported the Kong 3.9 way, and instances that are thrown away after a trap.
 
 #[path = "kong_host/harness.rs"]
+#[allow(dead_code)] // shared with tests/kong_host_exactness.rs, which uses the rest
 mod kong_host;
 
 use chrono::DateTime;
@@ -113,6 +114,9 @@ fn cold_call_reads_the_balance_then_calls_are_paid_until_402() {
     assert_eq!(refused.status, 402);
     assert!(refused.body_text().contains("alice"), "{}", refused.body_text());
     assert!(refused.headers.iter().any(|(k, v)| k == "content-type" && v == "application/problem+json"));
+    // Counters are kept in the worker and handed to the engine on the tick.
+    assert_eq!(kong.metric("calls_allowed"), 0);
+    kong.tick().unwrap();
     assert_eq!(kong.metric("calls_allowed"), 10);
     assert_eq!(kong.metric("calls_refused"), 1);
     // Each call counts once: the first waited for the ledger, the rest were decided locally.
@@ -129,11 +133,16 @@ fn failed_dispatch_reported_the_kong_3_9_way_follows_the_failure_mode() {
     kong.answer(token, &[(":dispatch_status", "timeout")], 0, b"").unwrap();
     let local = kong.request_state(id).local.clone().expect("answered");
     assert_eq!(local.status, 503, "{}", local.body_text());
+    // ngx_wasm_module would lose a body here: the problem travels in a header.
+    assert!(local.body.is_empty());
+    let detail = local.headers.iter().find(|(k, _)| k == "x-credits-problem").map(|(_, v)| v.as_str());
+    assert_eq!(detail, Some("the credit ledger cannot be reached; the call was not let through"));
     assert_eq!(kong.request_state(id).resumed, 0);
     kong.finish(id).unwrap();
     // The ledger counts as down: the next call is decided at once (no new dispatch, no trap).
     let Outcome::Local(next) = call(&mut kong, "alice") else { panic!("let through while the ledger is down") };
     assert_eq!(next.status, 503);
+    kong.tick().unwrap();
     assert_eq!(kong.metric("sync_failures"), 1);
 }
 
@@ -202,10 +211,11 @@ fn unsent_usage_survives_an_instance_reset() {
         assert!(matches!(call(&mut first, "alice"), Outcome::Allowed));
     }
     // A trap: Kong throws the instance away and starts a fresh one; shared memory stays.
-    drop(first);
-    let mut second = configured(&node, CONFIG);
+    let mut second = first.replace_after_trap(CONFIG).unwrap();
     node.advance(1000);
+    // The old instance's tick timer keeps firing too: two ticks a period, one sync at a time.
     second.tick().unwrap();
+    assert_eq!(second.calls().len(), 1, "one sync in flight, whatever the ticks");
     let sync = second.calls().last().cloned().expect("the tick sends a sync");
     assert_eq!(sync.header(":path"), Some("/v3/gateway/sync"));
     let request: SyncRequest = serde_json::from_slice(&sync.body).unwrap();
@@ -264,4 +274,52 @@ fn concurrent_cold_calls_are_all_resumed_under_kong() {
     assert!(kong.host().effective_context_switches.is_empty(), "{:?}", kong.host().effective_context_switches);
     assert_eq!(kong.request_state(first).resumed, 1);
     assert_eq!(kong.request_state(second).resumed, 1);
+}
+
+/// On ngx_wasm_module a trap while a call waits for its own dispatch takes the whole worker down
+/// when that dispatch is answered (signal 11 on the real engine): the filter must never trap. What
+/// the worker had recorded survives in shared memory for the worker nginx starts instead.
+#[test]
+fn a_trap_with_a_dispatch_pending_takes_the_worker_down_but_not_the_nodes_usage() {
+    let node = Node::new(crc32);
+    let mut first = configured(&node, CONFIG);
+    cold_call(&mut first, &node, "alice", "1.00");
+    assert!(matches!(call(&mut first, "alice"), Outcome::Allowed));
+    let (_, action) = first.request(&[("x-consumer-username", "bob")]).unwrap();
+    assert_eq!(action, 1, "bob waits for his read");
+    let crash = first.replace_after_trap(CONFIG).err().expect("the worker crashes");
+    assert!(crash.to_string().contains("crashes"), "{crash}");
+    // nginx starts a new worker process: a fresh instance on the same shared memory.
+    let mut next = configured(&node, CONFIG);
+    node.advance(1000);
+    next.tick().unwrap();
+    let request: SyncRequest = serde_json::from_slice(&next.calls()[0].body).unwrap();
+    let alice = request.subjects.iter().find(|s| s.subject == "alice").expect("alice is synced");
+    assert_eq!(alice.usage.as_ref().map(|u| u.calls()), Some(2));
+}
+
+/// ngx_wasm_module resumes a call on its own once the last of its dispatches is answered, and
+/// lets a call go on after a response-phase `Pause` only with a local response (otherwise the
+/// worker yields forever): the filter resumes or answers every call it paused, in that call's
+/// own callbacks, and never pauses a response.
+#[test]
+fn every_paused_call_is_resumed_or_answered_in_its_own_callbacks() {
+    let node = Node::new(crc32);
+    let mut kong = configured(&node, CONFIG);
+    let ids: Vec<u32> = (0..3).map(|_| kong.request(&[("x-consumer-username", "carol")]).unwrap().0).collect();
+    assert_eq!(kong.calls().len(), 3, "each paused call owns a dispatch");
+    for dispatch in kong.calls().to_vec().into_iter().rev() {
+        let body = ledger_answer(&node, &dispatch, &[("carol", "0.20")]);
+        kong.answer_ok(dispatch.token, &body).unwrap();
+    }
+    let outcomes: Vec<Option<u32>> =
+        ids.iter().map(|id| kong.request_state(*id).local.as_ref().map(|l| l.status)).collect();
+    assert_eq!(outcomes.iter().filter(|o| o.is_none()).count(), 2, "0.20 pays for two calls: {outcomes:?}");
+    assert!(outcomes.contains(&Some(402)), "{outcomes:?}");
+    for id in ids {
+        assert!(!kong.hanging(id));
+        assert!(kong.request_state(id).proceeded || kong.request_state(id).local.is_some());
+        kong.finish(id).unwrap();
+    }
+    assert!(kong.host().effective_context_switches.is_empty());
 }

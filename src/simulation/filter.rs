@@ -1,70 +1,206 @@
-//! Every call the simulator makes into the filter, in one place: when the filter's API changes
-//! (a pricing scope, a range key with currency and feature), only this adapter follows.
+//! One simulated worker of a gateway node: the filter's own [`Worker`] and [`Call`]s, run through
+//! a [`FakeEngine`] (which enforces the engine's rules) exactly as the proxy-wasm adapter runs
+//! them. Every call the simulator makes into the filter is here.
+
+use std::collections::BTreeMap;
+use std::rc::Rc;
 
 use credits::sync::{SyncRequest, SyncResponse};
 
-use crate::config::FilterConfig;
-use crate::customer::CustomerEntry;
-use crate::decision::{self, LedgerAccess, Verdict};
-use crate::shared::fake::FakeShared;
-use crate::sync::{self, PendingSync, Tracker};
-use crate::{registry, shared};
+use crate::call::{Call, Flow, Request};
+use crate::config::{ConfigError, FilterConfig};
+use crate::customer::{entry_key, CustomerEntry};
+use crate::engine::fake::{Dispatched, FakeEngine};
+use crate::engine::{ContextId, LedgerAnswer, Phase, Rules, Token};
+use crate::shared::{self, fake::FakeShared};
+use crate::worker::Worker;
 
-/// One gateway node's view: its configuration, its shared data and its name.
-pub struct NodeFilter<'a> {
-    pub config: &'a FilterConfig,
-    pub store: &'a FakeShared,
-    pub node: &'a str,
+/// The root context's id: the tick's dispatches come from it.
+pub const ROOT: ContextId = 0;
+
+/// A request naming `subject` (the simulator's calls carry nothing else).
+struct Subject<'a>(&'a str);
+
+impl Request for Subject<'_> {
+    fn header(&self, name: &str) -> Option<String> {
+        (name == "x-consumer-username").then(|| self.0.to_owned())
+    }
+
+    fn id(&self) -> Option<String> {
+        None
+    }
 }
 
-impl NodeFilter<'_> {
-    /// Decides a call of `subject` at the configured price, settled at once at that price;
-    /// registers the customer when it now has something to report (as the host adapter does).
-    pub fn decide(&self, subject: &str, now_ms: u64, access: LedgerAccess) -> Verdict {
-        let (verdict, effects) = decision::call(self.store, self.config, subject, self.config.price, now_ms, access);
-        if effects.became_pending {
-            registry::add(self.store, self.config, subject);
+/// A 200 response with no units to read.
+struct Ok200;
+
+impl Request for Ok200 {
+    fn header(&self, name: &str) -> Option<String> {
+        (name == ":status").then(|| "200".to_owned())
+    }
+
+    fn id(&self) -> Option<String> {
+        None
+    }
+}
+
+/// The simulator's configuration, which is valid.
+fn valid(config: &Rc<Result<FilterConfig, ConfigError>>) -> &FilterConfig {
+    match &**config {
+        Ok(c) => c,
+        Err(e) => unreachable!("the simulator's configuration is valid: {e}"),
+    }
+}
+
+/// A request the worker sent: to route to the ledger, and its answer back to `context`.
+#[derive(Clone, Debug)]
+pub struct Sent {
+    pub token: Token,
+    pub context: ContextId,
+    pub request: SyncRequest,
+}
+
+/// How the calls decided in one step went.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Decided {
+    pub allowed: u64,
+    pub refused: u64,
+    pub unavailable: u64,
+    pub unknown: u64,
+}
+
+pub struct SimWorker {
+    pub worker: Worker,
+    pub engine: FakeEngine,
+    config: Rc<Result<FilterConfig, ConfigError>>,
+    /// Calls that wait for the ledger.
+    calls: BTreeMap<ContextId, Call>,
+    next_context: ContextId,
+}
+
+impl SimWorker {
+    pub fn new(rules: Rules, store: Rc<FakeShared>, config: &FilterConfig, id: u64, now_ms: u64) -> SimWorker {
+        let mut engine = FakeEngine::with_store(rules, store);
+        engine.now_ms = now_ms;
+        engine.enter(ROOT, Phase::Configure);
+        let mut worker = Worker::start(&engine, id);
+        worker.reconfigure(config);
+        SimWorker { worker, engine, config: Rc::new(Ok(config.clone())), calls: BTreeMap::new(), next_context: 1 }
+    }
+
+    fn config(&self) -> &FilterConfig {
+        valid(&self.config)
+    }
+
+    /// A call of `subject` arrives; what was decided, and what was sent.
+    pub fn call(&mut self, subject: &str, now_ms: u64) -> (Decided, Vec<Sent>) {
+        let id = self.next_context;
+        self.next_context += 1;
+        self.engine.now_ms = now_ms;
+        self.engine.enter(id, Phase::RequestHeaders);
+        let mut call = Call::new(id);
+        let config = Rc::clone(&self.config);
+        let flow = call.on_request_headers(&mut self.worker, &mut self.engine, &config, &Subject(subject), true);
+        if flow == Flow::Continue {
+            self.complete(call);
+            return (Decided { allowed: 1, ..Decided::default() }, self.sent());
         }
-        verdict
+        self.calls.insert(id, call);
+        self.outcomes()
     }
 
-    /// The cold-miss read (with a lease top-up) for a call that must wait.
-    pub fn balance_read(&self, subject: &str, now_ms: u64) -> PendingSync {
-        sync::balance_read(self.store, self.config, self.node, subject, &[self.config.price], now_ms)
+    /// The tick of the worker's root context.
+    pub fn tick(&mut self, now_ms: u64) -> Vec<Sent> {
+        self.engine.now_ms = now_ms;
+        self.engine.enter(ROOT, Phase::Tick);
+        let config = Rc::clone(&self.config);
+        if let Ok(config) = &*config {
+            self.worker.on_tick(&mut self.engine, config);
+        }
+        self.sent()
     }
 
-    /// The tick's batched sync of one worker, if it has anything to say.
-    pub fn prepare(&self, tracker: &mut Tracker, worker: u64, now_ms: u64) -> Option<PendingSync> {
-        sync::prepare(self.store, tracker, self.config, self.node, worker, now_ms)
+    /// The answer to `sent` (`None`: the engine reports a failure, e.g. its timeout).
+    pub fn answer(&mut self, sent: &Sent, response: Option<&SyncResponse>, now_ms: u64) -> (Decided, Vec<Sent>) {
+        self.engine.now_ms = now_ms;
+        self.engine.enter(sent.context, Phase::CallResponse);
+        let answer =
+            LedgerAnswer { status: response.map(|_| 200), body: response.and_then(|r| serde_json::to_vec(r).ok()) };
+        let config = Rc::clone(&self.config);
+        let Ok(config) = &*config else { return (Decided::default(), Vec::new()) };
+        if sent.context == ROOT {
+            self.worker.on_sync_answer(&mut self.engine, config, sent.token, &answer);
+            return (Decided::default(), self.sent());
+        }
+        // A call that went away gets no answer (engines drop it).
+        if let Some(call) = self.calls.get_mut(&sent.context) {
+            call.on_ledger_answer(&mut self.worker, &mut self.engine, config, sent.token, &answer);
+        }
+        self.outcomes()
     }
 
-    /// Applies the ledger's answer (or the host's failure, `None`); `true` if it was usable.
-    pub fn answer(&self, pending: &PendingSync, response: Option<&SyncResponse>, now_ms: u64) -> bool {
-        let body = response.and_then(|r| serde_json::to_vec(r).ok());
-        let status = response.map(|_| 200);
-        match sync::parse_answer(pending, status, body.as_deref()) {
-            Ok(resp) => {
-                sync::apply(self.store, self.config, pending, &resp, now_ms);
-                sync::register_pending(self.store, self.config, pending);
-                true
+    /// Calls the engine was told to resume or answer: let through (then completed) or answered.
+    fn outcomes(&mut self) -> (Decided, Vec<Sent>) {
+        let mut decided = Decided::default();
+        for (id, problem) in std::mem::take(&mut self.engine.replies) {
+            match problem.status {
+                402 => decided.refused += 1,
+                403 => decided.unknown += 1,
+                _ => decided.unavailable += 1,
             }
-            Err(_) => false,
+            if let Some(mut call) = self.calls.remove(&id) {
+                let config = Rc::clone(&self.config);
+                self.engine.enter(id, Phase::Log);
+                call.on_log(&mut self.worker, &mut self.engine, valid(&config));
+            }
         }
+        for id in std::mem::take(&mut self.engine.resumed).into_keys() {
+            if let Some(call) = self.calls.remove(&id) {
+                decided.allowed += 1;
+                self.complete(call);
+            }
+        }
+        (decided, self.sent())
+    }
+
+    /// A call let through: the upstream answers 200 and the call completes at its price.
+    fn complete(&mut self, mut call: Call) {
+        let config = Rc::clone(&self.config);
+        let config = valid(&config);
+        self.engine.enter(call.id, Phase::ResponseHeaders);
+        call.on_response_headers(&mut self.worker, &mut self.engine, config, &Ok200, true);
+        self.engine.enter(call.id, Phase::Log);
+        call.on_log(&mut self.worker, &mut self.engine, config);
+    }
+
+    /// What the worker dispatched since last asked.
+    fn sent(&mut self) -> Vec<Sent> {
+        std::mem::take(&mut self.engine.dispatched)
+            .into_iter()
+            .filter_map(|Dispatched { token, context, body }| {
+                let request = serde_json::from_slice(&body).ok()?;
+                Some(Sent { token, context, request })
+            })
+            .collect()
     }
 
     /// The node's shared entry of a customer.
     pub fn entry(&self, subject: &str) -> Option<CustomerEntry> {
-        let scope = &self.config.pricing.scopes[0];
-        shared::read::<CustomerEntry>(self.store, &decision::entry_key(self.config, scope, subject))
+        entry_of(&self.engine, self.config(), subject)
     }
 
     /// Calls of `subject` this node numbered (let through and recorded).
     pub fn calls_recorded(&self, subject: &str) -> u64 {
         self.entry(subject).map_or(0, |e| e.next_call)
     }
+
+    /// Host calls the engine would have refused or trapped on.
+    pub fn violations(&self) -> &[String] {
+        &self.engine.violations
+    }
 }
 
-/// A request the host gave up on: the worker gets the failure, nothing to match it to.
-pub fn failed_request() -> PendingSync {
-    PendingSync { request: SyncRequest { node: String::new(), subjects: Vec::new() }, sent_ms: 0 }
+/// A customer's shared entry in the first scope of `config`.
+pub fn entry_of(engine: &FakeEngine, config: &FilterConfig, subject: &str) -> Option<CustomerEntry> {
+    shared::read::<CustomerEntry>(&*engine.store, &entry_key(config, &config.pricing.scopes[0], subject))
 }

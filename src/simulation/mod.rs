@@ -10,9 +10,9 @@
 //!   on SQLite, over a fixed list of seeds. A failing seed prints itself; `SIM_SEEDS` replays it
 //!   or runs more: `SIM_SEEDS=17` or `SIM_SEEDS=0..500`. `SIM_TRACE=1` prints every event.
 
-mod backend;
-mod filter;
-mod model_ledger;
+pub(crate) mod backend;
+pub(crate) mod filter;
+pub(crate) mod model_ledger;
 mod sqlite_ledger;
 mod world;
 

@@ -8,12 +8,13 @@ use credits::sync::SyncResponse;
 use credits::{Amount, Book};
 use proptest::prelude::*;
 
+use std::rc::Rc;
+
 use super::backend::{at, Books, GrantPlan, Ledger};
-use super::filter::{self, NodeFilter};
+use super::filter::{Decided, Sent, SimWorker};
 use crate::config::FilterConfig;
-use crate::decision::{LedgerAccess, Verdict};
-use crate::shared::fake::{FakeShared, Rules};
-use crate::sync::{PendingSync, Tracker};
+use crate::engine::{Rules, Token};
+use crate::shared::fake::{FakeShared, Rules as SharedRules};
 
 pub const SUBJECT: &str = "alice";
 const NODES: usize = 3;
@@ -134,29 +135,12 @@ pub struct Stats {
     pub expiry_excess: Amount,
 }
 
-#[derive(Default)]
-struct Worker {
-    id: u64,
-    tracker: Tracker,
-    /// The tick's sync in flight: message id.
-    in_flight: Option<u64>,
-    /// Reads in flight: message id → calls waiting for it.
-    reads: BTreeMap<u64, u32>,
-    down_until: u64,
-}
-
 struct Node {
     id: String,
-    store: FakeShared,
+    store: Rc<FakeShared>,
     skew_ms: u64,
-    workers: Vec<Worker>,
+    workers: Vec<SimWorker>,
     let_through: u64,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Tick,
-    Read,
 }
 
 #[derive(Clone)]
@@ -164,9 +148,9 @@ struct Message {
     id: u64,
     node: usize,
     worker: usize,
+    /// The worker instance that sent it (a reset worker is a new instance).
     worker_id: u64,
-    kind: Kind,
-    pending: PendingSync,
+    sent: Sent,
     /// When the request reaches the ledger, or when the answer reaches the node.
     due_ms: u64,
     /// The request never reaches the ledger.
@@ -178,6 +162,7 @@ struct Message {
 
 pub struct Sim<L: Ledger> {
     pub config: FilterConfig,
+    rules: Rules,
     pub ledger: L,
     noise: u64,
     nodes: Vec<Node>,
@@ -194,29 +179,47 @@ pub struct Sim<L: Ledger> {
     pub stats: Stats,
     /// Hold the auditor to the balance alone, with no allowance for grants expiring under leases.
     strict: bool,
+    /// Dispatches the engine still waits for, by (node, worker instance, token).
+    outstanding: BTreeMap<Outstanding, Message>,
+}
+
+type Outstanding = (usize, u64, Token);
+
+fn key(m: &Message) -> Outstanding {
+    (m.node, m.worker_id, m.sent.token)
 }
 
 impl<L: Ledger> Sim<L> {
     pub fn new(s: &Scenario, ledger: impl FnOnce(&FilterConfig) -> L) -> Sim<L> {
         let config = config();
-        let rules = if s.kong {
-            Rules::Kong { hash: |k| k.bytes().fold(7u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b))) }
+        let (rules, shared) = if s.kong {
+            (
+                Rules::Nginx,
+                SharedRules::Kong {
+                    hash: |k| k.bytes().fold(7u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b))),
+                },
+            )
         } else {
-            Rules::Envoy
+            (Rules::Envoy, SharedRules::Envoy)
         };
         let nodes = (0..NODES)
-            .map(|n| Node {
-                id: format!("node{n}"),
-                store: FakeShared::new(rules),
-                skew_ms: s.skews_ms[n],
-                workers: (0..WORKERS).map(|w| Worker { id: (n * 10 + w) as u64 + 1, ..Worker::default() }).collect(),
-                let_through: 0,
+            .map(|n| {
+                let store = Rc::new(FakeShared::new(shared));
+                let workers = (0..WORKERS)
+                    .map(|w| SimWorker::new(rules, Rc::clone(&store), &config, (n * 10 + w) as u64 + 1, START_MS))
+                    .collect();
+                Node { id: String::new(), store, skew_ms: s.skews_ms[n], workers, let_through: 0 }
+            })
+            .map(|mut node| {
+                node.id = node.workers[0].worker.node.clone();
+                node
             })
             .collect();
         let request_delay_ms = config.lease.ttl_ms / 10 - 1;
         let ledger = ledger(&config);
         Sim {
             config,
+            rules,
             ledger,
             noise: s.noise,
             nodes,
@@ -229,26 +232,15 @@ impl<L: Ledger> Sim<L> {
             expiries: s.grants.iter().filter_map(|g| Some((g.effective_ms + g.expires_after_ms?, None))).collect(),
             stats: Stats::default(),
             strict: std::env::var_os("SIM_STRICT").is_some(),
+            outstanding: BTreeMap::new(),
         }
-    }
-
-    fn filter(&self, node: usize) -> NodeFilter<'_> {
-        NodeFilter { config: &self.config, store: &self.nodes[node].store, node: &self.nodes[node].id }
     }
 
     fn node_time(&self, node: usize) -> u64 {
         self.now + self.nodes[node].skew_ms
     }
 
-    fn access(&self, node: usize, worker: usize) -> LedgerAccess {
-        if self.node_time(node) >= self.nodes[node].workers[worker].down_until {
-            LedgerAccess::Reachable
-        } else {
-            LedgerAccess::Unreachable
-        }
-    }
-
-    fn send(&mut self, node: usize, worker: usize, kind: Kind, pending: PendingSync) -> u64 {
+    fn send(&mut self, node: usize, worker: usize, sent: Sent) {
         let id = self.next_id;
         self.next_id += 1;
         let fate = if self.reliable { 2 } else { roll(self.noise, id, 1) % 12 };
@@ -256,15 +248,15 @@ impl<L: Ledger> Sim<L> {
             id,
             node,
             worker,
-            worker_id: self.nodes[node].workers[worker].id,
-            kind,
-            pending,
+            worker_id: self.nodes[node].workers[worker].worker.id,
+            sent,
             due_ms: self.now + roll(self.noise, id, 2) % self.request_delay_ms,
             lost: fate == 0,
             answer: None,
             deadline_ms: self.now + u64::from(self.config.ledger.timeout_ms),
         };
         self.stats.requests_lost += u64::from(fate == 0);
+        self.outstanding.insert(key(&m), m.clone());
         if fate == 1 {
             self.stats.requests_duplicated += 1;
             // Duplicated on the way: the ledger serves it twice; the host takes the first answer.
@@ -272,85 +264,45 @@ impl<L: Ledger> Sim<L> {
             self.messages.push(copy);
         }
         self.messages.push(m);
-        id
     }
 
-    fn record_allowed(&mut self, node: usize, worker: usize, verdict: &Verdict) {
-        match verdict {
-            Verdict::Allow { .. } => {
-                let t = self.node_time(node);
-                self.nodes[node].let_through += 1;
-                self.nodes[node].workers[worker].tracker.touch(SUBJECT, t);
-                self.stats.allowed += 1;
-            }
-            Verdict::Refuse { .. } => self.stats.refused += 1,
-            Verdict::Unavailable { .. } => self.stats.unavailable += 1,
-            Verdict::UnknownCustomer | Verdict::AskLedger => {}
+    /// Records what a step of `worker` decided and routes what it sent.
+    fn took(&mut self, node: usize, worker: usize, (decided, sent): (Decided, Vec<Sent>)) {
+        self.nodes[node].let_through += decided.allowed;
+        self.stats.allowed += decided.allowed;
+        self.stats.refused += decided.refused;
+        self.stats.unavailable += decided.unavailable;
+        for s in sent {
+            self.send(node, worker, s);
         }
     }
 
     fn call(&mut self, node: usize, worker: usize) {
         let t = self.node_time(node);
-        let access = self.access(node, worker);
-        let verdict = self.filter(node).decide(SUBJECT, t, access);
-        trace(|| format!("t={} call node{node} w{worker} {access:?} -> {verdict:?}", self.now));
-        self.record_allowed(node, worker, &verdict);
-        if verdict == Verdict::AskLedger {
-            // Join the worker's read in flight, or start one.
-            if let Some(waiting) = self.nodes[node].workers[worker].reads.values_mut().next() {
-                *waiting += 1;
-                return;
-            }
-            let pending = self.filter(node).balance_read(SUBJECT, t);
-            let id = self.send(node, worker, Kind::Read, pending);
-            self.nodes[node].workers[worker].reads.insert(id, 1);
-        }
+        let step = self.nodes[node].workers[worker].call(SUBJECT, t);
+        trace(|| format!("t={} call node{node} w{worker} -> {:?}", self.now, step.0));
+        self.took(node, worker, step);
     }
 
     fn tick(&mut self, node: usize, worker: usize) {
-        if self.nodes[node].workers[worker].in_flight.is_some() {
-            return;
-        }
         let t = self.node_time(node);
-        let n = &mut self.nodes[node];
-        let w = &mut n.workers[worker];
-        let f = NodeFilter { config: &self.config, store: &n.store, node: &n.id };
-        if let Some(pending) = f.prepare(&mut w.tracker, w.id, t) {
-            let id = self.send(node, worker, Kind::Tick, pending);
-            self.nodes[node].workers[worker].in_flight = Some(id);
-        }
+        let sent = self.nodes[node].workers[worker].tick(t);
+        self.took(node, worker, (Decided::default(), sent));
     }
 
-    /// The answer (or the failure) reaches the worker that asked, if it is still the same one.
+    /// The answer (or the failure) reaches the worker that asked, if it is still the same instance.
     fn answer(&mut self, m: &Message, response: Option<&SyncResponse>) {
-        let worker = &self.nodes[m.node].workers[m.worker];
-        let expected = match m.kind {
-            Kind::Tick => worker.in_flight == Some(m.id),
-            Kind::Read => worker.reads.contains_key(&m.id),
-        };
-        if worker.id != m.worker_id || !expected {
-            return; // a reset worker, a duplicate, or an answer after its timeout: dropped
-        }
         let t = self.node_time(m.node);
-        let ok = self.filter(m.node).answer(&m.pending, response, t);
-        trace(|| {
-            format!("t={} node{} applies #{} ok={ok}: {:?}", self.now, m.node, m.id, self.filter(m.node).entry(SUBJECT))
-        });
         let w = &mut self.nodes[m.node].workers[m.worker];
-        w.down_until = if ok { 0 } else { t + u64::from(self.config.sync.interval_ms) };
-        match m.kind {
-            Kind::Tick => w.in_flight = None,
-            Kind::Read => {
-                let waiting = w.reads.remove(&m.id).unwrap_or(0);
-                w.tracker.touch(SUBJECT, t);
-                let access = if ok { LedgerAccess::Asked } else { LedgerAccess::Unreachable };
-                for _ in 0..waiting {
-                    let verdict = self.filter(m.node).decide(SUBJECT, t, access);
-                    trace(|| format!("t={} waiting call node{} {access:?} -> {verdict:?}", self.now, m.node));
-                    self.record_allowed(m.node, m.worker, &verdict);
-                }
-            }
+        if w.worker.id != m.worker_id {
+            return; // a reset worker: its instance and its calls are gone
         }
+        let step = w.answer(&m.sent, response, t);
+        trace(|| {
+            let entry = self.nodes[m.node].workers[m.worker].entry(SUBJECT);
+            format!("t={} node{} gets #{} ({:?}): {:?}; {entry:?}", self.now, m.node, m.id, response.is_some(), step.0)
+        });
+        self.took(m.node, m.worker, step);
     }
 
     /// Requests due at the ledger are served; each answer's fate comes from `fates`.
@@ -364,10 +316,10 @@ impl<L: Ledger> Sim<L> {
         for i in due.into_iter().rev() {
             let mut m = self.messages.swap_remove(i);
             self.book = None;
-            let Some(response) = self.ledger.serve(&m.pending.request, at(self.now)) else {
+            let Some(response) = self.ledger.serve(&m.sent.request, at(self.now)) else {
                 continue; // the ledger failed: the host reports it at the timeout
             };
-            trace(|| format!("t={} ledger serves #{} {:?}\n   -> {:?}", self.now, m.id, m.pending.request, response));
+            trace(|| format!("t={} ledger serves #{} {:?}\n   -> {:?}", self.now, m.id, m.sent.request, response));
             let fate = if self.reliable { 2 } else { fates.rotate_left((m.id % 61) as u32) % 6 };
             match fate {
                 0 => self.stats.answers_lost += 1, // the host reports a timeout at the deadline
@@ -398,7 +350,8 @@ impl<L: Ledger> Sim<L> {
             return;
         }
         let m = self.messages.swap_remove(due[pick % due.len()]);
-        if self.now <= m.deadline_ms {
+        // The engine hands over the first answer before the timeout; later copies are dropped.
+        if self.outstanding.remove(&key(&m)).is_some() {
             self.answer(&m, m.answer.as_ref());
         }
     }
@@ -436,40 +389,16 @@ impl<L: Ledger> Sim<L> {
         }
     }
 
-    /// Calls whose answer did not come by the timeout get the host's failure.
+    /// Dispatches whose answer did not come by the timeout get the engine's failure.
     fn timeouts(&mut self) {
         let now = self.now;
-        let waiting: Vec<(u64, usize, usize, Kind)> = self
-            .nodes
-            .iter()
-            .enumerate()
-            .flat_map(|(n, node)| {
-                node.workers.iter().enumerate().flat_map(move |(w, wk)| {
-                    let tick = wk.in_flight.iter().map(move |id| (*id, n, w, Kind::Tick));
-                    tick.chain(wk.reads.keys().map(move |id| (*id, n, w, Kind::Read))).collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        for (id, node, worker, kind) in waiting {
-            let deadline = self.messages.iter().find(|m| m.id == id).map(|m| m.deadline_ms);
-            if deadline.is_none_or(|d| now > d) {
-                // The host synthesises a failure (Envoy: 504) once the timeout passes.
-                self.stats.host_timeouts += 1;
-                self.messages.retain(|m| m.id != id);
-                let failed = Message {
-                    id,
-                    node,
-                    worker,
-                    worker_id: self.nodes[node].workers[worker].id,
-                    kind,
-                    pending: filter::failed_request(),
-                    due_ms: now,
-                    lost: false,
-                    answer: None,
-                    deadline_ms: now,
-                };
-                self.answer(&failed, None);
-            }
+        let due: Vec<(Outstanding, Message)> =
+            self.outstanding.iter().filter(|(_, m)| now > m.deadline_ms).map(|(k, m)| (*k, m.clone())).collect();
+        for (k, m) in due {
+            self.outstanding.remove(&k);
+            self.messages.retain(|other| key(other) != k);
+            self.stats.host_timeouts += 1;
+            self.answer(&m, None);
         }
     }
 
@@ -479,8 +408,10 @@ impl<L: Ledger> Sim<L> {
             Action::Deliver { pick } => self.deliver(pick),
             Action::Advance { ms, fates } => self.advance(ms, fates),
             Action::Reset { node, worker } => {
-                let w = &mut self.nodes[node].workers[worker];
-                *w = Worker { id: w.id + 100, ..Worker::default() };
+                let t = self.node_time(node);
+                let n = &mut self.nodes[node];
+                let id = n.workers[worker].worker.id + 100;
+                n.workers[worker] = SimWorker::new(self.rules, Rc::clone(&n.store), &self.config, id, t);
                 self.stats.worker_resets += 1;
             }
             Action::LedgerJob => {
@@ -514,10 +445,13 @@ impl<L: Ledger> Sim<L> {
     /// The auditor, after every step: never more let through than the credit there was, every
     /// call let through recorded in its node's shared state, the journal sound.
     pub fn audit(&mut self) -> Result<(), String> {
-        for (n, node) in self.nodes.iter().enumerate() {
-            let recorded = self.filter(n).calls_recorded(SUBJECT);
+        for node in &self.nodes {
+            let recorded = node.workers[0].calls_recorded(SUBJECT);
             if recorded != node.let_through {
                 return Err(format!("{} recorded {recorded} calls, let {} through", node.id, node.let_through));
+            }
+            if let Some(v) = node.workers.iter().find_map(|w| w.violations().first()) {
+                return Err(format!("{}: the engine would refuse or trap: {v}", node.id));
             }
         }
         if self.book.is_none() {

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use wasmtime::{
@@ -15,6 +16,8 @@ const OK: i32 = 0;
 const NOT_FOUND: i32 = 1;
 const CAS_MISMATCH: i32 = 8;
 
+const BUFFER_HTTP_REQUEST_BODY: i32 = 0;
+const BUFFER_HTTP_RESPONSE_BODY: i32 = 1;
 const BUFFER_HTTP_CALL_RESPONSE_BODY: i32 = 4;
 const BUFFER_PLUGIN_CONFIGURATION: i32 = 7;
 
@@ -23,6 +26,9 @@ const MAP_RESPONSE_HEADERS: i32 = 2;
 const MAP_HTTP_CALL_RESPONSE_HEADERS: i32 = 6;
 
 pub const ROOT_ID: u32 = 1;
+
+/// Instances started so far (seeds each one's randomness).
+static INSTANCES: AtomicU64 = AtomicU64::new(1);
 
 /// Kong's shared-data key identity: a hash of the key, never the key itself.
 pub type KeyHash = fn(&str) -> u32;
@@ -105,7 +111,9 @@ pub enum Phase {
     Configure,
     Tick,
     RequestHeaders,
+    RequestBody,
     ResponseHeaders,
+    ResponseBody,
     CallResponse,
     Log,
     Done,
@@ -144,9 +152,19 @@ impl LocalResponse {
 #[derive(Default)]
 pub struct Request {
     pub request_headers: Vec<(String, String)>,
+    pub request_body: Vec<u8>,
     pub response_headers: Vec<(String, String)>,
+    /// The chunk of the response body the current callback sees.
+    pub response_chunk: Vec<u8>,
     pub local: Option<LocalResponse>,
+    /// Explicit `proxy_continue_stream` calls.
     pub resumed: u32,
+    /// The engine let the request go on to the upstream: its request callback returned
+    /// `Continue`, or (ngx_wasm_module) the last of its dispatches was answered without a local
+    /// response — the engine resumes it whether or not the filter asked.
+    pub proceeded: bool,
+    /// Dispatches of this call not answered yet.
+    pub pending_dispatches: u32,
 }
 
 pub struct Host {
@@ -166,6 +184,8 @@ pub struct Host {
     pub root_property_reads: Vec<String>,
     /// `set_effective_context` to another context than the running one: (running, asked).
     pub effective_context_switches: Vec<(u32, u32)>,
+    /// Kong's nginx defines `$kong_request_id`; a bare ngx_wasm_module does not.
+    pub kong: bool,
     rng: u64,
 }
 
@@ -276,7 +296,11 @@ fn deserialize_pairs(bytes: &[u8]) -> Result<Vec<(String, String)>> {
 fn engine_and_module() -> &'static (Engine, Module) {
     static COMPILED: OnceLock<(Engine, Module)> = OnceLock::new();
     COMPILED.get_or_init(|| {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/wasm32-wasip1/release/prepaid_credits.wasm");
+        // `PREPAID_CREDITS_WASM` runs the harness against another build (e.g. an older one, to see
+        // a test fail without its fix).
+        let path = std::env::var_os("PREPAID_CREDITS_WASM").map(PathBuf::from).unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/wasm32-wasip1/release/prepaid_credits.wasm")
+        });
         let engine = Engine::default();
         let module = Module::from_file(&engine, &path).unwrap_or_else(|e| {
             panic!("{}: {e:?} (build it: cargo build --release --target wasm32-wasip1)", path.display())
@@ -315,9 +339,13 @@ fn linker(engine: &Engine, module: &Module) -> Result<Linker<Host>> {
         "env",
         "proxy_get_buffer_bytes",
         |mut c: Caller<'_, Host>, kind: i32, start: i32, max: i32, ret_ptr: i32, ret_size: i32| -> Result<i32> {
+            let current = c.data().current;
+            let request = c.data().requests.get(&current);
             let buffer = match kind {
                 BUFFER_PLUGIN_CONFIGURATION => Some(c.data().plugin_config.clone()),
                 BUFFER_HTTP_CALL_RESPONSE_BODY => c.data().call_response.as_ref().map(|(_, b)| b.clone()),
+                BUFFER_HTTP_REQUEST_BODY => request.map(|r| r.request_body.clone()),
+                BUFFER_HTTP_RESPONSE_BODY => request.map(|r| r.response_chunk.clone()),
                 _ => None,
             };
             let Some(buffer) = buffer else { return Ok(NOT_FOUND) };
@@ -395,12 +423,23 @@ fn linker(engine: &Engine, module: &Module) -> Result<Linker<Host>> {
             if !c.data().requests.contains_key(&current) {
                 c.data_mut().root_property_reads.push(parts.join("."));
             }
-            if parts == ["ngx", "kong_request_id"] && c.data().requests.contains_key(&current) {
-                let id = format!("kong-req-{current}");
-                give(&mut c, id.as_bytes(), ret_ptr, ret_size)?;
-                return Ok(OK);
+            // ngx_wasm_module serves any nginx variable as `ngx.<name>` (request-scoped ones only in
+            // a request); `$kong_request_id` exists only in Kong's nginx template.
+            let value = match parts.as_slice() {
+                ["ngx", "nginx_version"] => Some("1.27.4".to_owned()),
+                ["ngx", "request_id"] if c.data().requests.contains_key(&current) => Some(format!("{current:032x}")),
+                ["ngx", "kong_request_id"] if c.data().kong && c.data().requests.contains_key(&current) => {
+                    Some(format!("kong-req-{current}"))
+                }
+                _ => None,
+            };
+            match value {
+                Some(v) => {
+                    give(&mut c, v.as_bytes(), ret_ptr, ret_size)?;
+                    Ok(OK)
+                }
+                None => Ok(NOT_FOUND),
             }
-            Ok(NOT_FOUND)
         },
     )?;
     l.func_wrap(
@@ -445,8 +484,8 @@ fn linker(engine: &Engine, module: &Module) -> Result<Linker<Host>> {
          ret_token: i32|
          -> Result<i32> {
             let phase = c.data().phase;
-            if !matches!(phase, Phase::RequestHeaders | Phase::Tick | Phase::CallResponse) {
-                bail!("Kong: dispatch_http_call not allowed in {phase:?}");
+            if !matches!(phase, Phase::RequestHeaders | Phase::RequestBody | Phase::Tick | Phase::CallResponse) {
+                bail!("Kong: can only send HTTP dispatch during on_request_headers, on_request_body, on_tick, on_dispatch_response (not {phase:?})");
             }
             let upstream = read_string(&mut c, up, upl)?;
             let headers = deserialize_pairs(&read(&mut c, hp, hl)?)?;
@@ -461,6 +500,9 @@ fn linker(engine: &Engine, module: &Module) -> Result<Linker<Host>> {
             let token = h.next_token;
             let call =
                 HttpCall { token, context: h.current, phase, upstream, headers, body, timeout_ms: timeout as u32 };
+            if let Some(request) = h.requests.get_mut(&call.context) {
+                request.pending_dispatches += 1;
+            }
             h.calls.push(call);
             write_u32(&mut c, ret_token, token)?;
             Ok(OK)
@@ -483,7 +525,12 @@ fn linker(engine: &Engine, module: &Module) -> Result<Linker<Host>> {
             let headers = deserialize_pairs(&read(&mut c, hp, hl)?)?;
             let h = c.data_mut();
             let phase = h.phase;
-            if matches!(phase, Phase::Log | Phase::Done | Phase::Tick | Phase::Configure | Phase::VmStart) {
+            let failed_dispatch =
+                h.call_response.as_ref().is_some_and(|(headers, _)| !headers.iter().any(|(k, _)| k == ":status"));
+            if !matches!(
+                phase,
+                Phase::RequestHeaders | Phase::RequestBody | Phase::CallResponse | Phase::ResponseHeaders
+            ) {
                 bail!("Kong: send_local_response not allowed in {phase:?}");
             }
             let current = h.current;
@@ -492,6 +539,11 @@ fn linker(engine: &Engine, module: &Module) -> Result<Linker<Host>> {
             };
             if request.local.is_some() {
                 bail!("Kong: local response already stashed");
+            }
+            if phase == Phase::CallResponse && failed_dispatch && !body.is_empty() {
+                // Seen on the real engine: the body's buffer is recycled with the failed
+                // dispatch's socket; the client gets its Content-Length and no body.
+                bail!("ngx_wasm_module: a local response body made in a failed dispatch's callback is lost");
             }
             request.local = Some(LocalResponse { status: status as u32, body, headers });
             Ok(OK)
@@ -615,10 +667,17 @@ pub struct Kong {
     pub store: Store<Host>,
     instance: Instance,
     next_id: u32,
+    /// Tick timers driving the root context: ngx_wasm_module starts one more each time a trapped
+    /// instance is replaced in the same worker (the old timer keeps firing).
+    timers: u32,
 }
 
 impl Kong {
     pub fn new(node: &Node) -> Kong {
+        Kong::with_timers(node, 1)
+    }
+
+    fn with_timers(node: &Node, timers: u32) -> Kong {
         let (engine, module) = engine_and_module();
         let linker = linker(engine, module).unwrap();
         let host = Host {
@@ -635,11 +694,16 @@ impl Kong {
             logs: Vec::new(),
             root_property_reads: Vec::new(),
             effective_context_switches: Vec::new(),
-            rng: node.now_ms() ^ 0x9E37_79B9_7F4A_7C15,
+            kong: std::env::var_os("KONG_HARNESS_KONG_TEMPLATE").is_some(),
+            // Every instance its own randomness, as every nginx worker has (two nodes that drew the
+            // same node id would share their leases).
+            rng: node.now_ms()
+                ^ 0x9E37_79B9_7F4A_7C15
+                ^ INSTANCES.fetch_add(1, Ordering::Relaxed).wrapping_mul(0xBF58_476D_1CE4_E5B9),
         };
         let mut store = Store::new(engine, host);
         let instance = linker.instantiate(&mut store, module).unwrap();
-        let mut kong = Kong { store, instance, next_id: ROOT_ID + 1 };
+        let mut kong = Kong { store, instance, next_id: ROOT_ID + 1, timers };
         kong.call::<(), ()>(Phase::Idle, ROOT_ID, "_initialize", ()).unwrap();
         kong.call::<(i32, i32), ()>(Phase::Idle, ROOT_ID, "proxy_on_context_create", (ROOT_ID as i32, 0)).unwrap();
         let started = kong.call::<(i32, i32), i32>(Phase::VmStart, ROOT_ID, "proxy_on_vm_start", (ROOT_ID as i32, 0));
@@ -669,13 +733,40 @@ impl Kong {
         Ok(r != 0)
     }
 
+    /// One tick period: the root's `on_tick` once per timer.
     pub fn tick(&mut self) -> Result<()> {
         assert!(self.host().tick_period_ms.get(&ROOT_ID).is_some_and(|p| *p != 0), "no tick period set");
-        self.call::<i32, ()>(Phase::Tick, ROOT_ID, "proxy_on_tick", ROOT_ID as i32)
+        for _ in 0..self.timers {
+            self.call::<i32, ()>(Phase::Tick, ROOT_ID, "proxy_on_tick", ROOT_ID as i32)?;
+        }
+        Ok(())
+    }
+
+    /// The instance trapped: ngx_wasm_module replaces it in the same worker (its memory, and so
+    /// the filter's worker state, is gone; shared memory stays) and configures the new one. A
+    /// dispatch of a request still pending then crashes the worker when its answer arrives (seen
+    /// on the real engine: signal 11), so that is an error here.
+    pub fn replace_after_trap(self, config: &str) -> Result<Kong> {
+        let pending: Vec<u32> =
+            self.host().requests.iter().filter(|(_, r)| r.pending_dispatches > 0).map(|(id, _)| *id).collect();
+        if !pending.is_empty() {
+            bail!("ngx_wasm_module: the worker crashes when the dispatches of calls {pending:?} are answered");
+        }
+        let node = self.host().node.clone();
+        let mut next = Kong::with_timers(&node, self.timers + 1);
+        next.store.data_mut().kong = self.host().kong;
+        next.configure(config)?;
+        Ok(next)
     }
 
     /// A new request: its context and the action of `on_request_headers` (0 continue, 1 pause).
     pub fn request(&mut self, headers: &[(&str, &str)]) -> Result<(u32, i32)> {
+        self.request_with_body(headers, None)
+    }
+
+    /// A new request with a body (Kong reads the whole body, then calls `on_request_body` once
+    /// with eof): its context and the action of the last request callback.
+    pub fn request_with_body(&mut self, headers: &[(&str, &str)], body: Option<&[u8]>) -> Result<(u32, i32)> {
         let id = self.next_id;
         self.next_id += 1;
         let all: Vec<(String, String)> =
@@ -688,13 +779,33 @@ impl Kong {
         self.store.data_mut().requests.insert(id, Request { request_headers: all, ..Request::default() });
         self.call::<(i32, i32), ()>(Phase::Idle, ROOT_ID, "proxy_on_context_create", (id as i32, ROOT_ID as i32))?;
         // Kong always passes eof = false to header callbacks.
-        let action = self.call::<(i32, i32, i32), i32>(
+        let mut action = self.call::<(i32, i32, i32), i32>(
             Phase::RequestHeaders,
             id,
             "proxy_on_request_headers",
             (id as i32, n, 0),
         )?;
+        if let (0, Some(body)) = (action, body) {
+            let r = self.store.data_mut().requests.get_mut(&id).unwrap();
+            r.request_body = body.to_vec();
+            let size = body.len() as i32;
+            action = self.call::<(i32, i32, i32), i32>(
+                Phase::RequestBody,
+                id,
+                "proxy_on_request_body",
+                (id as i32, size, 1),
+            )?;
+        }
+        self.settle_request(id, action);
         Ok((id, action))
+    }
+
+    /// What the engine does with a request after one of its callbacks: it goes on when the filter
+    /// says continue, or when its last dispatch was answered without a local response.
+    fn settle_request(&mut self, id: u32, action: i32) {
+        if let Some(r) = self.store.data_mut().requests.get_mut(&id) {
+            r.proceeded |= r.local.is_none() && action == 0;
+        }
     }
 
     pub fn response_headers(&mut self, id: u32) -> Result<i32> {
@@ -704,7 +815,28 @@ impl Kong {
             r.response_headers = vec![(":status".into(), status), ("content-type".into(), "text/plain".into())];
         }
         let n = r.response_headers.len() as i32;
-        self.call::<(i32, i32, i32), i32>(Phase::ResponseHeaders, id, "proxy_on_response_headers", (id as i32, n, 0))
+        let action = self.call::<(i32, i32, i32), i32>(
+            Phase::ResponseHeaders,
+            id,
+            "proxy_on_response_headers",
+            (id as i32, n, 0),
+        )?;
+        if action != 0 && self.request_state(id).local.is_none() {
+            bail!("Kong: \"ResponseHeaders\" returned \"PAUSE\": local response expected but none produced");
+        }
+        Ok(action)
+    }
+
+    /// One chunk of the response body (`eof` on the last).
+    pub fn response_body(&mut self, id: u32, chunk: &[u8], eof: bool) -> Result<i32> {
+        self.store.data_mut().requests.get_mut(&id).unwrap().response_chunk = chunk.to_vec();
+        let size = chunk.len() as i32;
+        self.call::<(i32, i32, i32), i32>(
+            Phase::ResponseBody,
+            id,
+            "proxy_on_response_body",
+            (id as i32, size, i32::from(eof)),
+        )
     }
 
     pub fn log(&mut self, id: u32) -> Result<()> {
@@ -725,6 +857,13 @@ impl Kong {
         self.done(id)
     }
 
+    /// A request the filter paused with nothing that could ever resume it: no local response,
+    /// no dispatch of its own pending (under ngx_wasm_module only its own dispatch resumes it).
+    pub fn hanging(&self, id: u32) -> bool {
+        let r = self.request_state(id);
+        !r.proceeded && r.local.is_none() && r.pending_dispatches == 0
+    }
+
     pub fn request_state(&self, id: u32) -> &Request {
         &self.host().requests[&id]
     }
@@ -739,6 +878,9 @@ impl Kong {
         let call = self.host().calls.iter().find(|c| c.token == token).cloned().unwrap();
         let headers: Vec<(String, String)> = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         self.store.data_mut().call_response = Some((headers, body.to_vec()));
+        if let Some(r) = self.store.data_mut().requests.get_mut(&call.context) {
+            r.pending_dispatches = r.pending_dispatches.saturating_sub(1);
+        }
         let r = self.call::<(i32, i32, i32, i32, i32), ()>(
             Phase::CallResponse,
             call.context,
@@ -746,6 +888,13 @@ impl Kong {
             (call.context as i32, token as i32, num_headers, body.len() as i32, 0),
         );
         self.store.data_mut().call_response = None;
+        // ngx_wasm_module resumes the request once its last dispatch is answered, unless the
+        // filter produced a local response.
+        if let Some(req) = self.store.data_mut().requests.get_mut(&call.context) {
+            if req.pending_dispatches == 0 && req.local.is_none() {
+                req.proceeded = true;
+            }
+        }
         r
     }
 

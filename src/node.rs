@@ -1,0 +1,64 @@
+//! The gateway node's identity: chosen once by its first worker and kept in shared data, so every
+//! worker of the node (and an instance that replaced a trapped one) reports usage under one id.
+
+use std::hash::{BuildHasher, Hasher};
+
+use crate::shared::{self, Keyed, SharedData};
+
+/// The node's record in shared data.
+struct NodeRecord {
+    id: String,
+}
+
+const NODE_KEY: &str = "prepaid_credits/node";
+
+impl Keyed for NodeRecord {
+    fn key(&self) -> &str {
+        NODE_KEY
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        format!("node1|{}|{NODE_KEY}", self.id).into_bytes()
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        let text = std::str::from_utf8(bytes).ok()?;
+        let rest = text.strip_prefix("node1|")?;
+        let (id, key) = rest.split_once('|')?;
+        (key == NODE_KEY).then(|| NodeRecord { id: id.to_owned() })
+    }
+}
+
+/// A random 64-bit number: std's `RandomState` is seeded from the host's randomness (WASI
+/// `random_get`); `salt` tells callers in one instant apart.
+pub fn random_u64(salt: u64) -> u64 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(salt);
+    h.finish()
+}
+
+/// The node's id, creating it if this is the node's first worker.
+pub fn id(store: &dyn SharedData, salt: u64) -> String {
+    let fresh = format!("{:016x}", random_u64(salt));
+    shared::update::<NodeRecord, String>(store, NODE_KEY, |existing| match existing {
+        Some(n) => (None, n.id),
+        None => (Some(NodeRecord { id: fresh.clone() }), fresh.clone()),
+    })
+    .unwrap_or(fresh)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shared::fake::{FakeShared, Rules};
+
+    #[test]
+    fn every_worker_of_a_node_gets_the_first_workers_id() {
+        for rules in [Rules::Envoy, Rules::Kong { hash: |k| k.len() as u32 }] {
+            let store = FakeShared::new(rules);
+            let first = id(&store, 1);
+            assert_eq!(first.len(), 16);
+            assert_eq!(id(&store, 2), first);
+        }
+    }
+}

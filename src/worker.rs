@@ -1,0 +1,501 @@
+//! One worker's filter (a proxy-wasm VM: an Envoy worker thread, an nginx worker process): its
+//! node's identity, the customers it keeps in sync, its calls that wait for the ledger, and its
+//! counters. The root context's callbacks (configure, tick, the tick's answer) land here, and so do
+//! the answers to the reads its waiting calls dispatched.
+
+use credits::Amount;
+
+use crate::config::FilterConfig;
+use crate::decision::{self, Hold, LedgerAccess, Verdict};
+use crate::engine::{ContextId, DispatchRefused, Engine, LedgerAnswer, LedgerCall, Metric, Rules, Token};
+use crate::node;
+use crate::problem::Problem;
+use crate::registry;
+use crate::sync::{self, AnswerError, PendingSync};
+use crate::tracker::Tracker;
+use crate::waiting::{Plan, Read, Waiter, Waiting};
+
+/// Reads one call may wait for: a burst that outruns a top-up waits for one more, sized for every
+/// call still waiting; beyond that the ledger is too slow to set credit aside.
+pub const MAX_READS_PER_CALL: u32 = 3;
+
+/// How a call that must wait for the ledger waits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// For a read: its answer comes to a callback of this worker.
+    Read,
+    /// No read could be dispatched: the calls were decided as if the ledger were unreachable.
+    GaveUp,
+}
+
+/// What became of a call once decided.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Acted {
+    /// Let through, holding this per scope.
+    LetThrough(Vec<Hold>),
+    /// Answered in place of the upstream.
+    Answered,
+}
+
+/// What deciding a waiting call came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Decided {
+    /// Resumed or answered.
+    Done,
+    /// The ledger has more credit than the top-up set aside (calls that waited for the same one
+    /// took it): wait for another read.
+    Again,
+}
+
+#[derive(Debug, Default)]
+struct Counters([u64; Metric::ALL.len()]);
+
+#[derive(Debug, Default)]
+pub struct Worker {
+    /// The node's id (shared by its workers, from shared data).
+    pub node: String,
+    /// This worker's id: the owner of the ranges it sends.
+    pub id: u64,
+    pub tracker: Tracker,
+    pub waiting: Waiting,
+    /// Until when the ledger counts as unreachable (after a failed call).
+    ledger_down_until_ms: u64,
+    counters: Counters,
+    /// The tick's sync in flight: its token and what was sent.
+    in_flight: Option<(Token, PendingSync)>,
+    /// The headers of every ledger request of this configuration.
+    ledger_headers: Vec<(String, String)>,
+    /// Completions whose shared entry could not be written (other workers kept winning): the tick
+    /// retries them, so a call let through is never left unrecorded.
+    retries: Vec<Retry>,
+}
+
+/// A call's completion in one scope, still to be recorded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Retry {
+    subject: String,
+    scope: usize,
+    held: Option<Hold>,
+    cost: Amount,
+}
+
+/// At most this many completions wait for a retry; beyond it they are counted as dropped usage.
+const MAX_RETRIES: usize = 10_000;
+
+impl Worker {
+    /// A worker of the node in `engine`'s shared data (created there by the first worker).
+    pub fn start(engine: &dyn Engine, id: u64) -> Worker {
+        let node = node::id(engine.shared(), id);
+        Worker { node, id, ..Worker::default() }
+    }
+
+    /// A (new) configuration for this worker.
+    pub fn reconfigure(&mut self, config: &FilterConfig) {
+        self.ledger_headers = ledger_headers(config);
+    }
+
+    pub fn count(&mut self, metric: Metric, n: u64) {
+        self.counters.0[metric as usize] += n;
+    }
+
+    /// Hands the counted metrics to the engine (once per tick, so calls make no metric host call).
+    pub fn flush_counters(&mut self, engine: &mut dyn Engine) {
+        for metric in Metric::ALL {
+            let n = std::mem::take(&mut self.counters.0[metric as usize]);
+            if n > 0 {
+                engine.count(metric, n);
+            }
+        }
+    }
+
+    pub fn access(&self, now_ms: u64) -> LedgerAccess {
+        if now_ms >= self.ledger_down_until_ms {
+            LedgerAccess::Reachable
+        } else {
+            LedgerAccess::Unreachable
+        }
+    }
+
+    fn mark_ledger_down(&mut self, config: &FilterConfig, now_ms: u64) {
+        self.ledger_down_until_ms = now_ms + u64::from(config.sync.interval_ms);
+    }
+
+    /// Registers a customer that now has something to report, so every worker syncs it; a
+    /// register that cannot take it (a full shard, contention) is counted.
+    pub fn register(&mut self, engine: &dyn Engine, config: &FilterConfig, subject: &str) {
+        if !registry::add(engine.shared(), config, subject) {
+            self.count(Metric::SharedDataFailures, 1);
+        }
+    }
+
+    fn dispatch(
+        &self,
+        engine: &mut dyn Engine,
+        config: &FilterConfig,
+        pending: &PendingSync,
+    ) -> Result<Token, DispatchRefused> {
+        let body = pending.body();
+        // ngx_wasm_module takes `http` by default and warns on every `:scheme` when built
+        // without TLS; Envoy expects it.
+        let nginx = engine.rules() == Rules::Nginx && !config.ledger.tls;
+        let headers: Vec<(String, String)> =
+            self.ledger_headers.iter().filter(|(name, _)| !(nginx && name == ":scheme")).cloned().collect();
+        let call = LedgerCall {
+            upstream: &config.ledger.upstream,
+            headers: &headers,
+            body: &body,
+            timeout_ms: config.ledger.timeout_ms,
+        };
+        engine.dispatch(&call)
+    }
+
+    /// Applies the ledger's answer to `pending` (or marks the ledger down); `true` if usable.
+    fn absorb(
+        &mut self,
+        engine: &mut dyn Engine,
+        config: &FilterConfig,
+        pending: &PendingSync,
+        answer: &LedgerAnswer,
+    ) -> bool {
+        let now_ms = engine.now_ms();
+        engine.record_rtt(now_ms.saturating_sub(pending.sent_ms));
+        match sync::parse_answer(pending, answer.status, answer.body.as_deref()) {
+            Ok(response) => {
+                let applied = sync::apply(engine.shared(), config, pending, &response, now_ms);
+                for subject in sync::pending_subjects(engine.shared(), config, pending) {
+                    self.register(engine, config, &subject);
+                }
+                self.count(Metric::RecordsConfirmed, applied.calls_confirmed);
+                self.count(Metric::RecordsDropped, applied.calls_dropped);
+                self.ledger_down_until_ms = 0;
+                true
+            }
+            Err(e) => {
+                self.count(Metric::SyncFailures, 1);
+                let (AnswerError::Unavailable(message) | AnswerError::Malformed(message)) = &e;
+                log::warn!("prepaid_credits: ledger sync failed: {message}");
+                self.mark_ledger_down(config, now_ms);
+                false
+            }
+        }
+    }
+
+    /// The tick: gives up on reads past their deadline, records completions that could not be,
+    /// sends the worker's sync, hands over the counters.
+    pub fn on_tick(&mut self, engine: &mut dyn Engine, config: &FilterConfig) {
+        let now_ms = engine.now_ms();
+        self.expire_reads(engine, config, now_ms);
+        self.retry_completions(engine, config, now_ms);
+        self.send_sync(engine, config, now_ms);
+        self.flush_counters(engine);
+    }
+
+    /// Keeps the scopes of a completion that could not be written (`done[i]` false) for a retry.
+    pub fn retry_completion(&mut self, subject: &str, held: &[Hold], cost: &[Amount], done: &[bool]) {
+        self.count(Metric::SharedDataFailures, 1);
+        for (scope, (cost, done)) in cost.iter().zip(done).enumerate() {
+            if *done {
+                continue;
+            }
+            if self.retries.len() >= MAX_RETRIES {
+                self.count(Metric::RecordsDropped, 1);
+                continue;
+            }
+            self.retries.push(Retry {
+                subject: subject.to_owned(),
+                scope,
+                held: held.get(scope).copied(),
+                cost: *cost,
+            });
+        }
+    }
+
+    fn retry_completions(&mut self, engine: &mut dyn Engine, config: &FilterConfig, now_ms: u64) {
+        for retry in std::mem::take(&mut self.retries) {
+            let Some(scope) = config.pricing.scopes.get(retry.scope) else { continue };
+            let store = engine.shared();
+            match decision::complete_in_scope(
+                store,
+                config,
+                scope,
+                &retry.subject,
+                retry.held.as_ref(),
+                retry.cost,
+                now_ms,
+            ) {
+                Some(done) if done.effects.became_pending => self.register(engine, config, &retry.subject),
+                Some(_) => {}
+                None => self.retries.push(retry),
+            }
+        }
+    }
+
+    fn send_sync(&mut self, engine: &mut dyn Engine, config: &FilterConfig, now_ms: u64) {
+        if let Some((_, pending)) = &self.in_flight {
+            // The engine answers every dispatch within its timeout; this only guards against a
+            // lost callback.
+            if now_ms.saturating_sub(pending.sent_ms) <= 2 * u64::from(config.ledger.timeout_ms) {
+                return;
+            }
+            self.in_flight = None;
+        }
+        let prepared = sync::prepare(engine.shared(), &mut self.tracker, config, &self.node, self.id, now_ms);
+        for subject in &prepared.unregistered {
+            self.register(engine, config, subject);
+        }
+        let Some(pending) = prepared.sync else { return };
+        match self.dispatch(engine, config, &pending) {
+            Ok(token) => {
+                self.count(Metric::SyncBatches, 1);
+                self.count(Metric::RecordsQueued, pending.calls());
+                self.in_flight = Some((token, pending));
+            }
+            Err(DispatchRefused(why)) => {
+                self.count(Metric::SyncFailures, 1);
+                log::warn!("prepaid_credits: could not dispatch the sync to {:?}: {why}", config.ledger.upstream);
+                self.mark_ledger_down(config, now_ms);
+            }
+        }
+    }
+
+    /// The answer to the tick's sync (in the root context).
+    pub fn on_sync_answer(
+        &mut self,
+        engine: &mut dyn Engine,
+        config: &FilterConfig,
+        token: Token,
+        answer: &LedgerAnswer,
+    ) {
+        match self.in_flight.take() {
+            Some((sent, pending)) if sent == token => {
+                self.absorb(engine, config, &pending, answer);
+            }
+            other => self.in_flight = other, // not this tick's (a replaced instance's): ignored
+        }
+    }
+
+    /// Acts on a verdict for call `context` of `subject`.
+    pub fn act(
+        &mut self,
+        engine: &mut dyn Engine,
+        config: &FilterConfig,
+        context: ContextId,
+        subject: &str,
+        request_id: Option<String>,
+        verdict: Verdict,
+    ) -> Acted {
+        let now_ms = engine.now_ms();
+        let problem = match verdict {
+            Verdict::Allow { held, .. } => {
+                self.count(Metric::CallsAllowed, 1);
+                self.tracker.touch(subject, now_ms);
+                return Acted::LetThrough(held);
+            }
+            Verdict::Refuse { scope, needed, available } => {
+                self.count(Metric::CallsRefused, 1);
+                self.tracker.touch(subject, now_ms);
+                let feature = config.pricing.scopes.get(scope).and_then(|s| s.feature.as_ref());
+                Problem::payment_required(subject, config.currency, feature, needed, available)
+            }
+            Verdict::UnknownCustomer => {
+                self.count(Metric::CallsUnknownCustomer, 1);
+                Problem::unknown_customer(subject, config.subject.unknown_status)
+            }
+            Verdict::Unavailable { reason } => {
+                self.count(Metric::CallsUnavailable, 1);
+                Problem::unavailable(reason)
+            }
+            // Only reached for a waiting call whose reads found nothing usable.
+            Verdict::AskLedger => {
+                self.count(Metric::CallsUnavailable, 1);
+                Problem::unavailable("the credit ledger did not answer")
+            }
+        };
+        engine.reply(context, &problem.with_request_id(request_id));
+        Acted::Answered
+    }
+
+    /// Decides a call of `subject` that needs `estimates` with `access`, registering its
+    /// customer if it now has something to report; and whether what the node holds decided it.
+    pub fn decide(
+        &mut self,
+        engine: &dyn Engine,
+        config: &FilterConfig,
+        subject: &str,
+        estimates: &[Amount],
+        access: LedgerAccess,
+    ) -> (Verdict, bool) {
+        let (verdict, effects) = decision::admit(engine.shared(), config, subject, estimates, engine.now_ms(), access);
+        if effects.became_pending {
+            self.register(engine, config, subject);
+        }
+        self.count(Metric::RecordsDropped, u64::from(effects.usage_dropped));
+        self.count(Metric::SharedDataFailures, u64::from(effects.contended));
+        if effects.offline && matches!(verdict, Verdict::Allow { .. }) {
+            self.count(Metric::CallsAllowedOffline, 1);
+        }
+        let hit = effects.cache_hit && verdict != Verdict::AskLedger;
+        (verdict, hit)
+    }
+
+    /// Makes `waiters` (calls of `subject` in `waiting`) wait for a read that tops up enough for
+    /// all of them, joining one in flight where the engine allows. `running` is the call whose
+    /// callback runs: it owns a read it dispatches, so it must be one of `waiters`.
+    pub fn wait(
+        &mut self,
+        engine: &mut dyn Engine,
+        config: &FilterConfig,
+        running: ContextId,
+        waiters: &[ContextId],
+        subject: &str,
+    ) -> Wait {
+        debug_assert!(waiters.contains(&running), "the owner of a read waits for it");
+        let now_ms = engine.now_ms();
+        for id in waiters {
+            if let Some(w) = self.waiting.waiter_mut(*id) {
+                w.reads += 1;
+            }
+        }
+        if self.waiting.plan(subject, engine.rules()) == Plan::Join {
+            self.waiting.join(subject, waiters);
+            return Wait::Read;
+        }
+        let queue = waiters.len() as u64;
+        let needed: Vec<Amount> = self
+            .waiting
+            .waiter(running)
+            .map_or_else(Vec::new, |w| w.estimates().iter().map(|e| e.times(queue).unwrap_or(*e)).collect());
+        let pending = sync::balance_read(engine.shared(), config, &self.node, subject, &needed, now_ms);
+        match self.dispatch(engine, config, &pending) {
+            Ok(token) => {
+                let deadline_ms = now_ms + u64::from(config.ledger.timeout_ms) + 100;
+                let read = Read {
+                    subject: subject.to_owned(),
+                    owner: Some(running),
+                    token,
+                    pending,
+                    waiters: waiters.to_vec(),
+                    deadline_ms,
+                };
+                self.waiting.dispatched(read, engine.rules());
+                Wait::Read
+            }
+            Err(DispatchRefused(why)) => {
+                log::warn!("prepaid_credits: could not dispatch a balance read to {:?}: {why}", config.ledger.upstream);
+                self.count(Metric::SyncFailures, 1);
+                self.mark_ledger_down(config, now_ms);
+                self.give_up(engine, config, waiters);
+                Wait::GaveUp
+            }
+        }
+    }
+
+    /// The answer to a read arrived in `running`'s callback: decides every call that waited for
+    /// it; those the ledger has more credit for than was set aside wait for another read, which
+    /// `running` owns (so it waits for it too).
+    pub fn on_read_answer(
+        &mut self,
+        engine: &mut dyn Engine,
+        config: &FilterConfig,
+        running: ContextId,
+        token: Token,
+        answer: &LedgerAnswer,
+    ) {
+        let Some(read) = self.waiting.answered(running, token) else { return };
+        self.absorb(engine, config, &read.pending, answer);
+        let mut again = Vec::new();
+        // The running call last: it owns the next read if another is needed.
+        for &id in read.waiters.iter().filter(|id| **id != running) {
+            if self.finish(engine, config, id) == Decided::Again {
+                again.push(id);
+            }
+        }
+        let running_waits = self.waiting.waiter(running).is_some();
+        if running_waits && (!again.is_empty() || self.finish(engine, config, running) == Decided::Again) {
+            again.push(running);
+            self.wait(engine, config, running, &again, &read.subject);
+        } else if !again.is_empty() {
+            // The running call was decided: nobody in a callback can own another read.
+            self.give_up(engine, config, &again);
+        }
+    }
+
+    /// Decides a waiting call on what is known now; `Again` if it should wait for another read.
+    fn finish(&mut self, engine: &mut dyn Engine, config: &FilterConfig, context: ContextId) -> Decided {
+        let asked = match self.access(engine.now_ms()) {
+            LedgerAccess::Reachable => LedgerAccess::Asked,
+            unreachable => unreachable,
+        };
+        let Some(waiter) = self.waiting.waiter(context) else { return Decided::Done };
+        let (subject, estimates, reads) = (waiter.subject.clone(), waiter.quote.estimates.clone(), waiter.reads);
+        let (verdict, _) = self.decide(engine, config, &subject, &estimates, asked);
+        if verdict == Verdict::AskLedger && reads < MAX_READS_PER_CALL {
+            return Decided::Again;
+        }
+        self.conclude(engine, config, context, verdict);
+        Decided::Done
+    }
+
+    /// Calls that cannot wait for another read: decided as if the ledger were unreachable.
+    fn give_up(&mut self, engine: &mut dyn Engine, config: &FilterConfig, waiters: &[ContextId]) {
+        for &id in waiters {
+            let Some(waiter) = self.waiting.waiter(id) else { continue };
+            let (subject, estimates) = (waiter.subject.clone(), waiter.quote.estimates.clone());
+            let (verdict, _) = self.decide(engine, config, &subject, &estimates, LedgerAccess::Unreachable);
+            self.conclude(engine, config, id, verdict);
+        }
+    }
+
+    /// Acts on the verdict for waiting call `context`: resumed holding its share (kept in its
+    /// waiter until its next callback takes it), or answered (and no longer waiting).
+    fn conclude(&mut self, engine: &mut dyn Engine, config: &FilterConfig, context: ContextId, verdict: Verdict) {
+        let Some(mut waiter) = self.waiting.take(context) else { return };
+        match self.act(engine, config, context, &waiter.subject, waiter.request_id.take(), verdict) {
+            Acted::LetThrough(held) => {
+                waiter.admitted = Some(held);
+                self.waiting.add(context, waiter);
+                engine.resume(context);
+            }
+            Acted::Answered => {}
+        }
+    }
+
+    /// Reads whose answer did not come in time (e.g. the call that dispatched it went away):
+    /// their calls are decided as if the ledger were unreachable.
+    fn expire_reads(&mut self, engine: &mut dyn Engine, config: &FilterConfig, now_ms: u64) {
+        for read in self.waiting.expired(now_ms) {
+            self.mark_ledger_down(config, now_ms);
+            for id in read.waiters {
+                if engine.rules().acts_on_other_contexts() {
+                    self.finish(engine, config, id);
+                }
+                // Under ngx_wasm_module a call can only be answered from its own callbacks: the
+                // engine fails its dispatch at the timeout and calls it back (Kong 3.9).
+            }
+        }
+    }
+
+    /// A waiting call's waiter, once it was let through: what it holds now.
+    pub fn take_admission(&mut self, context: ContextId) -> Option<(Waiter, Vec<Hold>)> {
+        self.waiting.waiter(context)?.admitted.as_ref()?;
+        let mut waiter = self.waiting.take(context)?;
+        let held = waiter.admitted.take()?;
+        Some((waiter, held))
+    }
+}
+
+/// The headers of every ledger request.
+fn ledger_headers(config: &FilterConfig) -> Vec<(String, String)> {
+    let l = &config.ledger;
+    [
+        (":method", "POST".to_owned()),
+        (":path", format!("{}/gateway/sync", l.base_path)),
+        (":authority", l.authority.clone()),
+        (":scheme", if l.tls { "https" } else { "http" }.to_owned()),
+        ("content-type", "application/json".to_owned()),
+        ("authorization", format!("Bearer {}", l.token)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}

@@ -1,0 +1,251 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail by panicking
+//! The built `prepaid_credits.wasm` in the ngx_wasm_module harness (bare engine: no Kong nginx
+//! template, so no `$kong_request_id`), on two nodes of two workers each, against the real ledger
+//! over HTTP: concurrent cold calls, lease top-ups, request-body estimates and streamed responses.
+//! Each test here failed on the real engine before the fix named in its comment.
+
+#[path = "kong_host/harness.rs"]
+#[allow(dead_code)] // shared with tests/kong_host.rs, which uses the rest
+mod kong_host;
+mod support;
+
+use std::collections::{BTreeMap, HashSet};
+
+use kong_host::{crc32, HttpCall, Kong, Node};
+use rust_decimal::Decimal;
+use serde_json::json;
+use support::{Ledger, TempDir, GATEWAY_TOKEN};
+
+/// Two nodes (each its own shared memory) of two workers (each its own instance).
+struct Cluster {
+    nodes: Vec<Node>,
+    workers: Vec<Kong>,
+    ledger: Ledger,
+    /// Dispatches answered already, per worker.
+    answered: Vec<HashSet<u32>>,
+    /// Calls started and not finished yet, per worker.
+    open: Vec<Vec<u32>>,
+    allowed: u64,
+    refused: u64,
+    other: BTreeMap<u32, u64>,
+}
+
+impl Cluster {
+    async fn start(dir: &TempDir, config: &serde_json::Value) -> Cluster {
+        let ledger = Ledger::start(&dir.0).await;
+        let nodes = vec![Node::new(crc32), Node::new(crc32)];
+        let mut config = config.clone();
+        config["ledger"]["upstream"] = json!(format!("127.0.0.1:{}", ledger.port));
+        config["ledger"]["token"] = json!(GATEWAY_TOKEN);
+        let text = config.to_string();
+        let workers: Vec<Kong> = (0..4)
+            .map(|i| {
+                let mut kong = Kong::new(&nodes[i / 2]);
+                assert!(kong.configure(&text).unwrap());
+                kong
+            })
+            .collect();
+        Cluster {
+            nodes,
+            workers,
+            ledger,
+            answered: vec![HashSet::new(); 4],
+            open: vec![Vec::new(); 4],
+            allowed: 0,
+            refused: 0,
+            other: BTreeMap::new(),
+        }
+    }
+
+    /// The ledger's answer to a dispatch, over HTTP as the engine would send it.
+    async fn forward(&self, call: &HttpCall) -> (u16, Vec<u8>) {
+        if std::env::var_os("PREPAID_CREDITS_WASM").is_none() {
+            assert_eq!(
+                call.header(":scheme"),
+                None,
+                "no :scheme for a TLS-less ngx_wasm_module (it warns on every dispatch)"
+            );
+        }
+        let resp = self
+            .ledger
+            .http
+            .post(self.ledger.url(call.header(":path").unwrap()))
+            .header("authorization", call.header("authorization").unwrap())
+            .header("content-type", "application/json")
+            .body(call.body.clone())
+            .send()
+            .await
+            .expect("ledger");
+        (resp.status().as_u16(), resp.bytes().await.unwrap().to_vec())
+    }
+
+    /// Answers every dispatch of every worker not answered yet, newest first (answers overtake
+    /// each other), until none is left.
+    async fn answer_all(&mut self) {
+        loop {
+            let mut todo = Vec::new();
+            for (w, kong) in self.workers.iter().enumerate() {
+                todo.extend(
+                    kong.calls().iter().filter(|c| !self.answered[w].contains(&c.token)).map(|c| (w, c.clone())),
+                );
+            }
+            if todo.is_empty() {
+                return;
+            }
+            for (w, call) in todo.into_iter().rev() {
+                self.answered[w].insert(call.token);
+                let (status, body) = self.forward(&call).await;
+                let status = status.to_string();
+                self.workers[w].answer(call.token, &[(":status", &status)], 1, &body).unwrap();
+            }
+        }
+    }
+
+    /// Ends every call that has been decided: let through (the upstream answers), or answered.
+    fn finish_decided(&mut self, respond: &dyn Fn(&mut Kong, u32)) {
+        for w in 0..self.workers.len() {
+            let open = std::mem::take(&mut self.open[w]);
+            for id in open {
+                let kong = &mut self.workers[w];
+                assert!(!kong.hanging(id), "call {id} of worker {w} paused with nothing to resume it");
+                let state = kong.request_state(id);
+                if state.proceeded {
+                    self.allowed += 1;
+                    respond(kong, id);
+                } else if let Some(local) = &state.local {
+                    let status = local.status;
+                    if status == 402 {
+                        self.refused += 1;
+                    } else {
+                        *self.other.entry(status).or_default() += 1;
+                    }
+                    kong.finish(id).unwrap();
+                } else {
+                    self.open[w].push(id); // still waiting for its read
+                }
+            }
+        }
+    }
+
+    /// Time passes one interval; every worker ticks and its sync is answered.
+    async fn tick(&mut self) {
+        for node in &self.nodes {
+            node.advance(1000);
+        }
+        for kong in &mut self.workers {
+            kong.tick().unwrap();
+        }
+        self.answer_all().await;
+    }
+}
+
+/// A fixed-price call let through: a 200 from the upstream.
+fn respond_200(kong: &mut Kong, id: u32) {
+    kong.finish(id).unwrap();
+}
+
+/// Two nodes of two workers hammering one customer (5.00 at 0.01 a call) under the default
+/// `lease` strategy let through exactly what the balance pays for, and book it all.
+/// Before the fix the filter recognised Kong's engine only by `$kong_request_id`, so on a bare
+/// ngx_wasm_module it shared reads between calls and answered them through
+/// `set_effective_context` (a no-op there): local responses landed on the wrong call ("local
+/// response already stashed"), calls hung, and credit stayed in leases while calls got 402.
+#[tokio::test]
+async fn two_nodes_of_two_workers_let_through_exactly_what_the_balance_pays_for() {
+    let dir = TempDir::new("kong-exact");
+    let config = json!({"ledger": {"upstream": "-", "token": "-", "timeout_ms": 1000},
+        "price": "0.01", "currency": "USD", "sync": {"interval_ms": 1000}});
+    let mut c = Cluster::start(&dir, &config).await;
+    let customer = c.ledger.customer_with_credit("alice", "5.00").await;
+    for round in 0..400 {
+        for w in 0..4 {
+            for _ in 0..1 + (round + w) % 3 {
+                let (id, _) = c.workers[w].request(&[("x-consumer-username", "alice")]).unwrap();
+                c.open[w].push(id);
+            }
+        }
+        c.answer_all().await;
+        c.finish_decided(&respond_200);
+        if round % 4 == 3 {
+            c.tick().await;
+        }
+        if c.allowed >= 500 && c.refused > 40 {
+            break;
+        }
+    }
+    assert!(c.other.is_empty(), "calls neither let through nor refused: {:?}", c.other);
+    assert_eq!(c.allowed, 500, "let through what 5.00 pays for at 0.01 ({} refused)", c.refused);
+    for _ in 0..3 {
+        c.tick().await;
+    }
+    c.ledger.wait_settled(&customer, "0.00").await;
+    assert_eq!(c.ledger.consumed(&customer).await, Decimal::new(500, 2), "every call booked once");
+    c.ledger.check().await;
+}
+
+/// The AI gateway on the same cluster: calls estimated from their request body (`max_tokens`)
+/// and charged what their streamed response reports. Before the fix these trapped the instance
+/// on the real engine (a second local response for one call, then dispatches from a replaced
+/// instance), lost calls that were let through, and got fewer calls through than the credit paid
+/// for. Now no call traps or hangs, and every call let through is booked exactly once.
+#[tokio::test]
+async fn streamed_ai_calls_estimated_from_their_body_are_booked_exactly_once() {
+    let dir = TempDir::new("kong-ai");
+    let config = json!({"ledger": {"upstream": "-", "token": "-"}, "currency": "USD",
+        "sync": {"interval_ms": 1000},
+        "pricing": {"units": [
+            {"name": "input_tokens", "feature_key": "input_tokens", "unit_price": "0.001",
+             "source": {"response_json": "/usage/prompt_tokens"}, "estimate": {"units": "10"}},
+            {"name": "output_tokens", "feature_key": "output_tokens", "unit_price": "0.001",
+             "source": {"response_json": "/usage/completion_tokens"},
+             "estimate": {"request_json": "/max_tokens", "default_units": "100"}}]}});
+    let mut c = Cluster::start(&dir, &config).await;
+    // 40 calls' worth at 10 + 20 tokens each.
+    let customer = c.ledger.customer_with_credit("ann", "1.20").await;
+    let body = br#"{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 50, "stream": true}"#;
+    for round in 0..60 {
+        for w in 0..4 {
+            for _ in 0..1 + (round + w) % 2 {
+                let headers = [("x-consumer-username", "ann"), (":method", "POST")];
+                let (id, _) = c.workers[w].request_with_body(&headers, Some(body)).unwrap();
+                c.open[w].push(id);
+            }
+        }
+        c.answer_all().await;
+        c.finish_decided(&stream_usage);
+        if round % 3 == 2 {
+            c.tick().await;
+        }
+    }
+    assert!(c.other.is_empty(), "calls neither let through nor refused: {:?}", c.other);
+    assert!(c.allowed <= 40, "let through {} calls for 40 calls' worth", c.allowed);
+    for _ in 0..3 {
+        c.tick().await;
+    }
+    let consumed = Decimal::new(3, 2) * Decimal::from(c.allowed);
+    for _ in 0..100 {
+        if c.ledger.consumed(&customer).await == consumed {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(c.ledger.consumed(&customer).await, consumed, "{} calls let through, each booked once", c.allowed);
+    c.ledger.check().await;
+}
+
+/// An OpenAI-style stream: a few token events, then one with the usage (10 in, 20 out).
+fn stream_usage(kong: &mut Kong, id: u32) {
+    let state = kong.store.data_mut().requests.get_mut(&id).unwrap();
+    state.response_headers =
+        vec![(":status".into(), "200".into()), ("content-type".into(), "text/event-stream".into())];
+    assert_eq!(kong.response_headers(id).unwrap(), 0);
+    for i in 0..3 {
+        let event =
+            format!("data: {}\n\n", json!({"choices": [{"delta": {"content": format!("t{i}")}}], "usage": null}));
+        kong.response_body(id, event.as_bytes(), false).unwrap();
+    }
+    let usage = json!({"choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": 20}});
+    kong.response_body(id, format!("data: {usage}\n\ndata: [DONE]\n\n").as_bytes(), true).unwrap();
+    kong.log(id).unwrap();
+    kong.done(id).unwrap();
+}
