@@ -246,44 +246,8 @@ impl FilterConfig {
     }
 
     fn from_raw(raw: RawConfig) -> Result<FilterConfig, ConfigError> {
-        let l = raw.ledger;
-        if l.upstream.is_empty() || l.upstream.chars().count() > 256 || l.upstream.contains(char::is_whitespace) {
-            return Err(error("ledger.upstream", "must be a cluster name or host:port without spaces"));
-        }
-        let authority = l.authority.unwrap_or_else(|| l.upstream.clone());
-        if authority.is_empty() || authority.chars().count() > 256 || authority.contains(char::is_whitespace) {
-            return Err(error("ledger.authority", "must be a host name without spaces"));
-        }
-        let base_path = l.base_path.unwrap_or_else(|| "/v3".to_owned());
-        let segments_ok = base_path == "/"
-            || base_path
-                .strip_prefix('/')
-                .is_some_and(|rest| rest.split('/').all(|s| !s.is_empty() && !s.contains(['?', '#', ' '])));
-        if !segments_ok {
-            return Err(error("ledger.base_path", "must be / or /segment[/segment…] (e.g. /v3)"));
-        }
-        if l.token.is_empty() || l.token.contains(['\r', '\n']) {
-            return Err(error("ledger.token", "must be a non-empty bearer token"));
-        }
-        let timeout_ms = to_u32(bounded("ledger.timeout_ms", l.timeout_ms, 1000, 1, 60_000)?);
-
-        let header = header_name("subject.header", raw.subject.header.as_deref().unwrap_or("x-consumer-username"))?;
-        let require = raw.subject.require_headers.unwrap_or_default();
-        if require.len() > 8 {
-            return Err(error("subject.require_headers", "at most 8 headers"));
-        }
-        let require_headers = require
-            .iter()
-            .enumerate()
-            .map(|(i, h)| header_name(&format!("subject.require_headers[{i}]"), h))
-            .collect::<Result<Vec<_>, _>>()?;
-        let subject = SubjectConfig {
-            header,
-            require_headers,
-            missing_status: status("subject.missing_status", raw.subject.missing_status, 401)?,
-            unknown_status: status("subject.unknown_status", raw.subject.unknown_status, 403)?,
-        };
-
+        let ledger = raw.ledger.validate()?;
+        let subject = raw.subject.validate()?;
         let price = match raw.price.as_deref() {
             Some(text) => amount("price", text)?,
             None if !raw.pricing.has_units() => return Err(error("price", "missing field `price`")),
@@ -304,84 +268,17 @@ impl FilterConfig {
                 return Err(error("settlement_mode", format!("{other:?} is not credit_only or credit_then_invoice")))
             }
         };
-        let s = raw.sync;
-        // Exact leases by default where calls are refused for lack of credit.
-        let default_strategy = match settlement_mode {
-            SettlementMode::CreditOnly => "lease",
-            SettlementMode::CreditThenInvoice => "cached",
-        };
-        let strategy = match s.strategy.as_deref().unwrap_or(default_strategy) {
-            "cached" => Strategy::Cached,
-            "lease" => Strategy::Lease,
-            other => return Err(error("sync.strategy", format!("{other:?} is not a strategy (lease or cached)"))),
-        };
-        let interval_ms = to_u32(bounded("sync.interval_ms", s.interval_ms, 1000, 50, 60_000)?);
-        let sync = SyncConfig {
-            strategy,
-            interval_ms,
-            max_stale_ms: to_u32(bounded("sync.max_stale_ms", s.max_stale_ms, 60_000, 100, 86_400_000)?),
-            idle_ms: to_u32(bounded("sync.idle_ms", s.idle_ms, 300_000, 1_000, 86_400_000)?),
-            max_unsent_calls: bounded(
-                "sync.max_unsent_calls",
-                s.max_unsent_calls,
-                1_000_000,
-                1,
-                credits::sync::MAX_CALLS_PER_RANGE,
-            )?,
-            unknown_ttl_ms: to_u32(bounded("sync.unknown_ttl_ms", s.unknown_ttl_ms, 10_000, 0, 3_600_000)?),
-        };
-        // Renewals ride on the sync tick, and a node stops spending a lease interval + timeout
-        // (and a tenth of the TTL) before it could expire: the TTL must leave room to spend.
-        let ttl_floor = 3 * (u64::from(interval_ms) + u64::from(timeout_ms));
-        let rl = raw.lease;
-        let lease = LeaseConfig {
-            min_calls: bounded("lease.min_calls", rl.min_calls, 10, 1, 1_000_000)?,
-            max_calls: bounded("lease.max_calls", rl.max_calls, 10_000, 1, 1_000_000)?,
-            low_water_percent: bounded("lease.low_water_percent", rl.low_water_percent, 50, 1, 100)?,
-            horizon_ms: bounded(
-                "lease.horizon_ms",
-                rl.horizon_ms,
-                2 * u64::from(interval_ms) + u64::from(timeout_ms),
-                1,
-                3_600_000,
-            )?,
-            idle_release_ms: bounded("lease.idle_release_ms", rl.idle_release_ms, 10_000, 100, 86_400_000)?,
-            ttl_ms: bounded("lease.ttl_ms", rl.ttl_ms, ttl_floor.max(30_000), 1_000, 3_600_000)?,
-        };
-        if lease.min_calls > lease.max_calls {
-            return Err(error("lease.min_calls", "must not exceed lease.max_calls"));
-        }
-        if strategy == Strategy::Lease && lease.ttl_ms < ttl_floor {
-            let message = format!("must be at least 3 × (sync.interval_ms + ledger.timeout_ms) = {ttl_floor}");
-            return Err(error("lease.ttl_ms", message));
-        }
+        let sync = raw.sync.validate(settlement_mode)?;
+        let lease = raw.lease.validate(&sync, ledger.timeout_ms)?;
         let failure_mode = match raw.failure_mode.as_deref().unwrap_or("deny") {
             "deny" => FailureMode::Deny,
             "allow" => FailureMode::Allow,
             other => return Err(error("failure_mode", format!("{other:?} is not deny or allow"))),
         };
         let offline_allowance = raw.offline_allowance.as_deref().map(|t| amount("offline_allowance", t)).transpose()?;
-        let response_headers = ResponseHeaders {
-            balance: match raw.response_headers.balance {
-                None => Some("x-credits-balance".to_owned()),
-                Some(None) => None,
-                Some(Some(name)) => Some(header_name("response_headers.balance", &name)?),
-            },
-            cost: match raw.response_headers.cost {
-                None => Some("x-credits-cost".to_owned()),
-                Some(None) => None,
-                Some(Some(name)) => Some(header_name("response_headers.cost", &name)?),
-            },
-        };
+        let response_headers = raw.response_headers.validate()?;
         Ok(FilterConfig {
-            ledger: LedgerConfig {
-                upstream: l.upstream,
-                authority,
-                base_path,
-                token: l.token,
-                timeout_ms,
-                tls: l.tls.unwrap_or(false),
-            },
+            ledger,
             subject,
             price,
             currency,
@@ -393,6 +290,134 @@ impl FilterConfig {
             failure_mode,
             offline_allowance,
             response_headers,
+        })
+    }
+}
+
+impl RawLedger {
+    fn validate(self) -> Result<LedgerConfig, ConfigError> {
+        let plain = |s: &str| !s.is_empty() && s.chars().count() <= 256 && !s.contains(char::is_whitespace);
+        if !plain(&self.upstream) {
+            return Err(error("ledger.upstream", "must be a cluster name or host:port without spaces"));
+        }
+        let authority = self.authority.unwrap_or_else(|| self.upstream.clone());
+        if !plain(&authority) {
+            return Err(error("ledger.authority", "must be a host name without spaces"));
+        }
+        let base_path = self.base_path.unwrap_or_else(|| "/v3".to_owned());
+        let segments_ok = base_path == "/"
+            || base_path
+                .strip_prefix('/')
+                .is_some_and(|rest| rest.split('/').all(|s| !s.is_empty() && !s.contains(['?', '#', ' '])));
+        if !segments_ok {
+            return Err(error("ledger.base_path", "must be / or /segment[/segment…] (e.g. /v3)"));
+        }
+        if self.token.is_empty() || self.token.contains(['\r', '\n']) {
+            return Err(error("ledger.token", "must be a non-empty bearer token"));
+        }
+        Ok(LedgerConfig {
+            upstream: self.upstream,
+            authority,
+            base_path,
+            token: self.token,
+            timeout_ms: to_u32(bounded("ledger.timeout_ms", self.timeout_ms, 1000, 1, 60_000)?),
+            tls: self.tls.unwrap_or(false),
+        })
+    }
+}
+
+impl RawSubject {
+    fn validate(self) -> Result<SubjectConfig, ConfigError> {
+        let header = header_name("subject.header", self.header.as_deref().unwrap_or("x-consumer-username"))?;
+        let require = self.require_headers.unwrap_or_default();
+        if require.len() > 8 {
+            return Err(error("subject.require_headers", "at most 8 headers"));
+        }
+        let require_headers = require
+            .iter()
+            .enumerate()
+            .map(|(i, h)| header_name(&format!("subject.require_headers[{i}]"), h))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(SubjectConfig {
+            header,
+            require_headers,
+            missing_status: status("subject.missing_status", self.missing_status, 401)?,
+            unknown_status: status("subject.unknown_status", self.unknown_status, 403)?,
+        })
+    }
+}
+
+impl RawSync {
+    fn validate(self, settlement_mode: SettlementMode) -> Result<SyncConfig, ConfigError> {
+        // Exact leases by default where calls are refused for lack of credit.
+        let default_strategy = match settlement_mode {
+            SettlementMode::CreditOnly => "lease",
+            SettlementMode::CreditThenInvoice => "cached",
+        };
+        let strategy = match self.strategy.as_deref().unwrap_or(default_strategy) {
+            "cached" => Strategy::Cached,
+            "lease" => Strategy::Lease,
+            other => return Err(error("sync.strategy", format!("{other:?} is not a strategy (lease or cached)"))),
+        };
+        Ok(SyncConfig {
+            strategy,
+            interval_ms: to_u32(bounded("sync.interval_ms", self.interval_ms, 1000, 50, 60_000)?),
+            max_stale_ms: to_u32(bounded("sync.max_stale_ms", self.max_stale_ms, 60_000, 100, 86_400_000)?),
+            idle_ms: to_u32(bounded("sync.idle_ms", self.idle_ms, 300_000, 1_000, 86_400_000)?),
+            max_unsent_calls: bounded(
+                "sync.max_unsent_calls",
+                self.max_unsent_calls,
+                1_000_000,
+                1,
+                credits::sync::MAX_CALLS_PER_RANGE,
+            )?,
+            unknown_ttl_ms: to_u32(bounded("sync.unknown_ttl_ms", self.unknown_ttl_ms, 10_000, 0, 3_600_000)?),
+        })
+    }
+}
+
+impl RawLease {
+    fn validate(self, sync: &SyncConfig, timeout_ms: u32) -> Result<LeaseConfig, ConfigError> {
+        // Renewals ride on the sync tick, and a node stops spending a lease interval + timeout
+        // (and a tenth of the TTL) before it could expire: the TTL must leave room to spend.
+        let interval_ms = u64::from(sync.interval_ms);
+        let ttl_floor = 3 * (interval_ms + u64::from(timeout_ms));
+        let lease = LeaseConfig {
+            min_calls: bounded("lease.min_calls", self.min_calls, 10, 1, 1_000_000)?,
+            max_calls: bounded("lease.max_calls", self.max_calls, 10_000, 1, 1_000_000)?,
+            low_water_percent: bounded("lease.low_water_percent", self.low_water_percent, 50, 1, 100)?,
+            horizon_ms: bounded(
+                "lease.horizon_ms",
+                self.horizon_ms,
+                2 * interval_ms + u64::from(timeout_ms),
+                1,
+                3_600_000,
+            )?,
+            idle_release_ms: bounded("lease.idle_release_ms", self.idle_release_ms, 10_000, 100, 86_400_000)?,
+            ttl_ms: bounded("lease.ttl_ms", self.ttl_ms, ttl_floor.max(30_000), 1_000, 3_600_000)?,
+        };
+        if lease.min_calls > lease.max_calls {
+            return Err(error("lease.min_calls", "must not exceed lease.max_calls"));
+        }
+        if sync.strategy == Strategy::Lease && lease.ttl_ms < ttl_floor {
+            let message = format!("must be at least 3 × (sync.interval_ms + ledger.timeout_ms) = {ttl_floor}");
+            return Err(error("lease.ttl_ms", message));
+        }
+        Ok(lease)
+    }
+}
+
+impl RawHeaders {
+    /// `null` switches a header off; absent means the default name.
+    fn validate(self) -> Result<ResponseHeaders, ConfigError> {
+        let name = |field: &str, value: Option<Option<String>>, default: &str| match value {
+            None => Ok(Some(default.to_owned())),
+            Some(None) => Ok(None),
+            Some(Some(name)) => header_name(field, &name).map(Some),
+        };
+        Ok(ResponseHeaders {
+            balance: name("response_headers.balance", self.balance, "x-credits-balance")?,
+            cost: name("response_headers.cost", self.cost, "x-credits-cost")?,
         })
     }
 }

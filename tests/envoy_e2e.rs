@@ -64,10 +64,14 @@ async fn ledger_down_deny_answers_503_within_the_timeout() {
     let envoy = Envoy::start(&dir.0, up, ledger.port, &filter_config(json!({"failure_mode": "deny"}))).await;
     ledger.stop().await;
     let started = Instant::now();
-    let (status, _, body) = envoy.call(Some("carol")).await;
+    let (status, headers, body) = envoy.call(Some("carol")).await;
     assert_eq!(status, 503, "{body}");
     assert!(started.elapsed() < Duration::from_millis(1500), "answered within the 1000 ms ledger timeout (+ slack)");
-    assert_eq!(problem(&body)["status"], 503);
+    match headers.get("x-credits-problem") {
+        // ngx_wasm_module loses a body made where a ledger call failed: the problem is a header.
+        Some(detail) => assert!(body.is_empty() && detail.to_str().unwrap().contains("cannot be reached")),
+        None => assert_eq!(problem(&body)["status"], 503),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod fault_proxy;
+pub mod llm;
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -260,6 +261,22 @@ pub async fn upstream() -> (u16, tokio::task::JoinHandle<()>) {
             let _ = axum::serve(listener, app).await;
         }),
     )
+}
+
+/// The upstream API, counting the requests it answered.
+pub async fn counting_upstream() -> (u16, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let count = served.clone();
+    let app = axum::Router::new().fallback(move || {
+        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async { "hello from upstream\n" }
+    });
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (port, served)
 }
 
 /// The filter configuration the tests use, with `extra` members merged in.
