@@ -24,7 +24,7 @@ fn draw_down_charge_90_takes_a_50_b_40_c_0() {
         .collect();
     assert_eq!(movements.len(), 2, "one consumed movement per grant drawn from");
     assert!(movements.iter().all(|m| m.kind == MovementKind::Consumed));
-    assert_eq!(book.grant(&GrantId("C".into())).unwrap().remaining(), amt("100"));
+    assert_eq!(book.grant(&GrantId("C".into())).unwrap().remaining().unwrap(), amt("100"));
 }
 
 #[test]
@@ -149,7 +149,7 @@ fn credit_only_refuses_an_uncovered_charge_and_changes_nothing() {
     let mut book = book_with(vec![grant("G", 1, None, "10").build()]);
     let before = book.clone();
     let refusal = book.charge(&spend("10.01", None, SettlementMode::CreditOnly), t(1)).unwrap_err();
-    assert_eq!(refusal, Refusal { requested: amt("10.01"), available: amt("10") });
+    assert_eq!(refusal, ChargeError::NotCovered(Refusal { requested: amt("10.01"), available: amt("10") }));
     assert_eq!(book, before);
 }
 
@@ -165,7 +165,7 @@ fn credit_then_invoice_consumes_what_is_there_and_reports_overage() {
 #[test]
 fn usage_after_the_fact_leaves_a_negative_balance_that_new_credit_covers_first() {
     let mut book = book_with(vec![grant("G", 1, None, "1").build()]);
-    let out = book.book_usage(&spend("3", None, SettlementMode::CreditOnly), t(1));
+    let out = book.book_usage(&spend("3", None, SettlementMode::CreditOnly), t(1)).unwrap();
     assert_eq!(out.uncovered, amt("2"));
     assert_eq!(settled(&book, t(1)), amt("-2"));
     let top_up = grant("H", 1, Some(t(10)), "10").effective(t(2)).build();

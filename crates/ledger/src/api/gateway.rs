@@ -4,7 +4,8 @@
 
 use axum::extract::State;
 use credits::gateway::{self, Facts, LeaseFacts};
-use credits::sync::{SubjectAnswer, SubjectOutcome, SyncRequest, SyncResponse, MAX_SUBJECTS_PER_SYNC};
+use credits::limits::{MAX_NODE_LEN, MAX_SUBJECTS_PER_SYNC};
+use credits::sync::{SubjectAnswer, SubjectOutcome, SyncRequest, SyncResponse};
 
 use super::problem::{ApiResult, Problem};
 use super::request::Json;
@@ -34,8 +35,8 @@ pub async fn sync(State(state): State<AppState>, Json(req): Json<SyncRequest>) -
 /// result. A failure rolls the whole sync back; the node re-sends it unchanged and every range
 /// still books exactly once.
 pub async fn serve(state: &AppState, req: &SyncRequest) -> ApiResult<SyncResponse> {
-    if req.node.is_empty() || req.node.len() > 128 {
-        return Err(Problem::bad_request("node", "node must have 1..128 characters"));
+    if req.node.is_empty() || req.node.len() > MAX_NODE_LEN {
+        return Err(Problem::bad_request("node", format!("node must have 1..{MAX_NODE_LEN} characters")));
     }
     if req.subjects.len() > MAX_SUBJECTS_PER_SYNC {
         return Err(Problem::bad_request("subjects", format!("at most {MAX_SUBJECTS_PER_SYNC} subjects per sync")));
@@ -96,7 +97,15 @@ pub async fn serve(state: &AppState, req: &SyncRequest) -> ApiResult<SyncRespons
                 last_seq: k.last_seq,
             }),
         };
-        let served = gateway::serve(book, s, &facts, now);
+        // A booking that would overflow the customer's sums rejects this subject only (the book is
+        // left as it was); the rest of the batch books.
+        let served = match gateway::try_serve(book, s, &facts, now) {
+            Ok(served) => served,
+            Err(e) => {
+                outcomes[i] = Some(SubjectOutcome::Rejected { reason: e.to_string() });
+                continue;
+            }
+        };
         if let (Some(range), Some(key)) = (&s.usage, &key) {
             if served.record_usage {
                 let record = UsageRecord {
@@ -110,7 +119,7 @@ pub async fn serve(state: &AppState, req: &SyncRequest) -> ApiResult<SyncRespons
                 };
                 writes.usage(&record, now);
                 recorded.insert(key.clone());
-                counts.usage_calls += range.calls();
+                counts.usage_calls = counts.usage_calls.saturating_add(range.calls());
             }
         }
         let reference = key.map_or_else(|| "lease".to_owned(), |k| format!("usage:{k}"));
@@ -133,9 +142,10 @@ pub async fn serve(state: &AppState, req: &SyncRequest) -> ApiResult<SyncRespons
                 writes.lease_seq(&request.lease_id, seq);
             }
         }
-        counts.leases_opened += u64::from(served.lease_opened);
-        counts.leases_released += u64::from(served.lease_released);
-        counts.leases_expired_unreported += served.expired_unreported as u64;
+        counts.leases_opened = counts.leases_opened.saturating_add(u64::from(served.lease_opened));
+        counts.leases_released = counts.leases_released.saturating_add(u64::from(served.lease_released));
+        let unreported = u64::try_from(served.expired_unreported).unwrap_or(u64::MAX);
+        counts.leases_expired_unreported = counts.leases_expired_unreported.saturating_add(unreported);
         outcomes[i] = Some(SubjectOutcome::Ok {
             customer_id: customer_id.to_owned(),
             usage: served.usage,

@@ -46,6 +46,21 @@ impl Problem {
         Problem::new(StatusCode::NOT_FOUND, format!("{what} [{id}] was not found"))
     }
 
+    /// A request that is well formed but whose booking cannot be kept exactly (its amounts would
+    /// overflow what the ledger sums): 422, nothing booked.
+    pub fn overflow(err: impl std::fmt::Display) -> Self {
+        Problem::new(StatusCode::UNPROCESSABLE_ENTITY, format!("nothing was booked: {err}"))
+    }
+
+    /// A credit model error of an operation: an overflow is a 422, anything else a 400 naming
+    /// `field`.
+    pub fn model(field: &str, err: impl Into<credits::ModelError>) -> Self {
+        match err.into() {
+            credits::ModelError::AmountOverflow(e) => Problem::overflow(e),
+            other => Problem::bad_request(field, other.to_string()),
+        }
+    }
+
     pub fn conflict(field: impl Into<String>, detail: impl Into<String>) -> Self {
         Problem { field: Some(field.into()), ..Problem::new(StatusCode::CONFLICT, detail) }
     }
