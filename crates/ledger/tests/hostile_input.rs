@@ -198,7 +198,20 @@ async fn cursors_and_page_numbers_at_the_edge_of_i64_never_wrap(backend: Backend
     ledger.assert_journal_sound().await;
 }
 
+/// Found by the router fuzzer: a path parameter that is not UTF-8 once decoded was answered by
+/// axum's own text/plain 400.
+async fn undecodable_path_parameters_are_a_problem_naming_them(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ledger = Ledger::start(&db).await;
+    let c = ledger.customer("paths").await;
+    let reply = ledger.call(Method::GET, "/v3/openmeter/customers/%FF%FE").send().await;
+    reply.assert_problem(400, Some("customerId"));
+    let reply = ledger.call(Method::GET, &format!("{}/credits/grants/%C0", customer_path(&c))).send().await;
+    reply.assert_problem(400, Some("creditGrantId"));
+}
+
 on_both_backends!(
+    undecodable_path_parameters_are_a_problem_naming_them,
     huge_amounts_are_refused_and_the_ledger_lives,
     amounts_are_bounded_in_magnitude_and_decimal_places,
     list_filters_are_capped,
