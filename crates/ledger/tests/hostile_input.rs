@@ -128,6 +128,11 @@ async fn usage_that_would_overflow_a_balance_is_rejected_per_subject() {
     assert_eq!(answers[999]["status"], "ok");
     assert_eq!(ledger.balance(&other, "").await.0, "-1");
     assert_eq!(ledger.balance(&debtor, "").await.0, "-10000000000000000000", "nothing more booked");
+    // The same bound on the admin side: a further debit is a 422 that books nothing.
+    let adjustment = json!({"name": "fix", "currency": "USD", "amount": "-1"});
+    let reply = ledger.call(Method::POST, &format!("{}/credits/adjustments", customer_path(&debtor))).json(&adjustment);
+    reply.send().await.assert_problem(422, None);
+    assert_eq!(ledger.balance(&debtor, "").await.0, "-10000000000000000000", "nothing more booked");
     ledger.assert_journal_sound().await;
 }
 
