@@ -1,7 +1,7 @@
 //! `GET …/credits/balance`: settled, live and pending credit per currency, at any instant and
 //! in any feature scope.
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use chrono::{DateTime, Utc};
 use credits::{Amount, AmountOverflow, Currency, CurrencyBalance, FeatureKey, FeatureScope, GrantStatus};
 use serde::Serialize;
@@ -9,7 +9,7 @@ use utoipa::ToSchema;
 
 use super::fields::{parse_timestamp, timestamp};
 use super::problem::{ApiResult, Problem};
-use super::request::{ulid_param, Path, Query, StringFilter};
+use super::request::{ulid_param, Query, StringFilter};
 use super::AppState;
 use crate::store::{books, movements};
 

@@ -1,7 +1,7 @@
 //! `POST …/credits/charges` (our extension: any backend spends credit directly) and
 //! `POST …/credits/adjustments` (manual corrections). Both are idempotent by key.
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use credits::{
@@ -13,7 +13,7 @@ use utoipa::ToSchema;
 
 use super::fields::{self, timestamp};
 use super::problem::{ApiResult, Problem};
-use super::request::{ulid_param, Json, Path};
+use super::request::{ulid_param, Json};
 use super::AppState;
 use crate::customer_tx::CustomerTx;
 use crate::store::books::Operation;

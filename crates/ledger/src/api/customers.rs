@@ -1,6 +1,6 @@
 //! `/v3/openmeter/customers`: customers and the subject keys the gateway knows them by.
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use credits::limits::{MAX_SUBJECT_KEYS_PER_CUSTOMER, MAX_SUBJECT_LEN};
@@ -9,7 +9,7 @@ use utoipa::ToSchema;
 
 use super::fields::{self, timestamp};
 use super::problem::{ApiResult, Problem};
-use super::request::{ulid_param, Json, Path, Query};
+use super::request::{ulid_param, Json, Query};
 use super::AppState;
 use crate::store::customers::{self, Clash, CustomerFilters, CustomerRecord, SortBy};
 use crate::store::{new_id, Labels};

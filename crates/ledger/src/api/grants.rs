@@ -1,6 +1,6 @@
 //! `/v3/openmeter/customers/{customerId}/credits/grants`: credit given to a customer.
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
@@ -15,7 +15,7 @@ use utoipa::ToSchema;
 use super::customers::{PageMeta, PaginatedMeta};
 use super::fields::{self, timestamp};
 use super::problem::{ApiResult, Problem};
-use super::request::{ulid_param, Json, Path, Query};
+use super::request::{ulid_param, Json, Query};
 use super::AppState;
 use crate::customer_tx::CustomerTx;
 use crate::store::books::Operation;

@@ -127,6 +127,7 @@ pub fn router_with(state: AppState, extra: Router<AppState>) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
+        .layer(middleware::map_response(problem::ensure_problem))
         .layer(CatchPanicLayer::custom(panic_problem))
         .with_state(state)
 }

@@ -116,6 +116,22 @@ impl IntoResponse for Problem {
     }
 }
 
+/// Every error answer is a problem: one that axum wrote itself (a path parameter that is not
+/// UTF-8 once percent-decoded, say) is rewritten as one, naming the parameter axum names.
+pub async fn ensure_problem(response: Response) -> Response {
+    let status = response.status();
+    let content_type = response.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if !(status.is_client_error() || status.is_server_error()) || content_type == "application/problem+json" {
+        return response;
+    }
+    let bytes = axum::body::to_bytes(response.into_body(), 64 * 1024).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&bytes).trim().to_owned();
+    let detail = if text.is_empty() { status.canonical_reason().unwrap_or("error").to_owned() } else { text };
+    // axum names the parameter in backticks: "Invalid URL: Invalid UTF-8 in `customerId`".
+    let field = detail.split('`').nth(1).filter(|_| status == StatusCode::BAD_REQUEST).map(str::to_owned);
+    Problem { field, ..Problem::new(status, detail) }.into_response()
+}
+
 impl From<StoreError> for Problem {
     fn from(err: StoreError) -> Self {
         tracing::error!(error = %err, "store error");

@@ -74,31 +74,6 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
     })
 }
 
-/// Path parameters (`{customerId}`, …): one that cannot be read (percent-encoded bytes that are
-/// not UTF-8) is a 400 problem naming it, like every other bad input.
-pub struct Path<T>(pub T);
-
-impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for Path<T> {
-    type Rejection = Problem;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Problem> {
-        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
-            Ok(axum::extract::Path(value)) => Ok(Path(value)),
-            Err(rejection) => {
-                let detail = rejection.body_text();
-                let problem = Problem::new(rejection.status(), detail.clone());
-                // axum names the parameter in backticks ("Invalid UTF-8 in `customerId`").
-                Err(match detail.split('`').nth(1) {
-                    Some(field) if rejection.status() == StatusCode::BAD_REQUEST => {
-                        Problem { field: Some(field.to_owned()), source: Some("path"), ..problem }
-                    }
-                    _ => problem,
-                })
-            }
-        }
-    }
-}
-
 /// The raw query parameters, in order.
 pub struct Query(pub Vec<(String, String)>);
 

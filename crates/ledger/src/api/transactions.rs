@@ -1,13 +1,13 @@
 //! `GET …/credits/transactions`: the customer's movements, newest first, cursor-paginated.
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use credits::Currency;
 use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::fields::timestamp;
 use super::problem::{ApiResult, Problem};
-use super::request::{encode_cursor, ulid_param, Path, Query};
+use super::request::{encode_cursor, ulid_param, Query};
 use super::AppState;
 use crate::customer_tx::settle_due;
 use crate::store::movements::{self, MovementFilters, MovementRecord, TransactionType};
