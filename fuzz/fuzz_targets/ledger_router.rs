@@ -5,10 +5,10 @@
 //! that is not `application/problem+json`, and when the journal check (`credits-ledger check`)
 //! finds a violation after a write was accepted.
 //!
-//! Input: byte 0 picks the method, byte 1 the token (admin, gateway, none, unknown); the rest is
-//! text: the first line is the path and query (`{c}` stands for a customer of the ledger, `{g}`
-//! for one of its grants, `{s}` for that customer's subject), then header lines `name: value` up
-//! to an empty line, then the body.
+//! Input: byte 0 picks the token (admin, gateway, none, unknown); the rest is text, an HTTP/1
+//! request without the version: `METHOD target` (any method; `{c}` in the target stands for a
+//! customer of the ledger, `{g}` for one of its grants, `{s}` for that customer's subject), then
+//! header lines `name: value` up to an empty line, then the body.
 
 use std::sync::OnceLock;
 
@@ -58,7 +58,9 @@ impl Ledger {
         let file = dir.join(format!("ledger-{generation}.db"));
         let _ = std::fs::remove_file(&file);
         if let Some(previous) = generation.checked_sub(1) {
-            let _ = std::fs::remove_file(dir.join(format!("ledger-{previous}.db")));
+            for suffix in ["db", "db-shm", "db-wal"] {
+                let _ = std::fs::remove_file(dir.join(format!("ledger-{previous}.{suffix}")));
+            }
         }
         let auth = Auth::tokens(&[ADMIN], &[GATEWAY]).expect("tokens");
         let mut state = ledger::state(&format!("sqlite://{}", file.display()), auth).await.expect("ledger state");
@@ -91,15 +93,13 @@ impl Ledger {
 
 /// The request an input describes, if it is one (a path that is not a URI is skipped).
 fn request(data: &[u8], ledger: &Ledger) -> Option<Request<Body>> {
-    let (&[method, token], rest) = data.split_first_chunk::<2>()?;
-    let methods =
-        [Method::GET, Method::POST, Method::PUT, Method::DELETE, Method::PATCH, Method::HEAD, Method::OPTIONS];
+    let (&token, rest) = data.split_first()?;
     let text = String::from_utf8_lossy(rest);
     let (head, body) = text.split_once("\n\n").unwrap_or((&text, ""));
     let mut lines = head.lines();
-    let target =
-        lines.next()?.replace("{c}", &ledger.customer).replace("{g}", &ledger.grant).replace("{s}", "fuzz-subject");
-    let mut builder = Request::builder().method(methods[usize::from(method) % methods.len()].clone()).uri(target);
+    let (method, target) = lines.next()?.split_once(' ')?;
+    let target = target.replace("{c}", &ledger.customer).replace("{g}", &ledger.grant).replace("{s}", "fuzz-subject");
+    let mut builder = Request::builder().method(Method::from_bytes(method.as_bytes()).ok()?).uri(target);
     match token % 4 {
         0 => builder = builder.header(header::AUTHORIZATION, format!("Bearer {ADMIN}")),
         1 => builder = builder.header(header::AUTHORIZATION, format!("Bearer {GATEWAY}")),

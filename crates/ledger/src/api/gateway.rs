@@ -247,7 +247,7 @@ fn label_safe(text: &str) -> String {
     let s: String = text
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '_' })
-        .take(63)
+        .take(credits::limits::MAX_LABEL_LEN)
         .collect();
     s.trim_matches(|c: char| !c.is_ascii_alphanumeric()).to_owned()
 }
