@@ -35,7 +35,7 @@ fuzz_target!(|data: &[u8]| {
                 ["application/cloudevents+json", "application/cloudevents-batch+json", "application/json"]
                     [usize::from(kind - 6)];
             match events::parse_events(content_type, body) {
-                Ok(list) => assert!(!list.is_empty() && list.len() <= events::MAX_BATCH),
+                Ok(list) => assert!(!list.is_empty() && list.len() <= credits::limits::MAX_EVENTS_PER_BATCH),
                 Err(p) => refused(p),
             }
         }

@@ -74,7 +74,7 @@ impl Ledger for ModelLedger {
                             })
                         }),
                     };
-                    let served = gateway::serve(&mut self.book, s, &facts, now);
+                    let served = gateway::try_serve(&mut self.book, s, &facts, now).unwrap();
                     if let (true, Some(key)) = (served.record_usage, key) {
                         self.seen.insert(key);
                     }
@@ -98,7 +98,7 @@ impl Ledger for ModelLedger {
     }
 
     fn job(&mut self, now: DateTime<Utc>) {
-        let entries = self.book.advance(now);
+        let entries = self.book.try_advance(now).unwrap();
         self.journal.extend(entries);
         self.book.expire_holds(now);
     }
@@ -132,7 +132,8 @@ impl Ledger for ModelLedger {
                 .sum::<Amount>();
         }
         // The journal so far must equal the book's settled balance at its own clock.
-        let settled = self.book.balances(self.book.clock(), None).first().map_or(Amount::ZERO, |b| b.settled);
+        let settled =
+            self.book.try_balances(self.book.clock(), None).unwrap().first().map_or(Amount::ZERO, |b| b.settled);
         if credit_account != settled {
             problems.push(format!("credit account {credit_account} != settled balance {settled}"));
         }

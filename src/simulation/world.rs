@@ -487,7 +487,7 @@ impl<L: Ledger> Sim<L> {
     fn expiry_allowance(&self) -> Amount {
         let Some(book) = &self.book else { return Amount::ZERO };
         let mut view = book.clone();
-        view.advance(at(self.now));
+        view.try_advance(at(self.now)).unwrap();
         self.expiries
             .iter()
             .filter_map(|(ms, held)| {
@@ -520,7 +520,7 @@ impl<L: Ledger> Sim<L> {
         if books.consumed != spent {
             return Err(format!("consumed {} for {} calls let through ({spent})", books.consumed, self.let_through()));
         }
-        let b = books.book.balances(at(self.now), None);
+        let b = books.book.try_balances(at(self.now), None).unwrap();
         let b = b.first().ok_or("no balance")?;
         if b.live != b.settled {
             return Err(format!("credit stranded: live {} settled {}", b.live, b.settled));
@@ -536,6 +536,6 @@ impl<L: Ledger> Sim<L> {
 /// Credit that could be spent by `now_ms`: what became effective, less what expired unused.
 fn credit_until(book: &Book, now_ms: u64) -> Amount {
     let mut view = book.clone();
-    view.advance(at(now_ms));
+    view.try_advance(at(now_ms)).unwrap();
     view.grants().iter().filter(|g| g.funded).map(|g| g.grant.amount - g.expired - g.voided).sum()
 }

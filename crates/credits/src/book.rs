@@ -13,7 +13,7 @@ use crate::error::ModelError;
 use crate::feature::{FeatureFilter, FeatureKey, FeatureScope};
 use crate::grant::{Grant, GrantId};
 use crate::journal::{overage_postings, postings_for, Entry, Movement, MovementKind};
-use crate::money::{Amount, Currency};
+use crate::money::{Amount, AmountOverflow, Currency};
 
 /// A grant and what has happened to it so far.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,21 +44,17 @@ impl GrantState {
     }
 
     /// The unused credit of the grant.
-    pub fn remaining(&self) -> Amount {
-        self.grant.amount - self.used - self.expired - self.voided
+    pub fn remaining(&self) -> Result<Amount, AmountOverflow> {
+        self.grant.amount.try_sub(self.used)?.try_sub(self.expired)?.try_sub(self.voided)
     }
 
     /// What this grant currently adds to the settled balance.
-    fn settled_contribution(&self) -> Amount {
+    fn settled_contribution(&self) -> Result<Amount, AmountOverflow> {
         if self.funded {
             self.remaining()
         } else {
-            Amount::ZERO
+            Ok(Amount::ZERO)
         }
-    }
-
-    fn can_pay(&self, currency: Currency, feature: Option<&FeatureKey>, at: DateTime<Utc>) -> bool {
-        self.funded && self.remaining().is_positive() && self.grant.admits(currency, feature, at)
     }
 }
 
@@ -140,6 +136,27 @@ pub struct Refusal {
     pub available: Amount,
 }
 
+/// Why a charge was not booked (nothing was).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChargeError {
+    /// Under `credit_only` the available credit does not cover it.
+    NotCovered(Refusal),
+    /// The booking is impossible (e.g. its amounts would overflow).
+    Model(ModelError),
+}
+
+impl From<ModelError> for ChargeError {
+    fn from(e: ModelError) -> Self {
+        ChargeError::Model(e)
+    }
+}
+
+impl From<AmountOverflow> for ChargeError {
+    fn from(e: AmountOverflow) -> Self {
+        ChargeError::Model(e.into())
+    }
+}
+
 /// The balances of one currency.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CurrencyBalance {
@@ -201,22 +218,36 @@ impl Book {
         self.clock
     }
 
+    /// Runs `op` on a copy of the book and keeps the result only if it succeeds: a failed
+    /// operation leaves the book as it was.
+    fn atomically<T, E>(&mut self, op: impl FnOnce(&mut Book) -> Result<T, E>) -> Result<T, E> {
+        let mut draft = self.clone();
+        let out = op(&mut draft)?;
+        *self = draft;
+        Ok(out)
+    }
+
     /// Books everything that fell due up to `now`, in time order: expiries (booked at their
     /// `expires_at`), grants becoming effective, and uncovered usage taken over by new credit.
-    pub fn advance(&mut self, now: DateTime<Utc>) -> Vec<Entry> {
+    /// On an error nothing is booked.
+    pub fn try_advance(&mut self, now: DateTime<Utc>) -> Result<Vec<Entry>, ModelError> {
+        self.atomically(|book| book.advance_in(now))
+    }
+
+    fn advance_in(&mut self, now: DateTime<Utc>) -> Result<Vec<Entry>, ModelError> {
         let mut entries = Vec::new();
         while let Some((at, index, is_expiry)) = self.next_due(now) {
             let at = at.max(self.clock);
             if is_expiry {
-                self.book_expiry(index, at, &mut entries);
+                self.book_expiry(index, at, &mut entries)?;
             } else {
-                self.book_funding(index, at, &mut entries);
-                self.cover_debts(at, &mut entries);
+                self.book_funding(index, at, &mut entries)?;
+                self.cover_debts(at, &mut entries)?;
             }
             self.clock = at;
         }
         self.clock = self.clock.max(now);
-        entries
+        Ok(entries)
     }
 
     /// The earliest unprocessed event at or before `now`; expiries sort before fundings at the
@@ -236,32 +267,41 @@ impl Book {
         expiries.chain(fundings).min().map(|(at, kind, i)| (at, i, kind == 0))
     }
 
-    fn book_expiry(&mut self, index: usize, at: DateTime<Utc>, entries: &mut Vec<Entry>) {
+    fn book_expiry(&mut self, index: usize, at: DateTime<Utc>, entries: &mut Vec<Entry>) -> Result<(), ModelError> {
         let state = &self.grants[index];
-        let remaining = state.remaining();
+        let remaining = state.remaining()?;
         let (currency, id) = (state.grant.currency, state.grant.id.clone());
         let booked_at = state.grant.expires_at.unwrap_or(at).max(self.clock);
         if remaining.is_positive() {
-            entries.push(self.movement(MovementKind::Expired, -remaining, currency, Some(id), None, booked_at));
+            entries.push(self.movement(
+                MovementKind::Expired,
+                remaining.negated(),
+                currency,
+                Some(id),
+                None,
+                booked_at,
+            )?);
             self.grants[index].expired = remaining;
         }
         self.grants[index].expiry_booked = true;
+        Ok(())
     }
 
-    fn book_funding(&mut self, index: usize, at: DateTime<Utc>, entries: &mut Vec<Entry>) {
+    fn book_funding(&mut self, index: usize, at: DateTime<Utc>, entries: &mut Vec<Entry>) -> Result<(), ModelError> {
         let state = &self.grants[index];
         let (currency, id, amount) = (state.grant.currency, state.grant.id.clone(), state.grant.amount);
-        entries.push(self.movement(MovementKind::Funded, amount, currency, Some(id), None, at));
+        entries.push(self.movement(MovementKind::Funded, amount, currency, Some(id), None, at)?);
         self.grants[index].funded = true;
+        Ok(())
     }
 
     /// Assigns outstanding uncovered usage to eligible credit, oldest debt first.
-    fn cover_debts(&mut self, at: DateTime<Utc>, entries: &mut Vec<Entry>) {
+    fn cover_debts(&mut self, at: DateTime<Utc>, entries: &mut Vec<Entry>) -> Result<(), ModelError> {
         for d in 0..self.debts.len() {
             let (currency, feature) = (self.debts[d].currency, self.debts[d].feature.clone());
-            for (index, take) in self.plan_draw(currency, feature.as_ref(), self.debts[d].amount, at, None) {
-                self.grants[index].used += take;
-                self.debts[d].amount -= take;
+            for (index, take) in self.plan_draw(currency, feature.as_ref(), self.debts[d].amount, at, None)? {
+                self.grants[index].used = self.grants[index].used.try_add(take)?;
+                self.debts[d].amount = self.debts[d].amount.try_sub(take)?;
                 entries.push(Entry::DebtCovered {
                     grant_id: self.grants[index].grant.id.clone(),
                     currency,
@@ -272,6 +312,7 @@ impl Book {
             }
         }
         self.debts.retain(|d| d.amount.is_positive());
+        Ok(())
     }
 
     /// Creates a movement with its postings and the currency's settled balance around it.
@@ -283,20 +324,20 @@ impl Book {
         grant_id: Option<GrantId>,
         feature: Option<FeatureKey>,
         booked_at: DateTime<Utc>,
-    ) -> Entry {
+    ) -> Result<Entry, AmountOverflow> {
         let funding = grant_id.as_ref().and_then(|id| self.grant(id)).map(|g| g.grant.funding.method());
-        let before = self.settled(currency, None);
-        Entry::Movement(Movement {
+        let before = self.settled(currency, None)?;
+        Ok(Entry::Movement(Movement {
             kind,
             amount,
             currency,
             grant_id,
             feature,
             balance_before: before,
-            balance_after: before + amount,
+            balance_after: before.try_add(amount)?,
             booked_at,
             postings: postings_for(kind, funding, currency, amount),
-        })
+        }))
     }
 
     /// Adds a grant; it is funded at once if already effective (otherwise when `advance` reaches
@@ -305,32 +346,41 @@ impl Book {
         if self.grant(&grant.id).is_some() {
             return Err(ModelError::DuplicateGrant(grant.id.0));
         }
-        let mut entries = self.advance(now);
+        self.atomically(|book| book.add_grant_in(grant, now))
+    }
+
+    fn add_grant_in(&mut self, grant: Grant, now: DateTime<Utc>) -> Result<Vec<Entry>, ModelError> {
+        let mut entries = self.advance_in(now)?;
         self.grants.push(GrantState::new(grant));
-        entries.extend(self.advance(now));
+        entries.extend(self.advance_in(now)?);
         Ok(entries)
     }
 
     /// Voids a grant: its unused remainder leaves the balance by a new movement.
     pub fn void(&mut self, id: &GrantId, now: DateTime<Utc>) -> Result<Vec<Entry>, ModelError> {
-        let mut entries = self.advance(now);
+        self.atomically(|book| book.void_in(id, now))
+    }
+
+    fn void_in(&mut self, id: &GrantId, now: DateTime<Utc>) -> Result<Vec<Entry>, ModelError> {
+        let mut entries = self.advance_in(now)?;
         let index =
             self.grants.iter().position(|g| &g.grant.id == id).ok_or_else(|| ModelError::UnknownGrant(id.0.clone()))?;
         if self.grants[index].grant.voided_at.is_some() {
             return Ok(entries);
         }
         let state = &self.grants[index];
-        let remaining = state.remaining();
+        let remaining = state.remaining()?;
         if state.funded && remaining.is_positive() && !state.expiry_booked {
             let currency = state.grant.currency;
+            let at = now.max(self.clock);
             entries.push(self.movement(
                 MovementKind::Voided,
-                -remaining,
+                remaining.negated(),
                 currency,
                 Some(id.clone()),
                 None,
-                now.max(self.clock),
-            ));
+                at,
+            )?);
             self.grants[index].voided = remaining;
         }
         self.grants[index].grant.voided_at = Some(now);
@@ -339,11 +389,15 @@ impl Book {
 
     /// Credit that a new spend of `feature` could use now: unused credit of eligible grants
     /// minus what open holds have set aside.
-    pub fn available(&self, currency: Currency, feature: Option<&FeatureKey>, at: DateTime<Utc>) -> Amount {
-        let (free, unbacked) = self.free_credit(currency, at, None);
-        let total: Amount =
-            free.iter().filter(|(i, _)| self.grants[*i].grant.features.admits(feature)).map(|(_, f)| *f).sum();
-        (total - unbacked).max(Amount::ZERO)
+    pub fn available(
+        &self,
+        currency: Currency,
+        feature: Option<&FeatureKey>,
+        at: DateTime<Utc>,
+    ) -> Result<Amount, AmountOverflow> {
+        let (free, unbacked) = self.free_credit(currency, at, None)?;
+        let admitted = free.iter().filter(|(i, _)| self.grants[*i].grant.features.admits(feature)).map(|(_, f)| *f);
+        Ok(Amount::try_sum(admitted)?.try_sub(unbacked)?.max(Amount::ZERO))
     }
 
     /// Eligible grants of `currency` at `at` in draw-down order with the credit not set aside by
@@ -355,18 +409,17 @@ impl Book {
         currency: Currency,
         at: DateTime<Utc>,
         before_hold: Option<&HoldId>,
-    ) -> (Vec<(usize, Amount)>, Amount) {
-        let mut order: Vec<usize> = (0..self.grants.len())
-            .filter(|&i| {
-                let g = &self.grants[i];
-                g.funded
-                    && g.remaining().is_positive()
-                    && g.grant.currency == currency
-                    && g.grant.status_at(at) == crate::grant::GrantStatus::Active
-            })
-            .collect();
-        order.sort_by_key(|&i| self.grants[i].grant.draw_down_key());
-        let mut free: Vec<(usize, Amount)> = order.into_iter().map(|i| (i, self.grants[i].remaining())).collect();
+    ) -> Result<(Vec<(usize, Amount)>, Amount), AmountOverflow> {
+        let mut free = Vec::new();
+        for (i, g) in self.grants.iter().enumerate() {
+            if g.funded && g.grant.currency == currency && g.grant.status_at(at) == crate::grant::GrantStatus::Active {
+                let remaining = g.remaining()?;
+                if remaining.is_positive() {
+                    free.push((i, remaining));
+                }
+            }
+        }
+        free.sort_by_key(|(i, _)| self.grants[*i].grant.draw_down_key());
         let mut unbacked = Amount::ZERO;
         let placed = self.holds.iter().take_while(|h| Some(&h.id) != before_hold);
         for hold in placed.filter(|h| h.currency == currency && h.is_open_at(at)) {
@@ -377,13 +430,13 @@ impl Book {
                 }
                 if self.grants[*i].grant.features.admits(hold.feature.as_ref()) {
                     let take = need.min(*f);
-                    *f -= take;
-                    need -= take;
+                    *f = f.try_sub(take)?;
+                    need = need.try_sub(take)?;
                 }
             }
-            unbacked += need;
+            unbacked = unbacked.try_add(need)?;
         }
-        (free, unbacked)
+        Ok((free, unbacked))
     }
 
     /// How much to take from which grant (by index) for `amount`, in draw-down order.
@@ -394,121 +447,151 @@ impl Book {
         amount: Amount,
         at: DateTime<Utc>,
         before_hold: Option<&HoldId>,
-    ) -> Vec<(usize, Amount)> {
-        let (free, _) = self.free_credit(currency, at, before_hold);
+    ) -> Result<Vec<(usize, Amount)>, AmountOverflow> {
+        let (free, _) = self.free_credit(currency, at, before_hold)?;
         let mut left = amount;
         let mut plan = Vec::new();
+        // Free credit is positive only on funded grants with unused credit.
         for (i, f) in free {
             if left.is_zero() {
                 break;
             }
-            if f.is_positive() && self.grants[i].can_pay(currency, feature, at) {
+            if f.is_positive() && self.grants[i].grant.admits(currency, feature, at) {
                 let take = left.min(f);
                 plan.push((i, take));
-                left -= take;
+                left = left.try_sub(take)?;
             }
         }
-        plan
+        Ok(plan)
     }
 
     /// A charge decided now. `credit_only`: refused (nothing booked) unless the available credit
     /// covers it. `credit_then_invoice`: consumes what there is, the rest is overage.
-    pub fn charge(&mut self, spend: &Spend, now: DateTime<Utc>) -> Result<SpendOutcome, Refusal> {
-        let mut probe = self.clone();
-        let due = probe.advance(now);
-        let available = probe.available(spend.currency, spend.feature.as_ref(), now);
-        if spend.mode == SettlementMode::CreditOnly && available < spend.amount {
-            return Err(Refusal { requested: spend.amount, available });
-        }
-        *self = probe;
-        let mut outcome = self.book_usage(spend, now);
-        let mut entries = due;
-        entries.append(&mut outcome.entries);
-        outcome.entries = entries;
-        Ok(outcome)
+    pub fn charge(&mut self, spend: &Spend, now: DateTime<Utc>) -> Result<SpendOutcome, ChargeError> {
+        self.atomically(|book| {
+            let due = book.advance_in(now)?;
+            let available = book.available(spend.currency, spend.feature.as_ref(), now)?;
+            if spend.mode == SettlementMode::CreditOnly && available < spend.amount {
+                return Err(ChargeError::NotCovered(Refusal { requested: spend.amount, available }));
+            }
+            let mut outcome = book.spend(spend, now, None)?;
+            let mut entries = due;
+            entries.append(&mut outcome.entries);
+            outcome.entries = entries;
+            Ok(outcome)
+        })
     }
 
     /// Usage that already happened (a served call): always booked. What credit does not cover is
     /// uncovered usage under `credit_only` (a negative balance, covered first by the next eligible
-    /// credit) or overage under `credit_then_invoice`.
-    pub fn book_usage(&mut self, spend: &Spend, now: DateTime<Utc>) -> SpendOutcome {
-        self.spend(spend, now, None)
+    /// credit) or overage under `credit_then_invoice`. On an error nothing is booked.
+    pub fn book_usage(&mut self, spend: &Spend, now: DateTime<Utc>) -> Result<SpendOutcome, ModelError> {
+        self.atomically(|book| book.spend(spend, now, None))
     }
 
     /// With `from_hold`, up to that amount is drawn from the credit the hold set aside (it is no
     /// longer held), the rest from free credit.
-    fn spend(&mut self, spend: &Spend, now: DateTime<Utc>, from_hold: Option<(&HoldId, Amount)>) -> SpendOutcome {
-        let mut outcome = SpendOutcome { entries: self.advance(now), ..SpendOutcome::default() };
+    fn spend(
+        &mut self,
+        spend: &Spend,
+        now: DateTime<Utc>,
+        from_hold: Option<(&HoldId, Amount)>,
+    ) -> Result<SpendOutcome, ModelError> {
+        let mut outcome = SpendOutcome { entries: self.advance_in(now)?, ..SpendOutcome::default() };
         let at = self.clock;
-        let (currency, feature) = (spend.currency, spend.feature.as_ref());
-        let plan = match from_hold.filter(|(_, held)| held.is_positive()) {
-            None => self.plan_draw(currency, feature, spend.amount, at, None),
-            Some((id, held)) => {
-                let mut plan = self.plan_draw(currency, feature, held.min(spend.amount), at, Some(id));
-                let mut rest = self.clone();
-                for (index, take) in &plan {
-                    rest.grants[*index].used += *take;
-                }
-                let left = spend.amount - plan.iter().map(|(_, take)| *take).sum::<Amount>();
-                for (index, take) in rest.plan_draw(currency, feature, left, at, None) {
-                    match plan.iter_mut().find(|(i, _)| *i == index) {
-                        Some((_, t)) => *t += take,
-                        None => plan.push((index, take)),
-                    }
-                }
-                plan.sort_by_key(|(index, _)| self.grants[*index].grant.draw_down_key());
-                plan
-            }
-        };
+        let plan = self.plan_spend(spend, at, from_hold)?;
         let mut left = spend.amount;
         for (index, take) in plan {
             let id = self.grants[index].grant.id.clone();
+            let feature = spend.feature.clone();
             outcome.entries.push(self.movement(
                 MovementKind::Consumed,
-                -take,
+                take.negated(),
                 spend.currency,
                 Some(id.clone()),
-                spend.feature.clone(),
+                feature,
                 at,
-            ));
-            self.grants[index].used += take;
+            )?);
+            self.grants[index].used = self.grants[index].used.try_add(take)?;
             outcome.consumed.push((id, take));
-            left -= take;
+            left = left.try_sub(take)?;
         }
         if left.is_positive() {
-            match spend.mode {
-                SettlementMode::CreditOnly => {
-                    outcome.entries.push(self.movement(
-                        MovementKind::Consumed,
-                        -left,
-                        spend.currency,
-                        None,
-                        spend.feature.clone(),
-                        at,
-                    ));
-                    self.add_debt(spend.currency, spend.feature.clone(), left);
-                    outcome.uncovered = left;
-                }
-                SettlementMode::CreditThenInvoice => {
-                    outcome.entries.push(Entry::Overage {
-                        currency: spend.currency,
-                        feature: spend.feature.clone(),
-                        amount: left,
-                        at,
-                        postings: overage_postings(spend.currency, left),
-                    });
-                    outcome.overage = left;
-                }
-            }
+            self.book_beyond_credit(spend, left, at, &mut outcome)?;
         }
-        outcome
+        Ok(outcome)
     }
 
-    fn add_debt(&mut self, currency: Currency, feature: Option<FeatureKey>, amount: Amount) {
+    /// Which grants (by index) pay how much of `spend`, in draw-down order: from the hold's
+    /// credit first when `from_hold` says so, then from free credit.
+    fn plan_spend(
+        &self,
+        spend: &Spend,
+        at: DateTime<Utc>,
+        from_hold: Option<(&HoldId, Amount)>,
+    ) -> Result<Vec<(usize, Amount)>, AmountOverflow> {
+        let (currency, feature) = (spend.currency, spend.feature.as_ref());
+        let Some((id, held)) = from_hold.filter(|(_, held)| held.is_positive()) else {
+            return self.plan_draw(currency, feature, spend.amount, at, None);
+        };
+        let mut plan = self.plan_draw(currency, feature, held.min(spend.amount), at, Some(id))?;
+        let mut rest = self.clone();
+        for (index, take) in &plan {
+            rest.grants[*index].used = rest.grants[*index].used.try_add(*take)?;
+        }
+        let left = spend.amount.try_sub(Amount::try_sum(plan.iter().map(|(_, take)| *take))?)?;
+        for (index, take) in rest.plan_draw(currency, feature, left, at, None)? {
+            match plan.iter_mut().find(|(i, _)| *i == index) {
+                Some((_, t)) => *t = t.try_add(take)?,
+                None => plan.push((index, take)),
+            }
+        }
+        plan.sort_by_key(|(index, _)| self.grants[*index].grant.draw_down_key());
+        Ok(plan)
+    }
+
+    /// What no credit covers: uncovered usage under `credit_only`, overage otherwise.
+    fn book_beyond_credit(
+        &mut self,
+        spend: &Spend,
+        left: Amount,
+        at: DateTime<Utc>,
+        outcome: &mut SpendOutcome,
+    ) -> Result<(), AmountOverflow> {
+        let (currency, feature) = (spend.currency, spend.feature.clone());
+        match spend.mode {
+            SettlementMode::CreditOnly => {
+                outcome.entries.push(self.movement(
+                    MovementKind::Consumed,
+                    left.negated(),
+                    currency,
+                    None,
+                    feature.clone(),
+                    at,
+                )?);
+                self.add_debt(currency, feature, left)?;
+                outcome.uncovered = left;
+            }
+            SettlementMode::CreditThenInvoice => {
+                let postings = overage_postings(currency, left);
+                outcome.entries.push(Entry::Overage { currency, feature, amount: left, at, postings });
+                outcome.overage = left;
+            }
+        }
+        Ok(())
+    }
+
+    fn add_debt(
+        &mut self,
+        currency: Currency,
+        feature: Option<FeatureKey>,
+        amount: Amount,
+    ) -> Result<(), AmountOverflow> {
         match self.debts.iter_mut().find(|d| d.currency == currency && d.feature == feature) {
-            Some(d) => d.amount += amount,
+            Some(d) => d.amount = d.amount.try_add(amount)?,
             None => self.debts.push(Debt { currency, feature, amount }),
         }
+        Ok(())
     }
 
     /// A manual correction. A positive one arrives as new unrestricted credit (`grant`, which
@@ -520,11 +603,24 @@ impl Book {
         grant: Option<Grant>,
         now: DateTime<Utc>,
     ) -> Result<Vec<Entry>, ModelError> {
-        let mut entries = self.advance(now);
+        if let Some(g) = grant.as_ref().filter(|g| self.grant(&g.id).is_some()) {
+            return Err(ModelError::DuplicateGrant(g.id.0.clone()));
+        }
+        self.atomically(|book| book.adjust_in(currency, amount, grant, now))
+    }
+
+    fn adjust_in(
+        &mut self,
+        currency: Currency,
+        amount: Amount,
+        grant: Option<Grant>,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Entry>, ModelError> {
+        let mut entries = self.advance_in(now)?;
         if amount.is_positive() {
             let grant = grant.ok_or_else(|| ModelError::NotPositive(amount.to_string()))?;
             let id = grant.id.clone();
-            entries.extend(self.add_grant(grant, now)?.into_iter().map(|e| match e {
+            entries.extend(self.add_grant_in(grant, now)?.into_iter().map(|e| match e {
                 Entry::Movement(mut m) if m.kind == MovementKind::Funded && m.grant_id.as_ref() == Some(&id) => {
                     m.kind = MovementKind::Adjusted;
                     Entry::Movement(m)
@@ -532,8 +628,8 @@ impl Book {
                 other => other,
             }));
         } else if amount.is_negative() {
-            let spend = Spend { currency, amount: -amount, feature: None, mode: SettlementMode::CreditOnly };
-            let outcome = self.book_usage(&spend, now);
+            let spend = Spend { currency, amount: amount.negated(), feature: None, mode: SettlementMode::CreditOnly };
+            let outcome = self.spend(&spend, now, None)?;
             entries.extend(outcome.entries.into_iter().map(|e| match e {
                 Entry::Movement(mut m) if m.kind == MovementKind::Consumed => {
                     m.kind = MovementKind::Adjusted;
@@ -557,15 +653,24 @@ impl Book {
         now: DateTime<Utc>,
     ) -> Result<(Amount, Vec<Entry>), ModelError> {
         // A released hold's id may be used again (a gateway re-opens its lease under one id).
-        match self.hold(&id) {
-            Some(h) if !h.released => return Err(ModelError::DuplicateHold(id.0)),
-            Some(_) => self.holds.retain(|h| h.id != id),
-            None => {}
+        if self.hold(&id).is_some_and(|h| !h.released) {
+            return Err(ModelError::DuplicateHold(id.0));
         }
-        let entries = self.advance(now);
-        let granted = requested.max(Amount::ZERO).min(self.available(currency, feature.as_ref(), now));
-        self.holds.push(Hold { id, currency, feature, amount: granted, created_at: now, expires_at, released: false });
-        Ok((granted, entries))
+        self.atomically(|book| {
+            book.holds.retain(|h| h.id != id);
+            let entries = book.advance_in(now)?;
+            let granted = requested.max(Amount::ZERO).min(book.available(currency, feature.as_ref(), now)?);
+            book.holds.push(Hold {
+                id,
+                currency,
+                feature,
+                amount: granted,
+                created_at: now,
+                expires_at,
+                released: false,
+            });
+            Ok((granted, entries))
+        })
     }
 
     /// Adds to an open hold what is available, up to `more`; returns what was added.
@@ -576,26 +681,30 @@ impl Book {
         expires_at: DateTime<Utc>,
         now: DateTime<Utc>,
     ) -> Result<(Amount, Vec<Entry>), ModelError> {
-        let entries = self.advance(now);
         let index = self.holds.iter().position(|h| &h.id == id).ok_or_else(|| ModelError::UnknownHold(id.0.clone()))?;
-        let hold = &self.holds[index];
-        if hold.released || now >= hold.expires_at {
-            return Ok((Amount::ZERO, entries));
-        }
-        let added = more.max(Amount::ZERO).min(self.available(hold.currency, hold.feature.as_ref(), now));
-        self.holds[index].amount += added;
-        self.holds[index].expires_at = self.holds[index].expires_at.max(expires_at);
-        Ok((added, entries))
+        self.atomically(|book| {
+            let entries = book.advance_in(now)?;
+            let hold = &book.holds[index];
+            if hold.released || now >= hold.expires_at {
+                return Ok((Amount::ZERO, entries));
+            }
+            let added = more.max(Amount::ZERO).min(book.available(hold.currency, hold.feature.as_ref(), now)?);
+            book.holds[index].amount = book.holds[index].amount.try_add(added)?;
+            book.holds[index].expires_at = book.holds[index].expires_at.max(expires_at);
+            Ok((added, entries))
+        })
     }
 
     /// Usage captured against a hold: the held credit is used first, usage beyond it is booked
     /// all the same (through the normal draw-down order).
     pub fn capture(&mut self, id: &HoldId, spend: &Spend, now: DateTime<Utc>) -> Result<SpendOutcome, ModelError> {
         let index = self.holds.iter().position(|h| &h.id == id).ok_or_else(|| ModelError::UnknownHold(id.0.clone()))?;
-        let held = self.holds[index].amount;
-        let from_hold = if self.holds[index].is_open_at(now) { held.min(spend.amount) } else { Amount::ZERO };
-        self.holds[index].amount = held - from_hold;
-        Ok(self.spend(spend, now, Some((id, from_hold))))
+        self.atomically(|book| {
+            let held = book.holds[index].amount;
+            let from_hold = if book.holds[index].is_open_at(now) { held.min(spend.amount) } else { Amount::ZERO };
+            book.holds[index].amount = held.try_sub(from_hold)?;
+            book.spend(spend, now, Some((id, from_hold)))
+        })
     }
 
     /// Closes holds whose TTL has passed by `now`; returns each with what it still held (credit
@@ -620,28 +729,25 @@ impl Book {
     }
 
     /// The settled balance of a currency as booked so far, optionally in a feature's scope.
-    fn settled(&self, currency: Currency, scope: Option<&FeatureScope>) -> Amount {
-        let credit: Amount = self
-            .grants
-            .iter()
-            .filter(|g| g.grant.currency == currency && in_scope(&g.grant.features, scope))
-            .map(GrantState::settled_contribution)
-            .sum();
-        let debt: Amount = self
-            .debts
-            .iter()
-            .filter(|d| d.currency == currency && debt_in_scope(d.feature.as_ref(), scope))
-            .map(|d| d.amount)
-            .sum();
-        credit - debt
+    fn settled(&self, currency: Currency, scope: Option<&FeatureScope>) -> Result<Amount, AmountOverflow> {
+        let mut credit = Amount::ZERO;
+        for g in self.grants.iter().filter(|g| g.grant.currency == currency && in_scope(&g.grant.features, scope)) {
+            credit = credit.try_add(g.settled_contribution()?)?;
+        }
+        let debts = self.debts.iter().filter(|d| d.currency == currency && debt_in_scope(d.feature.as_ref(), scope));
+        credit.try_sub(Amount::try_sum(debts.map(|d| d.amount))?)
     }
 
     /// Balances per currency at `at` (≥ the book's clock; earlier instants need the journal, see
     /// [`crate::history`]). Expiries and grants that became effective by then are included even
     /// though nothing has booked them yet.
-    pub fn balances(&self, at: DateTime<Utc>, scope: Option<&FeatureScope>) -> Vec<CurrencyBalance> {
+    pub fn try_balances(
+        &self,
+        at: DateTime<Utc>,
+        scope: Option<&FeatureScope>,
+    ) -> Result<Vec<CurrencyBalance>, ModelError> {
         let mut view = self.clone();
-        view.advance(at);
+        view.advance_in(at)?;
         let currencies: BTreeSet<Currency> = view
             .grants
             .iter()
@@ -649,35 +755,35 @@ impl Book {
             .chain(view.debts.iter().map(|d| d.currency))
             .chain(view.holds.iter().map(|h| h.currency))
             .collect();
-        currencies
-            .into_iter()
-            .map(|currency| {
-                let settled = view.settled(currency, scope);
-                let pending = view
-                    .grants
-                    .iter()
-                    .filter(|g| {
-                        g.grant.currency == currency
-                            && !g.funded
-                            && g.grant.voided_at.is_none()
-                            && in_scope(&g.grant.features, scope)
-                    })
-                    .map(|g| g.grant.amount)
-                    .sum();
-                CurrencyBalance { currency, settled, live: settled - view.held_in_scope(currency, scope, at), pending }
-            })
-            .collect()
+        let mut out = Vec::with_capacity(currencies.len());
+        for currency in currencies {
+            let settled = view.settled(currency, scope)?;
+            let pending = view.grants.iter().filter(|g| {
+                g.grant.currency == currency
+                    && !g.funded
+                    && g.grant.voided_at.is_none()
+                    && in_scope(&g.grant.features, scope)
+            });
+            let pending = Amount::try_sum(pending.map(|g| g.grant.amount))?;
+            let live = settled.try_sub(view.held_in_scope(currency, scope, at)?)?;
+            out.push(CurrencyBalance { currency, settled, live, pending });
+        }
+        Ok(out)
     }
 
     /// Credit in `scope` set aside by open holds (plus held amounts no credit backs).
-    fn held_in_scope(&self, currency: Currency, scope: Option<&FeatureScope>, at: DateTime<Utc>) -> Amount {
-        let (free, unbacked) = self.free_credit(currency, at, None);
-        let held: Amount = free
-            .iter()
-            .filter(|(i, _)| in_scope(&self.grants[*i].grant.features, scope))
-            .map(|(i, f)| self.grants[*i].remaining() - *f)
-            .sum();
-        held + unbacked
+    fn held_in_scope(
+        &self,
+        currency: Currency,
+        scope: Option<&FeatureScope>,
+        at: DateTime<Utc>,
+    ) -> Result<Amount, AmountOverflow> {
+        let (free, unbacked) = self.free_credit(currency, at, None)?;
+        let mut held = unbacked;
+        for (i, f) in free.iter().filter(|(i, _)| in_scope(&self.grants[*i].grant.features, scope)) {
+            held = held.try_add(self.grants[*i].remaining()?.try_sub(*f)?)?;
+        }
+        Ok(held)
     }
 }
 

@@ -18,6 +18,8 @@ pub struct IsoDuration {
 }
 
 const NANOS_PER_SECOND: u128 = 1_000_000_000;
+const NANOS_PER_MINUTE: u128 = 60 * NANOS_PER_SECOND;
+const NANOS_PER_HOUR: u128 = 3600 * NANOS_PER_SECOND;
 /// Bounds keep every duration addable to any date chrono can represent without overflow.
 const MAX_MONTHS: u32 = 12 * 10_000;
 const MAX_DAYS: u64 = 366 * 10_000;
@@ -54,10 +56,11 @@ impl IsoDuration {
         if let Some(time) = time_part {
             for (value, unit) in components(time, "HMS").ok_or_else(invalid)? {
                 let nanos = match unit {
-                    'H' => u128::from(whole_number(value).ok_or_else(invalid)?) * 3600 * NANOS_PER_SECOND,
-                    'M' => u128::from(whole_number(value).ok_or_else(invalid)?) * 60 * NANOS_PER_SECOND,
-                    _ => seconds_to_nanos(value).ok_or_else(invalid)?,
-                };
+                    'H' => u128::from(whole_number(value).ok_or_else(invalid)?).checked_mul(NANOS_PER_HOUR),
+                    'M' => u128::from(whole_number(value).ok_or_else(invalid)?).checked_mul(NANOS_PER_MINUTE),
+                    _ => seconds_to_nanos(value),
+                }
+                .ok_or_else(invalid)?;
                 out.nanos = out.nanos.checked_add(nanos).ok_or_else(invalid)?;
             }
         }
@@ -89,14 +92,14 @@ fn components<'a>(text: &'a str, order: &str) -> Option<Vec<(&'a str, char)>> {
         if c.is_ascii_digit() || c == '.' {
             continue;
         }
-        let pos = order[next_unit..].find(c)? + next_unit;
+        let pos = order[next_unit..].find(c)?.checked_add(next_unit)?;
         let value = &text[start..i];
         if value.is_empty() {
             return None;
         }
         out.push((value, c));
-        next_unit = pos + 1;
-        start = i + c.len_utf8();
+        next_unit = pos.checked_add(1)?;
+        start = i.checked_add(c.len_utf8())?;
     }
     (start == text.len()).then_some(out)
 }
@@ -119,7 +122,7 @@ fn seconds_to_nanos(value: &str) -> Option<u128> {
     }
     let whole: u128 = u128::from(whole_number(int)?);
     let frac_nanos: u128 = if frac.is_empty() { 0 } else { format!("{frac:0<9}").parse().ok()? };
-    Some(whole * NANOS_PER_SECOND + frac_nanos)
+    whole.checked_mul(NANOS_PER_SECOND)?.checked_add(frac_nanos)
 }
 
 impl fmt::Display for IsoDuration {

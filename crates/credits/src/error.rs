@@ -6,6 +6,10 @@ use thiserror::Error;
 pub enum ModelError {
     #[error("invalid amount {0:?}: expected a decimal such as \"12.50\" (no exponent, no separators)")]
     InvalidAmount(String),
+    #[error("amount {0} is out of bounds: at most 1000000000000000 in magnitude, with at most 9 decimal places")]
+    AmountOutOfBounds(String),
+    #[error(transparent)]
+    AmountOverflow(#[from] crate::money::AmountOverflow),
     #[error("invalid currency {0:?}: expected three upper-case letters such as \"USD\"")]
     InvalidCurrency(String),
     #[error("invalid ISO-8601 duration {0:?}: expected e.g. \"P30D\", \"PT1H\" or \"P1M\"")]

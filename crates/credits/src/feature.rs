@@ -14,7 +14,7 @@ pub struct FeatureKey(String);
 impl FeatureKey {
     pub fn parse(text: &str) -> Result<Self, ModelError> {
         let valid = !text.is_empty()
-            && text.len() <= 64
+            && text.len() <= crate::limits::MAX_FEATURE_KEY_LEN
             && text
                 .split('_')
                 .all(|word| !word.is_empty() && word.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()));

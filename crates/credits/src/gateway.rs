@@ -7,10 +7,12 @@
 use chrono::{DateTime, TimeDelta, Utc};
 
 use crate::book::{Book, HoldId, Spend};
+use crate::error::ModelError;
 use crate::feature::FeatureScope;
 use crate::journal::Entry;
+use crate::limits::{check_amount, MAX_CALLS_PER_RANGE, MAX_LEASE_ID_LEN, MAX_LEASE_TTL_MS, MAX_SUBJECT_LEN};
 use crate::money::Amount;
-use crate::sync::{LeaseAnswer, SubjectSync, UsageOutcome, MAX_CALLS_PER_RANGE};
+use crate::sync::{LeaseAnswer, LeaseRequest, SubjectSync, UsageOutcome, UsageRange};
 
 /// What the store knows about the subject's request.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -50,42 +52,55 @@ pub struct Served {
 
 /// Why a subject's request cannot be served (the rest of the batch still is).
 pub fn invalid(s: &SubjectSync) -> Option<String> {
-    if s.subject.is_empty() || s.subject.len() > 256 {
-        return Some("subject must have 1..256 characters".into());
+    if s.subject.is_empty() || s.subject.len() > MAX_SUBJECT_LEN {
+        return Some(format!("subject must have 1..{MAX_SUBJECT_LEN} characters"));
     }
-    if let Some(r) = &s.usage {
-        if r.from >= r.to {
-            return Some(format!("usage range {}..{} is empty", r.from, r.to));
-        }
-        if r.calls() > MAX_CALLS_PER_RANGE {
-            return Some(format!("usage range holds more than {MAX_CALLS_PER_RANGE} calls"));
-        }
-        if r.amount.is_negative() {
-            return Some("usage amount must not be negative".into());
-        }
+    s.usage.as_ref().and_then(invalid_usage).or_else(|| s.lease.as_ref().and_then(invalid_lease))
+}
+
+fn invalid_usage(r: &UsageRange) -> Option<String> {
+    if r.from >= r.to {
+        return Some(format!("usage range {}..{} is empty", r.from, r.to));
     }
-    if let Some(l) = &s.lease {
-        if l.lease_id.is_empty() || l.lease_id.len() > 512 {
-            return Some("lease_id must have 1..512 characters".into());
-        }
-        if l.want.is_negative() {
-            return Some("a lease cannot want a negative amount".into());
-        }
-        if !(1..=3_600_000).contains(&l.ttl_ms) {
-            return Some("lease ttl_ms must be between 1 and 3600000".into());
-        }
-        if i64::try_from(l.seq).is_err() {
-            return Some("lease seq is too large".into());
-        }
+    if r.calls() > MAX_CALLS_PER_RANGE {
+        return Some(format!("usage range holds more than {MAX_CALLS_PER_RANGE} calls"));
+    }
+    if r.amount.is_negative() {
+        return Some("usage amount must not be negative".into());
+    }
+    check_amount(r.amount).err().map(|e| format!("usage {e}"))
+}
+
+fn invalid_lease(l: &LeaseRequest) -> Option<String> {
+    if l.lease_id.is_empty() || l.lease_id.len() > MAX_LEASE_ID_LEN {
+        return Some(format!("lease_id must have 1..{MAX_LEASE_ID_LEN} characters"));
+    }
+    if l.want.is_negative() {
+        return Some("a lease cannot want a negative amount".into());
+    }
+    if let Err(e) = check_amount(l.want) {
+        return Some(format!("lease want {e}"));
+    }
+    if !(1..=MAX_LEASE_TTL_MS).contains(&l.ttl_ms) {
+        return Some(format!("lease ttl_ms must be between 1 and {MAX_LEASE_TTL_MS}"));
+    }
+    if i64::try_from(l.seq).is_err() {
+        return Some("lease seq is too large".into());
     }
     None
 }
 
-/// Serves one (valid) subject on its customer's book at `now`.
-pub fn serve(book: &mut Book, s: &SubjectSync, facts: &Facts, now: DateTime<Utc>) -> Served {
+/// Serves one (valid) subject on its customer's book at `now`. On an error (an amount that would
+/// overflow) the book is left as it was and nothing is to be stored: the subject is rejected.
+pub fn try_serve(book: &mut Book, s: &SubjectSync, facts: &Facts, now: DateTime<Utc>) -> Result<Served, ModelError> {
+    let before = book.clone();
+    serve_in(book, s, facts, now).inspect_err(|_| *book = before)
+}
+
+fn serve_in(book: &mut Book, s: &SubjectSync, facts: &Facts, now: DateTime<Utc>) -> Result<Served, ModelError> {
     // What fell due first (expiries, grants becoming effective), so nothing below books it
     // unseen; then leases whose TTL passed.
-    let mut served = Served { entries: book.advance(now), ..Served::default() };
+    let mut served = Served { entries: book.try_advance(now)?, ..Served::default() };
     served.expired_unreported = book.expire_holds(now).iter().filter(|(_, held)| held.is_positive()).count();
     if let Some(range) = &s.usage {
         if facts.usage_seen {
@@ -107,37 +122,38 @@ pub fn serve(book: &mut Book, s: &SubjectSync, facts: &Facts, now: DateTime<Utc>
                     .as_ref()
                     .map(|id| HoldId(id.clone()))
                     .filter(|id| book.hold(id).is_some_and(|h| !h.released));
-                let outcome = match lease.and_then(|id| book.capture(&id, &spend, now).ok()) {
-                    Some(outcome) => outcome,
-                    None => book.book_usage(&spend, now),
+                let outcome = match lease {
+                    Some(id) => book.capture(&id, &spend, now)?,
+                    None => book.book_usage(&spend, now)?,
                 };
                 served.entries.extend(outcome.entries);
             }
         }
     }
     if let Some(request) = &s.lease {
-        serve_lease(book, s, request, facts.lease.as_ref(), now, &mut served);
+        serve_lease(book, s, request, facts.lease.as_ref(), now, &mut served)?;
     }
     let scope = s.feature_key.clone().map(FeatureScope::Eq);
     served.live = book
-        .balances(now, scope.as_ref())
+        .try_balances(now, scope.as_ref())?
         .into_iter()
         .find(|b| b.currency == s.currency)
         .map(|b| b.live)
         .unwrap_or_default();
-    served
+    Ok(served)
 }
 
 fn serve_lease(
     book: &mut Book,
     s: &SubjectSync,
-    request: &crate::sync::LeaseRequest,
+    request: &LeaseRequest,
     known: Option<&LeaseFacts>,
     now: DateTime<Utc>,
     served: &mut Served,
-) {
+) -> Result<(), ModelError> {
     let id = HoldId(request.lease_id.clone());
-    let expires_at = now + TimeDelta::milliseconds(i64::try_from(request.ttl_ms).unwrap_or(i64::MAX));
+    let ttl = TimeDelta::milliseconds(i64::try_from(request.ttl_ms).unwrap_or(i64::MAX));
+    let expires_at = now.checked_add_signed(ttl).unwrap_or(DateTime::<Utc>::MAX_UTC);
     let seq = i64::try_from(request.seq).unwrap_or(i64::MAX);
     let closed = LeaseAnswer {
         lease_id: request.lease_id.clone(),
@@ -150,19 +166,18 @@ fn serve_lease(
     match known {
         // Lease ids name node and subject, so this is a misbehaving gateway: grant nothing.
         Some(k) if !k.owned_by_this_customer => served.lease = Some(closed),
+        // A release numbered below a request already applied was overtaken (the node asked
+        // again after releasing, and that arrived first): the lease stays as it is.
+        Some(k) if open && request.release && seq > k.last_seq => {
+            let _ = book.release_hold(&id);
+            served.lease_released = true;
+            served.lease_seq = Some(seq);
+            served.lease = Some(closed);
+        }
         Some(k) if open => {
-            // A release numbered below a request already applied was overtaken (the node asked
-            // again after releasing, and that arrived first): the lease stays as it is.
-            if request.release && seq > k.last_seq {
-                let _ = book.release_hold(&id);
-                served.lease_released = true;
-                served.lease_seq = Some(seq);
-                served.lease = Some(closed);
-                return;
-            }
             // A request number already applied is a retry (or overtaken): it renews but adds nothing.
             let want = if seq > k.last_seq && !request.release { request.want } else { Amount::ZERO };
-            let granted = book.extend_hold(&id, want, expires_at, now).map(|(g, _)| g).unwrap_or_default();
+            let granted = only_overflow(book.extend_hold(&id, want, expires_at, now))?.0;
             let (held, expires_at) = book.hold(&id).map_or((Amount::ZERO, expires_at), |h| (h.amount, h.expires_at));
             served.lease_seq = (seq > k.last_seq).then_some(seq);
             served.lease =
@@ -173,10 +188,8 @@ fn serve_lease(
         known => {
             let last_seq = known.map_or(-1, |k| k.last_seq);
             let want = if seq > last_seq { request.want } else { Amount::ZERO };
-            let granted = book
-                .place_hold(id, s.currency, s.feature_key.clone(), want, expires_at, now)
-                .map(|(g, _)| g)
-                .unwrap_or_default();
+            let placed = book.place_hold(id, s.currency, s.feature_key.clone(), want, expires_at, now);
+            let granted = only_overflow(placed)?.0;
             served.lease_seq = Some(seq.max(last_seq));
             served.lease_opened = true;
             served.lease = Some(LeaseAnswer {
@@ -187,5 +200,15 @@ fn serve_lease(
                 closed: false,
             });
         }
+    }
+    Ok(())
+}
+
+/// A lease operation's result where only an overflow is an error: an unknown or duplicate hold
+/// (a gateway's mistake about its own lease) grants nothing, as if nothing was available.
+fn only_overflow<T: Default>(result: Result<T, ModelError>) -> Result<T, ModelError> {
+    match result {
+        Err(e @ ModelError::AmountOverflow(_)) => Err(e),
+        other => Ok(other.unwrap_or_default()),
     }
 }

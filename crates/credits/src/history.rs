@@ -7,7 +7,7 @@ use crate::book::{debt_in_scope, in_scope};
 use crate::feature::{FeatureFilter, FeatureScope};
 use crate::grant::GrantId;
 use crate::journal::Entry;
-use crate::money::{Amount, Currency};
+use crate::money::{Amount, AmountOverflow, Currency};
 
 /// Settled balance of `currency` at `at`, in a feature's scope if given. `features_of` tells the
 /// feature filter of a grant by id.
@@ -17,7 +17,7 @@ pub fn settled_at<'a, F>(
     currency: Currency,
     at: DateTime<Utc>,
     scope: Option<&FeatureScope>,
-) -> Amount
+) -> Result<Amount, AmountOverflow>
 where
     F: Fn(&GrantId) -> Option<&'a FeatureFilter>,
 {
@@ -31,7 +31,7 @@ where
                     None => debt_in_scope(m.feature.as_ref(), scope),
                 };
                 if counted {
-                    total += m.amount;
+                    total = total.try_add(m.amount)?;
                 }
             }
             // A covered debt moves the usage from the debt's scope to the grant's scope.
@@ -39,13 +39,13 @@ where
                 if *c == currency && *covered_at <= at =>
             {
                 match (grant_in_scope(grant_id), debt_in_scope(feature.as_ref(), scope)) {
-                    (true, false) => total -= *amount,
-                    (false, true) => total += *amount,
+                    (true, false) => total = total.try_sub(*amount)?,
+                    (false, true) => total = total.try_add(*amount)?,
                     _ => {}
                 }
             }
             _ => {}
         }
     }
-    total
+    Ok(total)
 }

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::feature::FeatureKey;
 use crate::grant::{FundingMethod, GrantId};
-use crate::money::{Amount, Currency};
+use crate::money::{Amount, AmountOverflow, Currency};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -141,7 +141,7 @@ impl Entry {
 fn pair(currency: Currency, credit_side: (Account, Amount), other: Account) -> Vec<Posting> {
     vec![
         Posting { account: credit_side.0, currency, amount: credit_side.1 },
-        Posting { account: other, currency, amount: -credit_side.1 },
+        Posting { account: other, currency, amount: credit_side.1.negated() },
     ]
 }
 
@@ -166,7 +166,7 @@ pub fn postings_for(
 
 /// Postings of an overage: the customer owes it (accrued), the business earned it.
 pub fn overage_postings(currency: Currency, amount: Amount) -> Vec<Posting> {
-    pair(currency, (Account::CustomerAccrued, -amount), Account::Earnings)
+    pair(currency, (Account::CustomerAccrued, amount.negated()), Account::Earnings)
 }
 
 /// A violation found by [`check_postings`].
@@ -178,27 +178,32 @@ pub struct Imbalance {
 }
 
 /// Every entry's postings must sum to zero per currency.
-pub fn check_postings<'a>(entries: impl IntoIterator<Item = &'a [Posting]>) -> Vec<Imbalance> {
+pub fn check_postings<'a>(entries: impl IntoIterator<Item = &'a [Posting]>) -> Result<Vec<Imbalance>, AmountOverflow> {
     let mut out = Vec::new();
     for (index, postings) in entries.into_iter().enumerate() {
-        let mut sums: BTreeMap<Currency, Amount> = BTreeMap::new();
-        for p in postings {
-            *sums.entry(p.currency).or_default() += p.amount;
-        }
+        let sums = sum_by(postings.iter().map(|p| (p.currency, p.amount)))?;
         out.extend(sums.into_iter().filter(|(_, s)| !s.is_zero()).map(|(currency, sum)| Imbalance {
             index,
             currency,
             sum,
         }));
     }
-    out
+    Ok(out)
 }
 
 /// The balance of each (account, currency) over a set of postings.
-pub fn account_balances<'a>(postings: impl IntoIterator<Item = &'a Posting>) -> BTreeMap<(Account, Currency), Amount> {
-    let mut out = BTreeMap::new();
-    for p in postings {
-        *out.entry((p.account, p.currency)).or_default() += p.amount;
+pub fn account_balances<'a>(
+    postings: impl IntoIterator<Item = &'a Posting>,
+) -> Result<BTreeMap<(Account, Currency), Amount>, AmountOverflow> {
+    sum_by(postings.into_iter().map(|p| ((p.account, p.currency), p.amount)))
+}
+
+/// The exact sum of the amounts of each key.
+pub fn sum_by<K: Ord>(amounts: impl IntoIterator<Item = (K, Amount)>) -> Result<BTreeMap<K, Amount>, AmountOverflow> {
+    let mut out: BTreeMap<K, Amount> = BTreeMap::new();
+    for (key, amount) in amounts {
+        let sum = out.entry(key).or_default();
+        *sum = sum.try_add(amount)?;
     }
-    out
+    Ok(out)
 }

@@ -18,9 +18,9 @@ use crate::book::SettlementMode;
 use crate::feature::FeatureKey;
 use crate::money::{Amount, Currency};
 
-/// Upper bounds the ledger enforces on one sync request.
-pub const MAX_SUBJECTS_PER_SYNC: usize = 1000;
-pub const MAX_CALLS_PER_RANGE: u64 = 1_000_000;
+/// Upper bounds the ledger enforces on one sync request (defined, with the reasons, in
+/// [`crate::limits`]).
+pub use crate::limits::{MAX_CALLS_PER_RANGE, MAX_SUBJECTS_PER_SYNC};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

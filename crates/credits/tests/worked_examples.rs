@@ -24,7 +24,7 @@ fn draw_down_charge_90_takes_a_50_b_40_c_0() {
         .collect();
     assert_eq!(movements.len(), 2, "one consumed movement per grant drawn from");
     assert!(movements.iter().all(|m| m.kind == MovementKind::Consumed));
-    assert_eq!(book.grant(&GrantId("C".into())).unwrap().remaining(), amt("100"));
+    assert_eq!(book.grant(&GrantId("C".into())).unwrap().remaining().unwrap(), amt("100"));
 }
 
 #[test]
@@ -56,7 +56,7 @@ fn never_expiring_grants_come_last_and_creation_order_breaks_ties() {
 fn expiry_removes_only_the_unused_70_after_consuming_30_of_100() {
     let mut book = book_with(vec![grant("G", 1, Some(t(10)), "100").build()]);
     book.charge(&spend("30", None, SettlementMode::CreditOnly), t(5)).unwrap();
-    let entries = book.advance(t(10));
+    let entries = book.try_advance(t(10)).unwrap();
     let expired: Vec<_> = entries
         .iter()
         .filter_map(|e| match e {
@@ -74,7 +74,7 @@ fn expiry_removes_only_the_unused_70_after_consuming_30_of_100() {
 #[test]
 fn settled_balance_is_100_70_0_at_t1_t5_t10() {
     let mut book = book_with(vec![grant("G", 1, Some(t(10)), "100").build()]);
-    let mut journal = book.advance(t(1));
+    let mut journal = book.try_advance(t(1)).unwrap();
     assert_eq!(settled(&book, t(1)), amt("100"));
     journal.extend(book.charge(&spend("30", None, SettlementMode::CreditOnly), t(5)).unwrap().entries);
     assert_eq!(settled(&book, t(5)), amt("70"));
@@ -93,7 +93,8 @@ fn consumption_reduces_the_grant_the_order_picks_so_only_20_of_a_expire_at_t10()
     let out = book.charge(&spend("30", None, SettlementMode::CreditOnly), t(5)).unwrap();
     assert_eq!(consumed(&out), vec![("A".into(), amt("30"))]);
     let expired: Vec<_> = book
-        .advance(t(10))
+        .try_advance(t(10))
+        .unwrap()
         .into_iter()
         .filter_map(|e| match e {
             Entry::Movement(m) if m.kind == MovementKind::Expired => Some((m.grant_id.unwrap().0, m.amount)),
@@ -113,11 +114,11 @@ fn feature_scope_counts_unrestricted_and_sets_containing_the_feature() {
         grant("storage", 1, None, "1000").features(&["storage"]).seq(4).build(),
     ]);
     let input = FeatureScope::Eq(feature("input_tokens"));
-    let scoped = book.balances(t(1), Some(&input));
+    let scoped = book.try_balances(t(1), Some(&input)).unwrap();
     assert_eq!(scoped[0].settled, amt("111"));
-    assert_eq!(book.balances(t(1), None)[0].settled, amt("1111"));
+    assert_eq!(book.try_balances(t(1), None).unwrap()[0].settled, amt("1111"));
     let storage = FeatureScope::Eq(feature("storage"));
-    assert_eq!(book.balances(t(1), Some(&storage))[0].settled, amt("1001"));
+    assert_eq!(book.try_balances(t(1), Some(&storage)).unwrap()[0].settled, amt("1001"));
 }
 
 #[test]
@@ -125,10 +126,10 @@ fn live_is_settled_minus_open_holds_100_settled_25_held_75_live() {
     let mut book = book_with(vec![grant("G", 1, None, "100").build()]);
     let (granted, _) = book.place_hold(HoldId("lease".into()), usd(), None, amt("25"), t(9), t(1)).unwrap();
     assert_eq!(granted, amt("25"));
-    let b = &book.balances(t(2), None)[0];
+    let b = &book.try_balances(t(2), None).unwrap()[0];
     assert_eq!((b.settled, b.live), (amt("100"), amt("75")));
     // The hold expires at T9: its credit is live again.
-    let b = &book.balances(t(9), None)[0];
+    let b = &book.try_balances(t(9), None).unwrap()[0];
     assert_eq!((b.settled, b.live), (amt("100"), amt("100")));
 }
 
@@ -138,9 +139,9 @@ fn pending_is_credit_granted_for_the_future() {
         grant("now", 1, None, "10").seq(1).build(),
         grant("later", 1, None, "5").effective(t(7)).seq(2).build(),
     ]);
-    let b = &book.balances(t(3), None)[0];
+    let b = &book.try_balances(t(3), None).unwrap()[0];
     assert_eq!((b.settled, b.pending), (amt("10"), amt("5")));
-    let b = &book.balances(t(7), None)[0];
+    let b = &book.try_balances(t(7), None).unwrap()[0];
     assert_eq!((b.settled, b.pending), (amt("15"), amt("0")));
 }
 
@@ -149,7 +150,7 @@ fn credit_only_refuses_an_uncovered_charge_and_changes_nothing() {
     let mut book = book_with(vec![grant("G", 1, None, "10").build()]);
     let before = book.clone();
     let refusal = book.charge(&spend("10.01", None, SettlementMode::CreditOnly), t(1)).unwrap_err();
-    assert_eq!(refusal, Refusal { requested: amt("10.01"), available: amt("10") });
+    assert_eq!(refusal, ChargeError::NotCovered(Refusal { requested: amt("10.01"), available: amt("10") }));
     assert_eq!(book, before);
 }
 
@@ -165,7 +166,7 @@ fn credit_then_invoice_consumes_what_is_there_and_reports_overage() {
 #[test]
 fn usage_after_the_fact_leaves_a_negative_balance_that_new_credit_covers_first() {
     let mut book = book_with(vec![grant("G", 1, None, "1").build()]);
-    let out = book.book_usage(&spend("3", None, SettlementMode::CreditOnly), t(1));
+    let out = book.book_usage(&spend("3", None, SettlementMode::CreditOnly), t(1)).unwrap();
     assert_eq!(out.uncovered, amt("2"));
     assert_eq!(settled(&book, t(1)), amt("-2"));
     let top_up = grant("H", 1, Some(t(10)), "10").effective(t(2)).build();

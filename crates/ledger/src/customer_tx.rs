@@ -83,7 +83,7 @@ impl CustomerTx {
 pub async fn settle_due(db: &Db, customer_id: &str, metrics: &Metrics) -> ApiResult<usize> {
     let mut ctx = CustomerTx::begin(db, customer_id).await?;
     let now = ctx.now;
-    let entries = ctx.book().advance(now);
+    let entries = ctx.book().try_advance(now).map_err(|e| Problem::model("body", e))?;
     ctx.close_expired_leases(metrics);
     let labels = Default::default();
     ctx.save(&entries, &Operation::system("time", &labels), metrics).await?;

@@ -32,10 +32,10 @@ pub async fn pass(state: &AppState) -> anyhow::Result<usize> {
     due.sort();
     due.dedup();
     drop(conn);
-    let mut booked = 0;
+    let mut booked: usize = 0;
     for customer_id in due {
         match settle_due(&state.db, &customer_id, &state.metrics).await {
-            Ok(n) => booked += n,
+            Ok(n) => booked = booked.saturating_add(n),
             Err(p) => tracing::warn!(customer = %customer_id, detail = %p.detail, "could not book due entries"),
         }
     }

@@ -1,5 +1,6 @@
 //! The central credit ledger: a Konnect-compatible credits API over SQLite or PostgreSQL, with
 //! every credit decision taken by the `credits` crate.
+#![deny(clippy::arithmetic_side_effects)]
 
 pub mod api;
 pub mod check;

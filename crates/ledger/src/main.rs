@@ -1,5 +1,11 @@
 //! `credits-ledger`: serve the ledger, or check its journal.
 
+// A panic in a request handler must become a 500 answer, not the end of the process: that needs
+// unwinding. The workspace's release profile unwinds; only the Wasm filter aborts (its target
+// default, made explicit in .cargo/config.toml).
+#[cfg(panic = "abort")]
+compile_error!("credits-ledger must be built with panic = \"unwind\" so that a handler panic answers 500");
+
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -73,8 +79,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             expiry_interval_ms,
             max_body_bytes,
         } => {
-            if max_body_bytes < 1024 {
-                anyhow::bail!("--max-body-bytes must be at least 1024");
+            if max_body_bytes < credits::limits::MIN_MAX_BODY_BYTES {
+                anyhow::bail!("--max-body-bytes must be at least {}", credits::limits::MIN_MAX_BODY_BYTES);
             }
             let auth = if token.is_empty() && gateway_token.is_empty() && insecure_no_auth {
                 tracing::warn!("serving WITHOUT authentication (--insecure-no-auth)");

@@ -29,18 +29,23 @@ pub struct Metrics {
     inner: Mutex<Inner>,
 }
 
+/// Counters saturate: a counter at u64::MAX is wrong by too little to matter, a wrapped one is not.
+fn bump(counter: &mut u64, n: u64) {
+    *counter = counter.saturating_add(n);
+}
+
 impl Metrics {
     pub fn observe_request(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
         let Ok(mut inner) = self.inner.lock() else { return };
-        *inner.requests.entry((method.to_owned(), route.to_owned(), status)).or_default() += 1;
+        bump(inner.requests.entry((method.to_owned(), route.to_owned(), status)).or_default(), 1);
         let h = inner.latency.entry(route.to_owned()).or_default();
         let secs = elapsed.as_secs_f64();
         for (i, bound) in BUCKETS_SECONDS.iter().enumerate() {
             if secs <= *bound {
-                h.buckets[i] += 1;
+                bump(&mut h.buckets[i], 1);
             }
         }
-        h.count += 1;
+        bump(&mut h.count, 1);
         h.sum += secs;
     }
 
@@ -52,14 +57,14 @@ impl Metrics {
                 Entry::Overage { .. } => "overage",
                 Entry::DebtCovered { .. } => "debt_covered",
             };
-            *inner.bookings.entry(kind).or_default() += 1;
+            bump(inner.bookings.entry(kind).or_default(), 1);
         }
     }
 
     /// Adds to a named counter (`credits_ledger_<name>_total`).
     pub fn add(&self, name: &'static str, n: u64) {
         if let Ok(mut inner) = self.inner.lock() {
-            *inner.counters.entry(name).or_default() += n;
+            bump(inner.counters.entry(name).or_default(), n);
         }
     }
 

@@ -85,5 +85,10 @@ pub fn consumed(outcome: &SpendOutcome) -> Vec<(String, Amount)> {
 }
 
 pub fn settled(book: &Book, at: DateTime<Utc>) -> Amount {
-    book.balances(at, None).into_iter().find(|b| b.currency == usd()).map(|b| b.settled).unwrap_or_default()
+    book.try_balances(at, None)
+        .unwrap()
+        .into_iter()
+        .find(|b| b.currency == usd())
+        .map(|b| b.settled)
+        .unwrap_or_default()
 }

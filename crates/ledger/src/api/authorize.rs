@@ -41,7 +41,7 @@ fn required<'h>(headers: &'h HeaderMap, name: &str) -> ApiResult<&'h str> {
 /// The charge terms the gateway sends with every authorization request.
 fn terms(headers: &HeaderMap) -> ApiResult<(Amount, Currency, Option<FeatureKey>, SettlementMode)> {
     let price = required(headers, PRICE)?;
-    let price = Amount::parse(price).map_err(|e| Problem::bad_request(PRICE, e.to_string()))?;
+    let price = Amount::parse_bounded(price).map_err(|e| Problem::bad_request(PRICE, e.to_string()))?;
     let currency = required(headers, CURRENCY)?;
     let currency = Currency::parse(currency).map_err(|e| Problem::bad_request(CURRENCY, e.to_string()))?;
     let feature = header(headers, FEATURE_KEY)?

@@ -3,7 +3,7 @@
 
 use axum::extract::{Path, State};
 use chrono::{DateTime, Utc};
-use credits::{Amount, Currency, CurrencyBalance, FeatureKey, FeatureScope, GrantStatus};
+use credits::{Amount, AmountOverflow, Currency, CurrencyBalance, FeatureKey, FeatureScope, GrantStatus};
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -92,7 +92,7 @@ pub async fn get(
     let at = at.unwrap_or(now);
     let loaded = books::load(&mut tx, &customer_id).await?;
     let balances = if at >= loaded.book.clock() {
-        loaded.book.balances(at, scope.as_ref())
+        loaded.book.try_balances(at, scope.as_ref()).map_err(|e| Problem::model("timestamp", e))?
     } else {
         past_balances(&mut tx, &customer_id, &loaded, at, scope.as_ref()).await?
     };
@@ -126,34 +126,36 @@ async fn past_balances(
     }));
     currencies.sort();
     currencies.dedup();
-    Ok(currencies
-        .into_iter()
-        .map(|currency| {
-            let settled = credits::history::settled_at(
-                entries.iter(),
-                |id| grants.iter().find(|g| &g.grant.id == id).map(|g| &g.grant.features),
-                currency,
-                at,
-                scope,
-            );
-            let pending: Amount = grants
-                .iter()
-                .filter(|g| {
-                    g.grant.currency == currency
-                        && g.grant.created_at <= at
-                        && g.grant.status_at(at) == GrantStatus::Pending
-                })
-                .filter(|g| scope.is_none_or(|s| s.includes(&g.grant.features)))
-                .map(|g| g.grant.amount)
-                .sum();
-            let hold: Amount = held
-                .iter()
-                .filter(|h| {
-                    h.currency == currency && scope.is_none_or(|s| h.feature.as_ref().is_none_or(|f| s.matches(f)))
-                })
-                .map(|h| h.amount)
-                .sum();
-            CurrencyBalance { currency, settled, live: settled - hold, pending }
-        })
-        .collect())
+    let past = PastJournal { entries: &entries, held: &held, grants: loaded.book.grants(), at, scope };
+    currencies.into_iter().map(|c| past.balance(c).map_err(|e| Problem::model("timestamp", e))).collect()
+}
+
+/// What the journal says about one past instant.
+struct PastJournal<'a> {
+    entries: &'a [credits::Entry],
+    held: &'a [credits::Hold],
+    grants: &'a [credits::GrantState],
+    at: DateTime<Utc>,
+    scope: Option<&'a FeatureScope>,
+}
+
+impl PastJournal<'_> {
+    fn balance(&self, currency: Currency) -> Result<CurrencyBalance, AmountOverflow> {
+        let (at, scope) = (self.at, self.scope);
+        let features_of =
+            |id: &credits::GrantId| self.grants.iter().find(|g| &g.grant.id == id).map(|g| &g.grant.features);
+        let settled = credits::history::settled_at(self.entries.iter(), features_of, currency, at, scope)?;
+        let pending = self.grants.iter().filter(|g| {
+            g.grant.currency == currency
+                && g.grant.created_at <= at
+                && g.grant.status_at(at) == GrantStatus::Pending
+                && scope.is_none_or(|s| s.includes(&g.grant.features))
+        });
+        let pending = Amount::try_sum(pending.map(|g| g.grant.amount))?;
+        let holds = self.held.iter().filter(|h| {
+            h.currency == currency && scope.is_none_or(|s| h.feature.as_ref().is_none_or(|f| s.matches(f)))
+        });
+        let live = settled.try_sub(Amount::try_sum(holds.map(|h| h.amount))?)?;
+        Ok(CurrencyBalance { currency, settled, live, pending })
+    }
 }

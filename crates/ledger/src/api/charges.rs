@@ -5,8 +5,8 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use credits::{
-    Amount, Currency, FeatureFilter, FeatureKey, FundingMethod, Grant, GrantId, GrantSpec, Priority, SettlementMode,
-    Spend,
+    Amount, ChargeError, Currency, FeatureFilter, FeatureKey, FundingMethod, Grant, GrantId, GrantSpec, Priority,
+    SettlementMode, Spend,
 };
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -105,7 +105,7 @@ pub async fn book_charge(state: &AppState, customer_id: &str, req: &ChargeReques
     if let Some(name) = &req.name {
         fields::name("name", name)?;
     }
-    if !req.amount.is_positive() {
+    if !fields::amount("amount", req.amount)?.is_positive() {
         return Err(Problem::bad_request("amount", "amount must be greater than zero"));
     }
     let customer_id = customer_id.to_owned();
@@ -121,19 +121,7 @@ pub async fn book_charge(state: &AppState, customer_id: &str, req: &ChargeReques
         feature: req.feature_key.clone(),
         mode: req.settlement_mode,
     };
-    let outcome = ctx.book().charge(&spend, now).map_err(|refusal| {
-        Problem::new(
-            StatusCode::PAYMENT_REQUIRED,
-            format!(
-                "customer [{customer_id}] has {} {} of credit available for this charge of {} {}",
-                refusal.available, req.currency, refusal.requested, req.currency
-            ),
-        )
-        .with("customer_id", customer_id.clone())
-        .with("currency", req.currency.to_string())
-        .with("price", refusal.requested.to_string())
-        .with("available", refusal.available.to_string())
-    })?;
+    let outcome = ctx.book().charge(&spend, now).map_err(|e| not_booked(&customer_id, req.currency, e))?;
     let id = new_id();
     let op = Operation {
         reference: format!("charge:{id}"),
@@ -142,7 +130,8 @@ pub async fn book_charge(state: &AppState, customer_id: &str, req: &ChargeReques
         labels: &req.labels,
     };
     ctx.save(&outcome.entries, &op, &state.metrics).await?;
-    let balance = ctx.book().balances(now, None).into_iter().find(|b| b.currency == req.currency);
+    let balance = ctx.book().try_balances(now, None).map_err(|e| Problem::model("amount", e))?;
+    let balance = balance.into_iter().find(|b| b.currency == req.currency);
     let result = ChargeResult {
         id,
         key: req.key.clone(),
@@ -177,6 +166,25 @@ pub async fn book_charge(state: &AppState, customer_id: &str, req: &ChargeReques
     idempotency::insert(&mut ctx.w.tx, &record, now).await?;
     ctx.commit().await?;
     Ok((StatusCode::CREATED, axum::Json(result)).into_response())
+}
+
+/// Why a charge was not booked: 402 when credit does not cover it, 422 when it cannot be summed.
+fn not_booked(customer_id: &str, currency: Currency, err: ChargeError) -> Problem {
+    let refusal = match err {
+        ChargeError::NotCovered(refusal) => refusal,
+        ChargeError::Model(e) => return Problem::model("amount", e),
+    };
+    Problem::new(
+        StatusCode::PAYMENT_REQUIRED,
+        format!(
+            "customer [{customer_id}] has {} {currency} of credit available for this charge of {} {currency}",
+            refusal.available, refusal.requested
+        ),
+    )
+    .with("customer_id", customer_id)
+    .with("currency", currency.to_string())
+    .with("price", refusal.requested.to_string())
+    .with("available", refusal.available.to_string())
 }
 
 #[derive(Deserialize, Serialize, ToSchema)]
@@ -215,7 +223,7 @@ pub async fn adjust(
     fields::name("name", &req.name)?;
     fields::description("description", req.description.as_deref())?;
     fields::labels("labels", &req.labels)?;
-    if req.amount.is_zero() {
+    if fields::amount("amount", req.amount)?.is_zero() {
         return Err(Problem::bad_request("amount", "an adjustment must not be zero"));
     }
     let key = match headers.get("idempotency-key") {
@@ -237,39 +245,8 @@ pub async fn adjust(
         }
     }
     let now = ctx.now;
-    // Added credit is an unrestricted, never-expiring grant so it has a place in the draw-down order.
-    let grant = if req.amount.is_positive() {
-        let spec = GrantSpec {
-            currency: req.currency,
-            amount: req.amount,
-            funding_method: FundingMethod::None,
-            purchase: None,
-            priority: Priority::DEFAULT,
-            effective_at: Some(now),
-            expires_after: None,
-            features: FeatureFilter::unrestricted(),
-        };
-        let grant =
-            Grant::new(spec, GrantId(new_id()), now, 0).map_err(|e| Problem::bad_request("amount", e.to_string()))?;
-        let mut record = GrantRecord {
-            state: credits::GrantState::new(grant),
-            customer_id: customer_id.clone(),
-            key: None,
-            name: req.name.clone(),
-            description: req.description.clone(),
-            labels: req.labels.clone(),
-            tax_config: None,
-            updated_at: now,
-        };
-        record.state.grant.seq = grants::insert(&mut ctx.w.tx, &record).await?;
-        Some(record.state.grant)
-    } else {
-        None
-    };
-    let entries = ctx
-        .book()
-        .adjust(req.currency, req.amount, grant, now)
-        .map_err(|e| Problem::bad_request("amount", e.to_string()))?;
+    let grant = if req.amount.is_positive() { Some(adjustment_grant(&mut ctx, &req).await?) } else { None };
+    let entries = ctx.book().adjust(req.currency, req.amount, grant, now).map_err(|e| Problem::model("amount", e))?;
     let op = Operation {
         reference: format!("adjustment:{}", new_id()),
         name: &req.name,
@@ -293,4 +270,33 @@ pub async fn adjust(
     }
     ctx.commit().await?;
     Ok((StatusCode::CREATED, axum::Json(result)).into_response())
+}
+
+/// Added credit is an unrestricted, never-expiring grant so it has a place in the draw-down order.
+async fn adjustment_grant(ctx: &mut CustomerTx, req: &AdjustmentRequest) -> ApiResult<Grant> {
+    let now = ctx.now;
+    let spec = GrantSpec {
+        currency: req.currency,
+        amount: req.amount,
+        funding_method: FundingMethod::None,
+        purchase: None,
+        priority: Priority::DEFAULT,
+        effective_at: Some(now),
+        expires_after: None,
+        features: FeatureFilter::unrestricted(),
+    };
+    let grant =
+        Grant::new(spec, GrantId(new_id()), now, 0).map_err(|e| Problem::bad_request("amount", e.to_string()))?;
+    let mut record = GrantRecord {
+        state: credits::GrantState::new(grant),
+        customer_id: ctx.customer_id.clone(),
+        key: None,
+        name: req.name.clone(),
+        description: req.description.clone(),
+        labels: req.labels.clone(),
+        tax_config: None,
+        updated_at: now,
+    };
+    record.state.grant.seq = grants::insert(&mut ctx.w.tx, &record).await?;
+    Ok(record.state.grant)
 }

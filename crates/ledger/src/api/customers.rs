@@ -3,6 +3,7 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use credits::limits::{MAX_SUBJECT_KEYS_PER_CUSTOMER, MAX_SUBJECT_LEN};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -111,9 +112,6 @@ impl From<CustomerRecord> for Customer {
     }
 }
 
-/// Subject keys one customer may have (each request checks them pairwise for duplicates).
-pub const MAX_SUBJECT_KEYS: usize = 100;
-
 fn validate(req: &CustomerRequest) -> ApiResult<()> {
     fields::name("name", &req.name)?;
     fields::description("description", req.description.as_deref())?;
@@ -130,17 +128,17 @@ fn validate(req: &CustomerRequest) -> ApiResult<()> {
         }
     }
     let subjects = req.usage_attribution.as_ref().map(|u| u.subject_keys.as_slice()).unwrap_or_default();
-    if subjects.len() > MAX_SUBJECT_KEYS {
+    if subjects.len() > MAX_SUBJECT_KEYS_PER_CUSTOMER {
         return Err(Problem::bad_request(
             "usage_attribution.subject_keys",
-            format!("at most {MAX_SUBJECT_KEYS} subject keys per customer"),
+            format!("at most {MAX_SUBJECT_KEYS_PER_CUSTOMER} subject keys per customer"),
         ));
     }
     for (i, s) in subjects.iter().enumerate() {
-        if s.is_empty() || s.len() > 256 {
+        if s.is_empty() || s.len() > MAX_SUBJECT_LEN {
             return Err(Problem::bad_request(
                 format!("usage_attribution.subject_keys[{i}]"),
-                "subject keys have 1..256 characters",
+                format!("subject keys have 1..{MAX_SUBJECT_LEN} characters"),
             ));
         }
         if subjects[..i].contains(s) {

@@ -4,6 +4,7 @@
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use chrono::{DateTime, Utc};
+use credits::limits::MAX_EVENTS_PER_BATCH;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
@@ -15,9 +16,6 @@ use super::transactions::{page_link, CursorMeta, CursorMetaPage};
 use super::AppState;
 use crate::store::customers;
 use crate::store::events::{self, EventFilters, NewEvent};
-
-/// At most this many events per request.
-pub const MAX_BATCH: usize = 1000;
 
 #[derive(Deserialize, Serialize, ToSchema, Clone)]
 #[serde(deny_unknown_fields)]
@@ -95,8 +93,8 @@ pub fn parse_events(content_type: &str, bytes: &[u8]) -> ApiResult<Vec<MeteringE
     if values.is_empty() {
         return Err(Problem::bad_request("body", "no events"));
     }
-    if values.len() > MAX_BATCH {
-        return Err(Problem::bad_request("body", format!("at most {MAX_BATCH} events per request")));
+    if values.len() > MAX_EVENTS_PER_BATCH {
+        return Err(Problem::bad_request("body", format!("at most {MAX_EVENTS_PER_BATCH} events per request")));
     }
     let batch = values.len() > 1 || essence != "application/cloudevents+json";
     values
@@ -136,11 +134,11 @@ pub async fn ingest(State(state): State<AppState>, req: Request) -> ApiResult<St
             time: e.time,
             body: serde_json::to_string(e).unwrap_or_default(),
         };
-        stored += u64::from(events::insert(&mut w.tx, &new, now).await?);
+        stored = stored.saturating_add(u64::from(events::insert(&mut w.tx, &new, now).await?));
     }
     w.commit().await?;
     state.metrics.add("events_stored", stored);
-    state.metrics.add("events_duplicate", events.len() as u64 - stored);
+    state.metrics.add("events_duplicate", (events.len() as u64).saturating_sub(stored));
     Ok(StatusCode::ACCEPTED)
 }
 

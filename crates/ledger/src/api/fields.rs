@@ -1,6 +1,8 @@
 //! Validation and formatting of the fields that many resources share.
 
 use chrono::{DateTime, SecondsFormat, Utc};
+use credits::limits::{self, MAX_DESCRIPTION_CHARS, MAX_KEY_CHARS, MAX_LABELS, MAX_LABEL_LEN, MAX_NAME_CHARS};
+use credits::Amount;
 
 use super::problem::Problem;
 use crate::store::Labels;
@@ -16,19 +18,30 @@ pub fn parse_timestamp(field: &str, text: &str) -> Result<DateTime<Utc>, Problem
         .map_err(|_| Problem::bad_request(field, format!("{field} must be an RFC 3339 date-time, got {text:?}")))
 }
 
+/// An amount that enters the ledger (a request body or header): within the bounds every edge
+/// enforces ([`limits::check_amount`]), else a 400 naming the field.
+pub fn amount(field: &str, value: Amount) -> Result<Amount, Problem> {
+    limits::check_amount(value).map_err(|e| Problem::bad_request(field, e.to_string()))
+}
+
 pub fn name(field: &str, value: &str) -> Result<(), Problem> {
+    chars_between(field, value, MAX_NAME_CHARS)
+}
+
+/// 1..=`max` characters.
+fn chars_between(field: &str, value: &str, max: usize) -> Result<(), Problem> {
     let len = value.chars().count();
-    if (1..=256).contains(&len) {
+    if (1..=max).contains(&len) {
         Ok(())
     } else {
-        Err(Problem::bad_request(field, format!("{field} must have between 1 and 256 characters")))
+        Err(Problem::bad_request(field, format!("{field} must have between 1 and {max} characters")))
     }
 }
 
 pub fn description(field: &str, value: Option<&str>) -> Result<(), Problem> {
     match value {
-        Some(v) if v.chars().count() > 1024 => {
-            Err(Problem::bad_request(field, format!("{field} must have at most 1024 characters")))
+        Some(v) if v.chars().count() > MAX_DESCRIPTION_CHARS => {
+            Err(Problem::bad_request(field, format!("{field} must have at most {MAX_DESCRIPTION_CHARS} characters")))
         }
         _ => Ok(()),
     }
@@ -37,15 +50,15 @@ pub fn description(field: &str, value: Option<&str>) -> Result<(), Problem> {
 /// Konnect labels: at most 50; keys and values of 1..63 characters, alphanumeric at both ends,
 /// `-`, `_` and `.` inside.
 pub fn labels(field: &str, labels: &Labels) -> Result<(), Problem> {
-    if labels.len() > 50 {
-        return Err(Problem::bad_request(field, "at most 50 labels"));
+    if labels.len() > MAX_LABELS {
+        return Err(Problem::bad_request(field, format!("at most {MAX_LABELS} labels")));
     }
     let valid = |s: &str| {
         let b = s.as_bytes();
         !b.is_empty()
-            && b.len() <= 63
-            && b[0].is_ascii_alphanumeric()
-            && b[b.len() - 1].is_ascii_alphanumeric()
+            && b.len() <= MAX_LABEL_LEN
+            && b.first().is_some_and(u8::is_ascii_alphanumeric)
+            && b.last().is_some_and(u8::is_ascii_alphanumeric)
             && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
     };
     for (k, v) in labels {
@@ -61,10 +74,5 @@ pub fn labels(field: &str, labels: &Labels) -> Result<(), Problem> {
 
 /// An idempotency or resource key: 1..256 characters.
 pub fn key(field: &str, value: &str) -> Result<(), Problem> {
-    let len = value.chars().count();
-    if (1..=256).contains(&len) {
-        Ok(())
-    } else {
-        Err(Problem::bad_request(field, format!("{field} must have between 1 and 256 characters")))
-    }
+    chars_between(field, value, MAX_KEY_CHARS)
 }

@@ -3,17 +3,19 @@
 //! answers each subject's live balance after the booking.
 
 use axum::extract::State;
-use credits::gateway::{self, Facts, LeaseFacts};
-use credits::sync::{SubjectAnswer, SubjectOutcome, SyncRequest, SyncResponse, MAX_SUBJECTS_PER_SYNC};
+use chrono::{DateTime, Utc};
+use credits::gateway::{self, Facts, LeaseFacts, Served};
+use credits::limits::{MAX_NODE_LEN, MAX_SUBJECTS_PER_SYNC};
+use credits::sync::{LeaseRequest, SubjectAnswer, SubjectOutcome, SyncRequest, SyncResponse};
 
 use super::problem::{ApiResult, Problem};
 use super::request::Json;
 use super::AppState;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use credits::{Book, HoldId};
 
-use crate::db::lock_customers;
+use crate::db::{lock_customers, WriteTx};
 use crate::store::books::{self, Operation, Writes};
 use crate::store::leases::{self, LeaseRecord};
 use crate::store::usage::{self, UsageRecord};
@@ -34,47 +36,23 @@ pub async fn sync(State(state): State<AppState>, Json(req): Json<SyncRequest>) -
 /// result. A failure rolls the whole sync back; the node re-sends it unchanged and every range
 /// still books exactly once.
 pub async fn serve(state: &AppState, req: &SyncRequest) -> ApiResult<SyncResponse> {
-    if req.node.is_empty() || req.node.len() > 128 {
-        return Err(Problem::bad_request("node", "node must have 1..128 characters"));
+    if req.node.is_empty() || req.node.len() > MAX_NODE_LEN {
+        return Err(Problem::bad_request("node", format!("node must have 1..{MAX_NODE_LEN} characters")));
     }
     if req.subjects.len() > MAX_SUBJECTS_PER_SYNC {
         return Err(Problem::bad_request("subjects", format!("at most {MAX_SUBJECTS_PER_SYNC} subjects per sync")));
     }
     let mut outcomes: Vec<Option<SubjectOutcome>> =
         req.subjects.iter().map(|s| gateway::invalid(s).map(|reason| SubjectOutcome::Rejected { reason })).collect();
-    let subjects: Vec<String> =
-        req.subjects.iter().zip(&outcomes).filter(|(_, o)| o.is_none()).map(|(s, _)| s.subject.clone()).collect();
-    let owner_of = {
-        let mut conn = state.db.pool().acquire().await?;
-        customers::by_subjects(&mut conn, &subjects).await?
-    };
-    // (customer, subject index), stable-sorted: subjects of one customer keep their request order.
-    let mut owners: Vec<(&str, usize)> = Vec::new();
-    for (i, s) in req.subjects.iter().enumerate() {
-        if outcomes[i].is_none() {
-            match owner_of.get(&s.subject) {
-                Some(customer_id) => owners.push((customer_id, i)),
-                None => outcomes[i] = Some(SubjectOutcome::UnknownSubject),
-            }
-        }
-    }
-    owners.sort_by(|a, b| a.0.cmp(b.0));
+    let owner_of = owners(state, req, &mut outcomes).await?;
+    let owners: Vec<(&str, usize)> = owner_of.iter().map(|(c, i)| (c.as_str(), *i)).collect();
     let mut customer_ids: Vec<String> = owners.iter().map(|(c, _)| (*c).to_owned()).collect();
     customer_ids.dedup();
 
     let mut w = state.db.begin_write().await?;
     let revisions = lock_customers(&mut w.tx, state.db.backend(), &customer_ids).await?;
-    let db_now = state.db.now(&mut w.tx).await?;
     let mut books = books::load_many(&mut w.tx, &customer_ids).await?;
-    let keys: Vec<String> = owners.iter().filter_map(|&(_, i)| req.subjects[i].usage_key(&req.node)).collect();
-    let mut recorded = usage::recorded(&mut w.tx, &keys).await?;
-    let lease_ids: Vec<String> =
-        owners.iter().filter_map(|&(_, i)| req.subjects[i].lease.as_ref().map(|l| l.lease_id.clone())).collect();
-    let mut leases = leases::find_many(&mut w.tx, &lease_ids).await?;
-
-    let labels = Labels::from([("node".to_owned(), label_safe(&req.node))]);
-    let mut writes = Writes::new();
-    let mut counts = Counts::default();
+    let mut batch = Batch::read(state, &mut w, req, &owners).await?;
     let mut before: HashMap<&str, Book> = HashMap::new();
     for &(customer_id, i) in &owners {
         // Deleted between the lookup and the lock: no revision, no book.
@@ -82,78 +60,19 @@ pub async fn serve(state: &AppState, req: &SyncRequest) -> ApiResult<SyncRespons
             outcomes[i] = Some(SubjectOutcome::UnknownSubject);
             continue;
         };
-        let book = &mut loaded.book;
-        before.entry(customer_id).or_insert_with(|| book.clone());
-        // The database clock, never behind the book's own clock.
-        let now = db_now.max(book.clock());
-        let s = &req.subjects[i];
-        let key = s.usage_key(&req.node);
-        let facts = Facts {
-            usage_seen: key.as_ref().is_some_and(|k| recorded.contains(k)),
-            lease: s.lease.as_ref().and_then(|l| leases.get(&l.lease_id)).map(|k| LeaseFacts {
-                owned_by_this_customer: k.customer_id == customer_id,
-                closed: k.closed,
-                last_seq: k.last_seq,
-            }),
-        };
-        let served = gateway::serve(book, s, &facts, now);
-        if let (Some(range), Some(key)) = (&s.usage, &key) {
-            if served.record_usage {
-                let record = UsageRecord {
-                    key,
-                    customer_id,
-                    node: &req.node,
-                    subject: &s.subject,
-                    currency: s.currency,
-                    feature: s.feature_key.as_ref(),
-                    range,
-                };
-                writes.usage(&record, now);
-                recorded.insert(key.clone());
-                counts.usage_calls += range.calls();
-            }
-        }
-        let reference = key.map_or_else(|| "lease".to_owned(), |k| format!("usage:{k}"));
-        let op = Operation { reference, name: "Gateway usage", description: None, labels: &labels };
-        writes.entries(customer_id, &served.entries, &op, now);
-        state.metrics.count_entries(&served.entries);
-        if let Some(request) = &s.lease {
-            // What a later subject of this sync must know about the lease.
-            let hold = book.hold(&HoldId(request.lease_id.clone()));
-            let known = leases.get(&request.lease_id);
-            if known.is_none_or(|k| k.customer_id == customer_id) && (hold.is_some() || known.is_some()) {
-                let last_seq = served.lease_seq.or(known.map(|k| k.last_seq)).unwrap_or(0);
-                let closed = hold.is_none_or(|h| h.released);
-                leases.insert(
-                    request.lease_id.clone(),
-                    LeaseRecord { customer_id: customer_id.to_owned(), closed, last_seq },
-                );
-            }
-            if let Some(seq) = served.lease_seq {
-                writes.lease_seq(&request.lease_id, seq);
-            }
-        }
-        counts.leases_opened += u64::from(served.lease_opened);
-        counts.leases_released += u64::from(served.lease_released);
-        counts.leases_expired_unreported += served.expired_unreported as u64;
-        outcomes[i] = Some(SubjectOutcome::Ok {
-            customer_id: customer_id.to_owned(),
-            usage: served.usage,
-            live: served.live,
-            revision,
-            lease: served.lease,
-        });
+        before.entry(customer_id).or_insert_with(|| loaded.book.clone());
+        outcomes[i] = Some(batch.serve_subject(state, &mut loaded.book, customer_id, revision, i));
     }
     for (customer_id, before) in &before {
         if let Some(loaded) = books.get(*customer_id) {
-            let now = db_now.max(before.clock());
-            writes.changes(customer_id, before, &loaded.book, now);
+            let now = batch.db_now.max(before.clock());
+            batch.writes.changes(customer_id, before, &loaded.book, now);
         }
     }
-    writes.flush(&mut w.tx).await?;
+    batch.writes.flush(&mut w.tx).await?;
     let server_time = state.db.now(&mut w.tx).await?;
     w.commit().await?;
-    counts.publish(state);
+    batch.counts.publish(state);
     let subjects = req
         .subjects
         .iter()
@@ -167,6 +86,136 @@ pub async fn serve(state: &AppState, req: &SyncRequest) -> ApiResult<SyncRespons
     Ok(SyncResponse { server_time, subjects })
 }
 
+/// The customer of each valid subject, as (customer, subject index) stable-sorted by customer:
+/// subjects of one customer keep their request order. Subjects nobody has are answered here.
+async fn owners(
+    state: &AppState,
+    req: &SyncRequest,
+    outcomes: &mut [Option<SubjectOutcome>],
+) -> ApiResult<Vec<(String, usize)>> {
+    let subjects: Vec<String> =
+        req.subjects.iter().zip(outcomes.iter()).filter(|(_, o)| o.is_none()).map(|(s, _)| s.subject.clone()).collect();
+    let owner_of = {
+        let mut conn = state.db.pool().acquire().await?;
+        customers::by_subjects(&mut conn, &subjects).await?
+    };
+    let mut owners = Vec::new();
+    for (i, s) in req.subjects.iter().enumerate() {
+        if outcomes[i].is_none() {
+            match owner_of.get(&s.subject) {
+                Some(customer_id) => owners.push((customer_id.clone(), i)),
+                None => outcomes[i] = Some(SubjectOutcome::UnknownSubject),
+            }
+        }
+    }
+    owners.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(owners)
+}
+
+/// One sync being served: what it read up front (usage keys booked before, leases) and what it
+/// will write, gathered subject by subject.
+struct Batch<'a> {
+    req: &'a SyncRequest,
+    labels: Labels,
+    /// The database clock of the transaction.
+    db_now: DateTime<Utc>,
+    recorded: HashSet<String>,
+    leases: HashMap<String, LeaseRecord>,
+    writes: Writes,
+    counts: Counts,
+}
+
+impl<'a> Batch<'a> {
+    async fn read(
+        state: &AppState,
+        w: &mut WriteTx,
+        req: &'a SyncRequest,
+        owners: &[(&str, usize)],
+    ) -> ApiResult<Self> {
+        let db_now = state.db.now(&mut w.tx).await?;
+        let keys: Vec<String> = owners.iter().filter_map(|&(_, i)| req.subjects[i].usage_key(&req.node)).collect();
+        let recorded = usage::recorded(&mut w.tx, &keys).await?;
+        let lease_ids: Vec<String> =
+            owners.iter().filter_map(|&(_, i)| req.subjects[i].lease.as_ref().map(|l| l.lease_id.clone())).collect();
+        let leases = leases::find_many(&mut w.tx, &lease_ids).await?;
+        let labels = Labels::from([("node".to_owned(), label_safe(&req.node))]);
+        Ok(Batch { req, labels, db_now, recorded, leases, writes: Writes::new(), counts: Counts::default() })
+    }
+
+    /// Serves subject `i` on its customer's book and gathers what to write.
+    fn serve_subject(
+        &mut self,
+        state: &AppState,
+        book: &mut Book,
+        customer_id: &str,
+        revision: i64,
+        i: usize,
+    ) -> SubjectOutcome {
+        // The database clock, never behind the book's own clock.
+        let now = self.db_now.max(book.clock());
+        let s = &self.req.subjects[i];
+        let key = s.usage_key(&self.req.node);
+        let facts = Facts {
+            usage_seen: key.as_ref().is_some_and(|k| self.recorded.contains(k)),
+            lease: s.lease.as_ref().and_then(|l| self.leases.get(&l.lease_id)).map(|k| LeaseFacts {
+                owned_by_this_customer: k.customer_id == customer_id,
+                closed: k.closed,
+                last_seq: k.last_seq,
+            }),
+        };
+        // A booking that would overflow the customer's sums rejects this subject only (the book is
+        // left as it was); the rest of the batch books.
+        let served = match gateway::try_serve(book, s, &facts, now) {
+            Ok(served) => served,
+            Err(e) => return SubjectOutcome::Rejected { reason: e.to_string() },
+        };
+        if let (Some(range), Some(key), true) = (&s.usage, &key, served.record_usage) {
+            let record = UsageRecord {
+                key,
+                customer_id,
+                node: &self.req.node,
+                subject: &s.subject,
+                currency: s.currency,
+                feature: s.feature_key.as_ref(),
+                range,
+            };
+            self.writes.usage(&record, now);
+            self.recorded.insert(key.clone());
+            self.counts.usage_calls = self.counts.usage_calls.saturating_add(range.calls());
+        }
+        let reference = key.map_or_else(|| "lease".to_owned(), |k| format!("usage:{k}"));
+        let op = Operation { reference, name: "Gateway usage", description: None, labels: &self.labels };
+        self.writes.entries(customer_id, &served.entries, &op, now);
+        state.metrics.count_entries(&served.entries);
+        if let Some(request) = &s.lease {
+            self.remember_lease(book, customer_id, request, served.lease_seq);
+        }
+        self.counts.add(&served);
+        SubjectOutcome::Ok {
+            customer_id: customer_id.to_owned(),
+            usage: served.usage,
+            live: served.live,
+            revision,
+            lease: served.lease,
+        }
+    }
+
+    /// What a later subject of this sync must know about the lease, and its new request number.
+    fn remember_lease(&mut self, book: &Book, customer_id: &str, request: &LeaseRequest, seq: Option<i64>) {
+        let hold = book.hold(&HoldId(request.lease_id.clone()));
+        let known = self.leases.get(&request.lease_id);
+        if known.is_none_or(|k| k.customer_id == customer_id) && (hold.is_some() || known.is_some()) {
+            let last_seq = seq.or(known.map(|k| k.last_seq)).unwrap_or(0);
+            let closed = hold.is_none_or(|h| h.released);
+            let record = LeaseRecord { customer_id: customer_id.to_owned(), closed, last_seq };
+            self.leases.insert(request.lease_id.clone(), record);
+        }
+        if let Some(seq) = seq {
+            self.writes.lease_seq(&request.lease_id, seq);
+        }
+    }
+}
+
 /// What a sync booked, published to the metrics once it is committed.
 #[derive(Default)]
 struct Counts {
@@ -177,6 +226,13 @@ struct Counts {
 }
 
 impl Counts {
+    fn add(&mut self, served: &Served) {
+        self.leases_opened = self.leases_opened.saturating_add(u64::from(served.lease_opened));
+        self.leases_released = self.leases_released.saturating_add(u64::from(served.lease_released));
+        let unreported = u64::try_from(served.expired_unreported).unwrap_or(u64::MAX);
+        self.leases_expired_unreported = self.leases_expired_unreported.saturating_add(unreported);
+    }
+
     fn publish(&self, state: &AppState) {
         state.metrics.add("gateway_usage_calls", self.usage_calls);
         state.metrics.add("leases_opened", self.leases_opened);
@@ -191,7 +247,7 @@ fn label_safe(text: &str) -> String {
     let s: String = text
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '_' })
-        .take(63)
+        .take(credits::limits::MAX_LABEL_LEN)
         .collect();
     s.trim_matches(|c: char| !c.is_ascii_alphanumeric()).to_owned()
 }

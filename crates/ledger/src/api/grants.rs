@@ -4,6 +4,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
+use credits::limits::MAX_FEATURES_PER_GRANT;
 use credits::{
     Amount, Currency, FeatureFilter, FeatureKey, FundingMethod, Grant, GrantId, GrantSpec, GrantStatus, IsoDuration,
     Priority, PurchaseTerms, SettlementStatus,
@@ -144,9 +145,6 @@ pub fn view(record: &GrantRecord, now: DateTime<Utc>) -> GrantView {
     }
 }
 
-/// Features one grant may be restricted to.
-pub const MAX_FEATURES: usize = 100;
-
 fn validate(req: &CreateGrantRequest) -> ApiResult<Priority> {
     fields::name("name", &req.name)?;
     fields::description("description", req.description.as_deref())?;
@@ -154,11 +152,17 @@ fn validate(req: &CreateGrantRequest) -> ApiResult<Priority> {
     if let Some(key) = &req.key {
         fields::key("key", key)?;
     }
-    if req.filters.as_ref().is_some_and(|f| f.features.len() > MAX_FEATURES) {
-        return Err(Problem::bad_request("filters.features", format!("at most {MAX_FEATURES} features per grant")));
+    if req.filters.as_ref().is_some_and(|f| f.features.len() > MAX_FEATURES_PER_GRANT) {
+        return Err(Problem::bad_request(
+            "filters.features",
+            format!("at most {MAX_FEATURES_PER_GRANT} features per grant"),
+        ));
     }
-    if !req.amount.is_positive() {
+    if !fields::amount("amount", req.amount)?.is_positive() {
         return Err(Problem::bad_request("amount", "amount must be greater than zero"));
+    }
+    if let Some(basis) = req.purchase.as_ref().and_then(|p| p.per_unit_cost_basis) {
+        fields::amount("purchase.per_unit_cost_basis", basis)?;
     }
     match (req.funding_method, &req.purchase) {
         (FundingMethod::None, Some(_)) => {
@@ -210,7 +214,10 @@ pub async fn create(
         expires_after: req.expires_after,
         features: FeatureFilter::only(req.filters.unwrap_or_default().features),
     };
-    let grant = Grant::new(spec, GrantId(new_id()), now, 0).map_err(|e| Problem::bad_request("body", e.to_string()))?;
+    let grant = Grant::new(spec, GrantId(new_id()), now, 0).map_err(|e| match e {
+        credits::ModelError::PurchaseOverflow => Problem::bad_request("purchase.per_unit_cost_basis", e.to_string()),
+        e => Problem::bad_request("body", e.to_string()),
+    })?;
     if grant.expires_at.is_some_and(|e| e <= now) {
         return Err(Problem::bad_request("expires_after", "the grant would already have expired"));
     }
@@ -225,10 +232,7 @@ pub async fn create(
         updated_at: now,
     };
     record.state.grant.seq = grants::insert(&mut ctx.w.tx, &record).await?;
-    let entries = ctx
-        .book()
-        .add_grant(record.state.grant.clone(), now)
-        .map_err(|e| Problem::bad_request("body", e.to_string()))?;
+    let entries = ctx.book().add_grant(record.state.grant.clone(), now).map_err(|e| Problem::model("body", e))?;
     let op = Operation::system(&format!("grant:{}", record.state.grant.id), &record.labels);
     ctx.save(&entries, &op, &state.metrics).await?;
     let saved = grants::get(&mut ctx.w.tx, &customer_id, &record.state.grant.id.0)

@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod authorize;
 pub mod balance;
+pub mod body;
 pub mod charges;
 pub mod customers;
 pub mod events;
@@ -15,6 +16,7 @@ pub mod problem;
 pub mod request;
 pub mod transactions;
 
+use std::any::Any;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -24,6 +26,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::Router;
+use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::db::Db;
 use crate::metrics::Metrics;
@@ -71,7 +74,27 @@ async fn method_not_allowed() -> Problem {
     Problem::new(StatusCode::METHOD_NOT_ALLOWED, "this endpoint does not support this method")
 }
 
+/// A panic in a handler (a bug) answers 500 with a problem and leaves the process serving: the
+/// ledger is built with `panic = "unwind"` (see `main.rs`), and nothing was committed, since a
+/// write transaction that is dropped unfinished rolls back.
+fn panic_problem(panic: Box<dyn Any + Send + 'static>) -> Response {
+    let message = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("(no message)");
+    tracing::error!(panic = %message, "a request handler panicked; answered 500");
+    Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "the ledger failed on this request; nothing was booked")
+        .into_response()
+}
+
 pub fn router(state: AppState) -> Router {
+    router_with(state, Router::new())
+}
+
+/// The router with `extra` routes merged in, behind the same tokens and layers as every API route
+/// (tests add routes that misbehave on purpose).
+pub fn router_with(state: AppState, extra: Router<AppState>) -> Router {
     let customer = "/v3/openmeter/customers/{customerId}";
     let api = Router::new()
         .route("/v3/openmeter/customers", post(customers::create).get(customers::list))
@@ -91,6 +114,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v3/gateway/sync", post(gateway::sync))
         .route("/v3/gateway/authorize", any(authorize::authorize))
         .route("/v3/gateway/authorize/{*path}", any(authorize::authorize))
+        .merge(extra)
+        // Layers added later run first: the token is checked before any body is read.
+        .route_layer(middleware::from_fn_with_state(state.clone(), body::bounded))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_token));
     Router::new()
         .merge(api)
@@ -101,5 +127,7 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
+        .layer(middleware::map_response(problem::ensure_problem))
+        .layer(CatchPanicLayer::custom(panic_problem))
         .with_state(state)
 }

@@ -46,6 +46,21 @@ impl Problem {
         Problem::new(StatusCode::NOT_FOUND, format!("{what} [{id}] was not found"))
     }
 
+    /// A request that is well formed but whose booking cannot be kept exactly (its amounts would
+    /// overflow what the ledger sums): 422, nothing booked.
+    pub fn overflow(err: impl std::fmt::Display) -> Self {
+        Problem::new(StatusCode::UNPROCESSABLE_ENTITY, format!("nothing was booked: {err}"))
+    }
+
+    /// A credit model error of an operation: an overflow is a 422, anything else a 400 naming
+    /// `field`.
+    pub fn model(field: &str, err: impl Into<credits::ModelError>) -> Self {
+        match err.into() {
+            credits::ModelError::AmountOverflow(e) => Problem::overflow(e),
+            other => Problem::bad_request(field, other.to_string()),
+        }
+    }
+
     pub fn conflict(field: impl Into<String>, detail: impl Into<String>) -> Self {
         Problem { field: Some(field.into()), ..Problem::new(StatusCode::CONFLICT, detail) }
     }
@@ -99,6 +114,22 @@ impl IntoResponse for Problem {
         response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
         response
     }
+}
+
+/// Every error answer is a problem: one that axum wrote itself (a path parameter that is not
+/// UTF-8 once percent-decoded, say) is rewritten as one, naming the parameter axum names.
+pub async fn ensure_problem(response: Response) -> Response {
+    let status = response.status();
+    let content_type = response.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if !(status.is_client_error() || status.is_server_error()) || content_type == "application/problem+json" {
+        return response;
+    }
+    let bytes = axum::body::to_bytes(response.into_body(), 64 * 1024).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&bytes).trim().to_owned();
+    let detail = if text.is_empty() { status.canonical_reason().unwrap_or("error").to_owned() } else { text };
+    // axum names the parameter in backticks: "Invalid URL: Invalid UTF-8 in `customerId`".
+    let field = detail.split('`').nth(1).filter(|_| status == StatusCode::BAD_REQUEST).map(str::to_owned);
+    Problem { field, ..Problem::new(status, detail) }.into_response()
 }
 
 impl From<StoreError> for Problem {

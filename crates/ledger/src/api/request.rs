@@ -5,12 +5,13 @@ use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use base64::Engine as _;
+use credits::limits::{DEFAULT_PAGE_SIZE, MAX_FILTER_VALUES, MAX_PAGE_SIZE};
 use serde::de::DeserializeOwned;
 
 use super::problem::Problem;
 
 /// The largest request body the ledger reads unless `--max-body-bytes` says otherwise.
-pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
+pub use credits::limits::DEFAULT_MAX_BODY_BYTES;
 
 /// A JSON body; unknown fields and malformed values are a 400 naming the field.
 pub struct Json<T>(pub T);
@@ -149,14 +150,12 @@ impl Query {
                     format!("unsupported operator {op:?}; use one of {operators:?}"),
                 ));
             }
-            let list =
-                || value.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect::<Vec<_>>();
             let filter = match op {
                 "eq" => StringFilter::Eq(value.clone()),
-                "oeq" => StringFilter::OneOf(list()),
+                "oeq" => StringFilter::OneOf(values_of(name, value)?),
                 "neq" => StringFilter::Neq(value.clone()),
                 "contains" => StringFilter::Contains(value.clone()),
-                _ => StringFilter::ContainsAny(list()),
+                _ => StringFilter::ContainsAny(values_of(name, value)?),
             };
             if found.replace(filter).is_some() {
                 return Err(Problem::bad_request(name.clone(), format!("give one operator for filter[{field}]")));
@@ -165,21 +164,23 @@ impl Query {
         Ok(found)
     }
 
-    /// Page pagination: `page[size]` (1..=1000, default 100) and `page[number]` (≥ 1, default 1).
+    /// Page pagination: `page[size]` (1..=1000, default 100) and `page[number]` (≥ 1, default 1;
+    /// a number beyond the last page, up to i64::MAX, is an empty page).
     pub fn page(&self) -> Result<Page, Problem> {
-        let size = positive(self.get("page[size]"), "page[size]", 100)?;
-        if size > 1000 {
-            return Err(Problem::bad_request("page[size]", "page[size] must be at most 1000"));
+        Ok(Page { size: self.page_size()?, number: positive(self.get("page[number]"), "page[number]", 1)? })
+    }
+
+    fn page_size(&self) -> Result<i64, Problem> {
+        let size = positive(self.get("page[size]"), "page[size]", DEFAULT_PAGE_SIZE)?;
+        if size > MAX_PAGE_SIZE {
+            return Err(Problem::bad_request("page[size]", format!("page[size] must be at most {MAX_PAGE_SIZE}")));
         }
-        Ok(Page { size, number: positive(self.get("page[number]"), "page[number]", 1)? })
+        Ok(size)
     }
 
     /// Cursor pagination: `page[size]` and at most one of `page[after]` / `page[before]`.
     pub fn cursor(&self) -> Result<CursorPage, Problem> {
-        let size = positive(self.get("page[size]"), "page[size]", 100)?;
-        if size > 1000 {
-            return Err(Problem::bad_request("page[size]", "page[size] must be at most 1000"));
-        }
+        let size = self.page_size()?;
         let after = self.get("page[after]").map(|c| decode_cursor("page[after]", c)).transpose()?;
         let before = self.get("page[before]").map(|c| decode_cursor("page[before]", c)).transpose()?;
         let position = match (after, before) {
@@ -192,6 +193,15 @@ impl Query {
         };
         Ok(CursorPage { size, position })
     }
+}
+
+/// The values of a list filter (`a,b,c`): at most [`MAX_FILTER_VALUES`], each bound to a query.
+fn values_of(name: &str, value: &str) -> Result<Vec<String>, Problem> {
+    let values: Vec<String> = value.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect();
+    if values.len() > MAX_FILTER_VALUES {
+        return Err(Problem::bad_request(name, format!("{name} takes at most {MAX_FILTER_VALUES} values")));
+    }
+    Ok(values)
 }
 
 fn positive(value: Option<&str>, field: &str, default: i64) -> Result<i64, Problem> {
@@ -211,8 +221,9 @@ pub struct Page {
 }
 
 impl Page {
+    /// Items before this page; saturates (a page beyond i64::MAX items is simply empty).
     pub fn offset(&self) -> i64 {
-        (self.number - 1).saturating_mul(self.size)
+        self.number.saturating_sub(1).saturating_mul(self.size)
     }
 }
 

@@ -238,9 +238,9 @@ where
 pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
+            let userinfo = url[scheme..at].trim_start_matches("://");
             let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}://{}:***@{}", &url[..scheme], user, &url[at + 1..])
+            format!("{}://{}:***@{}", &url[..scheme], user, url[at..].trim_start_matches('@'))
         }
         _ => url.to_owned(),
     }

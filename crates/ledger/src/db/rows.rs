@@ -73,14 +73,16 @@ impl Rows {
     }
 
     pub fn len(&self) -> usize {
-        self.values.len() / self.columns.max(1)
+        self.values.len().checked_div(self.columns).unwrap_or(0)
     }
 
     /// Runs `{head} VALUES (…), (…) {tail}` once per chunk of rows.
     pub async fn execute(&self, tx: &mut Tx, head: &str, tail: &str) -> sqlx::Result<()> {
         let style = Placeholders::of(tx);
-        for chunk in self.values.chunks(self.columns * MAX_ROWS_PER_STATEMENT) {
-            let sql = format!("{head} VALUES {} {tail}", style.rows(self.columns, chunk.len() / self.columns));
+        let columns = self.columns.max(1);
+        for chunk in self.values.chunks(columns.saturating_mul(MAX_ROWS_PER_STATEMENT)) {
+            let sql =
+                format!("{head} VALUES {} {tail}", style.rows(columns, chunk.len().checked_div(columns).unwrap_or(0)));
             let mut query = sqlx::query(&sql).persistent(false);
             for v in chunk {
                 query = match v {
@@ -136,7 +138,7 @@ impl Placeholders {
 
     /// `n` placeholders after the first `before`, comma-separated.
     fn list(self, before: usize, n: usize) -> String {
-        let mut out = String::with_capacity(n * 6);
+        let mut out = String::with_capacity(n.saturating_mul(6));
         for i in 0..n {
             if i > 0 {
                 out.push_str(", ");
@@ -144,7 +146,7 @@ impl Placeholders {
             match self {
                 Placeholders::Numbered => {
                     out.push('$');
-                    out.push_str(&(before + i + 1).to_string());
+                    out.push_str(&before.saturating_add(i).saturating_add(1).to_string());
                 }
                 Placeholders::Positional => out.push('?'),
             }
@@ -154,7 +156,7 @@ impl Placeholders {
 
     /// `(…), (…)`: `rows` rows of `columns` placeholders.
     fn rows(self, columns: usize, rows: usize) -> String {
-        (0..rows).map(|r| format!("({})", self.list(r * columns, columns))).collect::<Vec<_>>().join(", ")
+        (0..rows).map(|r| format!("({})", self.list(r.saturating_mul(columns), columns))).collect::<Vec<_>>().join(", ")
     }
 }
 

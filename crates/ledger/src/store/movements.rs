@@ -141,7 +141,7 @@ pub async fn list(
     let sql = format!(
         "SELECT seq, id, kind, amount, currency, grant_id, feature, balance_before, balance_after, booked_at, created_at, \
          name, description, labels FROM movements WHERE {base}{position} ORDER BY seq {order} LIMIT {}",
-        page.size + 1
+        page.size.saturating_add(1)
     );
     let mut query = sqlx::query(&sql);
     for b in &binds {
@@ -155,8 +155,8 @@ pub async fn list(
     // The bounds of what is beyond this page, in each direction (newest first).
     let (older_than, newer_than) = match (items.first(), items.last(), page.position) {
         (Some(first), Some(last), _) => (Some(last.seq), Some(first.seq)),
-        (_, _, CursorPosition::After(seq)) => (None, Some(seq - 1)),
-        (_, _, CursorPosition::Before(seq)) => (Some(seq + 1), None),
+        (_, _, CursorPosition::After(seq)) => (None, Some(seq.saturating_sub(1))),
+        (_, _, CursorPosition::Before(seq)) => (Some(seq.saturating_add(1)), None),
         _ => (None, None),
     };
     let has_older = exists_beyond(conn, &base, &binds, "<", older_than).await?;
