@@ -9,11 +9,12 @@ use std::collections::BTreeSet;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::error::AmountOverflow;
 use crate::error::ModelError;
 use crate::feature::{FeatureFilter, FeatureKey, FeatureScope};
 use crate::grant::{Grant, GrantId};
 use crate::journal::{overage_postings, postings_for, Entry, Movement, MovementKind};
-use crate::money::{Amount, AmountOverflow, Currency};
+use crate::money::{Amount, Currency};
 
 /// A grant and what has happened to it so far.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -9,7 +9,7 @@ pub enum ModelError {
     #[error("amount {0} is out of bounds: at most 1000000000000000 in magnitude, with at most 9 decimal places")]
     AmountOutOfBounds(String),
     #[error(transparent)]
-    AmountOverflow(#[from] crate::money::AmountOverflow),
+    AmountOverflow(#[from] AmountOverflow),
     #[error("invalid currency {0:?}: expected three upper-case letters such as \"USD\"")]
     InvalidCurrency(String),
     #[error("invalid ISO-8601 duration {0:?}: expected e.g. \"P30D\", \"PT1H\" or \"P1M\"")]
@@ -41,3 +41,10 @@ pub enum ModelError {
     #[error("grant {0} already exists")]
     DuplicateGrant(String),
 }
+
+/// An arithmetic result the credit model cannot keep: beyond [`crate::limits::MAX_BALANCE`] in
+/// magnitude, or not representable exactly. The operation that produced it changes nothing; the
+/// ledger answers it as a refused request, never as a crash.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the result would exceed the largest amount the ledger keeps exactly (10^19 in magnitude)")]
+pub struct AmountOverflow;

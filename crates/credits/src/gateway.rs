@@ -10,7 +10,7 @@ use crate::book::{Book, HoldId, Spend};
 use crate::error::ModelError;
 use crate::feature::FeatureScope;
 use crate::journal::Entry;
-use crate::limits::{check_amount, MAX_CALLS_PER_RANGE, MAX_LEASE_ID_LEN, MAX_LEASE_TTL_MS, MAX_SUBJECT_LEN};
+use crate::limits::{MAX_CALLS_PER_RANGE, MAX_LEASE_ID_LEN, MAX_LEASE_TTL_MS, MAX_SUBJECT_LEN};
 use crate::money::Amount;
 use crate::sync::{LeaseAnswer, LeaseRequest, SubjectSync, UsageOutcome, UsageRange};
 
@@ -68,7 +68,7 @@ fn invalid_usage(r: &UsageRange) -> Option<String> {
     if r.amount.is_negative() {
         return Some("usage amount must not be negative".into());
     }
-    check_amount(r.amount).err().map(|e| format!("usage {e}"))
+    r.amount.bounded().err().map(|e| format!("usage {e}"))
 }
 
 fn invalid_lease(l: &LeaseRequest) -> Option<String> {
@@ -78,7 +78,7 @@ fn invalid_lease(l: &LeaseRequest) -> Option<String> {
     if l.want.is_negative() {
         return Some("a lease cannot want a negative amount".into());
     }
-    if let Err(e) = check_amount(l.want) {
+    if let Err(e) = l.want.bounded() {
         return Some(format!("lease want {e}"));
     }
     if !(1..=MAX_LEASE_TTL_MS).contains(&l.ttl_ms) {

@@ -4,10 +4,11 @@
 use chrono::{DateTime, Utc};
 
 use crate::book::{debt_in_scope, in_scope};
+use crate::error::AmountOverflow;
 use crate::feature::{FeatureFilter, FeatureScope};
 use crate::grant::GrantId;
 use crate::journal::Entry;
-use crate::money::{Amount, AmountOverflow, Currency};
+use crate::money::{Amount, Currency};
 
 /// Settled balance of `currency` at `at`, in a feature's scope if given. `features_of` tells the
 /// feature filter of a grant by id.

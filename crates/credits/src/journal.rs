@@ -10,9 +10,10 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::error::AmountOverflow;
 use crate::feature::FeatureKey;
 use crate::grant::{FundingMethod, GrantId};
-use crate::money::{Amount, AmountOverflow, Currency};
+use crate::money::{Amount, Currency};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -22,10 +22,10 @@ pub use book::{
     Book, ChargeError, CurrencyBalance, Debt, GrantState, Hold, HoldId, Refusal, SettlementMode, Spend, SpendOutcome,
 };
 pub use duration::IsoDuration;
-pub use error::ModelError;
+pub use error::{AmountOverflow, ModelError};
 pub use feature::{FeatureFilter, FeatureKey, FeatureScope};
 pub use grant::{
     Funding, FundingMethod, Grant, GrantId, GrantSpec, GrantStatus, Priority, Purchase, PurchaseTerms, SettlementStatus,
 };
 pub use journal::{Account, Entry, Movement, MovementKind, Posting};
-pub use money::{Amount, AmountOverflow, Currency};
+pub use money::{Amount, Currency};

@@ -2,12 +2,10 @@
 //! for its value. Both sides compile this module, so the filter can refuse at the edge what the
 //! ledger would refuse after a round trip, and the two can never disagree about a limit.
 //!
-//! Pure constants and checks: no I/O, nothing that allocates beyond an error message.
+//! Pure constants (a leaf: the checks that use them are `Amount::bounded` and
+//! `Amount::within_balance_bound`).
 
 use rust_decimal::Decimal;
-
-use crate::error::ModelError;
-use crate::money::Amount;
 
 // ---- Money -------------------------------------------------------------------------------------
 
@@ -33,25 +31,6 @@ pub const MAX_AMOUNT_SCALE: u32 = 9;
 /// — no real journal comes near it; an operation that would go beyond it is refused with
 /// [`crate::AmountOverflow`] instead of rounding or panicking.
 pub const MAX_BALANCE: Decimal = Decimal::from_parts(0x89E8_0000, 0x8AC7_2304, 0, false, 0);
-
-/// Why `amount` may not enter the system, if it may not: more than [`MAX_AMOUNT`] in magnitude,
-/// or more than [`MAX_AMOUNT_SCALE`] decimal places (counted as written: `"1.0000000000"` has 10).
-pub fn check_amount(amount: Amount) -> Result<Amount, ModelError> {
-    let value = amount.decimal();
-    if value.abs() > MAX_AMOUNT || value.scale() > MAX_AMOUNT_SCALE {
-        return Err(ModelError::AmountOutOfBounds(amount.to_string()));
-    }
-    Ok(amount)
-}
-
-/// Why a sum the ledger answered (a balance, a hold) cannot be right, if it cannot: more than
-/// [`MAX_BALANCE`] in magnitude. The filter reads ledger answers through this check.
-pub fn check_balance(amount: Amount) -> Result<Amount, ModelError> {
-    if amount.decimal().abs() > MAX_BALANCE {
-        return Err(ModelError::AmountOutOfBounds(amount.to_string()));
-    }
-    Ok(amount)
-}
 
 // ---- Names and keys ----------------------------------------------------------------------------
 
@@ -134,6 +113,7 @@ pub const MIN_MAX_BODY_BYTES: usize = 1024;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Amount;
 
     #[test]
     fn the_money_bounds_are_the_powers_of_ten_they_claim() {
@@ -147,19 +127,19 @@ mod tests {
     #[test]
     fn amounts_beyond_the_edge_bound_are_refused() {
         for ok in ["0", "1000000000000000", "-1000000000000000", "0.000000001", "999999999999999.999999999"] {
-            assert!(check_amount(Amount::parse(ok).unwrap()).is_ok(), "{ok}");
+            assert!(Amount::parse(ok).unwrap().bounded().is_ok(), "{ok}");
         }
         for bad in ["1000000000000000.000000001", "-1000000000000001", "0.0000000001", "1.0000000000"] {
-            let err = check_amount(Amount::parse(bad).unwrap()).unwrap_err();
+            let err = Amount::parse(bad).unwrap().bounded().unwrap_err();
             assert!(err.to_string().contains(bad), "{err}");
         }
-        assert!(check_amount(Amount::new(Decimal::MAX)).is_err());
+        assert!(Amount::new(Decimal::MAX).bounded().is_err());
     }
 
     #[test]
     fn balances_are_bounded_by_the_sum_bound() {
-        assert!(check_balance(Amount::new(MAX_BALANCE)).is_ok());
-        assert!(check_balance(Amount::new(-MAX_BALANCE)).is_ok());
-        assert!(check_balance(Amount::parse("10000000000000000000.000000001").unwrap()).is_err());
+        assert!(Amount::new(MAX_BALANCE).within_balance_bound().is_ok());
+        assert!(Amount::new(-MAX_BALANCE).within_balance_bound().is_ok());
+        assert!(Amount::parse("10000000000000000000.000000001").unwrap().within_balance_bound().is_err());
     }
 }

@@ -6,7 +6,7 @@ use std::str::FromStr;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::error::ModelError;
+use crate::error::{AmountOverflow, ModelError};
 
 /// An exact decimal amount. On the wire it is a string matching `^-?[0-9]+(\.[0-9]+)?$`:
 /// no exponent, no sign other than a leading minus, no separators, no NaN.
@@ -126,16 +126,28 @@ impl Amount {
     /// Parses the wire form of an amount that enters the system at an edge (a request, a gateway's
     /// configuration): within [`crate::limits::MAX_AMOUNT`] and [`crate::limits::MAX_AMOUNT_SCALE`].
     pub fn parse_bounded(text: &str) -> Result<Self, ModelError> {
-        crate::limits::check_amount(Amount::parse(text)?)
+        Amount::parse(text)?.bounded()
+    }
+
+    /// The amount, if it may enter the system at an edge: at most [`crate::limits::MAX_AMOUNT`]
+    /// in magnitude and [`crate::limits::MAX_AMOUNT_SCALE`] decimal places (counted as written:
+    /// `"1.0000000000"` has 10).
+    pub fn bounded(self) -> Result<Amount, ModelError> {
+        if self.0.abs() > crate::limits::MAX_AMOUNT || self.0.scale() > crate::limits::MAX_AMOUNT_SCALE {
+            return Err(ModelError::AmountOutOfBounds(self.to_string()));
+        }
+        Ok(self)
+    }
+
+    /// The amount, if it can be a sum the ledger answered (a balance, a hold): at most
+    /// [`crate::limits::MAX_BALANCE`] in magnitude. The filter reads ledger answers through it.
+    pub fn within_balance_bound(self) -> Result<Amount, ModelError> {
+        if self.0.abs() > crate::limits::MAX_BALANCE {
+            return Err(ModelError::AmountOutOfBounds(self.to_string()));
+        }
+        Ok(self)
     }
 }
-
-/// An arithmetic result the credit model cannot keep: beyond [`crate::limits::MAX_BALANCE`] in
-/// magnitude, or not representable exactly. The operation that produced it changes nothing; the
-/// ledger answers it as a refused request, never as a crash.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("the result would exceed the largest amount the ledger keeps exactly (10^19 in magnitude)")]
-pub struct AmountOverflow;
 
 /// `result` if it kept `scale` (an inexact result has fewer places) and lies within the bound.
 fn exact(result: Amount, scale: u32) -> Result<Amount, AmountOverflow> {

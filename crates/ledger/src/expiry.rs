@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
+use crate::api::customer_tx::settle_due;
 use crate::api::AppState;
-use crate::customer_tx::settle_due;
 use crate::store::{grants, leases};
 
 /// How many customers one pass books at most before the next pass.

@@ -4,10 +4,10 @@
 
 pub mod api;
 pub mod check;
-pub mod customer_tx;
 pub mod db;
 pub mod expiry;
 pub mod metrics;
+pub mod query;
 pub mod store;
 
 use std::net::SocketAddr;

@@ -15,7 +15,7 @@ use super::fields::{self, timestamp};
 use super::problem::{ApiResult, Problem};
 use super::request::{ulid_param, Json};
 use super::AppState;
-use crate::customer_tx::CustomerTx;
+use crate::api::customer_tx::CustomerTx;
 use crate::store::books::Operation;
 use crate::store::grants::{self, GrantRecord};
 use crate::store::idempotency::{self, Record};

@@ -1,7 +1,7 @@
 //! Validation and formatting of the fields that many resources share.
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use credits::limits::{self, MAX_DESCRIPTION_CHARS, MAX_KEY_CHARS, MAX_LABELS, MAX_LABEL_LEN, MAX_NAME_CHARS};
+use credits::limits::{MAX_DESCRIPTION_CHARS, MAX_KEY_CHARS, MAX_LABELS, MAX_LABEL_LEN, MAX_NAME_CHARS};
 use credits::Amount;
 
 use super::problem::Problem;
@@ -19,9 +19,9 @@ pub fn parse_timestamp(field: &str, text: &str) -> Result<DateTime<Utc>, Problem
 }
 
 /// An amount that enters the ledger (a request body or header): within the bounds every edge
-/// enforces ([`limits::check_amount`]), else a 400 naming the field.
+/// enforces ([`credits::Amount::bounded`]), else a 400 naming the field.
 pub fn amount(field: &str, value: Amount) -> Result<Amount, Problem> {
-    limits::check_amount(value).map_err(|e| Problem::bad_request(field, e.to_string()))
+    value.bounded().map_err(|e| Problem::bad_request(field, e.to_string()))
 }
 
 pub fn name(field: &str, value: &str) -> Result<(), Problem> {

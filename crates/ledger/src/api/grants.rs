@@ -17,7 +17,7 @@ use super::fields::{self, timestamp};
 use super::problem::{ApiResult, Problem};
 use super::request::{ulid_param, Json, Query};
 use super::AppState;
-use crate::customer_tx::CustomerTx;
+use crate::api::customer_tx::CustomerTx;
 use crate::store::books::Operation;
 use crate::store::grants::{self, settlement_status_text, GrantRecord};
 use crate::store::{new_id, Labels};

@@ -6,6 +6,7 @@ pub mod authorize;
 pub mod balance;
 pub mod body;
 pub mod charges;
+pub mod customer_tx;
 pub mod customers;
 pub mod events;
 pub mod fields;

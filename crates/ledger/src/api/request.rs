@@ -9,6 +9,7 @@ use credits::limits::{DEFAULT_PAGE_SIZE, MAX_FILTER_VALUES, MAX_PAGE_SIZE};
 use serde::de::DeserializeOwned;
 
 use super::problem::Problem;
+pub use crate::query::{CursorPage, CursorPosition, Page, StringFilter};
 
 /// The largest request body the ledger reads unless `--max-body-bytes` says otherwise.
 pub use credits::limits::DEFAULT_MAX_BODY_BYTES;
@@ -83,30 +84,6 @@ impl<S: Send + Sync> FromRequestParts<S> for Query {
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Problem> {
         let raw = parts.uri.query().unwrap_or("");
         Ok(Query(form_urlencoded::parse(raw.as_bytes()).into_owned().collect()))
-    }
-}
-
-/// A string filter: `filter[name]=v` (eq) or `filter[name][eq|oeq|neq|contains|ocontains]=v`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum StringFilter {
-    Eq(String),
-    OneOf(Vec<String>),
-    Neq(String),
-    Contains(String),
-    ContainsAny(Vec<String>),
-}
-
-impl StringFilter {
-    pub fn matches(&self, value: Option<&str>) -> bool {
-        match (self, value) {
-            (StringFilter::Neq(v), None) => !v.is_empty(),
-            (_, None) => false,
-            (StringFilter::Eq(v), Some(x)) => v == x,
-            (StringFilter::OneOf(vs), Some(x)) => vs.iter().any(|v| v == x),
-            (StringFilter::Neq(v), Some(x)) => v != x,
-            (StringFilter::Contains(v), Some(x)) => x.contains(v.as_str()),
-            (StringFilter::ContainsAny(vs), Some(x)) => vs.iter().any(|v| x.contains(v.as_str())),
-        }
     }
 }
 
@@ -212,34 +189,6 @@ fn positive(value: Option<&str>, field: &str, default: i64) -> Result<i64, Probl
             _ => Err(Problem::bad_request(field, format!("{field} must be a positive integer, got {v:?}"))),
         },
     }
-}
-
-#[derive(Clone, Copy, Debug)]
-pub struct Page {
-    pub size: i64,
-    pub number: i64,
-}
-
-impl Page {
-    /// Items before this page; saturates (a page beyond i64::MAX items is simply empty).
-    pub fn offset(&self) -> i64 {
-        self.number.saturating_sub(1).saturating_mul(self.size)
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CursorPosition {
-    Start,
-    /// Items after this one in list order (older, for newest-first lists).
-    After(i64),
-    /// Items before this one in list order (newer).
-    Before(i64),
-}
-
-#[derive(Clone, Copy, Debug)]
-pub struct CursorPage {
-    pub size: i64,
-    pub position: CursorPosition,
 }
 
 /// Cursors are opaque: base64url of `c1:<sequence number>`.

@@ -9,7 +9,7 @@ use super::fields::timestamp;
 use super::problem::{ApiResult, Problem};
 use super::request::{encode_cursor, ulid_param, Query};
 use super::AppState;
-use crate::customer_tx::settle_due;
+use crate::api::customer_tx::settle_due;
 use crate::store::movements::{self, MovementFilters, MovementRecord, TransactionType};
 use crate::store::Labels;
 

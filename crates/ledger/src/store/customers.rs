@@ -7,8 +7,8 @@ use sqlx::any::AnyRow;
 use sqlx::Row;
 
 use super::{labels, labels_json, Labels, StoreError, StoreResult};
-use crate::api::request::StringFilter;
 use crate::db::{from_micros, micros, opt, rows, Backend, Tx};
+use crate::query::StringFilter;
 
 #[derive(Clone, Debug)]
 pub struct CustomerRecord {

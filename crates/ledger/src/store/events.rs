@@ -5,8 +5,8 @@ use sqlx::Row;
 
 use super::customers::string_condition;
 use super::StoreResult;
-use crate::api::request::{CursorPage, CursorPosition, StringFilter};
 use crate::db::{from_micros, micros, Backend, Tx};
+use crate::query::{CursorPage, CursorPosition, StringFilter};
 
 pub struct NewEvent<'a> {
     pub source: &'a str,

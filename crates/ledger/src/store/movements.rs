@@ -7,8 +7,8 @@ use sqlx::Row;
 
 use super::customers::string_condition;
 use super::{amount, currency, feature, labels, Labels, StoreError, StoreResult};
-use crate::api::request::{CursorPage, CursorPosition, StringFilter};
 use crate::db::{from_micros, micros, opt, Backend};
+use crate::query::{CursorPage, CursorPosition, StringFilter};
 
 #[derive(Clone, Debug)]
 pub struct MovementRecord {

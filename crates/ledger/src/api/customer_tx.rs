@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use credits::{Book, Entry};
 
-use crate::api::problem::{ApiResult, Problem};
+use super::problem::{ApiResult, Problem};
 use crate::db::{lock_customer, Db, WriteTx};
 use crate::metrics::Metrics;
 use crate::store::books::{self, LoadedBook, Operation};
