@@ -2,6 +2,7 @@
 //! ledger? → let through or answer → complete when its response is done. The adapter hands each
 //! callback here with the engine and the worker; nothing in this module calls the host directly.
 
+use credits::limits::MAX_SUBJECT_LEN;
 use credits::Amount;
 
 use crate::config::{ConfigError, FilterConfig};
@@ -107,6 +108,16 @@ impl Call {
             self.stage = Stage::Done;
             return Flow::Pause;
         };
+        if subject.len() > MAX_SUBJECT_LEN {
+            // No customer can have it (the ledger refuses longer subject keys): answered here,
+            // without a round trip.
+            worker.count(Metric::CallsUnknownCustomer, 1);
+            let shown: String = subject.chars().take(64).collect();
+            let problem = Problem::unknown_customer(&format!("{shown}…"), config.subject.unknown_status);
+            engine.reply(self.id, &problem.with_request_id(request.id()));
+            self.stage = Stage::Done;
+            return Flow::Pause;
+        }
         if config.pricing.needs_request_body() && !end_of_stream {
             // Decided once the body is in. Neither engine delivers the body to a filter that
             // paused the headers (Envoy turns that pause into "stop all iteration"), so the

@@ -346,3 +346,55 @@ fn an_invalid_configuration_answers_500_naming_the_field() {
     assert_eq!(g.engine.replies[&id].body["field"], "price");
     g.no_violations();
 }
+
+/// A request naming `subject`.
+struct Subject(String);
+
+impl Request for Subject {
+    fn header(&self, name: &str) -> Option<String> {
+        (name == "x-consumer-username").then(|| self.0.clone())
+    }
+
+    fn id(&self) -> Option<String> {
+        None
+    }
+}
+
+#[test]
+fn a_subject_longer_than_any_customer_can_have_is_refused_without_a_round_trip() {
+    let mut g = Gateway::new(Rules::Nginx, config(r#", "sync": {"strategy": "cached"}"#), 10);
+    let long = "x".repeat(credits::limits::MAX_SUBJECT_LEN + 1);
+    g.engine.enter(1, Phase::RequestHeaders);
+    let config = g.cfg();
+    let flow = Call::new(1).on_request_headers(&mut g.worker, &mut g.engine, &config, &Subject(long), true);
+    assert_eq!((flow, g.status(1), g.pending().len()), (Flow::Pause, Some(403), 0));
+    g.no_violations();
+}
+
+#[test]
+fn a_sync_the_ledger_refuses_as_too_large_goes_again_in_halves() {
+    let extra = r#", "failure_mode": "allow", "sync": {"strategy": "cached"}"#;
+    let mut g = Gateway::new(Rules::Envoy, config(extra), 10);
+    g.engine.refuse_dispatches = true; // the ledger unreachable: calls recorded offline
+    for (i, name) in ["a", "b", "c", "d"].into_iter().enumerate() {
+        let id = 100 + i as u32;
+        g.engine.enter(id, Phase::RequestHeaders);
+        let config = g.cfg();
+        let flow = Call::new(id).on_request_headers(&mut g.worker, &mut g.engine, &config, &Subject(name.into()), true);
+        assert_eq!(flow, Flow::Continue);
+    }
+    g.engine.refuse_dispatches = false;
+    let subjects = |g: &Gateway| -> usize {
+        let body = &g.engine.dispatched.last().unwrap().body;
+        serde_json::from_slice::<credits::sync::SyncRequest>(body).unwrap().subjects.len()
+    };
+    g.engine.now_ms += 2_000;
+    g.tick();
+    assert_eq!(subjects(&g), 4);
+    let token = g.engine.dispatched.last().unwrap().token;
+    g.deliver(0, token, &LedgerAnswer { status: Some(413), body: Some(b"{}".to_vec()) });
+    g.engine.now_ms += 1_000;
+    g.tick();
+    assert_eq!(subjects(&g), 2, "half as many subjects");
+    g.no_violations();
+}

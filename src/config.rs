@@ -2,6 +2,7 @@
 //! `plugin-schema/prepaid_credits.meta.json` describes the same thing for Kong; a test holds
 //! the two to the same verdicts.
 
+use credits::limits::MAX_LEASE_TTL_MS;
 use credits::{Amount, Currency, FeatureKey, SettlementMode};
 use serde::Deserialize;
 
@@ -394,7 +395,7 @@ impl RawLease {
                 3_600_000,
             )?,
             idle_release_ms: bounded("lease.idle_release_ms", self.idle_release_ms, 10_000, 100, 86_400_000)?,
-            ttl_ms: bounded("lease.ttl_ms", self.ttl_ms, ttl_floor.max(30_000), 1_000, 3_600_000)?,
+            ttl_ms: bounded("lease.ttl_ms", self.ttl_ms, ttl_floor.max(30_000), 1_000, MAX_LEASE_TTL_MS)?,
         };
         if lease.min_calls > lease.max_calls {
             return Err(error("lease.min_calls", "must not exceed lease.max_calls"));

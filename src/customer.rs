@@ -211,6 +211,13 @@ impl CustomerEntry {
         self.next_call - self.unsent_from
     }
 
+    /// Can no more calls of `amount` be recorded before the ledger confirms some? The unsent calls
+    /// go out as one range: at most `max_calls` calls (`sync.max_unsent_calls`) and an amount the
+    /// ledger books in one piece (`credits::limits::MAX_AMOUNT`).
+    pub fn backlog_full(&self, max_calls: u64, amount: Amount) -> bool {
+        self.unsent_calls() >= max_calls || self.spent.checked_add(amount).is_none_or(|t| t.bounded().is_err())
+    }
+
     /// Records one call; returns its number (part of its idempotency key).
     pub fn spend(&mut self, price: Amount, now_ms: u64) -> u64 {
         let call = self.next_call;

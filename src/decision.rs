@@ -236,7 +236,7 @@ pub fn complete_in_scope(
         let mut effects = Effects::default();
         if e.standing == Standing::Unknown || actual.is_zero() {
             // Nothing to book (an unknown customer's usage cannot be).
-        } else if unrecorded || e.unsent_calls() >= config.sync.max_unsent_calls {
+        } else if unrecorded || e.backlog_full(config.sync.max_unsent_calls, actual) {
             effects.usage_dropped = true;
         } else {
             if config.sync.strategy == Strategy::Lease {
@@ -285,7 +285,7 @@ fn decide_entry(
             hold_from_lease(e, config, amount, now_ms, access)
         }
         Some(mut e) if matches!(e.standing, Standing::Known { .. }) && e.is_fresh(now_ms, max_stale) => {
-            if e.unsent_calls() >= config.sync.max_unsent_calls {
+            if e.backlog_full(config.sync.max_unsent_calls, amount) {
                 return backlog_full(e, config, now_ms);
             }
             let available = e.available();
@@ -313,7 +313,7 @@ fn hold_from_lease(
 ) -> (Option<CustomerEntry>, (ScopeVerdict, Effects)) {
     let hit = Effects { cache_hit: true, ..Effects::default() };
     let timeout = config.pricing.hold_timeout_ms;
-    if e.unsent_calls() >= config.sync.max_unsent_calls {
+    if e.backlog_full(config.sync.max_unsent_calls, amount) {
         return backlog_full(e, config, now_ms);
     }
     let balance = |e: &CustomerEntry| Some(e.live + e.lease.remaining);
@@ -377,7 +377,7 @@ fn offline(
             ),
         );
     }
-    if e.unsent_calls() >= config.sync.max_unsent_calls {
+    if e.backlog_full(config.sync.max_unsent_calls, amount) {
         return backlog_full(e, config, now_ms);
     }
     // The allowance counts what calls hold: their cost is not known yet.
@@ -691,5 +691,18 @@ mod tests {
         let allow = config(r#", "failure_mode": "allow", "sync": {"strategy": "cached", "max_unsent_calls": 2}"#);
         let (v, effects) = call(&store, &allow, "alice", amt("0.10"), 5, LedgerAccess::Reachable);
         assert!(matches!(v, Verdict::Allow { .. }) && effects.usage_dropped);
+    }
+
+    #[test]
+    fn a_backlog_is_full_before_its_range_would_exceed_the_amount_bound() {
+        let store = FakeShared::new(Rules::Envoy);
+        let json = r#"{"ledger": {"upstream": "ledger", "token": "t"}, "price": "600000000000000", "currency": "USD",
+            "sync": {"strategy": "cached"}}"#;
+        let c = FilterConfig::parse(json.as_bytes()).unwrap();
+        known(&store, &c, "alice", "10000000000000000", 1);
+        let price = c.price;
+        assert!(matches!(call(&store, &c, "alice", price, 2, LedgerAccess::Reachable).0, Verdict::Allow { .. }));
+        // Two calls would make an unsent range of 1.2 × 10^15: the failure mode (deny) applies.
+        assert!(matches!(call(&store, &c, "alice", price, 3, LedgerAccess::Reachable).0, Verdict::Unavailable { .. }));
     }
 }

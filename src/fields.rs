@@ -52,8 +52,11 @@ pub fn status(field: &str, value: Option<u64>, default: u16) -> Result<u16, Conf
     Ok(u16::try_from(v).unwrap_or(default))
 }
 
+/// A non-negative amount within the bound every edge enforces (`credits::limits::MAX_AMOUNT`,
+/// at most `MAX_AMOUNT_SCALE` decimal places): what the ledger would refuse, the filter refuses
+/// when it is configured.
 pub fn amount(field: &str, text: &str) -> Result<Amount, ConfigError> {
-    let a = Amount::parse(text).map_err(|e| error(field, e.to_string()))?;
+    let a = Amount::parse_bounded(text).map_err(|e| error(field, e.to_string()))?;
     if a.is_negative() {
         return Err(error(field, "must not be negative"));
     }

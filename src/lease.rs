@@ -103,4 +103,16 @@ mod tests {
         // Bounded as configured.
         assert_eq!(target(&c, scope, 1, 10_000), amt("0.10"), "lease.min_calls");
     }
+
+    #[test]
+    fn the_longest_lease_id_fits_what_the_ledger_accepts() {
+        let feature = "f".repeat(credits::limits::MAX_FEATURE_KEY_LEN);
+        let json = format!(
+            r#"{{"ledger": {{"upstream": "l", "token": "t"}}, "price": "1", "currency": "USD", "feature_key": "{feature}"}}"#
+        );
+        let c = FilterConfig::parse(json.as_bytes()).unwrap();
+        let subject = "s".repeat(credits::limits::MAX_SUBJECT_LEN);
+        let longest = id(&"0".repeat(16), &c, &c.pricing.scopes[0], &subject);
+        assert!(longest.len() <= credits::limits::MAX_LEASE_ID_LEN, "{} bytes", longest.len());
+    }
 }

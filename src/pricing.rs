@@ -249,7 +249,11 @@ pub(crate) fn parse(raw: RawPricing, price: Amount, fixed_feature: Option<Featur
         };
         let typical = unit_cost(unit_price, default_units)
             .ok_or_else(|| error(&at("unit_price"), "unit_price × estimate is too large"))?;
-        scopes[scope].typical += typical;
+        scopes[scope].typical = scopes[scope]
+            .typical
+            .checked_add(typical)
+            .and_then(|t| t.bounded().ok())
+            .ok_or_else(|| error(&at("unit_price"), "unit_price × estimate exceeds the amount bound (10^15)"))?;
         rules.push(UnitRule { name: u.name, unit_price, source, estimate, scope });
     }
     let missing_usage = match raw.missing_usage.as_deref().unwrap_or("charge_estimate") {
@@ -308,7 +312,15 @@ pub fn quote(pricing: &Pricing, price: Amount, header: &dyn Fn(&str) -> Option<S
         })
         .collect();
     let amounts: Vec<Amount> = units.iter().map(|(n, _)| *n).collect();
-    Quote { estimates: per_scope(pricing, price, &amounts), units }
+    let typical: Vec<Amount> = pricing.scopes.iter().map(|s| s.typical).collect();
+    Quote { estimates: bounded_per_scope(pricing, price, &amounts, &typical), units }
+}
+
+/// [`per_scope`], where a scope whose amount would exceed what the ledger books in one piece
+/// (`credits::limits::MAX_AMOUNT`: counts far beyond any real call) takes `fallback` instead.
+fn bounded_per_scope(pricing: &Pricing, price: Amount, units: &[Amount], fallback: &[Amount]) -> Vec<Amount> {
+    let amounts = per_scope(pricing, price, units);
+    amounts.into_iter().zip(fallback).map(|(a, f)| if a.bounded().is_ok() { a } else { *f }).collect()
 }
 
 /// Per scope: the fixed price plus each rule's units at its price.
@@ -352,7 +364,7 @@ pub fn cost(
             },
         })
         .collect();
-    per_scope(pricing, price, &units)
+    bounded_per_scope(pricing, price, &units, &quote.estimates)
 }
 
 #[cfg(test)]
@@ -451,6 +463,23 @@ mod tests {
         assert_eq!(q.estimates, [amt("1.60")]);
         assert_eq!(cost(&c.pricing, c.price, &q, Some(500), &[Some(amt("2")), None]), [amt("1.52")]);
         assert_eq!(cost(&c.pricing, c.price, &q, Some(200), &[None, None]), [amt("1.5")]);
+    }
+
+    #[test]
+    fn a_call_never_costs_more_than_the_ledger_books_in_one_piece() {
+        let json = r#"{"ledger": {"upstream": "l", "token": "t"}, "price": "0", "currency": "USD",
+            "pricing": {"units": [{"name": "rows", "unit_price": "1000000", "source": {"response_header": "x-rows"},
+                "estimate": {"units": "10"}}]}}"#;
+        let c = FilterConfig::parse(json.as_bytes()).unwrap();
+        let q = quote(&c.pricing, c.price, &no_header, None);
+        assert_eq!(q.estimates, [amt("10000000")]);
+        // 10^12 rows at a million each is beyond 10^15: charged the estimate instead.
+        let reported = [Some(amt("1000000000000"))];
+        assert_eq!(cost(&c.pricing, c.price, &q, Some(200), &reported), q.estimates);
+        // A typical call beyond the bound is refused when configured.
+        let too_much = json.replace(r#""units": "10""#, r#""units": "1000000000000""#);
+        let err = FilterConfig::parse(too_much.as_bytes()).unwrap_err();
+        assert_eq!(err.field, "pricing.units[0].unit_price", "{err}");
     }
 
     #[test]

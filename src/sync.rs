@@ -4,8 +4,10 @@
 
 use std::collections::HashSet;
 
+use credits::limits::DEFAULT_MAX_BODY_BYTES;
 use credits::sync::{
-    LeaseRequest, SubjectOutcome, SubjectSync, SyncRequest, SyncResponse, UsageOutcome, MAX_SUBJECTS_PER_SYNC,
+    LeaseRequest, SubjectAnswer, SubjectOutcome, SubjectSync, SyncRequest, SyncResponse, UsageOutcome,
+    MAX_SUBJECTS_PER_SYNC,
 };
 use credits::Amount;
 
@@ -17,21 +19,85 @@ use crate::registry;
 use crate::shared::{self, SharedData};
 use crate::tracker::Tracker;
 
-/// A sync on its way: what was asked and when, so the answer can be matched to it.
+/// A sync on its way: what was asked and when, so the answer can be matched to it, and its
+/// body (encoded once).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PendingSync {
     pub request: SyncRequest,
     pub sent_ms: u64,
+    body: Vec<u8>,
 }
 
 impl PendingSync {
-    pub fn body(&self) -> Vec<u8> {
-        serde_json::to_vec(&self.request).unwrap_or_default()
+    pub fn new(request: SyncRequest, sent_ms: u64) -> PendingSync {
+        let body = serde_json::to_vec(&request).unwrap_or_default();
+        PendingSync { request, sent_ms, body }
+    }
+
+    pub fn body(&self) -> &[u8] {
+        &self.body
     }
 
     /// The calls it reports.
     pub fn calls(&self) -> u64 {
         self.request.subjects.iter().filter_map(|s| s.usage.as_ref()).map(|u| u.calls()).sum()
+    }
+}
+
+/// How much one sync may carry: subjects, and bytes of JSON (the ledger refuses a body larger
+/// than its `--max-body-bytes`, 1 MiB by default, with 413).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Budget {
+    pub subjects: usize,
+    pub bytes: usize,
+}
+
+impl Default for Budget {
+    fn default() -> Budget {
+        Budget { subjects: MAX_SUBJECTS_PER_SYNC, bytes: DEFAULT_MAX_BODY_BYTES }
+    }
+}
+
+/// A sync's JSON body, built subject by subject within a budget (the same bytes serde writes
+/// for a [`SyncRequest`]).
+struct Body {
+    bytes: Vec<u8>,
+    subjects: Vec<SubjectSync>,
+}
+
+impl Body {
+    fn new(node: &str) -> Body {
+        let mut bytes = b"{\"node\":".to_vec();
+        let _ = serde_json::to_writer(&mut bytes, node);
+        bytes.extend_from_slice(b",\"subjects\":[");
+        Body { bytes, subjects: Vec::new() }
+    }
+
+    /// Adds one customer's subjects if they fit `budget` (the first customer always goes).
+    fn add(&mut self, taken: Vec<SubjectSync>, budget: Budget) -> bool {
+        let encoded: Vec<Vec<u8>> = taken.iter().map(|s| serde_json::to_vec(s).unwrap_or_default()).collect();
+        let len: usize = encoded.iter().map(|e| e.len() + 1).sum();
+        let fits = self.subjects.len() + taken.len() <= budget.subjects && self.bytes.len() + len + 2 <= budget.bytes;
+        if !fits && !self.subjects.is_empty() {
+            return false;
+        }
+        for (i, e) in encoded.iter().enumerate() {
+            if i > 0 || !self.subjects.is_empty() {
+                self.bytes.push(b',');
+            }
+            self.bytes.extend_from_slice(e);
+        }
+        self.subjects.extend(taken);
+        true
+    }
+
+    fn finish(mut self, node: &str, sent_ms: u64) -> Option<PendingSync> {
+        if self.subjects.is_empty() {
+            return None;
+        }
+        self.bytes.extend_from_slice(b"]}");
+        let request = SyncRequest { node: node.to_owned(), subjects: self.subjects };
+        Some(PendingSync { request, sent_ms, body: self.bytes })
     }
 }
 
@@ -94,7 +160,7 @@ pub fn balance_read(
             asked
         })
         .collect();
-    PendingSync { request: SyncRequest { node: node.to_owned(), subjects }, sent_ms: now_ms }
+    PendingSync::new(SyncRequest { node: node.to_owned(), subjects }, now_ms)
 }
 
 /// This tick's sync, and the customers that have something to report but are not in the node's
@@ -115,14 +181,14 @@ struct Tick<'a> {
     turn_ms: u64,
 }
 
-/// Builds this tick's sync: takes the usage ranges to send out of the shared entries. Customers
-/// idle longer than `sync.idle_ms` with nothing left to send are forgotten.
+/// Builds this tick's sync within `budget`: takes the usage ranges to send out of the shared
+/// entries. Customers idle longer than `sync.idle_ms` with nothing left to send are forgotten.
 pub fn prepare(
     store: &dyn SharedData,
     tracker: &mut Tracker,
     config: &FilterConfig,
-    node: &str,
-    worker: u64,
+    (node, worker): (&str, u64),
+    budget: Budget,
     now_ms: u64,
 ) -> Prepared {
     // Whatever any worker of the node left to report or renew is this worker's business too.
@@ -132,20 +198,20 @@ pub fn prepare(
     }
     let scopes = config.pricing.scopes.len();
     // A worker with more customers than one sync holds reaches each only every few ticks.
-    let per_sync = (MAX_SUBJECTS_PER_SYNC / scopes.max(1)).max(1);
+    let per_sync = (budget.subjects / scopes.max(1)).max(1);
     let turn_ms = u64::from(config.sync.interval_ms) * (tracker.len().div_ceil(per_sync).max(1) as u64);
     let tick = Tick { config, node, worker, now_ms, turn_ms };
     let mut prepared = Prepared::default();
-    let mut subjects = Vec::new();
+    let mut body = Body::new(node);
     let mut forget = Vec::new();
     let mut last = None;
     for subject in tracker.in_turn() {
-        if subjects.len() + scopes > MAX_SUBJECTS_PER_SYNC {
-            break; // the rest goes out on the next ticks, in turn
+        let (taken, pending, kept) = take_subject(store, &tick, subject);
+        // Taken but not sent: its ranges stay this worker's, sent on its next tick, in turn.
+        if !body.add(taken, budget) {
+            break;
         }
         last = Some(subject);
-        let (taken, pending, kept) = take_subject(store, &tick, subject);
-        subjects.extend(taken);
         // Checked against the tick's snapshot: the register is a whole shard to read.
         if pending && !registered.contains(subject) {
             prepared.unregistered.push(subject.clone());
@@ -159,8 +225,7 @@ pub fn prepare(
         registry::remove(store, config, &s);
         tracker.subjects.remove(&s);
     }
-    prepared.sync = (!subjects.is_empty())
-        .then(|| PendingSync { request: SyncRequest { node: node.to_owned(), subjects }, sent_ms: now_ms });
+    prepared.sync = body.finish(node, now_ms);
     prepared
 }
 
@@ -224,6 +289,8 @@ pub enum AnswerError {
     Unavailable(String),
     /// An answer that is not what the protocol promises.
     Malformed(String),
+    /// The ledger refused the body as too large (413): send fewer subjects per sync.
+    TooLarge,
 }
 
 /// Interprets the ledger's HTTP answer to a sync. Anything but a 200 with a matching body is an
@@ -237,6 +304,9 @@ pub fn parse_answer(
     if status >= 500 || status == 429 {
         return Err(AnswerError::Unavailable(format!("the ledger answered {status}")));
     }
+    if status == 413 {
+        return Err(AnswerError::TooLarge);
+    }
     if status != 200 {
         return Err(AnswerError::Malformed(format!("the ledger answered {status}")));
     }
@@ -247,7 +317,20 @@ pub fn parse_answer(
     if !matches {
         return Err(AnswerError::Malformed("the sync answer does not match the request".into()));
     }
+    if let Some(amount) = response.subjects.iter().find_map(out_of_bounds) {
+        return Err(AnswerError::Malformed(format!("the sync answer holds an impossible amount {amount}")));
+    }
     Ok(response)
+}
+
+/// An amount of an answer that no ledger can have answered (beyond what the credit model sums,
+/// `credits::limits::MAX_BALANCE`; a lease never holds less than nothing): the answer is not used.
+fn out_of_bounds(answer: &SubjectAnswer) -> Option<Amount> {
+    let SubjectOutcome::Ok { live, lease, .. } = &answer.outcome else { return None };
+    if live.within_balance_bound().is_err() {
+        return Some(*live);
+    }
+    lease.iter().flat_map(|l| [l.held, l.granted]).find(|a| a.within_balance_bound().is_err() || a.is_negative())
 }
 
 /// Applies a good answer to the shared entries.
@@ -400,9 +483,9 @@ mod tests {
             ));
         }
         // Tick: the range goes out; the answer is lost; the retry is a duplicate.
-        let first = prepare(&store, &mut tracker, &c, "node", 1, 100).sync.unwrap();
+        let first = prepare(&store, &mut tracker, &c, ("node", 1), Budget::default(), 100).sync.unwrap();
         let _lost = ledger.answer(&first.request);
-        let retry = prepare(&store, &mut tracker, &c, "node", 1, 200).sync.unwrap();
+        let retry = prepare(&store, &mut tracker, &c, ("node", 1), Budget::default(), 200).sync.unwrap();
         assert_eq!(retry.request.subjects[0].usage, first.request.subjects[0].usage);
         let resp = ledger.answer(&retry.request);
         let applied = apply(&store, &c, &retry, &resp, 201);
@@ -426,12 +509,44 @@ mod tests {
         }
         let mut reported = std::collections::BTreeSet::new();
         for tick in 0..3 {
-            let pending = prepare(&store, &mut tracker, &c, "node", 1, 100 + tick).sync.unwrap();
+            let pending = prepare(&store, &mut tracker, &c, ("node", 1), Budget::default(), 100 + tick).sync.unwrap();
             assert!(pending.request.subjects.len() <= MAX_SUBJECTS_PER_SYNC);
             reported.extend(pending.request.subjects.iter().filter(|s| s.usage.is_some()).map(|s| s.subject.clone()));
         }
         let missed: Vec<&String> = everyone.iter().filter(|s| !reported.contains(*s)).collect();
         assert!(missed.is_empty(), "{} customers were never reported, e.g. {:?}", missed.len(), missed.first());
+    }
+
+    #[test]
+    fn a_sync_fits_its_byte_budget_and_the_rest_goes_out_in_turn() {
+        let store = FakeShared::new(Rules::Envoy);
+        let c = config();
+        let mut tracker = Tracker::default();
+        // Subjects as long as the ledger allows: about 300 bytes each in a sync.
+        let everyone: Vec<String> = (0..40).map(|i| format!("{i:03}{}", "x".repeat(250))).collect();
+        for s in &everyone {
+            let read = balance_read(&store, &c, "node", s, &[c.price], 10);
+            apply(&store, &c, &read, &answer(vec![ok(s, None, "1", 1)]), 10);
+            tracker.touch(s, 10);
+            assert!(matches!(call(&store, &c, s, amt("0.10"), 11, LedgerAccess::Reachable).0, Verdict::Allow { .. }));
+        }
+        let budget = Budget { subjects: 1000, bytes: 4096 };
+        let mut reported = std::collections::BTreeSet::new();
+        for tick in 0..4 {
+            let pending = prepare(&store, &mut tracker, &c, ("node", 1), budget, 100 + tick).sync.unwrap();
+            assert!(pending.body().len() <= 4096, "{} bytes", pending.body().len());
+            // The body is the request, encoded once.
+            assert_eq!(serde_json::from_slice::<SyncRequest>(pending.body()).unwrap(), pending.request);
+            reported.extend(pending.request.subjects.iter().filter(|s| s.usage.is_some()).map(|s| s.subject.clone()));
+        }
+        assert_eq!(reported.len(), everyone.len(), "every customer reported within a few ticks");
+    }
+
+    #[test]
+    fn a_body_the_ledger_refuses_as_too_large_is_an_error_of_its_own() {
+        let c = config();
+        let pending = balance_read(&FakeShared::new(Rules::Envoy), &c, "n", "alice", &[c.price], 1);
+        assert_eq!(parse_answer(&pending, Some(413), Some(b"{}")), Err(AnswerError::TooLarge));
     }
 
     #[test]
@@ -446,6 +561,10 @@ mod tests {
         assert!(matches!(parse_answer(&pending, Some(200), Some(&wrong)), Err(AnswerError::Malformed(_))));
         let right = serde_json::to_vec(&answer(vec![ok("alice", None, "1", 1)])).unwrap();
         assert!(parse_answer(&pending, Some(200), Some(&right)).is_ok());
+        // An amount no ledger can answer (beyond the credit model's sum bound) is malformed, so
+        // it can never overflow the node's arithmetic.
+        let huge = serde_json::to_vec(&answer(vec![ok("alice", None, "79228162514264337593543950335", 1)])).unwrap();
+        assert!(matches!(parse_answer(&pending, Some(200), Some(&huge)), Err(AnswerError::Malformed(_))));
     }
 
     #[test]
@@ -456,8 +575,10 @@ mod tests {
         apply(&store, &c, &read, &answer(vec![ok("alice", None, "1", 1)]), 1);
         let mut tracker = Tracker::default();
         tracker.touch("alice", 1);
-        assert!(prepare(&store, &mut tracker, &c, "node", 1, 2).sync.is_some());
-        assert!(prepare(&store, &mut tracker, &c, "node", 1, 1 + u64::from(c.sync.idle_ms) + 1).sync.is_none());
+        assert!(prepare(&store, &mut tracker, &c, ("node", 1), Budget::default(), 2).sync.is_some());
+        assert!(prepare(&store, &mut tracker, &c, ("node", 1), Budget::default(), 1 + u64::from(c.sync.idle_ms) + 1)
+            .sync
+            .is_none());
         assert!(tracker.is_empty());
     }
 
@@ -468,7 +589,7 @@ mod tests {
         call(&store, &allow, "ghost", amt("0.10"), 1, LedgerAccess::Unreachable);
         let mut tracker = Tracker::default();
         tracker.touch("ghost", 1);
-        let pending = prepare(&store, &mut tracker, &allow, "node", 1, 2).sync.unwrap();
+        let pending = prepare(&store, &mut tracker, &allow, ("node", 1), Budget::default(), 2).sync.unwrap();
         let unknown = SubjectAnswer { subject: "ghost".into(), outcome: SubjectOutcome::UnknownSubject };
         let applied = apply(&store, &allow, &pending, &answer(vec![unknown]), 3);
         assert_eq!((applied.calls_dropped, applied.unknown_subjects), (1, 1));

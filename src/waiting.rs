@@ -182,7 +182,7 @@ mod tests {
             subject: subject.into(),
             owner: Some(owner),
             token,
-            pending: PendingSync { request: SyncRequest { node: "n".into(), subjects: vec![] }, sent_ms: 0 },
+            pending: PendingSync::new(SyncRequest { node: "n".into(), subjects: vec![] }, 0),
             waiters: waiters.to_vec(),
             deadline_ms: 100,
         }

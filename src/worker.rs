@@ -11,7 +11,7 @@ use crate::engine::{ContextId, DispatchRefused, Engine, LedgerAnswer, LedgerCall
 use crate::node;
 use crate::problem::Problem;
 use crate::registry;
-use crate::sync::{self, AnswerError, PendingSync};
+use crate::sync::{self, AnswerError, Budget, PendingSync};
 use crate::tracker::Tracker;
 use crate::waiting::{Plan, Read, Waiter, Waiting};
 
@@ -65,6 +65,9 @@ pub struct Worker {
     in_flight: Option<(Token, PendingSync)>,
     /// The headers of every ledger request of this configuration.
     ledger_headers: Vec<(String, String)>,
+    /// What one sync may carry: halved each time the ledger refuses a body as too large, grown
+    /// back by each sync it takes.
+    budget: Budget,
     /// Completions whose shared entry could not be written (other workers kept winning): the tick
     /// retries them, so a call let through is never left unrecorded.
     retries: Vec<Retry>,
@@ -143,7 +146,7 @@ impl Worker {
         let call = LedgerCall {
             upstream: &config.ledger.upstream,
             headers: &headers,
-            body: &body,
+            body,
             timeout_ms: config.ledger.timeout_ms,
         };
         engine.dispatch(&call)
@@ -165,14 +168,25 @@ impl Worker {
                 for subject in sync::pending_subjects(engine.shared(), config, pending) {
                     self.register(engine, config, &subject);
                 }
+                let most = Budget::default().subjects;
+                self.budget.subjects = self.budget.subjects.saturating_mul(2).min(most);
                 self.count(Metric::RecordsConfirmed, applied.calls_confirmed);
                 self.count(Metric::RecordsDropped, applied.calls_dropped);
                 self.ledger_down_until_ms = 0;
                 true
             }
-            Err(e) => {
+            Err(AnswerError::TooLarge) => {
+                // Nothing of it was booked: its ranges go again, fewer subjects at a time.
                 self.count(Metric::SyncFailures, 1);
-                let (AnswerError::Unavailable(message) | AnswerError::Malformed(message)) = &e;
+                self.budget.subjects = (pending.request.subjects.len() / 2).max(1);
+                log::warn!(
+                    "prepaid_credits: the ledger refused a sync as too large; now {} subjects a sync",
+                    self.budget.subjects
+                );
+                false
+            }
+            Err(AnswerError::Unavailable(message) | AnswerError::Malformed(message)) => {
+                self.count(Metric::SyncFailures, 1);
                 log::warn!("prepaid_credits: ledger sync failed: {message}");
                 self.mark_ledger_down(config, now_ms);
                 false
@@ -239,7 +253,8 @@ impl Worker {
             }
             self.in_flight = None;
         }
-        let prepared = sync::prepare(engine.shared(), &mut self.tracker, config, &self.node, self.id, now_ms);
+        let prepared =
+            sync::prepare(engine.shared(), &mut self.tracker, config, (&self.node, self.id), self.budget, now_ms);
         for subject in &prepared.unregistered {
             self.register(engine, config, subject);
         }

@@ -53,6 +53,9 @@ fn corpus() -> Vec<(Value, bool)> {
         ("subject/unknown_status", json!(404)),
         ("price", json!("0")),
         ("price", json!("12.3456789")),
+        // The amount bound every edge enforces (credits::limits): 10^15, nine decimal places.
+        ("price", json!("1000000000000000")),
+        ("price", json!("0.000000001")),
         ("currency", json!("EUR")),
         ("feature_key", json!("api_requests")),
         ("settlement_mode", json!("credit_then_invoice")),
@@ -77,7 +80,7 @@ fn corpus() -> Vec<(Value, bool)> {
         ("sync", json!({})),
         ("subject", json!({})),
     ];
-    let invalid: [(&str, Option<Value>); 62] = [
+    let invalid: [(&str, Option<Value>); 65] = [
         ("ledger/upstream", Some(json!(""))),
         ("ledger/upstream", Some(json!("led ger"))),
         ("ledger/authority", Some(json!(""))),
@@ -107,6 +110,9 @@ fn corpus() -> Vec<(Value, bool)> {
         ("price", Some(json!("1,5"))),
         ("price", Some(json!("-1"))),
         ("price", Some(json!("NaN"))),
+        ("price", Some(json!("1000000000000001"))),
+        ("price", Some(json!("0.0000000001"))),
+        ("offline_allowance", Some(json!("99999999999999999"))),
         ("price", Some(json!(""))),
         ("price", Some(json!(0.01))),
         ("price", None),
