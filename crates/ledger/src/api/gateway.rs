@@ -151,6 +151,9 @@ pub async fn serve(state: &AppState, req: &SyncRequest) -> ApiResult<SyncRespons
         }
     }
     writes.flush(&mut w.tx).await?;
+    let touched: Vec<(&str, &Book)> =
+        before.keys().filter_map(|c| books.get(*c).map(|loaded| (*c, &loaded.book))).collect();
+    counts.notification_events = crate::notify::on_bookings(&mut w.tx, &touched, db_now).await?;
     let server_time = state.db.now(&mut w.tx).await?;
     w.commit().await?;
     counts.publish(state);
@@ -174,6 +177,7 @@ struct Counts {
     leases_opened: u64,
     leases_released: u64,
     leases_expired_unreported: u64,
+    notification_events: usize,
 }
 
 impl Counts {
@@ -183,6 +187,7 @@ impl Counts {
         state.metrics.add("leases_released", self.leases_released);
         state.metrics.add("leases_expired_unreported", self.leases_expired_unreported);
         state.metrics.add("gateway_syncs", 1);
+        state.metrics.add("notification_events", self.notification_events as u64);
     }
 }
 

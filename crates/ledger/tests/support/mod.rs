@@ -2,6 +2,8 @@
 //! PostgreSQL database that is dropped afterwards.
 #![allow(dead_code)]
 
+pub mod receiver;
+
 use std::time::Duration;
 
 use ledger::api::{AppState, Auth};
