@@ -60,7 +60,8 @@ async fn events_are_accepted_in_every_content_type_and_stored_once(backend: Back
     elsewhere["source"] = json!("billing");
     ingest_ok(&ledger, "application/json", &elsewhere).await;
 
-    let all = list(&ledger, "").await;
+    // By ingestion, newest first (the default order is by event time).
+    let all = list(&ledger, "?sort=ingested_at").await;
     assert_eq!(event_ids(&all), vec!["e1", "e9", "e8", "e7", "e6", "e5", "e4", "e3", "e2", "e1"], "newest first");
     assert_eq!(data(&all)[0]["event"]["source"], "billing");
     assert!(all["meta"]["page"]["next"].is_null() && all["meta"]["page"]["previous"].is_null(), "{all}");
@@ -144,7 +145,6 @@ async fn malformed_events_are_refused_and_nothing_is_stored(backend: Backend) {
     let with = |extra: Value| support::merged(event("bad", "s"), extra);
     let single = "application/cloudevents+json";
     let cases: Vec<(&str, Value, &str)> = vec![
-        (single, with(json!({"specversion": "0.3"})), "specversion"),
         (single, with(json!({"subject": null})), "subject"),
         (single, with(json!({"id": ""})), "id"),
         (single, with(json!({"source": ""})), "source"),
@@ -174,7 +174,7 @@ async fn malformed_events_are_refused_and_nothing_is_stored(backend: Backend) {
     for content_type in [Some("text/plain"), Some("application/xml"), Some("application/x-www-form-urlencoded"), None] {
         let reply =
             ledger.call(reqwest::Method::POST, EVENTS).body(content_type, event("a", "s").to_string()).send().await;
-        reply.assert_problem(415, None);
+        reply.assert_problem(400, Some("Content-Type"));
     }
     assert_eq!(ledger.row_counts().await["events"], 0, "nothing stored");
     assert_eq!(data(&list(&ledger, "").await).len(), 0);

@@ -153,10 +153,12 @@ fn validate(req: &CustomerRequest) -> ApiResult<()> {
     Ok(())
 }
 
+/// A key or subject another customer holds. Konnect documents no 409 for customers: it is a 400
+/// naming the field.
 fn clash_problem(clash: Clash) -> Problem {
     match clash {
-        Clash::Key => Problem::conflict("key", "another customer has this key"),
-        Clash::Subject(s) => Problem::conflict(
+        Clash::Key => Problem::bad_request("key", "another customer has this key"),
+        Clash::Subject(s) => Problem::bad_request(
             "usage_attribution.subject_keys",
             format!("subject key [{s}] belongs to another customer"),
         ),
@@ -202,15 +204,25 @@ pub async fn list(State(state): State<AppState>, query: Query) -> ApiResult<axum
         "filter[name][*]",
         "filter[primary_email][*]",
         "filter[usage_attribution_subject_key][*]",
+        "filter[plan_key][*]",
+        "filter[billing_profile_id][*]",
     ])?;
     let ops = ["eq", "oeq", "neq", "contains", "ocontains"];
+    // This ledger has no plans or billing profiles: a customer has neither, and the filters say
+    // whether "none" matches.
+    let unassigned =
+        |field: &str, ops: &[&str]| Ok::<_, Problem>(query.string_filter(field, ops)?.is_none_or(|f| f.matches(None)));
+    let page = query.page()?;
+    if !unassigned("plan_key", &ops)? || !unassigned("billing_profile_id", &["eq", "oeq", "neq"])? {
+        let meta = PaginatedMeta { page: PageMeta { number: page.number, size: page.size, total: 0 } };
+        return Ok(axum::Json(CustomerPage { data: Vec::new(), meta }));
+    }
     let filters = CustomerFilters {
         key: query.string_filter("key", &ops)?,
         name: query.string_filter("name", &ops)?,
         primary_email: query.string_filter("primary_email", &ops)?,
         subject: query.string_filter("usage_attribution_subject_key", &ops)?,
     };
-    let page = query.page()?;
     let (sort, descending) = match query.get("sort").map(str::trim) {
         None | Some("name") | Some("name asc") => (SortBy::Name, false),
         Some("name desc") => (SortBy::Name, true),

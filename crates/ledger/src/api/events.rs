@@ -8,13 +8,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use super::fields::timestamp;
+use super::fields::{parse_timestamp, timestamp};
 use super::problem::{ApiResult, Problem};
-use super::request::{parse_json, read_body, Query};
+use super::request::{parse_json, read_body, ulid_param, Query, StringFilter};
 use super::transactions::{page_link, CursorMeta, CursorMetaPage};
 use super::AppState;
 use crate::store::customers;
-use crate::store::events::{self, EventFilters, NewEvent};
+use crate::store::events::{self, EventClock, EventFilters, EventOrder, NewEvent, TimeBound};
 
 /// At most this many events per request.
 pub const MAX_BATCH: usize = 1000;
@@ -62,9 +62,6 @@ fn validate(index: Option<usize>, event: &MeteringEvent) -> ApiResult<()> {
             return Err(Problem::bad_request(field(name), format!("{name} must not be empty")));
         }
     }
-    if event.specversion != "1.0" {
-        return Err(Problem::bad_request(field("specversion"), "only CloudEvents specversion 1.0 is accepted"));
-    }
     if event.datacontenttype.as_deref().is_some_and(|c| c != "application/json") {
         return Err(Problem::bad_request(field("datacontenttype"), "datacontenttype must be application/json"));
     }
@@ -86,10 +83,11 @@ pub fn parse_events(content_type: &str, bytes: &[u8]) -> ApiResult<Vec<MeteringE
             OneOrMany::One(v) => vec![v],
         },
         _ => {
-            return Err(Problem::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            return Err(Problem::bad_request(
+                "Content-Type",
                 "use application/cloudevents+json, application/cloudevents-batch+json or application/json",
-            ))
+            )
+            .in_header())
         }
     };
     if values.is_empty() {
@@ -166,17 +164,24 @@ pub struct IngestedEventPage {
 
 #[utoipa::path(get, path = "/v3/openmeter/events",
     params(("page[size]" = Option<i64>, Query), ("page[after]" = Option<String>, Query), ("page[before]" = Option<String>, Query),
-        ("filter[subject][eq]" = Option<String>, Query), ("filter[type][eq]" = Option<String>, Query)),
+        ("filter[subject][eq]" = Option<String>, Query), ("filter[type][eq]" = Option<String>, Query),
+        ("filter[customer_id][eq]" = Option<String>, Query), ("filter[time][gte]" = Option<String>, Query),
+        ("sort" = Option<String>, Query, description = "time (default), ingested_at or stored_at; desc unless asc is given")),
     responses((status = 200, body = IngestedEventPage), (status = 400), (status = 401)))]
 pub async fn list(State(state): State<AppState>, query: Query) -> ApiResult<axum::Json<IngestedEventPage>> {
     query.only(&[
         "page[size]",
         "page[after]",
         "page[before]",
+        "sort",
         "filter[id][*]",
         "filter[source][*]",
         "filter[subject][*]",
         "filter[type][*]",
+        "filter[customer_id][*]",
+        "filter[time][*]",
+        "filter[ingested_at][*]",
+        "filter[stored_at][*]",
     ])?;
     let ops = ["eq", "oeq", "neq", "contains", "ocontains"];
     let filters = EventFilters {
@@ -184,10 +189,13 @@ pub async fn list(State(state): State<AppState>, query: Query) -> ApiResult<axum
         source: query.string_filter("source", &ops)?,
         subject: query.string_filter("subject", &ops)?,
         kind: query.string_filter("type", &ops)?,
+        customer_id: customer_filter(&query)?,
+        times: time_bounds(&query)?,
     };
+    let order = sort(query.get("sort"))?;
     let page = query.cursor()?;
     let mut conn = state.db.pool().acquire().await?;
-    let (stored, has_older, has_newer) = events::list(&mut conn, state.db.backend(), &filters, page).await?;
+    let (stored, has_older, has_newer) = events::list(&mut conn, state.db.backend(), &filters, order, page).await?;
     let mut data = Vec::with_capacity(stored.len());
     for e in &stored {
         let event: MeteringEvent = serde_json::from_str(&e.body).map_err(|err| {
@@ -215,4 +223,69 @@ pub async fn list(State(state): State<AppState>, query: Query) -> ApiResult<axum
         data,
         meta: CursorMeta { page: CursorMetaPage { size: page.size, next, previous } },
     }))
+}
+
+/// `sort`: `time` (default), `ingested_at` or `stored_at` (the same instant here), descending
+/// unless `asc` follows. Of a comma-separated list the first attribute decides.
+fn sort(value: Option<&str>) -> ApiResult<EventOrder> {
+    let first = value.and_then(|v| v.split(',').next()).map(str::trim).unwrap_or("");
+    let mut words = first.split_whitespace();
+    let clock = match words.next() {
+        None | Some("time") => EventClock::Time,
+        Some("ingested_at") | Some("stored_at") => EventClock::Ingested,
+        Some(other) => {
+            return Err(Problem::bad_request(
+                "sort",
+                format!("cannot sort by {other:?}; use time, ingested_at or stored_at"),
+            ))
+        }
+    };
+    let descending = match (words.next(), words.next()) {
+        (None | Some("desc"), None) => true,
+        (Some("asc"), None) => false,
+        _ => return Err(Problem::bad_request("sort", format!("sort {first:?} is not `attribute [asc|desc]`"))),
+    };
+    Ok(EventOrder { clock, descending })
+}
+
+/// `filter[customer_id]`: ULIDs with `eq`, `oeq` or `neq`.
+fn customer_filter(query: &Query) -> ApiResult<Option<StringFilter>> {
+    let filter = query.string_filter("customer_id", &["eq", "oeq", "neq"])?;
+    fn check(f: &StringFilter) -> ApiResult<()> {
+        match f {
+            StringFilter::Eq(v) | StringFilter::Neq(v) => ulid_param("filter[customer_id]", v).map(|_| ()),
+            StringFilter::OneOf(vs) => {
+                vs.iter().try_for_each(|v| ulid_param("filter[customer_id][oeq]", v).map(|_| ()))
+            }
+            StringFilter::All(fs) => fs.iter().try_for_each(check),
+            _ => Ok(()),
+        }
+    }
+    filter.as_ref().map(check).transpose().map_err(Problem::in_query)?;
+    Ok(filter)
+}
+
+/// `filter[time|ingested_at|stored_at]` = an instant, or `[eq|lt|lte|gt|gte]` = an instant.
+fn time_bounds(query: &Query) -> ApiResult<Vec<TimeBound>> {
+    let mut bounds = Vec::new();
+    for (name, value) in &query.0 {
+        let Some(rest) = name.strip_prefix("filter[") else { continue };
+        let Some((field, op)) = rest.split_once(']') else { continue };
+        let clock = match field {
+            "time" => EventClock::Time,
+            "ingested_at" | "stored_at" => EventClock::Ingested,
+            _ => continue,
+        };
+        let op = match op {
+            "" | "[eq]" => "=",
+            "[lt]" => "<",
+            "[lte]" => "<=",
+            "[gt]" => ">",
+            "[gte]" => ">=",
+            _ => return Err(Problem::bad_request(name.clone(), "use eq, lt, lte, gt or gte").in_query()),
+        };
+        let at = parse_timestamp(name, value).map_err(Problem::in_query)?;
+        bounds.push(TimeBound { clock, op, at });
+    }
+    Ok(bounds)
 }

@@ -34,13 +34,14 @@ pub fn description(field: &str, value: Option<&str>) -> Result<(), Problem> {
     }
 }
 
-/// Konnect labels: at most 50; keys and values of 1..63 characters, alphanumeric at both ends,
-/// `-`, `_` and `.` inside.
+/// Konnect labels: at most 50; keys of 1..63 characters that do not start with `kong`,
+/// `konnect`, `mesh`, `kic` or `_`; values of 1..63 characters, alphanumeric at both ends, `-`,
+/// `_` and `.` inside.
 pub fn labels(field: &str, labels: &Labels) -> Result<(), Problem> {
     if labels.len() > 50 {
         return Err(Problem::bad_request(field, "at most 50 labels"));
     }
-    let valid = |s: &str| {
+    let valid_value = |s: &str| {
         let b = s.as_bytes();
         !b.is_empty()
             && b.len() <= 63
@@ -48,11 +49,15 @@ pub fn labels(field: &str, labels: &Labels) -> Result<(), Problem> {
             && b[b.len() - 1].is_ascii_alphanumeric()
             && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
     };
+    let valid_key = |k: &str| {
+        (1..=63).contains(&k.chars().count())
+            && !["kong", "konnect", "mesh", "kic", "_"].iter().any(|p| k.to_ascii_lowercase().starts_with(p))
+    };
     for (k, v) in labels {
-        if !valid(k) {
+        if !valid_key(k) {
             return Err(Problem::bad_request(format!("{field}.{k}"), format!("label key {k:?} is not valid")));
         }
-        if !valid(v) {
+        if !valid_value(v) {
             return Err(Problem::bad_request(format!("{field}.{k}"), format!("label value {v:?} is not valid")));
         }
     }

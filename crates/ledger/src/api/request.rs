@@ -23,7 +23,8 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
             req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
         let bytes = read_body(req, state).await?;
         if !is_json(&content_type) {
-            return Err(Problem::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "expected Content-Type: application/json"));
+            // Konnect answers 400 (not 415) to a body that is not declared JSON.
+            return Err(Problem::bad_request("Content-Type", "expected Content-Type: application/json").in_header());
         }
         parse_json(&bytes).map(Json)
     }
@@ -93,18 +94,22 @@ pub enum StringFilter {
     Neq(String),
     Contains(String),
     ContainsAny(Vec<String>),
+    /// Several operators on one field: all must hold.
+    All(Vec<StringFilter>),
 }
 
 impl StringFilter {
     pub fn matches(&self, value: Option<&str>) -> bool {
         match (self, value) {
             (StringFilter::Neq(v), None) => !v.is_empty(),
+            (StringFilter::All(fs), None) => fs.iter().all(|f| f.matches(None)),
             (_, None) => false,
             (StringFilter::Eq(v), Some(x)) => v == x,
             (StringFilter::OneOf(vs), Some(x)) => vs.iter().any(|v| v == x),
             (StringFilter::Neq(v), Some(x)) => v != x,
             (StringFilter::Contains(v), Some(x)) => x.contains(v.as_str()),
             (StringFilter::ContainsAny(vs), Some(x)) => vs.iter().any(|v| x.contains(v.as_str())),
+            (StringFilter::All(fs), x) => fs.iter().all(|f| f.matches(x)),
         }
     }
 }
@@ -129,7 +134,7 @@ impl Query {
         self.0.iter().rev().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
     }
 
-    /// `filter[field]…` as a string filter, if given.
+    /// `filter[field]…` as a string filter, if given (several operators combine with AND).
     pub fn string_filter(&self, field: &str, operators: &[&str]) -> Result<Option<StringFilter>, Problem> {
         let base = format!("filter[{field}]");
         let mut found = None;
@@ -158,9 +163,15 @@ impl Query {
                 "contains" => StringFilter::Contains(value.clone()),
                 _ => StringFilter::ContainsAny(list()),
             };
-            if found.replace(filter).is_some() {
-                return Err(Problem::bad_request(name.clone(), format!("give one operator for filter[{field}]")));
-            }
+            // The schema lets a client combine operators on one field; all of them must hold.
+            found = Some(match found {
+                None => filter,
+                Some(StringFilter::All(mut all)) => {
+                    all.push(filter);
+                    StringFilter::All(all)
+                }
+                Some(first) => StringFilter::All(vec![first, filter]),
+            });
         }
         Ok(found)
     }
