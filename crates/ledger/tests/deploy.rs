@@ -1,7 +1,7 @@
 //! The Grafana dashboard and the Prometheus alert rules under `deploy/`: both parse, and every
 //! expression names only metrics that exist — the ledger's (read from its source), the filter's
-//! (the README's Metrics section, as Envoy exports them) — or the one the filter side is asked to
-//! add. `promtool check rules` runs in `scripts/test` as well.
+//! (the README's Metrics section, as Envoy exports them). `promtool check rules` runs in
+//! `scripts/test` as well.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -15,9 +15,6 @@ fn repo() -> PathBuf {
 fn read(path: &str) -> String {
     std::fs::read_to_string(repo().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
-
-/// A metric the filter does not emit yet; the alert on shared-data pressure uses it.
-const ASSUMED: &[&str] = &["envoy_wasmcustom_shared_data_write_failures"];
 
 fn rust_sources(dir: &Path, out: &mut Vec<String>) {
     for entry in std::fs::read_dir(dir).expect("source dir").flatten() {
@@ -58,7 +55,6 @@ fn known_metrics() -> BTreeSet<String> {
             known.insert(format!("envoy_wasmcustom_{name}{suffix}"));
         }
     }
-    known.extend(ASSUMED.iter().map(|s| s.to_string()));
     known
 }
 
