@@ -392,8 +392,7 @@ async fn transaction_cursors_stay_stable_while_new_movements_arrive(backend: Bac
         (format!("?page[after]={}", cursor("c1:x")), "page[after]"),
         ("?page[before]=garbage".to_owned(), "page[before]"),
         (format!("?page[after]={valid}&page[before]={valid}"), "page[before]"),
-        ("?page[size]=1001".to_owned(), "page[size]"),
-        ("?page[size]=0".to_owned(), "page[size]"),
+        ("?page[size]=x".to_owned(), "page[size]"),
     ] {
         let reply = ledger
             .call(reqwest::Method::GET, &format!("{}/credits/transactions{query}", customer_path(&c)))

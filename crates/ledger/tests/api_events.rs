@@ -129,8 +129,7 @@ async fn events_list_pages_with_cursors_and_filters(backend: Backend) {
     for (query, field) in [
         ("?page[after]=%%%", "page[after]"),
         ("?page[before]=bm9wZQ", "page[before]"),
-        ("?page[size]=0", "page[size]"),
-        ("?page[size]=1001", "page[size]"),
+        ("?page[size]=ten", "page[size]"),
         ("?filter[subject][like]=s", "filter[subject][like]"),
         ("?filter[customer]=x", "filter[customer]"),
     ] {
@@ -152,14 +151,19 @@ async fn malformed_events_are_refused_and_nothing_is_stored(backend: Backend) {
         (single, with(json!({"colour": "red"})), "colour"),
         (single, with(json!({"datacontenttype": "text/plain"})), "datacontenttype"),
         (single, with(json!({"dataschema": ""})), "dataschema"),
+        (single, with(json!({"dataschema": "AAA"})), "dataschema"),
+        (single, with(json!({"dataschema": "https://example.com/a schema"})), "dataschema"),
+        (
+            single,
+            json!({"id": "n", "source": "s", "specversion": "1.0", "type": "t", "subject": "s", "datacontenttype": null}),
+            "datacontenttype",
+        ),
         (single, with(json!({"data": "not an object"})), "data"),
         (single, with(json!({"time": "yesterday"})), "time"),
         (single, json!([event("a", "s")]), "[0]"), // an array is not one event: its first element is wrong
         ("application/cloudevents-batch+json", json!([event("a", "s"), with(json!({"subject": ""}))]), "[1].subject"),
         ("application/cloudevents-batch+json", json!([event("a", "s"), with(json!({"colour": 1}))]), "[1].colour"),
-        ("application/cloudevents-batch+json", json!([]), "body"),
         ("application/cloudevents-batch+json", event("a", "s"), "body"),
-        ("application/json", json!([]), "body"),
         ("application/json", with(json!({"specversion": null})), "[0].specversion"),
         ("application/json", json!("text"), "[0]"),
     ];

@@ -132,7 +132,63 @@ async fn events_are_sorted_by_time_unless_asked_otherwise(backend: Backend) {
     }
 }
 
+/// Inputs at the schema's edges: what it calls valid is accepted (an empty events batch, empty
+/// cursors and filter objects, a zero-sized page), what it calls invalid is a 400 naming the field
+/// (`null` where a member is not nullable, a ULID filter value that is no ULID, a tax code that is
+/// no ULID, a `dataschema` that is no absolute URI).
+async fn schema_edges_are_judged_as_the_schema_says(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ledger = Ledger::start(&db).await;
+    let c = ledger.customer("edges").await;
+    let rows = ledger.row_counts().await;
+    for content_type in ["application/cloudevents-batch+json", "application/json"] {
+        let reply =
+            ledger.call(reqwest::Method::POST, "/v3/openmeter/events").body(Some(content_type), "[]").send().await;
+        assert_eq!(reply.status, 202, "{content_type}: {}", reply.text);
+    }
+    assert_eq!(ledger.row_counts().await, rows, "an empty batch stores nothing");
+    for path in [
+        format!("{}/credits/transactions?page[after]=&page[before]=&page[size]=0", customer_path(&c)),
+        "/v3/openmeter/events?filter[customer_id]=&page[size]=0".to_owned(),
+        "/v3/openmeter/customers?filter[billing_profile_id]=&filter[billing_profile_id][oeq]=x".to_owned(),
+    ] {
+        let (status, body) = ledger.get(&path).await;
+        assert_eq!(status, 200, "{path}: {body}");
+    }
+    // (Built member by member: `merged` drops a null member.)
+    let with_null = |base: Value, member: &str| {
+        let mut body = base;
+        body[member] = Value::Null;
+        body
+    };
+    for (body, field) in [
+        (json!({"name": "n", "key": "k2", "billing_address": {"phone_number": null}}), "billing_address.phone_number"),
+        (with_null(json!({"name": "n", "key": "k2"}), "primary_email"), "primary_email"),
+        (with_null(json!({"name": "n", "key": "k2"}), "description"), "description"),
+    ] {
+        let reply = ledger.call(reqwest::Method::POST, "/v3/openmeter/customers").json(&body).send().await;
+        reply.assert_problem(400, Some(field));
+    }
+    let reply = ledger.call(reqwest::Method::GET, "/v3/openmeter/customers?filter[billing_profile_id]=0").send().await;
+    reply.assert_problem(400, Some("filter[billing_profile_id]"));
+    let grants = format!("{}/credits/grants", customer_path(&c));
+    for (body, field) in [
+        (with_null(grant_body("1", json!({})), "tax_config"), "tax_config"),
+        (grant_body("1", json!({"tax_config": "inclusive"})), "tax_config"),
+        (grant_body("1", json!({"tax_config": {"tax_code": {"id": "x"}}})), "tax_config.tax_code.id"),
+        (grant_body("1", json!({"tax_config": {"behavior": "sometimes"}})), "tax_config.behavior"),
+        (with_null(grant_body("1", json!({})), "priority"), "priority"),
+    ] {
+        let reply = ledger.call(reqwest::Method::POST, &grants).json(&body).send().await;
+        reply.assert_problem(400, Some(field));
+    }
+    let granted = ledger.grant(&c, grant_body("1", json!({"tax_config": {"behavior": "exclusive"}}))).await;
+    assert_eq!(granted["tax_config"], json!({"behavior": "exclusive"}));
+    assert_eq!(ledger.check().await, Vec::<String>::new());
+}
+
 on_both_backends!(
+    schema_edges_are_judged_as_the_schema_says,
     transactions_have_konnect_members_unless_extensions_are_asked_for,
     schema_valid_filters_and_sorts_are_accepted,
     events_are_sorted_by_time_unless_asked_otherwise,

@@ -183,6 +183,7 @@ pub async fn book_charge(state: &AppState, customer_id: &str, req: &ChargeReques
 #[serde(deny_unknown_fields)]
 pub struct AdjustmentRequest {
     pub name: String,
+    #[serde(default, deserialize_with = "fields::non_null")]
     pub description: Option<String>,
     #[serde(default)]
     pub labels: Labels,
@@ -215,9 +216,6 @@ pub async fn adjust(
     fields::name("name", &req.name)?;
     fields::description("description", req.description.as_deref())?;
     fields::labels("labels", &req.labels)?;
-    if req.amount.is_zero() {
-        return Err(Problem::bad_request("amount", "an adjustment must not be zero"));
-    }
     let key = match headers.get("idempotency-key") {
         Some(v) => {
             let k = v
@@ -266,10 +264,15 @@ pub async fn adjust(
     } else {
         None
     };
-    let entries = ctx
-        .book()
-        .adjust(req.currency, req.amount, grant, now)
-        .map_err(|e| Problem::bad_request("amount", e.to_string()))?;
+    // A correction of zero is valid by the schema; it books nothing (the journal holds no empty
+    // movements) and is answered like any other.
+    let entries = if req.amount.is_zero() {
+        Vec::new()
+    } else {
+        ctx.book()
+            .adjust(req.currency, req.amount, grant, now)
+            .map_err(|e| Problem::bad_request("amount", e.to_string()))?
+    };
     let op = Operation {
         reference: format!("adjustment:{}", new_id()),
         name: &req.name,

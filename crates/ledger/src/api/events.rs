@@ -27,7 +27,9 @@ pub struct MeteringEvent {
     pub specversion: String,
     #[serde(rename = "type")]
     pub kind: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Nullable in the schema, but its `enum` lists no `null` (OpenAPI 3.0.3: then `null` is not
+    /// a valid value).
+    #[serde(default, deserialize_with = "super::fields::non_null", skip_serializing_if = "Option::is_none")]
     pub datacontenttype: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dataschema: Option<String>,
@@ -65,10 +67,21 @@ fn validate(index: Option<usize>, event: &MeteringEvent) -> ApiResult<()> {
     if event.datacontenttype.as_deref().is_some_and(|c| c != "application/json") {
         return Err(Problem::bad_request(field("datacontenttype"), "datacontenttype must be application/json"));
     }
-    if event.dataschema.as_deref().is_some_and(str::is_empty) {
-        return Err(Problem::bad_request(field("dataschema"), "dataschema must not be empty"));
+    if event.dataschema.as_deref().is_some_and(|s| !is_absolute_uri(s)) {
+        return Err(Problem::bad_request(field("dataschema"), "dataschema must be an absolute URI"));
     }
     Ok(())
+}
+
+/// RFC 3986 `scheme ":" …` without spaces or control characters (CloudEvents' `dataschema` and
+/// the schema's `format: uri` are absolute URIs).
+fn is_absolute_uri(text: &str) -> bool {
+    let Some((scheme, rest)) = text.split_once(':') else { return false };
+    let mut chars = scheme.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+        && !rest.is_empty()
+        && !text.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
 /// Reads an ingest body as its content type says: one event or a batch; a 400 names the event and
@@ -90,9 +103,7 @@ pub fn parse_events(content_type: &str, bytes: &[u8]) -> ApiResult<Vec<MeteringE
             .in_header())
         }
     };
-    if values.is_empty() {
-        return Err(Problem::bad_request("body", "no events"));
-    }
+    // An empty batch is valid by the schema (no minimum) and stores nothing.
     if values.len() > MAX_BATCH {
         return Err(Problem::bad_request("body", format!("at most {MAX_BATCH} events per request")));
     }
@@ -248,15 +259,15 @@ fn sort(value: Option<&str>) -> ApiResult<EventOrder> {
     Ok(EventOrder { clock, descending })
 }
 
-/// `filter[customer_id]`: ULIDs with `eq`, `oeq` or `neq`.
+/// `filter[customer_id]`: ULIDs with `eq`, `oeq` or `neq` (`oeq` is plain text in the schema: a
+/// value that is no ULID matches nothing).
 fn customer_filter(query: &Query) -> ApiResult<Option<StringFilter>> {
     let filter = query.string_filter("customer_id", &["eq", "oeq", "neq"])?;
     fn check(f: &StringFilter) -> ApiResult<()> {
         match f {
+            // An empty value is how a client's empty filter object arrives in a deepObject query.
+            StringFilter::Eq(v) | StringFilter::Neq(v) if v.is_empty() => Ok(()),
             StringFilter::Eq(v) | StringFilter::Neq(v) => ulid_param("filter[customer_id]", v).map(|_| ()),
-            StringFilter::OneOf(vs) => {
-                vs.iter().try_for_each(|v| ulid_param("filter[customer_id][oeq]", v).map(|_| ()))
-            }
             StringFilter::All(fs) => fs.iter().try_for_each(check),
             _ => Ok(()),
         }

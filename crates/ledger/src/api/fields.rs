@@ -73,3 +73,13 @@ pub fn key(field: &str, value: &str) -> Result<(), Problem> {
         Err(Problem::bad_request(field, format!("{field} must have between 1 and 256 characters")))
     }
 }
+
+/// For an optional member that Konnect's schema does not mark nullable: absent is `None`, `null`
+/// is refused like any other wrong type (use with `#[serde(default, deserialize_with = …)]`).
+pub fn non_null<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    T::deserialize(deserializer).map(Some)
+}

@@ -176,23 +176,20 @@ impl Query {
         Ok(found)
     }
 
-    /// Page pagination: `page[size]` (1..=1000, default 100) and `page[number]` (≥ 1, default 1).
+    /// Page pagination: `page[size]` (default 100, at most 1000) and `page[number]` (default 1).
+    /// As Konnect's engine does, a size or number below 1 means the default and a size above the
+    /// largest is the largest (the schema bounds neither); text that is no integer is a 400.
     pub fn page(&self) -> Result<Page, Problem> {
-        let size = positive(self.get("page[size]"), "page[size]", 100)?;
-        if size > 1000 {
-            return Err(Problem::bad_request("page[size]", "page[size] must be at most 1000"));
-        }
-        Ok(Page { size, number: positive(self.get("page[number]"), "page[number]", 1)? })
+        let size = page_size(self.get("page[size]"))?;
+        Ok(Page { size, number: integer_or(self.get("page[number]"), "page[number]", 1)? })
     }
 
     /// Cursor pagination: `page[size]` and at most one of `page[after]` / `page[before]`.
     pub fn cursor(&self) -> Result<CursorPage, Problem> {
-        let size = positive(self.get("page[size]"), "page[size]", 100)?;
-        if size > 1000 {
-            return Err(Problem::bad_request("page[size]", "page[size] must be at most 1000"));
-        }
-        let after = self.get("page[after]").map(|c| decode_cursor("page[after]", c)).transpose()?;
-        let before = self.get("page[before]").map(|c| decode_cursor("page[before]", c)).transpose()?;
+        let size = page_size(self.get("page[size]"))?;
+        // An empty cursor is no cursor (a client's unset member, serialised).
+        let cursor = |name: &str| self.get(name).filter(|c| !c.is_empty()).map(|c| decode_cursor(name, c)).transpose();
+        let (after, before) = (cursor("page[after]")?, cursor("page[before]")?);
         let position = match (after, before) {
             (Some(_), Some(_)) => {
                 return Err(Problem::bad_request("page[before]", "give page[after] or page[before], not both"))
@@ -205,14 +202,24 @@ impl Query {
     }
 }
 
-fn positive(value: Option<&str>, field: &str, default: i64) -> Result<i64, Problem> {
-    match value {
-        None => Ok(default),
-        Some(v) => match v.parse::<i64>() {
-            Ok(n) if n >= 1 => Ok(n),
-            _ => Err(Problem::bad_request(field, format!("{field} must be a positive integer, got {v:?}"))),
-        },
+/// Items per page unless `page[size]` says otherwise, and the most it may say.
+pub const DEFAULT_PAGE_SIZE: i64 = 100;
+pub const MAX_PAGE_SIZE: i64 = 1000;
+
+fn page_size(value: Option<&str>) -> Result<i64, Problem> {
+    Ok(integer_or(value, "page[size]", DEFAULT_PAGE_SIZE)?.min(MAX_PAGE_SIZE))
+}
+
+/// An integer query parameter; absent or below 1 it is `default`. The schema's integers have no
+/// bounds: one beyond i64 is i64::MAX (or, negative, the default) rather than a refusal.
+fn integer_or(value: Option<&str>, field: &str, default: i64) -> Result<i64, Problem> {
+    let Some(text) = value else { return Ok(default) };
+    let digits = text.strip_prefix(['-', '+']).unwrap_or(text);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(Problem::bad_request(field, format!("{field} must be an integer, got {text:?}")));
     }
+    let n = text.parse::<i64>().unwrap_or(if text.starts_with('-') { i64::MIN } else { i64::MAX });
+    Ok(if n >= 1 { n } else { default })
 }
 
 #[derive(Clone, Copy, Debug)]
