@@ -55,7 +55,8 @@ async fn malformed_amounts_are_refused_and_book_nothing(backend: Backend) {
         refused(&ledger, &grants, &grant_body("x", json!({"amount": amount})), "amount").await;
         refused(&ledger, &charges, &charge_body(json!({"amount": amount})), "amount").await;
     }
-    for amount in malformed.iter().chain([&json!("0"), &json!("-0.0")]) {
+    // (A zero adjustment is valid and books nothing: `api_charges.rs`.)
+    for amount in &malformed {
         refused(&ledger, &adjustments, &adjustment_body(json!({"amount": amount})), "amount").await;
     }
     for basis in ["1e3", "0", "-1", "NaN"] {
