@@ -202,6 +202,17 @@ pub struct AdjustmentResult {
     pub labels: Labels,
 }
 
+/// The optional `Idempotency-Key` header of an adjustment.
+fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
+    let Some(value) = headers.get("idempotency-key") else { return Ok(None) };
+    let key = value
+        .to_str()
+        .map_err(|_| Problem::bad_request("Idempotency-Key", "the Idempotency-Key header must be text"))?
+        .to_owned();
+    fields::key("Idempotency-Key", &key)?;
+    Ok(Some(key))
+}
+
 #[utoipa::path(post, path = "/v3/openmeter/customers/{customerId}/credits/adjustments", params(("customerId" = String, Path),
         ("Idempotency-Key" = Option<String>, Header, description = "a retry with the same key books nothing and returns the original answer")),
     request_body = AdjustmentRequest,
@@ -216,17 +227,7 @@ pub async fn adjust(
     fields::name("name", &req.name)?;
     fields::description("description", req.description.as_deref())?;
     fields::labels("labels", &req.labels)?;
-    let key = match headers.get("idempotency-key") {
-        Some(v) => {
-            let k = v
-                .to_str()
-                .map_err(|_| Problem::bad_request("Idempotency-Key", "the Idempotency-Key header must be text"))?
-                .to_owned();
-            fields::key("Idempotency-Key", &k)?;
-            Some(k)
-        }
-        None => None,
-    };
+    let key = idempotency_key(&headers)?;
     let request = serde_json::to_string(&req).unwrap_or_default();
     let mut ctx = CustomerTx::begin(&state.db, &customer_id).await?;
     if let Some(k) = &key {
