@@ -6,6 +6,7 @@ pub mod authorize;
 pub mod balance;
 pub mod channels;
 pub mod charges;
+pub mod console;
 pub mod customers;
 pub mod events;
 pub mod fields;
@@ -106,6 +107,7 @@ pub fn router(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_token));
     Router::new()
         .merge(api)
+        .merge(console::routes())
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/v3/openapi.json", get(openapi::document))

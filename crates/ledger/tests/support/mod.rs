@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod receiver;
+pub mod webdriver;
 
 use std::time::Duration;
 
