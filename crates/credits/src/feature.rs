@@ -84,6 +84,8 @@ pub enum FeatureScope {
     Neq(FeatureKey),
     Contains(String),
     ContainsAny(Vec<String>),
+    /// Several conditions on the feature key, all of which must hold.
+    All(Vec<FeatureScope>),
 }
 
 impl FeatureScope {
@@ -94,6 +96,7 @@ impl FeatureScope {
             FeatureScope::Neq(f) => f != feature,
             FeatureScope::Contains(part) => feature.as_str().contains(part.as_str()),
             FeatureScope::ContainsAny(parts) => parts.iter().any(|p| feature.as_str().contains(p.as_str())),
+            FeatureScope::All(scopes) => scopes.iter().all(|s| s.matches(feature)),
         }
     }
 

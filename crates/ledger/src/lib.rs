@@ -7,7 +7,9 @@ pub mod check;
 pub mod db;
 pub mod expiry;
 pub mod metrics;
+pub mod notify;
 pub mod query;
+pub mod rule;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -31,16 +33,31 @@ pub async fn state(database: &str, auth: Auth) -> anyhow::Result<AppState> {
     Ok(AppState { db, auth, metrics, max_body_bytes: api::request::DEFAULT_MAX_BODY_BYTES })
 }
 
-/// Serves until the listener fails or the process is told to stop.
+/// Serves until the listener fails or the process is told to stop, with webhooks delivered as
+/// by default.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     expiry_interval: Duration,
 ) -> anyhow::Result<()> {
-    let job = tokio::spawn(expiry::run(state.clone(), expiry_interval));
+    serve_with(listener, state, Jobs { expiry_interval, webhooks: notify::delivery::WebhookConfig::default() }).await
+}
+
+/// The background jobs of a serving ledger.
+pub struct Jobs {
+    /// How often due expiries and fundings are booked.
+    pub expiry_interval: Duration,
+    pub webhooks: notify::delivery::WebhookConfig,
+}
+
+/// Serves with the given background jobs until the listener fails or the process is told to stop.
+pub async fn serve_with(listener: tokio::net::TcpListener, state: AppState, jobs: Jobs) -> anyhow::Result<()> {
+    let expiry = tokio::spawn(expiry::run(state.clone(), jobs.expiry_interval));
+    let delivery = tokio::spawn(notify::delivery::run(state.db.clone(), state.metrics.clone(), jobs.webhooks));
     let app = api::router(state);
     let result = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await;
-    job.abort();
+    expiry.abort();
+    delivery.abort();
     Ok(result?)
 }
 

@@ -45,6 +45,18 @@ enum Command {
         /// The largest request body read; larger ones are refused with 413.
         #[arg(long, env = "CREDITS_LEDGER_MAX_BODY_BYTES", default_value_t = ledger::api::request::DEFAULT_MAX_BODY_BYTES)]
         max_body_bytes: usize,
+        /// The first retry of a failed webhook delivery waits this long; each further one twice as long.
+        #[arg(long, env = "CREDITS_LEDGER_WEBHOOK_RETRY_MS", default_value_t = 5000)]
+        webhook_retry_ms: u64,
+        /// The longest wait between two attempts of one delivery.
+        #[arg(long, env = "CREDITS_LEDGER_WEBHOOK_MAX_RETRY_MS", default_value_t = 3_600_000)]
+        webhook_max_retry_ms: u64,
+        /// Attempts per webhook delivery (the first included); then it is marked failed.
+        #[arg(long, env = "CREDITS_LEDGER_WEBHOOK_MAX_ATTEMPTS", default_value_t = 10)]
+        webhook_max_attempts: u32,
+        /// How long one delivery attempt may take.
+        #[arg(long, env = "CREDITS_LEDGER_WEBHOOK_TIMEOUT_MS", default_value_t = 10_000)]
+        webhook_timeout_ms: u64,
     },
     /// Verify the whole journal; exits non-zero with a report on any violation.
     Check {
@@ -78,6 +90,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             insecure_no_auth,
             expiry_interval_ms,
             max_body_bytes,
+            webhook_retry_ms,
+            webhook_max_retry_ms,
+            webhook_max_attempts,
+            webhook_timeout_ms,
         } => {
             if max_body_bytes < credits::limits::MIN_MAX_BODY_BYTES {
                 anyhow::bail!("--max-body-bytes must be at least {}", credits::limits::MIN_MAX_BODY_BYTES);
@@ -95,7 +111,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             state.max_body_bytes = max_body_bytes;
             let listener = tokio::net::TcpListener::bind(listen).await?;
             tracing::info!(listen = %listener.local_addr()?, database = %ledger::db::redact(&database), "credits-ledger serving");
-            ledger::serve(listener, state, Duration::from_millis(expiry_interval_ms.max(10))).await?;
+            let webhooks = ledger::notify::delivery::WebhookConfig {
+                retry_ms: webhook_retry_ms.max(1),
+                max_retry_ms: webhook_max_retry_ms,
+                max_attempts: webhook_max_attempts.clamp(1, 100),
+                timeout_ms: webhook_timeout_ms.clamp(100, 300_000),
+            };
+            let jobs = ledger::Jobs { expiry_interval: Duration::from_millis(expiry_interval_ms.max(10)), webhooks };
+            ledger::serve_with(listener, state, jobs).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { database } => {

@@ -9,18 +9,22 @@ pub enum StringFilter {
     Neq(String),
     Contains(String),
     ContainsAny(Vec<String>),
+    /// Several operators on one field: all must hold.
+    All(Vec<StringFilter>),
 }
 
 impl StringFilter {
     pub fn matches(&self, value: Option<&str>) -> bool {
         match (self, value) {
             (StringFilter::Neq(v), None) => !v.is_empty(),
+            (StringFilter::All(fs), None) => fs.iter().all(|f| f.matches(None)),
             (_, None) => false,
             (StringFilter::Eq(v), Some(x)) => v == x,
             (StringFilter::OneOf(vs), Some(x)) => vs.iter().any(|v| v == x),
             (StringFilter::Neq(v), Some(x)) => v != x,
             (StringFilter::Contains(v), Some(x)) => x.contains(v.as_str()),
             (StringFilter::ContainsAny(vs), Some(x)) => vs.iter().any(|v| x.contains(v.as_str())),
+            (StringFilter::All(fs), x) => fs.iter().all(|f| f.matches(x)),
         }
     }
 }

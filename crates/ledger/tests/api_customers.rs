@@ -109,6 +109,7 @@ async fn customer_keys_and_subject_keys_are_unique_until_deleted(backend: Backen
     let a_id = a["id"].as_str().expect("id").to_owned();
 
     let rows = ledger.row_counts().await;
+    // A clash is a conflict with what exists (409, as Konnect's engine answers), naming the field.
     let reply = ledger.call(reqwest::Method::POST, CUSTOMERS).json(&json!({"name": "b", "key": "a"})).send().await;
     reply.assert_problem(409, Some("key"));
     let reply = ledger
@@ -118,16 +119,12 @@ async fn customer_keys_and_subject_keys_are_unique_until_deleted(backend: Backen
         .await;
     reply.assert_problem(409, Some("usage_attribution.subject_keys"));
     assert!(reply.body["detail"].as_str().unwrap_or("").contains("[s2]"), "{}", reply.body);
-    // The same subject twice in one request is a bad request, not a conflict.
-    let reply = ledger
-        .call(reqwest::Method::POST, CUSTOMERS)
-        .json(&json!({"name": "b", "key": "b", "usage_attribution": {"subject_keys": ["x", "x"]}}))
-        .send()
-        .await;
-    reply.assert_problem(400, Some("usage_attribution.subject_keys[1]"));
     assert_eq!(ledger.row_counts().await, rows, "refused creations store nothing");
 
-    let b = create(&ledger, json!({"name": "b", "key": "b", "usage_attribution": {"subject_keys": ["s3"]}})).await;
+    // The same subject twice in one request is held once (the schema lets a list repeat one).
+    let b =
+        create(&ledger, json!({"name": "b", "key": "b", "usage_attribution": {"subject_keys": ["s3", "s3"]}})).await;
+    assert_eq!(b["usage_attribution"]["subject_keys"], json!(["s3"]));
     let b_id = b["id"].as_str().expect("id").to_owned();
     // B may not take A's subject through PUT either; B stays as it was.
     let reply = ledger
@@ -202,14 +199,24 @@ async fn customer_list_paginates_by_page_number(backend: Backend) {
     assert_eq!(column(&page, "name"), vec!["bravo", "charlie", "delta"]);
     assert_eq!(page["meta"]["page"]["total"], 4);
 
-    for (query, field) in [
-        ("?page[size]=0", "page[size]"),
-        ("?page[size]=1001", "page[size]"),
-        ("?page[size]=two", "page[size]"),
-        ("?page[number]=0", "page[number]"),
-        ("?page[number]=-1", "page[number]"),
-        ("?page[after]=x", "page[after]"),
+    // As Konnect's engine does: a size or number below 1 is the default, a size above 1000 is
+    // 1000, a number beyond i64 the last possible page.
+    for (query, number, size) in [
+        ("?page[size]=0", 1, 100),
+        ("?page[size]=-3&page[number]=0", 1, 100),
+        ("?page[size]=1001", 1, 1000),
+        ("?page[size]=99999999999999999999999", 1, 1000),
+        ("?page[number]=-1", 1, 100),
     ] {
+        let page = list(&ledger, query).await;
+        assert_eq!(page["meta"]["page"], json!({"number": number, "size": size, "total": 5}), "{query}");
+        assert_eq!(data(&page).len(), 5, "{query}");
+    }
+    let beyond = list(&ledger, "?page[number]=99999999999999999999").await;
+    assert_eq!((data(&beyond).len(), &beyond["meta"]["page"]["number"]), (0, &json!(i64::MAX)));
+    for (query, field) in
+        [("?page[size]=two", "page[size]"), ("?page[number]=1.5", "page[number]"), ("?page[after]=x", "page[after]")]
+    {
         let reply = ledger.call(reqwest::Method::GET, &format!("{CUSTOMERS}{query}")).send().await;
         reply.assert_problem(400, Some(field));
     }
@@ -286,12 +293,9 @@ async fn customer_list_filters_by_key_name_email_and_subject(backend: Backend) {
         assert_eq!(column(&body, "name"), expected.to_vec(), "{query}");
         assert_eq!(body["meta"]["page"]["total"], json!(expected.len()), "{query}");
     }
-    for (query, field) in [
-        ("?filter[key][like]=a", "filter[key][like]"),
-        ("?filter[key][eq]=a&filter[key][neq]=b", "filter[key][neq]"),
-        ("?filter[plan]=a", "filter[plan]"),
-        ("?limit=5", "limit"),
-    ] {
+    for (query, field) in
+        [("?filter[key][like]=a", "filter[key][like]"), ("?filter[plan]=a", "filter[plan]"), ("?limit=5", "limit")]
+    {
         let reply = ledger.call(reqwest::Method::GET, &format!("{CUSTOMERS}{query}")).send().await;
         reply.assert_problem(400, Some(field));
     }
@@ -313,7 +317,7 @@ async fn customer_fields_are_validated(backend: Backend) {
         (json!({"name": null}), "name"),
         (json!({"currency": "usd"}), "currency"),
         (json!({"currency": "USDT"}), "currency"),
-        (json!({"labels": {"-bad": "x"}}), "labels.-bad"),
+        (json!({"labels": {"konnect.io": "x"}}), "labels.konnect.io"),
         (json!({"labels": {"ok": "bad value"}}), "labels.ok"),
         (json!({"billing_address": {"country": "usa"}}), "billing_address.country"),
         (json!({"billing_address": {"planet": "earth"}}), "billing_address.planet"),

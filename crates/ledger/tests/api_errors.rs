@@ -55,7 +55,8 @@ async fn malformed_amounts_are_refused_and_book_nothing(backend: Backend) {
         refused(&ledger, &grants, &grant_body("x", json!({"amount": amount})), "amount").await;
         refused(&ledger, &charges, &charge_body(json!({"amount": amount})), "amount").await;
     }
-    for amount in malformed.iter().chain([&json!("0"), &json!("-0.0")]) {
+    // (A zero adjustment is valid and books nothing: `api_charges.rs`.)
+    for amount in &malformed {
         refused(&ledger, &adjustments, &adjustment_body(json!({"amount": amount})), "amount").await;
     }
     for basis in ["1e3", "0", "-1", "NaN"] {
@@ -133,7 +134,7 @@ async fn bad_currencies_priorities_durations_and_other_fields_are_refused(backen
     for (extra, field) in [
         (json!({"name": ""}), "name"),
         (json!({"name": null}), "name"),
-        (json!({"labels": {"a b": "c"}}), "labels.a b"),
+        (json!({"labels": {"kong-owned": "c"}}), "labels.kong-owned"),
         (json!({"grant_id": UNKNOWN_ID}), "grant_id"),
     ] {
         refused(&ledger, &adjustments, &adjustment_body(extra), field).await;
@@ -342,8 +343,10 @@ async fn wrong_content_types_are_refused(backend: Backend) {
             [Some("text/plain"), Some("application/x-www-form-urlencoded"), Some("application/xml"), None]
         {
             let reply = ledger.call(method.clone(), &path).body(content_type, body.to_string()).send().await;
-            assert_eq!(reply.status, 415, "{method} {path} as {content_type:?}: {}", reply.body);
-            reply.assert_problem(415, None);
+            // Konnect answers 400, not 415, naming the header.
+            assert_eq!(reply.status, 400, "{method} {path} as {content_type:?}: {}", reply.body);
+            reply.assert_problem(400, Some("Content-Type"));
+            assert_eq!(reply.body["invalid_parameters"][0]["source"], "header");
         }
         // Structured JSON types and parameters are fine (the request may still be refused for
         // other reasons, never for its content type).
@@ -399,7 +402,6 @@ async fn unknown_query_parameters_are_refused(backend: Backend) {
     let customer = customer_path(&c);
     for (path, param) in [
         ("/v3/openmeter/customers".to_owned(), "foo"),
-        ("/v3/openmeter/customers".to_owned(), "filter[plan_key]"),
         (format!("{customer}/credits/grants"), "foo"),
         (format!("{customer}/credits/grants"), "sort"),
         (format!("{customer}/credits/balance"), "foo"),

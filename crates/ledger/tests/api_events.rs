@@ -60,7 +60,8 @@ async fn events_are_accepted_in_every_content_type_and_stored_once(backend: Back
     elsewhere["source"] = json!("billing");
     ingest_ok(&ledger, "application/json", &elsewhere).await;
 
-    let all = list(&ledger, "").await;
+    // By ingestion, newest first (the default order is by event time).
+    let all = list(&ledger, "?sort=ingested_at").await;
     assert_eq!(event_ids(&all), vec!["e1", "e9", "e8", "e7", "e6", "e5", "e4", "e3", "e2", "e1"], "newest first");
     assert_eq!(data(&all)[0]["event"]["source"], "billing");
     assert!(all["meta"]["page"]["next"].is_null() && all["meta"]["page"]["previous"].is_null(), "{all}");
@@ -128,8 +129,7 @@ async fn events_list_pages_with_cursors_and_filters(backend: Backend) {
     for (query, field) in [
         ("?page[after]=%%%", "page[after]"),
         ("?page[before]=bm9wZQ", "page[before]"),
-        ("?page[size]=0", "page[size]"),
-        ("?page[size]=1001", "page[size]"),
+        ("?page[size]=ten", "page[size]"),
         ("?filter[subject][like]=s", "filter[subject][like]"),
         ("?filter[customer]=x", "filter[customer]"),
     ] {
@@ -144,7 +144,6 @@ async fn malformed_events_are_refused_and_nothing_is_stored(backend: Backend) {
     let with = |extra: Value| support::merged(event("bad", "s"), extra);
     let single = "application/cloudevents+json";
     let cases: Vec<(&str, Value, &str)> = vec![
-        (single, with(json!({"specversion": "0.3"})), "specversion"),
         (single, with(json!({"subject": null})), "subject"),
         (single, with(json!({"id": ""})), "id"),
         (single, with(json!({"source": ""})), "source"),
@@ -152,14 +151,19 @@ async fn malformed_events_are_refused_and_nothing_is_stored(backend: Backend) {
         (single, with(json!({"colour": "red"})), "colour"),
         (single, with(json!({"datacontenttype": "text/plain"})), "datacontenttype"),
         (single, with(json!({"dataschema": ""})), "dataschema"),
+        (single, with(json!({"dataschema": "AAA"})), "dataschema"),
+        (single, with(json!({"dataschema": "https://example.com/a schema"})), "dataschema"),
+        (
+            single,
+            json!({"id": "n", "source": "s", "specversion": "1.0", "type": "t", "subject": "s", "datacontenttype": null}),
+            "datacontenttype",
+        ),
         (single, with(json!({"data": "not an object"})), "data"),
         (single, with(json!({"time": "yesterday"})), "time"),
         (single, json!([event("a", "s")]), "[0]"), // an array is not one event: its first element is wrong
         ("application/cloudevents-batch+json", json!([event("a", "s"), with(json!({"subject": ""}))]), "[1].subject"),
         ("application/cloudevents-batch+json", json!([event("a", "s"), with(json!({"colour": 1}))]), "[1].colour"),
-        ("application/cloudevents-batch+json", json!([]), "body"),
         ("application/cloudevents-batch+json", event("a", "s"), "body"),
-        ("application/json", json!([]), "body"),
         ("application/json", with(json!({"specversion": null})), "[0].specversion"),
         ("application/json", json!("text"), "[0]"),
     ];
@@ -174,7 +178,7 @@ async fn malformed_events_are_refused_and_nothing_is_stored(backend: Backend) {
     for content_type in [Some("text/plain"), Some("application/xml"), Some("application/x-www-form-urlencoded"), None] {
         let reply =
             ledger.call(reqwest::Method::POST, EVENTS).body(content_type, event("a", "s").to_string()).send().await;
-        reply.assert_problem(415, None);
+        reply.assert_problem(400, Some("Content-Type"));
     }
     assert_eq!(ledger.row_counts().await["events"], 0, "nothing stored");
     assert_eq!(data(&list(&ledger, "").await).len(), 0);

@@ -250,6 +250,9 @@ async fn grant_list_filters_by_status_currency_and_key_and_paginates(backend: Ba
     assert_eq!(paged["meta"]["page"], json!({"number": 2, "size": 1, "total": 2}));
     let paged = list(&ledger, &c, "?page[size]=2&page[number]=2").await;
     assert_eq!(paged["meta"]["page"], json!({"number": 2, "size": 2, "total": 5}));
+    // Below 1 is the default (as Konnect's engine reads it).
+    let paged = list(&ledger, &c, "?page[size]=0&page[number]=0").await;
+    assert_eq!(paged["meta"]["page"], json!({"number": 1, "size": 100, "total": 5}));
 
     for (query, field) in [
         ("?filter[status]=bogus", "filter[status]"),
@@ -258,7 +261,7 @@ async fn grant_list_filters_by_status_currency_and_key_and_paginates(backend: Ba
         ("?filter[currency][eq]=USD", "filter[currency][eq]"),
         ("?filter[key][like]=a", "filter[key][like]"),
         ("?filter[priority]=1", "filter[priority]"),
-        ("?page[size]=0", "page[size]"),
+        ("?page[size]=x", "page[size]"),
         ("?page[number]=x", "page[number]"),
     ] {
         let reply = ledger.call(reqwest::Method::GET, &format!("{}{query}", grants_path(&c))).send().await;

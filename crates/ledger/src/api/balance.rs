@@ -40,33 +40,27 @@ impl From<&CurrencyBalance> for BalanceView {
 
 /// `filter[feature_key][…]` as a credit scope.
 pub fn feature_scope(query: &Query) -> ApiResult<Option<FeatureScope>> {
-    let keys = |field: &str, values: Vec<String>| {
-        values
-            .iter()
-            .map(|v| FeatureKey::parse(v).map_err(|e| Problem::bad_request(field, e.to_string())))
-            .collect::<ApiResult<Vec<_>>>()
-    };
-    Ok(match query.string_filter("feature_key", &["eq", "oeq", "neq", "contains", "ocontains"])? {
-        None => None,
-        Some(StringFilter::Eq(v)) => Some(FeatureScope::Eq(keys("filter[feature_key][eq]", vec![v])?.remove(0))),
-        Some(StringFilter::Neq(v)) => Some(FeatureScope::Neq(keys("filter[feature_key][neq]", vec![v])?.remove(0))),
-        Some(StringFilter::OneOf(vs)) => Some(FeatureScope::OneOf(keys("filter[feature_key][oeq]", vs)?)),
-        Some(StringFilter::Contains(v)) => Some(FeatureScope::Contains(v)),
-        Some(StringFilter::ContainsAny(vs)) => Some(FeatureScope::ContainsAny(vs)),
-    })
+    Ok(query.string_filter("feature_key", &["eq", "oeq", "neq", "contains", "ocontains"])?.map(scope_of))
 }
 
-fn currency_filter(query: &Query) -> ApiResult<Option<StringFilter>> {
-    let filter = query.string_filter("currency", &["eq", "oeq", "neq"])?;
-    let check =
-        |field: &str, v: &str| Currency::parse(v).map(|_| ()).map_err(|e| Problem::bad_request(field, e.to_string()));
-    match &filter {
-        Some(StringFilter::Eq(v)) => check("filter[currency][eq]", v)?,
-        Some(StringFilter::Neq(v)) => check("filter[currency][neq]", v)?,
-        Some(StringFilter::OneOf(vs)) => vs.iter().try_for_each(|v| check("filter[currency][oeq]", v))?,
-        _ => {}
+/// The schema takes any text: a value that is no feature key matches no feature (so `eq` leaves
+/// unrestricted credit only, and `neq` every feature).
+fn scope_of(filter: StringFilter) -> FeatureScope {
+    let key = |v: &str| FeatureKey::parse(v).ok();
+    match filter {
+        StringFilter::Eq(v) => key(&v).map_or(FeatureScope::OneOf(Vec::new()), FeatureScope::Eq),
+        StringFilter::Neq(v) => key(&v).map_or(FeatureScope::Contains(String::new()), FeatureScope::Neq),
+        StringFilter::OneOf(vs) => FeatureScope::OneOf(vs.iter().filter_map(|v| key(v)).collect()),
+        StringFilter::Contains(v) => FeatureScope::Contains(v),
+        StringFilter::ContainsAny(vs) => FeatureScope::ContainsAny(vs),
+        StringFilter::All(fs) => FeatureScope::All(fs.into_iter().map(scope_of).collect()),
     }
-    Ok(filter)
+}
+
+/// `filter[currency][…]`: the schema takes any text, so a value that is no currency code simply
+/// matches nothing.
+fn currency_filter(query: &Query) -> ApiResult<Option<StringFilter>> {
+    query.string_filter("currency", &["eq", "oeq", "neq"])
 }
 
 #[utoipa::path(get, path = "/v3/openmeter/customers/{customerId}/credits/balance",

@@ -191,6 +191,7 @@ fn not_booked(customer_id: &str, currency: Currency, err: ChargeError) -> Proble
 #[serde(deny_unknown_fields)]
 pub struct AdjustmentRequest {
     pub name: String,
+    #[serde(default, deserialize_with = "fields::non_null")]
     pub description: Option<String>,
     #[serde(default)]
     pub labels: Labels,
@@ -209,6 +210,17 @@ pub struct AdjustmentResult {
     pub labels: Labels,
 }
 
+/// The optional `Idempotency-Key` header of an adjustment.
+fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
+    let Some(value) = headers.get("idempotency-key") else { return Ok(None) };
+    let key = value
+        .to_str()
+        .map_err(|_| Problem::bad_request("Idempotency-Key", "the Idempotency-Key header must be text"))?
+        .to_owned();
+    fields::key("Idempotency-Key", &key)?;
+    Ok(Some(key))
+}
+
 #[utoipa::path(post, path = "/v3/openmeter/customers/{customerId}/credits/adjustments", params(("customerId" = String, Path),
         ("Idempotency-Key" = Option<String>, Header, description = "a retry with the same key books nothing and returns the original answer")),
     request_body = AdjustmentRequest,
@@ -223,20 +235,9 @@ pub async fn adjust(
     fields::name("name", &req.name)?;
     fields::description("description", req.description.as_deref())?;
     fields::labels("labels", &req.labels)?;
-    if fields::amount("amount", req.amount)?.is_zero() {
-        return Err(Problem::bad_request("amount", "an adjustment must not be zero"));
-    }
-    let key = match headers.get("idempotency-key") {
-        Some(v) => {
-            let k = v
-                .to_str()
-                .map_err(|_| Problem::bad_request("Idempotency-Key", "the Idempotency-Key header must be text"))?
-                .to_owned();
-            fields::key("Idempotency-Key", &k)?;
-            Some(k)
-        }
-        None => None,
-    };
+    // Within the amount bound; zero is valid by the schema (it books nothing).
+    fields::amount("amount", req.amount)?;
+    let key = idempotency_key(&headers)?;
     let request = serde_json::to_string(&req).unwrap_or_default();
     let mut ctx = CustomerTx::begin(&state.db, &customer_id).await?;
     if let Some(k) = &key {
@@ -245,8 +246,15 @@ pub async fn adjust(
         }
     }
     let now = ctx.now;
+    // Added credit is an unrestricted, never-expiring grant so it has a place in the draw-down order.
     let grant = if req.amount.is_positive() { Some(adjustment_grant(&mut ctx, &req).await?) } else { None };
-    let entries = ctx.book().adjust(req.currency, req.amount, grant, now).map_err(|e| Problem::model("amount", e))?;
+    // A correction of zero is valid by the schema; it books nothing (the journal holds no empty
+    // movements) and is answered like any other.
+    let entries = if req.amount.is_zero() {
+        Vec::new()
+    } else {
+        ctx.book().adjust(req.currency, req.amount, grant, now).map_err(|e| Problem::model("amount", e))?
+    };
     let op = Operation {
         reference: format!("adjustment:{}", new_id()),
         name: &req.name,

@@ -59,6 +59,12 @@ impl CustomerTx {
     ) -> ApiResult<Vec<Option<String>>> {
         let ids = books::save(&mut self.w.tx, &self.customer_id, &self.saved, &self.loaded.book, entries, op, self.now)
             .await?;
+        if !entries.is_empty() || self.saved != self.loaded.book {
+            // The balance may have crossed a threshold: its event commits with this booking.
+            let books = [(self.customer_id.as_str(), &self.loaded.book)];
+            metrics
+                .add("notification_events", crate::notify::on_bookings(&mut self.w.tx, &books, self.now).await? as u64);
+        }
         self.saved = self.loaded.book.clone();
         metrics.count_entries(entries);
         Ok(ids)

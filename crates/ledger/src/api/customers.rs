@@ -9,7 +9,7 @@ use utoipa::ToSchema;
 
 use super::fields::{self, timestamp};
 use super::problem::{ApiResult, Problem};
-use super::request::{ulid_param, Json, Query};
+use super::request::{ulid_param, Json, Query, StringFilter};
 use super::AppState;
 use crate::store::customers::{self, Clash, CustomerFilters, CustomerRecord, SortBy};
 use crate::store::{new_id, Labels};
@@ -24,18 +24,25 @@ pub struct UsageAttribution {
 #[serde(deny_unknown_fields)]
 pub struct BillingAddress {
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "fields::non_null")]
     pub country: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "fields::non_null")]
     pub postal_code: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "fields::non_null")]
     pub state: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "fields::non_null")]
     pub city: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "fields::non_null")]
     pub line1: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "fields::non_null")]
     pub line2: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "fields::non_null")]
     pub phone_number: Option<String>,
 }
 
@@ -44,13 +51,19 @@ pub struct BillingAddress {
 #[serde(deny_unknown_fields)]
 pub struct CustomerRequest {
     pub name: String,
+    #[serde(default, deserialize_with = "fields::non_null")]
     pub description: Option<String>,
     #[serde(default)]
     pub labels: Labels,
+    #[serde(default, deserialize_with = "fields::non_null")]
     pub key: Option<String>,
+    #[serde(default, deserialize_with = "fields::non_null")]
     pub usage_attribution: Option<UsageAttribution>,
+    #[serde(default, deserialize_with = "fields::non_null")]
     pub primary_email: Option<String>,
+    #[serde(default, deserialize_with = "fields::non_null")]
     pub currency: Option<String>,
+    #[serde(default, deserialize_with = "fields::non_null")]
     pub billing_address: Option<BillingAddress>,
 }
 
@@ -141,16 +154,21 @@ fn validate(req: &CustomerRequest) -> ApiResult<()> {
                 format!("subject keys have 1..{MAX_SUBJECT_LEN} characters"),
             ));
         }
-        if subjects[..i].contains(s) {
-            return Err(Problem::bad_request(
-                format!("usage_attribution.subject_keys[{i}]"),
-                format!("subject key {s:?} is listed twice"),
-            ));
-        }
     }
     Ok(())
 }
 
+/// Subject keys in the order given, each once: the schema lets a list repeat one (no
+/// `uniqueItems`), and a customer holds a subject or does not.
+fn distinct(keys: Vec<String>) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    keys.into_iter().filter(|k| seen.insert(k.clone())).collect()
+}
+
+/// A key or subject another customer holds: 409, as Konnect's engine answers (its customer service
+/// reports a key conflict, which its API encodes as 409 Conflict), naming the field. The public
+/// schema lists no 409 for these operations; `scripts/konnect_compat_hooks.py` says why that is
+/// accepted.
 fn clash_problem(clash: Clash) -> Problem {
     match clash {
         Clash::Key => Problem::conflict("key", "another customer has this key"),
@@ -174,7 +192,7 @@ pub async fn create(State(state): State<AppState>, Json(req): Json<CustomerReque
         name: req.name,
         description: req.description,
         labels: req.labels,
-        subject_keys: req.usage_attribution.unwrap_or_default().subject_keys,
+        subject_keys: distinct(req.usage_attribution.unwrap_or_default().subject_keys),
         primary_email: req.primary_email,
         currency: req.currency,
         billing_address: req.billing_address.map(|a| serde_json::to_value(a).unwrap_or_default()),
@@ -200,16 +218,39 @@ pub async fn list(State(state): State<AppState>, query: Query) -> ApiResult<axum
         "filter[name][*]",
         "filter[primary_email][*]",
         "filter[usage_attribution_subject_key][*]",
+        "filter[plan_key][*]",
+        "filter[billing_profile_id][*]",
     ])?;
     let ops = ["eq", "oeq", "neq", "contains", "ocontains"];
+    let page = query.page()?;
+    let (sort, descending) = sort_order(query.get("sort"))?;
     let filters = CustomerFilters {
         key: query.string_filter("key", &ops)?,
         name: query.string_filter("name", &ops)?,
         primary_email: query.string_filter("primary_email", &ops)?,
         subject: query.string_filter("usage_attribution_subject_key", &ops)?,
     };
-    let page = query.page()?;
-    let (sort, descending) = match query.get("sort").map(str::trim) {
+    // This ledger has no plans or billing profiles: a customer has neither, and the filters say
+    // whether "none" matches.
+    let plan = query.string_filter("plan_key", &ops)?;
+    let profile = query.string_filter("billing_profile_id", &["eq", "oeq", "neq"])?;
+    profile.as_ref().map(|f| ulid_values("filter[billing_profile_id]", f)).transpose()?;
+    if !plan.is_none_or(|f| f.matches(None)) || !profile.is_none_or(|f| f.matches(None)) {
+        let meta = PaginatedMeta { page: PageMeta { number: page.number, size: page.size, total: 0 } };
+        return Ok(axum::Json(CustomerPage { data: Vec::new(), meta }));
+    }
+    let mut conn = state.db.pool().acquire().await?;
+    let (items, total) =
+        customers::list(&mut conn, state.db.backend(), &filters, sort, descending, page.size, page.offset()).await?;
+    Ok(axum::Json(CustomerPage {
+        data: items.into_iter().map(Customer::from).collect(),
+        meta: PaginatedMeta { page: PageMeta { number: page.number, size: page.size, total } },
+    }))
+}
+
+/// `sort`: `id`, `name` (default) or `created_at`, ascending unless `desc` follows.
+fn sort_order(value: Option<&str>) -> ApiResult<(SortBy, bool)> {
+    Ok(match value.map(str::trim) {
         None | Some("name") | Some("name asc") => (SortBy::Name, false),
         Some("name desc") => (SortBy::Name, true),
         Some("id") | Some("id asc") => (SortBy::Id, false),
@@ -220,16 +261,23 @@ pub async fn list(State(state): State<AppState>, query: Query) -> ApiResult<axum
             return Err(Problem::bad_request(
                 "sort",
                 format!("cannot sort by {other:?}; use id, name or created_at, optionally with desc"),
-            ))
+            )
+            .in_query())
         }
-    };
-    let mut conn = state.db.pool().acquire().await?;
-    let (items, total) =
-        customers::list(&mut conn, state.db.backend(), &filters, sort, descending, page.size, page.offset()).await?;
-    Ok(axum::Json(CustomerPage {
-        data: items.into_iter().map(Customer::from).collect(),
-        meta: PaginatedMeta { page: PageMeta { number: page.number, size: page.size, total } },
-    }))
+    })
+}
+
+/// The values of a ULID filter's `eq` and `neq` (and `filter[x]=…`) must be ULIDs, as the schema's
+/// pattern says; an empty value is how a client's empty filter object arrives in a deepObject
+/// query. (`oeq` is plain text in the schema: a value that is no ULID matches nothing.)
+fn ulid_values(field: &str, filter: &StringFilter) -> ApiResult<()> {
+    match filter {
+        StringFilter::Eq(v) | StringFilter::Neq(v) if v.is_empty() => Ok(()),
+        StringFilter::Eq(v) | StringFilter::Neq(v) => ulid_param(field, v).map(|_| ()),
+        StringFilter::All(fs) => fs.iter().try_for_each(|f| ulid_values(field, f)),
+        StringFilter::OneOf(_) | StringFilter::Contains(_) | StringFilter::ContainsAny(_) => Ok(()),
+    }
+    .map_err(Problem::in_query)
 }
 
 #[utoipa::path(get, path = "/v3/openmeter/customers/{customerId}", params(("customerId" = String, Path)),
@@ -263,7 +311,7 @@ pub async fn update(
     record.name = req.name;
     record.description = req.description;
     record.labels = req.labels;
-    record.subject_keys = req.usage_attribution.unwrap_or_default().subject_keys;
+    record.subject_keys = distinct(req.usage_attribution.unwrap_or_default().subject_keys);
     record.primary_email = req.primary_email;
     record.currency = req.currency;
     record.billing_address = req.billing_address.map(|a| serde_json::to_value(a).unwrap_or_default());

@@ -9,13 +9,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use super::fields::timestamp;
+use super::fields::{parse_timestamp, timestamp};
 use super::problem::{ApiResult, Problem};
-use super::request::{parse_json, read_body, Query};
+use super::request::{parse_json, read_body, ulid_param, Query, StringFilter};
 use super::transactions::{page_link, CursorMeta, CursorMetaPage};
 use super::AppState;
 use crate::store::customers;
-use crate::store::events::{self, EventFilters, NewEvent};
+use crate::store::events::{self, EventClock, EventFilters, EventOrder, NewEvent, TimeBound};
 
 #[derive(Deserialize, Serialize, ToSchema, Clone)]
 #[serde(deny_unknown_fields)]
@@ -25,7 +25,9 @@ pub struct MeteringEvent {
     pub specversion: String,
     #[serde(rename = "type")]
     pub kind: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Nullable in the schema, but its `enum` lists no `null` (OpenAPI 3.0.3: then `null` is not
+    /// a valid value).
+    #[serde(default, deserialize_with = "super::fields::non_null", skip_serializing_if = "Option::is_none")]
     pub datacontenttype: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dataschema: Option<String>,
@@ -60,16 +62,24 @@ fn validate(index: Option<usize>, event: &MeteringEvent) -> ApiResult<()> {
             return Err(Problem::bad_request(field(name), format!("{name} must not be empty")));
         }
     }
-    if event.specversion != "1.0" {
-        return Err(Problem::bad_request(field("specversion"), "only CloudEvents specversion 1.0 is accepted"));
-    }
     if event.datacontenttype.as_deref().is_some_and(|c| c != "application/json") {
         return Err(Problem::bad_request(field("datacontenttype"), "datacontenttype must be application/json"));
     }
-    if event.dataschema.as_deref().is_some_and(str::is_empty) {
-        return Err(Problem::bad_request(field("dataschema"), "dataschema must not be empty"));
+    if event.dataschema.as_deref().is_some_and(|s| !is_absolute_uri(s)) {
+        return Err(Problem::bad_request(field("dataschema"), "dataschema must be an absolute URI"));
     }
     Ok(())
+}
+
+/// RFC 3986 `scheme ":" …` without spaces or control characters (CloudEvents' `dataschema` and
+/// the schema's `format: uri` are absolute URIs).
+fn is_absolute_uri(text: &str) -> bool {
+    let Some((scheme, rest)) = text.split_once(':') else { return false };
+    let mut chars = scheme.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+        && !rest.is_empty()
+        && !text.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
 /// Reads an ingest body as its content type says: one event or a batch; a 400 names the event and
@@ -84,15 +94,14 @@ pub fn parse_events(content_type: &str, bytes: &[u8]) -> ApiResult<Vec<MeteringE
             OneOrMany::One(v) => vec![v],
         },
         _ => {
-            return Err(Problem::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            return Err(Problem::bad_request(
+                "Content-Type",
                 "use application/cloudevents+json, application/cloudevents-batch+json or application/json",
-            ))
+            )
+            .in_header())
         }
     };
-    if values.is_empty() {
-        return Err(Problem::bad_request("body", "no events"));
-    }
+    // An empty batch is valid by the schema (no minimum) and stores nothing.
     if values.len() > MAX_EVENTS_PER_BATCH {
         return Err(Problem::bad_request("body", format!("at most {MAX_EVENTS_PER_BATCH} events per request")));
     }
@@ -164,17 +173,24 @@ pub struct IngestedEventPage {
 
 #[utoipa::path(get, path = "/v3/openmeter/events",
     params(("page[size]" = Option<i64>, Query), ("page[after]" = Option<String>, Query), ("page[before]" = Option<String>, Query),
-        ("filter[subject][eq]" = Option<String>, Query), ("filter[type][eq]" = Option<String>, Query)),
+        ("filter[subject][eq]" = Option<String>, Query), ("filter[type][eq]" = Option<String>, Query),
+        ("filter[customer_id][eq]" = Option<String>, Query), ("filter[time][gte]" = Option<String>, Query),
+        ("sort" = Option<String>, Query, description = "time (default), ingested_at or stored_at; desc unless asc is given")),
     responses((status = 200, body = IngestedEventPage), (status = 400), (status = 401)))]
 pub async fn list(State(state): State<AppState>, query: Query) -> ApiResult<axum::Json<IngestedEventPage>> {
     query.only(&[
         "page[size]",
         "page[after]",
         "page[before]",
+        "sort",
         "filter[id][*]",
         "filter[source][*]",
         "filter[subject][*]",
         "filter[type][*]",
+        "filter[customer_id][*]",
+        "filter[time][*]",
+        "filter[ingested_at][*]",
+        "filter[stored_at][*]",
     ])?;
     let ops = ["eq", "oeq", "neq", "contains", "ocontains"];
     let filters = EventFilters {
@@ -182,10 +198,13 @@ pub async fn list(State(state): State<AppState>, query: Query) -> ApiResult<axum
         source: query.string_filter("source", &ops)?,
         subject: query.string_filter("subject", &ops)?,
         kind: query.string_filter("type", &ops)?,
+        customer_id: customer_filter(&query)?,
+        times: time_bounds(&query)?,
     };
+    let order = sort(query.get("sort"))?;
     let page = query.cursor()?;
     let mut conn = state.db.pool().acquire().await?;
-    let (stored, has_older, has_newer) = events::list(&mut conn, state.db.backend(), &filters, page).await?;
+    let (stored, has_older, has_newer) = events::list(&mut conn, state.db.backend(), &filters, order, page).await?;
     let mut data = Vec::with_capacity(stored.len());
     for e in &stored {
         let event: MeteringEvent = serde_json::from_str(&e.body).map_err(|err| {
@@ -213,4 +232,69 @@ pub async fn list(State(state): State<AppState>, query: Query) -> ApiResult<axum
         data,
         meta: CursorMeta { page: CursorMetaPage { size: page.size, next, previous } },
     }))
+}
+
+/// `sort`: `time` (default), `ingested_at` or `stored_at` (the same instant here), descending
+/// unless `asc` follows. Of a comma-separated list the first attribute decides.
+fn sort(value: Option<&str>) -> ApiResult<EventOrder> {
+    let first = value.and_then(|v| v.split(',').next()).map(str::trim).unwrap_or("");
+    let mut words = first.split_whitespace();
+    let clock = match words.next() {
+        None | Some("time") => EventClock::Time,
+        Some("ingested_at") | Some("stored_at") => EventClock::Ingested,
+        Some(other) => {
+            return Err(Problem::bad_request(
+                "sort",
+                format!("cannot sort by {other:?}; use time, ingested_at or stored_at"),
+            ))
+        }
+    };
+    let descending = match (words.next(), words.next()) {
+        (None | Some("desc"), None) => true,
+        (Some("asc"), None) => false,
+        _ => return Err(Problem::bad_request("sort", format!("sort {first:?} is not `attribute [asc|desc]`"))),
+    };
+    Ok(EventOrder { clock, descending })
+}
+
+/// `filter[customer_id]`: ULIDs with `eq`, `oeq` or `neq` (`oeq` is plain text in the schema: a
+/// value that is no ULID matches nothing).
+fn customer_filter(query: &Query) -> ApiResult<Option<StringFilter>> {
+    let filter = query.string_filter("customer_id", &["eq", "oeq", "neq"])?;
+    fn check(f: &StringFilter) -> ApiResult<()> {
+        match f {
+            // An empty value is how a client's empty filter object arrives in a deepObject query.
+            StringFilter::Eq(v) | StringFilter::Neq(v) if v.is_empty() => Ok(()),
+            StringFilter::Eq(v) | StringFilter::Neq(v) => ulid_param("filter[customer_id]", v).map(|_| ()),
+            StringFilter::All(fs) => fs.iter().try_for_each(check),
+            _ => Ok(()),
+        }
+    }
+    filter.as_ref().map(check).transpose().map_err(Problem::in_query)?;
+    Ok(filter)
+}
+
+/// `filter[time|ingested_at|stored_at]` = an instant, or `[eq|lt|lte|gt|gte]` = an instant.
+fn time_bounds(query: &Query) -> ApiResult<Vec<TimeBound>> {
+    let mut bounds = Vec::new();
+    for (name, value) in &query.0 {
+        let Some(rest) = name.strip_prefix("filter[") else { continue };
+        let Some((field, op)) = rest.split_once(']') else { continue };
+        let clock = match field {
+            "time" => EventClock::Time,
+            "ingested_at" | "stored_at" => EventClock::Ingested,
+            _ => continue,
+        };
+        let op = match op {
+            "" | "[eq]" => "=",
+            "[lt]" => "<",
+            "[lte]" => "<=",
+            "[gt]" => ">",
+            "[gte]" => ">=",
+            _ => return Err(Problem::bad_request(name.clone(), "use eq, lt, lte, gt or gte").in_query()),
+        };
+        let at = parse_timestamp(name, value).map_err(Problem::in_query)?;
+        bounds.push(TimeBound { clock, op, at });
+    }
+    Ok(bounds)
 }

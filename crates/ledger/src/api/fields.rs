@@ -1,16 +1,13 @@
 //! Validation and formatting of the fields that many resources share.
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use credits::limits::{MAX_DESCRIPTION_CHARS, MAX_KEY_CHARS, MAX_LABELS, MAX_LABEL_LEN, MAX_NAME_CHARS};
 use credits::Amount;
 
 use super::problem::Problem;
 use crate::store::Labels;
 
-/// RFC 3339 in UTC, with as many fractional digits as needed.
-pub fn timestamp(at: DateTime<Utc>) -> String {
-    at.to_rfc3339_opts(SecondsFormat::AutoSi, true)
-}
+pub use crate::db::timestamp;
 
 pub fn parse_timestamp(field: &str, text: &str) -> Result<DateTime<Utc>, Problem> {
     DateTime::parse_from_rfc3339(text)
@@ -47,13 +44,14 @@ pub fn description(field: &str, value: Option<&str>) -> Result<(), Problem> {
     }
 }
 
-/// Konnect labels: at most 50; keys and values of 1..63 characters, alphanumeric at both ends,
-/// `-`, `_` and `.` inside.
+/// Konnect labels: at most 50; keys of 1..63 characters that do not start with `kong`,
+/// `konnect`, `mesh`, `kic` or `_`; values of 1..63 characters, alphanumeric at both ends, `-`,
+/// `_` and `.` inside.
 pub fn labels(field: &str, labels: &Labels) -> Result<(), Problem> {
     if labels.len() > MAX_LABELS {
         return Err(Problem::bad_request(field, format!("at most {MAX_LABELS} labels")));
     }
-    let valid = |s: &str| {
+    let valid_value = |s: &str| {
         let b = s.as_bytes();
         !b.is_empty()
             && b.len() <= MAX_LABEL_LEN
@@ -61,11 +59,15 @@ pub fn labels(field: &str, labels: &Labels) -> Result<(), Problem> {
             && b.last().is_some_and(u8::is_ascii_alphanumeric)
             && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
     };
+    let valid_key = |k: &str| {
+        (1..=63).contains(&k.chars().count())
+            && !["kong", "konnect", "mesh", "kic", "_"].iter().any(|p| k.to_ascii_lowercase().starts_with(p))
+    };
     for (k, v) in labels {
-        if !valid(k) {
+        if !valid_key(k) {
             return Err(Problem::bad_request(format!("{field}.{k}"), format!("label key {k:?} is not valid")));
         }
-        if !valid(v) {
+        if !valid_value(v) {
             return Err(Problem::bad_request(format!("{field}.{k}"), format!("label value {v:?} is not valid")));
         }
     }
@@ -75,4 +77,14 @@ pub fn labels(field: &str, labels: &Labels) -> Result<(), Problem> {
 /// An idempotency or resource key: 1..256 characters.
 pub fn key(field: &str, value: &str) -> Result<(), Problem> {
     chars_between(field, value, MAX_KEY_CHARS)
+}
+
+/// For an optional member that Konnect's schema does not mark nullable: absent is `None`, `null`
+/// is refused like any other wrong type (use with `#[serde(default, deserialize_with = …)]`).
+pub fn non_null<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    T::deserialize(deserializer).map(Some)
 }

@@ -70,6 +70,9 @@ pub async fn serve(state: &AppState, req: &SyncRequest) -> ApiResult<SyncRespons
         }
     }
     batch.writes.flush(&mut w.tx).await?;
+    let touched: Vec<(&str, &Book)> =
+        before.keys().filter_map(|c| books.get(*c).map(|loaded| (*c, &loaded.book))).collect();
+    batch.counts.notification_events = crate::notify::on_bookings(&mut w.tx, &touched, batch.db_now).await?;
     let server_time = state.db.now(&mut w.tx).await?;
     w.commit().await?;
     batch.counts.publish(state);
@@ -223,6 +226,7 @@ struct Counts {
     leases_opened: u64,
     leases_released: u64,
     leases_expired_unreported: u64,
+    notification_events: usize,
 }
 
 impl Counts {
@@ -239,6 +243,7 @@ impl Counts {
         state.metrics.add("leases_released", self.leases_released);
         state.metrics.add("leases_expired_unreported", self.leases_expired_unreported);
         state.metrics.add("gateway_syncs", 1);
+        state.metrics.add("notification_events", self.notification_events as u64);
     }
 }
 

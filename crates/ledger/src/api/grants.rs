@@ -28,7 +28,9 @@ pub struct PurchaseRequest {
     #[schema(value_type = String, example = "USD")]
     pub currency: Currency,
     #[schema(value_type = Option<String>, example = "1.0")]
+    #[serde(default, deserialize_with = "fields::non_null")]
     pub per_unit_cost_basis: Option<Amount>,
+    #[serde(default, deserialize_with = "fields::non_null")]
     pub availability_policy: Option<AvailabilityPolicy>,
 }
 
@@ -37,6 +39,30 @@ pub struct PurchaseRequest {
 pub enum AvailabilityPolicy {
     #[default]
     OnCreation,
+}
+
+/// Konnect's tax configuration of a grant: kept and shown, not acted on by this ledger.
+#[derive(Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TaxConfig {
+    #[serde(default, deserialize_with = "fields::non_null", skip_serializing_if = "Option::is_none")]
+    pub behavior: Option<TaxBehavior>,
+    #[serde(default, deserialize_with = "fields::non_null", skip_serializing_if = "Option::is_none")]
+    pub tax_code: Option<TaxCode>,
+}
+
+#[derive(Deserialize, Serialize, ToSchema, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+pub enum TaxBehavior {
+    Inclusive,
+    Exclusive,
+}
+
+#[derive(Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TaxCode {
+    /// A ULID.
+    pub id: String,
 }
 
 #[derive(Deserialize, Serialize, ToSchema, Default)]
@@ -51,6 +77,7 @@ pub struct GrantFilters {
 #[serde(deny_unknown_fields)]
 pub struct CreateGrantRequest {
     pub name: String,
+    #[serde(default, deserialize_with = "fields::non_null")]
     pub description: Option<String>,
     #[serde(default)]
     pub labels: Labels,
@@ -60,14 +87,21 @@ pub struct CreateGrantRequest {
     pub currency: Currency,
     #[schema(value_type = String, example = "100.00")]
     pub amount: Amount,
+    #[serde(default, deserialize_with = "fields::non_null")]
     pub purchase: Option<PurchaseRequest>,
-    pub tax_config: Option<serde_json::Value>,
+    #[serde(default, deserialize_with = "fields::non_null")]
+    pub tax_config: Option<TaxConfig>,
+    #[serde(default, deserialize_with = "fields::non_null")]
     pub filters: Option<GrantFilters>,
+    #[serde(default, deserialize_with = "fields::non_null")]
     pub priority: Option<i64>,
     #[schema(value_type = Option<String>)]
+    #[serde(default, deserialize_with = "fields::non_null")]
     pub effective_at: Option<DateTime<Utc>>,
     #[schema(value_type = Option<String>, example = "P30D")]
+    #[serde(default, deserialize_with = "fields::non_null")]
     pub expires_after: Option<IsoDuration>,
+    #[serde(default, deserialize_with = "fields::non_null")]
     pub key: Option<String>,
 }
 
@@ -152,6 +186,9 @@ fn validate(req: &CreateGrantRequest) -> ApiResult<Priority> {
     if let Some(key) = &req.key {
         fields::key("key", key)?;
     }
+    if let Some(code) = req.tax_config.as_ref().and_then(|t| t.tax_code.as_ref()) {
+        ulid_param("tax_config.tax_code.id", &code.id)?;
+    }
     if req.filters.as_ref().is_some_and(|f| f.features.len() > MAX_FEATURES_PER_GRANT) {
         return Err(Problem::bad_request(
             "filters.features",
@@ -228,7 +265,7 @@ pub async fn create(
         name: req.name,
         description: req.description,
         labels: req.labels,
-        tax_config: req.tax_config,
+        tax_config: req.tax_config.map(|t| serde_json::to_value(t).unwrap_or_default()),
         updated_at: now,
     };
     record.state.grant.seq = grants::insert(&mut ctx.w.tx, &record).await?;

@@ -5,16 +5,20 @@ pub mod auth;
 pub mod authorize;
 pub mod balance;
 pub mod body;
+pub mod channels;
 pub mod charges;
+pub mod console;
 pub mod customer_tx;
 pub mod customers;
 pub mod events;
 pub mod fields;
 pub mod gateway;
 pub mod grants;
+pub mod notification_events;
 pub mod openapi;
 pub mod problem;
 pub mod request;
+pub mod rules;
 pub mod transactions;
 
 use std::any::Any;
@@ -112,6 +116,15 @@ pub fn router_with(state: AppState, extra: Router<AppState>) -> Router {
         .route(&format!("{customer}/credits/adjustments"), post(charges::adjust))
         .route(&format!("{customer}/credits/charges"), post(charges::charge))
         .route("/v3/openmeter/events", post(events::ingest).get(events::list))
+        .route("/v3/openmeter/notification/channels", post(channels::create).get(channels::list))
+        .route(
+            "/v3/openmeter/notification/channels/{channelId}",
+            get(channels::get).put(channels::update).delete(channels::delete),
+        )
+        .route("/v3/openmeter/notification/rules", post(rules::create).get(rules::list))
+        .route("/v3/openmeter/notification/rules/{ruleId}", get(rules::get).put(rules::update).delete(rules::delete))
+        .route("/v3/openmeter/notification/events", get(notification_events::list))
+        .route("/v3/openmeter/notification/events/{eventId}", get(notification_events::get))
         .route("/v3/gateway/sync", post(gateway::sync))
         .route("/v3/gateway/authorize", any(authorize::authorize))
         .route("/v3/gateway/authorize/{*path}", any(authorize::authorize))
@@ -121,6 +134,7 @@ pub fn router_with(state: AppState, extra: Router<AppState>) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_token));
     Router::new()
         .merge(api)
+        .merge(console::routes())
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/v3/openapi.json", get(openapi::document))

@@ -3,7 +3,9 @@
 use axum::response::IntoResponse;
 use utoipa::OpenApi;
 
-use super::{authorize, balance, charges, customers, events, gateway, grants, transactions};
+use super::{
+    authorize, balance, channels, charges, customers, events, gateway, grants, notification_events, rules, transactions,
+};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -12,6 +14,9 @@ use super::{authorize, balance, charges, customers, events, gateway, grants, tra
         customers::create, customers::list, customers::get, customers::update, customers::delete,
         grants::create, grants::list, grants::get, grants::settle_external, grants::void,
         balance::get, transactions::list, charges::charge, charges::adjust, events::ingest, events::list, gateway::sync, authorize::authorize,
+        channels::create, channels::list, channels::get, channels::update, channels::delete,
+        rules::create, rules::list, rules::get, rules::update, rules::delete,
+        notification_events::list, notification_events::get,
     ),
     modifiers(&BearerAuth)
 )]

@@ -38,6 +38,12 @@ impl Problem {
         self
     }
 
+    /// A bad request header.
+    pub fn in_header(mut self) -> Self {
+        self.source = Some("header");
+        self
+    }
+
     pub fn bad_request(field: impl Into<String>, detail: impl Into<String>) -> Self {
         Problem { field: Some(field.into()), ..Problem::new(StatusCode::BAD_REQUEST, detail) }
     }

@@ -25,7 +25,8 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
             req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
         let bytes = read_body(req, state).await?;
         if !is_json(&content_type) {
-            return Err(Problem::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "expected Content-Type: application/json"));
+            // Konnect answers 400 (not 415) to a body that is not declared JSON.
+            return Err(Problem::bad_request("Content-Type", "expected Content-Type: application/json").in_header());
         }
         parse_json(&bytes).map(Json)
     }
@@ -107,7 +108,7 @@ impl Query {
         self.0.iter().rev().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
     }
 
-    /// `filter[field]…` as a string filter, if given.
+    /// `filter[field]…` as a string filter, if given (several operators combine with AND).
     pub fn string_filter(&self, field: &str, operators: &[&str]) -> Result<Option<StringFilter>, Problem> {
         let base = format!("filter[{field}]");
         let mut found = None;
@@ -134,32 +135,33 @@ impl Query {
                 "contains" => StringFilter::Contains(value.clone()),
                 _ => StringFilter::ContainsAny(values_of(name, value)?),
             };
-            if found.replace(filter).is_some() {
-                return Err(Problem::bad_request(name.clone(), format!("give one operator for filter[{field}]")));
-            }
+            // The schema lets a client combine operators on one field; all of them must hold.
+            found = Some(match found {
+                None => filter,
+                Some(StringFilter::All(mut all)) => {
+                    all.push(filter);
+                    StringFilter::All(all)
+                }
+                Some(first) => StringFilter::All(vec![first, filter]),
+            });
         }
         Ok(found)
     }
 
-    /// Page pagination: `page[size]` (1..=1000, default 100) and `page[number]` (≥ 1, default 1;
-    /// a number beyond the last page, up to i64::MAX, is an empty page).
+    /// Page pagination: `page[size]` (default 100, at most 1000) and `page[number]` (default 1).
+    /// As Konnect's engine does, a size or number below 1 means the default and a size above the
+    /// largest is the largest (the schema bounds neither); text that is no integer is a 400.
     pub fn page(&self) -> Result<Page, Problem> {
-        Ok(Page { size: self.page_size()?, number: positive(self.get("page[number]"), "page[number]", 1)? })
-    }
-
-    fn page_size(&self) -> Result<i64, Problem> {
-        let size = positive(self.get("page[size]"), "page[size]", DEFAULT_PAGE_SIZE)?;
-        if size > MAX_PAGE_SIZE {
-            return Err(Problem::bad_request("page[size]", format!("page[size] must be at most {MAX_PAGE_SIZE}")));
-        }
-        Ok(size)
+        let size = page_size(self.get("page[size]"))?;
+        Ok(Page { size, number: integer_or(self.get("page[number]"), "page[number]", 1)? })
     }
 
     /// Cursor pagination: `page[size]` and at most one of `page[after]` / `page[before]`.
     pub fn cursor(&self) -> Result<CursorPage, Problem> {
-        let size = self.page_size()?;
-        let after = self.get("page[after]").map(|c| decode_cursor("page[after]", c)).transpose()?;
-        let before = self.get("page[before]").map(|c| decode_cursor("page[before]", c)).transpose()?;
+        let size = page_size(self.get("page[size]"))?;
+        // An empty cursor is no cursor (a client's unset member, serialised).
+        let cursor = |name: &str| self.get(name).filter(|c| !c.is_empty()).map(|c| decode_cursor(name, c)).transpose();
+        let (after, before) = (cursor("page[after]")?, cursor("page[before]")?);
         let position = match (after, before) {
             (Some(_), Some(_)) => {
                 return Err(Problem::bad_request("page[before]", "give page[after] or page[before], not both"))
@@ -181,14 +183,20 @@ fn values_of(name: &str, value: &str) -> Result<Vec<String>, Problem> {
     Ok(values)
 }
 
-fn positive(value: Option<&str>, field: &str, default: i64) -> Result<i64, Problem> {
-    match value {
-        None => Ok(default),
-        Some(v) => match v.parse::<i64>() {
-            Ok(n) if n >= 1 => Ok(n),
-            _ => Err(Problem::bad_request(field, format!("{field} must be a positive integer, got {v:?}"))),
-        },
+fn page_size(value: Option<&str>) -> Result<i64, Problem> {
+    Ok(integer_or(value, "page[size]", DEFAULT_PAGE_SIZE)?.min(MAX_PAGE_SIZE))
+}
+
+/// An integer query parameter; absent or below 1 it is `default`. The schema's integers have no
+/// bounds: one beyond i64 is i64::MAX (or, negative, the default) rather than a refusal.
+fn integer_or(value: Option<&str>, field: &str, default: i64) -> Result<i64, Problem> {
+    let Some(text) = value else { return Ok(default) };
+    let digits = text.strip_prefix(['-', '+']).unwrap_or(text);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(Problem::bad_request(field, format!("{field} must be an integer, got {text:?}")));
     }
+    let n = text.parse::<i64>().unwrap_or(if text.starts_with('-') { i64::MIN } else { i64::MAX });
+    Ok(if n >= 1 { n } else { default })
 }
 
 /// Cursors are opaque: base64url of `c1:<sequence number>`.

@@ -218,6 +218,12 @@ pub async fn lock_customers(
     Ok(revisions)
 }
 
+/// An instant as the API and the webhooks write it: RFC 3339 in UTC, with as many fractional
+/// digits as needed.
+pub fn timestamp(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+}
+
 pub fn from_micros(micros: i64) -> DateTime<Utc> {
     DateTime::<Utc>::from_timestamp_micros(micros).unwrap_or(DateTime::<Utc>::MIN_UTC)
 }

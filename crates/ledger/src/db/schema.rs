@@ -181,6 +181,75 @@ ALTER TABLE holds ADD COLUMN last_seq BIGINT NOT NULL DEFAULT 0;
 CREATE INDEX holds_due_expiry ON holds (expires_at) WHERE released_at IS NULL;
 "#,
     ),
+    (
+        4,
+        r#"
+CREATE TABLE notification_channels (
+    id TEXT PRIMARY KEY,
+    type TEXT NOT NULL,
+    name TEXT NOT NULL,
+    url TEXT NOT NULL,
+    custom_headers TEXT NOT NULL,
+    signing_secret TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    deleted_at BIGINT
+);
+CREATE TABLE notification_rules (
+    id TEXT PRIMARY KEY,
+    type TEXT NOT NULL,
+    name TEXT NOT NULL,
+    definition TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    deleted_at BIGINT
+);
+CREATE TABLE notification_rule_channels (
+    rule_id TEXT NOT NULL REFERENCES notification_rules (id),
+    channel_id TEXT NOT NULL REFERENCES notification_channels (id),
+    PRIMARY KEY (rule_id, channel_id)
+);
+CREATE INDEX notification_rule_channels_channel ON notification_rule_channels (channel_id);
+CREATE TABLE notification_thresholds_fired (
+    rule_id TEXT NOT NULL,
+    customer_id TEXT NOT NULL,
+    threshold TEXT NOT NULL,
+    fired_at BIGINT NOT NULL,
+    PRIMARY KEY (rule_id, customer_id, threshold)
+);
+CREATE INDEX notification_thresholds_fired_customer ON notification_thresholds_fired (customer_id);
+CREATE TABLE notification_grant_notices (
+    rule_id TEXT NOT NULL,
+    grant_id TEXT NOT NULL,
+    noticed_at BIGINT NOT NULL,
+    PRIMARY KEY (rule_id, grant_id)
+);
+CREATE TABLE notification_events (
+    seq {id},
+    id TEXT NOT NULL UNIQUE,
+    type TEXT NOT NULL,
+    rule_id TEXT NOT NULL,
+    customer_id TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE TABLE notification_deliveries (
+    seq {id},
+    event_id TEXT NOT NULL REFERENCES notification_events (id),
+    channel_id TEXT NOT NULL REFERENCES notification_channels (id),
+    status TEXT NOT NULL,
+    attempts BIGINT NOT NULL,
+    next_attempt_at BIGINT NOT NULL,
+    lease_until BIGINT,
+    claim TEXT,
+    last_status BIGINT,
+    last_error TEXT,
+    last_attempt_at BIGINT,
+    UNIQUE (event_id, channel_id)
+);
+CREATE INDEX notification_deliveries_due ON notification_deliveries (next_attempt_at) WHERE status = 'pending';
+"#,
+    ),
 ];
 
 /// The migrations not yet applied to a database at `applied`, rendered for `backend`.

@@ -228,6 +228,10 @@ pub fn string_condition(backend: Backend, column: &str, filter: &StringFilter, b
             let parts: Vec<String> = vs.iter().map(|v| contains(column, bind(v))).collect();
             format!("({})", parts.join(" OR "))
         }
+        StringFilter::All(filters) => {
+            let parts: Vec<String> = filters.iter().map(|f| string_condition(backend, column, f, binds)).collect();
+            format!("({})", parts.join(" AND "))
+        }
     }
 }
 

@@ -244,3 +244,24 @@ pub async fn customers_with_due_events(
     .await?;
     rows.iter().map(|r| r.try_get::<String, _>(0).map_err(StoreError::from)).collect()
 }
+
+/// Funded, unvoided grants of live customers whose expiry falls in `(from, to]` and that rule
+/// `rule_id` has not looked at yet, soonest first.
+pub async fn expiring_unnoticed(
+    conn: &mut sqlx::AnyConnection,
+    rule_id: &str,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    limit: i64,
+) -> StoreResult<Vec<GrantRecord>> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM grants WHERE voided_at IS NULL AND funded = 1 AND expiry_booked = 0 \
+         AND expires_at > $1 AND expires_at <= $2 \
+         AND customer_id IN (SELECT id FROM customers WHERE deleted_at IS NULL) \
+         AND NOT EXISTS (SELECT 1 FROM notification_grant_notices n WHERE n.rule_id = $3 AND n.grant_id = grants.id) \
+         ORDER BY expires_at, seq LIMIT $4"
+    );
+    let rows =
+        sqlx::query(&sql).bind(micros(from)).bind(micros(to)).bind(rule_id).bind(limit).fetch_all(&mut *conn).await?;
+    rows.iter().map(from_row).collect()
+}

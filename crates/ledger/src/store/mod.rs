@@ -2,12 +2,15 @@
 //! credit decisions themselves come from the `credits` crate.
 
 pub mod books;
+pub mod channels;
 pub mod customers;
 pub mod events;
 pub mod grants;
 pub mod idempotency;
 pub mod leases;
 pub mod movements;
+pub mod outbox;
+pub mod rules;
 pub mod usage;
 
 use std::collections::BTreeMap;

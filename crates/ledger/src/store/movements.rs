@@ -100,7 +100,34 @@ impl TransactionType {
 pub struct MovementFilters {
     pub kind: Option<TransactionType>,
     pub currency: Option<Currency>,
-    pub feature: Option<StringFilter>,
+    pub feature: Option<FeatureMovements>,
+}
+
+/// The movements of credit usable for a feature: those of grants in its scope, and usage that no
+/// grant covered whose feature matches (or that has none, as balances count it).
+pub struct FeatureMovements {
+    pub grant_ids: Vec<String>,
+    pub filter: StringFilter,
+}
+
+impl FeatureMovements {
+    fn condition(&self, backend: Backend, binds: &mut Vec<String>) -> String {
+        let mut parts = Vec::new();
+        if !self.grant_ids.is_empty() {
+            let list: Vec<String> = self
+                .grant_ids
+                .iter()
+                .map(|g| {
+                    binds.push(g.clone());
+                    format!("${}", binds.len())
+                })
+                .collect();
+            parts.push(format!("grant_id IN ({})", list.join(", ")));
+        }
+        let feature = string_condition(backend, "feature", &self.filter, binds);
+        parts.push(format!("(grant_id IS NULL AND (feature IS NULL OR {feature}))"));
+        format!("({})", parts.join(" OR "))
+    }
 }
 
 /// One page, newest first, and whether older / newer items exist beyond it.
@@ -130,7 +157,7 @@ pub async fn list(
         conditions.push(format!("currency = ${}", binds.len()));
     }
     if let Some(f) = &filters.feature {
-        conditions.push(string_condition(backend, "feature", f, &mut binds));
+        conditions.push(f.condition(backend, &mut binds));
     }
     let base = conditions.join(" AND ");
     let (position, order) = match page.position {

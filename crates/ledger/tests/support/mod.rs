@@ -2,6 +2,9 @@
 //! PostgreSQL database that is dropped afterwards.
 #![allow(dead_code)]
 
+pub mod receiver;
+pub mod webdriver;
+
 use std::time::Duration;
 
 use ledger::api::{AppState, Auth};
@@ -246,9 +249,11 @@ impl Ledger {
         self.balance(customer, &format!("?timestamp={}", enc(at))).await.0
     }
 
-    /// One page of the transaction history; asserts 200.
+    /// One page of the transaction history with the ledger's extensions (`grant_id`,
+    /// `feature_key`); asserts 200.
     pub async fn transactions(&self, customer: &str, query: &str) -> Value {
-        let (status, body) = self.get(&format!("{}/credits/transactions{query}", customer_path(customer))).await;
+        let extended = format!("{query}{}extensions=true", if query.contains('?') { '&' } else { '?' });
+        let (status, body) = self.get(&format!("{}/credits/transactions{extended}", customer_path(customer))).await;
         assert_eq!(status, 200, "{body}");
         body
     }

@@ -1,0 +1,395 @@
+//! Notifications: channels and rules (validation, scopes), threshold events that fire once and
+//! re-arm, expiring-grant events, Standard Webhooks delivery verified by a real receiver,
+//! retries with backoff and the same `webhook-id`, a slow receiver that never slows a booking,
+//! and two instances on one PostgreSQL delivering every attempt once.
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use ledger::notify::delivery::WebhookConfig;
+use serde_json::{json, Value};
+use support::receiver::{Answer, Receiver, SECRET};
+use support::{customer_path, grant_body, Backend, Ledger, TestDb, GATEWAY_TOKEN};
+
+const CHANNELS: &str = "/v3/openmeter/notification/channels";
+const RULES: &str = "/v3/openmeter/notification/rules";
+const EVENTS: &str = "/v3/openmeter/notification/events";
+
+fn fast() -> WebhookConfig {
+    WebhookConfig { retry_ms: 100, max_retry_ms: 1000, max_attempts: 4, timeout_ms: 1000 }
+}
+
+/// A ledger whose delivery job runs until the value is dropped.
+struct Delivering {
+    ledger: Ledger,
+    job: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Delivering {
+    fn drop(&mut self) {
+        self.job.abort();
+    }
+}
+
+async fn delivering(db: &TestDb, config: WebhookConfig) -> Delivering {
+    let ledger = Ledger::start(db).await;
+    let (db, metrics) = (ledger.state.db.clone(), ledger.state.metrics.clone());
+    let job = tokio::spawn(ledger::notify::delivery::run(db, metrics, config));
+    Delivering { ledger, job }
+}
+
+async fn channel(ledger: &Ledger, url: &str) -> String {
+    let body = json!({"type": "webhook", "name": "ops", "url": url, "signing_secret": SECRET,
+        "custom_headers": {"X-Team": "billing"}});
+    let (status, body) = ledger.post(CHANNELS, body).await;
+    assert_eq!(status, 201, "{body}");
+    body["id"].as_str().expect("id").to_owned()
+}
+
+async fn threshold_rule(ledger: &Ledger, channel: &str, thresholds: Value) -> String {
+    let body = json!({"type": "credits.balance.threshold", "name": "low", "channels": [channel],
+        "currency": "USD", "thresholds": thresholds});
+    let (status, body) = ledger.post(RULES, body).await;
+    assert_eq!(status, 201, "{body}");
+    body["id"].as_str().expect("id").to_owned()
+}
+
+async fn charge(ledger: &Ledger, customer: &str, amount: &str, key: &str) {
+    let (status, body) = ledger.charge(customer, amount, key).await;
+    assert_eq!(status, 201, "{body}");
+}
+
+/// Every event, newest first (one page).
+async fn events(ledger: &Ledger, query: &str) -> Vec<Value> {
+    let (status, body) = ledger.get(&format!("{EVENTS}{query}")).await;
+    assert_eq!(status, 200, "{body}");
+    body["data"].as_array().expect("data").clone()
+}
+
+/// Waits until every delivery of every event has left `pending`.
+async fn settled_events(ledger: &Ledger, timeout: Duration) -> Vec<Value> {
+    let started = Instant::now();
+    loop {
+        let all = events(ledger, "?page[size]=100").await;
+        let pending = all
+            .iter()
+            .flat_map(|e| e["deliveries"].as_array().cloned().unwrap_or_default())
+            .any(|d| d["status"] == "pending");
+        if !pending {
+            return all;
+        }
+        assert!(started.elapsed() < timeout, "deliveries still pending after {timeout:?}: {all:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn channels_and_rules_are_validated_and_admin_only(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ledger = Ledger::start(&db).await;
+    let (status, made) =
+        ledger.post(CHANNELS, json!({"type": "webhook", "name": "a", "url": "https://example.com/hook"})).await;
+    assert_eq!(status, 201, "{made}");
+    let secret = made["signing_secret"].as_str().expect("generated secret");
+    assert!(secret.starts_with("whsec_") && ledger::notify::signature::key(secret).is_ok(), "{secret}");
+    let id = made["id"].as_str().expect("id");
+    for (body, field) in [
+        (json!({"type": "webhook", "name": "a", "url": "ftp://example.com/x"}), "url"),
+        (json!({"type": "webhook", "name": "a", "url": "https://user:pw@example.com/x"}), "url"),
+        (json!({"type": "webhook", "name": "a", "url": "not a url"}), "url"),
+        (
+            json!({"type": "webhook", "name": "a", "url": "http://x/", "custom_headers": {"webhook-id": "x"}}),
+            "custom_headers.webhook-id",
+        ),
+        (
+            json!({"type": "webhook", "name": "a", "url": "http://x/", "custom_headers": {"bad header": "x"}}),
+            "custom_headers.bad header",
+        ),
+        (json!({"type": "webhook", "name": "a", "url": "http://x/", "signing_secret": "plain"}), "signing_secret"),
+        (json!({"type": "email", "name": "a", "url": "http://x/"}), "type"),
+        (json!({"type": "webhook", "name": "", "url": "http://x/"}), "name"),
+    ] {
+        let reply = ledger.call(reqwest::Method::POST, CHANNELS).json(&body).send().await;
+        reply.assert_problem(400, Some(field));
+    }
+    let unknown = support::UNKNOWN_ID;
+    let rule = |extra: Value| {
+        support::merged(
+            json!({"type": "credits.balance.threshold", "name": "r", "channels": [id], "currency": "USD", "thresholds": [{"type": "absolute", "value": "5"}]}),
+            extra,
+        )
+    };
+    for (body, field) in [
+        (rule(json!({"channels": [unknown]})), "channels[0]"),
+        (rule(json!({"channels": []})), "channels"),
+        (rule(json!({"currency": null})), "currency"),
+        (rule(json!({"thresholds": [{"type": "percent", "value": "120"}]})), "thresholds[0].value"),
+        (
+            rule(json!({"thresholds": [{"type": "absolute", "value": "5"}, {"type": "absolute", "value": "5.00"}]})),
+            "thresholds[1]",
+        ),
+        (rule(json!({"thresholds": [{"type": "absolute", "value": "five"}]})), "thresholds[0].value"),
+        (rule(json!({"before": "P3D"})), "before"),
+        (rule(json!({"type": "credits.grant.expiring", "thresholds": null})), "before"),
+        (rule(json!({"customer_ids": ["nope"]})), "customer_ids[0]"),
+    ] {
+        let reply = ledger.call(reqwest::Method::POST, RULES).json(&body).send().await;
+        reply.assert_problem(400, Some(field));
+    }
+    let (status, made_rule) = ledger.post(RULES, rule(json!({}))).await;
+    assert_eq!(status, 201, "{made_rule}");
+    let rule_id = made_rule["id"].as_str().expect("rule id");
+    // A channel in use cannot go; the rule can, then the channel.
+    let (status, body) = ledger.delete(&format!("{CHANNELS}/{id}")).await;
+    assert_eq!((status, body["rules"].clone()), (409, json!([rule_id])), "{body}");
+    let (status, _) = ledger.put(&format!("{RULES}/{rule_id}"), rule(json!({"name": "renamed"}))).await;
+    assert_eq!(status, 200);
+    assert_eq!(ledger.get(&format!("{RULES}/{rule_id}")).await.1["name"], "renamed");
+    assert_eq!(ledger.delete(&format!("{RULES}/{rule_id}")).await.0, 204);
+    assert_eq!(ledger.delete(&format!("{CHANNELS}/{id}")).await.0, 204);
+    assert_eq!(ledger.get(&format!("{CHANNELS}/{id}")).await.0, 404);
+    // Replacing a channel without a secret keeps its secret.
+    let (_, other) =
+        ledger.post(CHANNELS, json!({"type": "webhook", "name": "b", "url": "http://127.0.0.1:1/x"})).await;
+    let other_id = other["id"].as_str().expect("id");
+    let (status, replaced) = ledger
+        .put(&format!("{CHANNELS}/{other_id}"), json!({"type": "webhook", "name": "c", "url": "http://127.0.0.1:2/y"}))
+        .await;
+    assert_eq!((status, &replaced["signing_secret"]), (200, &other["signing_secret"]), "{replaced}");
+    let (_, page) = ledger.get(&format!("{CHANNELS}?page[size]=1")).await;
+    assert_eq!(page["meta"]["page"]["total"], json!(1), "{page}");
+    // Only an admin token may see or change any of it.
+    for path in [CHANNELS, RULES, EVENTS] {
+        let reply = ledger.call_as(GATEWAY_TOKEN, reqwest::Method::GET, path).send().await;
+        reply.assert_problem(403, None);
+        let reply = ledger.call_without_token(reqwest::Method::GET, path).send().await;
+        assert_eq!(reply.status, 401);
+    }
+}
+
+async fn a_threshold_fires_once_when_crossed_and_rearms_above(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let d = delivering(&db, fast()).await;
+    let ledger = &d.ledger;
+    let receiver = Receiver::start().await;
+    let ch = channel(ledger, &receiver.url).await;
+    let rule =
+        threshold_rule(ledger, &ch, json!([{"type": "absolute", "value": "5.00"}, {"type": "percent", "value": "20"}]))
+            .await;
+    let c = ledger.customer("thrifty").await;
+    ledger.grant(&c, grant_body("10", json!({}))).await;
+    charge(ledger, &c, "4", "a").await; // 6 left: above both (20 % of 10 = 2)
+    charge(ledger, &c, "1.5", "b").await; // 4.5: below 5.00
+    charge(ledger, &c, "0.5", "c").await; // 4: still below, no second event
+    ledger.adjust(&c, json!({"name": "top up", "currency": "USD", "amount": "10"})).await; // 14: re-armed
+    charge(ledger, &c, "10.5", "d").await; // 3.5: below 5.00 again, and below 20 % of 20 = 4
+    let all = settled_events(ledger, Duration::from_secs(20)).await;
+    let fired: Vec<(String, String)> = all
+        .iter()
+        .rev()
+        .map(|e| {
+            (
+                e["payload"]["data"]["threshold"]["value"].as_str().unwrap_or("?").to_owned(),
+                e["payload"]["data"]["balance"]["live"].as_str().unwrap_or("?").to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(fired, [("5.00".into(), "4.5".into()), ("5.00".into(), "3.5".into()), ("20".into(), "3.5".into())]);
+    let percent = &all[0]["payload"];
+    assert_eq!(percent["type"], "credits.balance.threshold");
+    assert_eq!(percent["data"]["threshold"], json!({"type": "percent", "value": "20", "amount": "4"}));
+    assert_eq!(percent["data"]["customer"], json!({"id": c, "key": "thrifty"}));
+    assert_eq!(percent["data"]["rule"]["id"], json!(rule));
+    for e in &all {
+        assert_eq!(
+            e["deliveries"],
+            json!([{"channel_id": ch, "status": "success", "attempts": 1, "last_status": 200, "last_attempt_at": e["deliveries"][0]["last_attempt_at"]}]),
+            "{e}"
+        );
+    }
+    let received = receiver.wait_for(3, Duration::from_secs(5)).await;
+    for r in &received {
+        assert!(r.signature_valid, "{r:?}");
+        assert_eq!(r.headers["x-team"], "billing");
+        assert_eq!(r.headers["content-type"], "application/json");
+        assert_eq!(r.body["id"], json!(r.id), "webhook-id is the event id");
+        assert!((r.timestamp - chrono::Utc::now().timestamp()).abs() < 60);
+        assert!(all.iter().any(|e| e["payload"] == r.body), "{:?} delivered as listed", r.body);
+    }
+    let (_, one) = ledger.get(&format!("{EVENTS}/{}", all[0]["id"].as_str().expect("id"))).await;
+    assert_eq!(one["id"], all[0]["id"]);
+    assert_eq!(events(ledger, &format!("?filter[customer_id]={c}&page[size]=2")).await.len(), 2);
+    assert_eq!(ledger.counter("notification_events").await, 3);
+    ledger.assert_journal_sound().await;
+}
+
+async fn failed_deliveries_are_retried_with_backoff_and_the_same_webhook_id(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let config = WebhookConfig { retry_ms: 200, max_retry_ms: 10_000, max_attempts: 3, timeout_ms: 1000 };
+    let d = delivering(&db, config).await;
+    let ledger = &d.ledger;
+    let receiver = Receiver::start().await;
+    receiver.script(&[Answer::Status(500), Answer::Status(502)]);
+    let ch = channel(ledger, &receiver.url).await;
+    threshold_rule(ledger, &ch, json!([{"type": "absolute", "value": "1"}])).await;
+    let c = ledger.customer("retry").await;
+    ledger.grant(&c, grant_body("2", json!({}))).await;
+    charge(ledger, &c, "1.5", "a").await;
+    let got = receiver.wait_for(3, Duration::from_secs(10)).await;
+    assert_eq!(got.iter().map(|r| r.answered).collect::<Vec<_>>(), [500, 502, 200]);
+    assert!(got.iter().all(|r| r.id == got[0].id && r.signature_valid), "{got:?}");
+    let gaps: Vec<Duration> = got.windows(2).map(|w| w[1].at - w[0].at).collect();
+    assert!(
+        gaps[0] >= Duration::from_millis(190) && gaps[1] >= Duration::from_millis(390),
+        "backoff 200 ms, then 400 ms: {gaps:?}"
+    );
+    let all = settled_events(ledger, Duration::from_secs(5)).await;
+    let delivery = &all[0]["deliveries"][0];
+    assert_eq!(
+        (&delivery["status"], &delivery["attempts"], &delivery["last_status"]),
+        (&json!("success"), &json!(3), &json!(200))
+    );
+    assert_eq!(ledger.counter("webhook_attempts_failed").await, 2);
+
+    // A receiver that never accepts: failed after the last attempt, with its last answer.
+    receiver.script(&[Answer::Status(500); 3]);
+    charge(ledger, &c, "0.25", "b").await; // 0.25 left: still below 1, nothing new
+    ledger.adjust(&c, json!({"name": "top up", "currency": "USD", "amount": "5"})).await;
+    charge(ledger, &c, "4.5", "c").await;
+    let all = settled_events(ledger, Duration::from_secs(10)).await;
+    let delivery = &all[0]["deliveries"][0];
+    assert_eq!(
+        (&delivery["status"], &delivery["attempts"], &delivery["last_status"]),
+        (&json!("failed"), &json!(3), &json!(500)),
+        "{delivery}"
+    );
+    assert!(delivery["last_error"].as_str().is_some_and(|e| e.contains("500")), "{delivery}");
+    assert_eq!(ledger.counter("webhook_deliveries_failed").await, 1);
+}
+
+async fn a_slow_receiver_never_slows_a_booking(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let config = WebhookConfig { retry_ms: 100, max_retry_ms: 1000, max_attempts: 3, timeout_ms: 500 };
+    let d = delivering(&db, config).await;
+    let ledger = &d.ledger;
+    let receiver = Receiver::start().await;
+    receiver.script(&[Answer::Slow(Duration::from_secs(3))]);
+    let ch = channel(ledger, &receiver.url).await;
+    threshold_rule(ledger, &ch, json!([{"type": "absolute", "value": "50"}])).await;
+    let c = ledger.customer("slow").await;
+    ledger.grant(&c, grant_body("100", json!({}))).await;
+    charge(ledger, &c, "60", "fire").await; // 40: fires; the first attempt hangs
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let started = Instant::now();
+    for i in 0..10 {
+        charge(ledger, &c, "1", &format!("during-{i}")).await;
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(2000),
+        "bookings took {:?} while a delivery hung",
+        started.elapsed()
+    );
+    // The hung attempt timed out and the retry got through.
+    let all = settled_events(ledger, Duration::from_secs(10)).await;
+    let delivery = &all[0]["deliveries"][0];
+    assert_eq!((&delivery["status"], &delivery["attempts"]), (&json!("success"), &json!(2)), "{delivery}");
+}
+
+async fn an_expiring_grant_is_announced_once(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let d = delivering(&db, fast()).await;
+    let ledger = &d.ledger;
+    let receiver = Receiver::start().await;
+    let ch = channel(ledger, &receiver.url).await;
+    let body = json!({"type": "credits.grant.expiring", "name": "soon", "channels": [ch], "before": "P1D", "feature_key": "tokens"});
+    let (status, body) = ledger.post(RULES, body).await;
+    assert_eq!(status, 201, "{body}");
+    let c = ledger.customer("expiring").await;
+    let soon = ledger.grant(&c, grant_body("10", json!({"expires_after": "PT1H"}))).await;
+    ledger.grant(&c, grant_body("10", json!({"expires_after": "P30D"}))).await; // not yet
+    ledger.grant(&c, grant_body("10", json!({"expires_after": "PT2H", "filters": {"features": ["other"]}}))).await; // other scope
+    charge(ledger, &c, "4", "a").await;
+    let got = receiver.wait_for(1, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await; // more scans: still one event
+    assert_eq!(receiver.deliveries().len(), 1, "{got:?}");
+    let data = &got[0].body["data"];
+    assert_eq!(got[0].body["type"], "credits.grant.expiring");
+    assert_eq!(data["grant"]["id"], soon["id"]);
+    assert_eq!(data["grant"]["remaining"], "6", "{data}");
+    assert_eq!(data["grant"]["expires_at"], soon["expires_at"]);
+    assert_eq!(data["feature_key"], "tokens");
+    assert!(got[0].signature_valid);
+}
+
+async fn two_instances_on_one_postgres_deliver_every_attempt_once() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let config = WebhookConfig { retry_ms: 100, max_retry_ms: 1000, max_attempts: 4, timeout_ms: 1000 };
+    let (a, b) = (delivering(&db, config.clone()).await, delivering(&db, config).await);
+    let receiver = Receiver::start().await;
+    receiver.fail_first_of_each();
+    let ch = channel(&a.ledger, &receiver.url).await;
+    threshold_rule(&a.ledger, &ch, json!([{"type": "absolute", "value": "5"}])).await;
+    const CUSTOMERS: usize = 12;
+    for i in 0..CUSTOMERS {
+        let ledger = if i % 2 == 0 { &a.ledger } else { &b.ledger };
+        let c = ledger.customer(&format!("pair-{i}")).await;
+        ledger.grant(&c, grant_body("10", json!({}))).await;
+        charge(ledger, &c, "6", "spend").await;
+    }
+    // Each event: one refused attempt, one accepted — never an attempt twice.
+    let got = receiver.wait_for(2 * CUSTOMERS, Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let got = receiver.deliveries().into_iter().chain(got.into_iter().take(0)).collect::<Vec<_>>();
+    let mut per_id: HashMap<String, Vec<u16>> = HashMap::new();
+    for r in &got {
+        assert!(r.signature_valid);
+        per_id.entry(r.id.clone()).or_default().push(r.answered);
+    }
+    assert_eq!(per_id.len(), CUSTOMERS, "{per_id:?}");
+    assert!(per_id.values().all(|answers| answers == &[503, 200]), "{per_id:?}");
+    let all = settled_events(&b.ledger, Duration::from_secs(5)).await;
+    assert!(all.iter().all(|e| e["deliveries"][0]["attempts"] == 2 && e["deliveries"][0]["status"] == "success"));
+    let attempts =
+        a.ledger.counter("webhook_attempts_succeeded").await + b.ledger.counter("webhook_attempts_succeeded").await;
+    assert_eq!(attempts, CUSTOMERS as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_two_instances_deliver_every_attempt_once() {
+    two_instances_on_one_postgres_deliver_every_attempt_once().await;
+}
+
+async fn charges_are_unaffected_by_customers_outside_a_rule(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let d = delivering(&db, fast()).await;
+    let ledger = &d.ledger;
+    let receiver = Receiver::start().await;
+    let ch = channel(ledger, &receiver.url).await;
+    let watched = ledger.customer("watched").await;
+    let ignored = ledger.customer("ignored").await;
+    let body = json!({"type": "credits.balance.threshold", "name": "one", "channels": [ch], "currency": "USD",
+        "customer_ids": [watched], "feature_key": "tokens", "thresholds": [{"type": "absolute", "value": "1"}]});
+    assert_eq!(ledger.post(RULES, body).await.0, 201);
+    for c in [&watched, &ignored] {
+        ledger.grant(c, grant_body("2", json!({"filters": {"features": ["tokens"]}}))).await;
+        ledger.grant(c, grant_body("5", json!({"filters": {"features": ["other"]}}))).await;
+        let (status, body) = ledger.charge_with(c, json!({"amount": "1.5", "currency": "USD", "settlement_mode": "credit_only", "key": "t", "feature_key": "tokens"})).await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let all = settled_events(ledger, Duration::from_secs(10)).await;
+    assert_eq!(all.len(), 1, "{all:#?}");
+    assert_eq!(all[0]["customer_id"], json!(watched));
+    assert_eq!(all[0]["payload"]["data"]["feature_key"], "tokens");
+    assert_eq!(all[0]["payload"]["data"]["balance"]["live"], "0.5");
+    let _ = customer_path(&ignored);
+}
+
+on_both_backends!(
+    channels_and_rules_are_validated_and_admin_only,
+    a_threshold_fires_once_when_crossed_and_rearms_above,
+    failed_deliveries_are_retried_with_backoff_and_the_same_webhook_id,
+    a_slow_receiver_never_slows_a_booking,
+    an_expiring_grant_is_announced_once,
+    charges_are_unaffected_by_customers_outside_a_rule,
+);
