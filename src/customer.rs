@@ -42,6 +42,21 @@ pub struct Lease {
     pub revision: i64,
     /// Answers to requests numbered below this are stale: the node released the lease since.
     pub floor_seq: u64,
+    /// The last answer left nothing more to lease: it gave less than asked, or only credit that
+    /// expires before the node could spend it. Waiting calls then do not count on `live`.
+    pub dry: bool,
+}
+
+/// A lease answer with what the node knows of the request it answers.
+pub struct LeaseAnswered<'a> {
+    pub answer: &'a credits::sync::LeaseAnswer,
+    pub asked: &'a credits::sync::LeaseRequest,
+    /// The revision of the customer the answer comes with.
+    pub revision: i64,
+    /// When the request left (host time).
+    pub sent_ms: u64,
+    /// How long after that the lease may be spent from (`lease::lasts_ms`).
+    pub lasts_ms: u64,
 }
 
 /// Calls per minute of this customer on this node, measured over sync ticks.
@@ -165,23 +180,15 @@ impl CustomerEntry {
         }
     }
 
-    /// The ledger's answer about the lease, given when the request left (`sent_ms`). The node
-    /// stops spending `reserve_ms` before the ledger could expire the lease, so that every call it
-    /// lets through can still be reported in time (see `lease::reserve_ms`).
-    pub fn apply_lease(
-        &mut self,
-        answer: &credits::sync::LeaseAnswer,
-        request_seq: u64,
-        revision: i64,
-        sent_ms: u64,
-        ttl_ms: u64,
-        reserve_ms: u64,
-    ) {
-        if revision <= self.lease.revision || request_seq < self.lease.floor_seq {
+    /// The ledger's answer about the lease. The node stops spending `reserve_ms` before the
+    /// ledger could expire the lease, so that every call it lets through can still be reported
+    /// in time (see `lease::reserve_ms`).
+    pub fn apply_lease(&mut self, a: &LeaseAnswered, reserve_ms: u64) {
+        if a.revision <= self.lease.revision || a.asked.seq < self.lease.floor_seq {
             return;
         }
-        self.lease.revision = revision;
-        if answer.closed {
+        self.lease.revision = a.revision;
+        if a.answer.closed {
             self.lease.open = false;
             self.lease.remaining = Amount::ZERO;
             return;
@@ -191,9 +198,13 @@ impl CustomerEntry {
         // Calls still holding their estimate will spend from it too.
         let unconfirmed = self.spent + self.flight.as_ref().map_or(Amount::ZERO, |f| f.amount) + self.holds.amount;
         self.lease.open = true;
-        self.lease.remaining = (answer.held - unconfirmed).max(Amount::ZERO);
-        // Counted from when the request left: the ledger's TTL started no earlier.
-        self.lease.spend_until_ms = (sent_ms + ttl_ms).saturating_sub(reserve_ms);
+        self.lease.remaining = (a.answer.held - unconfirmed).max(Amount::ZERO);
+        // Counted from when the request left: the ledger's clock started no earlier.
+        self.lease.spend_until_ms = (a.sent_ms + a.lasts_ms).saturating_sub(reserve_ms);
+        let short = a.lasts_ms <= reserve_ms;
+        if a.asked.want.is_positive() || short {
+            self.lease.dry = short || a.answer.granted < a.asked.want;
+        }
     }
 
     /// What can still be spent: the ledger's live balance minus everything not yet in it and
@@ -318,13 +329,13 @@ impl CustomerEntry {
 // version byte, then fixed-width little-endian fields in declaration order (amounts as the 16
 // bytes of `Decimal::serialize`, flags as 0/1, the flight behind a presence flag), then the
 // strings, each behind a u32 length: customer id (only when known), subject, key.
-const VERSION: u8 = 3;
+const VERSION: u8 = 4;
 const UNCONFIRMED: u8 = 0;
 const UNKNOWN: u8 = 1;
 const KNOWN: u8 = 2;
-/// Every fixed-width field without a flight (2 bytes, 2 flags, 5 amounts, 14 integers), and what a
+/// Every fixed-width field without a flight (2 bytes, 3 flags, 5 amounts, 14 integers), and what a
 /// flight adds: the encoding is allocated once, at its final size.
-const FIXED_LEN: usize = 2 + 2 + 5 * 16 + 14 * 8;
+const FIXED_LEN: usize = 2 + 3 + 5 * 16 + 14 * 8;
 const FLIGHT_LEN: usize = 16 + 4 * 8;
 
 impl Keyed for CustomerEntry {
@@ -361,6 +372,7 @@ impl Keyed for CustomerEntry {
         w.u64(self.last_used_ms);
         let lease = &self.lease;
         w.u8(u8::from(lease.open));
+        w.u8(u8::from(lease.dry));
         w.u64(lease.seq);
         w.amount(lease.remaining);
         w.u64(lease.spend_until_ms);
@@ -407,6 +419,7 @@ impl Keyed for CustomerEntry {
         let last_used_ms = r.u64()?;
         let lease = Lease {
             open: r.flag()?,
+            dry: r.flag()?,
             seq: r.u64()?,
             remaining: r.amount()?,
             spend_until_ms: r.u64()?,
@@ -541,6 +554,7 @@ mod tests {
             spend_until_ms: 9000,
             revision: -2,
             floor_seq: 1,
+            dry: true,
         };
         e
     }
@@ -615,16 +629,17 @@ mod tests {
             proptest::option::of((any::<u64>(), any::<u64>(), any_amount(), any::<u64>(), any::<u64>()).prop_map(
                 |(a, b, amount, owner, sent_ms)| Flight { from: a.min(b), to: a.max(b), amount, owner, sent_ms },
             ));
-        let lease = (any::<bool>(), any::<u64>(), any_amount(), any::<u64>(), any::<i64>(), any::<u64>()).prop_map(
-            |(open, seq, remaining, spend_until_ms, revision, floor_seq)| Lease {
-                open,
-                seq,
-                remaining,
-                spend_until_ms,
-                revision,
-                floor_seq,
-            },
-        );
+        let lease =
+            (any::<bool>(), any::<u64>(), any_amount(), any::<u64>(), any::<i64>(), any::<u64>(), any::<bool>())
+                .prop_map(|(open, seq, remaining, spend_until_ms, revision, floor_seq, dry)| Lease {
+                    open,
+                    seq,
+                    remaining,
+                    spend_until_ms,
+                    revision,
+                    floor_seq,
+                    dry,
+                });
         let rate = (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(a, b, c)| RateMeter {
             window_start_ms: a,
             window_start_call: b,

@@ -340,8 +340,10 @@ fn hold_from_lease(
         LedgerAccess::Reachable => (None, (ScopeVerdict::Call(Verdict::AskLedger), Effects::default())),
         LedgerAccess::Asked if e.is_fresh(now_ms, u64::from(config.sync.max_stale_ms)) => {
             let leased = if e.lease.open && now_ms < e.lease.spend_until_ms { e.lease.remaining } else { Amount::ZERO };
-            let available = leased.max(Amount::ZERO) + e.live.max(Amount::ZERO);
-            if available >= amount && e.live.is_positive() {
+            // Live credit the ledger would not lease (it expires too soon) pays for nothing here.
+            let live = if e.lease.dry { Amount::ZERO } else { e.live.max(Amount::ZERO) };
+            let available = leased.max(Amount::ZERO) + live;
+            if available >= amount && live.is_positive() {
                 // Covered by credit the ledger has not set aside for this node yet (calls that
                 // waited for the same top-up took it): ask for another.
                 return (None, (ScopeVerdict::Call(Verdict::AskLedger), Effects::default()));
@@ -542,7 +544,21 @@ mod tests {
                 expires_at: chrono::DateTime::UNIX_EPOCH,
                 closed: false,
             };
-            e.apply_lease(&answer, 1, 1, at, c.lease.ttl_ms, crate::lease::reserve_ms(c));
+            let asked = credits::sync::LeaseRequest {
+                lease_id: "l".into(),
+                seq: 1,
+                want: amt(held),
+                ttl_ms: c.lease.ttl_ms,
+                release: false,
+            };
+            let answered = crate::customer::LeaseAnswered {
+                answer: &answer,
+                asked: &asked,
+                revision: 1,
+                sent_ms: at,
+                lasts_ms: c.lease.ttl_ms,
+            };
+            e.apply_lease(&answered, crate::lease::reserve_ms(c));
             (Some(e), ())
         })
         .unwrap();
@@ -581,6 +597,49 @@ mod tests {
         assert_eq!(
             call(&store, &c, "alice", amt("0.10"), 7, LedgerAccess::Asked).0,
             Verdict::Refuse { scope: 0, needed: amt("0.10"), available: amt("0.00") }
+        );
+    }
+
+    #[test]
+    fn a_lease_whose_credit_expires_before_it_can_be_spent_refuses_instead_of_asking_again() {
+        let store = FakeShared::new(Rules::Envoy);
+        let c = config(r#", "sync": {"strategy": "lease"}, "lease": {"ttl_ms": 10000}"#);
+        let key = entry_key(&c, &c.pricing.scopes[0], "alice");
+        // The ledger leases 0.50 that expires in 2 s: within the node's reserve (3 s). What is
+        // still live (0.40) is the same expiring credit, which the ledger would not lease either.
+        shared::update::<CustomerEntry, ()>(&store, &key, |e| {
+            let mut e = e.unwrap_or_else(|| CustomerEntry::new(&key, "alice", 1000));
+            e.refresh("cust", amt("0.40"), 1, 1000);
+            let answer = credits::sync::LeaseAnswer {
+                lease_id: "l".into(),
+                held: amt("0.50"),
+                granted: amt("0.50"),
+                expires_at: chrono::DateTime::UNIX_EPOCH,
+                closed: false,
+            };
+            let asked = credits::sync::LeaseRequest {
+                lease_id: "l".into(),
+                seq: 1,
+                want: amt("0.50"),
+                ttl_ms: 10_000,
+                release: false,
+            };
+            let answered = crate::customer::LeaseAnswered {
+                answer: &answer,
+                asked: &asked,
+                revision: 2,
+                sent_ms: 1000,
+                lasts_ms: 2000,
+            };
+            e.apply_lease(&answered, crate::lease::reserve_ms(&c));
+            assert!(e.lease.dry);
+            (Some(e), ())
+        })
+        .unwrap();
+        assert_eq!(call(&store, &c, "alice", amt("0.10"), 1100, LedgerAccess::Reachable).0, Verdict::AskLedger);
+        assert_eq!(
+            call(&store, &c, "alice", amt("0.10"), 1100, LedgerAccess::Asked).0,
+            Verdict::Refuse { scope: 0, needed: amt("0.10"), available: amt("0") }
         );
     }
 

@@ -1,7 +1,8 @@
 //! The node's leases: their ids, how much credit each should hold, when the node stops spending
 //! one, and what to ask the ledger about it on each sync.
 
-use credits::sync::LeaseRequest;
+use chrono::{DateTime, Utc};
+use credits::sync::{LeaseAnswer, LeaseRequest};
 use credits::Amount;
 
 use crate::config::FilterConfig;
@@ -19,6 +20,15 @@ pub fn id(node: &str, config: &FilterConfig, scope: &Scope, subject: &str) -> St
 /// behind an unanswered one until its timeout, and a tenth of the TTL for the way there.
 pub fn reserve_ms(config: &FilterConfig) -> u64 {
     u64::from(config.sync.interval_ms) + u64::from(config.ledger.timeout_ms) + config.lease.ttl_ms / 10
+}
+
+/// How long after its request left a lease may be spent from, before the reserve: its TTL, or
+/// less when the ledger says the credit behind it expires sooner. Counted on the ledger's
+/// clock (`expires_at` against the answer's `server_time`), so the node's clock skew does not
+/// matter; an answer whose lease has already expired gives nothing to spend.
+pub fn lasts_ms(answer: &LeaseAnswer, server_time: DateTime<Utc>, ttl_ms: u64) -> u64 {
+    let left = answer.expires_at.signed_duration_since(server_time).num_milliseconds();
+    u64::try_from(left).unwrap_or(0).min(ttl_ms)
 }
 
 /// The credit a lease should hold: enough at the observed rate for `lease.horizon_ms`, or until

@@ -12,7 +12,7 @@ use credits::sync::{
 use credits::Amount;
 
 use crate::config::{FilterConfig, Strategy};
-use crate::customer::{entry_key, CustomerEntry, Standing};
+use crate::customer::{entry_key, CustomerEntry, LeaseAnswered, Standing};
 use crate::lease;
 use crate::pricing::Scope;
 use crate::registry;
@@ -356,8 +356,14 @@ pub fn apply(
                         a.calls_confirmed += if was_in_flight { range.calls() } else { 0 };
                     }
                     if let (Some(lease), Some(asked_lease)) = (lease, &asked.lease) {
-                        let reserve = lease::reserve_ms(config);
-                        e.apply_lease(lease, asked_lease.seq, *revision, pending.sent_ms, config.lease.ttl_ms, reserve);
+                        let answered = LeaseAnswered {
+                            answer: lease,
+                            asked: asked_lease,
+                            revision: *revision,
+                            sent_ms: pending.sent_ms,
+                            lasts_ms: lease::lasts_ms(lease, response.server_time, config.lease.ttl_ms),
+                        };
+                        e.apply_lease(&answered, lease::reserve_ms(config));
                     }
                     e.refresh(customer_id, *live, *revision, now_ms);
                 }

@@ -146,3 +146,57 @@ async fn a_killed_nodes_lease_expires_and_its_credit_serves_the_other_node() {
     ledger.wait_settled(&gus, "0.00").await;
     ledger.check().await;
 }
+
+/// A grant that expires while leases hold it: calls stop before the expiry instant, the ledger
+/// books exactly what was let through, and what expires is only what nobody spent — nothing is
+/// booked without credit (the balance never goes below zero).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn credit_is_never_spent_after_it_expires() {
+    let dir = TempDir::new("expiring");
+    let ledger = Ledger::start(&dir.0).await;
+    let c = ledger
+        .post(
+            "/v3/openmeter/customers",
+            json!({"name": "ida", "key": "ida", "usage_attribution": {"subject_keys": ["ida"]}}),
+        )
+        .await;
+    let ida = c["id"].as_str().expect("id").to_owned();
+    let grant = ledger
+        .post(
+            &format!("/v3/openmeter/customers/{ida}/credits/grants"),
+            json!({"name": "promo", "funding_method": "none", "currency": "USD", "amount": "1.00", "expires_after": "PT8S"}),
+        )
+        .await;
+    let (up, _u) = upstream().await;
+    let envoy = Envoy::start(&dir.0, up, ledger.port, &lease_config()).await;
+    // Steady calls, fewer than the credit pays for before it expires, until well after that.
+    let started = Instant::now();
+    let mut let_through = 0u64;
+    while started.elapsed() < Duration::from_secs(11) {
+        let (status, _, body) = envoy.call(Some("ida")).await;
+        match status {
+            200 => let_through += 1,
+            402 => {}
+            other => panic!("unexpected status {other} after {:?}: {body}", started.elapsed()),
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert!(let_through > 0, "the grant paid for calls before it expired");
+    ledger.wait_settled(&ida, "0.00").await;
+    let consumed = ledger.consumed(&ida).await;
+    assert_eq!(consumed, rust_decimal::Decimal::new(i64::try_from(let_through).unwrap(), 2), "every call booked once");
+    let history = ledger.get(&format!("/v3/openmeter/customers/{ida}/credits/transactions?page[size]=1000")).await;
+    let expired: rust_decimal::Decimal = history["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["type"] == "expired")
+        .map(|t| -t["amount"].as_str().unwrap().parse::<rust_decimal::Decimal>().unwrap())
+        .sum();
+    assert_eq!(
+        consumed + expired,
+        rust_decimal::Decimal::new(100, 2),
+        "of {grant}: consumed {consumed} + expired {expired}"
+    );
+    ledger.check().await;
+}

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use credits::sync::{SyncRequest, SyncResponse};
-use credits::{Amount, Book};
+use credits::{Amount, Book, GrantId};
 
 /// A grant the scenario starts with, in calls' worth of credit and simulated milliseconds.
 #[derive(Clone, Debug)]
@@ -37,6 +37,10 @@ pub trait Ledger {
     fn job(&mut self, now: DateTime<Utc>);
     /// Stops and starts again on the same store.
     fn restart(&mut self);
+    /// The id of the scenario's grant `index`, if there is one.
+    fn grant_id(&self, index: usize) -> Option<GrantId>;
+    /// Voids a grant at `now`, as an operator does through the API.
+    fn void(&mut self, grant: &GrantId, now: DateTime<Utc>);
     fn books(&mut self) -> Books;
 }
 

@@ -1,8 +1,9 @@
 //! Deterministic simulation of the sync protocol: the filter's real decision and sync code on
 //! several nodes and workers, against a ledger, through a network that loses, duplicates, delays
 //! and reorders requests and answers, with worker resets, clock skew between nodes, ledger
-//! restarts, lease expiries and grant expiries. An auditor checks every step (see
-//! [`world::Sim::audit`]).
+//! restarts, lease expiries, grant expiries and voids. An auditor checks every step (see
+//! [`world::Sim::audit`]): never more let through than the credit, except what a void or the
+//! network (calls not yet booked when their credit expired) accounts for; each call booked once.
 //!
 //! Two runs of the same world:
 //! - against the credit model alone, by proptest (many cases, shrinks a failure);
@@ -81,6 +82,11 @@ fn the_real_ledger_books_every_call_once_and_never_lets_through_more_than_the_cr
     assert!(failed.is_empty(), "failing seeds: {failed:?}");
 }
 
+/// `PROPTEST_CASES` if set (proptest reads it only where a test sets no count of its own).
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(default)
+}
+
 #[test]
 fn a_seed_replays_identically() {
     assert_eq!(format!("{:?}", scenario_of(7)), format!("{:?}", scenario_of(7)));
@@ -88,7 +94,7 @@ fn a_seed_replays_identically() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(64), failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn the_credit_model_books_every_call_once_and_never_lets_through_more_than_the_credit(s in world::scenario(MAX_ACTIONS)) {

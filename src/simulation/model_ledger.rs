@@ -106,6 +106,16 @@ impl Ledger for ModelLedger {
     /// Memory is this ledger's store: a restart loses nothing.
     fn restart(&mut self) {}
 
+    fn grant_id(&self, index: usize) -> Option<GrantId> {
+        self.book.grants().get(index).map(|g| g.grant.id.clone())
+    }
+
+    fn void(&mut self, grant: &GrantId, now: DateTime<Utc>) {
+        let entries = self.book.void(grant, now).unwrap();
+        self.journal.extend(entries);
+        self.revision += 1;
+    }
+
     fn books(&mut self) -> Books {
         let mut booked: BTreeMap<String, Vec<(u64, u64)>> = BTreeMap::new();
         for (node, from, to) in self.seen.iter().filter_map(|k| parse_range_key(k)) {

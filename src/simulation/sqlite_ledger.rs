@@ -8,10 +8,9 @@ use std::sync::Arc;
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::response::Response;
 use chrono::{DateTime, Utc};
 use credits::sync::{SyncRequest, SyncResponse};
-use credits::Amount;
+use credits::{Amount, GrantId};
 use ledger::api::request::Json;
 use ledger::api::{self, AppState, Auth};
 use ledger::db::{micros, Clock, Db};
@@ -30,6 +29,8 @@ pub struct SqliteLedger {
     instant: Arc<AtomicI64>,
     state: Option<AppState>,
     customer_id: String,
+    /// The scenario's grants, in order.
+    grant_ids: Vec<String>,
     /// What the ledger failed to do (nothing is expected to fail: its store never does here).
     failures: Vec<String>,
 }
@@ -43,8 +44,8 @@ fn scratch_dir() -> PathBuf {
     base.join(format!("prepaid-credits-sim-{}-{n}", std::process::id()))
 }
 
-fn created(response: Response, what: &str) {
-    assert_eq!(response.status(), StatusCode::CREATED, "creating {what}");
+fn created(status: StatusCode, what: &str) {
+    assert_eq!(status, StatusCode::CREATED, "creating {what}");
 }
 
 impl SqliteLedger {
@@ -62,18 +63,20 @@ impl SqliteLedger {
             instant,
             state: None,
             customer_id: String::new(),
+            grant_ids: Vec::new(),
             failures: Vec::new(),
         };
         ledger.restart();
         let state = ledger.state().clone();
-        ledger.customer_id = ledger.runtime.block_on(async {
+        (ledger.customer_id, ledger.grant_ids) = ledger.runtime.block_on(async {
             let body = json!({"name": subject, "key": subject, "usage_attribution": {"subject_keys": [subject]}});
             let response = api::customers::create(State(state.clone()), Json(serde_json::from_value(body).unwrap()))
                 .await
                 .unwrap();
-            created(response, "the customer");
+            created(response.status(), "the customer");
             let mut conn = state.db.pool().acquire().await.unwrap();
             let id = customers::by_subject(&mut conn, subject).await.unwrap().unwrap();
+            let mut grant_ids = Vec::new();
             for plan in grants {
                 let mut body = json!({"name": "grant", "funding_method": "none", "currency": "USD",
                     "amount": price.times(plan.calls).unwrap().to_string(), "priority": plan.priority,
@@ -83,9 +86,12 @@ impl SqliteLedger {
                 }
                 let request = Json(serde_json::from_value(body).unwrap());
                 let response = api::grants::create(State(state.clone()), Path(id.clone()), request).await.unwrap();
-                created(response, "a grant");
+                created(response.status(), "a grant");
+                let body = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+                let grant: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                grant_ids.push(grant["id"].as_str().unwrap().to_owned());
             }
-            id
+            (id, grant_ids)
         });
         ledger
     }
@@ -127,6 +133,19 @@ impl Ledger for SqliteLedger {
         let db = self.runtime.block_on(Db::connect(&self.url)).unwrap().with_clock(self.clock.clone());
         let max_body_bytes = ledger::api::request::DEFAULT_MAX_BODY_BYTES;
         self.state = Some(AppState { db, auth: Auth::Open, metrics: Default::default(), max_body_bytes });
+    }
+
+    fn grant_id(&self, index: usize) -> Option<GrantId> {
+        self.grant_ids.get(index).map(|id| GrantId(id.clone()))
+    }
+
+    fn void(&mut self, grant: &GrantId, now: DateTime<Utc>) {
+        self.set_clock(now);
+        let state = self.state().clone();
+        let path = Path((self.customer_id.clone(), grant.0.clone()));
+        if let Err(p) = self.runtime.block_on(api::grants::void(State(state), path)) {
+            self.failures.push(format!("void: {} {}", p.status, p.detail));
+        }
     }
 
     fn books(&mut self) -> Books {

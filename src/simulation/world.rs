@@ -51,16 +51,19 @@ pub enum Action {
     LedgerJob,
     /// The ledger stops and starts again on the same store.
     LedgerRestart,
+    /// An operator voids one of the scenario's grants.
+    Void { grant: usize },
 }
 
 fn action() -> impl Strategy<Value = Action> {
     prop_oneof![
-        6 => (0..NODES, 0..WORKERS).prop_map(|(node, worker)| Action::Call { node, worker }),
-        5 => any::<usize>().prop_map(|pick| Action::Deliver { pick }),
-        4 => (1u64..150, any::<u64>()).prop_map(|(ms, fates)| Action::Advance { ms, fates }),
-        1 => (0..NODES, 0..WORKERS).prop_map(|(node, worker)| Action::Reset { node, worker }),
-        1 => Just(Action::LedgerJob),
-        1 => Just(Action::LedgerRestart),
+        24 => (0..NODES, 0..WORKERS).prop_map(|(node, worker)| Action::Call { node, worker }),
+        20 => any::<usize>().prop_map(|pick| Action::Deliver { pick }),
+        16 => (1u64..150, any::<u64>()).prop_map(|(ms, fates)| Action::Advance { ms, fates }),
+        4 => (0..NODES, 0..WORKERS).prop_map(|(node, worker)| Action::Reset { node, worker }),
+        4 => Just(Action::LedgerJob),
+        4 => Just(Action::LedgerRestart),
+        1 => (0usize..3).prop_map(|grant| Action::Void { grant }),
     ]
 }
 
@@ -76,15 +79,22 @@ pub struct Scenario {
     pub actions: Vec<Action>,
 }
 
-/// Promotional credit consumed first that expires mid-run, credit that never expires, and
-/// (sometimes) credit that becomes effective later.
+/// Promotional credit consumed first that expires mid-run, (usually) credit that never expires,
+/// and (sometimes) credit that becomes effective later. Without the never-expiring credit the
+/// expiring grant is all there is until the later one: nothing covers what leases would spend
+/// of it after its expiry.
 fn grants() -> impl Strategy<Value = Vec<GrantPlan>> {
-    (1u64..15, 300u64..5_000, 5u64..25, 0u64..10, 500u64..5_000).prop_map(
+    (1u64..15, 300u64..5_000, prop_oneof![1 => Just(0u64), 3 => 5u64..25], 0u64..10, 500u64..5_000).prop_map(
         |(promo, promo_life_ms, main, later, later_ms)| {
-            let mut plans = vec![
-                GrantPlan { calls: promo, priority: 1, effective_ms: START_MS, expires_after_ms: Some(promo_life_ms) },
-                GrantPlan { calls: main, priority: 10, effective_ms: START_MS, expires_after_ms: None },
-            ];
+            let mut plans = vec![GrantPlan {
+                calls: promo,
+                priority: 1,
+                effective_ms: START_MS,
+                expires_after_ms: Some(promo_life_ms),
+            }];
+            if main > 0 {
+                plans.push(GrantPlan { calls: main, priority: 10, effective_ms: START_MS, expires_after_ms: None });
+            }
             if later > 0 {
                 plans.push(GrantPlan {
                     calls: later,
@@ -131,8 +141,9 @@ pub struct Stats {
     pub worker_resets: u64,
     pub ledger_restarts: u64,
     pub ledger_jobs: u64,
-    /// The most the expiry allowance was needed (see [`Sim::audit`]).
-    pub expiry_excess: Amount,
+    pub voids: u64,
+    /// The most the auditor's allowance was needed (see [`Sim::audit`]).
+    pub excess: Amount,
 }
 
 struct Node {
@@ -174,11 +185,12 @@ pub struct Sim<L: Ledger> {
     reliable: bool,
     /// The customer's book as of the last audit; `None`: the ledger changed since.
     book: Option<Book>,
-    /// Each expiring grant's instant (ms) and, once passed, what leases held then.
+    /// Each expiring grant's instant (ms) and, once passed, the calls let through by then that
+    /// the ledger had not booked (priced).
     expiries: Vec<(u64, Option<Amount>)>,
+    /// For each void, what leases held of the voided grant at that instant.
+    voided_held: Vec<Amount>,
     pub stats: Stats,
-    /// Hold the auditor to the balance alone, with no allowance for grants expiring under leases.
-    strict: bool,
     /// Dispatches the engine still waits for, by (node, worker instance, token).
     outstanding: BTreeMap<Outstanding, Message>,
 }
@@ -231,7 +243,7 @@ impl<L: Ledger> Sim<L> {
             book: None,
             expiries: s.grants.iter().filter_map(|g| Some((g.effective_ms + g.expires_after_ms?, None))).collect(),
             stats: Stats::default(),
-            strict: std::env::var_os("SIM_STRICT").is_some(),
+            voided_held: Vec::new(),
             outstanding: BTreeMap::new(),
         }
     }
@@ -375,18 +387,32 @@ impl<L: Ledger> Sim<L> {
         }
     }
 
-    /// Records the credit leases hold as a grant expires (see [`Sim::expiry_allowance`]). Runs
-    /// before this millisecond's requests reach the ledger, so the book is as of the instant.
+    /// Records, as a grant expires, the calls let through that the ledger has not booked yet
+    /// (see [`Sim::allowance`]). Runs before this millisecond's requests reach the ledger, so
+    /// the books are as of the instant.
     fn note_expiries(&mut self) {
         for i in 0..self.expiries.len() {
             let (ms, noted) = self.expiries[i];
             if noted.is_none() && ms <= self.now {
-                let book = self.book.take().unwrap_or_else(|| self.ledger.books().book);
-                let held = book.holds().iter().filter(|h| h.is_open_at(at(ms))).map(|h| h.amount).sum();
-                self.expiries[i].1 = Some(held);
-                self.book = Some(book);
+                let booked: u64 = self.ledger.books().booked.values().flatten().map(|(from, to)| to - from).sum();
+                let unreported = self.let_through().saturating_sub(booked);
+                self.expiries[i].1 = Some(self.config.price.times(unreported).unwrap());
             }
         }
+    }
+
+    /// Voids grant `index` of the scenario (if it has one), noting first what leases held of it.
+    fn void(&mut self, index: usize) {
+        let Some(id) = self.ledger.grant_id(index) else { return };
+        let book = self.book.take().unwrap_or_else(|| self.ledger.books().book);
+        if book.grant(&id).is_none_or(|g| g.grant.voided_at.is_some()) {
+            return;
+        }
+        let now = at(self.now);
+        let backing = book.holds().iter().filter(|h| h.is_open_at(now)).flat_map(|h| &h.backing);
+        self.voided_held.push(backing.filter(|b| b.grant_id == id).map(|b| b.amount).sum());
+        self.ledger.void(&id, now);
+        self.stats.voids += 1;
     }
 
     /// Dispatches whose answer did not come by the timeout get the engine's failure.
@@ -417,6 +443,10 @@ impl<L: Ledger> Sim<L> {
             Action::LedgerJob => {
                 self.ledger.job(at(self.now));
                 self.stats.ledger_jobs += 1;
+                self.book = None;
+            }
+            Action::Void { grant } => {
+                self.void(grant);
                 self.book = None;
             }
             Action::LedgerRestart => {
@@ -468,9 +498,9 @@ impl<L: Ledger> Sim<L> {
         }
         // Time alone lowers the credit (expiries), so this is checked whatever the step did.
         let credit = self.book.as_ref().map_or(Amount::ZERO, |b| credit_until(b, self.now));
-        let allowance = if self.strict { Amount::ZERO } else { self.expiry_allowance() };
+        let allowance = self.allowance();
         let spent = self.config.price.times(self.let_through()).unwrap();
-        self.stats.expiry_excess = self.stats.expiry_excess.max(spent - credit);
+        self.stats.excess = self.stats.excess.max(spent - credit);
         if spent > credit + allowance {
             return Err(format!(
                 "let through {} calls ({spent}) with credit {credit} (allowance {allowance})",
@@ -480,21 +510,26 @@ impl<L: Ledger> Sim<L> {
         Ok(())
     }
 
-    /// A known gap, allowed for explicitly: a grant's expiry takes all its unused credit, also
-    /// what leases hold of it; calls spent from those leases are booked afterwards as uncovered
-    /// usage. So each expiry may let through up to the lesser of what it took and what leases
-    /// held at that instant. `SIM_STRICT=1` allows nothing.
-    fn expiry_allowance(&self) -> Amount {
+    /// What the auditor allows beyond the credit, each an event the nodes cannot see coming:
+    /// - an expiry: calls let through before the instant that had not reached the ledger by then
+    ///   (the network kept them; leases stop spending a reserve before their credit expires, so
+    ///   without faults nothing is in flight then), at most what expired;
+    /// - a void: what leases held of the voided grant (nodes spend it until their next sync).
+    ///
+    /// A call let through from a lease after its credit expired is never allowed for.
+    fn allowance(&self) -> Amount {
         let Some(book) = &self.book else { return Amount::ZERO };
         let mut view = book.clone();
         view.try_advance(at(self.now)).unwrap();
-        self.expiries
+        let expiries: Amount = self
+            .expiries
             .iter()
-            .filter_map(|(ms, held)| {
+            .filter_map(|(ms, unreported)| {
                 let expired = view.grants().iter().find(|g| g.grant.expires_at == Some(at(*ms)))?.expired;
-                Some(expired.min((*held)?))
+                Some(expired.min((*unreported)?))
             })
-            .sum()
+            .sum();
+        expiries + self.voided_held.iter().copied().sum::<Amount>()
     }
 
     /// After the drain: each call booked exactly once, nothing left held.

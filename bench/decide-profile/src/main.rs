@@ -12,10 +12,10 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-use credits::sync::LeaseAnswer;
+use credits::sync::{LeaseAnswer, LeaseRequest};
 use credits::Amount;
 use prepaid_credits::config::FilterConfig;
-use prepaid_credits::customer::{entry_key, CustomerEntry};
+use prepaid_credits::customer::{entry_key, CustomerEntry, LeaseAnswered};
 use prepaid_credits::decision::{admit, complete, LedgerAccess, Verdict};
 use prepaid_credits::shared::{self, CasMismatch, Keyed, SharedData};
 
@@ -67,7 +67,11 @@ fn lease(store: &Store, config: &FilterConfig, subject: &str, held: Amount, now_
         let mut e = e.unwrap_or_else(|| CustomerEntry::new(&key, subject, now_ms));
         e.refresh("01JCUSTOMER0000000000000000", Amount::ZERO, 1, now_ms);
         // A day of TTL: the lease stays spendable for the whole run.
-        e.apply_lease(&answer, 1, 2, now_ms, 86_400_000, 0);
+        let asked =
+            LeaseRequest { lease_id: answer.lease_id.clone(), seq: 1, want: held, ttl_ms: 86_400_000, release: false };
+        let answered =
+            LeaseAnswered { answer: &answer, asked: &asked, revision: 2, sent_ms: now_ms, lasts_ms: 86_400_000 };
+        e.apply_lease(&answered, 0);
         let size = e.encode().len();
         (Some(e), size)
     })

@@ -178,7 +178,9 @@ fn serve_lease(
             // A request number already applied is a retry (or overtaken): it renews but adds nothing.
             let want = if seq > k.last_seq && !request.release { request.want } else { Amount::ZERO };
             let granted = only_overflow(book.extend_hold(&id, want, expires_at, now))?.0;
-            let (held, expires_at) = book.hold(&id).map_or((Amount::ZERO, expires_at), |h| (h.amount, h.expires_at));
+            let held = book.hold(&id).map_or(Amount::ZERO, |h| h.amount);
+            // Earlier than the TTL when the credit behind the lease expires sooner.
+            let expires_at = book.spend_by(&id).unwrap_or(expires_at);
             served.lease_seq = (seq > k.last_seq).then_some(seq);
             served.lease =
                 Some(LeaseAnswer { lease_id: request.lease_id.clone(), held, granted, expires_at, closed: false });
@@ -188,8 +190,10 @@ fn serve_lease(
         known => {
             let last_seq = known.map_or(-1, |k| k.last_seq);
             let want = if seq > last_seq { request.want } else { Amount::ZERO };
-            let placed = book.place_hold(id, s.currency, s.feature_key.clone(), want, expires_at, now);
+            let placed = book.place_hold(id.clone(), s.currency, s.feature_key.clone(), want, expires_at, now);
             let granted = only_overflow(placed)?.0;
+            // Earlier than the TTL when the credit behind the lease expires sooner.
+            let expires_at = book.spend_by(&id).unwrap_or(expires_at);
             served.lease_seq = Some(seq.max(last_seq));
             served.lease_opened = true;
             served.lease = Some(LeaseAnswer {

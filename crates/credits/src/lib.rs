@@ -19,7 +19,8 @@ pub mod money;
 pub mod sync;
 
 pub use book::{
-    Book, ChargeError, CurrencyBalance, Debt, GrantState, Hold, HoldId, Refusal, SettlementMode, Spend, SpendOutcome,
+    Book, ChargeError, CurrencyBalance, Debt, GrantState, Hold, HoldBacking, HoldId, Refusal, SettlementMode, Spend,
+    SpendOutcome,
 };
 pub use duration::IsoDuration;
 pub use error::{AmountOverflow, ModelError};

@@ -52,6 +52,11 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// `PROPTEST_CASES` if set (proptest reads it only where a test sets no count of its own).
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(default)
+}
+
 fn cents(n: impl Into<i64>) -> Amount {
     Amount::new(rust_decimal::Decimal::new(n.into(), 2))
 }
@@ -332,7 +337,7 @@ impl AvailableAfterAdvance for Book {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(256), failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn random_operations_keep_every_invariant(ops in proptest::collection::vec((op(), 0u32..30), 1..40)) {
@@ -366,5 +371,97 @@ proptest! {
         }
         prop_assert!(spent <= total);
         prop_assert_eq!(settled(&book, t(1)), total - spent);
+    }
+}
+
+/// What a lease holder does: open or renew its hold, spend what the last answer left it before
+/// the hold's `spend_by`, give it back — among other customers' charges and time passing.
+#[derive(Clone, Debug)]
+enum HolderOp {
+    Grant { priority: i64, cents: u32, lasts_hours: Option<u32>, features: u8 },
+    Charge { cents: u32, feature: u8 },
+    Hold { holder: usize, cents: u32, lasts_hours: u32 },
+    Spend { holder: usize, cents: u32 },
+    Release { holder: usize },
+    Wait { hours: u32 },
+}
+
+fn holder_op() -> impl Strategy<Value = HolderOp> {
+    prop_oneof![
+        2 => (1i64..4, 1u32..5000, proptest::option::of(1u32..48), 0u8..4)
+            .prop_map(|(priority, cents, lasts_hours, features)| HolderOp::Grant { priority, cents, lasts_hours, features }),
+        2 => (1u32..2000, 0u8..3).prop_map(|(cents, feature)| HolderOp::Charge { cents, feature }),
+        3 => (0usize..3, 1u32..3000, 1u32..24).prop_map(|(holder, cents, lasts_hours)| HolderOp::Hold { holder, cents, lasts_hours }),
+        4 => (0usize..3, 1u32..1500).prop_map(|(holder, cents)| HolderOp::Spend { holder, cents }),
+        1 => (0usize..3).prop_map(|holder| HolderOp::Release { holder }),
+        2 => (1u32..30).prop_map(|hours| HolderOp::Wait { hours }),
+    ]
+}
+
+/// One holder's view of its hold, from the book's last answer.
+#[derive(Clone, Default)]
+struct Holder {
+    open: bool,
+    left: Amount,
+    until: Option<DateTime<Utc>>,
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(512), failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// A lease never outlives its credit: what a holder spends of what it was given, before the
+    /// `spend_by` it was told, is always covered — whatever expires, whatever others charge.
+    #[test]
+    fn spending_within_a_hold_is_always_covered(ops in proptest::collection::vec(holder_op(), 1..60)) {
+        let mut book = Book::new();
+        let mut now = t(0);
+        let mut holders = vec![Holder::default(); 3];
+        let features = |holder: usize| feature_of(holder as u8);
+        for (n, op) in ops.iter().enumerate() {
+            match op {
+                HolderOp::Grant { priority, cents: c, lasts_hours, features: f } => {
+                    let spec = GrantSpec { currency: usd(), amount: cents(*c), funding_method: FundingMethod::None, purchase: None, priority: Priority::new(*priority).unwrap(), effective_at: None, expires_after: lasts_hours.map(|h| IsoDuration::parse(&format!("PT{h}H")).unwrap()), features: filter_of(*f) };
+                    book.add_grant(Grant::new(spec, GrantId(format!("g{n}")), now, n as i64).unwrap(), now).unwrap();
+                }
+                HolderOp::Charge { cents: c, feature } => {
+                    let spend = Spend { currency: usd(), amount: cents(*c), feature: feature_of(*feature), mode: SettlementMode::CreditOnly };
+                    let _ = book.charge(&spend, now);
+                }
+                HolderOp::Hold { holder, cents: c, lasts_hours } => {
+                    let id = HoldId(format!("h{holder}"));
+                    let ttl = now + TimeDelta::hours(i64::from(*lasts_hours));
+                    let open = book.hold(&id).is_some_and(|h| !h.released && now < h.expires_at);
+                    if open {
+                        book.extend_hold(&id, cents(*c), ttl, now).unwrap();
+                    } else {
+                        book.place_hold(id.clone(), usd(), features(*holder), cents(*c), ttl, now).unwrap();
+                    }
+                    let h = book.hold(&id).unwrap();
+                    let until = book.spend_by(&id).unwrap();
+                    prop_assert!(until <= h.expires_at && ttl <= h.expires_at, "spent beyond its TTL");
+                    holders[*holder] = Holder { open: true, left: h.amount, until: Some(until) };
+                }
+                HolderOp::Spend { holder, cents: c } => {
+                    let view = holders[*holder].clone();
+                    let amount = cents(*c).min(view.left);
+                    if view.open && amount.is_positive() && view.until.is_some_and(|u| now < u) {
+                        let spend = Spend { currency: usd(), amount, feature: features(*holder), mode: SettlementMode::CreditOnly };
+                        let out = book.capture(&HoldId(format!("h{holder}")), &spend, now).unwrap();
+                        prop_assert_eq!(out.uncovered, Amount::ZERO, "spent within its hold, booked uncovered");
+                        holders[*holder].left = view.left - amount;
+                    }
+                }
+                HolderOp::Release { holder } => {
+                    let _ = book.release_hold(&HoldId(format!("h{holder}")));
+                    holders[*holder] = Holder::default();
+                }
+                HolderOp::Wait { hours } => {
+                    now += TimeDelta::hours(i64::from(*hours));
+                    book.try_advance(now).unwrap();
+                    book.expire_holds(now);
+                }
+            }
+            prop_assert!(book.debts().is_empty(), "uncovered usage after {op:?}");
+        }
     }
 }

@@ -134,6 +134,65 @@ fn live_is_settled_minus_open_holds_100_settled_25_held_75_live() {
 }
 
 #[test]
+fn a_hold_never_outlives_the_credit_behind_it() {
+    // A(p1, T5, 10) is the only credit: a hold asked until T9 closes at T5 with A.
+    let mut book = book_with(vec![grant("A", 1, Some(t(5)), "10").build()]);
+    let lease = HoldId("lease".into());
+    let (granted, _) = book.place_hold(lease.clone(), usd(), None, amt("4"), t(9), t(1)).unwrap();
+    assert_eq!((granted, book.spend_by(&lease).unwrap()), (amt("4"), t(5)));
+    // Usage captured before T5 is paid by A; at T5 the rest of A expires, and the hold with it.
+    let out = book.capture(&lease, &spend("3", None, SettlementMode::CreditOnly), t(4)).unwrap();
+    assert_eq!((consumed(&out), out.uncovered), (vec![("A".into(), amt("3"))], amt("0")));
+    let b = &book.try_balances(t(5), None).unwrap()[0];
+    assert_eq!((b.settled, b.live), (amt("0"), amt("0")));
+}
+
+#[test]
+fn a_hold_prefers_credit_that_outlives_it_and_renews_onto_it() {
+    // A(p1, T5, 10) expires before the hold's TTL, C(p2, never, 10) does not: the hold sits on
+    // C and lasts its TTL, while charges still draw A first.
+    let mut book =
+        book_with(vec![grant("A", 1, Some(t(5)), "10").seq(1).build(), grant("C", 2, None, "10").seq(2).build()]);
+    let lease = HoldId("lease".into());
+    book.place_hold(lease.clone(), usd(), None, amt("6"), t(9), t(1)).unwrap();
+    assert_eq!(book.spend_by(&lease).unwrap(), t(9));
+    let out = book.charge(&spend("2", None, SettlementMode::CreditOnly), t(2)).unwrap();
+    assert_eq!(consumed(&out), vec![("A".into(), amt("2"))]);
+    // More than C can back: the rest sits on A and the hold is now spent by T5 …
+    let (added, _) = book.extend_hold(&lease, amt("8"), t(9), t(3)).unwrap();
+    assert_eq!((added, book.spend_by(&lease).unwrap()), (amt("8"), t(5)));
+    // … until what it no longer needs is captured and a renewal moves it back onto C.
+    book.capture(&lease, &spend("9", None, SettlementMode::CreditOnly), t(4)).unwrap();
+    book.extend_hold(&lease, amt("0"), t(20), t(4)).unwrap();
+    assert_eq!((book.hold(&lease).unwrap().amount, book.spend_by(&lease).unwrap()), (amt("5"), t(20)));
+}
+
+#[test]
+fn an_expiry_takes_its_credit_out_of_a_hold_and_leaves_the_rest() {
+    // Usage spent in time but reported after A expired is still covered by what C backs.
+    let mut book =
+        book_with(vec![grant("A", 1, Some(t(5)), "2").seq(1).build(), grant("C", 2, None, "3").seq(2).build()]);
+    let lease = HoldId("lease".into());
+    book.place_hold(lease.clone(), usd(), None, amt("5"), t(9), t(1)).unwrap();
+    assert_eq!(book.spend_by(&lease).unwrap(), t(5));
+    book.try_advance(t(6)).unwrap();
+    assert_eq!((book.hold(&lease).unwrap().amount, book.spend_by(&lease).unwrap()), (amt("3"), t(9)));
+    let out = book.capture(&lease, &spend("3", None, SettlementMode::CreditOnly), t(6)).unwrap();
+    assert_eq!((consumed(&out), out.uncovered), (vec![("C".into(), amt("3"))], amt("0")));
+}
+
+#[test]
+fn a_void_shrinks_the_holds_it_backed() {
+    let mut book = book_with(vec![grant("A", 1, None, "10").seq(1).build(), grant("B", 2, None, "3").seq(2).build()]);
+    let lease = HoldId("lease".into());
+    book.place_hold(lease.clone(), usd(), None, amt("12"), t(9), t(1)).unwrap();
+    book.void(&GrantId("A".into()), t(2)).unwrap();
+    assert_eq!(book.hold(&lease).unwrap().amount, amt("2"));
+    let b = &book.try_balances(t(2), None).unwrap()[0];
+    assert_eq!((b.settled, b.live), (amt("3"), amt("1")));
+}
+
+#[test]
 fn pending_is_credit_granted_for_the_future() {
     let book = book_with(vec![
         grant("now", 1, None, "10").seq(1).build(),

@@ -422,7 +422,7 @@ async fn an_unrenewed_lease_expires_and_one_pass_closes_it(backend: Backend) {
     assert_eq!((held_granted_closed(&held), held["live"].as_str()), (("4.00", "4.00", false), Some("6.00")));
     // A lease that holds nothing expires too, but there was nothing left unreported.
     let empty = lease(&ledger, "broke-subject", lease_request("E", 1, "1.00", 300)).await;
-    assert_eq!(held_granted_closed(&empty), ("0", "0", false), "{empty}");
+    assert_eq!(held_granted_closed(&empty), ("0.00", "0.00", false), "{empty}");
     let expired_before = ledger.counter("leases_expired_unreported").await;
     assert_eq!(expired_before, 0);
 
@@ -533,6 +533,73 @@ async fn two_instances_close_an_expired_lease_once(backend: Backend) {
     a.assert_journal_sound().await;
 }
 
+/// A lease is capped at the expiry of the grant behind it, and a renewal moves it onto credit
+/// that lasts (issue: credit was spent after it expired).
+async fn a_lease_never_outlives_the_credit_behind_it(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ledger = Ledger::start(&db).await;
+    let c = ledger.customer("expiring").await;
+    let subject = "expiring-subject";
+    let promo = ledger.grant(&c, grant_body("1.00", json!({"priority": 1, "expires_after": "PT30S"}))).await;
+    let promo_expiry = parse_time(promo["expires_at"].as_str().expect("expires_at"));
+    let opened = lease(&ledger, subject, lease_request("L", 1, "0.50", MINUTE_MS)).await;
+    assert_eq!(held_granted_closed(&opened), ("0.50", "0.50", false));
+    assert_eq!(expires_at(&opened), promo_expiry, "the lease ends with the promotional grant: {opened}");
+
+    // Credit that outlives the lease arrives: the next renewal moves the lease onto it, while
+    // the promotional grant is still drawn first by usage.
+    ledger.grant(&c, grant_body("5.00", json!({"priority": 10}))).await;
+    let (status, body) = ledger
+        .sync(json!({"node": "n", "subjects": [subject_sync(subject, json!({"lease": lease_request("L", 1, "0", MINUTE_MS)}))]}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let renewed = &body["subjects"][0];
+    let server_time = parse_time(body["server_time"].as_str().expect("server_time"));
+    assert_eq!(held_granted_closed(renewed), ("0.50", "0", false));
+    assert!(expires_at(renewed) > promo_expiry && expires_at(renewed) > server_time, "{renewed}");
+    let mut range = usage_range(0, 2, "0.20", "credit_only");
+    range["lease_id"] = json!("L");
+    let captured = ledger.sync_one("n", subject_sync(subject, json!({ "usage": range }))).await;
+    assert_eq!(captured["usage"], "booked");
+    let drawn = summary(&ledger.all_transactions(&c).await[..1]);
+    assert_eq!(drawn[0].2, id_of(&promo), "usage draws the grant that expires first: {drawn:?}");
+}
+
+/// A void takes what leases held of the voided grant: the next answer says so.
+async fn a_void_shrinks_the_leases_it_backed(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ledger = Ledger::start(&db).await;
+    let c = ledger.customer("voided").await;
+    let subject = "voided-subject";
+    let a = ledger.grant(&c, grant_body("3.00", json!({"priority": 1}))).await;
+    ledger.grant(&c, grant_body("1.00", json!({"priority": 2}))).await;
+    let opened = lease(&ledger, subject, lease_request("L", 1, "4.00", MINUTE_MS)).await;
+    assert_eq!(held_granted_closed(&opened), ("4.00", "4.00", false));
+    let (status, body) =
+        ledger.post(&format!("/v3/openmeter/customers/{c}/credits/grants/{}/void", id_of(&a)), json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    let renewed = lease(&ledger, subject, lease_request("L", 1, "0", MINUTE_MS)).await;
+    assert_eq!((held_granted_closed(&renewed), renewed["live"].as_str()), (("1.00", "0", false), Some("0.00")));
+    assert_eq!(ledger.balance(&c, "").await, balance("1.00", "0.00"));
+}
+
+/// A hold stored before holds were backed (no `backing`) is backed when its book is loaded.
+async fn a_lease_stored_without_backing_is_backed_on_load(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ledger = Ledger::start(&db).await;
+    let c = ledger.customer("legacy").await;
+    let subject = "legacy-subject";
+    ledger.grant(&c, grant_body("2.00", json!({}))).await;
+    lease(&ledger, subject, lease_request("L", 1, "1.50", MINUTE_MS)).await;
+    sqlx::query("UPDATE holds SET backing = NULL").execute(ledger.state.db.pool()).await.expect("update");
+    assert_eq!(ledger.balance(&c, "").await, balance("2.00", "0.50"));
+    let mut range = usage_range(0, 3, "1.50", "credit_only");
+    range["lease_id"] = json!("L");
+    let both = json!({"usage": range, "lease": lease_request("L", 1, "0", MINUTE_MS)});
+    let captured = ledger.sync_one("n", subject_sync(subject, both)).await;
+    assert_eq!((held_granted_closed(&captured), captured["live"].as_str()), (("0.00", "0", false), Some("0.50")));
+}
+
 on_both_backends!(
     leases_open_top_up_renew_release_and_reopen,
     leases_never_hold_more_than_is_live,
@@ -544,4 +611,7 @@ on_both_backends!(
     an_unrenewed_lease_expires_and_one_pass_closes_it,
     two_instances_close_an_expired_lease_once,
     deleted_customers_do_not_starve_the_expiry_pass,
+    a_lease_never_outlives_the_credit_behind_it,
+    a_void_shrinks_the_leases_it_backed,
+    a_lease_stored_without_backing_is_backed_on_load,
 );

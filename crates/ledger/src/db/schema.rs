@@ -250,6 +250,12 @@ CREATE TABLE notification_deliveries (
 CREATE INDEX notification_deliveries_due ON notification_deliveries (next_attempt_at) WHERE status = 'pending';
 "#,
     ),
+    (
+        5,
+        r#"
+ALTER TABLE holds ADD COLUMN backing TEXT;
+"#,
+    ),
 ];
 
 /// The migrations not yet applied to a database at `applied`, rendered for `backend`.

@@ -1,7 +1,7 @@
 //! Loading a customer's book from the store and writing back what an operation changed.
 
 use chrono::{DateTime, Utc};
-use credits::{Book, Debt, Entry, GrantState, Hold, HoldId, MovementKind};
+use credits::{Book, Debt, Entry, GrantState, Hold, HoldBacking, HoldId, MovementKind};
 use sqlx::Row;
 
 use std::collections::{BTreeMap, HashMap};
@@ -67,7 +67,7 @@ pub async fn load_many(
         });
     }
     let mut holds_of: HashMap<String, Vec<Hold>> = HashMap::new();
-    let sql = "SELECT customer_id, id, currency, feature, amount, created_at, expires_at FROM holds \
+    let sql = "SELECT customer_id, id, currency, feature, amount, backing, created_at, expires_at FROM holds \
                WHERE customer_id IN ({list}) AND released_at IS NULL ORDER BY customer_id, created_at, id";
     for r in rows::fetch_by_ids(&mut *conn, sql, customer_ids).await? {
         holds_of.entry(r.try_get("customer_id")?).or_default().push(hold_from_row(&r)?);
@@ -131,7 +131,7 @@ impl Writes {
             grant_states: Rows::new(grants::STATE_COLUMNS),
             debt_owners: Vec::new(),
             debts: Rows::new(4),
-            holds: Rows::new(8),
+            holds: Rows::new(9),
             clocks: Rows::new(2),
             movements: Rows::new(15),
             overages: Rows::new(7),
@@ -169,6 +169,7 @@ impl Writes {
                     Value::from(hold.currency.as_str()),
                     Value::from(hold.feature.as_ref().map(|f| f.as_str().to_owned())),
                     Value::from(hold.amount.to_string()),
+                    Value::from(backing_json(&hold.backing)),
                     Value::from(micros(hold.created_at)),
                     Value::from(micros(hold.expires_at)),
                     Value::from(hold.released.then_some(micros(now))),
@@ -288,8 +289,10 @@ impl Writes {
         self.holds
             .execute(
                 tx,
-                "INSERT INTO holds (id, customer_id, currency, feature, amount, created_at, expires_at, released_at)",
-                "ON CONFLICT (id) DO UPDATE SET amount = excluded.amount, created_at = excluded.created_at, \
+                "INSERT INTO holds (id, customer_id, currency, feature, amount, backing, created_at, expires_at, \
+                 released_at)",
+                "ON CONFLICT (id) DO UPDATE SET amount = excluded.amount, backing = excluded.backing, \
+                 created_at = excluded.created_at, \
                  expires_at = excluded.expires_at, released_at = excluded.released_at",
             )
             .await?;
@@ -355,10 +358,22 @@ fn hold_from_row(r: &sqlx::any::AnyRow) -> StoreResult<Hold> {
         currency: currency("holds", "currency", r.try_get("currency")?)?,
         feature: feature("holds", "feature", opt(r, "feature")?)?,
         amount: amount("holds", "amount", r.try_get("amount")?)?,
+        backing: backing("holds", opt(r, "backing")?)?,
         created_at: from_micros(r.try_get("created_at")?),
         expires_at: from_micros(r.try_get("expires_at")?),
         released: false,
     })
+}
+
+/// Which grants a hold's credit sits on, as stored: JSON, `[{"grant_id", "amount"}]`.
+fn backing_json(backing: &[HoldBacking]) -> String {
+    serde_json::to_string(backing).unwrap_or_else(|_| "[]".into())
+}
+
+/// A hold stored before holds were backed has none (the book backs it on load).
+fn backing(table: &'static str, stored: Option<String>) -> StoreResult<Vec<HoldBacking>> {
+    let Some(json) = stored else { return Ok(Vec::new()) };
+    serde_json::from_str(&json).map_err(|_| StoreError::Corrupt { table, column: "backing", value: json })
 }
 
 /// Holds that were open at `at` (created by then, not yet expired or released), with what they
@@ -369,7 +384,7 @@ pub async fn holds_open_at(
     at: DateTime<Utc>,
 ) -> StoreResult<Vec<Hold>> {
     let rows = sqlx::query(
-        "SELECT id, currency, feature, amount, created_at, expires_at FROM holds WHERE customer_id = $1 \
+        "SELECT id, currency, feature, amount, backing, created_at, expires_at FROM holds WHERE customer_id = $1 \
          AND created_at <= $2 AND expires_at > $2 AND (released_at IS NULL OR released_at > $2)",
     )
     .bind(customer_id)

@@ -4,6 +4,8 @@
 //! The ledger loads a book from its store, applies one operation inside a transaction and writes
 //! the returned entries; the filter and the simulator run the very same code in memory.
 
+mod holds;
+
 use std::collections::BTreeSet;
 
 use chrono::{DateTime, Utc};
@@ -15,6 +17,8 @@ use crate::feature::{FeatureFilter, FeatureKey, FeatureScope};
 use crate::grant::{Grant, GrantId};
 use crate::journal::{overage_postings, postings_for, Entry, Movement, MovementKind};
 use crate::money::{Amount, Currency};
+
+pub use holds::{Hold, HoldBacking, HoldId};
 
 /// A grant and what has happened to it so far.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,29 +70,6 @@ pub struct Debt {
     pub currency: Currency,
     pub feature: Option<FeatureKey>,
     pub amount: Amount,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct HoldId(pub String);
-
-/// Credit set aside for in-flight spending (a gateway lease). It lowers the live balance.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Hold {
-    pub id: HoldId,
-    pub currency: Currency,
-    pub feature: Option<FeatureKey>,
-    /// What is still held.
-    pub amount: Amount,
-    pub created_at: DateTime<Utc>,
-    pub expires_at: DateTime<Utc>,
-    pub released: bool,
-}
-
-impl Hold {
-    pub fn is_open_at(&self, at: DateTime<Utc>) -> bool {
-        !self.released && self.amount.is_positive() && self.created_at <= at && at < self.expires_at
-    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -190,9 +171,13 @@ impl Book {
         Book { grants: Vec::new(), debts: Vec::new(), holds: Vec::new(), clock: DateTime::<Utc>::MIN_UTC }
     }
 
-    /// Rebuilds a book from stored state (grants in creation order).
+    /// Rebuilds a book from stored state (grants in creation order, holds oldest first).
     pub fn from_parts(grants: Vec<GrantState>, debts: Vec<Debt>, holds: Vec<Hold>, clock: DateTime<Utc>) -> Self {
-        Book { grants, debts, holds, clock }
+        let mut book = Book { grants, debts, holds, clock };
+        // Stored amounts are within the ledger's bounds, so backing them cannot overflow; if it
+        // did, the holds would stay unbacked and set nothing aside.
+        let _ = book.back_unbacked_holds();
+        book
     }
 
     pub fn grants(&self) -> &[GrantState] {
@@ -207,14 +192,6 @@ impl Book {
         &self.debts
     }
 
-    pub fn holds(&self) -> &[Hold] {
-        &self.holds
-    }
-
-    pub fn hold(&self, id: &HoldId) -> Option<&Hold> {
-        self.holds.iter().find(|h| &h.id == id)
-    }
-
     pub fn clock(&self) -> DateTime<Utc> {
         self.clock
     }
@@ -224,6 +201,7 @@ impl Book {
     fn atomically<T, E>(&mut self, op: impl FnOnce(&mut Book) -> Result<T, E>) -> Result<T, E> {
         let mut draft = self.clone();
         let out = op(&mut draft)?;
+        debug_assert!(draft.holds_are_backed(draft.clock), "holds beyond their backing: {:?}", draft.holds);
         *self = draft;
         Ok(out)
     }
@@ -278,13 +256,15 @@ impl Book {
                 MovementKind::Expired,
                 remaining.negated(),
                 currency,
-                Some(id),
+                Some(id.clone()),
                 None,
                 booked_at,
             )?);
             self.grants[index].expired = remaining;
         }
         self.grants[index].expiry_booked = true;
+        // Holds lose what they set aside on it and keep the rest.
+        self.unback_grant(&id)?;
         Ok(())
     }
 
@@ -300,7 +280,7 @@ impl Book {
     fn cover_debts(&mut self, at: DateTime<Utc>, entries: &mut Vec<Entry>) -> Result<(), ModelError> {
         for d in 0..self.debts.len() {
             let (currency, feature) = (self.debts[d].currency, self.debts[d].feature.clone());
-            for (index, take) in self.plan_draw(currency, feature.as_ref(), self.debts[d].amount, at, None)? {
+            for (index, take) in self.plan_draw(currency, feature.as_ref(), self.debts[d].amount, at)? {
                 self.grants[index].used = self.grants[index].used.try_add(take)?;
                 self.debts[d].amount = self.debts[d].amount.try_sub(take)?;
                 entries.push(Entry::DebtCovered {
@@ -385,79 +365,55 @@ impl Book {
             self.grants[index].voided = remaining;
         }
         self.grants[index].grant.voided_at = Some(now);
+        // What holds set aside on it is gone with it: they shrink to what still backs them.
+        self.unback_grant(id)?;
         Ok(entries)
     }
 
     /// Credit that a new spend of `feature` could use now: unused credit of eligible grants
-    /// minus what open holds have set aside.
+    /// that no open hold backs.
     pub fn available(
         &self,
         currency: Currency,
         feature: Option<&FeatureKey>,
         at: DateTime<Utc>,
     ) -> Result<Amount, AmountOverflow> {
-        let (free, unbacked) = self.free_credit(currency, at, None)?;
-        let admitted = free.iter().filter(|(i, _)| self.grants[*i].grant.features.admits(feature)).map(|(_, f)| *f);
-        Ok(Amount::try_sum(admitted)?.try_sub(unbacked)?.max(Amount::ZERO))
+        let free = self.free_credit(currency, at)?;
+        Amount::try_sum(free.iter().filter(|(i, _)| self.grants[*i].grant.features.admits(feature)).map(|(_, f)| *f))
     }
 
-    /// Eligible grants of `currency` at `at` in draw-down order with the credit not set aside by
-    /// open holds (holds are placed greedily, oldest first, in draw-down order), and the part of
-    /// holds that no credit backs any more. With `before_hold`, only the holds placed before that
-    /// one count: what is left is, in order, the credit that hold sets aside and then the rest.
-    fn free_credit(
-        &self,
-        currency: Currency,
-        at: DateTime<Utc>,
-        before_hold: Option<&HoldId>,
-    ) -> Result<(Vec<(usize, Amount)>, Amount), AmountOverflow> {
+    /// Eligible grants of `currency` at `at` in draw-down order, each with its unused credit
+    /// that no open hold backs.
+    fn free_credit(&self, currency: Currency, at: DateTime<Utc>) -> Result<Vec<(usize, Amount)>, AmountOverflow> {
         let mut free = Vec::new();
         for (i, g) in self.grants.iter().enumerate() {
             if g.funded && g.grant.currency == currency && g.grant.status_at(at) == crate::grant::GrantStatus::Active {
-                let remaining = g.remaining()?;
-                if remaining.is_positive() {
-                    free.push((i, remaining));
+                let backed = Amount::try_sum(self.holds.iter().map(|h| h.backing_on(&g.grant.id, at)))?;
+                let unbacked = g.remaining()?.try_sub(backed)?;
+                if unbacked.is_positive() {
+                    free.push((i, unbacked));
                 }
             }
         }
         free.sort_by_key(|(i, _)| self.grants[*i].grant.draw_down_key());
-        let mut unbacked = Amount::ZERO;
-        let placed = self.holds.iter().take_while(|h| Some(&h.id) != before_hold);
-        for hold in placed.filter(|h| h.currency == currency && h.is_open_at(at)) {
-            let mut need = hold.amount;
-            for (i, f) in free.iter_mut() {
-                if need.is_zero() {
-                    break;
-                }
-                if self.grants[*i].grant.features.admits(hold.feature.as_ref()) {
-                    let take = need.min(*f);
-                    *f = f.try_sub(take)?;
-                    need = need.try_sub(take)?;
-                }
-            }
-            unbacked = unbacked.try_add(need)?;
-        }
-        Ok((free, unbacked))
+        Ok(free)
     }
 
-    /// How much to take from which grant (by index) for `amount`, in draw-down order.
+    /// How much of which grant's free credit (by index) pays `amount`, in draw-down order.
     fn plan_draw(
         &self,
         currency: Currency,
         feature: Option<&FeatureKey>,
         amount: Amount,
         at: DateTime<Utc>,
-        before_hold: Option<&HoldId>,
     ) -> Result<Vec<(usize, Amount)>, AmountOverflow> {
-        let (free, _) = self.free_credit(currency, at, before_hold)?;
         let mut left = amount;
         let mut plan = Vec::new();
-        // Free credit is positive only on funded grants with unused credit.
-        for (i, f) in free {
+        for (i, f) in self.free_credit(currency, at)? {
             if left.is_zero() {
                 break;
             }
-            if f.is_positive() && self.grants[i].grant.admits(currency, feature, at) {
+            if self.grants[i].grant.admits(currency, feature, at) {
                 let take = left.min(f);
                 plan.push((i, take));
                 left = left.try_sub(take)?;
@@ -490,17 +446,20 @@ impl Book {
         self.atomically(|book| book.spend(spend, now, None))
     }
 
-    /// With `from_hold`, up to that amount is drawn from the credit the hold set aside (it is no
-    /// longer held), the rest from free credit.
+    /// With `from_hold` (a hold's index and up to how much it pays), the spend is a capture:
+    /// the hold's credit is drawn along with the free credit and the hold holds that much less.
     fn spend(
         &mut self,
         spend: &Spend,
         now: DateTime<Utc>,
-        from_hold: Option<(&HoldId, Amount)>,
+        from_hold: Option<(usize, Amount)>,
     ) -> Result<SpendOutcome, ModelError> {
         let mut outcome = SpendOutcome { entries: self.advance_in(now)?, ..SpendOutcome::default() };
         let at = self.clock;
-        let plan = self.plan_spend(spend, at, from_hold)?;
+        let plan = match from_hold {
+            Some((hold, _)) => self.plan_capture(hold, spend, at)?,
+            None => self.plan_draw(spend.currency, spend.feature.as_ref(), spend.amount, at)?,
+        };
         let mut left = spend.amount;
         for (index, take) in plan {
             let id = self.grants[index].grant.id.clone();
@@ -517,38 +476,13 @@ impl Book {
             outcome.consumed.push((id, take));
             left = left.try_sub(take)?;
         }
+        if let Some((hold, paid)) = from_hold {
+            self.settle_capture(hold, paid, at)?;
+        }
         if left.is_positive() {
             self.book_beyond_credit(spend, left, at, &mut outcome)?;
         }
         Ok(outcome)
-    }
-
-    /// Which grants (by index) pay how much of `spend`, in draw-down order: from the hold's
-    /// credit first when `from_hold` says so, then from free credit.
-    fn plan_spend(
-        &self,
-        spend: &Spend,
-        at: DateTime<Utc>,
-        from_hold: Option<(&HoldId, Amount)>,
-    ) -> Result<Vec<(usize, Amount)>, AmountOverflow> {
-        let (currency, feature) = (spend.currency, spend.feature.as_ref());
-        let Some((id, held)) = from_hold.filter(|(_, held)| held.is_positive()) else {
-            return self.plan_draw(currency, feature, spend.amount, at, None);
-        };
-        let mut plan = self.plan_draw(currency, feature, held.min(spend.amount), at, Some(id))?;
-        let mut rest = self.clone();
-        for (index, take) in &plan {
-            rest.grants[*index].used = rest.grants[*index].used.try_add(*take)?;
-        }
-        let left = spend.amount.try_sub(Amount::try_sum(plan.iter().map(|(_, take)| *take))?)?;
-        for (index, take) in rest.plan_draw(currency, feature, left, at, None)? {
-            match plan.iter_mut().find(|(i, _)| *i == index) {
-                Some((_, t)) => *t = t.try_add(take)?,
-                None => plan.push((index, take)),
-            }
-        }
-        plan.sort_by_key(|(index, _)| self.grants[*index].grant.draw_down_key());
-        Ok(plan)
     }
 
     /// What no credit covers: uncovered usage under `credit_only`, overage otherwise.
@@ -643,92 +577,6 @@ impl Book {
         Ok(entries)
     }
 
-    /// Sets credit aside: up to `requested`, less when less is available (down to zero).
-    pub fn place_hold(
-        &mut self,
-        id: HoldId,
-        currency: Currency,
-        feature: Option<FeatureKey>,
-        requested: Amount,
-        expires_at: DateTime<Utc>,
-        now: DateTime<Utc>,
-    ) -> Result<(Amount, Vec<Entry>), ModelError> {
-        // A released hold's id may be used again (a gateway re-opens its lease under one id).
-        if self.hold(&id).is_some_and(|h| !h.released) {
-            return Err(ModelError::DuplicateHold(id.0));
-        }
-        self.atomically(|book| {
-            book.holds.retain(|h| h.id != id);
-            let entries = book.advance_in(now)?;
-            let granted = requested.max(Amount::ZERO).min(book.available(currency, feature.as_ref(), now)?);
-            book.holds.push(Hold {
-                id,
-                currency,
-                feature,
-                amount: granted,
-                created_at: now,
-                expires_at,
-                released: false,
-            });
-            Ok((granted, entries))
-        })
-    }
-
-    /// Adds to an open hold what is available, up to `more`; returns what was added.
-    pub fn extend_hold(
-        &mut self,
-        id: &HoldId,
-        more: Amount,
-        expires_at: DateTime<Utc>,
-        now: DateTime<Utc>,
-    ) -> Result<(Amount, Vec<Entry>), ModelError> {
-        let index = self.holds.iter().position(|h| &h.id == id).ok_or_else(|| ModelError::UnknownHold(id.0.clone()))?;
-        self.atomically(|book| {
-            let entries = book.advance_in(now)?;
-            let hold = &book.holds[index];
-            if hold.released || now >= hold.expires_at {
-                return Ok((Amount::ZERO, entries));
-            }
-            let added = more.max(Amount::ZERO).min(book.available(hold.currency, hold.feature.as_ref(), now)?);
-            book.holds[index].amount = book.holds[index].amount.try_add(added)?;
-            book.holds[index].expires_at = book.holds[index].expires_at.max(expires_at);
-            Ok((added, entries))
-        })
-    }
-
-    /// Usage captured against a hold: the held credit is used first, usage beyond it is booked
-    /// all the same (through the normal draw-down order).
-    pub fn capture(&mut self, id: &HoldId, spend: &Spend, now: DateTime<Utc>) -> Result<SpendOutcome, ModelError> {
-        let index = self.holds.iter().position(|h| &h.id == id).ok_or_else(|| ModelError::UnknownHold(id.0.clone()))?;
-        self.atomically(|book| {
-            let held = book.holds[index].amount;
-            let from_hold = if book.holds[index].is_open_at(now) { held.min(spend.amount) } else { Amount::ZERO };
-            book.holds[index].amount = held.try_sub(from_hold)?;
-            book.spend(spend, now, Some((id, from_hold)))
-        })
-    }
-
-    /// Closes holds whose TTL has passed by `now`; returns each with what it still held (credit
-    /// that was set aside and never reported).
-    pub fn expire_holds(&mut self, now: DateTime<Utc>) -> Vec<(HoldId, Amount)> {
-        let mut expired = Vec::new();
-        for hold in self.holds.iter_mut().filter(|h| !h.released && h.expires_at <= now) {
-            expired.push((hold.id.clone(), hold.amount));
-            hold.released = true;
-            hold.amount = Amount::ZERO;
-        }
-        expired
-    }
-
-    /// Returns what a hold still sets aside to the live balance.
-    pub fn release_hold(&mut self, id: &HoldId) -> Result<Amount, ModelError> {
-        let hold = self.holds.iter_mut().find(|h| &h.id == id).ok_or_else(|| ModelError::UnknownHold(id.0.clone()))?;
-        let released = if hold.released { Amount::ZERO } else { hold.amount };
-        hold.released = true;
-        hold.amount = Amount::ZERO;
-        Ok(released)
-    }
-
     /// The settled balance of a currency as booked so far, optionally in a feature's scope.
     fn settled(&self, currency: Currency, scope: Option<&FeatureScope>) -> Result<Amount, AmountOverflow> {
         let mut credit = Amount::ZERO;
@@ -772,17 +620,16 @@ impl Book {
         Ok(out)
     }
 
-    /// Credit in `scope` set aside by open holds (plus held amounts no credit backs).
+    /// Credit in `scope` set aside by open holds.
     fn held_in_scope(
         &self,
         currency: Currency,
         scope: Option<&FeatureScope>,
         at: DateTime<Utc>,
     ) -> Result<Amount, AmountOverflow> {
-        let (free, unbacked) = self.free_credit(currency, at, None)?;
-        let mut held = unbacked;
-        for (i, f) in free.iter().filter(|(i, _)| in_scope(&self.grants[*i].grant.features, scope)) {
-            held = held.try_add(self.grants[*i].remaining()?.try_sub(*f)?)?;
+        let mut held = Amount::ZERO;
+        for g in self.grants.iter().filter(|g| g.grant.currency == currency && in_scope(&g.grant.features, scope)) {
+            held = held.try_add(Amount::try_sum(self.holds.iter().map(|h| h.backing_on(&g.grant.id, at)))?)?;
         }
         Ok(held)
     }
