@@ -69,10 +69,8 @@ pub struct RateMeter {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Standing {
-    /// Known to the ledger as this customer.
-    Known { customer_id: String },
-    /// The ledger has no customer with this subject.
-    Unknown,
+    /// Known to the ledger as a customer.
+    Known,
     /// Not yet heard from the ledger (calls let through while it was unreachable).
     Unconfirmed,
 }
@@ -81,6 +79,10 @@ pub enum Standing {
 pub struct CustomerEntry {
     /// The shared-data key this entry belongs to (checked on every read).
     pub key: String,
+    /// This incarnation of the entry, chosen at random when it is created. It keys the usage
+    /// ranges and names the lease, so an entry rebuilt after the host evicted it (numbering its
+    /// calls from 0 again) never collides with what its predecessor sent or held.
+    pub origin: u64,
     pub subject: String,
     pub standing: Standing,
     /// The ledger's live balance as of `revision`.
@@ -117,9 +119,10 @@ pub struct Outgoing {
 }
 
 impl CustomerEntry {
-    pub fn new(key: &str, subject: &str, now_ms: u64) -> Self {
+    pub fn new(key: &str, subject: &str, origin: u64, now_ms: u64) -> Self {
         CustomerEntry {
             key: key.to_owned(),
+            origin,
             subject: subject.to_owned(),
             standing: Standing::Unconfirmed,
             live: Amount::ZERO,
@@ -235,7 +238,15 @@ impl CustomerEntry {
         self.spent += price;
         self.next_call += 1;
         self.last_used_ms = now_ms;
+        debug_assert!(self.ranges_contiguous(), "{self:?}");
         call
+    }
+
+    /// Calls are numbered without gaps: the range in flight ends where the unsent calls begin,
+    /// and those end at the next call's number.
+    fn ranges_contiguous(&self) -> bool {
+        self.flight.as_ref().is_none_or(|f| f.from <= f.to && f.to == self.unsent_from)
+            && self.unsent_from <= self.next_call
     }
 
     /// Prepares what `worker` sends now: the range already in flight if it is this worker's or
@@ -263,6 +274,7 @@ impl CustomerEntry {
                     amount: f.amount,
                     settlement_mode: mode,
                     lease_id: lease_id.map(str::to_owned),
+                    origin: Some(origin_hex(self.origin)),
                 }),
             };
         }
@@ -277,23 +289,35 @@ impl CustomerEntry {
             amount: flight.amount,
             settlement_mode: mode,
             lease_id: lease_id.map(str::to_owned),
+            origin: Some(origin_hex(self.origin)),
         };
         self.flight = Some(flight);
         self.spent = Amount::ZERO;
         self.unsent_from = self.next_call;
+        debug_assert!(self.ranges_contiguous(), "{self:?}");
         Outgoing { range: Some(range) }
     }
 
+    /// Is `range` this incarnation's range in flight?
+    pub fn sent(&self, range: &UsageRange) -> bool {
+        let own = range.origin.as_deref().is_some_and(|o| o == origin_hex(self.origin));
+        own && self.flight.as_ref().is_some_and(|f| f.from == range.from && f.to == range.to)
+    }
+
     /// The ledger confirmed `range` (booked now or before): it is part of the live balance.
-    pub fn confirm(&mut self, range: &UsageRange) {
-        if self.flight.as_ref().is_some_and(|f| f.from == range.from && f.to == range.to) {
+    /// Returns the calls confirmed.
+    pub fn confirm(&mut self, range: &UsageRange) -> u64 {
+        if self.sent(range) {
             self.flight = None;
+            range.calls()
+        } else {
+            0
         }
     }
 
     /// A balance answer; an answer older than what is known already is ignored.
-    pub fn refresh(&mut self, customer_id: &str, live: Amount, revision: i64, now_ms: u64) {
-        self.standing = Standing::Known { customer_id: customer_id.to_owned() };
+    pub fn refresh(&mut self, live: Amount, revision: i64, now_ms: u64) {
+        self.standing = Standing::Known;
         if revision > self.revision {
             self.live = live;
             self.revision = revision;
@@ -302,41 +326,40 @@ impl CustomerEntry {
         self.offline_spent = Amount::ZERO;
     }
 
-    /// The ledger knows no such customer: usage of it cannot be booked. Returns the calls dropped.
-    pub fn mark_unknown(&mut self, now_ms: u64) -> u64 {
-        let dropped = self.unsent_calls() + self.flight.as_ref().map_or(0, |f| f.to - f.from);
-        self.standing = Standing::Unknown;
-        self.refreshed_ms = now_ms;
-        self.spent = Amount::ZERO;
-        self.unsent_from = self.next_call;
-        self.flight = None;
-        dropped
+    /// Calls not yet booked: unsent, or in flight.
+    pub fn unbooked_calls(&self) -> u64 {
+        self.unsent_calls() + self.flight.as_ref().map_or(0, |f| f.to - f.from)
+    }
+
+    /// Nothing to report, no lease, no call in progress, and unused for `idle_ms`: the entry can
+    /// be deleted (the next call reads the balance again).
+    pub fn disposable(&self, now_ms: u64, idle_ms: u64) -> bool {
+        !self.has_pending() && now_ms.saturating_sub(self.last_used_ms) > idle_ms
     }
 
     /// The ledger refused a range: it will never be booked, so stop re-sending it.
     pub fn drop_flight(&mut self, range: &UsageRange) -> u64 {
-        match &self.flight {
-            Some(f) if f.from == range.from && f.to == range.to => {
-                self.flight = None;
-                range.calls()
-            }
-            _ => 0,
-        }
+        self.confirm(range)
     }
+}
+
+/// How an entry's origin appears in usage ranges and lease ids.
+pub fn origin_hex(origin: u64) -> String {
+    format!("{origin:016x}")
 }
 
 // The stored form, binary so that the two updates of every call (hold, complete) cost little:
 // version byte, then fixed-width little-endian fields in declaration order (amounts as the 16
-// bytes of `Decimal::serialize`, flags as 0/1, the flight behind a presence flag), then the
-// strings, each behind a u32 length: customer id (only when known), subject, key.
-const VERSION: u8 = 4;
+// bytes of `Decimal::serialize`, flags as 0/1, the flight behind a presence flag and written as
+// zeros when absent), then the strings, each behind a u32 length: subject, key. An entry keeps
+// one length for its life: Kong's shm_kv moves a value that grows to another size class, and a
+// move under eviction pressure can evict the value being moved (kong-config/README.md).
+const VERSION: u8 = 5;
 const UNCONFIRMED: u8 = 0;
-const UNKNOWN: u8 = 1;
 const KNOWN: u8 = 2;
-/// Every fixed-width field without a flight (2 bytes, 3 flags, 5 amounts, 14 integers), and what a
-/// flight adds: the encoding is allocated once, at its final size.
-const FIXED_LEN: usize = 2 + 3 + 5 * 16 + 14 * 8;
-const FLIGHT_LEN: usize = 16 + 4 * 8;
+/// Every fixed-width field (2 bytes, 3 flags, 6 amounts, 19 integers): the encoding is
+/// allocated once, at its final size.
+const FIXED_LEN: usize = 2 + 3 + 6 * 16 + 19 * 8;
 
 impl Keyed for CustomerEntry {
     fn key(&self) -> &str {
@@ -344,16 +367,15 @@ impl Keyed for CustomerEntry {
     }
 
     fn encode(&self) -> Vec<u8> {
-        let (standing, customer_id) = match &self.standing {
-            Standing::Known { customer_id } => (KNOWN, Some(customer_id.as_str())),
-            Standing::Unknown => (UNKNOWN, None),
-            Standing::Unconfirmed => (UNCONFIRMED, None),
+        let standing = match &self.standing {
+            Standing::Known => KNOWN,
+            Standing::Unconfirmed => UNCONFIRMED,
         };
-        let strings = customer_id.map_or(0, |c| 4 + c.len()) + 8 + self.subject.len() + self.key.len();
-        let flight = if self.flight.is_some() { FLIGHT_LEN } else { 0 };
-        let mut w = Writer(Vec::with_capacity(FIXED_LEN + flight + strings));
+        let strings = 8 + self.subject.len() + self.key.len();
+        let mut w = Writer(Vec::with_capacity(FIXED_LEN + strings));
         w.u8(VERSION);
         w.u8(standing);
+        w.u64(self.origin);
         w.amount(self.live);
         w.i64(self.revision);
         w.u64(self.refreshed_ms);
@@ -361,13 +383,13 @@ impl Keyed for CustomerEntry {
         w.u64(self.next_call);
         w.u64(self.unsent_from);
         w.u8(u8::from(self.flight.is_some()));
-        if let Some(f) = &self.flight {
-            w.u64(f.from);
-            w.u64(f.to);
-            w.amount(f.amount);
-            w.u64(f.owner);
-            w.u64(f.sent_ms);
-        }
+        let none = Flight { from: 0, to: 0, amount: Amount::ZERO, owner: 0, sent_ms: 0 };
+        let f = self.flight.as_ref().unwrap_or(&none);
+        w.u64(f.from);
+        w.u64(f.to);
+        w.amount(f.amount);
+        w.u64(f.owner);
+        w.u64(f.sent_ms);
         w.amount(self.offline_spent);
         w.u64(self.last_used_ms);
         let lease = &self.lease;
@@ -384,9 +406,6 @@ impl Keyed for CustomerEntry {
         w.amount(self.holds.amount);
         w.u64(self.holds.count);
         w.u64(self.holds.until_ms);
-        if let Some(c) = customer_id {
-            w.str(c);
-        }
         w.str(&self.subject);
         w.str(&self.key);
         w.0
@@ -398,23 +417,20 @@ impl Keyed for CustomerEntry {
             return None;
         }
         let standing = r.u8()?;
+        let origin = r.u64()?;
         let live = r.amount()?;
         let revision = r.i64()?;
         let refreshed_ms = r.u64()?;
         let spent = r.amount()?;
         let next_call = r.u64()?;
         let unsent_from = r.u64()?;
-        let flight = if r.flag()? {
-            let flight =
-                Flight { from: r.u64()?, to: r.u64()?, amount: r.amount()?, owner: r.u64()?, sent_ms: r.u64()? };
-            // Ranges are taken from `unsent_from..next_call`: never backwards.
-            if flight.from > flight.to {
-                return None;
-            }
-            Some(flight)
-        } else {
-            None
-        };
+        let in_flight = r.flag()?;
+        let flight = Flight { from: r.u64()?, to: r.u64()?, amount: r.amount()?, owner: r.u64()?, sent_ms: r.u64()? };
+        // Ranges are taken from `unsent_from..next_call`: never backwards.
+        if flight.from > flight.to {
+            return None;
+        }
+        let flight = in_flight.then_some(flight);
         let offline_spent = r.amount()?;
         let last_used_ms = r.u64()?;
         let lease = Lease {
@@ -429,8 +445,7 @@ impl Keyed for CustomerEntry {
         let rate = RateMeter { window_start_ms: r.u64()?, window_start_call: r.u64()?, calls_per_min: r.u64()? };
         let holds = Holds { amount: r.amount()?, count: r.u64()?, until_ms: r.u64()? };
         let standing = match standing {
-            KNOWN => Standing::Known { customer_id: r.string()? },
-            UNKNOWN => Standing::Unknown,
+            KNOWN => Standing::Known,
             UNCONFIRMED => Standing::Unconfirmed,
             _ => return None,
         };
@@ -441,6 +456,7 @@ impl Keyed for CustomerEntry {
         }
         Some(CustomerEntry {
             key,
+            origin,
             subject,
             standing,
             live,
@@ -541,8 +557,8 @@ mod tests {
 
     /// An entry with every optional part present: known, a range in flight, a lease, holds.
     fn full_entry() -> CustomerEntry {
-        let mut e = CustomerEntry::new("prepaid_credits/c/USD/-/a|b", "a|b", 5);
-        e.refresh("01J", amt("1.00"), 3, 10);
+        let mut e = CustomerEntry::new("prepaid_credits/c/USD/-/a|b", "a|b", 0xfeed, 5);
+        e.refresh(amt("1.00"), 3, 10);
         e.spend(amt("0.10"), 11);
         e.take_outgoing(9, 12, 1000, SettlementMode::CreditOnly, None);
         e.spend(amt("0.10"), 13);
@@ -563,17 +579,44 @@ mod tests {
     fn round_trips_through_its_stored_form() {
         let e = full_entry();
         let bytes = e.encode();
-        assert_eq!(
-            bytes.len(),
-            FIXED_LEN + FLIGHT_LEN + 4 + 3 + 4 + 3 + 4 + e.key.len(),
-            "allocated at its final size"
-        );
+        assert_eq!(bytes.len(), FIXED_LEN + 4 + 3 + 4 + e.key.len(), "allocated at its final size");
         assert_eq!(CustomerEntry::decode(&bytes).unwrap(), e);
-        let fresh = CustomerEntry::new("k", "", 0);
+        let fresh = CustomerEntry::new("k", "", 1, 0);
         assert_eq!(CustomerEntry::decode(&fresh.encode()).unwrap(), fresh);
-        let mut unknown = e.clone();
-        unknown.mark_unknown(30);
-        assert_eq!(CustomerEntry::decode(&unknown.encode()).unwrap(), unknown);
+    }
+
+    #[test]
+    fn an_entry_keeps_one_length_for_its_life() {
+        // Kong's shm_kv moves a value that changes size class; a move can evict the value itself.
+        let mut e = CustomerEntry::new("prepaid_credits/c/USD/-/a|b", "a|b", 0xfeed, 5);
+        let len = e.encode().len();
+        e.refresh(amt("1.00"), 3, 10);
+        assert_eq!(e.encode().len(), len, "known");
+        e.spend(amt("0.10"), 11);
+        e.take_outgoing(9, 12, 1000, SettlementMode::CreditOnly, None);
+        assert_eq!(e.encode().len(), len, "a range in flight");
+        assert_eq!(full_entry().encode().len(), len);
+    }
+
+    #[test]
+    fn a_range_or_answer_of_another_incarnation_is_not_this_entrys() {
+        let twice = |origin| {
+            let mut e = CustomerEntry::new("k", "s", origin, 40);
+            e.spend(amt("0.10"), 41);
+            e.spend(amt("0.10"), 42);
+            e
+        };
+        let mut e = twice(0xfeed);
+        let mut range = e.take_outgoing(9, 43, 1000, SettlementMode::CreditOnly, None).range.unwrap();
+        let mut rebuilt = twice(0xbeef);
+        let theirs = rebuilt.take_outgoing(9, 43, 1000, SettlementMode::CreditOnly, None).range.unwrap();
+        assert_eq!((theirs.from, theirs.to), (range.from, range.to), "numbered alike …");
+        assert_ne!(theirs.origin, range.origin, "… but from another origin");
+        assert_eq!(rebuilt.confirm(&range), 0, "not the rebuilt entry's range");
+        assert!(rebuilt.flight.is_some());
+        range.origin = theirs.origin.clone();
+        assert_eq!(e.confirm(&range), 0);
+        assert_eq!(rebuilt.confirm(&theirs), 2);
     }
 
     #[test]
@@ -588,11 +631,12 @@ mod tests {
         assert!(CustomerEntry::decode(b"v2|k|x|1|1|1|0|0|0||0|0|0,0,0,0,0,0|0,0,0|0,0,0|1|ak").is_none());
         assert!(corrupt(0, VERSION + 1).is_none());
         assert!(corrupt(1, 3).is_none(), "standing");
+        assert!(corrupt(1, 1).is_none(), "the unknown standing of version 4 is kept in no entry");
         // The live balance's scale byte (flags bits 16..24): 29 is beyond Decimal's precision.
-        assert!(corrupt(2 + 2, 29).is_none());
-        assert!(corrupt(2, 1).is_none(), "unused decimal flag bits");
+        assert!(corrupt(10 + 2, 29).is_none());
+        assert!(corrupt(10, 1).is_none(), "unused decimal flag bits");
         // The flight's presence flag is neither 0 nor 1.
-        assert!(corrupt(2 + 16 + 16 + 8 * 4, 2).is_none());
+        assert!(corrupt(10 + 16 + 16 + 8 * 4, 2).is_none());
         // Invalid UTF-8 in the key (its last byte).
         assert!(corrupt(bytes.len() - 1, 0xff).is_none());
         let mut longer = bytes.clone();
@@ -606,7 +650,7 @@ mod tests {
 
     #[test]
     fn every_truncation_of_a_valid_encoding_is_rejected() {
-        for e in [full_entry(), CustomerEntry::new("k", "s", 1)] {
+        for e in [full_entry(), CustomerEntry::new("k", "s", 2, 1)] {
             let bytes = e.encode();
             for len in 0..bytes.len() {
                 assert!(CustomerEntry::decode(&bytes[..len]).is_none(), "decoded {len} of {} bytes", bytes.len());
@@ -620,11 +664,7 @@ mod tests {
     }
 
     fn any_entry() -> impl Strategy<Value = CustomerEntry> {
-        let standing = prop_oneof![
-            Just(Standing::Unknown),
-            Just(Standing::Unconfirmed),
-            ".*".prop_map(|customer_id| Standing::Known { customer_id }),
-        ];
+        let standing = prop_oneof![Just(Standing::Unconfirmed), Just(Standing::Known)];
         let flight =
             proptest::option::of((any::<u64>(), any::<u64>(), any_amount(), any::<u64>(), any::<u64>()).prop_map(
                 |(a, b, amount, owner, sent_ms)| Flight { from: a.min(b), to: a.max(b), amount, owner, sent_ms },
@@ -650,16 +690,17 @@ mod tests {
             count,
             until_ms,
         });
-        let strings = (".*", ".*", standing);
+        let strings = (".*", ".*", standing, any::<u64>());
         let balance = (any_amount(), any::<i64>(), any::<u64>(), any_amount(), any::<u64>(), any::<u64>());
         let rest = (flight, any_amount(), any::<u64>(), lease, rate, holds);
         (strings, balance, rest).prop_map(
             |(
-                (key, subject, standing),
+                (key, subject, standing, origin),
                 (live, revision, refreshed_ms, spent, a, b),
                 (flight, offline_spent, last_used_ms, lease, rate, holds),
             )| CustomerEntry {
                 key,
+                origin,
                 subject,
                 standing,
                 live,
@@ -687,8 +728,8 @@ mod tests {
 
     #[test]
     fn available_subtracts_unsent_and_in_flight_usage_until_confirmed() {
-        let mut e = CustomerEntry::new("k", "s", 0);
-        e.refresh("c", amt("1.00"), 1, 1);
+        let mut e = CustomerEntry::new("k", "s", 3, 0);
+        e.refresh(amt("1.00"), 1, 1);
         e.spend(amt("0.30"), 2);
         assert_eq!(e.available(), amt("0.70"));
         let out = e.take_outgoing(1, 3, 1000, SettlementMode::CreditOnly, None);
@@ -698,13 +739,13 @@ mod tests {
         assert_eq!(e.available(), amt("0.50"));
         // The ledger booked the range: its live balance now includes it.
         e.confirm(&range);
-        e.refresh("c", amt("0.70"), 2, 5);
+        e.refresh(amt("0.70"), 2, 5);
         assert_eq!(e.available(), amt("0.50"));
     }
 
     #[test]
     fn a_range_is_resent_unchanged_until_confirmed() {
-        let mut e = CustomerEntry::new("k", "s", 0);
+        let mut e = CustomerEntry::new("k", "s", 3, 0);
         e.spend(amt("0.10"), 1);
         let first = e.take_outgoing(1, 2, 1000, SettlementMode::CreditOnly, None).range.unwrap();
         e.spend(amt("0.10"), 3);
@@ -721,8 +762,8 @@ mod tests {
 
     #[test]
     fn holds_set_credit_aside_until_released_or_timed_out() {
-        let mut e = CustomerEntry::new("k", "s", 0);
-        e.refresh("c", amt("1.00"), 1, 1);
+        let mut e = CustomerEntry::new("k", "s", 3, 0);
+        e.refresh(amt("1.00"), 1, 1);
         e.place_hold(amt("0.40"), 2, 100);
         e.place_hold(amt("0.30"), 3, 100);
         assert_eq!(e.available(), amt("0.30"));
@@ -742,9 +783,9 @@ mod tests {
 
     #[test]
     fn older_answers_do_not_overwrite_newer_ones() {
-        let mut e = CustomerEntry::new("k", "s", 0);
-        e.refresh("c", amt("5"), 7, 1);
-        e.refresh("c", amt("9"), 6, 2);
+        let mut e = CustomerEntry::new("k", "s", 3, 0);
+        e.refresh(amt("5"), 7, 1);
+        e.refresh(amt("9"), 6, 2);
         assert_eq!(e.live, amt("5"));
     }
 }

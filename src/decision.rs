@@ -17,6 +17,8 @@ pub struct Hold {
     pub from_lease: Amount,
     /// Its usage cannot be recorded (the backlog was full under `allow`): completing records nothing.
     pub unrecorded: bool,
+    /// The incarnation of the entry it is held in: an entry rebuilt since never had it.
+    pub origin: u64,
 }
 
 /// What happens to a call.
@@ -164,7 +166,11 @@ fn hold_in_scope(
             e.expire_holds(now_ms);
             e
         });
-        let (next, (verdict, mut effects)) = decide_entry(entry, &key, subject, config, amount, now_ms, access);
+        let fresh = || CustomerEntry::new(&key, subject, store.fresh_origin(), now_ms);
+        let (next, (mut verdict, mut effects)) = decide_entry(entry, &fresh, config, amount, now_ms, access);
+        if let (ScopeVerdict::Allow { held, .. }, Some(e)) = (&mut verdict, &next) {
+            held.origin = e.origin;
+        }
         effects.became_pending = !was_pending && next.as_ref().is_some_and(CustomerEntry::has_pending);
         (next, (verdict, effects))
     });
@@ -186,12 +192,12 @@ fn cancel(store: &dyn SharedData, config: &FilterConfig, scope: &Scope, subject:
         return true;
     }
     let result = shared::update::<CustomerEntry, ()>(store, &key, |entry| match entry {
-        Some(mut e) => {
+        Some(mut e) if e.origin == held.origin => {
             e.release_hold(held.amount);
             e.lease.remaining += held.from_lease;
             (Some(e), ())
         }
-        None => (None, ()),
+        _ => (None, ()),
     });
     result.is_ok()
 }
@@ -228,14 +234,14 @@ pub fn complete_in_scope(
     let unrecorded = held.is_some_and(|h| h.unrecorded);
     let result = shared::update::<CustomerEntry, ScopeCompleted>(store, &key, |entry| {
         let was_pending = entry.as_ref().is_some_and(CustomerEntry::has_pending);
-        let mut e = entry.unwrap_or_else(|| CustomerEntry::new(&key, subject, now_ms));
-        if let Some(h) = held.filter(|h| !h.unrecorded) {
+        let mut e = entry.unwrap_or_else(|| CustomerEntry::new(&key, subject, store.fresh_origin(), now_ms));
+        if let Some(h) = held.filter(|h| !h.unrecorded && h.origin == e.origin) {
             e.release_hold(h.amount);
             e.lease.remaining += h.from_lease;
         }
         let mut effects = Effects::default();
-        if e.standing == Standing::Unknown || actual.is_zero() {
-            // Nothing to book (an unknown customer's usage cannot be).
+        if actual.is_zero() {
+            // Nothing to book.
         } else if unrecorded || e.backlog_full(config.sync.max_unsent_calls, actual) {
             effects.usage_dropped = true;
         } else {
@@ -261,8 +267,7 @@ pub fn complete_in_scope(
 
 fn decide_entry(
     entry: Option<CustomerEntry>,
-    key: &str,
-    subject: &str,
+    fresh: &dyn Fn() -> CustomerEntry,
     config: &FilterConfig,
     amount: Amount,
     now_ms: u64,
@@ -272,19 +277,10 @@ fn decide_entry(
     let hit = Effects { cache_hit: true, ..Effects::default() };
     let timeout = config.pricing.hold_timeout_ms;
     match entry {
-        Some(e) if e.standing == Standing::Unknown => {
-            if now_ms.saturating_sub(e.refreshed_ms) <= u64::from(config.sync.unknown_ttl_ms)
-                || access != LedgerAccess::Reachable
-            {
-                (None, (ScopeVerdict::Call(Verdict::UnknownCustomer), hit))
-            } else {
-                (None, (ScopeVerdict::Call(Verdict::AskLedger), Effects::default()))
-            }
-        }
-        Some(e) if matches!(e.standing, Standing::Known { .. }) && config.sync.strategy == Strategy::Lease => {
+        Some(e) if matches!(e.standing, Standing::Known) && config.sync.strategy == Strategy::Lease => {
             hold_from_lease(e, config, amount, now_ms, access)
         }
-        Some(mut e) if matches!(e.standing, Standing::Known { .. }) && e.is_fresh(now_ms, max_stale) => {
+        Some(mut e) if matches!(e.standing, Standing::Known) && e.is_fresh(now_ms, max_stale) => {
             if e.backlog_full(config.sync.max_unsent_calls, amount) {
                 return backlog_full(e, config, now_ms);
             }
@@ -298,7 +294,7 @@ fn decide_entry(
             (Some(e), (ScopeVerdict::Allow { held, balance }, hit))
         }
         _ if access == LedgerAccess::Reachable => (None, (ScopeVerdict::Call(Verdict::AskLedger), Effects::default())),
-        other => offline(other.unwrap_or_else(|| CustomerEntry::new(key, subject, now_ms)), config, amount, now_ms),
+        other => offline(other.unwrap_or_else(fresh), config, amount, now_ms),
     }
 }
 
@@ -322,7 +318,7 @@ fn hold_from_lease(
         e.lease.remaining -= amount;
         e.place_hold(amount, now_ms, timeout);
         let balance = balance(&e);
-        let held = Hold { amount, from_lease: amount, unrecorded: false };
+        let held = Hold { amount, from_lease: amount, ..Hold::default() };
         return (Some(e), (ScopeVerdict::Allow { held, balance }, hit));
     }
     if config.settlement_mode == SettlementMode::CreditThenInvoice
@@ -333,7 +329,7 @@ fn hold_from_lease(
         e.lease.remaining -= from_lease;
         e.place_hold(amount, now_ms, timeout);
         let balance = balance(&e);
-        let held = Hold { amount, from_lease, unrecorded: false };
+        let held = Hold { amount, from_lease, ..Hold::default() };
         return (Some(e), (ScopeVerdict::Allow { held, balance }, hit));
     }
     match access {
@@ -449,15 +445,22 @@ mod tests {
         Amount::parse(s).unwrap()
     }
 
-    fn allowed(amount: &str, balance: Option<&str>) -> Verdict {
-        Verdict::Allow { held: vec![Hold { amount: amt(amount), ..Hold::default() }], balance: balance.map(amt) }
+    /// Let through holding `amount` in the entry of `origin`.
+    fn allowed(amount: &str, balance: Option<&str>, origin: u64) -> Verdict {
+        Verdict::Allow {
+            held: vec![Hold { amount: amt(amount), origin, ..Hold::default() }],
+            balance: balance.map(amt),
+        }
     }
+
+    /// The origin `known` gives entries.
+    const KNOWN: u64 = 7;
 
     fn known(store: &FakeShared, c: &FilterConfig, subject: &str, live: &str, at: u64) {
         let key = entry_key(c, &c.pricing.scopes[0], subject);
         shared::update::<CustomerEntry, ()>(store, &key, |e| {
-            let mut e = e.unwrap_or_else(|| CustomerEntry::new(&key, subject, at));
-            e.refresh("cust", amt(live), 1, at);
+            let mut e = e.unwrap_or_else(|| CustomerEntry::new(&key, subject, KNOWN, at));
+            e.refresh(amt(live), 1, at);
             (Some(e), ())
         })
         .unwrap();
@@ -478,7 +481,7 @@ mod tests {
         let verdicts: Vec<Verdict> =
             (0..11).map(|i| call(&store, &c, "alice", amt("0.10"), 2 + i, LedgerAccess::Reachable).0).collect();
         assert!(verdicts[..10].iter().all(|v| matches!(v, Verdict::Allow { .. })));
-        assert_eq!(verdicts[9], allowed("0.10", Some("0.00")));
+        assert_eq!(verdicts[9], allowed("0.10", Some("0.00"), KNOWN));
         assert_eq!(verdicts[10], Verdict::Refuse { scope: 0, needed: amt("0.10"), available: amt("0.00") });
     }
 
@@ -509,34 +512,22 @@ mod tests {
         let allow = config(r#", "failure_mode": "allow", "offline_allowance": "0.25""#);
         let verdicts: Vec<Verdict> =
             (0..3).map(|i| call(&store, &allow, "bob", amt("0.10"), 1 + i, LedgerAccess::Unreachable).0).collect();
-        assert_eq!(verdicts[0], allowed("0.10", None));
-        assert_eq!(verdicts[1], allowed("0.10", None));
+        // The entry is created now, with the store's first fresh origin.
+        let origin =
+            shared::read::<CustomerEntry>(&store, &entry_key(&allow, &allow.pricing.scopes[0], "bob")).unwrap().origin;
+        assert_eq!(verdicts[0], allowed("0.10", None, origin));
+        assert_eq!(verdicts[1], allowed("0.10", None, origin));
         assert!(matches!(verdicts[2], Verdict::Unavailable { .. }), "the allowance bounds offline spend");
         // The calls let through are recorded for booking later.
         let e = shared::read::<CustomerEntry>(&store, &entry_key(&allow, &allow.pricing.scopes[0], "bob")).unwrap();
         assert_eq!((e.unsent_calls(), e.spent), (2, amt("0.20")));
     }
 
-    #[test]
-    fn unknown_customers_are_refused_until_the_answer_expires() {
-        let store = FakeShared::new(Rules::Envoy);
-        let c = config(r#", "sync": {"strategy": "cached", "unknown_ttl_ms": 100}"#);
-        let key = entry_key(&c, &c.pricing.scopes[0], "mallory");
-        shared::update::<CustomerEntry, ()>(&store, &key, |_| {
-            let mut e = CustomerEntry::new(&key, "mallory", 1);
-            e.mark_unknown(1);
-            (Some(e), ())
-        })
-        .unwrap();
-        assert_eq!(call(&store, &c, "mallory", amt("0.10"), 50, LedgerAccess::Reachable).0, Verdict::UnknownCustomer);
-        assert_eq!(call(&store, &c, "mallory", amt("0.10"), 500, LedgerAccess::Reachable).0, Verdict::AskLedger);
-    }
-
     fn leased(store: &FakeShared, c: &FilterConfig, subject: &str, held: &str, at: u64) {
         let key = entry_key(c, &c.pricing.scopes[0], subject);
         shared::update::<CustomerEntry, ()>(store, &key, |e| {
-            let mut e = e.unwrap_or_else(|| CustomerEntry::new(&key, subject, at));
-            e.refresh("cust", amt("0"), 1, at);
+            let mut e = e.unwrap_or_else(|| CustomerEntry::new(&key, subject, 7, at));
+            e.refresh(amt("0"), 1, at);
             let answer = credits::sync::LeaseAnswer {
                 lease_id: "l".into(),
                 held: amt(held),
@@ -608,8 +599,8 @@ mod tests {
         // The ledger leases 0.50 that expires in 2 s: within the node's reserve (3 s). What is
         // still live (0.40) is the same expiring credit, which the ledger would not lease either.
         shared::update::<CustomerEntry, ()>(&store, &key, |e| {
-            let mut e = e.unwrap_or_else(|| CustomerEntry::new(&key, "alice", 1000));
-            e.refresh("cust", amt("0.40"), 1, 1000);
+            let mut e = e.unwrap_or_else(|| CustomerEntry::new(&key, "alice", 7, 1000));
+            e.refresh(amt("0.40"), 1, 1000);
             let answer = credits::sync::LeaseAnswer {
                 lease_id: "l".into(),
                 held: amt("0.50"),
@@ -674,8 +665,8 @@ mod tests {
     fn known_in(store: &FakeShared, c: &FilterConfig, scope: usize, subject: &str, live: &str) {
         let key = entry_key(c, &c.pricing.scopes[scope], subject);
         shared::update::<CustomerEntry, ()>(store, &key, |e| {
-            let mut e = e.unwrap_or_else(|| CustomerEntry::new(&key, subject, 1));
-            e.refresh("cust", amt(live), 1, 1);
+            let mut e = e.unwrap_or_else(|| CustomerEntry::new(&key, subject, 7, 1));
+            e.refresh(amt(live), 1, 1);
             (Some(e), ())
         })
         .unwrap();

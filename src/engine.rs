@@ -107,10 +107,13 @@ pub enum Metric {
     /// dispatch failed): charged their cost, counted here.
     CallsResumedUndecided,
     SharedDataFailures,
+    /// Entries a worker kept in sync that it found gone or rebuilt (the host evicted them): the
+    /// calls they had not yet reported are lost.
+    SharedEntriesEvicted,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 17] = [
+    pub const ALL: [Metric; 18] = [
         Metric::CallsAllowed,
         Metric::CallsRefused,
         Metric::CallsUnidentified,
@@ -128,6 +131,7 @@ impl Metric {
         Metric::CallsUsageUnreported,
         Metric::CallsResumedUndecided,
         Metric::SharedDataFailures,
+        Metric::SharedEntriesEvicted,
     ];
 
     /// The name the engine exports (Envoy: `wasmcustom.<name>`; Kong: `pw:prepaid_credits:<name>`).
@@ -150,6 +154,7 @@ impl Metric {
             Metric::CallsUsageUnreported => "calls_usage_unreported",
             Metric::CallsResumedUndecided => "calls_resumed_undecided",
             Metric::SharedDataFailures => "shared_data_failures",
+            Metric::SharedEntriesEvicted => "shared_entries_evicted",
         }
     }
 }

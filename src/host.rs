@@ -37,6 +37,22 @@ impl SharedData for HostShared {
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), CasMismatch> {
         hostcalls::set_shared_data(key, Some(value), cas).map_err(|_| CasMismatch)
     }
+
+    fn delete(&self, key: &str, cas: Option<u32>) -> Result<(), CasMismatch> {
+        hostcalls::set_shared_data(key, None, cas).map_err(|_| CasMismatch)
+    }
+
+    /// Before the first request tells the engine apart, a blind create (both engines insert).
+    fn create_cas(&self) -> Option<u32> {
+        match RULES.get() {
+            Some(Rules::Envoy) => Some(crate::shared::ENVOY_CREATE_CAS),
+            Some(Rules::Nginx) | None => None,
+        }
+    }
+
+    fn fresh_origin(&self) -> u64 {
+        crate::node::random_u64(0)
+    }
 }
 
 thread_local! {

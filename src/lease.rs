@@ -6,13 +6,15 @@ use credits::sync::{LeaseAnswer, LeaseRequest};
 use credits::Amount;
 
 use crate::config::FilterConfig;
-use crate::customer::{entry_key, CustomerEntry};
+use crate::customer::{entry_key, origin_hex, CustomerEntry};
 use crate::pricing::Scope;
 
-/// The node's lease for a customer in a scope keeps one id for the node's life; the ledger
-/// re-opens it after it was released.
-pub fn id(node: &str, config: &FilterConfig, scope: &Scope, subject: &str) -> String {
-    format!("{node}/{}", entry_key(config, scope, subject))
+/// The node's lease for a customer in a scope keeps one id for its entry's life (named by the
+/// entry's origin, not by the node, whose id the engine can evict); the ledger re-opens it after
+/// it was released. An entry rebuilt after an eviction opens a lease of its own, numbering its
+/// requests from 1 again; its predecessor's lease lapses at its TTL.
+pub fn id(origin: u64, config: &FilterConfig, scope: &Scope, subject: &str) -> String {
+    format!("{}/{}", origin_hex(origin), entry_key(config, scope, subject))
 }
 
 /// How long before the ledger could expire a lease the node stops spending from it: long enough
@@ -44,19 +46,17 @@ pub fn target(config: &FilterConfig, scope: &Scope, calls_per_min: u64, turn_ms:
 /// What to ask about the lease now: a top-up below the low-water mark (or enough for a waiting
 /// call that needs `for_call`), a release once idle with nothing left to report or settle,
 /// otherwise a renewal of an open lease. The customer's next sync is `turn_ms` away.
-#[allow(clippy::too_many_arguments)]
 pub fn request(
     e: &mut CustomerEntry,
     config: &FilterConfig,
     scope: &Scope,
-    node: &str,
     subject: &str,
     now_ms: u64,
     turn_ms: u64,
     for_call: Option<Amount>,
 ) -> Option<LeaseRequest> {
     let l = &config.lease;
-    let id = id(node, config, scope, subject);
+    let id = id(e.origin, config, scope, subject);
     let idle = now_ms.saturating_sub(e.last_used_ms) > l.idle_release_ms;
     if idle && for_call.is_none() {
         if e.lease.open && e.unsent_calls() == 0 && e.flight.is_none() && e.holds.count == 0 {
@@ -122,7 +122,7 @@ mod tests {
         );
         let c = FilterConfig::parse(json.as_bytes()).unwrap();
         let subject = "s".repeat(credits::limits::MAX_SUBJECT_LEN);
-        let longest = id(&"0".repeat(16), &c, &c.pricing.scopes[0], &subject);
+        let longest = id(u64::MAX, &c, &c.pricing.scopes[0], &subject);
         assert!(longest.len() <= credits::limits::MAX_LEASE_ID_LEN, "{} bytes", longest.len());
     }
 }

@@ -18,6 +18,7 @@ pub mod shared;
 pub mod sync;
 pub mod tracker;
 pub mod units;
+pub mod unknown;
 pub mod waiting;
 pub mod worker;
 

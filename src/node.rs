@@ -3,7 +3,7 @@
 
 use std::hash::{BuildHasher, Hasher};
 
-use crate::shared::{self, Keyed, SharedData};
+use crate::shared::{self, Keyed, SharedData, UpdateError};
 
 /// The node's record in shared data.
 struct NodeRecord {
@@ -47,6 +47,16 @@ pub fn id(store: &dyn SharedData, salt: u64) -> String {
     .unwrap_or(fresh)
 }
 
+/// Writes the node's record back if the host evicted it (checked every tick), so a worker that
+/// starts later joins this node's id instead of choosing another. Usage keys name entries'
+/// origins, not the node, so even a node whose id changed books nothing twice.
+pub fn keep(store: &dyn SharedData, id: &str) -> Result<(), UpdateError> {
+    shared::update::<NodeRecord, ()>(store, NODE_KEY, |existing| match existing {
+        Some(_) => (None, ()),
+        None => (Some(NodeRecord { id: id.to_owned() }), ()),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -60,5 +70,14 @@ mod tests {
             assert_eq!(first.len(), 16);
             assert_eq!(id(&store, 2), first);
         }
+    }
+
+    #[test]
+    fn an_evicted_node_record_is_written_back_with_the_same_id() {
+        let store = FakeShared::new(Rules::Kong { hash: |k| k.len() as u32 });
+        let first = id(&store, 1);
+        store.remove(NODE_KEY);
+        keep(&store, &first).unwrap();
+        assert_eq!(id(&store, 2), first, "a worker starting later joins the node");
     }
 }

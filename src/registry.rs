@@ -10,8 +10,14 @@ use crate::shared::{self, Keyed, SharedData};
 
 /// The register is split so one write stays small however many customers a node serves.
 pub const SHARDS: u64 = 16;
-/// Beyond this many customers per shard, customers are synced by the workers that serve them only.
-pub const MAX_PER_SHARD: usize = 4096;
+/// Every shard is stored at this length (padded), so its value never changes size: Kong's
+/// shm_kv moves a value that does, and a move under eviction pressure can evict the value being
+/// moved (kong-config/README.md). One page of nginx's slab with its node and key. A shard holds
+/// about 180 subjects of 20 bytes; beyond that, customers are synced by the workers that serve
+/// them only.
+pub const SHARD_BYTES: usize = 3_800;
+/// What every shard's stored form starts with.
+pub const MAGIC: &str = "reg1";
 
 struct Shard {
     key: String,
@@ -24,22 +30,37 @@ impl Keyed for Shard {
     }
 
     fn encode(&self) -> Vec<u8> {
-        let mut out = format!("reg1\n{}\n", self.key);
-        for s in &self.subjects {
-            out.push_str(s);
-            out.push('\n');
-        }
-        out.into_bytes()
+        let mut out = self.unpadded().into_bytes();
+        // Empty lines are no subjects.
+        out.resize(out.len().max(SHARD_BYTES), b'\n');
+        out
     }
 
     fn decode(bytes: &[u8]) -> Option<Self> {
         let text = std::str::from_utf8(bytes).ok()?;
         let mut lines = text.split('\n');
-        if lines.next()? != "reg1" {
+        if lines.next()? != MAGIC {
             return None;
         }
         let key = lines.next()?.to_owned();
         Some(Shard { key, subjects: lines.filter(|l| !l.is_empty()).map(str::to_owned).collect() })
+    }
+}
+
+impl Shard {
+    fn unpadded(&self) -> String {
+        let mut out = format!("{MAGIC}\n{}\n", self.key);
+        for s in &self.subjects {
+            out.push_str(s);
+            out.push('\n');
+        }
+        out
+    }
+
+    /// Does `subject` still fit in the shard's fixed length?
+    fn fits(&self, subject: &str) -> bool {
+        // The subject and its newline.
+        self.unpadded().len() + subject.len() < SHARD_BYTES
     }
 }
 
@@ -66,7 +87,7 @@ pub fn add(store: &dyn SharedData, config: &FilterConfig, subject: &str) -> bool
         if shard.subjects.contains(subject) {
             return (None, true);
         }
-        if shard.subjects.len() >= MAX_PER_SHARD {
+        if !shard.fits(subject) {
             return (None, false);
         }
         shard.subjects.insert(subject.to_owned());
@@ -75,15 +96,17 @@ pub fn add(store: &dyn SharedData, config: &FilterConfig, subject: &str) -> bool
     result.unwrap_or(false)
 }
 
-pub fn remove(store: &dyn SharedData, config: &FilterConfig, subject: &str) {
+/// Takes a customer off the register; `false` if the shard could not be written (contended).
+pub fn remove(store: &dyn SharedData, config: &FilterConfig, subject: &str) -> bool {
     let key = shard_key(config, shard_of(subject));
-    let _ = shared::update::<Shard, ()>(store, &key, |current| match current {
+    shared::update::<Shard, ()>(store, &key, |current| match current {
         Some(mut shard) => {
             let removed = shard.subjects.remove(subject);
             (removed.then_some(shard), ())
         }
         None => (None, ()),
-    });
+    })
+    .is_ok()
 }
 
 /// Every registered customer.
@@ -109,8 +132,33 @@ mod tests {
             let mut everyone = all(&store, &config);
             everyone.sort();
             assert_eq!(everyone, ["alice", "bob"]);
-            remove(&store, &config, "alice");
+            assert!(remove(&store, &config, "alice"));
             assert_eq!(all(&store, &config), ["bob"]);
         }
+    }
+
+    #[test]
+    fn a_shard_keeps_one_length_and_refuses_what_does_not_fit() {
+        let config =
+            FilterConfig::parse(br#"{"ledger": {"upstream": "l", "token": "t"}, "price": "1", "currency": "USD"}"#)
+                .unwrap();
+        let store = FakeShared::new(Rules::Envoy);
+        let key = shard_key(&config, 0);
+        let length = || store.get(&key).0.map(|v| v.len());
+        let mut added = 0;
+        // Subjects of 200 bytes that all land in shard 0, until it is full.
+        for i in 0.. {
+            let subject = format!("{i:0>200}");
+            if shard_of(&subject) != 0 {
+                continue;
+            }
+            if !add(&store, &config, &subject) {
+                break;
+            }
+            added += 1;
+            assert_eq!(length(), Some(SHARD_BYTES), "after {added}");
+        }
+        assert!((15..=19).contains(&added), "{added} subjects of 200 bytes");
+        assert_eq!(all(&store, &config).len(), added);
     }
 }

@@ -5,6 +5,11 @@
 //! only when the key has never existed; otherwise write with the CAS just read; retry on a
 //! mismatch. Kong compares keys by CRC32 only, so every value carries its own key and a value
 //! that holds another key is treated as a collision: the next probe slot is used.
+//!
+//! Creating a key is atomic on both: Envoy inserts on any CAS against a missing key and refuses
+//! it once the key exists, so two workers creating one entry at once cannot both win (a blind
+//! insert would let the second overwrite the first, and with it the first's hold and the lease
+//! it asked for under its entry's origin).
 
 /// The host's shared data, as the filter needs it.
 pub trait SharedData {
@@ -12,7 +17,18 @@ pub trait SharedData {
     fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>);
     /// Writes `value` if `cas` still matches (`None`: the key must not exist yet).
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), CasMismatch>;
+    /// Removes the value if `cas` still matches (Envoy keeps the key with an empty value).
+    fn delete(&self, key: &str, cas: Option<u32>) -> Result<(), CasMismatch>;
+    /// A new entry's origin: random on a host, so that no two incarnations of an entry share one.
+    fn fresh_origin(&self) -> u64;
+    /// The CAS that creates a missing key only if no one else creates it first: `Some` under
+    /// Envoy's rules (see the module's doc), `None` under Kong's (which refuse a CAS there).
+    fn create_cas(&self) -> Option<u32>;
 }
+
+/// The CAS Envoy is asked to create a key with: any value no existing key's CAS holds (Envoy's
+/// counter would have to stand at exactly this value when that key was last written).
+pub const ENVOY_CREATE_CAS: u32 = u32::MAX;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CasMismatch;
@@ -45,22 +61,27 @@ fn slot(key: &str, probe: usize) -> String {
     }
 }
 
-/// Where `key` lives: its slot, what is there (if it is ours) and the CAS to write with.
+/// Where `key` lives: its slot, what is there (if it is ours) and the CAS to write with. Every
+/// probe is looked at before a free one is taken: Kong evicts values, so the key may live beyond
+/// a slot that was emptied under it.
 fn locate<T: Keyed>(store: &dyn SharedData, key: &str) -> Option<(String, Option<T>, Option<u32>)> {
+    let mut free = None;
     for probe in 0..PROBES {
         let name = slot(key, probe);
         let (bytes, cas) = store.get(&name);
-        match bytes.as_deref().filter(|b| !b.is_empty()) {
-            None => return Some((name, None, cas)),
-            Some(b) => match T::decode(b) {
-                Some(v) if v.key() == key => return Some((name, Some(v), cas)),
-                // Unreadable values (another version of the filter) are reclaimed.
-                None => return Some((name, None, cas)),
-                Some(_) => continue,
-            },
+        let readable = bytes.as_deref().filter(|b| !b.is_empty()).map(T::decode);
+        match readable {
+            Some(Some(v)) if v.key() == key => return Some((name, Some(v), cas)),
+            Some(Some(_)) => continue,
+            // Empty, or unreadable (another version of the filter): reclaimed.
+            None | Some(None) => {
+                if free.is_none() {
+                    free = Some((name, None, cas));
+                }
+            }
         }
     }
-    None
+    free
 }
 
 /// Reads the value stored for `key`.
@@ -80,8 +101,24 @@ pub fn update<T: Keyed, R>(
         let (name, current, cas) = locate::<T>(store, key).ok_or(UpdateError::NoSlot)?;
         let (next, result) = change(current);
         let Some(next) = next else { return Ok(result) };
-        if store.set(&name, &next.encode(), cas).is_ok() {
+        if store.set(&name, &next.encode(), cas.or_else(|| store.create_cas())).is_ok() {
             return Ok(result);
+        }
+    }
+    Err(UpdateError::Contended)
+}
+
+/// Removes the value stored for `key` if `pred` holds for it; returns what was removed.
+pub fn remove_if<T: Keyed>(
+    store: &dyn SharedData,
+    key: &str,
+    pred: impl Fn(&T) -> bool,
+) -> Result<Option<T>, UpdateError> {
+    for _ in 0..MAX_CAS_ATTEMPTS {
+        let (name, current, cas) = locate::<T>(store, key).ok_or(UpdateError::NoSlot)?;
+        let Some(value) = current.filter(|v| pred(v)) else { return Ok(None) };
+        if store.delete(&name, cas).is_ok() {
+            return Ok(Some(value));
         }
     }
     Err(UpdateError::Contended)
@@ -93,7 +130,12 @@ pub mod fake {
     use std::cell::RefCell;
     use std::collections::HashMap;
 
+    use std::sync::atomic::{AtomicU64, Ordering};
+
     use super::{CasMismatch, SharedData};
+
+    /// Origins a store gives come from a block of this many bits.
+    pub const ORIGIN_BLOCK_BITS: u32 = 32;
 
     #[derive(Clone, Copy, Debug)]
     pub enum Rules {
@@ -113,11 +155,25 @@ pub mod fake {
         next_cas: RefCell<u32>,
         /// Makes the next n sets fail as if another worker had written first.
         pub interfere: RefCell<usize>,
+        next_origin: RefCell<u64>,
     }
 
     impl FakeShared {
+        /// A store whose origins no other store of the process gives (as random ones would not).
         pub fn new(rules: Rules) -> Self {
-            FakeShared { rules, entries: RefCell::default(), next_cas: RefCell::new(1), interfere: RefCell::new(0) }
+            static STORES: AtomicU64 = AtomicU64::new(1 << 8);
+            Self::with_origins(rules, STORES.fetch_add(1, Ordering::Relaxed) << ORIGIN_BLOCK_BITS)
+        }
+
+        /// A store whose entries' origins count up from `first` (deterministic, for the simulator).
+        pub fn with_origins(rules: Rules, first: u64) -> Self {
+            FakeShared {
+                rules,
+                entries: RefCell::default(),
+                next_cas: RefCell::new(1),
+                interfere: RefCell::new(0),
+                next_origin: RefCell::new(first),
+            }
         }
 
         fn identity(&self, key: &str) -> String {
@@ -125,6 +181,20 @@ pub mod fake {
                 Rules::Envoy => key.to_owned(),
                 Rules::Kong { hash } => format!("crc:{}", hash(key)),
             }
+        }
+
+        /// Evicts the `n`th stored value that `evictable` accepts (in a fixed order, modulo how
+        /// many there are), as Kong does when its zone is full; returns what was there.
+        pub fn evict_nth(&self, n: usize, evictable: impl Fn(&[u8]) -> bool) -> Option<Vec<u8>> {
+            let mut entries = self.entries.borrow_mut();
+            let mut ids: Vec<&String> =
+                entries.iter().filter(|(_, (v, _))| v.as_deref().is_some_and(&evictable)).map(|(id, _)| id).collect();
+            if ids.is_empty() {
+                return None;
+            }
+            ids.sort();
+            let id = ids[n % ids.len()].clone();
+            entries.remove(&id).and_then(|(v, _)| v)
         }
 
         pub fn remove(&self, key: &str) {
@@ -145,6 +215,33 @@ pub mod fake {
     }
 
     impl SharedData for FakeShared {
+        fn fresh_origin(&self) -> u64 {
+            let mut next = self.next_origin.borrow_mut();
+            *next += 1;
+            *next
+        }
+
+        fn create_cas(&self) -> Option<u32> {
+            match self.rules {
+                Rules::Envoy => Some(super::ENVOY_CREATE_CAS),
+                Rules::Kong { .. } => None,
+            }
+        }
+
+        fn delete(&self, key: &str, cas: Option<u32>) -> Result<(), CasMismatch> {
+            let id = self.identity(key);
+            if self.entries.borrow().get(&id).map(|(_, c)| *c) != cas {
+                return Err(CasMismatch);
+            }
+            self.remove(key);
+            if let Some(e) = self.entries.borrow_mut().get_mut(&id) {
+                let next = { *self.next_cas.borrow() };
+                *self.next_cas.borrow_mut() += 1;
+                e.1 = next;
+            }
+            Ok(())
+        }
+
         fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
             match self.entries.borrow().get(&self.identity(key)) {
                 Some((v, cas)) => (v.clone(), Some(*cas)),
@@ -194,6 +291,18 @@ pub mod fake {
 mod tests {
     use super::fake::{FakeShared, Rules};
     use super::*;
+
+    #[test]
+    fn two_workers_creating_one_key_at_once_cannot_both_win() {
+        for rules in [Rules::Envoy, Rules::Kong { hash: |k| k.len() as u32 }] {
+            let store = FakeShared::new(rules);
+            // Both read the key missing, then both create it.
+            assert_eq!(store.get("k"), (None, None));
+            assert!(store.set("k", b"first", store.create_cas()).is_ok());
+            assert_eq!(store.set("k", b"second", store.create_cas()), Err(CasMismatch), "{rules:?}");
+            assert_eq!(store.get("k").0.as_deref(), Some(&b"first"[..]));
+        }
+    }
 
     #[derive(Debug, PartialEq)]
     struct Counter {

@@ -102,11 +102,14 @@ impl Body {
 }
 
 /// What applying an answer did, for metrics.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Applied {
     pub calls_confirmed: u64,
     pub calls_dropped: u64,
-    pub unknown_subjects: u64,
+    /// Subjects the ledger has no customer for (their entries are deleted).
+    pub unknown: Vec<String>,
+    /// Shared-data writes that failed (contended).
+    pub shared_failures: u64,
 }
 
 /// How long a range may be in flight before another worker re-sends it.
@@ -150,9 +153,10 @@ pub fn balance_read(
             if config.sync.strategy == Strategy::Lease {
                 let key = entry_key(config, scope, subject);
                 let lease = shared::update::<CustomerEntry, Option<LeaseRequest>>(store, &key, |entry| {
-                    let mut e = entry.unwrap_or_else(|| CustomerEntry::new(&key, subject, now_ms));
+                    let mut e =
+                        entry.unwrap_or_else(|| CustomerEntry::new(&key, subject, store.fresh_origin(), now_ms));
                     let interval = u64::from(config.sync.interval_ms);
-                    let request = lease::request(&mut e, config, scope, node, subject, now_ms, interval, Some(*needed));
+                    let request = lease::request(&mut e, config, scope, subject, now_ms, interval, Some(*needed));
                     (Some(e), request)
                 });
                 asked.lease = lease.ok().flatten();
@@ -169,12 +173,15 @@ pub fn balance_read(
 pub struct Prepared {
     pub sync: Option<PendingSync>,
     pub unregistered: Vec<String>,
+    /// Entries found gone or rebuilt since this worker's last tick found them.
+    pub evicted: u64,
+    /// Register writes that failed (contended).
+    pub shared_failures: u64,
 }
 
 /// What one tick is about: the same for every customer it takes.
 struct Tick<'a> {
     config: &'a FilterConfig,
-    node: &'a str,
     worker: u64,
     now_ms: u64,
     /// A customer's next turn in a sync is this far away: its lease must last that long.
@@ -200,13 +207,17 @@ pub fn prepare(
     // A worker with more customers than one sync holds reaches each only every few ticks.
     let per_sync = (budget.subjects / scopes.max(1)).max(1);
     let turn_ms = u64::from(config.sync.interval_ms) * (tracker.len().div_ceil(per_sync).max(1) as u64);
-    let tick = Tick { config, node, worker, now_ms, turn_ms };
+    let tick = Tick { config, worker, now_ms, turn_ms };
     let mut prepared = Prepared::default();
     let mut body = Body::new(node);
     let mut forget = Vec::new();
+    let mut found = Vec::new();
     let mut last = None;
     for subject in tracker.in_turn() {
-        let (taken, pending, kept) = take_subject(store, &tick, subject);
+        let (taken, pending, kept, origins) = take_subject(store, &tick, subject);
+        if let Some(origins) = origins {
+            found.push((subject.clone(), origins, pending));
+        }
         // Taken but not sent: its ranges stay this worker's, sent on its next tick, in turn.
         if !body.add(taken, budget) {
             break;
@@ -221,8 +232,19 @@ pub fn prepare(
         }
     }
     tracker.resume_after = last.cloned();
+    for (subject, origins, pending) in found {
+        prepared.evicted += tracker.found(&subject, &origins, pending, now_ms);
+    }
+    // Forgotten customers' entries go too, so the zone holds the customers of the last
+    // `sync.idle_ms` (and Kong need not evict); one that was used meanwhile stays.
+    let idle_ms = u64::from(config.sync.idle_ms);
     for s in forget {
-        registry::remove(store, config, &s);
+        prepared.shared_failures += u64::from(!registry::remove(store, config, &s));
+        for scope in &config.pricing.scopes {
+            let key = entry_key(config, scope, &s);
+            let removed = shared::remove_if::<CustomerEntry>(store, &key, |e| e.disposable(now_ms, idle_ms));
+            prepared.shared_failures += u64::from(removed.is_err());
+        }
         tracker.subjects.remove(&s);
     }
     prepared.sync = body.finish(node, now_ms);
@@ -230,25 +252,42 @@ pub fn prepare(
 }
 
 /// What the tick sends about one customer, in every scope; whether it still has something to
-/// report; and whether the worker keeps it (it is not idle, or its entry was contended).
-fn take_subject(store: &dyn SharedData, tick: &Tick<'_>, subject: &str) -> (Vec<SubjectSync>, bool, bool) {
+/// report; whether the worker keeps it (it is not idle, or its entry was contended); and each
+/// scope's entry's origin as found (none: no entry; all `None` when one was contended).
+fn take_subject(
+    store: &dyn SharedData,
+    tick: &Tick<'_>,
+    subject: &str,
+) -> (Vec<SubjectSync>, bool, bool, Option<Vec<Option<u64>>>) {
     let mut taken = Vec::new();
+    let mut origins = Some(Vec::new());
     let (mut pending, mut kept) = (false, false);
     for scope in &tick.config.pricing.scopes {
         let key = entry_key(tick.config, scope, subject);
-        match shared::update::<CustomerEntry, Option<(SubjectSync, bool)>>(store, &key, |entry| {
-            take_scope(entry, tick, scope, subject)
-        }) {
-            Ok(Some((s, p))) => {
-                taken.push(s);
-                pending |= p;
-                kept = true;
+        let result =
+            shared::update::<CustomerEntry, (Option<u64>, Option<(SubjectSync, bool)>)>(store, &key, |entry| {
+                let origin = entry.as_ref().map(|e| e.origin);
+                let (next, taken) = take_scope(entry, tick, scope, subject);
+                (next, (origin, taken))
+            });
+        match result {
+            Ok((origin, taken_here)) => {
+                if let Some(o) = &mut origins {
+                    o.push(origin);
+                }
+                if let Some((s, p)) = taken_here {
+                    taken.push(s);
+                    pending |= p;
+                    kept = true;
+                }
             }
-            Ok(None) => {}
-            Err(_) => kept = true, // contended: next tick
+            Err(_) => {
+                kept = true; // contended: next tick
+                origins = None;
+            }
         }
     }
-    (taken, pending, kept)
+    (taken, pending, kept, origins)
 }
 
 /// The sync of one customer in one scope, taken out of its entry (`None`: idle, forget it).
@@ -263,14 +302,11 @@ fn take_scope(
     let leased = config.sync.strategy == Strategy::Lease;
     e.expire_holds(tick.now_ms);
     e.measure_rate(tick.now_ms, u64::from(config.sync.interval_ms));
-    let lease_id = leased.then(|| lease::id(tick.node, config, scope, subject));
+    let lease_id = leased.then(|| lease::id(e.origin, config, scope, subject));
     let stale = stale_after_ms(config);
     let outgoing = e.take_outgoing(tick.worker, tick.now_ms, stale, config.settlement_mode, lease_id.as_deref());
-    let lease = if leased {
-        lease::request(&mut e, config, scope, tick.node, subject, tick.now_ms, tick.turn_ms, None)
-    } else {
-        None
-    };
+    let lease =
+        if leased { lease::request(&mut e, config, scope, subject, tick.now_ms, tick.turn_ms, None) } else { None };
     let pending = e.has_pending();
     let idle = tick.now_ms.saturating_sub(e.last_used_ms) > u64::from(config.sync.idle_ms);
     if idle && !pending && outgoing.range.is_none() && lease.is_none() {
@@ -345,17 +381,31 @@ pub fn apply(
     for (asked, answer) in pending.request.subjects.iter().zip(&response.subjects) {
         let Some(scope) = scope_of(config, asked) else { continue };
         let key = entry_key(config, scope, &asked.subject);
+        if answer.outcome == SubjectOutcome::UnknownSubject {
+            // Nothing of it can be booked, and the worker remembers the subject in its own memory.
+            match shared::remove_if::<CustomerEntry>(store, &key, |_| true) {
+                Ok(removed) => applied.calls_dropped += removed.map_or(0, |e| e.unbooked_calls()),
+                Err(_) => applied.shared_failures += 1,
+            }
+            if applied.unknown.last() != Some(&asked.subject) {
+                applied.unknown.push(asked.subject.clone());
+            }
+            continue;
+        }
         let result = shared::update::<CustomerEntry, Applied>(store, &key, |entry| {
-            let mut e = entry.unwrap_or_else(|| CustomerEntry::new(&key, &asked.subject, now_ms));
+            let mut e = entry.unwrap_or_else(|| CustomerEntry::new(&key, &asked.subject, store.fresh_origin(), now_ms));
             let mut a = Applied::default();
+            // What was asked for another incarnation of the entry (one evicted since) is not
+            // this one's: its range (`confirm` checks the origin) and its lease.
+            let own_lease = lease::id(e.origin, config, scope, &asked.subject);
             match &answer.outcome {
-                SubjectOutcome::Ok { customer_id, usage, live, revision, lease } => {
+                SubjectOutcome::Ok { usage, live, revision, lease, .. } => {
                     if let (Some(range), Some(UsageOutcome::Booked | UsageOutcome::Duplicate)) = (&asked.usage, usage) {
-                        let was_in_flight = e.flight.as_ref().is_some_and(|f| f.from == range.from && f.to == range.to);
-                        e.confirm(range);
-                        a.calls_confirmed += if was_in_flight { range.calls() } else { 0 };
+                        a.calls_confirmed += e.confirm(range);
                     }
-                    if let (Some(lease), Some(asked_lease)) = (lease, &asked.lease) {
+                    if let (Some(lease), Some(asked_lease)) =
+                        (lease, asked.lease.as_ref().filter(|l| l.lease_id == own_lease))
+                    {
                         let answered = LeaseAnswered {
                             answer: lease,
                             asked: asked_lease,
@@ -365,12 +415,9 @@ pub fn apply(
                         };
                         e.apply_lease(&answered, lease::reserve_ms(config));
                     }
-                    e.refresh(customer_id, *live, *revision, now_ms);
+                    e.refresh(*live, *revision, now_ms);
                 }
-                SubjectOutcome::UnknownSubject => {
-                    a.calls_dropped += e.mark_unknown(now_ms);
-                    a.unknown_subjects += 1;
-                }
+                SubjectOutcome::UnknownSubject => {} // handled above
                 SubjectOutcome::Rejected { .. } => {
                     if let Some(range) = &asked.usage {
                         a.calls_dropped += e.drop_flight(range);
@@ -382,7 +429,6 @@ pub fn apply(
         if let Ok(a) = result {
             applied.calls_confirmed += a.calls_confirmed;
             applied.calls_dropped += a.calls_dropped;
-            applied.unknown_subjects += a.unknown_subjects;
         }
     }
     applied
@@ -410,7 +456,7 @@ pub fn pending_subjects(store: &dyn SharedData, config: &FilterConfig, pending: 
 pub fn is_known(store: &dyn SharedData, config: &FilterConfig, subject: &str) -> bool {
     config.pricing.scopes.iter().all(|scope| {
         shared::read::<CustomerEntry>(store, &entry_key(config, scope, subject))
-            .is_some_and(|e| matches!(e.standing, Standing::Known { .. }))
+            .is_some_and(|e| matches!(e.standing, Standing::Known))
     })
 }
 
@@ -574,6 +620,46 @@ mod tests {
     }
 
     #[test]
+    fn an_entry_rebuilt_after_an_eviction_books_nothing_twice_and_is_counted() {
+        let store = FakeShared::new(Rules::Kong { hash: |k| k.len() as u32 });
+        let c = config();
+        let key = entry_key(&c, &c.pricing.scopes[0], "alice");
+        let mut ledger = MiniLedger { balance: amt("1.00"), booked: Default::default(), revision: 1 };
+        let mut tracker = Tracker::default();
+        let spend = |n: u64, at: u64| {
+            let read = balance_read(&store, &c, "node", "alice", &[c.price], at);
+            let known = ok("alice", None, "1.00", 1);
+            apply(&store, &c, &read, &answer(vec![known]), at);
+            for i in 0..n {
+                assert!(matches!(
+                    call(&store, &c, "alice", c.price, at + i, LedgerAccess::Reachable).0,
+                    Verdict::Allow { .. }
+                ));
+            }
+        };
+        spend(3, 10);
+        tracker.touch("alice", 10);
+        let first = prepare(&store, &mut tracker, &c, ("node", 1), Budget::default(), 100);
+        assert_eq!(first.evicted, 0);
+        let first = first.sync.unwrap();
+        // The host evicts the entry while its range is in flight; the rebuilt entry numbers its
+        // calls from 0 again.
+        store.remove(&key);
+        spend(3, 110);
+        let second = prepare(&store, &mut tracker, &c, ("node", 1), Budget::default(), 200);
+        assert_eq!(second.evicted, 1, "the tick finds the entry rebuilt");
+        let second = second.sync.unwrap();
+        let (a, b) =
+            (first.request.subjects[0].usage.clone().unwrap(), second.request.subjects[0].usage.clone().unwrap());
+        assert_eq!((a.from, a.to), (b.from, b.to), "numbered alike");
+        apply(&store, &c, &first, &ledger.answer(&first.request), 201);
+        apply(&store, &c, &second, &ledger.answer(&second.request), 202);
+        assert_eq!(ledger.balance, amt("0.40"), "both ranges booked: six calls");
+        let e = shared::read::<CustomerEntry>(&store, &key).unwrap();
+        assert!(e.flight.is_none(), "the rebuilt entry's own range confirmed");
+    }
+
+    #[test]
     fn idle_customers_without_usage_are_forgotten() {
         let store = FakeShared::new(Rules::Envoy);
         let c = config();
@@ -586,6 +672,8 @@ mod tests {
             .sync
             .is_none());
         assert!(tracker.is_empty());
+        let key = entry_key(&c, &c.pricing.scopes[0], "alice");
+        assert!(shared::read::<CustomerEntry>(&store, &key).is_none(), "the idle entry is deleted");
     }
 
     #[test]
@@ -598,7 +686,9 @@ mod tests {
         let pending = prepare(&store, &mut tracker, &allow, ("node", 1), Budget::default(), 2).sync.unwrap();
         let unknown = SubjectAnswer { subject: "ghost".into(), outcome: SubjectOutcome::UnknownSubject };
         let applied = apply(&store, &allow, &pending, &answer(vec![unknown]), 3);
-        assert_eq!((applied.calls_dropped, applied.unknown_subjects), (1, 1));
+        assert_eq!((applied.calls_dropped, applied.unknown), (1, vec!["ghost".to_owned()]));
         assert!(!is_known(&store, &allow, "ghost"));
+        let key = entry_key(&allow, &allow.pricing.scopes[0], "ghost");
+        assert!(shared::read::<CustomerEntry>(&store, &key).is_none(), "no entry kept for an unknown subject");
     }
 }

@@ -13,6 +13,7 @@ use crate::problem::Problem;
 use crate::registry;
 use crate::sync::{self, AnswerError, Budget, PendingSync};
 use crate::tracker::Tracker;
+use crate::unknown::UnknownSubjects;
 use crate::waiting::{Plan, Read, Waiter, Waiting};
 
 /// Reads one call may wait for: a burst that outruns a top-up waits for one more, sized for every
@@ -58,6 +59,8 @@ pub struct Worker {
     pub id: u64,
     pub tracker: Tracker,
     pub waiting: Waiting,
+    /// Subjects the ledger has no customer for.
+    pub unknown: UnknownSubjects,
     /// Until when the ledger counts as unreachable (after a failed call).
     ledger_down_until_ms: u64,
     counters: Counters,
@@ -172,6 +175,10 @@ impl Worker {
                 self.budget.subjects = self.budget.subjects.saturating_mul(2).min(most);
                 self.count(Metric::RecordsConfirmed, applied.calls_confirmed);
                 self.count(Metric::RecordsDropped, applied.calls_dropped);
+                self.count(Metric::SharedDataFailures, applied.shared_failures);
+                for subject in &applied.unknown {
+                    self.unknown.learn(subject, now_ms + u64::from(config.sync.unknown_ttl_ms));
+                }
                 self.ledger_down_until_ms = 0;
                 true
             }
@@ -195,11 +202,15 @@ impl Worker {
     }
 
     /// The tick: gives up on reads past their deadline, records completions that could not be,
-    /// sends the worker's sync, hands over the counters.
+    /// writes back the node's record if it was evicted, sends the worker's sync, hands over the
+    /// counters.
     pub fn on_tick(&mut self, engine: &mut dyn Engine, config: &FilterConfig) {
         let now_ms = engine.now_ms();
         self.expire_reads(engine, config, now_ms);
         self.retry_completions(engine, config, now_ms);
+        if node::keep(engine.shared(), &self.node).is_err() {
+            self.count(Metric::SharedDataFailures, 1);
+        }
         self.send_sync(engine, config, now_ms);
         self.flush_counters(engine);
     }
@@ -258,6 +269,8 @@ impl Worker {
         for subject in &prepared.unregistered {
             self.register(engine, config, subject);
         }
+        self.count(Metric::SharedEntriesEvicted, prepared.evicted);
+        self.count(Metric::SharedDataFailures, prepared.shared_failures);
         let Some(pending) = prepared.sync else { return };
         match self.dispatch(engine, config, &pending) {
             Ok(token) => {
@@ -303,7 +316,8 @@ impl Worker {
         let problem = match verdict {
             Verdict::Allow { held, .. } => {
                 self.count(Metric::CallsAllowed, 1);
-                self.tracker.touch(subject, now_ms);
+                let evicted = self.tracker.served(subject, now_ms, held.iter().map(|h| h.origin));
+                self.count(Metric::SharedEntriesEvicted, evicted);
                 return Acted::LetThrough(held);
             }
             Verdict::Refuse { scope, needed, available } => {
@@ -340,6 +354,9 @@ impl Worker {
         estimates: &[Amount],
         access: LedgerAccess,
     ) -> (Verdict, bool) {
+        if self.unknown.refuses(subject, engine.now_ms(), access == LedgerAccess::Reachable) {
+            return (Verdict::UnknownCustomer, true);
+        }
         let (verdict, effects) = decision::admit(engine.shared(), config, subject, estimates, engine.now_ms(), access);
         if effects.became_pending {
             self.register(engine, config, subject);

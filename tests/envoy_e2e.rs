@@ -46,11 +46,18 @@ async fn one_dollar_at_ten_cents_buys_exactly_ten_calls() {
     let (status, _, body) = envoy.call(None).await;
     assert_eq!(status, 401, "{body}");
     assert!(problem(&body)["detail"].as_str().unwrap_or_default().contains("x-consumer-username"));
-    // A subject the ledger does not know.
+    // A subject the ledger does not know: refused, its entry deleted from shared data (the
+    // worker remembers it), and refused again without a failed shared-data write.
+    let (status, _, _) = envoy.call(Some("mallory")).await;
+    assert_eq!(status, 403);
     let (status, _, _) = envoy.call(Some("mallory")).await;
     assert_eq!(status, 403);
     if let Some(n) = envoy.counter_at_least("calls_allowed", 11).await {
         assert!(n >= 11, "{n}");
+    }
+    // Counted when the second refusal is handed over, after the answer that deleted the entry.
+    if envoy.counter_at_least("calls_unknown_customer", 2).await.is_some() {
+        assert_eq!(envoy.counter("shared_data_failures").await, Some(0), "deleting an entry failed under this engine");
     }
     ledger.check().await;
 }

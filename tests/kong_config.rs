@@ -380,6 +380,19 @@ fn kong_conf() -> BTreeMap<&'static str, &'static str> {
     conf
 }
 
+/// What ngx_wasm_module's shm_kv adds to each key and value (its rbtree node, queue links, CAS and
+/// the two strings' headers), rounded up.
+const ZONE_NODE_BYTES: usize = 100;
+
+/// The slab allocation of a customer entry whose subject has `subject` bytes and feature key
+/// `feature`: node, key and value in one allocation, rounded up to a power of two.
+fn zone_allocation(subject: usize, feature: usize) -> u64 {
+    use prepaid_credits::shared::Keyed;
+    let key = format!("prepaid_credits/c/USD/{}/{}", "f".repeat(feature), "s".repeat(subject));
+    let entry = prepaid_credits::customer::CustomerEntry::new(&key, &"s".repeat(subject), u64::MAX, 0);
+    (ZONE_NODE_BYTES + key.len() + entry.encode().len()).next_power_of_two() as u64
+}
+
 fn size_bytes(size: &str) -> u64 {
     let size = size.split_whitespace().next().expect("a size");
     let (digits, unit) = size.split_at(size.find(|c: char| !c.is_ascii_digit()).unwrap_or(size.len()));
@@ -416,8 +429,14 @@ fn kong_conf_loads_the_filter_with_its_shared_memory_zone() {
         .values()
         .map(|c| (c["currency"].to_string(), c["feature_key"].to_string()))
         .collect();
-    assert!(KONG_CONF.contains("size ~ P x N x 1.5 KiB + 1 MiB") && KONG_CONF.contains("N = 20,000"));
-    let needed = pairs.len() as u64 * DOCUMENTED_CUSTOMERS * 1536 + (1 << 20);
+    assert!(KONG_CONF.contains("size ~ 1.25 x P x (N x E + 64 KiB) + 1 MiB") && KONG_CONF.contains("N = 20,000"));
+    assert!(KONG_CONF.contains("E = 1 KiB for subjects and feature keys up to 64 bytes, 2 KiB for subjects up to 256"));
+    let e = zone_allocation(64, 64);
+    assert_eq!((e, zone_allocation(256, 64)), (1024, 2048), "E as kong.conf states it");
+    // The register: 16 shards, each one slab page with its node and key.
+    let shard = prepaid_credits::registry::SHARD_BYTES + ZONE_NODE_BYTES + 64;
+    assert!(shard <= 4096 && prepaid_credits::registry::SHARDS == 16, "64 KiB of register");
+    let needed = pairs.len() as u64 * (DOCUMENTED_CUSTOMERS * e + (64 << 10)) * 5 / 4 + (1 << 20);
     assert!(zone >= needed, "zone {zone} B < formula {needed} B");
 
     // Fallback socket timeouts at both levels; isolation stays `none`.

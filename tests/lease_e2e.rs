@@ -76,6 +76,25 @@ async fn two_nodes_let_through_exactly_what_the_balance_pays_for() {
     ledger.check().await;
 }
 
+/// Under `lease` a cold call writes the customer's entry before it asks the ledger; for a subject
+/// the ledger does not know, the entry is deleted again (the worker remembers the subject in its
+/// own memory), so made-up subjects do not fill the engine's shared data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unknown_subjects_entry_is_deleted_under_this_engine() {
+    let dir = TempDir::new("unknown-subject");
+    let ledger = Ledger::start(&dir.0).await;
+    let (up, _u) = upstream().await;
+    let envoy = Envoy::start(&dir.0, up, ledger.port, &lease_config()).await;
+    for _ in 0..2 {
+        assert_eq!(envoy.call(Some("nobody-by-that-name")).await.0, 403);
+    }
+    // Handed over on the tick after the second refusal, which came after the deleting answer.
+    if envoy.counter_at_least("calls_unknown_customer", 2).await.is_some() {
+        assert_eq!(envoy.counter("shared_data_failures").await, Some(0), "the entry could not be deleted");
+    }
+    ledger.check().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_idle_node_strands_no_credit() {
     let dir = TempDir::new("idle-node");

@@ -9,7 +9,8 @@
 //! - against the credit model alone, by proptest (many cases, shrinks a failure);
 //! - against the real ledger (its sync entry point, booking code, expiry job and journal check)
 //!   on SQLite, over a fixed list of seeds. A failing seed prints itself; `SIM_SEEDS` replays it
-//!   or runs more: `SIM_SEEDS=17` or `SIM_SEEDS=0..500`. `SIM_TRACE=1` prints every event.
+//!   or runs more: `SIM_SEEDS=17` or `SIM_SEEDS=0..500`. `SIM_TRACE=1` prints every event;
+//!   `SIM_MODEL=1` runs the seeds against the credit model alone (fast, for searching many).
 
 pub(crate) mod backend;
 pub(crate) mod filter;
@@ -71,7 +72,8 @@ fn seeds() -> std::ops::Range<u64> {
 fn the_real_ledger_books_every_call_once_and_never_lets_through_more_than_the_credit() {
     let mut failed = Vec::new();
     for seed in seeds() {
-        match on_sqlite(&scenario_of(seed)) {
+        let run = if std::env::var_os("SIM_MODEL").is_some() { on_model } else { on_sqlite };
+        match run(&scenario_of(seed)) {
             Ok(stats) => eprintln!("seed {seed}: {stats:?}"),
             Err(e) => {
                 eprintln!("seed {seed} failed: {e}\n  replay: SIM_SEEDS={seed} cargo test -p prepaid-credits --lib simulation");

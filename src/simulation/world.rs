@@ -13,8 +13,11 @@ use std::rc::Rc;
 use super::backend::{at, Books, GrantPlan, Ledger};
 use super::filter::{Decided, Sent, SimWorker};
 use crate::config::FilterConfig;
+use crate::customer::CustomerEntry;
 use crate::engine::{Rules, Token};
-use crate::shared::fake::{FakeShared, Rules as SharedRules};
+use crate::registry;
+use crate::shared::fake::{FakeShared, Rules as SharedRules, ORIGIN_BLOCK_BITS};
+use crate::shared::Keyed;
 
 pub const SUBJECT: &str = "alice";
 const NODES: usize = 3;
@@ -53,6 +56,11 @@ pub enum Action {
     LedgerRestart,
     /// An operator voids one of the scenario's grants.
     Void { grant: usize },
+    /// The host evicts one of a node's shared values (Kong's zone is full): a customer's entry or
+    /// the node's record. Not a register shard: every worker reads every shard on every tick,
+    /// and ngx_wasm_module's slru moves a value read to the head of its queue and evicts from the
+    /// entry's own size class first, so a shard (a page, read each tick) goes last of all.
+    Evict { node: usize, pick: usize },
 }
 
 fn action() -> impl Strategy<Value = Action> {
@@ -64,6 +72,7 @@ fn action() -> impl Strategy<Value = Action> {
         4 => Just(Action::LedgerJob),
         4 => Just(Action::LedgerRestart),
         1 => (0usize..3).prop_map(|grant| Action::Void { grant }),
+        1 => (0..NODES, any::<usize>()).prop_map(|(node, pick)| Action::Evict { node, pick }),
     ]
 }
 
@@ -142,6 +151,9 @@ pub struct Stats {
     pub ledger_restarts: u64,
     pub ledger_jobs: u64,
     pub voids: u64,
+    pub evictions: u64,
+    /// Calls let through and never booked (their entry was evicted first).
+    pub lost: u64,
     /// The most the auditor's allowance was needed (see [`Sim::audit`]).
     pub excess: Amount,
 }
@@ -152,6 +164,10 @@ struct Node {
     skew_ms: u64,
     workers: Vec<SimWorker>,
     let_through: u64,
+    /// Calls numbered by the customer's entries that were evicted.
+    recorded_before: u64,
+    /// Calls the evicted entries had not had booked yet: at most this many are never booked.
+    lost_bound: u64,
 }
 
 #[derive(Clone)]
@@ -216,11 +232,19 @@ impl<L: Ledger> Sim<L> {
         };
         let nodes = (0..NODES)
             .map(|n| {
-                let store = Rc::new(FakeShared::new(shared));
+                let store = Rc::new(FakeShared::with_origins(shared, (n as u64 + 1) << ORIGIN_BLOCK_BITS));
                 let workers = (0..WORKERS)
                     .map(|w| SimWorker::new(rules, Rc::clone(&store), &config, (n * 10 + w) as u64 + 1, START_MS))
                     .collect();
-                Node { id: String::new(), store, skew_ms: s.skews_ms[n], workers, let_through: 0 }
+                Node {
+                    id: String::new(),
+                    store,
+                    skew_ms: s.skews_ms[n],
+                    workers,
+                    let_through: 0,
+                    recorded_before: 0,
+                    lost_bound: 0,
+                }
             })
             .map(|mut node| {
                 node.id = node.workers[0].worker.node.clone();
@@ -449,12 +473,31 @@ impl<L: Ledger> Sim<L> {
                 self.void(grant);
                 self.book = None;
             }
+            Action::Evict { node, pick } => self.evict(node, pick),
             Action::LedgerRestart => {
                 self.ledger.restart();
                 self.stats.ledger_restarts += 1;
                 self.book = None;
             }
         }
+    }
+
+    /// The host evicts a value of `node`'s: the customer's entry (with what it had not had
+    /// booked) or the node's record.
+    fn evict(&mut self, node: usize, pick: usize) {
+        let n = &mut self.nodes[node];
+        let Some(bytes) = n.store.evict_nth(pick, |v| !v.starts_with(registry::MAGIC.as_bytes())) else { return };
+        self.stats.evictions += 1;
+        trace(|| {
+            format!("t={} node{node} evicts {}", self.now, String::from_utf8_lossy(&bytes[..bytes.len().min(60)]))
+        });
+        if let Some(e) = CustomerEntry::decode(&bytes) {
+            let flight = e.flight.as_ref().map_or(0, |f| f.to - f.from);
+            n.recorded_before += e.next_call;
+            n.lost_bound += e.unsent_calls() + flight;
+            trace(|| format!("t={} node{node} evicts {e:?}", self.now));
+        }
+        self.book = None;
     }
 
     /// A reliable network until everything is reported and every lease given back.
@@ -476,7 +519,7 @@ impl<L: Ledger> Sim<L> {
     /// call let through recorded in its node's shared state, the journal sound.
     pub fn audit(&mut self) -> Result<(), String> {
         for node in &self.nodes {
-            let recorded = node.workers[0].calls_recorded(SUBJECT);
+            let recorded = node.recorded_before + node.workers[0].calls_recorded(SUBJECT);
             if recorded != node.let_through {
                 return Err(format!("{} recorded {recorded} calls, let {} through", node.id, node.let_through));
             }
@@ -514,7 +557,9 @@ impl<L: Ledger> Sim<L> {
     /// - an expiry: calls let through before the instant that had not reached the ledger by then
     ///   (the network kept them; leases stop spending a reserve before their credit expires, so
     ///   without faults nothing is in flight then), at most what expired;
-    /// - a void: what leases held of the voided grant (nodes spend it until their next sync).
+    /// - a void: what leases held of the voided grant (nodes spend it until their next sync);
+    /// - an eviction: the calls the evicted entry had not had booked (its unsent calls and the
+    ///   range in flight), which the node never reports, so the ledger's credit never pays them.
     ///
     /// A call let through from a lease after its credit expired is never allowed for.
     fn allowance(&self) -> Amount {
@@ -529,7 +574,8 @@ impl<L: Ledger> Sim<L> {
                 Some(expired.min((*unreported)?))
             })
             .sum();
-        expiries + self.voided_held.iter().copied().sum::<Amount>()
+        let lost: u64 = self.nodes.iter().map(|n| n.lost_bound).sum();
+        expiries + self.voided_held.iter().copied().sum::<Amount>() + self.config.price.times(lost).unwrap()
     }
 
     /// After the drain: each call booked exactly once, nothing left held.
@@ -537,23 +583,37 @@ impl<L: Ledger> Sim<L> {
         self.book = None;
         self.audit()?;
         let books: Books = self.ledger.books();
-        for node in &self.nodes {
-            let mut ranges = books.booked.get(&node.id).cloned().unwrap_or_default();
-            ranges.sort();
-            let mut next = 0;
-            for (from, to) in &ranges {
-                if *from != next {
-                    return Err(format!("{} booked ranges {ranges:?}", node.id));
+        let mut booked_calls = 0;
+        for (n, node) in self.nodes.iter().enumerate() {
+            // Each incarnation of the node's entry numbers its calls from 0 under its origin.
+            let mine =
+                |origin: &String| u64::from_str_radix(origin, 16).is_ok_and(|o| o >> ORIGIN_BLOCK_BITS == n as u64 + 1);
+            let mut booked = 0;
+            for (origin, ranges) in books.booked.iter().filter(|(o, _)| mine(o)) {
+                let mut ranges = ranges.clone();
+                ranges.sort();
+                let mut next = 0;
+                for (from, to) in &ranges {
+                    if *from != next {
+                        return Err(format!("{} booked ranges {ranges:?} of {origin}", node.id));
+                    }
+                    next = *to;
                 }
-                next = *to;
+                booked += next;
             }
-            if next != node.let_through {
-                return Err(format!("{} let {} calls through, booked {next}", node.id, node.let_through));
+            let lost = node.let_through.checked_sub(booked);
+            if lost.is_none_or(|lost| lost > node.lost_bound) {
+                return Err(format!(
+                    "{} let {} calls through, booked {booked} (evictions lost at most {})",
+                    node.id, node.let_through, node.lost_bound
+                ));
             }
+            booked_calls += booked;
         }
-        let spent = self.config.price.times(self.let_through()).unwrap();
+        self.stats.lost = self.let_through() - booked_calls;
+        let spent = self.config.price.times(booked_calls).unwrap();
         if books.consumed != spent {
-            return Err(format!("consumed {} for {} calls let through ({spent})", books.consumed, self.let_through()));
+            return Err(format!("consumed {} for {booked_calls} calls booked ({spent})", books.consumed));
         }
         let b = books.book.try_balances(at(self.now), None).unwrap();
         let b = b.first().ok_or("no balance")?;

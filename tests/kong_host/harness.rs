@@ -46,17 +46,69 @@ pub fn crc32(key: &str) -> u32 {
     !crc
 }
 
-/// `shm_kv` as ngx_wasm_module (Kong 3.8+) implements it.
+/// `shm_kv` as ngx_wasm_module (Kong 3.8+) implements it: keys compared by hash, and a zone of
+/// bounded size that evicts the least recently used values to make room (its default `slru`
+/// policy, here across sizes rather than per slab size class).
 pub struct Shm {
     pub hash: KeyHash,
     /// hash → (first key written, value, cas)
     pub entries: BTreeMap<u32, (String, Vec<u8>, u32)>,
     pub cas_mismatches: u64,
+    /// The zone's size in bytes (each value with its key); `None`: unbounded.
+    pub capacity: Option<usize>,
+    /// When each value was last read or written (a counter): the oldest is evicted first.
+    used: HashMap<u32, u64>,
+    clock: u64,
+    /// Writes that changed a value's size: the engine allocates a new node before it frees the old.
+    pub moves: u64,
+    pub evictions: u64,
 }
 
 impl Shm {
-    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
-        self.entries.get(&(self.hash)(key)).map(|(_, v, cas)| (v.clone(), *cas))
+    fn new(hash: KeyHash, capacity: Option<usize>) -> Shm {
+        Shm {
+            hash,
+            entries: BTreeMap::new(),
+            cas_mismatches: 0,
+            capacity,
+            used: HashMap::new(),
+            clock: 0,
+            moves: 0,
+            evictions: 0,
+        }
+    }
+
+    fn touch(&mut self, h: u32) {
+        self.clock += 1;
+        self.used.insert(h, self.clock);
+    }
+
+    fn size(&self) -> usize {
+        self.entries.values().map(|(k, v, _)| k.len() + v.len()).sum()
+    }
+
+    /// Evicts the least recently used values until `more` bytes fit. ngx_wasm_module allocates a
+    /// moved value's new node while the old one is still in the zone; when the old one is the
+    /// one evicted, the engine frees it twice and the worker dies holding the zone's lock
+    /// (SIGSEGV): the harness panics there.
+    fn make_room(&mut self, more: usize, moving: Option<u32>) {
+        let Some(capacity) = self.capacity else { return };
+        while self.size() + more > capacity {
+            let Some((&oldest, _)) = self.used.iter().min_by_key(|(_, t)| **t) else { return };
+            assert_ne!(Some(oldest), moving, "worker crashed: a value moved under eviction pressure evicted itself");
+            self.used.remove(&oldest);
+            self.entries.remove(&oldest);
+            self.evictions += 1;
+        }
+    }
+
+    fn get(&mut self, key: &str) -> Option<(Vec<u8>, u32)> {
+        let h = (self.hash)(key);
+        let found = self.entries.get(&h).map(|(_, v, cas)| (v.clone(), *cas));
+        if found.is_some() {
+            self.touch(h);
+        }
+        found
     }
 
     /// `if (cas != (n == NULL ? 0 : n->cas))` → not written; value NULL deletes.
@@ -70,10 +122,20 @@ impl Shm {
         match value {
             None => {
                 self.entries.remove(&h);
+                self.used.remove(&h);
             }
             Some(v) => {
                 let name = self.entries.get(&h).map_or_else(|| key.to_owned(), |e| e.0.clone());
+                match self.entries.get(&h).map(|e| e.1.len()) {
+                    Some(len) if len == v.len() => {}
+                    Some(_) => {
+                        self.moves += 1;
+                        self.make_room(name.len() + v.len(), Some(h));
+                    }
+                    None => self.make_room(name.len() + v.len(), None),
+                }
                 self.entries.insert(h, (name, v, stored + 1));
+                self.touch(h);
             }
         }
         OK
@@ -89,10 +151,12 @@ pub struct Node {
 
 impl Node {
     pub fn new(hash: KeyHash) -> Node {
-        Node {
-            shm: Arc::new(Mutex::new(Shm { hash, entries: BTreeMap::new(), cas_mismatches: 0 })),
-            clock_ms: Arc::new(Mutex::new(1_750_000_000_000)),
-        }
+        Node::with_zone(hash, None)
+    }
+
+    /// A node whose zone holds `capacity` bytes of keys and values (`None`: unbounded).
+    pub fn with_zone(hash: KeyHash, capacity: Option<usize>) -> Node {
+        Node { shm: Arc::new(Mutex::new(Shm::new(hash, capacity))), clock_ms: Arc::new(Mutex::new(1_750_000_000_000)) }
     }
 
     pub fn now_ms(&self) -> u64 {

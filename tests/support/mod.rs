@@ -347,8 +347,16 @@ impl Gateway {
     pub async fn start(dir: &Path, upstream_port: u16, ledger_port: u16, config: &Value) -> Gateway {
         match Engine::from_env() {
             Engine::Envoy => Gateway::envoy(dir, upstream_port, ledger_port, config).await,
-            Engine::Nginx(bin) => Gateway::nginx(&bin, dir, upstream_port, ledger_port, config).await,
+            Engine::Nginx(bin) => {
+                Gateway::nginx(&bin, dir, (upstream_port, ledger_port), config, NginxShape::default()).await
+            }
         }
+    }
+
+    /// nginx with Kong's engine shaped as `shape` (the engine must be nginx).
+    pub async fn start_nginx(dir: &Path, ports: (u16, u16), config: &Value, shape: NginxShape) -> Gateway {
+        let Engine::Nginx(bin) = Engine::from_env() else { panic!("E2E_GATEWAY=nginx is needed") };
+        Gateway::nginx(&bin, dir, ports, config, shape).await
     }
 
     /// Envoy with `envoy/envoy.yaml`: the ledger is the cluster `ledger`.
@@ -394,13 +402,14 @@ impl Gateway {
     /// `on_request_headers` in the access phase (Kong attaches filters from its access handler;
     /// a pause in the rewrite phase is not honoured on keep-alive connections), the ledger at
     /// `127.0.0.1:<port>` (ngx_wasm_module has no clusters).
-    async fn nginx(bin: &Path, dir: &Path, upstream_port: u16, ledger_port: u16, config: &Value) -> Gateway {
+    async fn nginx(bin: &Path, dir: &Path, ports: (u16, u16), config: &Value, shape: NginxShape) -> Gateway {
+        let (upstream_port, ledger_port) = ports;
         let port = free_port();
         let mut config = config.clone();
         config["ledger"]["upstream"] = Value::String(format!("127.0.0.1:{ledger_port}"));
         let prefix = dir.join(format!("nginx-{port}"));
         std::fs::create_dir_all(prefix.join("logs")).expect("nginx prefix");
-        let conf = nginx_conf(&prefix, port, upstream_port, &config);
+        let conf = nginx_conf(&prefix, (port, upstream_port), &config, shape);
         let file = prefix.join("nginx.conf");
         std::fs::write(&file, conf).expect("write nginx.conf");
         let child = Command::new(bin)
@@ -502,20 +511,33 @@ impl Gateway {
     }
 }
 
+/// How an nginx node is set up: its workers and the size of the filter's shared-memory zone.
+#[derive(Clone, Copy, Debug)]
+pub struct NginxShape {
+    pub workers: u32,
+    pub zone: &'static str,
+}
+
+impl Default for NginxShape {
+    fn default() -> Self {
+        NginxShape { workers: 2, zone: "16m" }
+    }
+}
+
 /// The nginx configuration of one node (see [`Gateway::nginx`]).
-fn nginx_conf(prefix: &Path, port: u16, upstream_port: u16, config: &Value) -> String {
+fn nginx_conf(prefix: &Path, (port, upstream_port): (u16, u16), config: &Value, shape: NginxShape) -> String {
     let p = prefix.display();
     let filter_config = config.to_string().replace('\\', "\\\\").replace('\'', "\\'");
     format!(
         r#"daemon off;
 master_process on;
-worker_processes 2;
+worker_processes {workers};
 pid {p}/logs/nginx.pid;
 error_log {p}/logs/error.log {level};
 events {{ worker_connections 1024; }}
 wasm {{
     module prepaid_credits {wasm};
-    shm_kv prepaid_credits 16m;
+    shm_kv prepaid_credits {zone};
 }}
 http {{
     access_log off;
@@ -539,6 +561,8 @@ http {{
 }}
 "#,
         wasm = wasm().display(),
+        workers = shape.workers,
+        zone = shape.zone,
         level = std::env::var("NGINX_LOG_LEVEL").unwrap_or_else(|_| "info".to_owned())
     )
 }

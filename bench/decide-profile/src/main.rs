@@ -28,6 +28,19 @@ struct Store {
 }
 
 impl SharedData for Store {
+    fn fresh_origin(&self) -> u64 {
+        1
+    }
+
+    fn create_cas(&self) -> Option<u32> {
+        None
+    }
+
+    fn delete(&self, key: &str, _cas: Option<u32>) -> Result<(), CasMismatch> {
+        self.entries.borrow_mut().remove(key);
+        Ok(())
+    }
+
     fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
         match self.entries.borrow().get(key) {
             Some((v, cas)) => (Some(v.clone()), Some(*cas)),
@@ -64,8 +77,8 @@ fn lease(store: &Store, config: &FilterConfig, subject: &str, held: Amount, now_
         closed: false,
     };
     shared::update::<CustomerEntry, usize>(store, &key, |e| {
-        let mut e = e.unwrap_or_else(|| CustomerEntry::new(&key, subject, now_ms));
-        e.refresh("01JCUSTOMER0000000000000000", Amount::ZERO, 1, now_ms);
+        let mut e = e.unwrap_or_else(|| CustomerEntry::new(&key, subject, 1, now_ms));
+        e.refresh(Amount::ZERO, 1, now_ms);
         // A day of TTL: the lease stays spendable for the whole run.
         let asked =
             LeaseRequest { lease_id: answer.lease_id.clone(), seq: 1, want: held, ttl_ms: 86_400_000, release: false };

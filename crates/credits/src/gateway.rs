@@ -10,7 +10,7 @@ use crate::book::{Book, HoldId, Spend};
 use crate::error::ModelError;
 use crate::feature::FeatureScope;
 use crate::journal::Entry;
-use crate::limits::{MAX_CALLS_PER_RANGE, MAX_LEASE_ID_LEN, MAX_LEASE_TTL_MS, MAX_SUBJECT_LEN};
+use crate::limits::{MAX_CALLS_PER_RANGE, MAX_LEASE_ID_LEN, MAX_LEASE_TTL_MS, MAX_ORIGIN_LEN, MAX_SUBJECT_LEN};
 use crate::money::Amount;
 use crate::sync::{LeaseAnswer, LeaseRequest, SubjectSync, UsageOutcome, UsageRange};
 
@@ -67,6 +67,9 @@ fn invalid_usage(r: &UsageRange) -> Option<String> {
     }
     if r.amount.is_negative() {
         return Some("usage amount must not be negative".into());
+    }
+    if r.origin.as_ref().is_some_and(|o| o.is_empty() || o.len() > MAX_ORIGIN_LEN || o.contains('/')) {
+        return Some(format!("usage origin must have 1..{MAX_ORIGIN_LEN} characters and no '/'"));
     }
     r.amount.bounded().err().map(|e| format!("usage {e}"))
 }
@@ -164,7 +167,7 @@ fn serve_lease(
     };
     let open = known.is_some_and(|k| !k.closed) && book.hold(&id).is_some_and(|h| !h.released);
     match known {
-        // Lease ids name node and subject, so this is a misbehaving gateway: grant nothing.
+        // Lease ids name an origin and the subject, so this is a misbehaving gateway: grant nothing.
         Some(k) if !k.owned_by_this_customer => served.lease = Some(closed),
         // A release numbered below a request already applied was overtaken (the node asked
         // again after releasing, and that arrived first): the lease stays as it is.

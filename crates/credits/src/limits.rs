@@ -42,8 +42,12 @@ pub const MAX_SUBJECT_LEN: usize = 256;
 /// Bytes of a gateway node's id: 128. It is part of every usage key the node sends.
 pub const MAX_NODE_LEN: usize = 128;
 
-/// Bytes of a lease id: 512. The node builds it from its id, the subject and the scope
-/// (128 + 256 + currency and feature key with separators fit with room to spare).
+/// Bytes of a usage range's origin (the incarnation of the node's record that numbered its
+/// calls): 64, without '/'. It takes the node's place in the range's usage key.
+pub const MAX_ORIGIN_LEN: usize = 64;
+
+/// Bytes of a lease id: 512. The node builds it from an origin, the subject and the scope
+/// (64 + 256 + currency and feature key with separators fit with room to spare).
 pub const MAX_LEASE_ID_LEN: usize = 512;
 
 /// Bytes of a feature key: 64 (Konnect's limit for keys).

@@ -75,15 +75,23 @@ pub struct UsageRange {
     /// The lease the calls were spent from (captured against it); none under `cached`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_id: Option<String>,
+    /// The incarnation of the node's record that numbered these calls: it keys the range
+    /// instead of the node, so a record rebuilt after the host evicted it (numbering from 0
+    /// again) never collides with what its predecessor sent, and a node that lost its id
+    /// re-sends under the same key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 impl SubjectSync {
     /// The idempotency key of the usage range (and so of each call in it). Calls are numbered per
-    /// node, subject, currency and feature: one call can be priced in several features.
+    /// origin (per node when the range names none), subject, currency and feature: one call can
+    /// be priced in several features.
     pub fn usage_key(&self, node: &str) -> Option<String> {
         let feature = self.feature_key.as_ref().map_or("-", FeatureKey::as_str);
         let r = self.usage.as_ref()?;
-        Some(format!("{node}/{}/{}/{feature}/{}-{}", self.subject, self.currency, r.from, r.to))
+        let numbered_by = r.origin.as_deref().unwrap_or(node);
+        Some(format!("{numbered_by}/{}/{}/{feature}/{}-{}", self.subject, self.currency, r.from, r.to))
     }
 }
 
@@ -186,13 +194,14 @@ mod tests {
             amount: Amount::parse("0.50").unwrap(),
             settlement_mode: SettlementMode::CreditOnly,
             lease_id: None,
+            origin: None,
         };
         assert_eq!(r.calls(), 5);
         let mut s = SubjectSync {
             subject: "alice".into(),
             currency: Currency::parse("USD").unwrap(),
             feature_key: None,
-            usage: Some(r),
+            usage: Some(r.clone()),
             lease: None,
         };
         assert_eq!(s.usage_key("n1").as_deref(), Some("n1/alice/USD/-/10-15"));
@@ -200,5 +209,8 @@ mod tests {
         assert_eq!(s.usage_key("n1").as_deref(), Some("n1/alice/USD/output_tokens/10-15"));
         s.usage = None;
         assert_eq!(s.usage_key("n1"), None);
+        s.usage = Some(UsageRange { origin: Some("00ff".into()), ..r });
+        assert_eq!(s.usage_key("n1").as_deref(), Some("00ff/alice/USD/output_tokens/10-15"));
+        assert_eq!(s.usage_key("n2"), s.usage_key("n1"), "the origin keys it, whichever node sends it");
     }
 }

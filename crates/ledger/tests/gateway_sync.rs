@@ -183,6 +183,33 @@ async fn each_subject_of_a_batch_gets_its_own_outcome(backend: Backend) {
     ledger.assert_journal_sound().await;
 }
 
+/// A range that names its origin (the incarnation of the node's record that numbered it) is
+/// keyed by that origin, whichever node sends it: a rebuilt record's ranges, numbered from 0
+/// again under a new origin, are booked; a range re-sent under another node id is not booked twice.
+async fn a_ranges_origin_keys_it_whichever_node_sends_it(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ledger = Ledger::start(&db).await;
+    let c = ledger.customer("origins").await;
+    ledger.grant(&c, grant_body("10.00", json!({}))).await;
+    let range = |origin: &str| {
+        let mut r = usage_range(0, 2, "1.00", "credit_only");
+        r["origin"] = json!(origin);
+        r
+    };
+    let first = book(&ledger, "node-1", "origins-subject", range("00000000000000a1")).await;
+    assert_eq!((first["usage"].as_str(), first["live"].as_str()), (Some("booked"), Some("9.00")), "{first}");
+    let renamed = book(&ledger, "node-2", "origins-subject", range("00000000000000a1")).await;
+    assert_eq!((renamed["usage"].as_str(), renamed["live"].as_str()), (Some("duplicate"), Some("9.00")));
+    let rebuilt = book(&ledger, "node-1", "origins-subject", range("00000000000000b2")).await;
+    assert_eq!((rebuilt["usage"].as_str(), rebuilt["live"].as_str()), (Some("booked"), Some("8.00")));
+    for bad in ["", "a/b", &"f".repeat(65)] {
+        let refused = book(&ledger, "node-1", "origins-subject", range(bad)).await;
+        assert_eq!(refused["status"], "rejected", "{bad:?}: {refused}");
+    }
+    assert_eq!(ledger.row_counts().await["usage_records"], 2);
+    ledger.assert_journal_sound().await;
+}
+
 /// A sync is served set-wise (a few statements for the whole batch, in chunks of 500 rows): more
 /// customers than one chunk, subjects that repeat within the batch, and a lease opened and topped
 /// up by two subjects of one sync must come out as if each subject were served alone, in order.
@@ -321,6 +348,7 @@ on_both_backends!(
     usage_beyond_the_balance_is_booked_in_full,
     each_subject_of_a_batch_gets_its_own_outcome,
     a_large_batch_books_like_its_subjects_one_by_one,
+    a_ranges_origin_keys_it_whichever_node_sends_it,
     malformed_syncs_are_refused_and_book_nothing,
     openapi_lists_the_gateway_sync_endpoint,
 );
