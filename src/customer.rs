@@ -204,9 +204,16 @@ impl CustomerEntry {
         self.lease.remaining = (a.answer.held - unconfirmed).max(Amount::ZERO);
         // Counted from when the request left: the ledger's clock started no earlier.
         self.lease.spend_until_ms = (a.sent_ms + a.lasts_ms).saturating_sub(reserve_ms);
-        let short = a.lasts_ms <= reserve_ms;
-        if a.asked.want.is_positive() || short {
-            self.lease.dry = short || a.answer.granted < a.asked.want;
+        // Dry: the lease's credit expires within the reserve, or the ledger granted less than
+        // the node's latest request wanted. An earlier request granted less when the ledger took
+        // it after a later one (it is then a retry and grants nothing): that says nothing of the
+        // customer's credit. (Under Kong every waiting call sends its own top-up, so requests
+        // overtake each other.)
+        let latest = a.asked.seq >= self.lease.seq;
+        if a.lasts_ms <= reserve_ms {
+            self.lease.dry = true;
+        } else if a.asked.want.is_positive() && latest {
+            self.lease.dry = a.answer.granted < a.asked.want;
         }
     }
 
@@ -549,6 +556,7 @@ impl Reader<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use credits::sync::{LeaseAnswer, LeaseRequest};
     use proptest::prelude::*;
 
     fn amt(s: &str) -> Amount {
@@ -617,6 +625,34 @@ mod tests {
         range.origin = theirs.origin.clone();
         assert_eq!(e.confirm(&range), 0);
         assert_eq!(rebuilt.confirm(&theirs), 2);
+    }
+
+    #[test]
+    fn only_the_latest_top_up_granting_less_makes_the_lease_dry() {
+        let answer = |granted: &str| LeaseAnswer {
+            lease_id: "l".into(),
+            held: amt("5.00"),
+            granted: amt(granted),
+            expires_at: chrono::DateTime::UNIX_EPOCH,
+            closed: false,
+        };
+        let asked =
+            |seq: u64| LeaseRequest { lease_id: "l".into(), seq, want: amt("1.00"), ttl_ms: 30_000, release: false };
+        let mut e = CustomerEntry::new("k", "s", 1, 0);
+        e.lease.seq = 6;
+        let apply = |e: &mut CustomerEntry, seq: u64, granted: &str, revision: i64| {
+            let (answer, asked) = (answer(granted), asked(seq));
+            e.apply_lease(
+                &LeaseAnswered { answer: &answer, asked: &asked, revision, sent_ms: 0, lasts_ms: 30_000 },
+                3_000,
+            );
+        };
+        apply(&mut e, 6, "1.00", 1);
+        // Request 5 reached the ledger after 6: a retry there, granted nothing.
+        apply(&mut e, 5, "0", 2);
+        assert!(!e.lease.dry, "an overtaken request says nothing of the credit");
+        apply(&mut e, 6, "0.40", 3);
+        assert!(e.lease.dry, "the latest request could not be granted in full");
     }
 
     #[test]

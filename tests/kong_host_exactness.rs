@@ -183,6 +183,41 @@ async fn two_nodes_of_two_workers_let_through_exactly_what_the_balance_pays_for(
     c.ledger.check().await;
 }
 
+/// Under Kong every waiting call sends its own top-up, so the ledger takes them in any order
+/// (here: the latest first); an earlier one then counts as a retry and grants nothing. A customer
+/// with ample credit must never be refused for it. Before the fix, such an answer marked the
+/// lease dry and the waiting calls got 402 (seen on the engine: 58–117 402s in `gateway_load`'s
+/// 64-connection case with 1,000,000 USD of credit).
+#[tokio::test]
+async fn ample_credit_is_never_refused_when_top_ups_overtake_each_other() {
+    let dir = TempDir::new("kong-overtaken");
+    let config = json!({"ledger": {"upstream": "-", "token": "-", "timeout_ms": 1000},
+        "price": "0.01", "currency": "USD", "sync": {"interval_ms": 1000}});
+    let mut c = Cluster::start(&dir, &config).await;
+    let customer = c.ledger.customer_with_credit("alice", "1000000.00").await;
+    for round in 0..120 {
+        for w in 0..4 {
+            for _ in 0..1 + (round * 7 + w * 3) % 23 {
+                let (id, _) = c.workers[w].request(&[("x-consumer-username", "alice")]).unwrap();
+                c.open[w].push(id);
+            }
+        }
+        c.answer_all().await;
+        c.finish_decided(&respond_200);
+        if round % 4 == 3 {
+            c.tick().await;
+        }
+    }
+    assert!(c.other.is_empty(), "calls neither let through nor refused: {:?}", c.other);
+    assert_eq!(c.refused, 0, "refused with ample credit ({} let through)", c.allowed);
+    for _ in 0..3 {
+        c.tick().await;
+    }
+    let booked = c.ledger.consumed(&customer).await;
+    assert_eq!(booked, Decimal::new(i64::try_from(c.allowed).unwrap(), 2), "every call booked once");
+    c.ledger.check().await;
+}
+
 /// The AI gateway on the same cluster: calls estimated from their request body (`max_tokens`)
 /// and charged what their streamed response reports. Before the fix these trapped the instance
 /// on the real engine (a second local response for one call, then dispatches from a replaced
