@@ -11,9 +11,10 @@ use prepaid_credits::config::FilterConfig;
 use prepaid_credits::shared::{CasMismatch, SharedData};
 use prepaid_credits::sync::{apply, balance_read, parse_answer, PendingSync};
 
-/// Shared data with Envoy's rules, in memory.
+/// Shared data in memory: a blind set overwrites (Envoy's rule), a CAS must match, and a key is
+/// created without one.
 #[derive(Default)]
-struct Memory(RefCell<HashMap<String, (Vec<u8>, u32)>>);
+struct Memory(RefCell<HashMap<String, (Vec<u8>, u32)>>, RefCell<u64>);
 
 impl SharedData for Memory {
     fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
@@ -31,6 +32,24 @@ impl SharedData for Memory {
         }
         map.insert(key.to_owned(), (value.to_vec(), current.unwrap_or(0).wrapping_add(1)));
         Ok(())
+    }
+
+    fn delete(&self, key: &str, cas: Option<u32>) -> Result<(), CasMismatch> {
+        let mut map = self.0.borrow_mut();
+        if cas != map.get(key).map(|(_, c)| *c) {
+            return Err(CasMismatch);
+        }
+        map.remove(key);
+        Ok(())
+    }
+
+    fn fresh_origin(&self) -> u64 {
+        *self.1.borrow_mut() += 1;
+        *self.1.borrow()
+    }
+
+    fn create_cas(&self) -> Option<u32> {
+        None
     }
 }
 
