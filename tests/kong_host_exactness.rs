@@ -127,6 +127,22 @@ impl Cluster {
         }
     }
 
+    /// `calls(w)` fixed-price calls of alice on each worker `w`, every dispatch answered, the
+    /// decided calls ended; then, if `tick`, an interval passes.
+    async fn alice_round(&mut self, calls: impl Fn(usize) -> usize, tick: bool) {
+        for w in 0..self.workers.len() {
+            for _ in 0..calls(w) {
+                let (id, _) = self.workers[w].request(&[("x-consumer-username", "alice")]).unwrap();
+                self.open[w].push(id);
+            }
+        }
+        self.answer_all().await;
+        self.finish_decided(&respond_200);
+        if tick {
+            self.tick().await;
+        }
+    }
+
     /// Time passes one interval; every worker ticks and its sync is answered.
     async fn tick(&mut self) {
         for node in &self.nodes {
@@ -158,17 +174,7 @@ async fn two_nodes_of_two_workers_let_through_exactly_what_the_balance_pays_for(
     let mut c = Cluster::start(&dir, &config).await;
     let customer = c.ledger.customer_with_credit("alice", "5.00").await;
     for round in 0..400 {
-        for w in 0..4 {
-            for _ in 0..1 + (round + w) % 3 {
-                let (id, _) = c.workers[w].request(&[("x-consumer-username", "alice")]).unwrap();
-                c.open[w].push(id);
-            }
-        }
-        c.answer_all().await;
-        c.finish_decided(&respond_200);
-        if round % 4 == 3 {
-            c.tick().await;
-        }
+        c.alice_round(|w| 1 + (round + w) % 3, round % 4 == 3).await;
         if c.allowed >= 500 && c.refused > 40 {
             break;
         }
@@ -196,17 +202,7 @@ async fn ample_credit_is_never_refused_when_top_ups_overtake_each_other() {
     let mut c = Cluster::start(&dir, &config).await;
     let customer = c.ledger.customer_with_credit("alice", "1000000.00").await;
     for round in 0..120 {
-        for w in 0..4 {
-            for _ in 0..1 + (round * 7 + w * 3) % 23 {
-                let (id, _) = c.workers[w].request(&[("x-consumer-username", "alice")]).unwrap();
-                c.open[w].push(id);
-            }
-        }
-        c.answer_all().await;
-        c.finish_decided(&respond_200);
-        if round % 4 == 3 {
-            c.tick().await;
-        }
+        c.alice_round(|w| 1 + (round * 7 + w * 3) % 23, round % 4 == 3).await;
     }
     assert!(c.other.is_empty(), "calls neither let through nor refused: {:?}", c.other);
     assert_eq!(c.refused, 0, "refused with ample credit ({} let through)", c.allowed);
