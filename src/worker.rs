@@ -354,7 +354,9 @@ impl Worker {
         estimates: &[Amount],
         access: LedgerAccess,
     ) -> (Verdict, bool) {
-        if self.unknown.refuses(subject, engine.now_ms(), access == LedgerAccess::Reachable) {
+        // Most workers know no unknown subject: no lookup on the warm path then.
+        if !self.unknown.is_empty() && self.unknown.refuses(subject, engine.now_ms(), access == LedgerAccess::Reachable)
+        {
             return (Verdict::UnknownCustomer, true);
         }
         let (verdict, effects) = decision::admit(engine.shared(), config, subject, estimates, engine.now_ms(), access);
