@@ -89,7 +89,8 @@ pub struct LeaseConfig {
     pub low_water_percent: u64,
     /// A lease should last this long at the customer's observed rate.
     pub horizon_ms: u64,
-    /// Give the lease back after this long without calls.
+    /// Give the lease back after this long without calls (`lease::idle_after_ms`: sooner once
+    /// the ledger recalled it).
     pub idle_release_ms: u64,
     /// The ledger releases a lease not renewed for this long.
     pub ttl_ms: u64,
@@ -394,7 +395,7 @@ impl RawLease {
                 1,
                 3_600_000,
             )?,
-            idle_release_ms: bounded("lease.idle_release_ms", self.idle_release_ms, 10_000, 100, 86_400_000)?,
+            idle_release_ms: bounded("lease.idle_release_ms", self.idle_release_ms, 300_000, 100, 86_400_000)?,
             ttl_ms: bounded("lease.ttl_ms", self.ttl_ms, ttl_floor.max(30_000), 1_000, MAX_LEASE_TTL_MS)?,
         };
         if lease.min_calls > lease.max_calls {

@@ -45,6 +45,9 @@ pub struct Lease {
     /// The last answer left nothing more to lease: it gave less than asked, or only credit that
     /// expires before the node could spend it. Waiting calls then do not count on `live`.
     pub dry: bool,
+    /// The ledger recalled the lease (another lease of the customer wants its credit): it is given
+    /// back once idle for `lease.horizon_ms` instead of `lease.idle_release_ms`.
+    pub recalled: bool,
 }
 
 /// A lease answer with what the node knows of the request it answers.
@@ -194,8 +197,10 @@ impl CustomerEntry {
         if a.answer.closed {
             self.lease.open = false;
             self.lease.remaining = Amount::ZERO;
+            self.lease.recalled = false;
             return;
         }
+        self.lease.recalled = a.answer.recalled;
         // The ledger's hold already reflects every range it confirmed; what this node spent and
         // has not had confirmed is still in it.
         // Calls still holding their estimate will spend from it too.
@@ -357,7 +362,8 @@ pub fn origin_hex(origin: u64) -> String {
 
 // The stored form, binary so that the two updates of every call (hold, complete) cost little:
 // version byte, then fixed-width little-endian fields in declaration order (amounts as the 16
-// bytes of `Decimal::serialize`, flags as 0/1, the flight behind a presence flag and written as
+// bytes of `Decimal::serialize`, flags as 0/1 — the lease's `dry` and `recalled` as bits 0 and 1
+// of one byte, so entries written before `recalled` existed read as not recalled —, the flight behind a presence flag and written as
 // zeros when absent), then the strings, each behind a u32 length: subject, key. An entry keeps
 // one length for its life: Kong's shm_kv moves a value that grows to another size class, and a
 // move under eviction pressure can evict the value being moved (kong-config/README.md).
@@ -401,7 +407,7 @@ impl Keyed for CustomerEntry {
         w.u64(self.last_used_ms);
         let lease = &self.lease;
         w.u8(u8::from(lease.open));
-        w.u8(u8::from(lease.dry));
+        w.u8(u8::from(lease.dry) | (u8::from(lease.recalled) << 1));
         w.u64(lease.seq);
         w.amount(lease.remaining);
         w.u64(lease.spend_until_ms);
@@ -440,9 +446,15 @@ impl Keyed for CustomerEntry {
         let flight = in_flight.then_some(flight);
         let offline_spent = r.amount()?;
         let last_used_ms = r.u64()?;
+        let open = r.flag()?;
+        let lease_flags = r.u8()?;
+        if lease_flags > 0b11 {
+            return None;
+        }
         let lease = Lease {
-            open: r.flag()?,
-            dry: r.flag()?,
+            open,
+            dry: lease_flags & 1 != 0,
+            recalled: lease_flags & 0b10 != 0,
             seq: r.u64()?,
             remaining: r.amount()?,
             spend_until_ms: r.u64()?,
@@ -579,6 +591,7 @@ mod tests {
             revision: -2,
             floor_seq: 1,
             dry: true,
+            recalled: true,
         };
         e
     }
@@ -635,6 +648,7 @@ mod tests {
             granted: amt(granted),
             expires_at: chrono::DateTime::UNIX_EPOCH,
             closed: false,
+            recalled: false,
         };
         let asked =
             |seq: u64| LeaseRequest { lease_id: "l".into(), seq, want: amt("1.00"), ttl_ms: 30_000, release: false };
@@ -705,17 +719,25 @@ mod tests {
             proptest::option::of((any::<u64>(), any::<u64>(), any_amount(), any::<u64>(), any::<u64>()).prop_map(
                 |(a, b, amount, owner, sent_ms)| Flight { from: a.min(b), to: a.max(b), amount, owner, sent_ms },
             ));
-        let lease =
-            (any::<bool>(), any::<u64>(), any_amount(), any::<u64>(), any::<i64>(), any::<u64>(), any::<bool>())
-                .prop_map(|(open, seq, remaining, spend_until_ms, revision, floor_seq, dry)| Lease {
-                    open,
-                    seq,
-                    remaining,
-                    spend_until_ms,
-                    revision,
-                    floor_seq,
-                    dry,
-                });
+        let lease = (
+            any::<bool>(),
+            any::<u64>(),
+            any_amount(),
+            any::<u64>(),
+            any::<i64>(),
+            any::<u64>(),
+            any::<(bool, bool)>(),
+        )
+            .prop_map(|(open, seq, remaining, spend_until_ms, revision, floor_seq, (dry, recalled))| Lease {
+                open,
+                seq,
+                remaining,
+                spend_until_ms,
+                revision,
+                floor_seq,
+                dry,
+                recalled,
+            });
         let rate = (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(a, b, c)| RateMeter {
             window_start_ms: a,
             window_start_call: b,

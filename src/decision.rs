@@ -534,6 +534,7 @@ mod tests {
                 granted: amt(held),
                 expires_at: chrono::DateTime::UNIX_EPOCH,
                 closed: false,
+                recalled: false,
             };
             let asked = credits::sync::LeaseRequest {
                 lease_id: "l".into(),
@@ -607,6 +608,7 @@ mod tests {
                 granted: amt("0.50"),
                 expires_at: chrono::DateTime::UNIX_EPOCH,
                 closed: false,
+                recalled: false,
             };
             let asked = credits::sync::LeaseRequest {
                 lease_id: "l".into(),

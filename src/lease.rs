@@ -6,7 +6,7 @@ use credits::sync::{LeaseAnswer, LeaseRequest};
 use credits::Amount;
 
 use crate::config::FilterConfig;
-use crate::customer::{entry_key, origin_hex, CustomerEntry};
+use crate::customer::{entry_key, origin_hex, CustomerEntry, Lease};
 use crate::pricing::Scope;
 
 /// The node's lease for a customer in a scope keeps one id for its entry's life (named by the
@@ -43,6 +43,20 @@ pub fn target(config: &FilterConfig, scope: &Scope, calls_per_min: u64, turn_ms:
     scope.typical.times(calls).unwrap_or(scope.typical)
 }
 
+/// How long without calls before the node gives a lease back: `lease.idle_release_ms`, or only
+/// `lease.horizon_ms` (what the lease was sized for) once the ledger recalled it because another
+/// lease of the customer wants the credit; never after the entry itself is forgotten
+/// (`sync.idle_ms`), so a lease is released before its entry goes.
+pub fn idle_after_ms(lease: &Lease, config: &FilterConfig) -> u64 {
+    let l = &config.lease;
+    let idle = l.idle_release_ms.min(u64::from(config.sync.idle_ms));
+    if lease.recalled {
+        idle.min(l.horizon_ms)
+    } else {
+        idle
+    }
+}
+
 /// What to ask about the lease now: a top-up below the low-water mark (or enough for a waiting
 /// call that needs `for_call`), a release once idle with nothing left to report or settle,
 /// otherwise a renewal of an open lease. The customer's next sync is `turn_ms` away.
@@ -57,13 +71,14 @@ pub fn request(
 ) -> Option<LeaseRequest> {
     let l = &config.lease;
     let id = id(e.origin, config, scope, subject);
-    let idle = now_ms.saturating_sub(e.last_used_ms) > l.idle_release_ms;
+    let idle = now_ms.saturating_sub(e.last_used_ms) > idle_after_ms(&e.lease, config);
     if idle && for_call.is_none() {
         if e.lease.open && e.unsent_calls() == 0 && e.flight.is_none() && e.holds.count == 0 {
             // From now on nothing is spent from it: the ledger gives back whatever it still holds,
             // and answers to earlier requests (which knew the lease open) no longer count.
             e.lease.open = false;
             e.lease.remaining = Amount::ZERO;
+            e.lease.recalled = false;
             e.lease.seq += 1;
             e.lease.floor_seq = e.lease.seq;
             return Some(LeaseRequest {
@@ -112,6 +127,31 @@ mod tests {
         assert_eq!(target(&c, scope, 600, 10_000), amt("1.05"));
         // Bounded as configured.
         assert_eq!(target(&c, scope, 1, 10_000), amt("0.10"), "lease.min_calls");
+    }
+
+    #[test]
+    fn an_idle_lease_is_kept_until_the_ledger_recalls_it_or_it_idles_for_idle_release_ms() {
+        let c =
+            FilterConfig::parse(br#"{"ledger": {"upstream": "l", "token": "t"}, "price": "0.01", "currency": "USD"}"#)
+                .unwrap();
+        let (scope, minute) = (&c.pricing.scopes[0], 60_000);
+        let mut e = CustomerEntry::new("k", "s", 1, 0);
+        e.lease = Lease { open: true, seq: 1, remaining: amt("0.10"), spend_until_ms: u64::MAX, ..Lease::default() };
+        let ask = |e: &mut CustomerEntry, now_ms| request(e, &c, scope, "s", now_ms, 1_000, None).unwrap();
+        // A customer who called a minute ago keeps its lease: renewed, nothing asked.
+        let renewal = ask(&mut e, minute);
+        assert_eq!((renewal.release, renewal.want, renewal.seq), (false, Amount::ZERO, 1));
+        // Recalled: kept while it serves calls (within lease.horizon_ms), given back once idle.
+        e.lease.recalled = true;
+        e.last_used_ms = minute - c.lease.horizon_ms;
+        assert!(!ask(&mut e, minute).release, "used within the horizon");
+        let release = ask(&mut e, minute + 1);
+        assert_eq!((release.release, release.seq, e.lease.open, e.lease.recalled), (true, 2, false, false));
+        // Not recalled: given back after lease.idle_release_ms (5 minutes by default) without calls.
+        let mut e = CustomerEntry::new("k", "s", 1, 0);
+        e.lease = Lease { open: true, seq: 1, remaining: amt("0.10"), spend_until_ms: u64::MAX, ..Lease::default() };
+        assert!(!ask(&mut e, c.lease.idle_release_ms).release);
+        assert!(ask(&mut e, c.lease.idle_release_ms + 1).release);
     }
 
     #[test]

@@ -17,7 +17,9 @@ fn lease_config() -> Value {
         // makes calls that wait for it answer 503 (the failure mode), which this test refuses.
         "ledger": {"timeout_ms": 2000},
         "sync": {"strategy": "lease", "interval_ms": 200},
-        "lease": {"ttl_ms": 7000, "idle_release_ms": 1000, "min_calls": 5, "max_calls": 200}
+        // lease.idle_release_ms stays at its default (5 minutes): only the ledger's recall can
+        // free credit an idle node holds within these tests.
+        "lease": {"ttl_ms": 7000, "min_calls": 5, "max_calls": 200}
     }))
 }
 
@@ -109,7 +111,9 @@ async fn an_idle_node_strands_no_credit() {
     for _ in 0..3 {
         assert_eq!(b.call(Some("fay")).await.0, 200);
     }
-    // All further load goes through node a; once b gives its lease back, a can use all of it.
+    // All further load goes through node a. Its lease is granted less than it asks, so the ledger
+    // recalls b's lease; b, idle, gives it back at its next sync (long before
+    // lease.idle_release_ms), and a can use all of it.
     let started = Instant::now();
     let mut through_a = 0;
     while through_a + 3 < 100 && started.elapsed() < Duration::from_secs(20) {

@@ -75,6 +75,7 @@ fn lease(store: &Store, config: &FilterConfig, subject: &str, held: Amount, now_
         granted: held,
         expires_at: Default::default(),
         closed: false,
+        recalled: false,
     };
     shared::update::<CustomerEntry, usize>(store, &key, |e| {
         let mut e = e.unwrap_or_else(|| CustomerEntry::new(&key, subject, 1, now_ms));

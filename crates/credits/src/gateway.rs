@@ -164,6 +164,7 @@ fn serve_lease(
         granted: Amount::ZERO,
         expires_at: now,
         closed: true,
+        recalled: false,
     };
     let open = known.is_some_and(|k| !k.closed) && book.hold(&id).is_some_and(|h| !h.released);
     match known {
@@ -181,12 +182,14 @@ fn serve_lease(
             // A request number already applied is a retry (or overtaken): it renews but adds nothing.
             let want = if seq > k.last_seq && !request.release { request.want } else { Amount::ZERO };
             let granted = only_overflow(book.extend_hold(&id, want, expires_at, now))?.0;
+            recall_if_short(book, s, &id, want, granted, now);
             let held = book.hold(&id).map_or(Amount::ZERO, |h| h.amount);
+            let recalled = book.hold(&id).is_some_and(|h| h.recalled);
             // Earlier than the TTL when the credit behind the lease expires sooner.
             let expires_at = book.spend_by(&id).unwrap_or(expires_at);
             served.lease_seq = (seq > k.last_seq).then_some(seq);
-            served.lease =
-                Some(LeaseAnswer { lease_id: request.lease_id.clone(), held, granted, expires_at, closed: false });
+            let lease_id = request.lease_id.clone();
+            served.lease = Some(LeaseAnswer { lease_id, held, granted, expires_at, closed: false, recalled });
         }
         _ if request.release => served.lease = Some(closed),
         // New, or closed before (released or expired): open it, carved out of what is live.
@@ -195,6 +198,7 @@ fn serve_lease(
             let want = if seq > last_seq { request.want } else { Amount::ZERO };
             let placed = book.place_hold(id.clone(), s.currency, s.feature_key.clone(), want, expires_at, now);
             let granted = only_overflow(placed)?.0;
+            recall_if_short(book, s, &id, want, granted, now);
             // Earlier than the TTL when the credit behind the lease expires sooner.
             let expires_at = book.spend_by(&id).unwrap_or(expires_at);
             served.lease_seq = Some(seq.max(last_seq));
@@ -205,10 +209,20 @@ fn serve_lease(
                 granted,
                 expires_at,
                 closed: false,
+                recalled: false,
             });
         }
     }
     Ok(())
+}
+
+/// A lease granted less than it wanted recalls the customer's other leases in the currency:
+/// credit idle in one (another node's, or another feature scope's) then comes back to the live
+/// balance within the holder's next syncs instead of sitting there until its TTL.
+fn recall_if_short(book: &mut Book, s: &SubjectSync, id: &HoldId, want: Amount, granted: Amount, now: DateTime<Utc>) {
+    if granted < want {
+        book.recall_holds(s.currency, Some(id), now);
+    }
 }
 
 /// A lease operation's result where only an overflow is an error: an unknown or duplicate hold

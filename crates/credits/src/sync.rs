@@ -150,6 +150,10 @@ pub struct LeaseAnswer {
     pub expires_at: DateTime<Utc>,
     /// The lease is closed (released or expired): the node must open a new one.
     pub closed: bool,
+    /// The customer's credit is wanted elsewhere (another lease of the customer was granted less
+    /// than it asked while this one was open): give the lease back as soon as it is idle.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub recalled: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

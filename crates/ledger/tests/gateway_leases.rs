@@ -176,6 +176,48 @@ async fn leases_never_hold_more_than_is_live(backend: Backend) {
     ledger.assert_journal_sound().await;
 }
 
+/// A lease granted less than it asked (or a charge refused) recalls the customer's other open leases: each holder's
+/// answers say so (stored: every later sync of it repeats it) until the lease closes; the lease
+/// that asked, and a lease opened again after its release, are not recalled.
+async fn a_lease_granted_less_than_it_wants_recalls_the_others(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ledger = Ledger::start(&db).await;
+    let c = ledger.customer("recall").await;
+    ledger.grant(&c, grant_body("3.00", json!({}))).await;
+    let subject = "recall-subject";
+    let recalled = |answer: &Value| answer["lease"].get("recalled").and_then(Value::as_bool).unwrap_or(false);
+    let a = lease(&ledger, subject, lease_request("A", 1, "2.00", MINUTE_MS)).await;
+    assert_eq!((held_granted_closed(&a), recalled(&a)), (("2.00", "2.00", false), false), "{a}");
+    let b = lease(&ledger, subject, lease_request("B", 1, "0.50", MINUTE_MS)).await;
+    assert_eq!((held_granted_closed(&b), recalled(&b)), (("0.50", "0.50", false), false), "enough was live: {b}");
+    let a = lease(&ledger, subject, lease_request("A", 1, "0", MINUTE_MS)).await;
+    assert!(!recalled(&a), "no one was refused: {a}");
+    // B wants more than is live: A (and only A) is recalled, from its next answer on.
+    let b = lease(&ledger, subject, lease_request("B", 2, "1.00", MINUTE_MS)).await;
+    assert_eq!((held_granted_closed(&b), recalled(&b)), (("1.00", "0.50", false), false), "{b}");
+    for _ in 0..2 {
+        let a = lease(&ledger, subject, lease_request("A", 1, "0", MINUTE_MS)).await;
+        assert_eq!((held_granted_closed(&a), recalled(&a)), (("2.00", "0", false), true), "{a}");
+    }
+    // A gives it back; B's next top-up gets the credit; A opened again is not recalled.
+    let mut release = lease_request("A", 2, "0", MINUTE_MS);
+    release["release"] = json!(true);
+    assert!(held_granted_closed(&lease(&ledger, subject, release).await).2);
+    let b = lease(&ledger, subject, lease_request("B", 3, "1.00", MINUTE_MS)).await;
+    assert_eq!(held_granted_closed(&b), ("2.00", "1.00", false), "{b}");
+    let a = lease(&ledger, subject, lease_request("A", 3, "0.50", MINUTE_MS)).await;
+    assert_eq!((held_granted_closed(&a), recalled(&a)), (("0.50", "0.50", false), false), "{a}");
+    // A charge the live balance does not cover recalls the leases too (and is refused).
+    let (status, refusal) = ledger.charge(&c, "1.00", "recalling").await;
+    assert_eq!(status, 402, "{refusal}");
+    for (id, seq) in [("A", 3), ("B", 3)] {
+        let answer = lease(&ledger, subject, lease_request(id, seq, "0", MINUTE_MS)).await;
+        assert!(recalled(&answer), "{answer}");
+    }
+    assert_eq!(ledger.balance(&c, "").await, balance("3.00", "0.50"));
+    ledger.assert_journal_sound().await;
+}
+
 /// 20 nodes each open a lease wanting 1.00 while 3 charges of 1.00 arrive, against 5.00, spread
 /// over `ledgers`: all leases and charges together take exactly the balance, never more.
 async fn leases_and_charges_race_for_five(ledgers: &[&Ledger]) {
@@ -603,6 +645,7 @@ async fn a_lease_stored_without_backing_is_backed_on_load(backend: Backend) {
 on_both_backends!(
     leases_open_top_up_renew_release_and_reopen,
     leases_never_hold_more_than_is_live,
+    a_lease_granted_less_than_it_wants_recalls_the_others,
     concurrent_leases_and_charges_never_exceed_the_balance,
     a_lease_id_of_another_customer_gets_no_credit,
     usage_against_a_lease_is_captured_from_it,

@@ -49,6 +49,11 @@ pub struct Hold {
     /// still holds then returns to the live balance.
     pub expires_at: DateTime<Utc>,
     pub released: bool,
+    /// Someone else could not get all the credit they asked for while this hold was open (another
+    /// lease of the customer was granted less than it wanted): its holder should give it back as
+    /// soon as it has no use for it. Only closing the hold clears it.
+    #[serde(default)]
+    pub recalled: bool,
 }
 
 impl Hold {
@@ -97,6 +102,19 @@ impl Book {
         self.holds.iter().find(|h| &h.id == id)
     }
 
+    /// Recalls every hold in `currency` open at `now` but `except` (the one that asked): their
+    /// holders are to give back what they do not use. Returns how many were newly recalled.
+    pub fn recall_holds(&mut self, currency: Currency, except: Option<&HoldId>, now: DateTime<Utc>) -> usize {
+        let mut recalled = 0;
+        for h in &mut self.holds {
+            if h.currency == currency && Some(&h.id) != except && h.is_open_at(now) && !h.recalled {
+                h.recalled = true;
+                recalled += 1;
+            }
+        }
+        recalled
+    }
+
     /// Sets credit aside: up to `requested`, less when less is available (down to zero), until
     /// `ttl_expiry`.
     pub fn place_hold(
@@ -124,6 +142,7 @@ impl Book {
                 created_at: now,
                 expires_at: ttl_expiry,
                 released: false,
+                recalled: false,
             });
             let index = book.holds.len().saturating_sub(1);
             let granted = book.back_hold(index, requested.max(Amount::ZERO), ttl_expiry, now)?;

@@ -121,13 +121,24 @@ pub async fn book_charge(state: &AppState, customer_id: &str, req: &ChargeReques
         feature: req.feature_key.clone(),
         mode: req.settlement_mode,
     };
-    let outcome = ctx.book().charge(&spend, now).map_err(|e| not_booked(&customer_id, req.currency, e))?;
     let id = new_id();
     let op = Operation {
         reference: format!("charge:{id}"),
         name: req.name.as_deref().unwrap_or("Charge"),
         description: req.description.as_deref(),
         labels: &req.labels,
+    };
+    let outcome = match ctx.book().charge(&spend, now) {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            // Credit that gateway leases hold is recalled: their holders give back what they do
+            // not use within their next syncs, so the same charge retried then can be covered.
+            if matches!(e, ChargeError::NotCovered(_)) && ctx.book().recall_holds(req.currency, None, now) > 0 {
+                ctx.save(&[], &op, &state.metrics).await?;
+                ctx.commit().await?;
+            }
+            return Err(not_booked(&customer_id, req.currency, e));
+        }
     };
     ctx.save(&outcome.entries, &op, &state.metrics).await?;
     let balance = ctx.book().try_balances(now, None).map_err(|e| Problem::model("amount", e))?;

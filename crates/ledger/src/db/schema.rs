@@ -256,6 +256,12 @@ CREATE INDEX notification_deliveries_due ON notification_deliveries (next_attemp
 ALTER TABLE holds ADD COLUMN backing TEXT;
 "#,
     ),
+    (
+        6,
+        r#"
+ALTER TABLE holds ADD COLUMN recalled BIGINT NOT NULL DEFAULT 0;
+"#,
+    ),
 ];
 
 /// The migrations not yet applied to a database at `applied`, rendered for `backend`.

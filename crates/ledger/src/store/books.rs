@@ -67,7 +67,8 @@ pub async fn load_many(
         });
     }
     let mut holds_of: HashMap<String, Vec<Hold>> = HashMap::new();
-    let sql = "SELECT customer_id, id, currency, feature, amount, backing, created_at, expires_at FROM holds \
+    let sql =
+        "SELECT customer_id, id, currency, feature, amount, backing, created_at, expires_at, recalled FROM holds \
                WHERE customer_id IN ({list}) AND released_at IS NULL ORDER BY customer_id, created_at, id";
     for r in rows::fetch_by_ids(&mut *conn, sql, customer_ids).await? {
         holds_of.entry(r.try_get("customer_id")?).or_default().push(hold_from_row(&r)?);
@@ -131,7 +132,7 @@ impl Writes {
             grant_states: Rows::new(grants::STATE_COLUMNS),
             debt_owners: Vec::new(),
             debts: Rows::new(4),
-            holds: Rows::new(9),
+            holds: Rows::new(10),
             clocks: Rows::new(2),
             movements: Rows::new(15),
             overages: Rows::new(7),
@@ -173,6 +174,7 @@ impl Writes {
                     Value::from(micros(hold.created_at)),
                     Value::from(micros(hold.expires_at)),
                     Value::from(hold.released.then_some(micros(now))),
+                    Value::from(i64::from(hold.recalled)),
                 ]);
             }
         }
@@ -290,10 +292,10 @@ impl Writes {
             .execute(
                 tx,
                 "INSERT INTO holds (id, customer_id, currency, feature, amount, backing, created_at, expires_at, \
-                 released_at)",
+                 released_at, recalled)",
                 "ON CONFLICT (id) DO UPDATE SET amount = excluded.amount, backing = excluded.backing, \
-                 created_at = excluded.created_at, \
-                 expires_at = excluded.expires_at, released_at = excluded.released_at",
+                 created_at = excluded.created_at, expires_at = excluded.expires_at, \
+                 released_at = excluded.released_at, recalled = excluded.recalled",
             )
             .await?;
         let mut lease_seqs = Rows::new(2);
@@ -362,6 +364,7 @@ fn hold_from_row(r: &sqlx::any::AnyRow) -> StoreResult<Hold> {
         created_at: from_micros(r.try_get("created_at")?),
         expires_at: from_micros(r.try_get("expires_at")?),
         released: false,
+        recalled: r.try_get::<i64, _>("recalled")? != 0,
     })
 }
 
@@ -384,7 +387,7 @@ pub async fn holds_open_at(
     at: DateTime<Utc>,
 ) -> StoreResult<Vec<Hold>> {
     let rows = sqlx::query(
-        "SELECT id, currency, feature, amount, backing, created_at, expires_at FROM holds WHERE customer_id = $1 \
+        "SELECT id, currency, feature, amount, backing, created_at, expires_at, recalled FROM holds WHERE customer_id = $1 \
          AND created_at <= $2 AND expires_at > $2 AND (released_at IS NULL OR released_at > $2)",
     )
     .bind(customer_id)
