@@ -105,14 +105,8 @@ impl Book {
     /// Recalls every hold in `currency` open at `now` but `except` (the one that asked): their
     /// holders are to give back what they do not use. Returns how many were newly recalled.
     pub fn recall_holds(&mut self, currency: Currency, except: Option<&HoldId>, now: DateTime<Utc>) -> usize {
-        let mut recalled = 0;
-        for h in &mut self.holds {
-            if h.currency == currency && Some(&h.id) != except && h.is_open_at(now) && !h.recalled {
-                h.recalled = true;
-                recalled += 1;
-            }
-        }
-        recalled
+        let recallable = |h: &Hold| h.currency == currency && Some(&h.id) != except && h.is_open_at(now) && !h.recalled;
+        self.holds.iter_mut().filter(|h| recallable(h)).map(|h| h.recalled = true).count()
     }
 
     /// Sets credit aside: up to `requested`, less when less is available (down to zero), until
