@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Gateway overhead, five cases side by side in one run (see bench/gateway.py for what each is):
-# a no filter, e no-op wasm filter, b prepaid_credits with one paying customer (warm lease),
-# c prepaid_credits over 10k subjects, d Envoy ext_authz calling the ledger per call.
-# Builds what it needs, starts a ledger (SQLite, temp dir) and five Envoys (--concurrency 1, CPU 0),
+# Gateway overhead, six cases side by side in one run (see bench/gateway.py for what each is):
+# a no filter, e no-op wasm filter, b prepaid_credits with one paying customer (warm lease), h b without
+# the x-credits-* response headers, c prepaid_credits over 10k subjects with its default configuration,
+# d Envoy ext_authz calling the ledger per call.
+# Builds what it needs, starts a ledger (SQLite, temp dir) and six Envoys (--concurrency 1, CPU 0),
 # drives each with wrk (1 thread, CPU 1), stops everything it started on exit.
 # Writes bench/results/gateway.json and bench/results/gateway.png.
 #   bench/gateway.sh [seconds per run, default 10] [rounds, default 3] [connections, default 16]

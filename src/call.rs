@@ -12,7 +12,7 @@ use crate::pricing::{self, Quote, UnitSource};
 use crate::problem::Problem;
 use crate::units::BodyReader;
 use crate::waiting::Waiter;
-use crate::worker::{Acted, Wait, Worker};
+use crate::worker::{Acted, CallRef, Wait, Worker};
 
 /// What a request callback tells the engine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -132,7 +132,8 @@ impl Call {
             return Flow::Continue;
         }
         let quote = pricing::quote(&config.pricing, config.price, &|name| request.header(name), None);
-        self.decide(worker, engine, config, subject, quote, request.id())
+        // The request id is read only for an answer or a wait: a call let through needs none.
+        self.decide(worker, engine, config, subject, quote, &|| request.id())
     }
 
     /// Request body: a call that estimates from it is priced and decided once it is complete (or
@@ -157,7 +158,7 @@ impl Call {
         let body = if too_large { None } else { read_body(body_size) };
         let header = |name: &str| early.units.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
         let quote = pricing::quote(&config.pricing, config.price, &header, body.as_deref());
-        self.decide(worker, engine, config, early.subject, quote, early.request_id)
+        self.decide(worker, engine, config, early.subject, quote, &|| early.request_id.clone())
     }
 
     /// Decides a priced call from what the node holds, or makes it wait for the ledger.
@@ -168,15 +169,18 @@ impl Call {
         config: &FilterConfig,
         subject: String,
         quote: Quote,
-        request_id: Option<String>,
+        request_id: &dyn Fn() -> Option<String>,
     ) -> Flow {
-        let access = worker.access(engine.now_ms());
-        let (verdict, hit) = worker.decide(engine, config, &subject, &quote.estimates, access);
+        // One clock read for the whole decision (each is a host call).
+        let now_ms = engine.now_ms();
+        let access = worker.access(now_ms);
+        let (verdict, hit) = worker.decide(engine, config, &subject, &quote.estimates, access, now_ms);
         // Each call counts once, when first decided: a hit if what the node holds decided it,
         // a miss if it waits for the ledger or was decided without it.
         worker.count(if hit { Metric::CacheHits } else { Metric::CacheMisses }, 1);
         if verdict != Verdict::AskLedger {
-            return match worker.act(engine, config, self.id, &subject, request_id, verdict) {
+            let call = CallRef { context: self.id, subject: &subject, request_id };
+            return match worker.act(engine, config, call, verdict, now_ms) {
                 Acted::LetThrough(held) => {
                     self.stage = Stage::Admitted(Admission { subject, quote, held });
                     Flow::Continue
@@ -187,7 +191,7 @@ impl Call {
                 }
             };
         }
-        worker.waiting.add(self.id, Waiter::new(&subject, quote, request_id));
+        worker.waiting.add(self.id, Waiter::new(&subject, quote, request_id()));
         self.stage = Stage::Waiting;
         match worker.wait(engine, config, self.id, &[self.id], &subject) {
             Wait::Read => Flow::Pause,

@@ -2,6 +2,7 @@
 //! rules against the credit model's ledger. A host call an engine would refuse or trap on fails
 //! the test (see `engine::fake`).
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 
@@ -397,4 +398,56 @@ fn a_sync_the_ledger_refuses_as_too_large_goes_again_in_halves() {
     g.tick();
     assert_eq!(subjects(&g), 2, "half as many subjects");
     g.no_violations();
+}
+
+/// A request that counts what the filter reads of it (each read is a host call).
+#[derive(Default)]
+struct Counting {
+    headers: Cell<u32>,
+    ids: Cell<u32>,
+}
+
+impl Request for Counting {
+    fn header(&self, name: &str) -> Option<String> {
+        self.headers.set(self.headers.get() + 1);
+        (name == "x-consumer-username").then(|| SUBJECT.to_owned())
+    }
+
+    fn id(&self) -> Option<String> {
+        self.ids.set(self.ids.get() + 1);
+        None
+    }
+}
+
+/// Every host call crosses the Wasm boundary, which is the no-op filter's whole cost: a call
+/// decided from a warm lease reads one request header, the clock once per phase and the
+/// customer's entry once per phase (a get and a compare-and-swap), and never its request id.
+#[test]
+fn a_warm_call_makes_a_handful_of_host_calls() {
+    let mut g = Gateway::new(Rules::Envoy, config(""), 100);
+    let (first, _) = g.start();
+    for (token, _) in g.pending() {
+        g.answer(token);
+    }
+    g.finish(first, 200);
+    let host_calls = |g: &Gateway| (g.engine.clock_reads.get(), g.engine.store.gets.get(), g.engine.store.sets.get());
+    let before = host_calls(&g);
+    let (id, request) = (g.next, Counting::default());
+    g.engine.enter(id, Phase::RequestHeaders);
+    let mut call = Call::new(id);
+    let config = g.cfg();
+    assert_eq!(call.on_request_headers(&mut g.worker, &mut g.engine, &config, &request, true), Flow::Continue);
+    let after_request = host_calls(&g);
+    assert_eq!((request.headers.get(), request.ids.get()), (1, 0), "the subject only");
+    assert_eq!(
+        (after_request.0 - before.0, after_request.1 - before.1, after_request.2 - before.2),
+        (1, 1, 1),
+        "clock, get, compare-and-swap"
+    );
+    g.engine.enter(id, Phase::ResponseHeaders);
+    let config = config.as_ref().as_ref().unwrap();
+    let headers = call.on_response_headers(&mut g.worker, &mut g.engine, config, &Status(200), true);
+    assert_eq!(headers.len(), 2, "x-credits-cost and x-credits-balance");
+    let after = host_calls(&g);
+    assert_eq!((after.0 - after_request.0, after.1 - after_request.1, after.2 - after_request.2), (1, 1, 1));
 }

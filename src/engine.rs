@@ -184,6 +184,7 @@ pub mod fake {
     //! would refuse or trap on (a dispatch from a response callback, a second local response, under
     //! ngx_wasm_module acting on another call than the running one) is recorded as a violation,
     //! and tests assert there are none.
+    use std::cell::Cell;
     use std::collections::BTreeMap;
     use std::rc::Rc;
 
@@ -200,6 +201,8 @@ pub mod fake {
     pub struct FakeEngine {
         pub rules: Rules,
         pub now_ms: u64,
+        /// Clock reads so far (each a host call on a real engine).
+        pub clock_reads: Cell<u64>,
         /// The node's shared data (several workers of one node share it).
         pub store: Rc<FakeShared>,
         /// The callback running now: which context, in which phase.
@@ -228,6 +231,7 @@ pub mod fake {
             FakeEngine {
                 rules,
                 now_ms: 1_000_000,
+                clock_reads: Cell::new(0),
                 store,
                 running: (0, Phase::Configure),
                 dispatched: Vec::new(),
@@ -270,6 +274,7 @@ pub mod fake {
         }
 
         fn now_ms(&self) -> u64 {
+            self.clock_reads.set(self.clock_reads.get() + 1);
             self.now_ms
         }
 

@@ -127,7 +127,7 @@ pub fn remove_if<T: Keyed>(
 #[cfg(test)]
 pub mod fake {
     //! Shared data with either host's CAS rules, for native tests.
-    use std::cell::RefCell;
+    use std::cell::{Cell, RefCell};
     use std::collections::HashMap;
 
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -156,6 +156,9 @@ pub mod fake {
         /// Makes the next n sets fail as if another worker had written first.
         pub interfere: RefCell<usize>,
         next_origin: RefCell<u64>,
+        /// Reads and writes so far (each a host call on a real engine).
+        pub gets: Cell<u64>,
+        pub sets: Cell<u64>,
     }
 
     impl FakeShared {
@@ -173,6 +176,8 @@ pub mod fake {
                 next_cas: RefCell::new(1),
                 interfere: RefCell::new(0),
                 next_origin: RefCell::new(first),
+                gets: Cell::new(0),
+                sets: Cell::new(0),
             }
         }
 
@@ -243,6 +248,7 @@ pub mod fake {
         }
 
         fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+            self.gets.set(self.gets.get() + 1);
             match self.entries.borrow().get(&self.identity(key)) {
                 Some((v, cas)) => (v.clone(), Some(*cas)),
                 None => (None, None),
@@ -250,6 +256,7 @@ pub mod fake {
         }
 
         fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), CasMismatch> {
+            self.sets.set(self.sets.get() + 1);
             {
                 let mut interfere = self.interfere.borrow_mut();
                 if *interfere > 0 {

@@ -29,6 +29,15 @@ pub enum Wait {
     GaveUp,
 }
 
+/// The call a verdict is for.
+#[derive(Clone, Copy)]
+pub struct CallRef<'a> {
+    pub context: ContextId,
+    pub subject: &'a str,
+    /// Read only when the call is answered (a call let through needs no request id).
+    pub request_id: &'a dyn Fn() -> Option<String>,
+}
+
 /// What became of a call once decided.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Acted {
@@ -307,12 +316,11 @@ impl Worker {
         &mut self,
         engine: &mut dyn Engine,
         config: &FilterConfig,
-        context: ContextId,
-        subject: &str,
-        request_id: Option<String>,
+        call: CallRef<'_>,
         verdict: Verdict,
+        now_ms: u64,
     ) -> Acted {
-        let now_ms = engine.now_ms();
+        let CallRef { context, subject, request_id } = call;
         let problem = match verdict {
             Verdict::Allow { held, .. } => {
                 self.count(Metric::CallsAllowed, 1);
@@ -340,12 +348,12 @@ impl Worker {
                 Problem::unavailable("the credit ledger did not answer")
             }
         };
-        engine.reply(context, &problem.with_request_id(request_id));
+        engine.reply(context, &problem.with_request_id(request_id()));
         Acted::Answered
     }
 
-    /// Decides a call of `subject` that needs `estimates` with `access`, registering its
-    /// customer if it now has something to report; and whether what the node holds decided it.
+    /// Decides a call of `subject` that needs `estimates` with `access` at `now_ms`, registering
+    /// its customer if it now has something to report; and whether what the node holds decided it.
     pub fn decide(
         &mut self,
         engine: &dyn Engine,
@@ -353,13 +361,13 @@ impl Worker {
         subject: &str,
         estimates: &[Amount],
         access: LedgerAccess,
+        now_ms: u64,
     ) -> (Verdict, bool) {
         // Most workers know no unknown subject: no lookup on the warm path then.
-        if !self.unknown.is_empty() && self.unknown.refuses(subject, engine.now_ms(), access == LedgerAccess::Reachable)
-        {
+        if !self.unknown.is_empty() && self.unknown.refuses(subject, now_ms, access == LedgerAccess::Reachable) {
             return (Verdict::UnknownCustomer, true);
         }
-        let (verdict, effects) = decision::admit(engine.shared(), config, subject, estimates, engine.now_ms(), access);
+        let (verdict, effects) = decision::admit(engine.shared(), config, subject, estimates, now_ms, access);
         if effects.became_pending {
             self.register(engine, config, subject);
         }
@@ -456,35 +464,46 @@ impl Worker {
 
     /// Decides a waiting call on what is known now; `Again` if it should wait for another read.
     fn finish(&mut self, engine: &mut dyn Engine, config: &FilterConfig, context: ContextId) -> Decided {
-        let asked = match self.access(engine.now_ms()) {
+        let now_ms = engine.now_ms();
+        let asked = match self.access(now_ms) {
             LedgerAccess::Reachable => LedgerAccess::Asked,
             unreachable => unreachable,
         };
         let Some(waiter) = self.waiting.waiter(context) else { return Decided::Done };
         let (subject, estimates, reads) = (waiter.subject.clone(), waiter.quote.estimates.clone(), waiter.reads);
-        let (verdict, _) = self.decide(engine, config, &subject, &estimates, asked);
+        let (verdict, _) = self.decide(engine, config, &subject, &estimates, asked, now_ms);
         if verdict == Verdict::AskLedger && reads < MAX_READS_PER_CALL {
             return Decided::Again;
         }
-        self.conclude(engine, config, context, verdict);
+        self.conclude(engine, config, context, verdict, now_ms);
         Decided::Done
     }
 
     /// Calls that cannot wait for another read: decided as if the ledger were unreachable.
     fn give_up(&mut self, engine: &mut dyn Engine, config: &FilterConfig, waiters: &[ContextId]) {
+        let now_ms = engine.now_ms();
         for &id in waiters {
             let Some(waiter) = self.waiting.waiter(id) else { continue };
             let (subject, estimates) = (waiter.subject.clone(), waiter.quote.estimates.clone());
-            let (verdict, _) = self.decide(engine, config, &subject, &estimates, LedgerAccess::Unreachable);
-            self.conclude(engine, config, id, verdict);
+            let (verdict, _) = self.decide(engine, config, &subject, &estimates, LedgerAccess::Unreachable, now_ms);
+            self.conclude(engine, config, id, verdict, now_ms);
         }
     }
 
     /// Acts on the verdict for waiting call `context`: resumed holding its share (kept in its
     /// waiter until its next callback takes it), or answered (and no longer waiting).
-    fn conclude(&mut self, engine: &mut dyn Engine, config: &FilterConfig, context: ContextId, verdict: Verdict) {
+    fn conclude(
+        &mut self,
+        engine: &mut dyn Engine,
+        config: &FilterConfig,
+        context: ContextId,
+        verdict: Verdict,
+        now_ms: u64,
+    ) {
         let Some(mut waiter) = self.waiting.take(context) else { return };
-        match self.act(engine, config, context, &waiter.subject, waiter.request_id.take(), verdict) {
+        let request_id = waiter.request_id.take();
+        let call = CallRef { context, subject: &waiter.subject, request_id: &|| request_id.clone() };
+        match self.act(engine, config, call, verdict, now_ms) {
             Acted::LetThrough(held) => {
                 waiter.admitted = Some(held);
                 self.waiting.add(context, waiter);
