@@ -21,11 +21,11 @@ def load(name):
 
 def gateway():
     doc = load("gateway")
-    order = ["a", "e", "b", "h", "c", "d"]
     cases = doc["cases"]
+    order = [k for k in ["a", "e", "b", "h", "c", "d", "B", "C"] if k in cases]
     labels = [f"{k}. {cases[k]['label']}" for k in order]
     fig, axes = plt.subplots(1, 3, figsize=(16, 5))
-    colors = ["#888888", "#4c72b0", "#55a868", "#55a868", "#8fd18f", "#c44e52"]
+    colors = ["#888888", "#4c72b0", "#55a868", "#55a868", "#8fd18f", "#c44e52", "#dd8452", "#f0b27a"][:len(order)]
     axes[0].barh(labels, [cases[k]["rps"] for k in order], color=colors)
     axes[0].set_title("requests/s (higher is better)")
     axes[1].barh(labels, [cases[k]["envoy_cpu_us_per_call"] for k in order], color=colors)
@@ -60,7 +60,7 @@ def gateway():
     print()
     print("| case | calls | ledger round trips | per 1,000 calls | bytes sent/call | bytes received/call | round trips/s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for k in ("b", "h", "c"):
+    for k in [k for k in ("b", "h", "c", "B", "C") if k in cases]:
         s = cases[k]["sync"]
         print(f"| {k} | {s['calls']} | {s['ledger_round_trips']} | {s['round_trips_per_1000_calls']:.3f} | "
               f"{s['bytes_sent_per_call']:.2f} | {s['bytes_received_per_call']:.2f} | {s['round_trips_per_second']:.2f} |")

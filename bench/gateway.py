@@ -306,13 +306,19 @@ def main():
             "c": ("prepaid_credits, 10k subjects", wasm_filter("prepaid_credits", f"{wasm}/prepaid_credits.wasm", filter_config)),
             "d": ("ext_authz to the ledger", ext_authz(ledger_port)),
         }
-        script = {"c": os.path.join(ROOT, "bench/subjects.lua")}
+        # GATEWAY_BENCH_BASELINE=<an earlier prepaid_credits.wasm> adds B and C: cases b and c run
+        # by that build (with its own defaults), in the same run.
+        baseline = os.environ.get("GATEWAY_BENCH_BASELINE")
+        if baseline:
+            cases["B"] = ("b, baseline build", wasm_filter("prepaid_credits", baseline, filter_config))
+            cases["C"] = ("c, baseline build", wasm_filter("prepaid_credits", baseline, filter_config))
+        script = {"c": os.path.join(ROOT, "bench/subjects.lua"), "C": os.path.join(ROOT, "bench/subjects.lua")}
         envoys = {}
         rss = {}
         for case, (_, filters) in cases.items():
             envoys[case] = Envoy(case, filters, ledger_port, work, envoy_bin)
             # c: at most 10 s of warm-up (the rule: a gateway meets its customers cold).
-            warm_up(envoys[case], a.connections, script.get(case), 10 if case == "c" else 90)
+            warm_up(envoys[case], a.connections, script.get(case), 10 if case in "cC" else 90)
             rss[case] = rss_kib(envoys[case].proc.pid)
         runs = {case: [] for case in cases}
         for rnd in range(a.rounds):
@@ -340,7 +346,7 @@ def main():
                 "non_2xx_share": sum(r["non_2xx"] for r in rs) / max(sum(r["requests"] for r in rs), 1),
                 "runs": rs,
             }
-        for case in ("b", "h", "c"):
+        for case in [k for k in ("b", "h", "c", "B", "C") if k in cases]:
             calls = sum(r["requests"] for r in runs[case])
             d = [r["stats_delta"] for r in runs[case]]
             rq = sum(x.get("ledger_upstream_rq_total", 0) for x in d)
@@ -368,6 +374,9 @@ def main():
             "added_cpu_us_b_over_e": results["b"]["envoy_cpu_us_per_call"] - results["e"]["envoy_cpu_us_per_call"],
             "added_cpu_us_e_over_a": results["e"]["envoy_cpu_us_per_call"] - ra["envoy_cpu_us_per_call"],
         }
+        if baseline:
+            ratios["B/e"] = results["B"]["rps"] / results["e"]["rps"]
+            ratios["C/e"] = results["C"]["rps"] / results["e"]["rps"]
         version = subprocess.run([envoy_bin, "--version"], capture_output=True, text=True).stdout.strip()
         doc = {
             "benchmark": "gateway",
@@ -376,7 +385,7 @@ def main():
             "envoy": version.split("version:")[-1].strip(),
             "seconds": a.seconds, "rounds": a.rounds, "connections": a.connections,
             "load_generator": "wrk -t1 (CPU 1, with the ledger); Envoy --concurrency 1 (CPU 0)",
-            "cases": results, "ratios": ratios,
+            "cases": results, "ratios": ratios, "baseline_wasm": baseline,
         }
         with open(a.out, "w") as f:
             json.dump(doc, f, indent=1)

@@ -386,7 +386,7 @@ impl RawLease {
         let ttl_floor = 3 * (interval_ms + u64::from(timeout_ms));
         let lease = LeaseConfig {
             min_calls: bounded("lease.min_calls", self.min_calls, 10, 1, 1_000_000)?,
-            max_calls: bounded("lease.max_calls", self.max_calls, 10_000, 1, 1_000_000)?,
+            max_calls: bounded("lease.max_calls", self.max_calls, 100_000, 1, 1_000_000)?,
             low_water_percent: bounded("lease.low_water_percent", self.low_water_percent, 50, 1, 100)?,
             horizon_ms: bounded(
                 "lease.horizon_ms",

@@ -33,14 +33,34 @@ pub fn lasts_ms(answer: &LeaseAnswer, server_time: DateTime<Utc>, ttl_ms: u64) -
     u64::try_from(left).unwrap_or(0).min(ttl_ms)
 }
 
-/// The credit a lease should hold: enough at the observed rate for `lease.horizon_ms`, or until
-/// the customer's next turn in a sync (`turn_ms` away) and its answer if that is later, within
-/// the configured bounds (in typical calls of the scope).
-pub fn target(config: &FilterConfig, scope: &Scope, calls_per_min: u64, turn_ms: u64) -> Amount {
+/// Calls to expect within `ms` at `calls_per_min`, with room for chance: arrivals at random
+/// (Poisson) exceed `m + 3√m` in about one window in a thousand.
+fn calls_within(calls_per_min: u64, ms: u64) -> u64 {
+    let m = calls_per_min.saturating_mul(ms).div_ceil(60_000);
+    let root = m.isqrt() + u64::from(m.isqrt() * m.isqrt() < m);
+    m.saturating_add(root.saturating_mul(3))
+}
+
+/// What a lease should hold, and below what it is topped up now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sizing {
+    pub target: Amount,
+    /// `lease.low_water_percent` of the target: at least what the customer's calls need until the
+    /// answer to its next turn in a sync (`turn_ms` away), the node's next chance to top up.
+    pub low: Amount,
+}
+
+/// The credit a lease should hold (in typical calls of the scope, within the configured bounds):
+/// enough at the observed rate for `lease.horizon_ms`, and enough that its low-water mark covers
+/// the calls until the answer to the customer's next turn in a sync — so a customer whose lease
+/// is above the mark at one turn does not run dry before the next.
+pub fn sizing(config: &FilterConfig, scope: &Scope, calls_per_min: u64, turn_ms: u64) -> Sizing {
     let l = &config.lease;
-    let horizon = l.horizon_ms.max(turn_ms.saturating_add(u64::from(config.ledger.timeout_ms)));
-    let calls = (calls_per_min.saturating_mul(horizon) / 60_000).clamp(l.min_calls, l.max_calls);
-    scope.typical.times(calls).unwrap_or(scope.typical)
+    let until_next_answer = calls_within(calls_per_min, turn_ms.saturating_add(u64::from(config.ledger.timeout_ms)));
+    let for_the_mark = until_next_answer.saturating_mul(100) / l.low_water_percent.max(1);
+    let calls = for_the_mark.max(calls_within(calls_per_min, l.horizon_ms)).clamp(l.min_calls, l.max_calls);
+    let target = scope.typical.times(calls).unwrap_or(scope.typical);
+    Sizing { target, low: target.percent(l.low_water_percent).unwrap_or(target) }
 }
 
 /// How long without calls before the node gives a lease back: `lease.idle_release_ms`, or only
@@ -93,9 +113,8 @@ pub fn request(
             return None;
         }
     }
-    let target = target(config, scope, e.rate.calls_per_min, turn_ms);
+    let Sizing { target, low } = sizing(config, scope, e.rate.calls_per_min, turn_ms);
     let remaining = if e.lease.open && now_ms < e.lease.spend_until_ms { e.lease.remaining } else { Amount::ZERO };
-    let low = target.percent(l.low_water_percent).unwrap_or(target);
     let want = if for_call.is_some() || remaining < low {
         (target - remaining).max(for_call.unwrap_or(scope.typical))
     } else {
@@ -118,15 +137,48 @@ mod tests {
     }
 
     #[test]
-    fn a_lease_lasts_until_the_customers_next_turn_in_a_sync() {
-        let c = FilterConfig::parse(br#"{"ledger": {"upstream": "l", "token": "t", "timeout_ms": 500}, "price": "0.01", "currency": "USD", "lease": {"max_calls": 100000}}"#).unwrap();
+    fn a_lease_lasts_until_the_answer_to_the_customers_next_turn_with_room_for_chance() {
+        let c = FilterConfig::parse(
+            br#"{"ledger": {"upstream": "l", "token": "t", "timeout_ms": 500}, "price": "0.01", "currency": "USD"}"#,
+        )
+        .unwrap();
         let scope = &c.pricing.scopes[0];
-        // 600 calls a minute: the default horizon (2 × 1 s interval + 0.5 s timeout) is 25 calls …
-        assert_eq!(target(&c, scope, 600, 1_000), amt("0.25"));
-        // … but a customer synced every 10 ticks needs 10.5 s of calls.
-        assert_eq!(target(&c, scope, 600, 10_000), amt("1.05"));
+        // 600 calls a minute, synced every tick (1 s): 15 calls until the next answer (1.5 s),
+        // 27 with room for chance (3 × ⌈√15⌉); the low-water mark (50 %) is there, the target
+        // twice that.
+        assert_eq!(sizing(&c, scope, 600, 1_000), Sizing { target: amt("0.54"), low: amt("0.27") });
+        // A customer synced every 10 ticks: 105 calls until its next answer, 138 with room.
+        assert_eq!(sizing(&c, scope, 600, 10_000), Sizing { target: amt("2.76"), low: amt("1.38") });
         // Bounded as configured.
-        assert_eq!(target(&c, scope, 1, 10_000), amt("0.10"), "lease.min_calls");
+        assert_eq!(sizing(&c, scope, 1, 10_000).target, amt("0.10"), "lease.min_calls");
+        assert_eq!(sizing(&c, scope, 60_000_000, 1_000).target, amt("1000.00"), "lease.max_calls");
+    }
+
+    /// P(X > k) for X ~ Poisson(m), summed in log space (exact enough for m up to millions).
+    fn poisson_tail(m: f64, k: u64) -> f64 {
+        let (mut log_factorial, mut below) = (0.0_f64, 0.0_f64);
+        for i in 0..=k {
+            if i > 0 {
+                log_factorial += (i as f64).ln();
+            }
+            below += (i as f64 * m.ln() - m - log_factorial).exp();
+        }
+        (1.0 - below).max(0.0)
+    }
+
+    /// Calls arriving at random at the rate the lease was sized for run a lease at its low-water
+    /// mark dry before the answer to the customer's next turn less than once in a hundred turns.
+    #[test]
+    fn a_lease_above_its_low_water_mark_rarely_runs_dry_before_the_next_turn() {
+        let c = FilterConfig::parse(br#"{"ledger": {"upstream": "l", "token": "t"}, "price": "1", "currency": "USD"}"#)
+            .unwrap();
+        let scope = &c.pricing.scopes[0];
+        for (per_min, turn_ms) in [(48, 10_000), (600, 1_000), (6_000, 10_000), (600_000, 1_000)] {
+            let low: u64 = sizing(&c, scope, per_min, turn_ms).low.to_string().parse().unwrap();
+            let m = (per_min * (turn_ms + u64::from(c.ledger.timeout_ms))) as f64 / 60_000.0;
+            let dry = poisson_tail(m, low);
+            assert!(dry < 0.01, "{per_min}/min every {turn_ms} ms: mark {low} calls, {m} expected, dry {dry}");
+        }
     }
 
     #[test]
