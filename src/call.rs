@@ -369,7 +369,7 @@ fn complete(
     let completed = decision::complete(engine.shared(), config, &subject, &held, &cost, now_ms);
     worker.tracker.touch(&subject, now_ms);
     if completed.effects.became_pending {
-        worker.register(engine, config, &subject);
+        worker.register(engine, config, &[&subject]);
     }
     worker.count(Metric::RecordsDropped, u64::from(completed.effects.usage_dropped));
     if completed.effects.contended {

@@ -3,7 +3,7 @@
 //! the one worker that served a customer: a worker whose instance was reset, or that no longer
 //! sees that customer's calls, still gets its usage out and its lease renewed.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::config::FilterConfig;
 use crate::shared::{self, Keyed, SharedData};
@@ -57,10 +57,23 @@ impl Shard {
         out
     }
 
-    /// Does `subject` still fit in the shard's fixed length?
-    fn fits(&self, subject: &str) -> bool {
-        // The subject and its newline.
-        self.unpadded().len() + subject.len() < SHARD_BYTES
+    /// The length of its stored form before padding.
+    fn used(&self) -> usize {
+        MAGIC.len() + self.key.len() + 2 + self.subjects.iter().map(|s| s.len() + 1).sum::<usize>()
+    }
+
+    /// Adds what fits of `subjects` to the shard's fixed length; whether any was added.
+    fn add_what_fits(&mut self, subjects: &[&str]) -> bool {
+        let mut used = self.used();
+        let mut added = false;
+        for s in subjects {
+            // The subject and its newline.
+            if !self.subjects.contains(*s) && used + s.len() < SHARD_BYTES {
+                used += s.len() + 1;
+                added |= self.subjects.insert((*s).to_owned());
+            }
+        }
+        added
     }
 }
 
@@ -76,24 +89,32 @@ fn shard_key(config: &FilterConfig, shard: u64) -> String {
     format!("prepaid_credits/r/{}/{}/{shard}", config.currency, scopes.join(","))
 }
 
-/// Registers a customer; `false` if it could not be (shard full or contended).
-pub fn add(store: &dyn SharedData, config: &FilterConfig, subject: &str) -> bool {
-    let key = shard_key(config, shard_of(subject));
-    if shared::read::<Shard>(store, &key).is_some_and(|s| s.subjects.contains(subject)) {
-        return true;
+/// Registers customers, with at most one read and one write per shard; returns how many could
+/// not be written for contention. A full shard is no failure: the register is bounded by design
+/// (16 shards of 3,800 bytes, ≈ 2,900 subjects of 20 bytes), and the customers it cannot take are
+/// synced by the workers that serve them.
+pub fn add(store: &dyn SharedData, config: &FilterConfig, subjects: &[&str]) -> usize {
+    let mut by_shard: BTreeMap<u64, Vec<&str>> = BTreeMap::new();
+    for s in subjects {
+        by_shard.entry(shard_of(s)).or_default().push(s);
     }
-    let result = shared::update::<Shard, bool>(store, &key, |current| {
-        let mut shard = current.unwrap_or_else(|| Shard { key: key.clone(), subjects: BTreeSet::new() });
-        if shard.subjects.contains(subject) {
-            return (None, true);
+    let mut contended = 0;
+    for (shard, subjects) in by_shard {
+        let key = shard_key(config, shard);
+        // Most often each is there already, or the shard full: nothing to write.
+        if shared::read::<Shard>(store, &key).is_some_and(|mut s| !s.add_what_fits(&subjects)) {
+            continue;
         }
-        if !shard.fits(subject) {
-            return (None, false);
+        let result = shared::update::<Shard, ()>(store, &key, |current| {
+            let mut shard = current.unwrap_or_else(|| Shard { key: key.clone(), subjects: BTreeSet::new() });
+            let added = shard.add_what_fits(&subjects);
+            (added.then_some(shard), ())
+        });
+        if result.is_err() {
+            contended += subjects.len();
         }
-        shard.subjects.insert(subject.to_owned());
-        (Some(shard), true)
-    });
-    result.unwrap_or(false)
+    }
+    contended
 }
 
 /// Takes a customer off the register; `false` if the shard could not be written (contended).
@@ -128,7 +149,8 @@ mod tests {
             [Rules::Envoy, Rules::Kong { hash: |k| k.len() as u32 * 131 + u32::from(k.as_bytes()[k.len() - 1]) }]
         {
             let store = FakeShared::new(rules);
-            assert!(add(&store, &config, "alice") && add(&store, &config, "bob") && add(&store, &config, "alice"));
+            assert_eq!(add(&store, &config, &["alice", "bob", "alice"]), 0);
+            assert_eq!(add(&store, &config, &["alice"]), 0);
             let mut everyone = all(&store, &config);
             everyone.sort();
             assert_eq!(everyone, ["alice", "bob"]);
@@ -145,20 +167,43 @@ mod tests {
         let store = FakeShared::new(Rules::Envoy);
         let key = shard_key(&config, 0);
         let length = || store.get(&key).0.map(|v| v.len());
+        // Subjects of 200 bytes that all land in shard 0, one at a time until it is full.
+        let subjects: Vec<String> = (0..).map(|i| format!("{i:0>200}")).filter(|s| shard_of(s) == 0).take(30).collect();
         let mut added = 0;
-        // Subjects of 200 bytes that all land in shard 0, until it is full.
-        for i in 0.. {
-            let subject = format!("{i:0>200}");
-            if shard_of(&subject) != 0 {
-                continue;
-            }
-            if !add(&store, &config, &subject) {
+        for subject in &subjects {
+            assert_eq!(add(&store, &config, &[subject]), 0, "a full shard is no failure");
+            if all(&store, &config).len() == added {
                 break;
             }
             added += 1;
             assert_eq!(length(), Some(SHARD_BYTES), "after {added}");
         }
         assert!((15..=19).contains(&added), "{added} subjects of 200 bytes");
-        assert_eq!(all(&store, &config).len(), added);
+        // Full: asking again reads the shard and writes nothing.
+        let writes = store.sets.get();
+        assert_eq!(add(&store, &config, &[&subjects[added]]), 0);
+        assert_eq!((store.sets.get(), all(&store, &config).len()), (writes, added));
+    }
+
+    #[test]
+    fn many_customers_are_registered_with_one_read_and_one_write_per_shard() {
+        let config =
+            FilterConfig::parse(br#"{"ledger": {"upstream": "l", "token": "t"}, "price": "1", "currency": "USD"}"#)
+                .unwrap();
+        let store = FakeShared::new(Rules::Envoy);
+        let subjects: Vec<String> = (0..10_000).map(|i| format!("customer-{i:08}")).collect();
+        let subjects: Vec<&str> = subjects.iter().map(String::as_str).collect();
+        assert_eq!(add(&store, &config, &subjects), 0);
+        // Per shard, one write; a shard not created yet is looked for in every probe slot twice
+        // (once to look, once in the write's compare-and-swap).
+        let probes = crate::shared::PROBES as u64;
+        assert_eq!(store.sets.get(), SHARDS);
+        assert!(store.gets.get() <= 2 * probes * SHARDS, "{:?}", store.gets);
+        let registered = all(&store, &config).len();
+        assert!((2_000..10_000).contains(&registered), "as many as fit: {registered}");
+        // Again: every shard is full or holds them already: one read per shard, nothing written.
+        let (reads, writes) = (store.gets.get(), store.sets.get());
+        assert_eq!(add(&store, &config, &subjects), 0);
+        assert_eq!((store.gets.get() - reads, store.sets.get() - writes), (SHARDS, 0));
     }
 }

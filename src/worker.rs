@@ -135,12 +135,11 @@ impl Worker {
         self.ledger_down_until_ms = now_ms + u64::from(config.sync.interval_ms);
     }
 
-    /// Registers a customer that now has something to report, so every worker syncs it; a
-    /// register that cannot take it (a full shard, contention) is counted.
-    pub fn register(&mut self, engine: &dyn Engine, config: &FilterConfig, subject: &str) {
-        if !registry::add(engine.shared(), config, subject) {
-            self.count(Metric::SharedDataFailures, 1);
-        }
+    /// Registers customers that now have something to report, so every worker syncs them; a
+    /// register write lost to contention is counted (a full register is not: see `registry::add`).
+    pub fn register(&mut self, engine: &dyn Engine, config: &FilterConfig, subjects: &[&str]) {
+        let contended = registry::add(engine.shared(), config, subjects);
+        self.count(Metric::SharedDataFailures, contended as u64);
     }
 
     fn dispatch(
@@ -178,7 +177,7 @@ impl Worker {
             Ok(response) => {
                 let applied = sync::apply(engine.shared(), config, pending, &response, now_ms);
                 for subject in sync::pending_subjects(engine.shared(), config, pending) {
-                    self.register(engine, config, &subject);
+                    self.register(engine, config, &[&subject]);
                 }
                 let most = Budget::default().subjects;
                 self.budget.subjects = self.budget.subjects.saturating_mul(2).min(most);
@@ -257,7 +256,7 @@ impl Worker {
                 retry.cost,
                 now_ms,
             ) {
-                Some(done) if done.effects.became_pending => self.register(engine, config, &retry.subject),
+                Some(done) if done.effects.became_pending => self.register(engine, config, &[&retry.subject]),
                 Some(_) => {}
                 None => self.retries.push(retry),
             }
@@ -275,9 +274,8 @@ impl Worker {
         }
         let prepared =
             sync::prepare(engine.shared(), &mut self.tracker, config, (&self.node, self.id), self.budget, now_ms);
-        for subject in &prepared.unregistered {
-            self.register(engine, config, subject);
-        }
+        let unregistered: Vec<&str> = prepared.unregistered.iter().map(String::as_str).collect();
+        self.register(engine, config, &unregistered);
         self.count(Metric::SharedEntriesEvicted, prepared.evicted);
         self.count(Metric::SharedDataFailures, prepared.shared_failures);
         let Some(pending) = prepared.sync else { return };
@@ -369,7 +367,7 @@ impl Worker {
         }
         let (verdict, effects) = decision::admit(engine.shared(), config, subject, estimates, now_ms, access);
         if effects.became_pending {
-            self.register(engine, config, subject);
+            self.register(engine, config, &[subject]);
         }
         self.count(Metric::RecordsDropped, u64::from(effects.usage_dropped));
         self.count(Metric::SharedDataFailures, u64::from(effects.contended));
