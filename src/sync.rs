@@ -108,6 +108,8 @@ pub struct Applied {
     pub calls_dropped: u64,
     /// Subjects the ledger has no customer for (their entries are deleted).
     pub unknown: Vec<String>,
+    /// Subjects that still hold a lease or owe a report after it (to register).
+    pub pending: Vec<String>,
     /// Shared-data writes that failed (contended).
     pub shared_failures: u64,
 }
@@ -392,7 +394,7 @@ pub fn apply(
             }
             continue;
         }
-        let result = shared::update::<CustomerEntry, Applied>(store, &key, |entry| {
+        let result = shared::update::<CustomerEntry, (Applied, bool)>(store, &key, |entry| {
             let mut e = entry.unwrap_or_else(|| CustomerEntry::new(&key, &asked.subject, store.fresh_origin(), now_ms));
             let mut a = Applied::default();
             // What was asked for another incarnation of the entry (one evicted since) is not
@@ -424,32 +426,18 @@ pub fn apply(
                     }
                 }
             }
-            (Some(e), a)
+            let pending = e.has_pending();
+            (Some(e), (a, pending))
         });
-        if let Ok(a) = result {
+        if let Ok((a, pending)) = result {
             applied.calls_confirmed += a.calls_confirmed;
             applied.calls_dropped += a.calls_dropped;
+            if pending && applied.pending.last() != Some(&asked.subject) {
+                applied.pending.push(asked.subject.clone());
+            }
         }
     }
     applied
-}
-
-/// The customers of an applied answer that now hold a lease or owe a report (to register).
-pub fn pending_subjects(store: &dyn SharedData, config: &FilterConfig, pending: &PendingSync) -> Vec<String> {
-    let mut subjects: Vec<String> = pending
-        .request
-        .subjects
-        .iter()
-        .filter(|asked| {
-            scope_of(config, asked).is_some_and(|scope| {
-                shared::read::<CustomerEntry>(store, &entry_key(config, scope, &asked.subject))
-                    .is_some_and(|e| e.has_pending())
-            })
-        })
-        .map(|asked| asked.subject.clone())
-        .collect();
-    subjects.dedup();
-    subjects
 }
 
 /// Whether an entry's customer is known to the ledger (for tests and logs).
@@ -542,6 +530,7 @@ mod tests {
         let resp = ledger.answer(&retry.request);
         let applied = apply(&store, &c, &retry, &resp, 201);
         assert_eq!(applied.calls_confirmed, 4);
+        assert!(applied.pending.is_empty(), "nothing left to report or renew: not registered again");
         assert_eq!(ledger.balance, amt("0.60"), "four calls booked once");
         let e = shared::read::<CustomerEntry>(&store, &entry_key(&c, &c.pricing.scopes[0], "alice")).unwrap();
         assert_eq!((e.available(), e.flight.is_none()), (amt("0.60"), true));

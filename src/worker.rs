@@ -176,9 +176,8 @@ impl Worker {
         match sync::parse_answer(pending, answer.status, answer.body.as_deref()) {
             Ok(response) => {
                 let applied = sync::apply(engine.shared(), config, pending, &response, now_ms);
-                for subject in sync::pending_subjects(engine.shared(), config, pending) {
-                    self.register(engine, config, &[&subject]);
-                }
+                let still_pending: Vec<&str> = applied.pending.iter().map(String::as_str).collect();
+                self.register(engine, config, &still_pending);
                 let most = Budget::default().subjects;
                 self.budget.subjects = self.budget.subjects.saturating_mul(2).min(most);
                 self.count(Metric::RecordsConfirmed, applied.calls_confirmed);
