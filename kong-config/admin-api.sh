@@ -58,7 +58,7 @@ plugins() {
     "feature_key": "chat_completions",
     "settlement_mode": "credit_only",
     "sync": {"strategy": "lease", "interval_ms": 1000},
-    "lease": {"idle_release_ms": 10000},
+    "lease": {"idle_release_ms": 300000},
     "failure_mode": "deny"
   }
 }
@@ -98,7 +98,7 @@ JSON
     "feature_key": "chat_completions",
     "settlement_mode": "credit_only",
     "sync": {"strategy": "lease", "interval_ms": 1000},
-    "lease": {"idle_release_ms": 10000},
+    "lease": {"idle_release_ms": 300000},
     "failure_mode": "deny"
   }
 }
@@ -131,7 +131,7 @@ filter_chains() {
         "feature_key": "chat_completions",
         "settlement_mode": "credit_only",
         "sync": {"strategy": "lease", "interval_ms": 1000},
-        "lease": {"idle_release_ms": 10000},
+        "lease": {"idle_release_ms": 300000},
         "failure_mode": "deny"
       }
     }
@@ -181,7 +181,7 @@ JSON
         "feature_key": "chat_completions",
         "settlement_mode": "credit_only",
         "sync": {"strategy": "lease", "interval_ms": 1000},
-        "lease": {"idle_release_ms": 10000},
+        "lease": {"idle_release_ms": 300000},
         "failure_mode": "deny"
       }
     }
