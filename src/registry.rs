@@ -140,11 +140,13 @@ mod tests {
     use super::*;
     use crate::shared::fake::{FakeShared, Rules};
 
+    fn config() -> FilterConfig {
+        FilterConfig::parse(br#"{"ledger": {"upstream": "l", "token": "t"}, "price": "1", "currency": "USD"}"#).unwrap()
+    }
+
     #[test]
     fn customers_come_and_go_under_both_hosts() {
-        let config =
-            FilterConfig::parse(br#"{"ledger": {"upstream": "l", "token": "t"}, "price": "1", "currency": "USD"}"#)
-                .unwrap();
+        let config = config();
         for rules in
             [Rules::Envoy, Rules::Kong { hash: |k| k.len() as u32 * 131 + u32::from(k.as_bytes()[k.len() - 1]) }]
         {
@@ -161,9 +163,7 @@ mod tests {
 
     #[test]
     fn a_shard_keeps_one_length_and_refuses_what_does_not_fit() {
-        let config =
-            FilterConfig::parse(br#"{"ledger": {"upstream": "l", "token": "t"}, "price": "1", "currency": "USD"}"#)
-                .unwrap();
+        let config = config();
         let store = FakeShared::new(Rules::Envoy);
         let key = shard_key(&config, 0);
         let length = || store.get(&key).0.map(|v| v.len());
@@ -187,9 +187,7 @@ mod tests {
 
     #[test]
     fn many_customers_are_registered_with_one_read_and_one_write_per_shard() {
-        let config =
-            FilterConfig::parse(br#"{"ledger": {"upstream": "l", "token": "t"}, "price": "1", "currency": "USD"}"#)
-                .unwrap();
+        let config = config();
         let store = FakeShared::new(Rules::Envoy);
         let subjects: Vec<String> = (0..10_000).map(|i| format!("customer-{i:08}")).collect();
         let subjects: Vec<&str> = subjects.iter().map(String::as_str).collect();
