@@ -109,7 +109,7 @@ impl Ledger for SqliteLedger {
     fn serve(&mut self, request: &SyncRequest, now: DateTime<Utc>) -> Option<SyncResponse> {
         self.set_clock(now);
         let state = self.state().clone();
-        match self.runtime.block_on(api::gateway::serve(&state, request)) {
+        match self.runtime.block_on(api::gateway::serve(&state, request.clone())) {
             Ok(response) => Some(response),
             Err(p) => {
                 self.failures.push(format!("{} {}", p.status, p.detail));
@@ -132,7 +132,13 @@ impl Ledger for SqliteLedger {
         }
         let db = self.runtime.block_on(Db::connect(&self.url)).unwrap().with_clock(self.clock.clone());
         let max_body_bytes = ledger::api::request::DEFAULT_MAX_BODY_BYTES;
-        self.state = Some(AppState { db, auth: Auth::Open, metrics: Default::default(), max_body_bytes });
+        self.state = Some(AppState {
+            db,
+            auth: Auth::Open,
+            metrics: Default::default(),
+            max_body_bytes,
+            syncs: Default::default(),
+        });
     }
 
     fn grant_id(&self, index: usize) -> Option<GrantId> {

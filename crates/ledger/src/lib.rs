@@ -30,7 +30,8 @@ pub struct ServeConfig {
 pub async fn state(database: &str, auth: Auth) -> anyhow::Result<AppState> {
     let db = db::Db::connect(database).await?;
     let metrics = Arc::new(metrics::Metrics::default());
-    Ok(AppState { db, auth, metrics, max_body_bytes: api::request::DEFAULT_MAX_BODY_BYTES })
+    let max_body_bytes = api::request::DEFAULT_MAX_BODY_BYTES;
+    Ok(AppState { db, auth, metrics, max_body_bytes, syncs: Default::default() })
 }
 
 /// Serves until the listener fails or the process is told to stop, with webhooks delivered as

@@ -1,6 +1,6 @@
 //! `POST /v3/gateway/sync`, usage side: ranges booked through the draw-down order exactly once
 //! per key, usage beyond the balance, per-subject outcomes within one batch, a batch larger than
-//! one statement's chunk, malformed requests,
+//! one statement's chunk, syncs served together, malformed requests,
 //! and the endpoint's entry in the OpenAPI document. Leases: `gateway_leases.rs`.
 
 mod support;
@@ -275,6 +275,86 @@ async fn a_large_batch_books_like_its_subjects_one_by_one(backend: Backend) {
     ledger.assert_journal_sound().await;
 }
 
+/// Waits until `done`, for at most 10 s.
+async fn until(what: &str, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+/// Syncs that arrive while the ledger is busy wait and are then served together, in one
+/// transaction: each is answered as if served alone after the ones before it. Here a transaction
+/// holding the customer's row (SQLite: the write lock) keeps the first sync waiting while seven
+/// more queue behind it, one of them a retry of another (its range must book once).
+async fn syncs_that_arrive_together_are_served_together(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ledger = std::sync::Arc::new(Ledger::start(&db).await);
+    let a = ledger.customer("grouped-a").await;
+    let b = ledger.customer("grouped-b").await;
+    ledger.grant(&a, grant_body("10.00", json!({}))).await;
+    ledger.grant(&b, grant_body("10.00", json!({}))).await;
+    let sync_of = |node: &str| {
+        json!({"node": node, "subjects": [
+            subject_sync("grouped-a-subject", json!({"usage": usage_range(0, 2, "1.00", "credit_only")})),
+            subject_sync("grouped-b-subject", json!({"usage": usage_range(0, 1, "0.50", "credit_only")})),
+        ]})
+    };
+    let (syncs_before, groups_before) =
+        (ledger.counter("gateway_syncs").await, ledger.counter("gateway_sync_groups").await);
+
+    let mut blocker = ledger.state.db.begin_write().await.expect("begin");
+    sqlx::query("UPDATE customers SET lock_version = lock_version WHERE id = $1")
+        .bind(&a)
+        .execute(&mut *blocker.tx)
+        .await
+        .expect("lock the customer");
+    let nodes = ["n0", "n1", "n2", "n3", "n4", "n5", "n6", "n0"];
+    let send = |node: &str| {
+        let (ledger, body) = (ledger.clone(), sync_of(node));
+        tokio::spawn(async move { ledger.sync(body).await })
+    };
+    let mut sent = vec![send(nodes[0])];
+    until("the first sync is served", || ledger.state.syncs.in_service() == 1).await;
+    sent.extend(nodes[1..].iter().map(|node| send(node)));
+    until("the others queue", || ledger.state.syncs.waiting() == nodes.len() - 1).await;
+    blocker.commit().await.expect("release");
+
+    let mut a_lives = Vec::new();
+    let mut usages = Vec::new();
+    for handle in sent {
+        let (status, body) = handle.await.expect("sync task");
+        assert_eq!(status, 200, "{body}");
+        let answers = body["subjects"].as_array().expect("subjects");
+        usages.push(answers[0]["usage"].as_str().expect("usage").to_owned());
+        if answers[0]["usage"] == "booked" {
+            a_lives.push(answers[0]["live"].as_str().expect("live").to_owned());
+        }
+    }
+    usages.sort();
+    assert_eq!(
+        usages,
+        ["booked"; 7].iter().chain(&["duplicate"]).copied().collect::<Vec<_>>(),
+        "n0's retry books once"
+    );
+    a_lives.sort();
+    assert_eq!(
+        a_lives,
+        ["3.00", "4.00", "5.00", "6.00", "7.00", "8.00", "9.00"],
+        "each answered as if served alone, in turn"
+    );
+    assert_eq!(ledger.balance(&a, "").await, ("3.00".into(), "3.00".into(), "0".into()));
+    assert_eq!(ledger.balance(&b, "").await, ("6.50".into(), "6.50".into(), "0".into()));
+    assert_eq!(ledger.counter("gateway_syncs").await - syncs_before, 8);
+    assert_eq!(
+        ledger.counter("gateway_sync_groups").await - groups_before,
+        2,
+        "the first alone, then the seven that waited"
+    );
+    ledger.assert_journal_sound().await;
+}
+
 async fn malformed_syncs_are_refused_and_book_nothing(backend: Backend) {
     let db = TestDb::new(backend).await;
     let ledger = Ledger::start(&db).await;
@@ -349,6 +429,7 @@ on_both_backends!(
     each_subject_of_a_batch_gets_its_own_outcome,
     a_large_batch_books_like_its_subjects_one_by_one,
     a_ranges_origin_keys_it_whichever_node_sends_it,
+    syncs_that_arrive_together_are_served_together,
     malformed_syncs_are_refused_and_book_nothing,
     openapi_lists_the_gateway_sync_endpoint,
 );

@@ -3,6 +3,7 @@
 //! answers each subject's live balance after the booking.
 
 use axum::extract::State;
+use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use credits::gateway::{self, Facts, LeaseFacts, Served};
 use credits::limits::{MAX_NODE_LEN, MAX_SUBJECTS_PER_SYNC};
@@ -11,7 +12,10 @@ use credits::sync::{LeaseRequest, SubjectAnswer, SubjectOutcome, SyncRequest, Sy
 use super::problem::{ApiResult, Problem};
 use super::request::Json;
 use super::AppState;
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Mutex;
+
+use tokio::sync::oneshot;
 
 use credits::{Book, HoldId};
 
@@ -24,44 +28,169 @@ use crate::store::{customers, Labels};
 #[utoipa::path(post, path = "/v3/gateway/sync", request_body(content = serde_json::Value, description = "credits::sync::SyncRequest"),
     responses((status = 200, description = "credits::sync::SyncResponse: one answer per subject, in order"), (status = 400), (status = 401)))]
 pub async fn sync(State(state): State<AppState>, Json(req): Json<SyncRequest>) -> ApiResult<axum::Json<SyncResponse>> {
-    Ok(axum::Json(serve(&state, &req).await?))
+    Ok(axum::Json(serve(&state, req).await?))
 }
 
-/// Serves one sync request in one write transaction. The HTTP handler and
-/// the protocol simulator (which runs the ledger in-process) both come through here.
+/// Serves one sync request. The HTTP handler and the protocol simulator (which runs the ledger
+/// in-process) both come through here.
 ///
-/// A sync carries up to a thousand subjects, so it is served set-wise: a few statements read
-/// every book, usage key and lease it touches, the credit model decides subject by subject in
-/// memory (in request order within each customer), and a few multi-row statements write the
-/// result. A failure rolls the whole sync back; the node re-sends it unchanged and every range
-/// still books exactly once.
-pub async fn serve(state: &AppState, req: &SyncRequest) -> ApiResult<SyncResponse> {
+/// Syncs that arrive while others are being served wait in [`SyncQueue`] and are then served
+/// together, in one write transaction and one durable commit: a node's cold read (a sync of one
+/// subject that opens a lease) costs a commit of its own otherwise, and SQLite commits one at a
+/// time. Each sync is answered as if served alone after the ones before it in the group.
+pub async fn serve(state: &AppState, req: SyncRequest) -> ApiResult<SyncResponse> {
+    validate(&req)?;
+    let (answer, answered) = oneshot::channel();
+    if state.syncs.push(Job { req, answer }) {
+        // Spawned, not awaited here: a client that goes away must not stop the syncs of others.
+        tokio::spawn(serve_queue(state.clone()));
+    }
+    // The serving task ended without answering (it panicked): its transaction was rolled back.
+    answered.await.unwrap_or_else(|_| Err(Problem::new(StatusCode::INTERNAL_SERVER_ERROR, INTERRUPTED)))
+}
+
+fn validate(req: &SyncRequest) -> ApiResult<()> {
     if req.node.is_empty() || req.node.len() > MAX_NODE_LEN {
         return Err(Problem::bad_request("node", format!("node must have 1..{MAX_NODE_LEN} characters")));
     }
     if req.subjects.len() > MAX_SUBJECTS_PER_SYNC {
         return Err(Problem::bad_request("subjects", format!("at most {MAX_SUBJECTS_PER_SYNC} subjects per sync")));
     }
-    let mut outcomes: Vec<Option<SubjectOutcome>> =
-        req.subjects.iter().map(|s| gateway::invalid(s).map(|reason| SubjectOutcome::Rejected { reason })).collect();
-    let owner_of = owners(state, req, &mut outcomes).await?;
-    let owners: Vec<(&str, usize)> = owner_of.iter().map(|(c, i)| (c.as_str(), *i)).collect();
+    Ok(())
+}
+
+const INTERRUPTED: &str = "the ledger could not complete the sync; nothing was booked";
+
+/// A sync waiting to be served, and where its answer goes.
+struct Job {
+    req: SyncRequest,
+    answer: oneshot::Sender<ApiResult<SyncResponse>>,
+}
+
+/// The most subjects one group carries (it always takes at least one whole sync).
+const GROUP_SUBJECTS: usize = 4 * MAX_SUBJECTS_PER_SYNC;
+
+/// Syncs waiting for the one task that serves them, group after group.
+#[derive(Default)]
+pub struct SyncQueue {
+    state: Mutex<QueueState>,
+}
+
+#[derive(Default)]
+struct QueueState {
+    jobs: VecDeque<Job>,
+    /// A task is serving the queue.
+    serving: bool,
+    /// Syncs in the group being served.
+    in_service: usize,
+}
+
+impl SyncQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Syncs waiting for a group.
+    pub fn waiting(&self) -> usize {
+        self.lock().jobs.len()
+    }
+
+    /// Syncs in the group being served.
+    pub fn in_service(&self) -> usize {
+        self.lock().in_service
+    }
+
+    /// Queues `job`; `true` if no task serves the queue (the caller starts one).
+    fn push(&self, job: Job) -> bool {
+        let mut q = self.lock();
+        q.jobs.push_back(job);
+        !std::mem::replace(&mut q.serving, true)
+    }
+
+    /// The next group: whole syncs in arrival order, up to [`GROUP_SUBJECTS`] subjects. Empty
+    /// when nothing waits, and then the serving task is done.
+    fn next_group(&self) -> Vec<Job> {
+        let mut q = self.lock();
+        let mut group = Vec::new();
+        let mut subjects = 0usize;
+        while let Some(job) = q.jobs.front() {
+            subjects = subjects.saturating_add(job.req.subjects.len());
+            if !group.is_empty() && subjects > GROUP_SUBJECTS {
+                break;
+            }
+            group.extend(q.jobs.pop_front());
+        }
+        q.serving = !group.is_empty();
+        q.in_service = group.len();
+        group
+    }
+}
+
+/// Ends a serving task: if it panics, the syncs it has not taken are dropped (their callers answer
+/// 500 and the nodes re-send them) and the next sync starts a new task.
+struct Serving<'a>(&'a SyncQueue);
+
+impl Drop for Serving<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let mut q = self.0.lock();
+            q.jobs.clear();
+            q.serving = false;
+            q.in_service = 0;
+        }
+    }
+}
+
+async fn serve_queue(state: AppState) {
+    let _serving = Serving(&state.syncs);
+    loop {
+        let group = state.syncs.next_group();
+        if group.is_empty() {
+            return;
+        }
+        let reqs: Vec<&SyncRequest> = group.iter().map(|job| &job.req).collect();
+        let answers = serve_group(&state, &reqs).await;
+        for (i, job) in group.into_iter().enumerate() {
+            let answer = match &answers {
+                Ok(responses) => Ok(responses[i].clone()),
+                Err(problem) => Err(problem.clone()),
+            };
+            // A caller that went away has nobody to answer; what it sent is booked all the same.
+            let _ = job.answer.send(answer);
+        }
+    }
+}
+
+/// Serves the syncs `reqs` in one write transaction: a few statements read every book, usage key
+/// and lease they touch, the credit model decides subject by subject in memory (per customer in
+/// the order the subjects came: sync by sync, then request order), and a few multi-row statements
+/// write the result. A failure rolls the whole group back; the nodes re-send their syncs unchanged
+/// and every range still books exactly once.
+async fn serve_group(state: &AppState, reqs: &[&SyncRequest]) -> ApiResult<Vec<SyncResponse>> {
+    let mut outcomes: Vec<Vec<Option<SubjectOutcome>>> = reqs
+        .iter()
+        .map(|req| {
+            req.subjects.iter().map(|s| gateway::invalid(s).map(|reason| SubjectOutcome::Rejected { reason })).collect()
+        })
+        .collect();
+    let owner_of = owners(state, reqs, &mut outcomes).await?;
+    let owners: Vec<(&str, At)> = owner_of.iter().map(|(c, at)| (c.as_str(), *at)).collect();
     let mut customer_ids: Vec<String> = owners.iter().map(|(c, _)| (*c).to_owned()).collect();
     customer_ids.dedup();
 
     let mut w = state.db.begin_write().await?;
     let revisions = lock_customers(&mut w.tx, state.db.backend(), &customer_ids).await?;
     let mut books = books::load_many(&mut w.tx, &customer_ids).await?;
-    let mut batch = Batch::read(state, &mut w, req, &owners).await?;
+    let mut batch = Batch::read(state, &mut w, reqs, &owners).await?;
     let mut before: HashMap<&str, Book> = HashMap::new();
-    for &(customer_id, i) in &owners {
+    for &(customer_id, at) in &owners {
         // Deleted between the lookup and the lock: no revision, no book.
         let (Some(&revision), Some(loaded)) = (revisions.get(customer_id), books.get_mut(customer_id)) else {
-            outcomes[i] = Some(SubjectOutcome::UnknownSubject);
+            outcomes[at.sync][at.subject] = Some(SubjectOutcome::UnknownSubject);
             continue;
         };
         before.entry(customer_id).or_insert_with(|| loaded.book.clone());
-        outcomes[i] = Some(batch.serve_subject(state, &mut loaded.book, customer_id, revision, i));
+        outcomes[at.sync][at.subject] = Some(batch.serve_subject(state, &mut loaded.book, customer_id, revision, at));
     }
     for (customer_id, before) in &before {
         if let Some(loaded) = books.get(*customer_id) {
@@ -75,39 +204,63 @@ pub async fn serve(state: &AppState, req: &SyncRequest) -> ApiResult<SyncRespons
     batch.counts.notification_events = crate::notify::on_bookings(&mut w.tx, &touched, batch.db_now).await?;
     let server_time = state.db.now(&mut w.tx).await?;
     w.commit().await?;
+    batch.counts.syncs = reqs.len() as u64;
     batch.counts.publish(state);
-    let subjects = req
-        .subjects
+    let responses = reqs
         .iter()
         .zip(outcomes)
-        .map(|(s, outcome)| SubjectAnswer {
-            subject: s.subject.clone(),
-            // Every slot was filled above.
-            outcome: outcome.unwrap_or(SubjectOutcome::UnknownSubject),
+        .map(|(req, outcomes)| SyncResponse {
+            server_time,
+            subjects: req
+                .subjects
+                .iter()
+                .zip(outcomes)
+                .map(|(s, outcome)| SubjectAnswer {
+                    subject: s.subject.clone(),
+                    // Every slot was filled above.
+                    outcome: outcome.unwrap_or(SubjectOutcome::UnknownSubject),
+                })
+                .collect(),
         })
         .collect();
-    Ok(SyncResponse { server_time, subjects })
+    Ok(responses)
 }
 
-/// The customer of each valid subject, as (customer, subject index) stable-sorted by customer:
-/// subjects of one customer keep their request order. Subjects nobody has are answered here.
+/// Where a subject is in a group: its sync, and its place in that sync's request.
+#[derive(Clone, Copy, Debug)]
+struct At {
+    sync: usize,
+    subject: usize,
+}
+
+/// The customer of each valid subject of the group, stable-sorted by customer: subjects of one
+/// customer keep their order (sync by sync, then request order). Subjects nobody has are
+/// answered here.
 async fn owners(
     state: &AppState,
-    req: &SyncRequest,
-    outcomes: &mut [Option<SubjectOutcome>],
-) -> ApiResult<Vec<(String, usize)>> {
-    let subjects: Vec<String> =
-        req.subjects.iter().zip(outcomes.iter()).filter(|(_, o)| o.is_none()).map(|(s, _)| s.subject.clone()).collect();
+    reqs: &[&SyncRequest],
+    outcomes: &mut [Vec<Option<SubjectOutcome>>],
+) -> ApiResult<Vec<(String, At)>> {
+    let mut subjects: Vec<String> = reqs
+        .iter()
+        .zip(outcomes.iter())
+        .flat_map(|(req, o)| req.subjects.iter().zip(o).filter(|(_, o)| o.is_none()).map(|(s, _)| s.subject.clone()))
+        .collect();
+    subjects.sort_unstable();
+    subjects.dedup();
     let owner_of = {
         let mut conn = state.db.pool().acquire().await?;
         customers::by_subjects(&mut conn, &subjects).await?
     };
     let mut owners = Vec::new();
-    for (i, s) in req.subjects.iter().enumerate() {
-        if outcomes[i].is_none() {
-            match owner_of.get(&s.subject) {
-                Some(customer_id) => owners.push((customer_id.clone(), i)),
-                None => outcomes[i] = Some(SubjectOutcome::UnknownSubject),
+    for (sync, req) in reqs.iter().enumerate() {
+        for (subject, s) in req.subjects.iter().enumerate() {
+            let outcome = &mut outcomes[sync][subject];
+            if outcome.is_none() {
+                match owner_of.get(&s.subject) {
+                    Some(customer_id) => owners.push((customer_id.clone(), At { sync, subject })),
+                    None => *outcome = Some(SubjectOutcome::UnknownSubject),
+                }
             }
         }
     }
@@ -115,11 +268,12 @@ async fn owners(
     Ok(owners)
 }
 
-/// One sync being served: what it read up front (usage keys booked before, leases) and what it
+/// One group being served: what it read up front (usage keys booked before, leases) and what it
 /// will write, gathered subject by subject.
 struct Batch<'a> {
-    req: &'a SyncRequest,
-    labels: Labels,
+    reqs: &'a [&'a SyncRequest],
+    /// The journal labels of each sync's bookings (its node).
+    labels: Vec<Labels>,
     /// The database clock of the transaction.
     db_now: DateTime<Utc>,
     recorded: HashSet<String>,
@@ -132,32 +286,35 @@ impl<'a> Batch<'a> {
     async fn read(
         state: &AppState,
         w: &mut WriteTx,
-        req: &'a SyncRequest,
-        owners: &[(&str, usize)],
+        reqs: &'a [&'a SyncRequest],
+        owners: &[(&str, At)],
     ) -> ApiResult<Self> {
         let db_now = state.db.now(&mut w.tx).await?;
-        let keys: Vec<String> = owners.iter().filter_map(|&(_, i)| req.subjects[i].usage_key(&req.node)).collect();
+        let subject = |at: At| &reqs[at.sync].subjects[at.subject];
+        let keys: Vec<String> =
+            owners.iter().filter_map(|&(_, at)| subject(at).usage_key(&reqs[at.sync].node)).collect();
         let recorded = usage::recorded(&mut w.tx, &keys).await?;
         let lease_ids: Vec<String> =
-            owners.iter().filter_map(|&(_, i)| req.subjects[i].lease.as_ref().map(|l| l.lease_id.clone())).collect();
+            owners.iter().filter_map(|&(_, at)| subject(at).lease.as_ref().map(|l| l.lease_id.clone())).collect();
         let leases = leases::find_many(&mut w.tx, &lease_ids).await?;
-        let labels = Labels::from([("node".to_owned(), label_safe(&req.node))]);
-        Ok(Batch { req, labels, db_now, recorded, leases, writes: Writes::new(), counts: Counts::default() })
+        let labels = reqs.iter().map(|req| Labels::from([("node".to_owned(), label_safe(&req.node))])).collect();
+        Ok(Batch { reqs, labels, db_now, recorded, leases, writes: Writes::new(), counts: Counts::default() })
     }
 
-    /// Serves subject `i` on its customer's book and gathers what to write.
+    /// Serves the subject `at` on its customer's book and gathers what to write.
     fn serve_subject(
         &mut self,
         state: &AppState,
         book: &mut Book,
         customer_id: &str,
         revision: i64,
-        i: usize,
+        at: At,
     ) -> SubjectOutcome {
         // The database clock, never behind the book's own clock.
         let now = self.db_now.max(book.clock());
-        let s = &self.req.subjects[i];
-        let key = s.usage_key(&self.req.node);
+        let node = &self.reqs[at.sync].node;
+        let s = &self.reqs[at.sync].subjects[at.subject];
+        let key = s.usage_key(node);
         let facts = Facts {
             usage_seen: key.as_ref().is_some_and(|k| self.recorded.contains(k)),
             lease: s.lease.as_ref().and_then(|l| self.leases.get(&l.lease_id)).map(|k| LeaseFacts {
@@ -176,7 +333,7 @@ impl<'a> Batch<'a> {
             let record = UsageRecord {
                 key,
                 customer_id,
-                node: &self.req.node,
+                node,
                 subject: &s.subject,
                 currency: s.currency,
                 feature: s.feature_key.as_ref(),
@@ -187,7 +344,7 @@ impl<'a> Batch<'a> {
             self.counts.usage_calls = self.counts.usage_calls.saturating_add(range.calls());
         }
         let reference = key.map_or_else(|| "lease".to_owned(), |k| format!("usage:{k}"));
-        let op = Operation { reference, name: "Gateway usage", description: None, labels: &self.labels };
+        let op = Operation { reference, name: "Gateway usage", description: None, labels: &self.labels[at.sync] };
         self.writes.entries(customer_id, &served.entries, &op, now);
         state.metrics.count_entries(&served.entries);
         if let Some(request) = &s.lease {
@@ -219,7 +376,7 @@ impl<'a> Batch<'a> {
     }
 }
 
-/// What a sync booked, published to the metrics once it is committed.
+/// What a group of syncs booked, published to the metrics once it is committed.
 #[derive(Default)]
 struct Counts {
     usage_calls: u64,
@@ -227,6 +384,8 @@ struct Counts {
     leases_released: u64,
     leases_expired_unreported: u64,
     notification_events: usize,
+    /// Syncs in the group.
+    syncs: u64,
 }
 
 impl Counts {
@@ -242,7 +401,8 @@ impl Counts {
         state.metrics.add("leases_opened", self.leases_opened);
         state.metrics.add("leases_released", self.leases_released);
         state.metrics.add("leases_expired_unreported", self.leases_expired_unreported);
-        state.metrics.add("gateway_syncs", 1);
+        state.metrics.add("gateway_syncs", self.syncs);
+        state.metrics.add("gateway_sync_groups", 1);
         state.metrics.add("notification_events", self.notification_events as u64);
     }
 }

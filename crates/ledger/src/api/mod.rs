@@ -45,6 +45,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The largest request body read (`--max-body-bytes`); larger ones are refused with 413.
     pub max_body_bytes: usize,
+    /// Gateway syncs waiting to be served together.
+    pub syncs: Arc<gateway::SyncQueue>,
 }
 
 async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Response {

@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use crate::store::StoreError;
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Problem {
     pub status: StatusCode,
     pub detail: String,
