@@ -83,7 +83,9 @@ impl Rows {
         for chunk in self.values.chunks(columns.saturating_mul(MAX_ROWS_PER_STATEMENT)) {
             let sql =
                 format!("{head} VALUES {} {tail}", style.rows(columns, chunk.len().checked_div(columns).unwrap_or(0)));
-            let mut query = sqlx::query(&sql).persistent(false);
+            // A full chunk's statement recurs (prepared once per connection); others vary in size.
+            let full = chunk.len() == columns.saturating_mul(MAX_ROWS_PER_STATEMENT);
+            let mut query = sqlx::query(&sql).persistent(full);
             for v in chunk {
                 query = match v {
                     Value::Text(t) => query.bind(t.clone()),
@@ -109,7 +111,7 @@ pub async fn fetch_by_ids(
     let mut out = Vec::new();
     for chunk in ids.chunks(MAX_IDS_PER_LIST) {
         let sql = sql_with_list.replace("{list}", &style.list(0, chunk.len()));
-        let mut query = sqlx::query(&sql).persistent(false);
+        let mut query = sqlx::query(&sql).persistent(chunk.len() == MAX_IDS_PER_LIST);
         for id in chunk {
             query = query.bind(id);
         }
