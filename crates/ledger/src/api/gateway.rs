@@ -1,6 +1,7 @@
 //! `POST /v3/gateway/sync`: the one round trip a gateway worker makes per tick. It books the
-//! usage ranges the worker sends (exactly once per range key), all in one transaction, and
-//! answers each subject's live balance after the booking.
+//! usage ranges the worker sends (exactly once per range key), all in one transaction (shared
+//! with the other syncs that waited for it), and answers each subject's live balance after the
+//! booking.
 
 use axum::extract::State;
 use axum::http::StatusCode;
