@@ -75,7 +75,7 @@ def ledger():
     ]:
         sel = [r for r in rows if r["mode"] == mode]
         labels = [f"{r['backend']}\n{r['customers']} cust." + (f"\n{r['ranges_per_sync']}/sync" if mode == "sync" else "")
-                  for r in sel]
+                  + (f"\n{r['instances']} ledgers" if r.get("instances", 1) > 1 else "") for r in sel]
         bars = ax.bar(labels, [r[key] for r in sel], color=["#4c72b0" if r["backend"] == "sqlite" else "#dd8452" for r in sel])
         for b, r in zip(bars, sel):
             ax.annotate(f"balance read p50 {r['balance_p50_ms']} / p99 {r['balance_p99_ms']} ms",
@@ -87,12 +87,12 @@ def ledger():
         ax.set_title(title)
     fig.tight_layout()
     fig.savefig(os.path.join(RESULTS, "ledger.png"), dpi=90)
-    print("| mode | backend | customers | clients | subjects/sync | requests/s | records (ranges)/s | calls/s | p50 ms | p99 ms | balance read p50 ms | p99 ms | failed |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| mode | backend | ledgers | customers | clients | subjects/sync | requests/s | records (ranges)/s | calls/s | p50 ms | p99 ms | balance read p50 ms | p99 ms | failed |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         ranges = r.get("ranges_per_second", r["requests_per_second"] if r["mode"] == "charges" else 0)
         calls = r.get("calls_per_second", r["requests_per_second"])
-        print(f"| {r['mode']} | {r['backend']} | {r['customers']} | {r['clients']} | {r.get('ranges_per_sync', '—')} | {r['requests_per_second']:.0f} | "
+        print(f"| {r['mode']} | {r['backend']} | {r.get('instances', 1)} | {r['customers']} | {r['clients']} | {r.get('ranges_per_sync', '—')} | {r['requests_per_second']:.0f} | "
               f"{ranges:.0f} | {calls:.0f} | {r['p50_ms']} | {r['p99_ms']} | {r['balance_p50_ms']} | {r['balance_p99_ms']} | {r['failed']} |")
 
 

@@ -5,7 +5,8 @@
 # - usage records/s through the gateway's batched POST /v3/gateway/sync (4 clients = 4 gateway
 #   nodes; a record is one usage range: one subject's calls since its node's last report; each
 #   sync carries one range per subject, up to 1,000 subjects, 10 calls per range), and
-# - the same with one subject per sync from 16 clients (10,000 customers only): cold reads.
+# - the same with one subject per sync from 16 clients (10,000 customers only): cold reads, and
+# - on PostgreSQL, 1,000-subject syncs spread over two ledger instances on the one database.
 # Every run starts its own credits-ledger (crates/ledger/examples/ledger_bench.rs) and stops it;
 # the PostgreSQL database is created for the run and dropped on exit. Needs PostgreSQL at
 # 127.0.0.1:5432 (trust auth), as on this machine. Writes bench/results/ledger.json and
@@ -26,18 +27,26 @@ echo "[" > "$out"
 first=true
 for backend in sqlite postgres; do
   for customers in 1 10000; do
-    for mode in charges sync reads; do
+    for mode in charges sync reads sync2; do
       # reads: 16 nodes each sending one-subject syncs back to back (cold reads: a gateway
       # meeting many customers at once); the ledger serves those that wait together.
-      per_sync=1000
-      case $mode in charges) clients=16 ;; sync) clients=4 ;; reads) clients=16 per_sync=1 ;; esac
+      # sync2: sync against two ledger instances on the one PostgreSQL database.
+      per_sync=1000 instances=1
+      case $mode in
+        charges) clients=16 ;;
+        sync) clients=4 ;;
+        reads) clients=16 per_sync=1 ;;
+        sync2) clients=4 instances=2 ;;
+      esac
       [ "$mode" = reads ] && [ "$customers" = 1 ] && continue
+      [ "$mode" = sync2 ] && { [ "$backend" = sqlite ] || [ "$customers" = 1 ]; } && continue
       case $backend in
         sqlite) db="sqlite://$work/bench-$customers-$mode.db" ;;
         postgres) db="postgres://postgres@127.0.0.1:5432/$pgdb" ;;
       esac
-      line=$(target/release/examples/ledger_bench --mode "${mode/reads/sync}" --ledger target/release/credits-ledger \
-        --database "$db" --customers "$customers" --clients "$clients" --seconds "$seconds" --subjects-per-sync "$per_sync")
+      line=$(target/release/examples/ledger_bench --mode "$(case $mode in charges) echo charges ;; *) echo sync ;; esac)" \
+        --ledger target/release/credits-ledger --database "$db" --customers "$customers" --clients "$clients" \
+        --seconds "$seconds" --subjects-per-sync "$per_sync" --instances "$instances")
       $first || echo "," >> "$out"
       first=false
       echo "$line" >> "$out"

@@ -17,6 +17,9 @@
 //! - `setup`: creates the customers (subject keys `<prefix>0 … <prefix>N-1`, 1,000,000 USD each)
 //!   in the ledger at `--url` and exits.
 //!
+//! `--instances N` starts N ledger processes on the one database (e.g. two on one PostgreSQL);
+//! the clients take turns among them.
+//!
 //! Prints one JSON object.
 
 use std::process::{Child, Command, Stdio};
@@ -46,6 +49,8 @@ struct Args {
     subjects_per_sync: usize,
     calls_per_range: u64,
     subject_prefix: Option<String>,
+    /// Ledger processes started on the one database; clients take turns among them.
+    instances: usize,
 }
 
 fn args() -> Args {
@@ -60,6 +65,7 @@ fn args() -> Args {
         subjects_per_sync: 1000,
         calls_per_range: 10,
         subject_prefix: None,
+        instances: 1,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -82,6 +88,7 @@ fn args() -> Args {
             "--subjects-per-sync" => a.subjects_per_sync = value.parse().unwrap_or(1000),
             "--calls-per-range" => a.calls_per_range = value.parse().unwrap_or(10),
             "--subject-prefix" => a.subject_prefix = Some(value),
+            "--instances" => a.instances = value.parse().unwrap_or(1).max(1),
             other => panic!("unknown flag {other}"),
         }
     }
@@ -263,7 +270,11 @@ async fn read_balances(
 async fn main() {
     let a = Arc::new(args());
     let http = reqwest::Client::builder().pool_max_idle_per_host(a.clients * 2 + 16).build().expect("client");
-    let target = start(&a, &http).await;
+    let mut targets = Vec::new();
+    for _ in 0..if a.url.is_some() { 1 } else { a.instances } {
+        targets.push(start(&a, &http).await);
+    }
+    let target = &targets[0];
     let run = ulid::Ulid::new().to_string().to_lowercase();
     let prefix = a.subject_prefix.clone().unwrap_or_else(|| format!("bench-{run}-"));
     let setup_started = Instant::now();
@@ -283,8 +294,13 @@ async fn main() {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for client in 0..a.clients {
-        let (a, http, base, customers, subjects) =
-            (a.clone(), http.clone(), target.base.clone(), customers.clone(), subjects.clone());
+        let (a, http, base, customers, subjects) = (
+            a.clone(),
+            http.clone(),
+            targets[client % targets.len()].base.clone(),
+            customers.clone(),
+            subjects.clone(),
+        );
         let (ops, records, failed) = (ops.clone(), records.clone(), failed.clone());
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
@@ -327,6 +343,7 @@ async fn main() {
         "backend": backend,
         "customers": a.customers,
         "clients": a.clients,
+        "instances": targets.len(),
         "seconds": elapsed,
         "setup_seconds": setup_seconds,
         "requests": ops,

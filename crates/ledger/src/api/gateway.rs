@@ -150,14 +150,18 @@ async fn serve_queue(state: AppState) {
             return;
         }
         let reqs: Vec<&SyncRequest> = group.iter().map(|job| &job.req).collect();
-        let answers = serve_group(&state, &reqs).await;
-        for (i, job) in group.into_iter().enumerate() {
-            let answer = match &answers {
-                Ok(responses) => Ok(responses[i].clone()),
-                Err(problem) => Err(problem.clone()),
-            };
-            // A caller that went away has nobody to answer; what it sent is booked all the same.
-            let _ = job.answer.send(answer);
+        // A caller that went away has nobody to answer; what it sent is booked all the same.
+        match serve_group(&state, &reqs).await {
+            Ok(responses) => {
+                for (job, response) in group.into_iter().zip(responses) {
+                    let _ = job.answer.send(Ok(response));
+                }
+            }
+            Err(problem) => {
+                for job in group {
+                    let _ = job.answer.send(Err(problem.clone()));
+                }
+            }
         }
     }
 }
