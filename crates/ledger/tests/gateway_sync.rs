@@ -1,6 +1,6 @@
 //! `POST /v3/gateway/sync`, usage side: ranges booked through the draw-down order exactly once
 //! per key, usage beyond the balance, per-subject outcomes within one batch, a batch larger than
-//! one statement's chunk, syncs served together, malformed requests,
+//! one statement's chunk, syncs served together (and a group that fails), malformed requests,
 //! and the endpoint's entry in the OpenAPI document. Leases: `gateway_leases.rs`.
 
 mod support;
@@ -304,27 +304,12 @@ async fn syncs_that_arrive_together_are_served_together(backend: Backend) {
     let (syncs_before, groups_before) =
         (ledger.counter("gateway_syncs").await, ledger.counter("gateway_sync_groups").await);
 
-    let mut blocker = ledger.state.db.begin_write().await.expect("begin");
-    sqlx::query("UPDATE customers SET lock_version = lock_version WHERE id = $1")
-        .bind(&a)
-        .execute(&mut *blocker.tx)
-        .await
-        .expect("lock the customer");
     let nodes = ["n0", "n1", "n2", "n3", "n4", "n5", "n6", "n0"];
-    let send = |node: &str| {
-        let (ledger, body) = (ledger.clone(), sync_of(node));
-        tokio::spawn(async move { ledger.sync(body).await })
-    };
-    let mut sent = vec![send(nodes[0])];
-    until("the first sync is served", || ledger.state.syncs.in_service() == 1).await;
-    sent.extend(nodes[1..].iter().map(|node| send(node)));
-    until("the others queue", || ledger.state.syncs.waiting() == nodes.len() - 1).await;
-    blocker.commit().await.expect("release");
+    let sent = send_behind_a_held_customer(&ledger, &a, nodes.iter().map(|n| sync_of(n)).collect(), None).await;
 
     let mut a_lives = Vec::new();
     let mut usages = Vec::new();
-    for handle in sent {
-        let (status, body) = handle.await.expect("sync task");
+    for (status, body) in sent {
         assert_eq!(status, 200, "{body}");
         let answers = body["subjects"].as_array().expect("subjects");
         usages.push(answers[0]["usage"].as_str().expect("usage").to_owned());
@@ -352,6 +337,77 @@ async fn syncs_that_arrive_together_are_served_together(backend: Backend) {
         2,
         "the first alone, then the seven that waited"
     );
+    ledger.assert_journal_sound().await;
+}
+
+/// Sends `bodies` as syncs while a transaction holds `customer` (SQLite: the write lock), after
+/// running `also` in that transaction: the first is served alone and waits, the others queue
+/// behind it; then lets go. Every answer, in sending order.
+async fn send_behind_a_held_customer(
+    ledger: &std::sync::Arc<Ledger>,
+    customer: &str,
+    bodies: Vec<Value>,
+    also: Option<&str>,
+) -> Vec<(u16, Value)> {
+    let mut blocker = ledger.state.db.begin_write().await.expect("begin");
+    sqlx::query("UPDATE customers SET lock_version = lock_version WHERE id = $1")
+        .bind(customer)
+        .execute(&mut *blocker.tx)
+        .await
+        .expect("lock the customer");
+    if let Some(sql) = also {
+        sqlx::query(sql).execute(&mut *blocker.tx).await.expect("the blocker's statement");
+    }
+    let count = bodies.len();
+    let mut bodies = bodies.into_iter();
+    let send = |body: Value| {
+        let ledger = ledger.clone();
+        tokio::spawn(async move { ledger.sync(body).await })
+    };
+    let mut sent = vec![send(bodies.next().expect("a sync"))];
+    until("the first sync is served", || ledger.state.syncs.in_service() == 1).await;
+    sent.extend(bodies.map(send));
+    until("the others queue", || ledger.state.syncs.waiting() == count - 1).await;
+    blocker.commit().await.expect("release");
+    let mut answers = Vec::new();
+    for handle in sent {
+        answers.push(handle.await.expect("sync task"));
+    }
+    answers
+}
+
+/// A group that fails is answered with the error, every sync of it, and books nothing: here the
+/// table of booked ranges disappears while the syncs wait. Once it is back, the same syncs book.
+async fn a_group_that_fails_answers_every_sync_with_the_error_and_books_nothing(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ledger = std::sync::Arc::new(Ledger::start(&db).await);
+    let a = ledger.customer("failing-a").await;
+    ledger.grant(&a, grant_body("10.00", json!({}))).await;
+    let sync_of = |node: &str| {
+        json!({"node": node, "subjects": [
+            subject_sync("failing-a-subject", json!({"usage": usage_range(0, 2, "1.00", "credit_only")})),
+        ]})
+    };
+    let bodies: Vec<Value> = ["n0", "n1", "n2", "n3"].iter().map(|n| sync_of(n)).collect();
+    let groups_before = ledger.counter("gateway_sync_groups").await;
+    let rename = "ALTER TABLE usage_records RENAME TO usage_records_gone";
+    for (status, body) in send_behind_a_held_customer(&ledger, &a, bodies.clone(), Some(rename)).await {
+        assert_eq!(status, 500, "{body}");
+        assert_eq!(body["detail"], "the ledger could not complete the request; nothing was booked", "{body}");
+    }
+    assert_eq!(ledger.counter("gateway_sync_groups").await, groups_before, "no group committed");
+    assert_eq!(ledger.balance(&a, "").await, ("10.00".into(), "10.00".into(), "0".into()), "nothing booked");
+
+    sqlx::query("ALTER TABLE usage_records_gone RENAME TO usage_records")
+        .execute(ledger.state.db.pool())
+        .await
+        .expect("the table back");
+    for body in bodies {
+        let (status, answer) = ledger.sync(body).await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["subjects"][0]["usage"], "booked", "{answer}");
+    }
+    assert_eq!(ledger.balance(&a, "").await, ("6.00".into(), "6.00".into(), "0".into()));
     ledger.assert_journal_sound().await;
 }
 
@@ -430,6 +486,7 @@ on_both_backends!(
     a_large_batch_books_like_its_subjects_one_by_one,
     a_ranges_origin_keys_it_whichever_node_sends_it,
     syncs_that_arrive_together_are_served_together,
+    a_group_that_fails_answers_every_sync_with_the_error_and_books_nothing,
     malformed_syncs_are_refused_and_book_nothing,
     openapi_lists_the_gateway_sync_endpoint,
 );
