@@ -305,7 +305,7 @@ async fn syncs_that_arrive_together_are_served_together(backend: Backend) {
         (ledger.counter("gateway_syncs").await, ledger.counter("gateway_sync_groups").await);
 
     let nodes = ["n0", "n1", "n2", "n3", "n4", "n5", "n6", "n0"];
-    let sent = send_behind_a_held_customer(&ledger, &a, nodes.iter().map(|n| sync_of(n)).collect(), None).await;
+    let sent = send_behind_a_held_customer(&ledger, &a, nodes.iter().map(|n| sync_of(n)).collect(), &[]).await;
 
     let mut a_lives = Vec::new();
     let mut usages = Vec::new();
@@ -340,6 +340,46 @@ async fn syncs_that_arrive_together_are_served_together(backend: Backend) {
     ledger.assert_journal_sound().await;
 }
 
+/// One sync the database refuses (here a trigger refuses node `poison`'s ranges) fails alone: the
+/// syncs grouped with it are served one by one and book, each answered as if served alone in turn.
+/// Otherwise a node re-sending a sync that cannot book would fail every group it lands in.
+async fn a_sync_that_fails_does_not_fail_its_group(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ledger = std::sync::Arc::new(Ledger::start(&db).await);
+    let a = ledger.customer("poisoned-a").await;
+    ledger.grant(&a, grant_body("10.00", json!({}))).await;
+    let sync_of = |node: &str, from: u64| {
+        json!({"node": node, "subjects": [
+            subject_sync("poisoned-a-subject", json!({"usage": usage_range(from, from + 1, "1.00", "credit_only")})),
+        ]})
+    };
+    let bodies = vec![sync_of("n0", 0), sync_of("n1", 0), sync_of("poison", 0), sync_of("n2", 0), sync_of("n1", 1)];
+    let refuse: &[&str] = match backend {
+        Backend::Sqlite => &["CREATE TRIGGER refuse_poison BEFORE INSERT ON usage_records WHEN NEW.node = 'poison' \
+             BEGIN SELECT RAISE(ABORT, 'refused'); END"],
+        Backend::Postgres => &[
+            "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+             IF NEW.node = 'poison' THEN RAISE EXCEPTION 'refused'; END IF; RETURN NEW; END $$",
+            "CREATE TRIGGER refuse_poison BEFORE INSERT ON usage_records FOR EACH ROW EXECUTE FUNCTION refuse_poison()",
+        ],
+    };
+    let groups_before = ledger.counter("gateway_sync_groups").await;
+    let answers = send_behind_a_held_customer(&ledger, &a, bodies, refuse).await;
+    let statuses: Vec<u16> = answers.iter().map(|(status, _)| *status).collect();
+    assert_eq!(statuses, [200, 200, 500, 200, 200], "{answers:?}");
+    // The queued syncs reach the queue in any order; each saw the bookings of those before it.
+    let mut live: Vec<&str> = answers.iter().filter_map(|(_, body)| body["subjects"][0]["live"].as_str()).collect();
+    live.sort_unstable();
+    assert_eq!(live, ["6.00", "7.00", "8.00", "9.00"], "{answers:?}");
+    assert_eq!(
+        ledger.counter("gateway_sync_groups").await - groups_before,
+        4,
+        "the first alone; the four that waited failed as a group, then three of them committed alone"
+    );
+    assert_eq!(ledger.balance(&a, "").await, ("6.00".into(), "6.00".into(), "0".into()));
+    ledger.assert_journal_sound().await;
+}
+
 /// Sends `bodies` as syncs while a transaction holds `customer` (SQLite: the write lock), after
 /// running `also` in that transaction: the first is served alone and waits, the others queue
 /// behind it; then lets go. Every answer, in sending order.
@@ -347,7 +387,7 @@ async fn send_behind_a_held_customer(
     ledger: &std::sync::Arc<Ledger>,
     customer: &str,
     bodies: Vec<Value>,
-    also: Option<&str>,
+    also: &[&str],
 ) -> Vec<(u16, Value)> {
     let mut blocker = ledger.state.db.begin_write().await.expect("begin");
     sqlx::query("UPDATE customers SET lock_version = lock_version WHERE id = $1")
@@ -355,7 +395,7 @@ async fn send_behind_a_held_customer(
         .execute(&mut *blocker.tx)
         .await
         .expect("lock the customer");
-    if let Some(sql) = also {
+    for sql in also {
         sqlx::query(sql).execute(&mut *blocker.tx).await.expect("the blocker's statement");
     }
     let count = bodies.len();
@@ -376,8 +416,9 @@ async fn send_behind_a_held_customer(
     answers
 }
 
-/// A group that fails is answered with the error, every sync of it, and books nothing: here the
-/// table of booked ranges disappears while the syncs wait. Once it is back, the same syncs book.
+/// A group that fails, and then each of its syncs served alone, is answered with the error, every
+/// sync of it, and books nothing: here the table of booked ranges disappears while the syncs wait.
+/// Once it is back, the same syncs book.
 async fn a_group_that_fails_answers_every_sync_with_the_error_and_books_nothing(backend: Backend) {
     let db = TestDb::new(backend).await;
     let ledger = std::sync::Arc::new(Ledger::start(&db).await);
@@ -391,7 +432,7 @@ async fn a_group_that_fails_answers_every_sync_with_the_error_and_books_nothing(
     let bodies: Vec<Value> = ["n0", "n1", "n2", "n3"].iter().map(|n| sync_of(n)).collect();
     let groups_before = ledger.counter("gateway_sync_groups").await;
     let rename = "ALTER TABLE usage_records RENAME TO usage_records_gone";
-    for (status, body) in send_behind_a_held_customer(&ledger, &a, bodies.clone(), Some(rename)).await {
+    for (status, body) in send_behind_a_held_customer(&ledger, &a, bodies.clone(), &[rename]).await {
         assert_eq!(status, 500, "{body}");
         assert_eq!(body["detail"], "the ledger could not complete the request; nothing was booked", "{body}");
     }
@@ -487,6 +528,7 @@ on_both_backends!(
     a_ranges_origin_keys_it_whichever_node_sends_it,
     syncs_that_arrive_together_are_served_together,
     a_group_that_fails_answers_every_sync_with_the_error_and_books_nothing,
+    a_sync_that_fails_does_not_fail_its_group,
     malformed_syncs_are_refused_and_book_nothing,
     openapi_lists_the_gateway_sync_endpoint,
 );

@@ -225,7 +225,47 @@ async fn undecodable_path_parameters_are_a_problem_naming_them(backend: Backend)
     reply.assert_problem(400, Some("creditGrantId"));
 }
 
+/// PostgreSQL cannot store U+0000 in text: a NUL anywhere in a body or a query failed the whole
+/// transaction (a 500, and in a sync the syncs grouped with it). Refused up front, naming where.
+async fn nul_characters_are_refused_naming_where(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ledger = Ledger::start(&db).await;
+    let c = ledger.customer("nul").await;
+    ledger.grant(&c, grant_body("10.00", json!({}))).await;
+    let before = ledger.snapshot(&c).await;
+    let customers = "/v3/openmeter/customers";
+    let customer =
+        |key: &str, subject: &str| json!({"name": "n", "key": key, "usage_attribution": {"subject_keys": [subject]}});
+    expect_400(&ledger, Method::POST, customers, customer("k\0", "s"), "key").await;
+    expect_400(&ledger, Method::POST, customers, customer("k", "s\0"), "usage_attribution.subject_keys[0]").await;
+    let mut labelled = customer("k", "s");
+    labelled["labels"] = json!({"team": "a\0b"});
+    expect_400(&ledger, Method::POST, customers, labelled, "labels.team").await;
+    let mut grant = grant_body("1.00", json!({}));
+    grant["name"] = json!("\0");
+    expect_400(&ledger, Method::POST, &format!("{}/credits/grants", customer_path(&c)), grant, "name").await;
+
+    let usage = json!({"usage": usage_range(0, 1, "1.00", "credit_only")});
+    let sync = |node: &str, subject: &str| json!({"node": node, "subjects": [subject_sync(subject, usage.clone())]});
+    expect_400(&ledger, Method::POST, "/v3/gateway/sync", sync("node\0", "nul-subject"), "node").await;
+    expect_400(&ledger, Method::POST, "/v3/gateway/sync", sync("node", "nul-subject\0"), "subjects[0].subject").await;
+
+    let reply = ledger.call(Method::GET, &format!("{customers}?filter[name][contains]=%00")).send().await;
+    reply.assert_problem(400, Some("filter[name][contains]"));
+    assert_eq!(ledger.snapshot(&c).await, before, "nothing booked");
+
+    // The six characters `\u0000` as text are no NUL.
+    let (status, body) = ledger.post(customers, customer("backslash-u0000", "a\\u0000b")).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["usage_attribution"]["subject_keys"][0], "a\\u0000b");
+    let (status, answer) = ledger.sync(sync("node", "nul-subject")).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["subjects"][0]["usage"], "booked", "{answer}");
+    ledger.assert_journal_sound().await;
+}
+
 on_both_backends!(
+    nul_characters_are_refused_naming_where,
     undecodable_path_parameters_are_a_problem_naming_them,
     huge_amounts_are_refused_and_the_ledger_lives,
     amounts_are_bounded_in_magnitude_and_decimal_places,

@@ -158,8 +158,20 @@ async fn serve_queue(state: AppState) {
                 }
             }
             Err(problem) => {
+                // One sync the database refuses must not fail the syncs that happened to wait
+                // beside it (its node re-sends it, and it would fail their groups again): each is
+                // served again on its own, in order, and answered with its own result.
+                let alone = group.len() == 1;
+                if !alone {
+                    tracing::warn!(syncs = group.len(), error = %problem.detail, "a sync group failed; serving its syncs one by one");
+                }
                 for job in group {
-                    let _ = job.answer.send(Err(problem.clone()));
+                    let answer = if alone {
+                        Err(problem.clone())
+                    } else {
+                        serve_group(&state, &[&job.req]).await.map(|mut responses| responses.remove(0))
+                    };
+                    let _ = job.answer.send(answer);
                 }
             }
         }
@@ -169,8 +181,9 @@ async fn serve_queue(state: AppState) {
 /// Serves the syncs `reqs` in one write transaction: a few statements read every book, usage key
 /// and lease they touch, the credit model decides subject by subject in memory (per customer in
 /// the order the subjects came: sync by sync, then request order), and a few multi-row statements
-/// write the result. A failure rolls the whole group back; the nodes re-send their syncs unchanged
-/// and every range still books exactly once.
+/// write the result. A failure rolls the whole group back (and [`serve_queue`] serves its syncs
+/// again one by one); a node whose sync failed re-sends it unchanged and every range still books
+/// exactly once.
 async fn serve_group(state: &AppState, reqs: &[&SyncRequest]) -> ApiResult<Vec<SyncResponse>> {
     let mut outcomes: Vec<Vec<Option<SubjectOutcome>>> = reqs
         .iter()

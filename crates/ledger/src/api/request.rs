@@ -52,6 +52,7 @@ pub async fn read_body<S: Send + Sync>(req: Request, state: &S) -> Result<bytes:
 
 /// Deserialises JSON, reporting the path of the field that failed.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
+    refuse_nul_in_json(bytes)?;
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|err| {
         let path = err.path().to_string();
@@ -76,6 +77,38 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
     })
 }
 
+const NUL_DETAIL: &str = "text must not contain the NUL character (U+0000)";
+
+/// The databases cannot store U+0000 in text (PostgreSQL refuses it): a body that carries one,
+/// in any string or key, is a 400 naming where, not a failed transaction. Valid JSON can only
+/// spell it `\u0000`, so a body without that byte sequence (every real one) is not parsed twice.
+fn refuse_nul_in_json(bytes: &[u8]) -> Result<(), Problem> {
+    if memchr::memmem::find(bytes, br"\u0000").is_none() {
+        return Ok(());
+    }
+    // Broken JSON is reported by the parse that follows.
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(bytes) else { return Ok(()) };
+    match path_of_nul(&value, String::new()) {
+        Some(path) => Err(Problem::bad_request(if path.is_empty() { "body".to_owned() } else { path }, NUL_DETAIL)),
+        // The sequence was text (an escaped backslash followed by "u0000").
+        None => Ok(()),
+    }
+}
+
+/// Where the first NUL is, spelt as serde_path_to_error spells paths (`subjects[0].subject`).
+fn path_of_nul(value: &serde_json::Value, at: String) -> Option<String> {
+    use serde_json::Value;
+    let member = |key: &str| if at.is_empty() { key.to_owned() } else { format!("{at}.{key}") };
+    match value {
+        Value::String(s) => s.contains('\0').then_some(at),
+        Value::Array(items) => items.iter().enumerate().find_map(|(i, v)| path_of_nul(v, format!("{at}[{i}]"))),
+        Value::Object(map) => {
+            map.iter().find_map(|(k, v)| if k.contains('\0') { Some(member(k)) } else { path_of_nul(v, member(k)) })
+        }
+        _ => None,
+    }
+}
+
 /// The raw query parameters, in order.
 pub struct Query(pub Vec<(String, String)>);
 
@@ -84,7 +117,11 @@ impl<S: Send + Sync> FromRequestParts<S> for Query {
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Problem> {
         let raw = parts.uri.query().unwrap_or("");
-        Ok(Query(form_urlencoded::parse(raw.as_bytes()).into_owned().collect()))
+        let params: Vec<(String, String)> = form_urlencoded::parse(raw.as_bytes()).into_owned().collect();
+        if let Some((name, _)) = params.iter().find(|(n, v)| n.contains('\0') || v.contains('\0')) {
+            return Err(Problem::bad_request(name.clone(), NUL_DETAIL).in_query());
+        }
+        Ok(Query(params))
     }
 }
 
