@@ -144,6 +144,7 @@ pub fn balance_read(
     subject: &str,
     needed: &[Amount],
     now_ms: u64,
+    turn_ms: u64,
 ) -> PendingSync {
     let subjects = config
         .pricing
@@ -157,8 +158,10 @@ pub fn balance_read(
                 let lease = shared::update::<CustomerEntry, Option<LeaseRequest>>(store, &key, |entry| {
                     let mut e =
                         entry.unwrap_or_else(|| CustomerEntry::new(&key, subject, store.fresh_origin(), now_ms));
-                    let interval = u64::from(config.sync.interval_ms);
-                    let request = lease::request(&mut e, config, scope, subject, now_ms, interval, Some(*needed));
+                    // A lease that runs dry between the customer's turns is topped up here: sized at
+                    // the rate its calls came at since the last measure, to last until its turn.
+                    e.measure_rate(now_ms, u64::from(config.sync.interval_ms));
+                    let request = lease::request(&mut e, config, scope, subject, now_ms, turn_ms, Some(*needed));
                     (Some(e), request)
                 });
                 asked.lease = lease.ok().flatten();
@@ -190,6 +193,13 @@ struct Tick<'a> {
     turn_ms: u64,
 }
 
+/// How far apart a customer's turns in this worker's syncs are, with `customers` to go round: a
+/// worker with more customers than one sync holds reaches each only every few ticks.
+pub fn turn_ms(config: &FilterConfig, customers: usize, budget: Budget) -> u64 {
+    let per_sync = (budget.subjects / config.pricing.scopes.len().max(1)).max(1);
+    u64::from(config.sync.interval_ms).saturating_mul(customers.div_ceil(per_sync).max(1) as u64)
+}
+
 /// Builds this tick's sync within `budget`: takes the usage ranges to send out of the shared
 /// entries. Customers idle longer than `sync.idle_ms` with nothing left to send are forgotten.
 pub fn prepare(
@@ -205,11 +215,7 @@ pub fn prepare(
     for subject in &registered {
         tracker.touch_if_absent(subject, now_ms);
     }
-    let scopes = config.pricing.scopes.len();
-    // A worker with more customers than one sync holds reaches each only every few ticks.
-    let per_sync = (budget.subjects / scopes.max(1)).max(1);
-    let turn_ms = u64::from(config.sync.interval_ms) * (tracker.len().div_ceil(per_sync).max(1) as u64);
-    let tick = Tick { config, worker, now_ms, turn_ms };
+    let tick = Tick { config, worker, now_ms, turn_ms: turn_ms(config, tracker.len(), budget) };
     let mut prepared = Prepared::default();
     let mut body = Body::new(node);
     let mut forget = Vec::new();
@@ -512,7 +518,7 @@ mod tests {
         let mut ledger = MiniLedger { balance: amt("1.00"), booked: Default::default(), revision: 1 };
         let mut tracker = Tracker::default();
         // Cold miss: read, apply.
-        let read = balance_read(&store, &c, "node", "alice", &[c.price], 10);
+        let read = balance_read(&store, &c, "node", "alice", &[c.price], 10, 1000);
         let resp = ledger.answer(&read.request);
         apply(&store, &c, &read, &resp, 10);
         tracker.touch("alice", 10);
@@ -543,7 +549,7 @@ mod tests {
         let mut tracker = Tracker::default();
         let everyone: Vec<String> = (0..2500).map(|i| format!("s{i:04}")).collect();
         for s in &everyone {
-            let read = balance_read(&store, &c, "node", s, &[c.price], 10);
+            let read = balance_read(&store, &c, "node", s, &[c.price], 10, 1000);
             apply(&store, &c, &read, &answer(vec![ok(s, None, "1", 1)]), 10);
             tracker.touch(s, 10);
             assert!(matches!(call(&store, &c, s, amt("0.10"), 11, LedgerAccess::Reachable).0, Verdict::Allow { .. }));
@@ -558,6 +564,39 @@ mod tests {
         assert!(missed.is_empty(), "{} customers were never reported, e.g. {:?}", missed.len(), missed.first());
     }
 
+    /// A customer first seen has no rate: its first lease holds `lease.min_calls`. When those run
+    /// out before its turn in a sync (a worker with 10,000 customers reaches each every 10 ticks),
+    /// the top-up is sized at the rate its calls came at, for the turn it will wait: one more
+    /// read, not one every `min_calls` calls until its turn.
+    #[test]
+    fn a_lease_topped_up_between_turns_lasts_until_the_customers_turn() {
+        let store = FakeShared::new(Rules::Envoy);
+        let c =
+            FilterConfig::parse(br#"{"ledger": {"upstream": "l", "token": "t"}, "price": "0.10", "currency": "USD"}"#)
+                .unwrap();
+        let scope = &c.pricing.scopes[0];
+        let want = |read: &PendingSync| read.request.subjects[0].lease.as_ref().map(|l| l.want);
+        let turn_ms = turn_ms(&c, 10_000, Budget::default());
+        assert_eq!(turn_ms, 10_000, "1,000 customers per sync, one sync per 1-s tick");
+        let first = balance_read(&store, &c, "node", "alice", &[c.price], 0, turn_ms);
+        assert_eq!(want(&first), Some(c.price.times(c.lease.min_calls).unwrap()), "no rate yet");
+        // Its first ten calls came within four seconds: 150 a minute.
+        let key = entry_key(&c, scope, "alice");
+        shared::update::<CustomerEntry, ()>(&store, &key, |e| {
+            let mut e = e.expect("the entry of the read");
+            e.next_call = 10;
+            (Some(e), ())
+        })
+        .unwrap();
+        let top_up = balance_read(&store, &c, "node", "alice", &[c.price], 4_000, turn_ms);
+        let sized = lease::sizing(&c, scope, 150, turn_ms);
+        assert_eq!(want(&top_up), Some(sized.target));
+        assert!(
+            sized.low >= c.price.times(150 * 11 / 60).unwrap(),
+            "its low-water mark covers the turn and the answer"
+        );
+    }
+
     #[test]
     fn a_sync_fits_its_byte_budget_and_the_rest_goes_out_in_turn() {
         let store = FakeShared::new(Rules::Envoy);
@@ -566,7 +605,7 @@ mod tests {
         // Subjects as long as the ledger allows: about 300 bytes each in a sync.
         let everyone: Vec<String> = (0..40).map(|i| format!("{i:03}{}", "x".repeat(250))).collect();
         for s in &everyone {
-            let read = balance_read(&store, &c, "node", s, &[c.price], 10);
+            let read = balance_read(&store, &c, "node", s, &[c.price], 10, 1000);
             apply(&store, &c, &read, &answer(vec![ok(s, None, "1", 1)]), 10);
             tracker.touch(s, 10);
             assert!(matches!(call(&store, &c, s, amt("0.10"), 11, LedgerAccess::Reachable).0, Verdict::Allow { .. }));
@@ -586,14 +625,14 @@ mod tests {
     #[test]
     fn a_body_the_ledger_refuses_as_too_large_is_an_error_of_its_own() {
         let c = config();
-        let pending = balance_read(&FakeShared::new(Rules::Envoy), &c, "n", "alice", &[c.price], 1);
+        let pending = balance_read(&FakeShared::new(Rules::Envoy), &c, "n", "alice", &[c.price], 1, 1000);
         assert_eq!(parse_answer(&pending, Some(413), Some(b"{}")), Err(AnswerError::TooLarge));
     }
 
     #[test]
     fn malformed_or_failed_answers_are_errors_not_panics() {
         let c = config();
-        let pending = balance_read(&FakeShared::new(Rules::Envoy), &c, "n", "alice", &[c.price], 1);
+        let pending = balance_read(&FakeShared::new(Rules::Envoy), &c, "n", "alice", &[c.price], 1, 1000);
         assert!(matches!(parse_answer(&pending, None, None), Err(AnswerError::Unavailable(_))));
         assert!(matches!(parse_answer(&pending, Some(503), None), Err(AnswerError::Unavailable(_))));
         assert!(matches!(parse_answer(&pending, Some(200), Some(b"{not json")), Err(AnswerError::Malformed(_))));
@@ -616,7 +655,7 @@ mod tests {
         let mut ledger = MiniLedger { balance: amt("1.00"), booked: Default::default(), revision: 1 };
         let mut tracker = Tracker::default();
         let spend = |n: u64, at: u64| {
-            let read = balance_read(&store, &c, "node", "alice", &[c.price], at);
+            let read = balance_read(&store, &c, "node", "alice", &[c.price], at, 1000);
             let known = ok("alice", None, "1.00", 1);
             apply(&store, &c, &read, &answer(vec![known]), at);
             for i in 0..n {
@@ -652,7 +691,7 @@ mod tests {
     fn idle_customers_without_usage_are_forgotten() {
         let store = FakeShared::new(Rules::Envoy);
         let c = config();
-        let read = balance_read(&store, &c, "node", "alice", &[c.price], 10);
+        let read = balance_read(&store, &c, "node", "alice", &[c.price], 10, 1000);
         apply(&store, &c, &read, &answer(vec![ok("alice", None, "1", 1)]), 1);
         let mut tracker = Tracker::default();
         tracker.touch("alice", 1);

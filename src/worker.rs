@@ -404,7 +404,8 @@ impl Worker {
             .waiting
             .waiter(running)
             .map_or_else(Vec::new, |w| w.estimates().iter().map(|e| e.times(queue).unwrap_or(*e)).collect());
-        let pending = sync::balance_read(engine.shared(), config, &self.node, subject, &needed, now_ms);
+        let turn_ms = sync::turn_ms(config, self.tracker.len(), self.budget);
+        let pending = sync::balance_read(engine.shared(), config, &self.node, subject, &needed, now_ms, turn_ms);
         match self.dispatch(engine, config, &pending) {
             Ok(token) => {
                 let deadline_ms = now_ms + u64::from(config.ledger.timeout_ms) + 100;
