@@ -1,6 +1,7 @@
 """Cold start: how fast a gateway that meets 10,000 customers at once gets to its warm speed.
 
-For each ledger build given (`--ledger`, repeatable; default the release build of this tree), a
+For each filter build (`--filter`, repeatable; default the release build of this tree) and each
+ledger build given (`--ledger`, repeatable; default the release build of this tree), a
 fresh ledger on SQLite with 10,000 funded customers and a fresh Envoy running prepaid_credits
 with its default configuration (case c of bench/gateway.py), then wrk picking a subject at random
 per request (bench/subjects.lua) in back-to-back windows of `--window` seconds: each window's
@@ -9,7 +10,7 @@ filter's Envoy (case e) is measured once per ledger, after the windows, for c/e.
 
 Every Envoy runs with --concurrency 1 on CPU 0; wrk and the ledger share CPU 1 (as in
 bench/gateway.py, whose helpers this script uses).
-  python3 bench/coldstart.py [--ledger PATH]... [--windows 10] [--window 2] [--connections 16]
+  python3 bench/coldstart.py [--filter WASM]... [--ledger PATH]... [--windows 10] [--window 2] [--connections 16]
 Build first: cargo build --release -p ledger --bin credits-ledger --example ledger_bench and
 cargo build --release --target wasm32-wasip1 -p prepaid-credits -p noop-filter.
 """
@@ -27,7 +28,7 @@ import time
 import gateway as g
 
 
-def one_ledger(ledger_bin, a, envoy_bin):
+def one_run(ledger_bin, filter_wasm, a, envoy_bin):
     release = os.path.join(g.ROOT, "target/release")
     wasm = os.path.join(g.ROOT, "target/wasm32-wasip1/release")
     work = tempfile.mkdtemp(prefix="coldstart-bench-")
@@ -44,7 +45,7 @@ def one_ledger(ledger_bin, a, envoy_bin):
                   "subject": {"header": "x-consumer-username"}, "price": g.PRICE, "currency": "USD",
                   "feature_key": "api_requests", "settlement_mode": "credit_only"}
         script = os.path.join(g.ROOT, "bench/subjects.lua")
-        c = g.Envoy("c", g.wasm_filter("prepaid_credits", f"{wasm}/prepaid_credits.wasm", config), port, work, envoy_bin)
+        c = g.Envoy("c", g.wasm_filter("prepaid_credits", filter_wasm, config), port, work, envoy_bin)
         windows = []
         for w in range(a.windows):
             r = g.measure(c, ledger.pid, a.window, a.connections, "payer0", script)
@@ -58,7 +59,7 @@ def one_ledger(ledger_bin, a, envoy_bin):
         e = g.Envoy("e", g.wasm_filter("noop_filter", f"{wasm}/noop_filter.wasm", None), port, work, envoy_bin)
         e_rps = g.measure(e, ledger.pid, a.window * 2, a.connections, "payer0", script)["rps"]
         g.stop_children()
-        return {"ledger": ledger_bin, "windows": windows, "e_rps": e_rps}
+        return {"ledger": ledger_bin, "filter": filter_wasm, "windows": windows, "e_rps": e_rps}
     finally:
         g.stop_children()
         shutil.rmtree(work, ignore_errors=True)
@@ -67,6 +68,7 @@ def one_ledger(ledger_bin, a, envoy_bin):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ledger", action="append")
+    ap.add_argument("--filter", action="append", help="a prepaid_credits .wasm (default: this tree's release build)")
     ap.add_argument("--windows", type=int, default=10)
     ap.add_argument("--window", type=int, default=2)
     ap.add_argument("--connections", type=int, default=16)
@@ -76,7 +78,8 @@ def main():
     signal.signal(signal.SIGINT, g.on_signal)
     envoy_bin = os.environ.get("ENVOY_BIN") or shutil.which("envoy")
     ledgers = a.ledger or [os.path.join(g.ROOT, "target/release/credits-ledger")]
-    results = [one_ledger(os.path.abspath(l), a, envoy_bin) for l in ledgers]
+    filters = a.filter or [os.path.join(g.ROOT, "target/wasm32-wasip1/release/prepaid_credits.wasm")]
+    results = [one_run(os.path.abspath(l), os.path.abspath(f), a, envoy_bin) for f in filters for l in ledgers]
     for r in results:
         r["c_over_e_by_window"] = [round(w["rps"] / r["e_rps"], 3) for w in r["windows"]]
     doc = {"benchmark": "coldstart", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -84,7 +87,7 @@ def main():
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(doc, f, indent=1)
-    print(json.dumps([{"ledger": r["ledger"], "e_rps": r["e_rps"], "c/e": r["c_over_e_by_window"]} for r in results], indent=1))
+    print(json.dumps([{"ledger": r["ledger"], "filter": r["filter"], "e_rps": r["e_rps"], "c/e": r["c_over_e_by_window"]} for r in results], indent=1))
 
 
 if __name__ == "__main__":
