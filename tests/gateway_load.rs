@@ -32,9 +32,11 @@ fn wrk(gateway: &Gateway, dir: &TempDir, connections: u32, seconds: u64, post: O
     let threads = connections.min(2);
     cmd.args(["-t", &threads.to_string(), "-c", &connections.to_string(), "-d", &format!("{seconds}s"), "--latency"]);
     cmd.args(["-H", "x-consumer-username: load"]);
-    // Every answer that is not a 2xx prints its status (to stderr), so a failure says what it was.
+    // Every answer that is not a 2xx prints its status and its problem's detail (to stderr), so a
+    // failure says what it was.
     let mut lua = String::from(
-        "response = function(status, headers, body) if status >= 300 then io.stderr:write(status .. \"\\n\") end end\n",
+        "response = function(status, headers, body) if status >= 300 then \
+         io.stderr:write(status .. \" \" .. (string.match(body or \"\", '\"detail\":\"([^\"]*)\"') or \"\") .. \"\\n\") end end\n",
     );
     if let Some(body) = post {
         lua.push_str(&format!(
