@@ -180,6 +180,9 @@ fn serve_lease(
         }
         Some(k) if open => {
             // A request number already applied is a retry (or overtaken): it renews but adds nothing.
+            // A renewal (wanting nothing) applies no number: it repeats the node's latest one,
+            // whose top-up may still be on its way here (Kong's workers each renew in their tick
+            // while their calls send top-ups), and that top-up must still add.
             let want = if seq > k.last_seq && !request.release { request.want } else { Amount::ZERO };
             let granted = only_overflow(book.extend_hold(&id, want, expires_at, now))?.0;
             recall_if_short(book, s, &id, want, granted, now);
@@ -187,7 +190,7 @@ fn serve_lease(
             let recalled = book.hold(&id).is_some_and(|h| h.recalled);
             // Earlier than the TTL when the credit behind the lease expires sooner.
             let expires_at = book.spend_by(&id).unwrap_or(expires_at);
-            served.lease_seq = (seq > k.last_seq).then_some(seq);
+            served.lease_seq = (seq > k.last_seq && want.is_positive()).then_some(seq);
             let lease_id = request.lease_id.clone();
             served.lease = Some(LeaseAnswer { lease_id, held, granted, expires_at, closed: false, recalled });
         }
@@ -201,7 +204,7 @@ fn serve_lease(
             recall_if_short(book, s, &id, want, granted, now);
             // Earlier than the TTL when the credit behind the lease expires sooner.
             let expires_at = book.spend_by(&id).unwrap_or(expires_at);
-            served.lease_seq = Some(seq.max(last_seq));
+            served.lease_seq = Some(if want.is_positive() { seq.max(last_seq) } else { last_seq });
             served.lease_opened = true;
             served.lease = Some(LeaseAnswer {
                 lease_id: request.lease_id.clone(),

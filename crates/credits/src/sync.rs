@@ -54,7 +54,8 @@ pub struct LeaseRequest {
     pub lease_id: String,
     /// Every top-up and every release takes a new, higher number. A top-up numbered at or below
     /// one already applied adds nothing (a retry); such a release is ignored (overtaken by a
-    /// later request of the node); renewals repeat the last number.
+    /// later request of the node); renewals repeat the last number and apply none, so a top-up
+    /// with that number which they overtook on the way still adds.
     pub seq: u64,
     /// Credit to add to the lease, up to what is live (may be 0: renew only).
     pub want: Amount,

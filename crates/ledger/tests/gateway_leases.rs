@@ -642,7 +642,30 @@ async fn a_lease_stored_without_backing_is_backed_on_load(backend: Backend) {
     assert_eq!((held_granted_closed(&captured), captured["live"].as_str()), (("0.00", "0", false), Some("0.50")));
 }
 
+/// Found on Kong's engine under load: every worker's tick renews the lease with the node's latest
+/// request number while a call's top-up with that number is still on its way. The renewal
+/// arrived first, took the number, and the top-up was then served as a retry: it granted nothing,
+/// the node took the lease for dry, and calls of a customer with ample credit were refused.
+async fn a_renewal_that_overtakes_a_top_up_does_not_swallow_it(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ledger = Ledger::start(&db).await;
+    let c = ledger.customer("overtaken").await;
+    ledger.grant(&c, grant_body("10.00", json!({}))).await;
+    let subject = "overtaken-subject";
+    let opened = lease(&ledger, subject, lease_request("L", 1, "4.00", MINUTE_MS)).await;
+    assert_eq!(held_granted_closed(&opened), ("4.00", "4.00", false));
+    let renewed = lease(&ledger, subject, lease_request("L", 2, "0", MINUTE_MS)).await;
+    assert_eq!(held_granted_closed(&renewed), ("4.00", "0", false), "a renewal adds nothing");
+    let topped_up = lease(&ledger, subject, lease_request("L", 2, "3.00", MINUTE_MS)).await;
+    assert_eq!(held_granted_closed(&topped_up), ("7.00", "3.00", false), "the top-up it overtook still adds");
+    let retried = lease(&ledger, subject, lease_request("L", 2, "3.00", MINUTE_MS)).await;
+    assert_eq!(held_granted_closed(&retried), ("7.00", "0", false), "and only once");
+    assert_eq!(ledger.balance(&c, "").await, balance("10.00", "3.00"));
+    ledger.assert_journal_sound().await;
+}
+
 on_both_backends!(
+    a_renewal_that_overtakes_a_top_up_does_not_swallow_it,
     leases_open_top_up_renew_release_and_reopen,
     leases_never_hold_more_than_is_live,
     a_lease_granted_less_than_it_wants_recalls_the_others,
