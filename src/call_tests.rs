@@ -191,6 +191,35 @@ fn under_nginx_concurrent_cold_calls_each_read_for_themselves() {
     g.no_violations();
 }
 
+/// Found on Kong's engine: 64 connections at a cold node, each call reading for itself with a
+/// top-up sized for one call; the calls that arrived meanwhile took each top-up, and some calls
+/// gave up after three reads (503) though the customer had ample credit.
+#[test]
+fn under_nginx_a_read_sets_aside_enough_for_every_call_of_the_customer_waiting() {
+    let lease = r#", "lease": {"min_calls": 1, "max_calls": 1}"#;
+    let mut g = Gateway::new(Rules::Nginx, config(lease), 100);
+    let ids: Vec<ContextId> = (0..3).map(|_| g.start().0).collect();
+    let wants: Vec<Amount> = g
+        .engine
+        .dispatched
+        .iter()
+        .map(|d| {
+            let request: credits::sync::SyncRequest = serde_json::from_slice(&d.body).unwrap();
+            request.subjects[0].lease.as_ref().unwrap().want
+        })
+        .collect();
+    let price = g.config.as_ref().as_ref().unwrap().price;
+    let calls = |n: u64| price.times(n).unwrap();
+    assert_eq!(wants, [calls(1), calls(2), calls(3)], "each read asks for the calls waiting when it leaves");
+    for (token, _) in g.pending() {
+        g.answer(token);
+    }
+    for id in &ids {
+        assert_eq!((g.resumed(*id), g.status(*id)), (1, None));
+    }
+    g.no_violations();
+}
+
 #[test]
 fn under_envoy_concurrent_cold_calls_share_one_read() {
     let mut g = Gateway::new(Rules::Envoy, config(r#", "sync": {"strategy": "cached"}"#), 10);

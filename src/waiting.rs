@@ -88,6 +88,11 @@ impl Waiting {
         self.calls.get_mut(&context)
     }
 
+    /// How many calls of `subject` wait.
+    pub fn calls_of(&self, subject: &str) -> usize {
+        self.calls.values().filter(|w| w.subject == subject).count()
+    }
+
     /// The call no longer waits (decided, or gone).
     pub fn take(&mut self, context: ContextId) -> Option<Waiter> {
         self.calls.remove(&context)

@@ -399,7 +399,10 @@ impl Worker {
             self.waiting.join(subject, waiters);
             return Wait::Read;
         }
-        let queue = waiters.len() as u64;
+        // Enough for every call of the customer waiting here: under Kong each owns its own read,
+        // and a top-up sized for one call is taken by the calls that arrive before its answer,
+        // so a burst at a cold node left calls waiting read after read until they gave up.
+        let queue = waiters.len().max(self.waiting.calls_of(subject)) as u64;
         let needed: Vec<Amount> = self
             .waiting
             .waiter(running)
