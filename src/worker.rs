@@ -402,6 +402,10 @@ impl Worker {
         // Enough for every call of the customer waiting here: under Kong each owns its own read,
         // and a top-up sized for one call is taken by the calls that arrive before its answer,
         // so a burst at a cold node left calls waiting read after read until they gave up.
+        // Bound: with N calls of the customer waiting, each of (at most) N reads asks for N
+        // calls, so a burst may set aside up to N² calls' worth in this node's lease. None of it
+        // is lost: the next calls spend it, idle release or a recall gives it back, and the ledger
+        // never leases more than the customer's live balance.
         let queue = waiters.len().max(self.waiting.calls_of(subject)) as u64;
         let needed: Vec<Amount> = self
             .waiting

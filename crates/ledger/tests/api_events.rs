@@ -166,6 +166,10 @@ async fn malformed_events_are_refused_and_nothing_is_stored(backend: Backend) {
         ("application/cloudevents-batch+json", event("a", "s"), "body"),
         ("application/json", with(json!({"specversion": null})), "[0].specversion"),
         ("application/json", json!("text"), "[0]"),
+        // Attributes are columns of their own, which cannot hold NUL (PostgreSQL); the NUL in
+        // `data` beside it does not hide it.
+        (single, with(json!({"subject": "s\u{0}", "data": {"a": "\u{0}"}})), "subject"),
+        ("application/cloudevents-batch+json", json!([event("a", "s"), with(json!({"id": "\u{0}"}))]), "[1].id"),
     ];
     for (content_type, body, field) in cases {
         let reply = ingest(&ledger, content_type, &body).await;
@@ -182,6 +186,19 @@ async fn malformed_events_are_refused_and_nothing_is_stored(backend: Backend) {
     }
     assert_eq!(ledger.row_counts().await["events"], 0, "nothing stored");
     assert_eq!(data(&list(&ledger, "").await).len(), 0);
+}
+
+/// `data` is stored as JSON text, so a NUL in it is kept (escaped), as received.
+async fn a_nul_character_in_event_data_is_kept(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ledger = Ledger::start(&db).await;
+    let mut with_nul = event("nul", "s");
+    with_nul["data"] = json!({"text": "a\u{0}b", "k\u{0}": 1});
+    ingest_ok(&ledger, "application/cloudevents-batch+json", &json!([with_nul, event("plain", "s")])).await;
+    let all = list(&ledger, "").await;
+    let events: Vec<&Value> = data(&all).iter().map(|e| &e["event"]).collect();
+    assert!(events.contains(&&with_nul), "{all}");
+    assert_eq!(events.len(), 2, "{all}");
 }
 
 async fn health_metrics_and_openapi_are_served(backend: Backend) {
@@ -246,5 +263,6 @@ on_both_backends!(
     events_are_accepted_in_every_content_type_and_stored_once,
     events_list_pages_with_cursors_and_filters,
     malformed_events_are_refused_and_nothing_is_stored,
+    a_nul_character_in_event_data_is_kept,
     health_metrics_and_openapi_are_served,
 );

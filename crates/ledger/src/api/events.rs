@@ -11,7 +11,7 @@ use utoipa::ToSchema;
 
 use super::fields::{parse_timestamp, timestamp};
 use super::problem::{ApiResult, Problem};
-use super::request::{parse_json, read_body, ulid_param, Query, StringFilter};
+use super::request::{parse_json_with_nul, read_body, refuse_nul_in_value, ulid_param, Query, StringFilter};
 use super::transactions::{page_link, CursorMeta, CursorMetaPage};
 use super::AppState;
 use crate::store::customers;
@@ -87,9 +87,9 @@ fn is_absolute_uri(text: &str) -> bool {
 pub fn parse_events(content_type: &str, bytes: &[u8]) -> ApiResult<Vec<MeteringEvent>> {
     let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
     let values = match essence.as_str() {
-        "application/cloudevents+json" => vec![parse_json::<Value>(bytes)?],
-        "application/cloudevents-batch+json" => parse_json::<Vec<Value>>(bytes)?,
-        "application/json" => match parse_json::<OneOrMany>(bytes)? {
+        "application/cloudevents+json" => vec![parse_json_with_nul::<Value>(bytes)?],
+        "application/cloudevents-batch+json" => parse_json_with_nul::<Vec<Value>>(bytes)?,
+        "application/json" => match parse_json_with_nul::<OneOrMany>(bytes)? {
             OneOrMany::Many(v) => v,
             OneOrMany::One(v) => vec![v],
         },
@@ -111,13 +111,23 @@ pub fn parse_events(content_type: &str, bytes: &[u8]) -> ApiResult<Vec<MeteringE
         .enumerate()
         .map(|(i, v)| {
             let index = batch.then_some(i);
-            let event: MeteringEvent = parse_json(v.to_string().as_bytes()).map_err(|mut p| {
+            let in_event = |mut p: Problem| {
                 if let (Some(i), Some(f)) = (index, p.field.as_deref()) {
                     // "body" means the element as a whole.
                     p.field = Some(if f == "body" { format!("[{i}]") } else { format!("[{i}].{f}") });
                 }
                 p
-            })?;
+            };
+            // `data` is stored as JSON text, where a NUL is escaped and kept; every other
+            // attribute is a column of its own.
+            if memchr::memmem::find(bytes, br"\u0000").is_some() {
+                let mut attributes = v.clone();
+                if let Some(map) = attributes.as_object_mut() {
+                    map.remove("data");
+                }
+                refuse_nul_in_value(&attributes).map_err(in_event)?;
+            }
+            let event: MeteringEvent = parse_json_with_nul(v.to_string().as_bytes()).map_err(in_event)?;
             validate(index, &event)?;
             Ok(event)
         })

@@ -50,9 +50,15 @@ pub async fn read_body<S: Send + Sync>(req: Request, state: &S) -> Result<bytes:
     })
 }
 
-/// Deserialises JSON, reporting the path of the field that failed.
+/// Deserialises JSON, reporting the path of the field that failed; a NUL in any text is refused.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
     refuse_nul_in_json(bytes)?;
+    parse_json_with_nul(bytes)
+}
+
+/// [`parse_json`] for a body whose text may hold NUL where it is only stored as JSON (escaped);
+/// the caller checks the other fields with [`refuse_nul_in_value`].
+pub fn parse_json_with_nul<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|err| {
         let path = err.path().to_string();
@@ -88,7 +94,12 @@ fn refuse_nul_in_json(bytes: &[u8]) -> Result<(), Problem> {
     }
     // Broken JSON is reported by the parse that follows.
     let Ok(value) = serde_json::from_slice::<serde_json::Value>(bytes) else { return Ok(()) };
-    match path_of_nul(&value, String::new()) {
+    refuse_nul_in_value(&value)
+}
+
+/// [`parse_json`]'s NUL check on a parsed value.
+pub fn refuse_nul_in_value(value: &serde_json::Value) -> Result<(), Problem> {
+    match path_of_nul(value, String::new()) {
         Some(path) => Err(Problem::bad_request(if path.is_empty() { "body".to_owned() } else { path }, NUL_DETAIL)),
         // The sequence was text (an escaped backslash followed by "u0000").
         None => Ok(()),
