@@ -11,6 +11,8 @@
 //! insert would let the second overwrite the first, and with it the first's hold and the lease
 //! it asked for under its entry's origin).
 
+use std::borrow::Cow;
+
 /// The host's shared data, as the filter needs it.
 pub trait SharedData {
     /// The value and its CAS token. Envoy keeps removed keys as (None, Some(cas)).
@@ -53,18 +55,18 @@ pub enum UpdateError {
     NoSlot,
 }
 
-fn slot(key: &str, probe: usize) -> String {
+fn slot(key: &str, probe: usize) -> Cow<'_, str> {
     if probe == 0 {
-        key.to_owned()
+        Cow::Borrowed(key)
     } else {
-        format!("{key}#{probe}")
+        Cow::Owned(format!("{key}#{probe}"))
     }
 }
 
 /// Where `key` lives: its slot, what is there (if it is ours) and the CAS to write with. Every
 /// probe is looked at before a free one is taken: Kong evicts values, so the key may live beyond
 /// a slot that was emptied under it.
-fn locate<T: Keyed>(store: &dyn SharedData, key: &str) -> Option<(String, Option<T>, Option<u32>)> {
+fn locate<'k, T: Keyed>(store: &dyn SharedData, key: &'k str) -> Option<(Cow<'k, str>, Option<T>, Option<u32>)> {
     let mut free = None;
     for probe in 0..PROBES {
         let name = slot(key, probe);
