@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,21 +28,11 @@ import gateway as g
 
 
 def one_run(ledger_bin, filter_wasm, a, envoy_bin):
-    release = os.path.join(g.ROOT, "target/release")
     wasm = os.path.join(g.ROOT, "target/wasm32-wasip1/release")
     work = tempfile.mkdtemp(prefix="coldstart-bench-")
     try:
-        port = g.free_port()
-        ledger = g.spawn([ledger_bin, "serve", "--listen", f"127.0.0.1:{port}",
-                          "--database", f"sqlite://{work}/ledger.db", "--token", g.TOKEN],
-                         open(os.path.join(work, "ledger.log"), "w"), 1)
-        base = f"http://127.0.0.1:{port}"
-        g.wait_until(f"{base}/healthz", "the ledger")
-        subprocess.run([f"{release}/examples/ledger_bench", "--mode", "setup", "--url", base,
-                        "--customers", str(g.SUBJECTS), "--subject-prefix", "s"], check=True, stdout=subprocess.DEVNULL)
-        config = {"ledger": {"upstream": "ledger", "token": g.TOKEN, "timeout_ms": 1000},
-                  "subject": {"header": "x-consumer-username"}, "price": g.PRICE, "currency": "USD",
-                  "feature_key": "api_requests", "settlement_mode": "credit_only"}
+        ledger, port = g.start_ledger(work, ledger_bin, (("s", g.SUBJECTS),))
+        config = g.filter_config()
         script = os.path.join(g.ROOT, "bench/subjects.lua")
         c = g.Envoy("c", g.wasm_filter("prepaid_credits", filter_wasm, config), port, work, envoy_bin)
         windows = []

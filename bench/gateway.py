@@ -107,6 +107,29 @@ def rss_kib(pid):
     return 0
 
 
+def start_ledger(work, ledger_bin=None, customers=(("payer", 1), ("s", SUBJECTS))):
+    """A ledger on SQLite in `work` (CPU 1) with funded customers (`prefix`, how many); returns the
+    process and its port."""
+    release = os.path.join(ROOT, "target/release")
+    port = free_port()
+    ledger = spawn([ledger_bin or f"{release}/credits-ledger", "serve", "--listen", f"127.0.0.1:{port}",
+                    "--database", f"sqlite://{work}/ledger.db", "--token", TOKEN],
+                   open(os.path.join(work, "ledger.log"), "w"), 1)
+    base = f"http://127.0.0.1:{port}"
+    wait_until(f"{base}/healthz", "the ledger")
+    for prefix, n in customers:
+        subprocess.run([f"{release}/examples/ledger_bench", "--mode", "setup", "--url", base,
+                        "--customers", str(n), "--subject-prefix", prefix], check=True, stdout=subprocess.DEVNULL)
+    return ledger, port
+
+
+def filter_config(upstream="ledger"):
+    """The benchmarks' filter configuration: its defaults, one price per call."""
+    return {"ledger": {"upstream": upstream, "token": TOKEN, "timeout_ms": 1000},
+            "subject": {"header": "x-consumer-username"}, "price": PRICE, "currency": "USD",
+            "feature_key": "api_requests", "settlement_mode": "credit_only"}
+
+
 def wasm_filter(name, wasm, configuration):
     config = json.dumps(configuration) if configuration is not None else ""
     return f"""
@@ -277,41 +300,30 @@ def main():
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     envoy_bin = os.environ.get("ENVOY_BIN") or shutil.which("envoy")
-    release = os.path.join(ROOT, "target/release")
     wasm = os.path.join(ROOT, "target/wasm32-wasip1/release")
     work = tempfile.mkdtemp(prefix="gateway-bench-")
     try:
-        ledger_port = free_port()
-        ledger = spawn([f"{release}/credits-ledger", "serve", "--listen", f"127.0.0.1:{ledger_port}",
-                        "--database", f"sqlite://{work}/ledger.db", "--token", TOKEN],
-                       open(os.path.join(work, "ledger.log"), "w"), 1)
-        base = f"http://127.0.0.1:{ledger_port}"
-        wait_until(f"{base}/healthz", "the ledger")
-        for prefix, n in [("payer", 1), ("s", SUBJECTS)]:
-            subprocess.run([f"{release}/examples/ledger_bench", "--mode", "setup", "--url", base,
-                            "--customers", str(n), "--subject-prefix", prefix], check=True, stdout=subprocess.DEVNULL)
-        filter_config = {"ledger": {"upstream": "ledger", "token": TOKEN, "timeout_ms": 1000},
-                         "subject": {"header": "x-consumer-username"}, "price": PRICE, "currency": "USD",
-                         "feature_key": "api_requests", "settlement_mode": "credit_only"}
+        ledger, ledger_port = start_ledger(work)
+        config = filter_config()
         # GATEWAY_BENCH_FILTER='{"lease": {"max_calls": 100000}}' tries other settings in b and c.
-        filter_config.update(json.loads(os.environ.get("GATEWAY_BENCH_FILTER") or "{}"))
+        config.update(json.loads(os.environ.get("GATEWAY_BENCH_FILTER") or "{}"))
         cases = {
             "a": ("no filter", ""),
             "e": ("no-op wasm filter", wasm_filter("noop_filter", f"{wasm}/noop_filter.wasm", None)),
-            "b": ("prepaid_credits, 1 customer", wasm_filter("prepaid_credits", f"{wasm}/prepaid_credits.wasm", filter_config)),
+            "b": ("prepaid_credits, 1 customer", wasm_filter("prepaid_credits", f"{wasm}/prepaid_credits.wasm", config)),
             "h": ("b without response headers", wasm_filter("prepaid_credits", f"{wasm}/prepaid_credits.wasm",
-                                                            {**filter_config, "response_headers": {"cost": None, "balance": None}})),
+                                                            {**config, "response_headers": {"cost": None, "balance": None}})),
             # The filter's defaults: an idle lease is kept (lease.idle_release_ms, 5 min) unless the
             # ledger recalls it, so c keeps its leases across the other cases' runs (≈ 40 s).
-            "c": ("prepaid_credits, 10k subjects", wasm_filter("prepaid_credits", f"{wasm}/prepaid_credits.wasm", filter_config)),
+            "c": ("prepaid_credits, 10k subjects", wasm_filter("prepaid_credits", f"{wasm}/prepaid_credits.wasm", config)),
             "d": ("ext_authz to the ledger", ext_authz(ledger_port)),
         }
         # GATEWAY_BENCH_BASELINE=<an earlier prepaid_credits.wasm> adds B and C: cases b and c run
         # by that build (with its own defaults), in the same run.
         baseline = os.environ.get("GATEWAY_BENCH_BASELINE")
         if baseline:
-            cases["B"] = ("b, baseline build", wasm_filter("prepaid_credits", baseline, filter_config))
-            cases["C"] = ("c, baseline build", wasm_filter("prepaid_credits", baseline, filter_config))
+            cases["B"] = ("b, baseline build", wasm_filter("prepaid_credits", baseline, config))
+            cases["C"] = ("c, baseline build", wasm_filter("prepaid_credits", baseline, config))
         script = {"c": os.path.join(ROOT, "bench/subjects.lua"), "C": os.path.join(ROOT, "bench/subjects.lua")}
         envoys = {}
         rss = {}

@@ -118,23 +118,12 @@ def main():
     nginx_bin = os.environ.get("NGX_WASM_NGINX") or sys.exit("NGX_WASM_NGINX must name the engine's nginx")
     signal.signal(signal.SIGTERM, g.on_signal)
     signal.signal(signal.SIGINT, g.on_signal)
-    release = os.path.join(g.ROOT, "target/release")
     wasm = os.path.join(g.ROOT, "target/wasm32-wasip1/release")
     work = tempfile.mkdtemp(prefix="kong-bench-")
     try:
-        ledger_port = g.free_port()
-        ledger = g.spawn([f"{release}/credits-ledger", "serve", "--listen", f"127.0.0.1:{ledger_port}",
-                          "--database", f"sqlite://{work}/ledger.db", "--token", g.TOKEN],
-                         open(os.path.join(work, "ledger.log"), "w"), 1)
-        base = f"http://127.0.0.1:{ledger_port}"
-        g.wait_until(f"{base}/healthz", "the ledger")
-        for prefix, n in [("payer", 1), ("s", g.SUBJECTS)]:
-            subprocess.run([f"{release}/examples/ledger_bench", "--mode", "setup", "--url", base,
-                            "--customers", str(n), "--subject-prefix", prefix], check=True, stdout=subprocess.DEVNULL)
+        ledger, ledger_port = g.start_ledger(work)
         upstream = Nginx("upstream", nginx_bin, work, '            return 200 "ok";', None, [], 1)
-        config = {"ledger": {"upstream": f"127.0.0.1:{ledger_port}", "token": g.TOKEN, "timeout_ms": 1000},
-                  "subject": {"header": "x-consumer-username"}, "price": g.PRICE, "currency": "USD",
-                  "feature_key": "api_requests", "settlement_mode": "credit_only"}
+        config = g.filter_config(f"127.0.0.1:{ledger_port}")
         quiet = {**config, "response_headers": {"cost": None, "balance": None}}
 
         def credits(cfg):
