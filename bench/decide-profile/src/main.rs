@@ -4,7 +4,12 @@
 //! customer on a warm lease) and c (many subjects). Also prints the encoded size of a customer's
 //! shared-data entry.
 //!
-//!   decide-profile [calls, default 100000] [subjects, default 1]
+//! With a number of ticks, it runs the worker's tick instead (gateway case c's other cost): each
+//! tick's sync built from the shared entries (`sync::prepare`, the register included) and the
+//! ledger's answer read and applied (`sync::parse_answer`, `sync::apply`), with `calls` calls
+//! between ticks (not measured) so every customer has usage to report.
+//!
+//!   decide-profile [calls, default 100000] [subjects, default 1] [ticks, default 0]
 //!
 //! Not included: the host ABI crossings themselves (header read, shared-data get/set copies, metric
 //! increments), which only run inside a proxy-wasm host.
@@ -12,12 +17,15 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-use credits::sync::{LeaseAnswer, LeaseRequest};
+use credits::sync::{LeaseAnswer, LeaseRequest, SubjectAnswer, SubjectOutcome, SyncResponse, UsageOutcome};
 use credits::Amount;
 use prepaid_credits::config::FilterConfig;
 use prepaid_credits::customer::{entry_key, CustomerEntry, LeaseAnswered};
 use prepaid_credits::decision::{admit, complete, LedgerAccess, Verdict};
+use prepaid_credits::registry;
 use prepaid_credits::shared::{self, CasMismatch, Keyed, SharedData};
+use prepaid_credits::sync::{self, Budget, PendingSync};
+use prepaid_credits::tracker::Tracker;
 
 /// Shared data with Envoy's rules: a value and a CAS token per key, values copied in and out as
 /// the host does. (`prepaid_credits::shared::fake` is test-only, so this binary has its own.)
@@ -112,10 +120,89 @@ fn run_calls(store: &Store, config: &FilterConfig, names: &[String], calls: u64,
     (allowed, header_bytes)
 }
 
+/// The measured half of a tick that sends (`bench/profile.sh` collects inside it): the sync built,
+/// and the customers it found unregistered registered, as `Worker::send_sync` does.
+#[inline(never)]
+fn tick_prepare(store: &Store, tracker: &mut Tracker, config: &FilterConfig, now_ms: u64) -> Option<PendingSync> {
+    let prepared = sync::prepare(store, tracker, config, ("node", 1), Budget::default(), now_ms);
+    let unregistered: Vec<&str> = prepared.unregistered.iter().map(String::as_str).collect();
+    registry::add(store, config, &unregistered);
+    prepared.sync
+}
+
+/// The measured half of a tick's answer: read, applied, the customers still owing registered, as
+/// `Worker::absorb` does. Returns the calls the answer confirmed.
+#[inline(never)]
+fn tick_apply(store: &Store, config: &FilterConfig, pending: &PendingSync, body: &[u8], now_ms: u64) -> u64 {
+    let Ok(response) = sync::parse_answer(pending, Some(200), Some(body)) else { return 0 };
+    let applied = sync::apply(store, config, pending, &response, now_ms);
+    let still_pending: Vec<&str> = applied.pending.iter().map(String::as_str).collect();
+    registry::add(store, config, &still_pending);
+    applied.calls_confirmed
+}
+
+/// What the ledger answers to `pending` (not measured): every range booked, every lease granted
+/// what it asked for.
+fn ledger_answer(pending: &PendingSync, now_ms: u64) -> Vec<u8> {
+    let server_time = chrono::DateTime::from_timestamp_millis(now_ms as i64).unwrap_or_default();
+    let subjects = pending
+        .request
+        .subjects
+        .iter()
+        .map(|s| SubjectAnswer {
+            subject: s.subject.clone(),
+            outcome: SubjectOutcome::Ok {
+                customer_id: format!("c-{}", s.subject),
+                usage: s.usage.as_ref().map(|_| UsageOutcome::Booked),
+                live: Amount::parse("1000000").unwrap_or(Amount::ZERO),
+                revision: now_ms as i64,
+                lease: s.lease.as_ref().map(|l| LeaseAnswer {
+                    lease_id: l.lease_id.clone(),
+                    held: l.want,
+                    granted: l.want,
+                    expires_at: server_time + chrono::Duration::milliseconds(l.ttl_ms as i64),
+                    closed: false,
+                    recalled: false,
+                }),
+            },
+        })
+        .collect();
+    serde_json::to_vec(&SyncResponse { server_time, subjects }).unwrap_or_default()
+}
+
+/// `ticks` ticks a second apart, each after `calls` calls round-robin over `names` (their usage
+/// and the worker's record of who called are what the tick works on). Prints the subjects synced.
+fn run_ticks(store: &Store, config: &FilterConfig, names: &[String], calls: u64, ticks: u64, start_ms: u64) {
+    let mut tracker = Tracker::default();
+    let (mut synced, mut confirmed) = (0usize, 0u64);
+    for t in 0..ticks {
+        let now = start_ms + (t + 1) * 1_000;
+        for (i, subject) in (0..calls).map(|i| (i, &names[(i % names.len() as u64) as usize])) {
+            let at = now - 1_000 + i * 1_000 / calls.max(1);
+            if let (Verdict::Allow { held, .. }, _) =
+                admit(store, config, subject, &[config.price], at, LedgerAccess::Reachable)
+            {
+                complete(store, config, subject, &held, &[config.price], at);
+                tracker.touch(subject, at);
+            }
+        }
+        let Some(pending) = tick_prepare(store, &mut tracker, config, now) else { continue };
+        synced += pending.request.subjects.len();
+        let body = ledger_answer(&pending, now + 5);
+        confirmed += tick_apply(store, config, &pending, &body, now + 5);
+    }
+    println!(
+        "{{\"calls_between_ticks\": {calls}, \"subjects\": {}, \"ticks\": {ticks}, \"subjects_synced\": {synced}, \
+         \"calls_confirmed\": {confirmed}}}",
+        names.len()
+    );
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let calls: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(100_000);
     let subjects: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(1).max(1);
+    let ticks: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(0);
     let Ok(config) = FilterConfig::parse(CONFIG.as_bytes()) else {
         eprintln!("the built-in configuration does not parse");
         std::process::exit(2);
@@ -127,6 +214,10 @@ fn main() {
     let mut entry_bytes = 0;
     for name in &names {
         entry_bytes = lease(&store, &config, name, held, start_ms).unwrap_or(0);
+    }
+    if ticks > 0 {
+        run_ticks(&store, &config, &names, calls, ticks, start_ms);
+        return;
     }
     let (allowed, header_bytes) = run_calls(&store, &config, &names, calls, start_ms);
     let key = entry_key(&config, &config.pricing.scopes[0], &names[0]);
