@@ -6,15 +6,18 @@ use credits::sync::{LeaseAnswer, LeaseRequest};
 use credits::Amount;
 
 use crate::config::FilterConfig;
-use crate::customer::{entry_key, origin_hex, CustomerEntry, Lease};
+use crate::customer::{origin_hex, CustomerEntry, Lease};
 use crate::pricing::Scope;
 
 /// The node's lease for a customer in a scope keeps one id for its entry's life (named by the
 /// entry's origin, not by the node, whose id the engine can evict); the ledger re-opens it after
 /// it was released. An entry rebuilt after an eviction opens a lease of its own, numbering its
 /// requests from 1 again; its predecessor's lease lapses at its TTL.
-pub fn id(origin: u64, config: &FilterConfig, scope: &Scope, subject: &str) -> String {
-    format!("{}/{}", origin_hex(origin), entry_key(config, scope, subject))
+pub fn id(e: &CustomerEntry) -> String {
+    let mut id = origin_hex(e.origin);
+    id.push('/');
+    id.push_str(&e.key);
+    id
 }
 
 /// How long before the ledger could expire a lease the node stops spending from it: long enough
@@ -84,13 +87,12 @@ pub fn request(
     e: &mut CustomerEntry,
     config: &FilterConfig,
     scope: &Scope,
-    subject: &str,
     now_ms: u64,
     turn_ms: u64,
     for_call: Option<Amount>,
 ) -> Option<LeaseRequest> {
     let l = &config.lease;
-    let id = id(e.origin, config, scope, subject);
+    let id = id(e);
     let idle = now_ms.saturating_sub(e.last_used_ms) > idle_after_ms(&e.lease, config);
     if idle && for_call.is_none() {
         if e.lease.open && e.unsent_calls() == 0 && e.flight.is_none() && e.holds.count == 0 {
@@ -189,7 +191,7 @@ mod tests {
         let (scope, minute) = (&c.pricing.scopes[0], 60_000);
         let mut e = CustomerEntry::new("k", "s", 1, 0);
         e.lease = Lease { open: true, seq: 1, remaining: amt("0.10"), spend_until_ms: u64::MAX, ..Lease::default() };
-        let ask = |e: &mut CustomerEntry, now_ms| request(e, &c, scope, "s", now_ms, 1_000, None).unwrap();
+        let ask = |e: &mut CustomerEntry, now_ms| request(e, &c, scope, now_ms, 1_000, None).unwrap();
         // A customer who called a minute ago keeps its lease: renewed, nothing asked.
         let renewal = ask(&mut e, minute);
         assert_eq!((renewal.release, renewal.want, renewal.seq), (false, Amount::ZERO, 1));
@@ -214,7 +216,9 @@ mod tests {
         );
         let c = FilterConfig::parse(json.as_bytes()).unwrap();
         let subject = "s".repeat(credits::limits::MAX_SUBJECT_LEN);
-        let longest = id(u64::MAX, &c, &c.pricing.scopes[0], &subject);
+        let key = crate::customer::entry_key(&c, &c.pricing.scopes[0], &subject);
+        let longest = id(&CustomerEntry::new(&key, &subject, u64::MAX, 0));
+        assert!(longest.starts_with("ffffffffffffffff/prepaid_credits/c/USD/"), "{longest}");
         assert!(longest.len() <= credits::limits::MAX_LEASE_ID_LEN, "{} bytes", longest.len());
     }
 }

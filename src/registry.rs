@@ -3,7 +3,7 @@
 //! the one worker that served a customer: a worker whose instance was reset, or that no longer
 //! sees that customer's calls, still gets its usage out and its lease renewed.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, HashSet};
 
 use crate::config::FilterConfig;
 use crate::shared::{self, Keyed, SharedData};
@@ -19,9 +19,13 @@ pub const SHARD_BYTES: usize = 3_800;
 /// What every shard's stored form starts with.
 pub const MAGIC: &str = "reg1";
 
+/// One shard as stored: its subjects kept as the text they are stored in, one per line, not
+/// decoded into a set. Every tick reads all 16 and most are only looked through, so a set's
+/// allocation per subject was most of a tick's register cost (`bench/profile.sh`, c-ticks).
 struct Shard {
     key: String,
-    subjects: BTreeSet<String>,
+    /// Every subject followed by a newline.
+    lines: String,
 }
 
 impl Keyed for Shard {
@@ -30,7 +34,10 @@ impl Keyed for Shard {
     }
 
     fn encode(&self) -> Vec<u8> {
-        let mut out = self.unpadded().into_bytes();
+        let mut out = Vec::with_capacity(SHARD_BYTES);
+        for part in [MAGIC, "\n", &self.key, "\n", &self.lines] {
+            out.extend_from_slice(part.as_bytes());
+        }
         // Empty lines are no subjects.
         out.resize(out.len().max(SHARD_BYTES), b'\n');
         out
@@ -38,42 +45,53 @@ impl Keyed for Shard {
 
     fn decode(bytes: &[u8]) -> Option<Self> {
         let text = std::str::from_utf8(bytes).ok()?;
-        let mut lines = text.split('\n');
-        if lines.next()? != MAGIC {
-            return None;
-        }
-        let key = lines.next()?.to_owned();
-        Some(Shard { key, subjects: lines.filter(|l| !l.is_empty()).map(str::to_owned).collect() })
+        let (key, lines) = text.strip_prefix(MAGIC)?.strip_prefix('\n')?.split_once('\n')?;
+        let lines = lines.trim_end_matches('\n');
+        let lines = if lines.is_empty() { String::new() } else { format!("{lines}\n") };
+        Some(Shard { key: key.to_owned(), lines })
     }
 }
 
 impl Shard {
-    fn unpadded(&self) -> String {
-        let mut out = format!("{MAGIC}\n{}\n", self.key);
-        for s in &self.subjects {
-            out.push_str(s);
-            out.push('\n');
-        }
-        out
+    fn subjects(&self) -> impl Iterator<Item = &str> {
+        self.lines.split('\n').filter(|l| !l.is_empty())
     }
 
-    /// The length of its stored form before padding.
-    fn used(&self) -> usize {
-        MAGIC.len() + self.key.len() + 2 + self.subjects.iter().map(|s| s.len() + 1).sum::<usize>()
+    fn contains(&self, subject: &str) -> bool {
+        self.subjects().any(|s| s == subject)
     }
 
     /// Adds what fits of `subjects` to the shard's fixed length; whether any was added.
     fn add_what_fits(&mut self, subjects: &[&str]) -> bool {
-        let mut used = self.used();
-        let mut added = false;
+        // The subject and its newline, after the header.
+        let mut used = MAGIC.len() + self.key.len() + 2 + self.lines.len();
+        // A full shard (the steady state of a node with more customers than the register
+        // takes) is not looked through.
+        if subjects.iter().all(|s| used + s.len() >= SHARD_BYTES) {
+            return false;
+        }
+        let mut known: HashSet<&str> = self.subjects().collect();
+        let mut fresh = Vec::new();
         for s in subjects {
-            // The subject and its newline.
-            if !self.subjects.contains(*s) && used + s.len() < SHARD_BYTES {
+            if used + s.len() < SHARD_BYTES && known.insert(s) {
                 used += s.len() + 1;
-                added |= self.subjects.insert((*s).to_owned());
+                fresh.push(*s);
             }
         }
-        added
+        for s in &fresh {
+            self.lines.push_str(s);
+            self.lines.push('\n');
+        }
+        !fresh.is_empty()
+    }
+
+    /// Takes `subject` out; whether it was there.
+    fn remove(&mut self, subject: &str) -> bool {
+        if !self.contains(subject) {
+            return false;
+        }
+        self.lines = self.subjects().filter(|s| *s != subject).flat_map(|s| [s, "\n"]).collect();
+        true
     }
 }
 
@@ -106,7 +124,7 @@ pub fn add(store: &dyn SharedData, config: &FilterConfig, subjects: &[&str]) -> 
             continue;
         }
         let result = shared::update::<Shard, ()>(store, &key, |current| {
-            let mut shard = current.unwrap_or_else(|| Shard { key: key.clone(), subjects: BTreeSet::new() });
+            let mut shard = current.unwrap_or_else(|| Shard { key: key.clone(), lines: String::new() });
             let added = shard.add_what_fits(&subjects);
             (added.then_some(shard), ())
         });
@@ -122,7 +140,7 @@ pub fn remove(store: &dyn SharedData, config: &FilterConfig, subject: &str) -> b
     let key = shard_key(config, shard_of(subject));
     shared::update::<Shard, ()>(store, &key, |current| match current {
         Some(mut shard) => {
-            let removed = shard.subjects.remove(subject);
+            let removed = shard.remove(subject);
             (removed.then_some(shard), ())
         }
         None => (None, ()),
@@ -132,7 +150,8 @@ pub fn remove(store: &dyn SharedData, config: &FilterConfig, subject: &str) -> b
 
 /// Every registered customer.
 pub fn all(store: &dyn SharedData, config: &FilterConfig) -> Vec<String> {
-    (0..SHARDS).filter_map(|i| shared::read::<Shard>(store, &shard_key(config, i))).flat_map(|s| s.subjects).collect()
+    let shards: Vec<Shard> = (0..SHARDS).filter_map(|i| shared::read::<Shard>(store, &shard_key(config, i))).collect();
+    shards.iter().flat_map(Shard::subjects).map(str::to_owned).collect()
 }
 
 #[cfg(test)]
@@ -159,6 +178,28 @@ mod tests {
             assert!(remove(&store, &config, "alice"));
             assert_eq!(all(&store, &config), ["bob"]);
         }
+    }
+
+    #[test]
+    fn a_shard_reads_what_it_wrote_and_matches_whole_subjects_only() {
+        let mut shard = Shard { key: "k".into(), lines: String::new() };
+        assert!(shard.add_what_fits(&["alice2", "bob", "alice2"]));
+        assert!(!shard.add_what_fits(&["bob"]), "there already");
+        assert!(!shard.contains("alice") && !shard.contains("lice2") && shard.contains("alice2"));
+        let stored = shard.encode();
+        assert_eq!(stored.len(), SHARD_BYTES);
+        assert!(stored.starts_with(b"reg1\nk\nalice2\nbob\n\n"));
+        let mut read = Shard::decode(&stored).unwrap();
+        assert_eq!(read.subjects().collect::<Vec<_>>(), ["alice2", "bob"]);
+        assert!(!read.remove("alice") && read.remove("alice2") && !read.remove("alice2"));
+        assert_eq!(Shard::decode(&read.encode()).unwrap().subjects().collect::<Vec<_>>(), ["bob"]);
+        // Empty lines anywhere are no subjects; another version's value is no shard.
+        let sparse = Shard::decode(b"reg1\nk\n\na\n\n\nb\n\n\n").unwrap();
+        assert_eq!(sparse.subjects().collect::<Vec<_>>(), ["a", "b"]);
+        for other in [&b"reg0\nk\na\n"[..], b"reg1", b"reg1\nk", b"\xffreg1\nk\n"] {
+            assert!(Shard::decode(other).is_none(), "{other:?}");
+        }
+        assert!(Shard::decode(b"reg1\nk\n").unwrap().subjects().next().is_none());
     }
 
     #[test]

@@ -161,7 +161,7 @@ pub fn balance_read(
                     // A lease that runs dry between the customer's turns is topped up here: sized at
                     // the rate its calls came at since the last measure, to last until its turn.
                     e.measure_rate(now_ms, u64::from(config.sync.interval_ms));
-                    let request = lease::request(&mut e, config, scope, subject, now_ms, turn_ms, Some(*needed));
+                    let request = lease::request(&mut e, config, scope, now_ms, turn_ms, Some(*needed));
                     (Some(e), request)
                 });
                 asked.lease = lease.ok().flatten();
@@ -310,11 +310,10 @@ fn take_scope(
     let leased = config.sync.strategy == Strategy::Lease;
     e.expire_holds(tick.now_ms);
     e.measure_rate(tick.now_ms, u64::from(config.sync.interval_ms));
-    let lease_id = leased.then(|| lease::id(e.origin, config, scope, subject));
+    let lease_id = leased.then(|| lease::id(&e));
     let stale = stale_after_ms(config);
     let outgoing = e.take_outgoing(tick.worker, tick.now_ms, stale, config.settlement_mode, lease_id.as_deref());
-    let lease =
-        if leased { lease::request(&mut e, config, scope, subject, tick.now_ms, tick.turn_ms, None) } else { None };
+    let lease = if leased { lease::request(&mut e, config, scope, tick.now_ms, tick.turn_ms, None) } else { None };
     let pending = e.has_pending();
     let idle = tick.now_ms.saturating_sub(e.last_used_ms) > u64::from(config.sync.idle_ms);
     if idle && !pending && outgoing.range.is_none() && lease.is_none() {
@@ -405,7 +404,7 @@ pub fn apply(
             let mut a = Applied::default();
             // What was asked for another incarnation of the entry (one evicted since) is not
             // this one's: its range (`confirm` checks the origin) and its lease.
-            let own_lease = lease::id(e.origin, config, scope, &asked.subject);
+            let own_lease = lease::id(&e);
             match &answer.outcome {
                 SubjectOutcome::Ok { usage, live, revision, lease, .. } => {
                     if let (Some(range), Some(UsageOutcome::Booked | UsageOutcome::Duplicate)) = (&asked.usage, usage) {
