@@ -8,7 +8,10 @@ garbage collector: the binary is stripped, so no finer), libc, the kernel — an
 into µs per call with the run's CPU per call (/proc). The differences b − e and c − b are what the
 filter and its many customers cost, and where.
 
-  python3 bench/envoy_profile.py [--seconds 8] [--rounds 2] [--connections 16]
+  python3 bench/envoy_profile.py [--seconds 8] [--rounds 2] [--connections 16] [--baseline WASM]
+
+With --baseline (an earlier prepaid_credits.wasm), cases B and C run it beside b and c in every
+round, and the differences b − B and c − C say where a change moved the CPU.
 
 Build first (as bench/gateway.sh does). Needs perf (Debian's linux-perf; software events suffice).
 Writes bench/results/envoy-profile.json.
@@ -71,6 +74,7 @@ def main():
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--connections", type=int, default=16)
+    ap.add_argument("--baseline", help="an earlier prepaid_credits.wasm, run as cases B and C")
     ap.add_argument("--out", default=os.path.join(g.ROOT, "bench/results/envoy-profile.json"))
     a = ap.parse_args()
     signal.signal(signal.SIGTERM, g.on_signal)
@@ -84,10 +88,13 @@ def main():
         credits = g.wasm_filter("prepaid_credits", f"{wasm}/prepaid_credits.wasm", config)
         cases = {"e": g.wasm_filter("noop_filter", f"{wasm}/noop_filter.wasm", None), "b": credits, "c": credits}
         script = {"c": os.path.join(g.ROOT, "bench/subjects.lua")}
+        if a.baseline:
+            cases["B"] = cases["C"] = g.wasm_filter("prepaid_credits", a.baseline, config)
+            script["C"] = script["c"]
         envoys = {}
         for case, filters in cases.items():
             envoys[case] = g.Envoy(case, filters, ledger_port, work, envoy_bin)
-            g.warm_up(envoys[case], a.connections, script.get(case), 10 if case == "c" else 90)
+            g.warm_up(envoys[case], a.connections, script.get(case), 10 if case in script else 90)
         totals = {case: {"calls": 0, "cpu_us": 0.0, "samples": collections.Counter()} for case in cases}
         for rnd in range(a.rounds):
             for case in cases:
@@ -114,10 +121,11 @@ def main():
                 "top_dsos": dict(t["samples"].most_common(8)),
             }
         diff = {f"{x} - {y}": {b: results[x]["us_per_call"][b] - results[y]["us_per_call"][b] for b in BUCKETS}
-                for x, y in (("b", "e"), ("c", "b"))}
+                for x, y in (("b", "e"), ("c", "b"), ("b", "B"), ("c", "C")) if y in results}
         doc = {"benchmark": "envoy-profile", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "seconds": a.seconds, "rounds": a.rounds, "connections": a.connections,
-               "load_average_at_end": os.getloadavg(), "cases": results, "differences": diff}
+               "baseline_wasm": a.baseline, "load_average_at_end": os.getloadavg(), "cases": results,
+               "differences": diff}
         with open(a.out, "w") as f:
             json.dump(doc, f, indent=1)
         print("| µs of Envoy CPU per call | " + " | ".join(BUCKETS) + " | all |")

@@ -11,11 +11,16 @@
 //!
 //!   decide-profile [calls, default 100000] [subjects, default 1] [ticks, default 0]
 //!
+//! It also prints the wall-clock time of what it measures (`call_ns` per call, `tick_us` per
+//! tick): meaningless under valgrind, they are for `bench/v8.mjs`, which runs this binary built
+//! for wasm32-wasip1 under V8.
+//!
 //! Not included: the host ABI crossings themselves (header read, shared-data get/set copies, metric
 //! increments), which only run inside a proxy-wasm host.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use credits::sync::{LeaseAnswer, LeaseRequest, SubjectAnswer, SubjectOutcome, SyncResponse, UsageOutcome};
 use credits::Amount;
@@ -174,7 +179,7 @@ fn ledger_answer(pending: &PendingSync, now_ms: u64) -> Vec<u8> {
 /// and the worker's record of who called are what the tick works on). Prints the subjects synced.
 fn run_ticks(store: &Store, config: &FilterConfig, names: &[String], calls: u64, ticks: u64, start_ms: u64) {
     let mut tracker = Tracker::default();
-    let (mut synced, mut confirmed) = (0usize, 0u64);
+    let (mut synced, mut confirmed, mut measured) = (0usize, 0u64, Duration::ZERO);
     for t in 0..ticks {
         let now = start_ms + (t + 1) * 1_000;
         for (i, subject) in (0..calls).map(|i| (i, &names[(i % names.len() as u64) as usize])) {
@@ -186,15 +191,20 @@ fn run_ticks(store: &Store, config: &FilterConfig, names: &[String], calls: u64,
                 tracker.touch(subject, at);
             }
         }
+        let started = Instant::now();
         let Some(pending) = tick_prepare(store, &mut tracker, config, now) else { continue };
+        measured += started.elapsed();
         synced += pending.request.subjects.len();
         let body = ledger_answer(&pending, now + 5);
+        let started = Instant::now();
         confirmed += tick_apply(store, config, &pending, &body, now + 5);
+        measured += started.elapsed();
     }
     println!(
         "{{\"calls_between_ticks\": {calls}, \"subjects\": {}, \"ticks\": {ticks}, \"subjects_synced\": {synced}, \
-         \"calls_confirmed\": {confirmed}}}",
-        names.len()
+         \"calls_confirmed\": {confirmed}, \"tick_us\": {:.0}}}",
+        names.len(),
+        measured.as_secs_f64() * 1e6 / ticks as f64
     );
 }
 
@@ -219,12 +229,14 @@ fn main() {
         run_ticks(&store, &config, &names, calls, ticks, start_ms);
         return;
     }
+    let started = Instant::now();
     let (allowed, header_bytes) = run_calls(&store, &config, &names, calls, start_ms);
+    let call_ns = started.elapsed().as_secs_f64() * 1e9 / calls as f64;
     let key = entry_key(&config, &config.pricing.scopes[0], &names[0]);
     let after = shared::read::<CustomerEntry>(&store, &key).map_or(0, |e| e.encode().len());
     println!(
         "{{\"calls\": {calls}, \"subjects\": {subjects}, \"allowed\": {allowed}, \"header_bytes\": {header_bytes}, \
-         \"entry_key_bytes\": {}, \"entry_bytes_fresh_lease\": {entry_bytes}, \"entry_bytes_after_run\": {after}}}",
+         \"entry_key_bytes\": {}, \"entry_bytes_fresh_lease\": {entry_bytes}, \"entry_bytes_after_run\": {after}, \"call_ns\": {call_ns:.0}}}",
         key.len()
     );
 }
