@@ -168,9 +168,14 @@ impl Ledger for SqliteLedger {
                 .iter()
                 .map(|r| -Amount::parse(&r.get::<String, _>(0)).unwrap())
                 .sum();
+            // The ranges booked, from the journal: each booked range's entries name it (a range
+            // spread over several grants has several; one booked twice shows in `consumed`).
             let mut booked = std::collections::BTreeMap::<String, Vec<(u64, u64)>>::new();
-            for r in sqlx::query("SELECT key FROM usage_records").fetch_all(&mut *conn).await.unwrap() {
-                let (node, from, to) = parse_range_key(&r.get::<String, _>(0)).unwrap();
+            let sql = "SELECT operation FROM movements WHERE operation LIKE 'usage:%' \
+                       UNION SELECT operation FROM overages WHERE operation LIKE 'usage:%'";
+            for r in sqlx::query(sql).fetch_all(&mut *conn).await.unwrap() {
+                let operation = r.get::<String, _>(0);
+                let (node, from, to) = parse_range_key(&operation["usage:".len()..]).unwrap();
                 booked.entry(node).or_default().push((from, to));
             }
             drop(conn);

@@ -17,6 +17,7 @@ pub mod journal;
 pub mod limits;
 pub mod money;
 pub mod sync;
+pub mod usage_mark;
 
 pub use book::{
     Book, ChargeError, CurrencyBalance, Debt, GrantState, Hold, HoldBacking, HoldId, Refusal, SettlementMode, Spend,

@@ -89,10 +89,16 @@ impl SubjectSync {
     /// origin (per node when the range names none), subject, currency and feature: one call can
     /// be priced in several features.
     pub fn usage_key(&self, node: &str) -> Option<String> {
-        let feature = self.feature_key.as_ref().map_or("-", FeatureKey::as_str);
         let r = self.usage.as_ref()?;
-        let numbered_by = r.origin.as_deref().unwrap_or(node);
-        Some(format!("{numbered_by}/{}/{}/{feature}/{}-{}", self.subject, self.currency, r.from, r.to))
+        Some(format!("{}/{}-{}", self.usage_stream(node)?, r.from, r.to))
+    }
+
+    /// The stream the usage range's calls are numbered in (see [`crate::usage_mark`]): its key
+    /// without the calls.
+    pub fn usage_stream(&self, node: &str) -> Option<String> {
+        let feature = self.feature_key.as_ref().map_or("-", FeatureKey::as_str);
+        let numbered_by = self.usage.as_ref()?.origin.as_deref().unwrap_or(node);
+        Some(format!("{numbered_by}/{}/{}/{feature}", self.subject, self.currency))
     }
 }
 

@@ -191,7 +191,9 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     (ms * 100.0).round() / 100.0
 }
 
-/// One request of a client: `Some(ranges booked)` if it succeeded.
+/// One request of a client: `Some(ranges booked)` if it succeeded. `next_call` is the client's
+/// next call number per subject (sync mode).
+#[allow(clippy::too_many_arguments)]
 async fn one_request(
     a: &Args,
     http: &reqwest::Client,
@@ -200,6 +202,7 @@ async fn one_request(
     subjects: &[String],
     client: usize,
     n: usize,
+    next_call: &mut [u64],
 ) -> Option<u64> {
     match a.mode {
         Mode::Charges => {
@@ -213,29 +216,84 @@ async fn one_request(
             let per = a.subjects_per_sync.min(subjects.len()).max(1);
             let k = a.calls_per_range;
             let amount = rust_decimal::Decimal::new(i64::try_from(k).unwrap_or(i64::MAX), 2).to_string();
-            // Batch n of this node: the next `per` subjects round-robin; each subject's calls of
-            // batch n are `n·k .. (n+1)·k`, so every range key is new.
+            // Batch n of this node: the next `per` subjects round-robin. Like a gateway node, the
+            // client numbers each subject's calls from 0 and reports them in contiguous ranges,
+            // and sends a range again (unchanged) when its sync failed.
             let start = (n * per + client * 7) % subjects.len();
-            let batch: Vec<serde_json::Value> = (0..per)
-                .map(|j| {
-                    let subject = &subjects[(start + j) % subjects.len()];
-                    let from = n as u64 * k;
-                    json!({"subject": subject, "currency": "USD", "feature_key": "api_requests",
-                        "usage": {"from": from, "to": from + k, "amount": amount, "settlement_mode": "credit_only"}})
-                })
-                .collect();
-            let body = json!({"node": format!("bench-node-{client}"), "subjects": batch});
+            let picked: Vec<usize> = (0..per).map(|j| (start + j) % subjects.len()).collect();
+            let node = format!("bench-node-{client}");
+            let body = wire::Sync {
+                node: &node,
+                subjects: picked
+                    .iter()
+                    .map(|&i| wire::Subject {
+                        subject: &subjects[i],
+                        currency: "USD",
+                        feature_key: "api_requests",
+                        usage: wire::Usage {
+                            from: next_call[i],
+                            to: next_call[i] + k,
+                            amount: &amount,
+                            settlement_mode: "credit_only",
+                        },
+                    })
+                    .collect(),
+            };
             let reply =
                 http.post(format!("{base}/v3/gateway/sync")).bearer_auth(TOKEN).json(&body).send().await.ok()?;
             if reply.status() != 200 {
                 return None;
             }
-            let answer: serde_json::Value = reply.json().await.ok()?;
-            let booked =
-                answer["subjects"].as_array()?.iter().filter(|s| s["status"] == "ok" && s["usage"] == "booked").count();
+            let bytes = reply.bytes().await.ok()?;
+            let answer: wire::Answer = serde_json::from_slice(&bytes).ok()?;
+            for &i in &picked {
+                next_call[i] += k;
+            }
+            let booked = answer.subjects.iter().filter(|s| s.status == "ok" && s.usage == Some("booked")).count();
             Some(booked as u64)
         }
         Mode::Setup => None,
+    }
+}
+
+/// The sync request and answer, typed: a client that builds and parses them through
+/// `serde_json::Value` spent as much CPU as the ledger serving them, on the same two cores.
+mod wire {
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Serialize)]
+    pub struct Sync<'a> {
+        pub node: &'a str,
+        pub subjects: Vec<Subject<'a>>,
+    }
+
+    #[derive(Serialize)]
+    pub struct Subject<'a> {
+        pub subject: &'a str,
+        pub currency: &'a str,
+        pub feature_key: &'a str,
+        pub usage: Usage<'a>,
+    }
+
+    #[derive(Serialize)]
+    pub struct Usage<'a> {
+        pub from: u64,
+        pub to: u64,
+        pub amount: &'a str,
+        pub settlement_mode: &'a str,
+    }
+
+    #[derive(Deserialize)]
+    pub struct Answer<'a> {
+        #[serde(borrow)]
+        pub subjects: Vec<Answered<'a>>,
+    }
+
+    #[derive(Deserialize)]
+    pub struct Answered<'a> {
+        pub status: &'a str,
+        #[serde(default)]
+        pub usage: Option<&'a str>,
     }
 }
 
@@ -305,9 +363,10 @@ async fn main() {
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut n = 0usize;
+            let mut next_call = vec![0u64; subjects.len()];
             while Instant::now() < deadline {
                 let t = Instant::now();
-                let booked = one_request(&a, &http, &base, &customers, &subjects, client, n).await;
+                let booked = one_request(&a, &http, &base, &customers, &subjects, client, n, &mut next_call).await;
                 latencies.push(t.elapsed());
                 match booked {
                     Some(r) => {

@@ -121,7 +121,7 @@ async fn a_gateway_sync_books_known_subjects_and_answers_unknown_ones(backend: B
     );
     assert_eq!(ledger.balance(&alpha, "").await.0, "9.70");
     assert_eq!(ledger.balance(&beta, "").await.0, "9.40");
-    assert_eq!(ledger.row_counts().await["usage_records"], 2, "only the good records are recorded");
+    assert_eq!(ledger.row_counts().await["usage_marks"], 2, "only the good ranges are marked booked");
     ledger.assert_journal_sound().await;
 }
 

@@ -78,7 +78,10 @@ async fn usage_ranges_book_once_through_the_draw_down_order(backend: Backend) {
     assert_eq!(read["live"], "7.00", "{read}");
     assert!(revision(&read) > revision(&other_node), "{read}");
     assert_eq!(ledger.balance(&c, "").await, ("7.00".into(), "7.00".into(), "0".into()));
-    assert_eq!(ledger.row_counts().await["usage_records"], 3);
+    // One mark per stream (node and subject here), through its last call; no key per range.
+    let rows = ledger.row_counts().await;
+    assert_eq!((rows["usage_marks"].as_i64(), rows["usage_records"].as_i64()), (Some(2), Some(0)), "{rows}");
+    assert_eq!(ledger.usage_mark("node-1/ranges-subject/USD/-").await, Some((7, false)));
     ledger.assert_journal_sound().await;
 }
 
@@ -173,7 +176,7 @@ async fn each_subject_of_a_batch_gets_its_own_outcome(backend: Backend) {
 
     // Only the two valid ranges were recorded and booked; no lease was opened.
     let rows = ledger.row_counts().await;
-    assert_eq!((rows["usage_records"].as_i64(), rows["holds"].as_i64()), (Some(2), Some(0)), "{rows}");
+    assert_eq!((rows["usage_marks"].as_i64(), rows["holds"].as_i64()), (Some(2), Some(0)), "{rows}");
     assert_eq!(ledger.balance(&alpha, "").await, ("9.00".into(), "9.00".into(), "0".into()));
     assert_eq!(ledger.balance(&beta, "").await, ("8.00".into(), "8.00".into(), "0".into()));
     assert_eq!(ledger.all_transactions(&beta).await.len(), 2, "funded and one consumed");
@@ -181,6 +184,97 @@ async fn each_subject_of_a_batch_gets_its_own_outcome(backend: Backend) {
     let fixed = book(&ledger, "n", "beta-subject", usage_range(3, 4, "0.50", "credit_only")).await;
     assert_eq!((fixed["usage"].as_str(), fixed["live"].as_str()), (Some("booked"), Some("7.50")), "{fixed}");
     ledger.assert_journal_sound().await;
+}
+
+/// Ranges apart from their stream's mark (after a gap: a range the ledger rejected and the node
+/// dropped; or out of order) are booked by their own keys, and every call of every range that
+/// arrived is booked once however the ranges are retried; the mark moves over them as the gap
+/// fills.
+async fn ranges_apart_from_the_mark_book_by_key_each_call_once(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ledger = Ledger::start(&db).await;
+    let c = ledger.customer("gaps").await;
+    ledger.grant(&c, grant_body("100.00", json!({}))).await;
+    let stream = "node-1/gaps-subject/USD/-";
+    // A call costs 1.00: the balance counts the calls booked.
+    let send = |from: u64, to: u64| {
+        let (ledger, amount) = (&ledger, format!("{}.00", to - from));
+        async move { book(ledger, "node-1", "gaps-subject", usage_range(from, to, &amount, "credit_only")).await }
+    };
+    let sent: [(u64, u64, &str, &str); 10] = [
+        (0, 5, "booked", "95.00"),
+        (9, 12, "booked", "92.00"), // 5..9 never came (yet): a gap
+        (9, 12, "duplicate", "92.00"),
+        (12, 14, "booked", "90.00"),
+        (0, 5, "duplicate", "90.00"),
+        (12, 14, "duplicate", "90.00"),
+        (5, 9, "booked", "86.00"), // the gap fills, out of order
+        (9, 12, "duplicate", "86.00"),
+        (12, 14, "duplicate", "86.00"),
+        (14, 15, "booked", "85.00"),
+    ];
+    for (from, to, usage, live) in sent {
+        let answer = send(from, to).await;
+        assert_eq!(
+            (answer["usage"].as_str(), answer["live"].as_str()),
+            (Some(usage), Some(live)),
+            "{from}..{to}: {answer}"
+        );
+    }
+    assert_eq!(ledger.usage_mark(stream).await, Some((15, true)), "the mark moved over the keyed ranges");
+    assert_eq!(ledger.row_counts().await["usage_records"], 2, "keys only for 9..12 and 12..14");
+    assert_eq!(ledger.balance(&c, "").await.0, "85.00");
+    ledger.assert_journal_sound().await;
+}
+
+/// A ledger upgraded from one that kept a key per range gives each stream a mark from its keys:
+/// ranges following each other from 0 make the mark, a stream with any other range is keyed. No
+/// range booked before the upgrade books again, and new ones book.
+async fn streams_booked_by_key_before_marks_get_marks_from_their_keys(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ledger = Ledger::start(&db).await;
+    let c = ledger.customer("upgraded").await;
+    ledger.grant(&c, grant_body("100.00", json!({}))).await;
+    // What the earlier ledger stored: keys only (its journal entries are left out: only the keys
+    // matter here), for a stream in order and for one with a gap.
+    let keys = [
+        "n/upgraded-subject/USD/-/0-5",
+        "n/upgraded-subject/USD/-/5-9",
+        "m/upgraded-subject/USD/-/0-2",
+        "m/upgraded-subject/USD/-/4-6",
+    ];
+    let pool = ledger.state.db.pool();
+    for key in keys {
+        sqlx::query(
+            "INSERT INTO usage_records (key, customer_id, node, subject, currency, feature, amount, calls, \
+             settlement_mode, booked_at) VALUES ($1, $2, 'n', 'upgraded-subject', 'USD', NULL, '1', 1, 'credit_only', 0)",
+        )
+        .bind(key)
+        .bind(&c)
+        .execute(pool)
+        .await
+        .expect("legacy key");
+    }
+    let mut tx = pool.begin().await.expect("tx");
+    ledger::store::usage::mark_keyed_streams(&mut tx, 0).await.expect("marks");
+    tx.commit().await.expect("commit");
+    assert_eq!(ledger.usage_mark("n/upgraded-subject/USD/-").await, Some((9, false)));
+    assert_eq!(ledger.usage_mark("m/upgraded-subject/USD/-").await, Some((2, true)));
+
+    let send = |node: &'static str, from: u64, to: u64| {
+        let (ledger, amount) = (&ledger, format!("{}.00", to - from));
+        async move {
+            book(ledger, node, "upgraded-subject", usage_range(from, to, &amount, "credit_only")).await["usage"].clone()
+        }
+    };
+    assert_eq!(send("n", 5, 9).await, "duplicate");
+    assert_eq!(send("n", 9, 10).await, "booked");
+    assert_eq!(send("m", 4, 6).await, "duplicate");
+    assert_eq!(send("m", 2, 4).await, "booked");
+    assert_eq!(send("m", 4, 6).await, "duplicate");
+    assert_eq!(send("m", 6, 7).await, "booked");
+    assert_eq!(ledger.usage_mark("m/upgraded-subject/USD/-").await, Some((7, true)));
+    assert_eq!(ledger.balance(&c, "").await.0, "96.00", "1 + 2 + 1 calls booked after the upgrade");
 }
 
 /// A range that names its origin (the incarnation of the node's record that numbered it) is
@@ -206,7 +300,7 @@ async fn a_ranges_origin_keys_it_whichever_node_sends_it(backend: Backend) {
         let refused = book(&ledger, "node-1", "origins-subject", range(bad)).await;
         assert_eq!(refused["status"], "rejected", "{bad:?}: {refused}");
     }
-    assert_eq!(ledger.row_counts().await["usage_records"], 2);
+    assert_eq!(ledger.row_counts().await["usage_marks"], 2);
     ledger.assert_journal_sound().await;
 }
 
@@ -256,7 +350,9 @@ async fn a_large_batch_books_like_its_subjects_one_by_one(backend: Backend) {
     assert_ne!(revision, json!(null));
 
     let rows = ledger.row_counts().await;
-    assert_eq!((rows["usage_records"].as_i64(), rows["debts"].as_i64()), (Some(601), Some(599)), "{rows}");
+    // One mark per stream: bulk0's three ranges (one a retry) share one.
+    assert_eq!((rows["usage_marks"].as_i64(), rows["debts"].as_i64()), (Some(600), Some(599)), "{rows}");
+    assert_eq!(ledger.usage_mark("n/bulk0-subject/USD/-").await, Some((3, false)));
     assert_eq!(ledger.lease_row("bulk0-lease").await, Some((customers[0].clone(), "6.00".into(), false)));
     assert_eq!(ledger.balance(&customers[0], "").await, ("7.00".into(), "1.00".into(), "0".into()));
     assert_eq!(ledger.balance(&customers[599], "").await, ("-1.00".into(), "-1.00".into(), "0".into()));
@@ -271,7 +367,7 @@ async fn a_large_batch_books_like_its_subjects_one_by_one(backend: Backend) {
     let after = (ledger.snapshot(&customers[0]).await, ledger.snapshot(&customers[599]).await);
     assert_eq!(after.0["transactions"], before.0["transactions"]);
     assert_eq!(after.1, before.1);
-    assert_eq!(ledger.row_counts().await["usage_records"], 601);
+    assert_eq!(ledger.row_counts().await["usage_marks"], 600);
     ledger.assert_journal_sound().await;
 }
 
@@ -355,12 +451,14 @@ async fn a_sync_that_fails_does_not_fail_its_group(backend: Backend) {
     };
     let bodies = vec![sync_of("n0", 0), sync_of("n1", 0), sync_of("poison", 0), sync_of("n2", 0), sync_of("n1", 1)];
     let refuse: &[&str] = match backend {
-        Backend::Sqlite => &["CREATE TRIGGER refuse_poison BEFORE INSERT ON usage_records WHEN NEW.node = 'poison' \
-             BEGIN SELECT RAISE(ABORT, 'refused'); END"],
+        Backend::Sqlite => {
+            &["CREATE TRIGGER refuse_poison BEFORE INSERT ON usage_marks WHEN NEW.stream LIKE 'poison/%' \
+             BEGIN SELECT RAISE(ABORT, 'refused'); END"]
+        }
         Backend::Postgres => &[
             "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
-             IF NEW.node = 'poison' THEN RAISE EXCEPTION 'refused'; END IF; RETURN NEW; END $$",
-            "CREATE TRIGGER refuse_poison BEFORE INSERT ON usage_records FOR EACH ROW EXECUTE FUNCTION refuse_poison()",
+             IF NEW.stream LIKE 'poison/%' THEN RAISE EXCEPTION 'refused'; END IF; RETURN NEW; END $$",
+            "CREATE TRIGGER refuse_poison BEFORE INSERT ON usage_marks FOR EACH ROW EXECUTE FUNCTION refuse_poison()",
         ],
     };
     let groups_before = ledger.counter("gateway_sync_groups").await;
@@ -417,7 +515,7 @@ async fn send_behind_a_held_customer(
 }
 
 /// A group that fails, and then each of its syncs served alone, is answered with the error, every
-/// sync of it, and books nothing: here the table of booked ranges disappears while the syncs wait.
+/// sync of it, and books nothing: here the table of usage marks disappears while the syncs wait.
 /// Once it is back, the same syncs book.
 async fn a_group_that_fails_answers_every_sync_with_the_error_and_books_nothing(backend: Backend) {
     let db = TestDb::new(backend).await;
@@ -431,7 +529,7 @@ async fn a_group_that_fails_answers_every_sync_with_the_error_and_books_nothing(
     };
     let bodies: Vec<Value> = ["n0", "n1", "n2", "n3"].iter().map(|n| sync_of(n)).collect();
     let groups_before = ledger.counter("gateway_sync_groups").await;
-    let rename = "ALTER TABLE usage_records RENAME TO usage_records_gone";
+    let rename = "ALTER TABLE usage_marks RENAME TO usage_marks_gone";
     for (status, body) in send_behind_a_held_customer(&ledger, &a, bodies.clone(), &[rename]).await {
         assert_eq!(status, 500, "{body}");
         assert_eq!(body["detail"], "the ledger could not complete the request; nothing was booked", "{body}");
@@ -439,7 +537,7 @@ async fn a_group_that_fails_answers_every_sync_with_the_error_and_books_nothing(
     assert_eq!(ledger.counter("gateway_sync_groups").await, groups_before, "no group committed");
     assert_eq!(ledger.balance(&a, "").await, ("10.00".into(), "10.00".into(), "0".into()), "nothing booked");
 
-    sqlx::query("ALTER TABLE usage_records_gone RENAME TO usage_records")
+    sqlx::query("ALTER TABLE usage_marks_gone RENAME TO usage_marks")
         .execute(ledger.state.db.pool())
         .await
         .expect("the table back");
@@ -526,6 +624,8 @@ on_both_backends!(
     each_subject_of_a_batch_gets_its_own_outcome,
     a_large_batch_books_like_its_subjects_one_by_one,
     a_ranges_origin_keys_it_whichever_node_sends_it,
+    ranges_apart_from_the_mark_book_by_key_each_call_once,
+    streams_booked_by_key_before_marks_get_marks_from_their_keys,
     syncs_that_arrive_together_are_served_together,
     a_group_that_fails_answers_every_sync_with_the_error_and_books_nothing,
     a_sync_that_fails_does_not_fail_its_group,

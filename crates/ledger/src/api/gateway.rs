@@ -18,6 +18,7 @@ use std::sync::Mutex;
 
 use tokio::sync::oneshot;
 
+use credits::usage_mark::{Check, UsageMark};
 use credits::{Book, HoldId};
 
 use crate::db::{lock_customers, WriteTx};
@@ -286,14 +287,17 @@ async fn owners(
     Ok(owners)
 }
 
-/// One group being served: what it read up front (usage keys booked before, leases) and what it
-/// will write, gathered subject by subject.
+/// One group being served: what it read up front (usage marks and keys, leases) and what it will
+/// write, gathered subject by subject.
 struct Batch<'a> {
     reqs: &'a [&'a SyncRequest],
     /// The journal labels of each sync's bookings (its node).
     labels: Vec<Labels>,
     /// The database clock of the transaction.
     db_now: DateTime<Utc>,
+    /// The marks of the group's usage streams, moved as ranges are booked.
+    marks: HashMap<String, UsageMark>,
+    /// Range keys stored (before, or by this group) among those the marks cannot vouch for.
     recorded: HashSet<String>,
     leases: HashMap<String, LeaseRecord>,
     writes: Writes,
@@ -309,14 +313,28 @@ impl<'a> Batch<'a> {
     ) -> ApiResult<Self> {
         let db_now = state.db.now(&mut w.tx).await?;
         let subject = |at: At| &reqs[at.sync].subjects[at.subject];
-        let keys: Vec<String> =
-            owners.iter().filter_map(|&(_, at)| subject(at).usage_key(&reqs[at.sync].node)).collect();
+        let mut streams: Vec<String> =
+            owners.iter().filter_map(|&(_, at)| subject(at).usage_stream(&reqs[at.sync].node)).collect();
+        streams.sort_unstable();
+        streams.dedup();
+        let marks = usage::marks(&mut w.tx, &streams).await?;
+        // Only keys the stored marks cannot vouch for: a stream stores keys only once keyed, and
+        // then every range not below its mark is checked by key, so none stored is missed; keys
+        // this group stores are added as it goes.
+        let keys: Vec<String> = owners
+            .iter()
+            .filter_map(|&(_, at)| {
+                let (s, node) = (subject(at), &reqs[at.sync].node);
+                let mark = marks.get(&s.usage_stream(node)?).copied().unwrap_or_default();
+                (mark.check(s.usage.as_ref()?) == Check::ByKey).then(|| s.usage_key(node)).flatten()
+            })
+            .collect();
         let recorded = usage::recorded(&mut w.tx, &keys).await?;
         let lease_ids: Vec<String> =
             owners.iter().filter_map(|&(_, at)| subject(at).lease.as_ref().map(|l| l.lease_id.clone())).collect();
         let leases = leases::find_many(&mut w.tx, &lease_ids).await?;
         let labels = reqs.iter().map(|req| Labels::from([("node".to_owned(), label_safe(&req.node))])).collect();
-        Ok(Batch { reqs, labels, db_now, recorded, leases, writes: Writes::new(), counts: Counts::default() })
+        Ok(Batch { reqs, labels, db_now, marks, recorded, leases, writes: Writes::new(), counts: Counts::default() })
     }
 
     /// Serves the subject `at` on its customer's book and gathers what to write.
@@ -333,8 +351,15 @@ impl<'a> Batch<'a> {
         let node = &self.reqs[at.sync].node;
         let s = &self.reqs[at.sync].subjects[at.subject];
         let key = s.usage_key(node);
+        let stream = s.usage_stream(node);
+        let mut mark = stream.as_ref().and_then(|st| self.marks.get(st)).copied().unwrap_or_default();
+        let usage_seen = s.usage.as_ref().is_some_and(|range| match mark.check(range) {
+            Check::Booked => true,
+            Check::New => false,
+            Check::ByKey => key.as_ref().is_some_and(|k| self.recorded.contains(k)),
+        });
         let facts = Facts {
-            usage_seen: key.as_ref().is_some_and(|k| self.recorded.contains(k)),
+            usage_seen,
             lease: s.lease.as_ref().and_then(|l| self.leases.get(&l.lease_id)).map(|k| LeaseFacts {
                 owned_by_this_customer: k.customer_id == customer_id,
                 closed: k.closed,
@@ -347,19 +372,30 @@ impl<'a> Batch<'a> {
             Ok(served) => served,
             Err(e) => return SubjectOutcome::Rejected { reason: e.to_string() },
         };
-        if let (Some(range), Some(key), true) = (&s.usage, &key, served.record_usage) {
-            let record = UsageRecord {
-                key,
-                customer_id,
-                node,
-                subject: &s.subject,
-                currency: s.currency,
-                feature: s.feature_key.as_ref(),
-                range,
-            };
-            self.writes.usage(&record, now);
-            self.recorded.insert(key.clone());
-            self.counts.usage_calls = self.counts.usage_calls.saturating_add(range.calls());
+        if let (Some(range), Some(key), Some(stream)) = (&s.usage, &key, &stream) {
+            let before = mark;
+            if served.record_usage {
+                if mark.book(range) {
+                    let record = UsageRecord {
+                        key,
+                        customer_id,
+                        node,
+                        subject: &s.subject,
+                        currency: s.currency,
+                        feature: s.feature_key.as_ref(),
+                        range,
+                    };
+                    self.writes.usage(&record, now);
+                    self.recorded.insert(key.clone());
+                }
+                self.counts.usage_calls = self.counts.usage_calls.saturating_add(range.calls());
+            } else if usage_seen {
+                mark.found(range);
+            }
+            if mark != before {
+                self.writes.usage_mark(stream, customer_id, mark, now);
+                self.marks.insert(stream.clone(), mark);
+            }
         }
         let reference = key.map_or_else(|| "lease".to_owned(), |k| format!("usage:{k}"));
         let op = Operation { reference, name: "Gateway usage", description: None, labels: &self.labels[at.sync] };

@@ -147,6 +147,10 @@ impl Db {
             for statement in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
                 sqlx::query(statement).execute(&mut *tx).await.with_context(|| format!("migration {version}"))?;
             }
+            if version == schema::USAGE_MARKS {
+                let now = Utc::now().timestamp_micros();
+                crate::store::usage::mark_keyed_streams(&mut tx, now).await.context("migration 7: usage marks")?;
+            }
             sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)")
                 .bind(version)
                 .bind(Utc::now().timestamp_micros())

@@ -262,7 +262,23 @@ ALTER TABLE holds ADD COLUMN backing TEXT;
 ALTER TABLE holds ADD COLUMN recalled BIGINT NOT NULL DEFAULT 0;
 "#,
     ),
+    (
+        USAGE_MARKS,
+        r#"
+CREATE TABLE usage_marks (
+    stream TEXT PRIMARY KEY,
+    customer_id TEXT NOT NULL REFERENCES customers (id),
+    booked_to BIGINT NOT NULL,
+    keyed BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL
+);
+"#,
+    ),
 ];
+
+/// The migration that adds usage marks; the streams already booked by key get theirs in its
+/// transaction (`store::usage::mark_keyed_streams`).
+pub const USAGE_MARKS: i64 = 7;
 
 /// The migrations not yet applied to a database at `applied`, rendered for `backend`.
 pub fn pending(backend: Backend, applied: i64) -> impl Iterator<Item = (i64, String)> {

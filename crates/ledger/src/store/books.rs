@@ -1,13 +1,14 @@
 //! Loading a customer's book from the store and writing back what an operation changed.
 
 use chrono::{DateTime, Utc};
+use credits::usage_mark::UsageMark;
 use credits::{Book, Debt, Entry, GrantState, Hold, HoldBacking, HoldId, MovementKind};
 use sqlx::Row;
 
 use std::collections::{BTreeMap, HashMap};
 
 use super::grants::{self, GrantRecord};
-use super::usage::UsageRecord;
+use super::usage::{self, UsageRecord};
 use super::{amount, currency, feature, labels_json, new_id, Labels, StoreError, StoreResult};
 use crate::db::rows::{self, Rows, Value};
 use crate::db::{from_micros, micros, opt, Tx};
@@ -117,6 +118,8 @@ pub struct Writes {
     covers: Rows,
     postings: Rows,
     usage: Rows,
+    /// Each stream's mark and customer, as the last range booked or found left it.
+    usage_marks: BTreeMap<String, (String, UsageMark, i64)>,
     lease_seqs: BTreeMap<String, i64>,
 }
 
@@ -139,6 +142,7 @@ impl Writes {
             covers: Rows::new(6),
             postings: Rows::new(5),
             usage: Rows::new(10),
+            usage_marks: BTreeMap::new(),
             lease_seqs: BTreeMap::new(),
         }
     }
@@ -193,7 +197,13 @@ impl Writes {
         entries.iter().map(|e| self.entry(customer_id, e, op, now)).collect()
     }
 
-    /// A gateway usage range, recorded by its key so that a retry books nothing.
+    /// Where a usage stream's mark is now.
+    pub fn usage_mark(&mut self, stream: &str, customer_id: &str, mark: UsageMark, now: DateTime<Utc>) {
+        self.usage_marks.insert(stream.to_owned(), (customer_id.to_owned(), mark, micros(now)));
+    }
+
+    /// A gateway usage range booked apart from its stream's mark, recorded by its key so that a
+    /// retry books nothing.
     pub fn usage(&mut self, r: &UsageRecord<'_>, now: DateTime<Utc>) {
         self.usage.push([
             Value::from(r.key),
@@ -333,6 +343,11 @@ impl Writes {
         self.postings
             .execute(tx, "INSERT INTO postings (entry_id, customer_id, account, currency, amount)", "")
             .await?;
+        let mut marks = Rows::new(usage::MARK_COLUMNS);
+        for (stream, (customer_id, mark, at)) in &self.usage_marks {
+            usage::push_mark(&mut marks, stream, customer_id, *mark, *at);
+        }
+        marks.execute(tx, usage::MARK_UPSERT.0, usage::MARK_UPSERT.1).await?;
         self.usage
             .execute(
                 tx,

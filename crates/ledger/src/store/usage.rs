@@ -1,14 +1,17 @@
-//! Usage reported by gateways, recorded by idempotency key so a retried range books nothing
-//! (`books::Writes::usage` writes the records).
+//! Usage reported by gateways, and how the ledger knows it booked a range so that a retry books
+//! nothing: one mark per stream ([`credits::usage_mark`]), and a key per range only for ranges
+//! booked apart from their stream's mark (`books::Writes` writes both).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use credits::sync::UsageRange;
+use credits::usage_mark::{self, UsageMark};
 use credits::{Currency, FeatureKey};
 use sqlx::Row;
 
 use super::StoreResult;
-use crate::db::rows;
+use crate::db::rows::{self, Rows, Value};
+use crate::db::Tx;
 
 pub struct UsageRecord<'a> {
     pub key: &'a str,
@@ -24,4 +27,65 @@ pub struct UsageRecord<'a> {
 pub async fn recorded(conn: &mut sqlx::AnyConnection, keys: &[String]) -> StoreResult<HashSet<String>> {
     let rows = rows::fetch_by_ids(conn, "SELECT key FROM usage_records WHERE key IN ({list})", keys).await?;
     Ok(rows.iter().map(|r| r.try_get::<String, _>(0)).collect::<Result<_, _>>()?)
+}
+
+/// The marks of `streams` (a stream never booked has none).
+pub async fn marks(conn: &mut sqlx::AnyConnection, streams: &[String]) -> StoreResult<HashMap<String, UsageMark>> {
+    let sql = "SELECT stream, booked_to, keyed FROM usage_marks WHERE stream IN ({list})";
+    rows::fetch_by_ids(conn, sql, streams)
+        .await?
+        .iter()
+        .map(|r| {
+            let mark = UsageMark {
+                booked_to: r.try_get::<i64, _>(1)?.try_into().unwrap_or(0),
+                keyed: r.try_get::<i64, _>(2)? != 0,
+            };
+            Ok((r.try_get(0)?, mark))
+        })
+        .collect()
+}
+
+pub const MARK_COLUMNS: usize = 5;
+
+/// A mark row for [`MARK_UPSERT`].
+pub fn push_mark(rows: &mut Rows, stream: &str, customer_id: &str, mark: UsageMark, now: i64) {
+    rows.push([
+        Value::from(stream),
+        Value::from(customer_id),
+        Value::from(i64::try_from(mark.booked_to).unwrap_or(i64::MAX)),
+        Value::from(i64::from(mark.keyed)),
+        Value::from(now),
+    ]);
+}
+
+/// Writes marks; a mark never moves back (two ledgers serving one stream at once, which the
+/// customer's lock prevents unless the subject changed hands in between).
+pub const MARK_UPSERT: (&str, &str) = (
+    "INSERT INTO usage_marks (stream, customer_id, booked_to, keyed, updated_at)",
+    "ON CONFLICT (stream) DO UPDATE SET booked_to = excluded.booked_to, keyed = excluded.keyed, \
+     updated_at = excluded.updated_at WHERE usage_marks.booked_to <= excluded.booked_to",
+);
+
+/// Gives every stream with ranges booked by key a mark (a ledger upgraded from one that kept a
+/// key per range): the ranges that follow each other from 0 make the mark, any other leaves the
+/// stream keyed. Runs once, in the transaction of the migration that adds marks.
+pub async fn mark_keyed_streams(tx: &mut Tx, now: i64) -> StoreResult<()> {
+    let rows = sqlx::query("SELECT key, customer_id FROM usage_records").fetch_all(&mut **tx).await?;
+    let mut streams: HashMap<String, (String, Vec<(u64, u64)>)> = HashMap::new();
+    for r in &rows {
+        let (key, customer_id): (String, String) = (r.try_get(0)?, r.try_get(1)?);
+        match usage_mark::parse_key(&key) {
+            Some((stream, from, to)) => {
+                streams.entry(stream.to_owned()).or_insert_with(|| (customer_id, Vec::new())).1.push((from, to))
+            }
+            // Not a key this ledger wrote: nothing can be numbered against it.
+            None => tracing::warn!(%key, "usage record with an unreadable key left without a mark"),
+        }
+    }
+    let mut marks = Rows::new(MARK_COLUMNS);
+    for (stream, (customer_id, ranges)) in streams {
+        push_mark(&mut marks, &stream, &customer_id, UsageMark::of_keyed_ranges(ranges), now);
+    }
+    marks.execute(tx, MARK_UPSERT.0, MARK_UPSERT.1).await?;
+    Ok(())
 }

@@ -291,6 +291,7 @@ impl Ledger {
             "idempotency_records",
             "events",
             "usage_records",
+            "usage_marks",
         ] {
             let n: i64 = sqlx::Row::try_get(
                 &sqlx::query(&format!("SELECT COUNT(*) FROM {table}"))
@@ -348,6 +349,19 @@ impl Ledger {
             .lines()
             .find_map(|l| l.strip_prefix(&prefix))
             .map_or(0, |n| n.parse().unwrap_or_else(|e| panic!("counter {name}: {n:?}: {e}")))
+    }
+
+    /// A usage stream's stored mark: `(booked_to, keyed)`, or `None` if it has none.
+    pub async fn usage_mark(&self, stream: &str) -> Option<(i64, bool)> {
+        let row = sqlx::query("SELECT booked_to, keyed FROM usage_marks WHERE stream = $1")
+            .bind(stream)
+            .fetch_optional(self.state.db.pool())
+            .await
+            .expect("usage mark row");
+        row.map(|r| {
+            let get = |i: usize| sqlx::Row::try_get::<i64, _>(&r, i).expect("column");
+            (get(0), get(1) != 0)
+        })
     }
 
     /// The stored lease (hold) row: `(customer_id, amount, closed)`, or `None` if there is none.
