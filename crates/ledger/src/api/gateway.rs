@@ -199,27 +199,26 @@ async fn serve_group(state: &AppState, reqs: &[&SyncRequest]) -> ApiResult<Vec<S
 
     let mut w = state.db.begin_write().await?;
     let revisions = lock_customers(&mut w.tx, state.db.backend(), &customer_ids).await?;
-    let mut books = books::load_many(&mut w.tx, &customer_ids).await?;
+    let mut books = books::load_books(&mut w.tx, &customer_ids).await?;
     let mut batch = Batch::read(state, &mut w, reqs, &owners).await?;
     let mut before: HashMap<&str, Book> = HashMap::new();
     for &(customer_id, at) in &owners {
         // Deleted between the lookup and the lock: no revision, no book.
-        let (Some(&revision), Some(loaded)) = (revisions.get(customer_id), books.get_mut(customer_id)) else {
+        let (Some(&revision), Some(book)) = (revisions.get(customer_id), books.get_mut(customer_id)) else {
             outcomes[at.sync][at.subject] = Some(SubjectOutcome::UnknownSubject);
             continue;
         };
-        before.entry(customer_id).or_insert_with(|| loaded.book.clone());
-        outcomes[at.sync][at.subject] = Some(batch.serve_subject(state, &mut loaded.book, customer_id, revision, at));
+        before.entry(customer_id).or_insert_with(|| book.clone());
+        outcomes[at.sync][at.subject] = Some(batch.serve_subject(state, book, customer_id, revision, at));
     }
     for (customer_id, before) in &before {
-        if let Some(loaded) = books.get(*customer_id) {
+        if let Some(book) = books.get(*customer_id) {
             let now = batch.db_now.max(before.clock());
-            batch.writes.changes(customer_id, before, &loaded.book, now);
+            batch.writes.changes(customer_id, before, book, now);
         }
     }
     batch.writes.flush(&mut w.tx).await?;
-    let touched: Vec<(&str, &Book)> =
-        before.keys().filter_map(|c| books.get(*c).map(|loaded| (*c, &loaded.book))).collect();
+    let touched: Vec<(&str, &Book)> = before.keys().filter_map(|c| books.get(*c).map(|book| (*c, book))).collect();
     batch.counts.notification_events = crate::notify::on_bookings(&mut w.tx, &touched, batch.db_now).await?;
     let server_time = state.db.now(&mut w.tx).await?;
     w.commit().await?;

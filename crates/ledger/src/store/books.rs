@@ -42,21 +42,47 @@ pub async fn load(conn: &mut sqlx::AnyConnection, customer_id: &str) -> StoreRes
         .ok_or(StoreError::Sql(sqlx::Error::RowNotFound))
 }
 
-/// The books of the customers (a missing customer has none), with a few statements whatever
-/// their number.
+/// The books of the customers (a missing customer has none), with their grants' metadata, with a
+/// few statements whatever their number.
 pub async fn load_many(
     conn: &mut sqlx::AnyConnection,
     customer_ids: &[String],
 ) -> StoreResult<HashMap<String, LoadedBook>> {
+    let mut grants_of: HashMap<String, Vec<GrantRecord>> = HashMap::new();
+    for g in grants::of_customers(&mut *conn, customer_ids).await? {
+        grants_of.entry(g.customer_id.clone()).or_default().push(g);
+    }
+    let states = grants_of.iter().map(|(c, g)| (c.clone(), g.iter().map(|g| g.state.clone()).collect())).collect();
+    Ok(assemble(conn, customer_ids, states)
+        .await?
+        .into_iter()
+        .map(|(id, book)| {
+            let grants = grants_of.remove(&id).unwrap_or_default();
+            (id, LoadedBook { book, grants })
+        })
+        .collect())
+}
+
+/// The books of the customers (a missing customer has none), without their grants' metadata.
+pub async fn load_books(conn: &mut sqlx::AnyConnection, customer_ids: &[String]) -> StoreResult<HashMap<String, Book>> {
+    let mut states: HashMap<String, Vec<GrantState>> = HashMap::new();
+    for (customer_id, state) in grants::states_of_customers(&mut *conn, customer_ids).await? {
+        states.entry(customer_id).or_default().push(state);
+    }
+    assemble(conn, customer_ids, states).await
+}
+
+/// The books of the customers from their grants' states: reads their clocks, debts and open holds.
+async fn assemble(
+    conn: &mut sqlx::AnyConnection,
+    customer_ids: &[String],
+    mut states_of: HashMap<String, Vec<GrantState>>,
+) -> StoreResult<HashMap<String, Book>> {
     let clocks = rows::fetch_by_ids(&mut *conn, "SELECT id, clock FROM customers WHERE id IN ({list})", customer_ids)
         .await?
         .iter()
         .map(|r| Ok((r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)?)))
         .collect::<StoreResult<Vec<_>>>()?;
-    let mut grants_of: HashMap<String, Vec<GrantRecord>> = HashMap::new();
-    for g in grants::of_customers(&mut *conn, customer_ids).await? {
-        grants_of.entry(g.customer_id.clone()).or_default().push(g);
-    }
     let mut debts_of: HashMap<String, Vec<Debt>> = HashMap::new();
     let sql = "SELECT customer_id, currency, feature, amount FROM debts WHERE customer_id IN ({list}) \
                ORDER BY customer_id, currency, feature";
@@ -77,11 +103,11 @@ pub async fn load_many(
     Ok(clocks
         .into_iter()
         .map(|(id, clock)| {
-            let grants = grants_of.remove(&id).unwrap_or_default();
-            let states: Vec<GrantState> = grants.iter().map(|g| g.state.clone()).collect();
+            let states = states_of.remove(&id).unwrap_or_default();
             let debts = debts_of.remove(&id).unwrap_or_default();
             let holds = holds_of.remove(&id).unwrap_or_default();
-            (id, LoadedBook { book: Book::from_parts(states, debts, holds, from_micros(clock)), grants })
+            let book = Book::from_parts(states, debts, holds, from_micros(clock));
+            (id, book)
         })
         .collect())
 }
