@@ -6,6 +6,7 @@
 //! across instances; on SQLite it takes the database write lock up front (no upgrade deadlocks),
 //! and an in-process mutex keeps the one process's writers from contending at all.
 
+pub mod backfill;
 pub mod rows;
 mod schema;
 
@@ -149,7 +150,7 @@ impl Db {
             }
             if version == schema::USAGE_MARKS {
                 let now = Utc::now().timestamp_micros();
-                crate::store::usage::mark_keyed_streams(&mut tx, now).await.context("migration 7: usage marks")?;
+                backfill::usage_marks(&mut tx, now).await.context("migration 7: usage marks")?;
             }
             sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)")
                 .bind(version)

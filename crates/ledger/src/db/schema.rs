@@ -277,7 +277,7 @@ CREATE TABLE usage_marks (
 ];
 
 /// The migration that adds usage marks; the streams already booked by key get theirs in its
-/// transaction (`store::usage::mark_keyed_streams`).
+/// transaction (`backfill::usage_marks`).
 pub const USAGE_MARKS: i64 = 7;
 
 /// The migrations not yet applied to a database at `applied`, rendered for `backend`.

@@ -5,13 +5,12 @@
 use std::collections::{HashMap, HashSet};
 
 use credits::sync::UsageRange;
-use credits::usage_mark::{self, UsageMark};
+use credits::usage_mark::UsageMark;
 use credits::{Currency, FeatureKey};
 use sqlx::Row;
 
 use super::StoreResult;
 use crate::db::rows::{self, Rows, Value};
-use crate::db::Tx;
 
 pub struct UsageRecord<'a> {
     pub key: &'a str,
@@ -65,27 +64,3 @@ pub const MARK_UPSERT: (&str, &str) = (
     "ON CONFLICT (stream) DO UPDATE SET booked_to = excluded.booked_to, keyed = excluded.keyed, \
      updated_at = excluded.updated_at WHERE usage_marks.booked_to <= excluded.booked_to",
 );
-
-/// Gives every stream with ranges booked by key a mark (a ledger upgraded from one that kept a
-/// key per range): the ranges that follow each other from 0 make the mark, any other leaves the
-/// stream keyed. Runs once, in the transaction of the migration that adds marks.
-pub async fn mark_keyed_streams(tx: &mut Tx, now: i64) -> StoreResult<()> {
-    let rows = sqlx::query("SELECT key, customer_id FROM usage_records").fetch_all(&mut **tx).await?;
-    let mut streams: HashMap<String, (String, Vec<(u64, u64)>)> = HashMap::new();
-    for r in &rows {
-        let (key, customer_id): (String, String) = (r.try_get(0)?, r.try_get(1)?);
-        match usage_mark::parse_key(&key) {
-            Some((stream, from, to)) => {
-                streams.entry(stream.to_owned()).or_insert_with(|| (customer_id, Vec::new())).1.push((from, to))
-            }
-            // Not a key this ledger wrote: nothing can be numbered against it.
-            None => tracing::warn!(%key, "usage record with an unreadable key left without a mark"),
-        }
-    }
-    let mut marks = Rows::new(MARK_COLUMNS);
-    for (stream, (customer_id, ranges)) in streams {
-        push_mark(&mut marks, &stream, &customer_id, UsageMark::of_keyed_ranges(ranges), now);
-    }
-    marks.execute(tx, MARK_UPSERT.0, MARK_UPSERT.1).await?;
-    Ok(())
-}

@@ -1,0 +1,46 @@
+//! Data migrations: rows a schema migration derives from what is already stored, in the
+//! migration's transaction.
+
+use std::collections::HashMap;
+
+use credits::usage_mark::{self, UsageMark};
+use sqlx::Row;
+
+use super::rows::{Rows, Value};
+use super::Tx;
+
+/// Gives every stream with ranges booked by key a mark (a ledger upgraded from one that kept a
+/// key per range, schema migration 7): the ranges that follow each other from 0 make the mark, any
+/// other leaves the stream keyed, so none of them books again.
+pub async fn usage_marks(tx: &mut Tx, now: i64) -> sqlx::Result<()> {
+    let rows = sqlx::query("SELECT key, customer_id FROM usage_records").fetch_all(&mut **tx).await?;
+    let mut streams: HashMap<String, (String, Vec<(u64, u64)>)> = HashMap::new();
+    for r in &rows {
+        let (key, customer_id): (String, String) = (r.try_get(0)?, r.try_get(1)?);
+        match usage_mark::parse_key(&key) {
+            Some((stream, from, to)) => {
+                streams.entry(stream.to_owned()).or_insert_with(|| (customer_id, Vec::new())).1.push((from, to))
+            }
+            // Not a key the ledger writes: no range it books can have it.
+            None => tracing::warn!(%key, "usage record with an unreadable key left without a mark"),
+        }
+    }
+    let mut marks = Rows::new(5);
+    for (stream, (customer_id, ranges)) in streams {
+        let mark = UsageMark::of_keyed_ranges(ranges);
+        marks.push([
+            Value::from(stream),
+            Value::from(customer_id),
+            Value::from(i64::try_from(mark.booked_to).unwrap_or(i64::MAX)),
+            Value::from(i64::from(mark.keyed)),
+            Value::from(now),
+        ]);
+    }
+    marks
+        .execute(
+            tx,
+            "INSERT INTO usage_marks (stream, customer_id, booked_to, keyed, updated_at)",
+            "ON CONFLICT (stream) DO NOTHING",
+        )
+        .await
+}
