@@ -10,7 +10,9 @@ use crate::book::{Book, HoldId, Spend};
 use crate::error::ModelError;
 use crate::feature::FeatureScope;
 use crate::journal::Entry;
-use crate::limits::{MAX_CALLS_PER_RANGE, MAX_LEASE_ID_LEN, MAX_LEASE_TTL_MS, MAX_ORIGIN_LEN, MAX_SUBJECT_LEN};
+use crate::limits::{
+    MAX_CALLS_PER_RANGE, MAX_CALL_NUMBER, MAX_LEASE_ID_LEN, MAX_LEASE_TTL_MS, MAX_ORIGIN_LEN, MAX_SUBJECT_LEN,
+};
 use crate::money::Amount;
 use crate::sync::{LeaseAnswer, LeaseRequest, SubjectSync, UsageOutcome, UsageRange};
 
@@ -61,6 +63,9 @@ pub fn invalid(s: &SubjectSync) -> Option<String> {
 fn invalid_usage(r: &UsageRange) -> Option<String> {
     if r.from >= r.to {
         return Some(format!("usage range {}..{} is empty", r.from, r.to));
+    }
+    if r.to > MAX_CALL_NUMBER {
+        return Some(format!("usage range must end at or below call {MAX_CALL_NUMBER}"));
     }
     if r.calls() > MAX_CALLS_PER_RANGE {
         return Some(format!("usage range holds more than {MAX_CALLS_PER_RANGE} calls"));

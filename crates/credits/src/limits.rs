@@ -81,6 +81,10 @@ pub const MAX_LEASE_TTL_MS: u64 = 3_600_000;
 /// duration and its body (see [`DEFAULT_MAX_BODY_BYTES`]).
 pub const MAX_SUBJECTS_PER_SYNC: usize = 1000;
 
+/// The highest call number a usage range may end at: 2^63 − 1. The ledger stores a stream's mark
+/// (booked through call n) as a signed 64-bit integer; a node numbers from 0 and never gets near it.
+pub const MAX_CALL_NUMBER: u64 = i64::MAX as u64;
+
 /// Calls in one usage range: 1,000,000. Far above what one node serves a subject in one tick;
 /// it bounds the damage of a corrupt range.
 pub const MAX_CALLS_PER_RANGE: u64 = 1_000_000;

@@ -149,6 +149,7 @@ async fn each_subject_of_a_batch_gets_its_own_outcome(backend: Backend) {
             subject_sync("beta-subject", json!({"lease": {"lease_id": "", "seq": 1, "want": "1.00", "ttl_ms": 1000}})),
             subject_sync("beta-subject", json!({"lease": {"lease_id": "x", "seq": u64::MAX, "want": "1.00", "ttl_ms": 1000}})),
             usage("beta-subject", 0, 3, "2.00"),
+            usage("beta-subject", i64::MAX as u64, i64::MAX as u64 + 1, "1.00"),
         ]}))
         .await;
     assert_eq!(status, 200, "{body}");
@@ -156,7 +157,7 @@ async fn each_subject_of_a_batch_gets_its_own_outcome(backend: Backend) {
     assert!(server_time <= ledger.db_now().await);
     let rejected = |subject: &str, reason: &str| json!({"subject": subject, "status": "rejected", "reason": reason});
     let answers = body["subjects"].as_array().expect("subjects").clone();
-    assert_eq!(answers.len(), 12, "{body}");
+    assert_eq!(answers.len(), 13, "{body}");
     assert_eq!(answers[0]["status"], "ok", "{body}");
     assert_eq!((answers[0]["usage"].as_str(), answers[0]["live"].as_str()), (Some("booked"), Some("9.00")));
     assert_eq!(answers[0]["customer_id"], json!(alpha));
@@ -173,6 +174,7 @@ async fn each_subject_of_a_batch_gets_its_own_outcome(backend: Backend) {
     assert_eq!(answers[11]["status"], "ok", "{body}");
     assert_eq!((answers[11]["usage"].as_str(), answers[11]["live"].as_str()), (Some("booked"), Some("8.00")));
     assert_eq!(answers[11]["customer_id"], json!(beta));
+    assert_eq!(answers[12], rejected("beta-subject", "usage range must end at or below call 9223372036854775807"));
 
     // Only the two valid ranges were recorded and booked; no lease was opened.
     let rows = ledger.row_counts().await;
@@ -242,6 +244,9 @@ async fn streams_booked_by_key_before_marks_get_marks_from_their_keys(backend: B
         "n/upgraded-subject/USD/-/5-9",
         "m/upgraded-subject/USD/-/0-2",
         "m/upgraded-subject/USD/-/4-6",
+        // Beyond what a mark holds (refused since): it stays known by its key.
+        "x/upgraded-subject/USD/-/0-3",
+        "x/upgraded-subject/USD/-/3-9223372036854775808",
     ];
     let pool = ledger.state.db.pool();
     for key in keys {
@@ -264,6 +269,7 @@ async fn streams_booked_by_key_before_marks_get_marks_from_their_keys(backend: B
     let ledger = Ledger::start(&db).await;
     assert_eq!(ledger.usage_mark("n/upgraded-subject/USD/-").await, Some((9, false)));
     assert_eq!(ledger.usage_mark("m/upgraded-subject/USD/-").await, Some((2, true)));
+    assert_eq!(ledger.usage_mark("x/upgraded-subject/USD/-").await, Some((3, true)));
 
     let send = |node: &'static str, from: u64, to: u64| {
         let (ledger, amount) = (&ledger, format!("{}.00", to - from));
@@ -279,6 +285,25 @@ async fn streams_booked_by_key_before_marks_get_marks_from_their_keys(backend: B
     assert_eq!(send("m", 6, 7).await, "booked");
     assert_eq!(ledger.usage_mark("m/upgraded-subject/USD/-").await, Some((7, true)));
     assert_eq!(ledger.balance(&c, "").await.0, "96.00", "1 + 2 + 1 calls booked after the upgrade");
+}
+
+/// A stored mark that cannot be a call number (corrupt) fails the sync with a 500 and books
+/// nothing, instead of reading as 0 and booking the stream's calls again.
+async fn a_corrupt_mark_books_nothing(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ledger = Ledger::start(&db).await;
+    let c = ledger.customer("corrupt").await;
+    ledger.grant(&c, grant_body("10.00", json!({}))).await;
+    let range = usage_range(0, 2, "1.00", "credit_only");
+    assert_eq!(book(&ledger, "n", "corrupt-subject", range.clone()).await["usage"], "booked");
+    sqlx::query("UPDATE usage_marks SET booked_to = -1")
+        .execute(ledger.state.db.pool())
+        .await
+        .expect("corrupt the mark");
+    let (status, body) =
+        ledger.sync(json!({"node": "n", "subjects": [subject_sync("corrupt-subject", json!({"usage": range}))]})).await;
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(ledger.balance(&c, "").await.0, "9.00", "booked once");
 }
 
 /// A range that names its origin (the incarnation of the node's record that numbered it) is
@@ -630,6 +655,7 @@ on_both_backends!(
     a_ranges_origin_keys_it_whichever_node_sends_it,
     ranges_apart_from_the_mark_book_by_key_each_call_once,
     streams_booked_by_key_before_marks_get_marks_from_their_keys,
+    a_corrupt_mark_books_nothing,
     syncs_that_arrive_together_are_served_together,
     a_group_that_fails_answers_every_sync_with_the_error_and_books_nothing,
     a_sync_that_fails_does_not_fail_its_group,

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 
+use credits::limits::MAX_CALL_NUMBER;
 use credits::usage_mark::{self, UsageMark};
 use sqlx::Row;
 
@@ -25,16 +26,15 @@ pub async fn usage_marks(tx: &mut Tx, now: i64) -> sqlx::Result<()> {
             None => tracing::warn!(%key, "usage record with an unreadable key left without a mark"),
         }
     }
-    let mut marks = Rows::new(5);
-    for (stream, (customer_id, ranges)) in streams {
-        let mark = UsageMark::of_keyed_ranges(ranges);
-        marks.push([
-            Value::from(stream),
-            Value::from(customer_id),
-            Value::from(i64::try_from(mark.booked_to).unwrap_or(i64::MAX)),
-            Value::from(i64::from(mark.keyed)),
-            Value::from(now),
-        ]);
+    let mut marks = Rows::new(MARK_COLUMNS);
+    for (stream, (customer_id, mut ranges)) in streams {
+        // A range beyond what a mark can hold (no longer accepted) stays known by its key only.
+        let all = ranges.len();
+        ranges.retain(|&(_, to)| to <= MAX_CALL_NUMBER);
+        let beyond = ranges.len() < all;
+        let mut mark = UsageMark::of_keyed_ranges(ranges);
+        mark.keyed |= beyond;
+        marks.push(mark_row(&stream, &customer_id, mark, now));
     }
     marks
         .execute(
@@ -43,4 +43,18 @@ pub async fn usage_marks(tx: &mut Tx, now: i64) -> sqlx::Result<()> {
             "ON CONFLICT (stream) DO NOTHING",
         )
         .await
+}
+
+pub const MARK_COLUMNS: usize = 5;
+
+/// A `usage_marks` row (`stream, customer_id, booked_to, keyed, updated_at`), as every writer of
+/// the table writes it. `booked_to` never exceeds [`MAX_CALL_NUMBER`]: ranges beyond it are refused.
+pub fn mark_row(stream: &str, customer_id: &str, mark: UsageMark, now: i64) -> [Value; MARK_COLUMNS] {
+    [
+        Value::from(stream),
+        Value::from(customer_id),
+        Value::from(i64::try_from(mark.booked_to).unwrap_or(i64::MAX)),
+        Value::from(i64::from(mark.keyed)),
+        Value::from(now),
+    ]
 }

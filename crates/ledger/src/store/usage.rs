@@ -9,8 +9,9 @@ use credits::usage_mark::UsageMark;
 use credits::{Currency, FeatureKey};
 use sqlx::Row;
 
-use super::StoreResult;
-use crate::db::rows::{self, Rows, Value};
+use super::{StoreError, StoreResult};
+use crate::db::backfill;
+use crate::db::rows::{self, Rows};
 
 pub struct UsageRecord<'a> {
     pub key: &'a str,
@@ -35,26 +36,23 @@ pub async fn marks(conn: &mut sqlx::AnyConnection, streams: &[String]) -> StoreR
         .await?
         .iter()
         .map(|r| {
-            let mark = UsageMark {
-                booked_to: r.try_get::<i64, _>(1)?.try_into().unwrap_or(0),
-                keyed: r.try_get::<i64, _>(2)? != 0,
-            };
-            Ok((r.try_get(0)?, mark))
+            let stored: i64 = r.try_get(1)?;
+            // A negative mark would book every call of the stream again: refuse it.
+            let booked_to = u64::try_from(stored).map_err(|_| StoreError::Corrupt {
+                table: "usage_marks",
+                column: "booked_to",
+                value: stored.to_string(),
+            })?;
+            Ok((r.try_get(0)?, UsageMark { booked_to, keyed: r.try_get::<i64, _>(2)? != 0 }))
         })
         .collect()
 }
 
-pub const MARK_COLUMNS: usize = 5;
+pub use crate::db::backfill::MARK_COLUMNS;
 
 /// A mark row for [`MARK_UPSERT`].
 pub fn push_mark(rows: &mut Rows, stream: &str, customer_id: &str, mark: UsageMark, now: i64) {
-    rows.push([
-        Value::from(stream),
-        Value::from(customer_id),
-        Value::from(i64::try_from(mark.booked_to).unwrap_or(i64::MAX)),
-        Value::from(i64::from(mark.keyed)),
-        Value::from(now),
-    ]);
+    rows.push(backfill::mark_row(stream, customer_id, mark, now));
 }
 
 /// Writes marks; a mark never moves back (two ledgers serving one stream at once, which the
