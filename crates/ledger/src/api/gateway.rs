@@ -217,6 +217,7 @@ async fn serve_group(state: &AppState, reqs: &[&SyncRequest]) -> ApiResult<Vec<S
             batch.writes.changes(customer_id, before, book, now);
         }
     }
+    batch.writes.revisions(revisions);
     batch.writes.flush(&mut w.tx).await?;
     let touched: Vec<(&str, &Book)> = before.keys().filter_map(|c| books.get(*c).map(|book| (*c, book))).collect();
     batch.counts.notification_events = crate::notify::on_bookings(&mut w.tx, &touched, batch.db_now).await?;

@@ -1,10 +1,11 @@
 //! The database: one code path over SQLite (the embedded default) and PostgreSQL (several ledger
 //! instances on one database) through sqlx's `Any` driver.
 //!
-//! Every write that touches a customer's credit runs in a [`WriteTx`] that first bumps the
-//! customer's `lock_version`: on PostgreSQL that row lock serialises all writers of one customer
-//! across instances; on SQLite it takes the database write lock up front (no upgrade deadlocks),
-//! and an in-process mutex keeps the one process's writers from contending at all.
+//! Every write that touches a customer's credit runs in a [`WriteTx`] that first locks the
+//! customer's row and moves its `lock_version` (its revision): on PostgreSQL that row lock
+//! serialises all writers of one customer across instances; on SQLite a write transaction takes
+//! the database write lock when it begins (`BEGIN IMMEDIATE`: no upgrade deadlocks), and an
+//! in-process mutex keeps the one process's writers from contending at all.
 
 pub mod backfill;
 pub mod rows;
@@ -168,7 +169,11 @@ impl Db {
             Backend::Sqlite => Some(self.sqlite_writer.clone().lock_owned().await),
             Backend::Postgres => None,
         };
-        Ok(WriteTx { tx: self.pool.begin().await?, _serial: serial })
+        let tx = match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.pool.begin().await?,
+        };
+        Ok(WriteTx { tx, _serial: serial })
     }
 
     /// Begins a read-only snapshot: every statement sees the same committed state.
@@ -207,21 +212,26 @@ const LOCK: &str =
     "UPDATE customers SET lock_version = lock_version + 1 WHERE id IN ({list}) AND deleted_at IS NULL RETURNING id, lock_version";
 
 /// Locks many customers (ids sorted, no duplicates) and returns the new revision of each live
-/// one. On PostgreSQL the rows are locked in id order first, so that two transactions locking
-/// overlapping sets cannot deadlock; on SQLite the transaction already holds the database's write
-/// lock.
+/// one, **without writing it**: the transaction must write each one it answers with its last
+/// update of the customer's row (the store's `Writes::revisions`), so that a sync updates each
+/// row once, not twice (the second update was a sixth of a gateway sync's PostgreSQL time). On
+/// PostgreSQL the rows are locked in id order, so that two transactions locking overlapping sets
+/// cannot deadlock; on SQLite the transaction holds the database's write lock from its start.
 pub async fn lock_customers(
     tx: &mut Tx,
     backend: Backend,
     ids: &[String],
 ) -> sqlx::Result<std::collections::HashMap<String, i64>> {
-    if backend == Backend::Postgres && ids.len() > 1 {
-        let sql = "SELECT id FROM customers WHERE id IN ({list}) ORDER BY id FOR UPDATE";
-        rows::fetch_by_ids(tx, sql, ids).await?;
-    }
+    let sql = match backend {
+        Backend::Postgres => {
+            "SELECT id, lock_version FROM customers WHERE id IN ({list}) AND deleted_at IS NULL ORDER BY id FOR UPDATE"
+        }
+        Backend::Sqlite => "SELECT id, lock_version FROM customers WHERE id IN ({list}) AND deleted_at IS NULL",
+    };
     let mut revisions = std::collections::HashMap::with_capacity(ids.len());
-    for row in rows::fetch_by_ids(tx, LOCK, ids).await? {
-        revisions.insert(row.try_get(0)?, row.try_get(1)?);
+    for row in rows::fetch_by_ids(tx, sql, ids).await? {
+        let version: i64 = row.try_get(1)?;
+        revisions.insert(row.try_get(0)?, version.saturating_add(1));
     }
     Ok(revisions)
 }

@@ -138,7 +138,10 @@ pub struct Writes {
     debt_owners: Vec<String>,
     debts: Rows,
     holds: Rows,
-    clocks: Rows,
+    /// Each book's clock, by customer.
+    clocks: BTreeMap<String, i64>,
+    /// New revisions `db::lock_customers` left to this flush, by customer.
+    revisions: HashMap<String, i64>,
     movements: Rows,
     overages: Rows,
     covers: Rows,
@@ -162,7 +165,8 @@ impl Writes {
             debt_owners: Vec::new(),
             debts: Rows::new(4),
             holds: Rows::new(10),
-            clocks: Rows::new(2),
+            clocks: BTreeMap::new(),
+            revisions: HashMap::new(),
             movements: Rows::new(15),
             overages: Rows::new(7),
             covers: Rows::new(6),
@@ -208,7 +212,14 @@ impl Writes {
                 ]);
             }
         }
-        self.clocks.push([Value::from(customer_id), Value::from(micros(after.clock()))]);
+        self.clocks.insert(customer_id.to_owned(), micros(after.clock()));
+    }
+
+    /// The new revisions `db::lock_customers` read: each is written with its book's clock, so
+    /// every customer whose revision is answered must have its book's changes added. (One locked
+    /// but not served keeps its revision: nobody was told the new one.)
+    pub fn revisions(&mut self, revisions: HashMap<String, i64>) {
+        self.revisions = revisions;
     }
 
     /// Journal entries an operation booked; returns the ids given to them, in order (movements
@@ -345,10 +356,16 @@ impl Writes {
                 ") AS v WHERE holds.id = v.column1",
             )
             .await?;
-        self.clocks
+        let mut clocks = Rows::new(3);
+        for (customer_id, clock) in &self.clocks {
+            let revision = self.revisions.get(customer_id).copied();
+            clocks.push([Value::from(customer_id.as_str()), Value::from(*clock), Value::from(revision)]);
+        }
+        clocks
             .execute(
                 tx,
-                "UPDATE customers SET clock = CAST(v.column2 AS BIGINT) FROM (",
+                "UPDATE customers SET clock = CAST(v.column2 AS BIGINT), \
+                 lock_version = COALESCE(CAST(v.column3 AS BIGINT), lock_version) FROM (",
                 ") AS v WHERE customers.id = v.column1",
             )
             .await?;
