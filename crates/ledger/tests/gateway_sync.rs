@@ -333,6 +333,10 @@ async fn a_ranges_origin_keys_it_whichever_node_sends_it(backend: Backend) {
     ledger.assert_journal_sound().await;
 }
 
+/// Customers in [`a_large_batch_books_like_its_subjects_one_by_one`] (with its 4 more subjects, a
+/// full sync): two chunks of rows, and a group PostgreSQL splits in two.
+const BULK: usize = 996;
+
 /// A sync is served set-wise (a few statements for the whole batch, in chunks of 500 rows): more
 /// customers than one chunk, subjects that repeat within the batch, and a lease opened and topped
 /// up by two subjects of one sync must come out as if each subject were served alone, in order.
@@ -340,7 +344,7 @@ async fn a_large_batch_books_like_its_subjects_one_by_one(backend: Backend) {
     let db = TestDb::new(backend).await;
     let ledger = Ledger::start(&db).await;
     let mut customers = Vec::new();
-    for i in 0..600 {
+    for i in 0..BULK {
         customers.push(ledger.customer(&format!("bulk{i}")).await);
     }
     ledger.grant(&customers[0], grant_body("10.00", json!({}))).await;
@@ -351,52 +355,71 @@ async fn a_large_batch_books_like_its_subjects_one_by_one(backend: Backend) {
         subject_sync("bulk0-subject", json!({"lease": support::lease_request("bulk0-lease", seq, want, 60_000)}))
     };
     // Listed from the last customer down, so that request order and id order differ.
-    let mut subjects: Vec<Value> = (0..600).rev().map(|i| usage(i, 0, 1, "1.00")).collect();
+    let mut subjects: Vec<Value> = (0..BULK).rev().map(|i| usage(i, 0, 1, "1.00")).collect();
     subjects.extend([usage(0, 0, 1, "1.00"), usage(0, 1, 3, "2.00"), lease(1, "5.00"), lease(2, "1.00")]);
+    let groups_before = ledger.counter("gateway_sync_groups").await;
     let (status, body) = ledger.sync(json!({"node": "n", "subjects": subjects})).await;
     assert_eq!(status, 200, "{body}");
     let answers = body["subjects"].as_array().expect("subjects").clone();
-    assert_eq!(answers.len(), 604);
-    for (k, a) in answers[..600].iter().enumerate() {
-        let i = 599 - k;
+    assert_eq!(answers.len(), BULK + 4);
+    // PostgreSQL serves a group this big as two transactions at once, SQLite as one.
+    let commits = match backend {
+        Backend::Sqlite => 1,
+        Backend::Postgres => 2,
+    };
+    assert_eq!(ledger.counter("gateway_sync_groups").await - groups_before, commits);
+    for (k, a) in answers[..BULK].iter().enumerate() {
+        let i = BULK - 1 - k;
         assert_eq!(a["customer_id"], json!(customers[i]), "{a}");
         assert_eq!(a["usage"], "booked", "{a}");
         let live = if i == 0 { "9.00" } else { "-1.00" };
         assert_eq!(a["live"], live, "{a}");
     }
-    assert_eq!((answers[600]["usage"].as_str(), answers[600]["live"].as_str()), (Some("duplicate"), Some("9.00")));
-    assert_eq!((answers[601]["usage"].as_str(), answers[601]["live"].as_str()), (Some("booked"), Some("7.00")));
-    assert_eq!(answers[602]["lease"]["granted"], "5.00", "{}", answers[602]);
-    assert_eq!(answers[602]["live"], "2.00", "{}", answers[602]);
-    assert_eq!(answers[603]["lease"]["granted"], "1.00", "a top-up of the lease the batch opened: {}", answers[603]);
-    assert_eq!(answers[603]["lease"]["held"], "6.00", "{}", answers[603]);
-    assert_eq!(answers[603]["live"], "1.00", "{}", answers[603]);
+    assert_eq!((answers[BULK]["usage"].as_str(), answers[BULK]["live"].as_str()), (Some("duplicate"), Some("9.00")));
+    assert_eq!(
+        (answers[BULK + 1]["usage"].as_str(), answers[BULK + 1]["live"].as_str()),
+        (Some("booked"), Some("7.00"))
+    );
+    assert_eq!(answers[BULK + 2]["lease"]["granted"], "5.00", "{}", answers[BULK + 2]);
+    assert_eq!(answers[BULK + 2]["live"], "2.00", "{}", answers[BULK + 2]);
+    assert_eq!(
+        answers[BULK + 3]["lease"]["granted"],
+        "1.00",
+        "a top-up of the lease the batch opened: {}",
+        answers[BULK + 3]
+    );
+    assert_eq!(answers[BULK + 3]["lease"]["held"], "6.00", "{}", answers[BULK + 3]);
+    assert_eq!(answers[BULK + 3]["live"], "1.00", "{}", answers[BULK + 3]);
     let revision = answers[0]["revision"].clone();
     assert!(
-        answers[600..].iter().all(|a| a["revision"] == answers[600]["revision"]),
+        answers[BULK..].iter().all(|a| a["revision"] == answers[BULK]["revision"]),
         "one revision per customer per sync"
     );
     assert_ne!(revision, json!(null));
 
     let rows = ledger.row_counts().await;
     // One mark per stream: bulk0's three ranges (one a retry) share one.
-    assert_eq!((rows["usage_marks"].as_i64(), rows["debts"].as_i64()), (Some(600), Some(599)), "{rows}");
+    assert_eq!(
+        (rows["usage_marks"].as_i64(), rows["debts"].as_i64()),
+        (Some(BULK as i64), Some(BULK as i64 - 1)),
+        "{rows}"
+    );
     assert_eq!(ledger.usage_mark("n/bulk0-subject/USD/-").await, Some((3, false)));
     assert_eq!(ledger.lease_row("bulk0-lease").await, Some((customers[0].clone(), "6.00".into(), false)));
     assert_eq!(ledger.balance(&customers[0], "").await, ("7.00".into(), "1.00".into(), "0".into()));
-    assert_eq!(ledger.balance(&customers[599], "").await, ("-1.00".into(), "-1.00".into(), "0".into()));
+    assert_eq!(ledger.balance(&customers[BULK - 1], "").await, ("-1.00".into(), "-1.00".into(), "0".into()));
 
     // The whole sync again (a retry): every range is a duplicate, the lease requests are retries.
-    let before = (ledger.snapshot(&customers[0]).await, ledger.snapshot(&customers[599]).await);
+    let before = (ledger.snapshot(&customers[0]).await, ledger.snapshot(&customers[BULK - 1]).await);
     let (status, again) = ledger.sync(json!({"node": "n", "subjects": subjects})).await;
     assert_eq!(status, 200, "{again}");
     let again = again["subjects"].as_array().expect("subjects").clone();
     assert!(again.iter().filter(|a| a.get("usage").is_some()).all(|a| a["usage"] == "duplicate"), "{again:?}");
-    assert_eq!(again[603]["lease"]["held"], "6.00", "{}", again[603]);
-    let after = (ledger.snapshot(&customers[0]).await, ledger.snapshot(&customers[599]).await);
+    assert_eq!(again[BULK + 3]["lease"]["held"], "6.00", "{}", again[BULK + 3]);
+    let after = (ledger.snapshot(&customers[0]).await, ledger.snapshot(&customers[BULK - 1]).await);
     assert_eq!(after.0["transactions"], before.0["transactions"]);
     assert_eq!(after.1, before.1);
-    assert_eq!(ledger.row_counts().await["usage_marks"], 600);
+    assert_eq!(ledger.row_counts().await["usage_marks"], BULK);
     ledger.assert_journal_sound().await;
 }
 
@@ -504,6 +527,65 @@ async fn a_sync_that_fails_does_not_fail_its_group(backend: Backend) {
         "the first alone; the four that waited failed as a group, then three of them committed alone"
     );
     assert_eq!(ledger.balance(&a, "").await, ("6.00".into(), "6.00".into(), "0".into()));
+    ledger.assert_journal_sound().await;
+}
+
+/// A group PostgreSQL splits in two whose second transaction fails after the first committed:
+/// the sync is answered with the error, and the node's retry books every range exactly once (the
+/// first half's as duplicates). On SQLite the group is one transaction, so the first attempt
+/// books nothing.
+async fn a_split_group_that_fails_half_way_books_each_range_once(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ledger = Ledger::start(&db).await;
+    let subjects_count = 1000;
+    let mut customers = Vec::new();
+    for i in 0..subjects_count {
+        customers.push(ledger.customer(&format!("half{i:04}")).await);
+    }
+    let subjects: Vec<Value> = (0..subjects_count)
+        .map(|i| {
+            subject_sync(&format!("half{i:04}-subject"), json!({"usage": usage_range(0, 1, "1.00", "credit_only")}))
+        })
+        .collect();
+    let body = json!({"node": "n", "subjects": subjects});
+    // The last customer created has the highest id: it is in the second transaction.
+    let refuse: &[&str] = match backend {
+        Backend::Sqlite => {
+            &["CREATE TRIGGER refuse_last BEFORE INSERT ON usage_marks WHEN NEW.stream = 'n/half0999-subject/USD/-' \
+             BEGIN SELECT RAISE(ABORT, 'refused'); END"]
+        }
+        Backend::Postgres => &[
+            "CREATE FUNCTION refuse_last() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+             IF NEW.stream = 'n/half0999-subject/USD/-' THEN RAISE EXCEPTION 'refused'; END IF; RETURN NEW; END $$",
+            "CREATE TRIGGER refuse_last BEFORE INSERT ON usage_marks FOR EACH ROW EXECUTE FUNCTION refuse_last()",
+        ],
+    };
+    for sql in refuse {
+        sqlx::query(sql).execute(ledger.state.db.pool()).await.expect("the trigger");
+    }
+    let (status, failed) = ledger.sync(body.clone()).await;
+    assert_eq!(status, 500, "{failed}");
+    let booked_by_the_failure = ledger.row_counts().await["usage_marks"].as_u64().expect("marks");
+    match backend {
+        Backend::Sqlite => assert_eq!(booked_by_the_failure, 0),
+        Backend::Postgres => assert_eq!(booked_by_the_failure, 500, "the first transaction committed"),
+    }
+    let drop = match backend {
+        Backend::Sqlite => "DROP TRIGGER refuse_last",
+        Backend::Postgres => "DROP TRIGGER refuse_last ON usage_marks",
+    };
+    sqlx::query(drop).execute(ledger.state.db.pool()).await.expect("drop the trigger");
+
+    let (status, retried) = ledger.sync(body).await;
+    assert_eq!(status, 200, "{retried}");
+    let answers = retried["subjects"].as_array().expect("subjects");
+    let duplicates = answers.iter().filter(|a| a["usage"] == "duplicate").count();
+    let booked = answers.iter().filter(|a| a["usage"] == "booked").count();
+    assert_eq!((duplicates, booked), (booked_by_the_failure as usize, subjects_count - duplicates), "{retried}");
+    for c in [&customers[0], &customers[499], &customers[500], &customers[999]] {
+        assert_eq!(ledger.balance(c, "").await, ("-1.00".into(), "-1.00".into(), "0".into()), "{c}");
+    }
+    assert_eq!(ledger.row_counts().await["usage_marks"], subjects_count);
     ledger.assert_journal_sound().await;
 }
 
@@ -659,6 +741,7 @@ on_both_backends!(
     syncs_that_arrive_together_are_served_together,
     a_group_that_fails_answers_every_sync_with_the_error_and_books_nothing,
     a_sync_that_fails_does_not_fail_its_group,
+    a_split_group_that_fails_half_way_books_each_range_once,
     malformed_syncs_are_refused_and_book_nothing,
     openapi_lists_the_gateway_sync_endpoint,
 );

@@ -1,7 +1,7 @@
 //! `POST /v3/gateway/sync`: the one round trip a gateway worker makes per tick. It books the
-//! usage ranges the worker sends (exactly once per range key), all in one transaction (shared
-//! with the other syncs that waited for it), and answers each subject's live balance after the
-//! booking.
+//! usage ranges the worker sends (exactly once per range), in one transaction shared with the
+//! other syncs that waited for it (two at once on PostgreSQL, see [`serve_group`]), and answers
+//! each subject's live balance after the booking.
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -16,12 +16,13 @@ use super::AppState;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 
+use futures_util::future::join_all;
 use tokio::sync::oneshot;
 
 use credits::usage_mark::{Check, UsageMark};
 use credits::{Book, HoldId};
 
-use crate::db::{lock_customers, WriteTx};
+use crate::db::{lock_customers, Backend, WriteTx};
 use crate::store::books::{self, Operation, Writes};
 use crate::store::leases::{self, LeaseRecord};
 use crate::store::usage::{self, UsageRecord};
@@ -179,12 +180,19 @@ async fn serve_queue(state: AppState) {
     }
 }
 
-/// Serves the syncs `reqs` in one write transaction: a few statements read every book, usage key
-/// and lease they touch, the credit model decides subject by subject in memory (per customer in
-/// the order the subjects came: sync by sync, then request order), and a few multi-row statements
-/// write the result. A failure rolls the whole group back (and [`serve_queue`] serves its syncs
-/// again one by one); a node whose sync failed re-sends it unchanged and every range still books
-/// exactly once.
+/// Serves the syncs `reqs`: a few statements read every book, usage key and lease they touch,
+/// the credit model decides subject by subject in memory (per customer in the order the subjects
+/// came: sync by sync, then request order), and a few multi-row statements write the result.
+///
+/// On SQLite the group is one write transaction. On PostgreSQL it is split by customer into up to
+/// [`PG_SHARDS`] transactions that run at once: their customers are disjoint, so they never wait
+/// on each other's row locks, and PostgreSQL works on them in parallel (served as one
+/// transaction, a group kept one PostgreSQL backend busy while the rest of the machine idled).
+///
+/// A failure fails the whole group (and [`serve_queue`] serves its syncs again one by one); a
+/// shard that committed before another failed is then served again too, which the protocol makes
+/// harmless exactly as for a node that re-sends a sync whose answer it lost: every range still
+/// books exactly once and every lease request applies once.
 async fn serve_group(state: &AppState, reqs: &[&SyncRequest]) -> ApiResult<Vec<SyncResponse>> {
     let mut outcomes: Vec<Vec<Option<SubjectOutcome>>> = reqs
         .iter()
@@ -194,37 +202,29 @@ async fn serve_group(state: &AppState, reqs: &[&SyncRequest]) -> ApiResult<Vec<S
         .collect();
     let owner_of = owners(state, reqs, &mut outcomes).await?;
     let owners: Vec<(&str, At)> = owner_of.iter().map(|(c, at)| (c.as_str(), *at)).collect();
-    let mut customer_ids: Vec<String> = owners.iter().map(|(c, _)| (*c).to_owned()).collect();
-    customer_ids.dedup();
-
-    let mut w = state.db.begin_write().await?;
-    let revisions = lock_customers(&mut w.tx, state.db.backend(), &customer_ids).await?;
-    let mut books = books::load_books(&mut w.tx, &customer_ids).await?;
-    let mut batch = Batch::read(state, &mut w, reqs, &owners).await?;
-    let mut before: HashMap<&str, Book> = HashMap::new();
-    for &(customer_id, at) in &owners {
-        // Deleted between the lookup and the lock: no revision, no book.
-        let (Some(&revision), Some(book)) = (revisions.get(customer_id), books.get_mut(customer_id)) else {
-            outcomes[at.sync][at.subject] = Some(SubjectOutcome::UnknownSubject);
-            continue;
-        };
-        before.entry(customer_id).or_insert_with(|| book.clone());
-        outcomes[at.sync][at.subject] = Some(batch.serve_subject(state, book, customer_id, revision, at));
-    }
-    for (customer_id, before) in &before {
-        if let Some(book) = books.get(*customer_id) {
-            let now = batch.db_now.max(before.clock());
-            batch.writes.changes(customer_id, before, book, now);
+    let max_shards = match state.db.backend() {
+        // One writer at a time.
+        Backend::Sqlite => 1,
+        Backend::Postgres => PG_SHARDS,
+    };
+    let shards = shards(&owners, max_shards);
+    // Every transaction runs to its end (commit or rollback) before the group is answered: one
+    // that fails does not cut the others short, so what committed is known and counted.
+    let served = join_all(shards.into_iter().map(|shard| serve_shard(state, reqs, shard))).await;
+    let mut server_time = DateTime::<Utc>::MIN_UTC;
+    for shard in served {
+        let shard = shard?;
+        server_time = server_time.max(shard.server_time);
+        for (at, outcome) in shard.outcomes {
+            outcomes[at.sync][at.subject] = Some(outcome);
         }
     }
-    batch.writes.revisions(revisions);
-    batch.writes.flush(&mut w.tx).await?;
-    let touched: Vec<(&str, &Book)> = before.keys().filter_map(|c| books.get(*c).map(|book| (*c, book))).collect();
-    batch.counts.notification_events = crate::notify::on_bookings(&mut w.tx, &touched, batch.db_now).await?;
-    let server_time = state.db.now(&mut w.tx).await?;
-    w.commit().await?;
-    batch.counts.syncs = reqs.len() as u64;
-    batch.counts.publish(state);
+    if server_time == DateTime::<Utc>::MIN_UTC {
+        // No subject had a customer: nothing was written, but the answer carries the clock.
+        let mut conn = state.db.pool().acquire().await?;
+        server_time = state.db.now(&mut conn).await?;
+    }
+    state.metrics.add("gateway_syncs", reqs.len() as u64);
     let responses = reqs
         .iter()
         .zip(outcomes)
@@ -243,6 +243,80 @@ async fn serve_group(state: &AppState, reqs: &[&SyncRequest]) -> ApiResult<Vec<S
         })
         .collect();
     Ok(responses)
+}
+
+/// The most transactions one group is split into on PostgreSQL (on 2 cores, 4 did no better than
+/// 2: bench/RESULTS.md §0e).
+const PG_SHARDS: usize = 2;
+
+/// The fewest subjects worth a transaction of their own: each costs a commit.
+const MIN_SHARD_SUBJECTS: usize = 500;
+
+/// `owners` (sorted by customer) cut into up to `max` runs of about equal numbers of subjects,
+/// never through a customer: a customer's subjects stay in one shard, in their order. None if
+/// there are no owners.
+fn shards<'o, 'c>(owners: &'o [(&'c str, At)], max: usize) -> Vec<&'o [(&'c str, At)]> {
+    let count = (owners.len() / MIN_SHARD_SUBJECTS).clamp(1, max.max(1));
+    let mut shards = Vec::with_capacity(count);
+    let mut rest = owners;
+    for left in (1..=count).rev() {
+        let mut cut = rest.len().div_ceil(left).min(rest.len());
+        // Moved past the subjects of the customer it falls within.
+        while let (Some(last), Some(next)) = (cut.checked_sub(1).and_then(|i| rest.get(i)), rest.get(cut)) {
+            if last.0 != next.0 {
+                break;
+            }
+            cut = cut.saturating_add(1);
+        }
+        let (shard, tail) = rest.split_at(cut);
+        if !shard.is_empty() {
+            shards.push(shard);
+        }
+        rest = tail;
+    }
+    shards
+}
+
+/// What one transaction of a group answered, and when.
+struct ShardServed {
+    outcomes: Vec<(At, SubjectOutcome)>,
+    server_time: DateTime<Utc>,
+}
+
+/// Serves the subjects `owners` (sorted by customer) of the syncs `reqs` in one write
+/// transaction, and publishes what it booked once committed.
+async fn serve_shard(state: &AppState, reqs: &[&SyncRequest], owners: &[(&str, At)]) -> ApiResult<ShardServed> {
+    let mut customer_ids: Vec<String> = owners.iter().map(|(c, _)| (*c).to_owned()).collect();
+    customer_ids.dedup();
+    let mut outcomes = Vec::with_capacity(owners.len());
+    let mut w = state.db.begin_write().await?;
+    let revisions = lock_customers(&mut w.tx, state.db.backend(), &customer_ids).await?;
+    let mut books = books::load_books(&mut w.tx, &customer_ids).await?;
+    let mut batch = Batch::read(state, &mut w, reqs, owners).await?;
+    let mut before: HashMap<&str, Book> = HashMap::new();
+    for &(customer_id, at) in owners {
+        // Deleted between the lookup and the lock: no revision, no book.
+        let (Some(&revision), Some(book)) = (revisions.get(customer_id), books.get_mut(customer_id)) else {
+            outcomes.push((at, SubjectOutcome::UnknownSubject));
+            continue;
+        };
+        before.entry(customer_id).or_insert_with(|| book.clone());
+        outcomes.push((at, batch.serve_subject(state, book, customer_id, revision, at)));
+    }
+    for (customer_id, before) in &before {
+        if let Some(book) = books.get(*customer_id) {
+            let now = batch.db_now.max(before.clock());
+            batch.writes.changes(customer_id, before, book, now);
+        }
+    }
+    batch.writes.revisions(revisions);
+    batch.writes.flush(&mut w.tx).await?;
+    let touched: Vec<(&str, &Book)> = before.keys().filter_map(|c| books.get(*c).map(|book| (*c, book))).collect();
+    batch.counts.notification_events = crate::notify::on_bookings(&mut w.tx, &touched, batch.db_now).await?;
+    let server_time = state.db.now(&mut w.tx).await?;
+    w.commit().await?;
+    batch.counts.publish(state);
+    Ok(ShardServed { outcomes, server_time })
 }
 
 /// Where a subject is in a group: its sync, and its place in that sync's request.
@@ -430,7 +504,7 @@ impl<'a> Batch<'a> {
     }
 }
 
-/// What a group of syncs booked, published to the metrics once it is committed.
+/// What a transaction of a group booked, published to the metrics once it is committed.
 #[derive(Default)]
 struct Counts {
     usage_calls: u64,
@@ -438,8 +512,6 @@ struct Counts {
     leases_released: u64,
     leases_expired_unreported: u64,
     notification_events: usize,
-    /// Syncs in the group.
-    syncs: u64,
 }
 
 impl Counts {
@@ -455,7 +527,6 @@ impl Counts {
         state.metrics.add("leases_opened", self.leases_opened);
         state.metrics.add("leases_released", self.leases_released);
         state.metrics.add("leases_expired_unreported", self.leases_expired_unreported);
-        state.metrics.add("gateway_syncs", self.syncs);
         state.metrics.add("gateway_sync_groups", 1);
         state.metrics.add("notification_events", self.notification_events as u64);
     }
@@ -469,4 +540,43 @@ fn label_safe(text: &str) -> String {
         .take(credits::limits::MAX_LABEL_LEN)
         .collect();
     s.trim_matches(|c: char| !c.is_ascii_alphanumeric()).to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Shards keep every subject once and in order, never split a customer, and only a group
+        /// big enough is split.
+        #[test]
+        fn shards_cut_between_customers(sizes in proptest::collection::vec(1usize..40, 0..120), max in 1usize..5) {
+            let names: Vec<String> = (0..sizes.len()).map(|i| format!("cus_{i:04}")).collect();
+            let owners: Vec<(&str, At)> = names
+                .iter()
+                .zip(&sizes)
+                .flat_map(|(c, &n)| (0..n).map(move |subject| (c.as_str(), At { sync: 0, subject })))
+                .collect();
+            let cut = shards(&owners, max);
+            let joined: Vec<(&str, usize)> = cut.iter().flat_map(|s| s.iter().map(|(c, at)| (*c, at.subject))).collect();
+            let expected: Vec<(&str, usize)> = owners.iter().map(|(c, at)| (*c, at.subject)).collect();
+            prop_assert_eq!(joined, expected);
+            prop_assert!(cut.len() <= max.min((owners.len() / MIN_SHARD_SUBJECTS).max(1)));
+            prop_assert!(cut.iter().all(|s| !s.is_empty()));
+            for pair in cut.windows(2) {
+                prop_assert_ne!(pair[0].last().map(|o| o.0), pair[1].first().map(|o| o.0), "a customer was split");
+            }
+        }
+    }
+
+    #[test]
+    fn a_big_group_of_many_customers_is_split_evenly() {
+        let names: Vec<String> = (0..2000).map(|i| format!("cus_{i:04}")).collect();
+        let owners: Vec<(&str, At)> = names.iter().map(|c| (c.as_str(), At { sync: 0, subject: 0 })).collect();
+        let lens: Vec<usize> = shards(&owners, 2).iter().map(|s| s.len()).collect();
+        assert_eq!(lens, vec![1000, 1000]);
+        assert_eq!(shards(&owners[..999], 2).len(), 1, "too small to be worth two commits");
+        assert!(shards(&[], 2).is_empty(), "nothing to write: no transaction");
+    }
 }
