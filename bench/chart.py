@@ -22,10 +22,12 @@ def load(name):
 def gateway():
     doc = load("gateway")
     cases = doc["cases"]
-    order = [k for k in ["a", "e", "b", "h", "c", "d", "B", "C"] if k in cases]
+    order = [k for k in ["a", "e", "f", "p", "b", "h", "c", "d", "B", "C"] if k in cases]
     labels = [f"{k}. {cases[k]['label']}" for k in order]
     fig, axes = plt.subplots(1, 3, figsize=(16, 5))
-    colors = ["#888888", "#4c72b0", "#55a868", "#55a868", "#8fd18f", "#c44e52", "#dd8452", "#f0b27a"][:len(order)]
+    palette = {"a": "#888888", "e": "#4c72b0", "f": "#8172b2", "p": "#b3a7d9", "b": "#55a868", "h": "#55a868",
+               "c": "#8fd18f", "d": "#c44e52", "B": "#dd8452", "C": "#f0b27a"}
+    colors = [palette[k] for k in order]
     axes[0].barh(labels, [cases[k]["rps"] for k in order], color=colors)
     axes[0].set_title("requests/s (higher is better)")
     axes[1].barh(labels, [cases[k]["envoy_cpu_us_per_call"] for k in order], color=colors)

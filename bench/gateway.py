@@ -5,6 +5,11 @@ each case's figure is its median round):
 
   a  no filter                         (the physical limit of this machine)
   e  no-op proxy-wasm filter            (reads one header: the floor of any proxy-wasm filter)
+  f  bench/floor-filter, `floor`        (a credit check's fewest host calls, no decisions: subject
+                                         header, entry get + compare-and-swap, :status, one
+                                         response header)
+  p  bench/floor-filter, `prepaid`      (the host calls prepaid_credits makes on its warm path, ten,
+                                         no decisions)
   b  prepaid_credits, one customer      (warm lease: a paying customer's steady state)
   h  b without the x-credits-* response headers
   c  prepaid_credits, 10k subjects      (wrk script bench/subjects.lua: a subject picked at random
@@ -131,7 +136,8 @@ def filter_config(upstream="ledger"):
 
 
 def wasm_filter(name, wasm, configuration):
-    config = json.dumps(configuration) if configuration is not None else ""
+    # A string goes as it is; anything else as JSON.
+    config = configuration if isinstance(configuration, str) else json.dumps(configuration) if configuration else ""
     return f"""
           - name: envoy.filters.http.wasm
             typed_config:
@@ -285,6 +291,16 @@ def warm_up(envoy, connections, script, max_seconds):
             return
 
 
+def answers_with(url, header):
+    """Fails the benchmark unless a call through `url` as payer0 comes back 200 with `header`: a
+    filter that did not run (a wrong configuration, a VM that failed to start) would otherwise be
+    measured as if it were fast."""
+    request = urllib.request.Request(url, headers={"x-consumer-username": "payer0"})
+    with urllib.request.urlopen(request, timeout=5) as r:
+        if r.status != 200 or r.headers.get(header) is None:
+            raise SystemExit(f"{url}: {r.status} without {header}: the filter did not run")
+
+
 def median(values):
     v = sorted(values)
     return v[len(v) // 2]
@@ -310,6 +326,8 @@ def main():
         cases = {
             "a": ("no filter", ""),
             "e": ("no-op wasm filter", wasm_filter("noop_filter", f"{wasm}/noop_filter.wasm", None)),
+            "f": ("floor filter: a credit check's 5 host calls", wasm_filter("floor_filter", f"{wasm}/floor_filter.wasm", "floor")),
+            "p": ("floor filter: prepaid_credits' 10 host calls", wasm_filter("floor_filter", f"{wasm}/floor_filter.wasm", "prepaid")),
             "b": ("prepaid_credits, 1 customer", wasm_filter("prepaid_credits", f"{wasm}/prepaid_credits.wasm", config)),
             "h": ("b without response headers", wasm_filter("prepaid_credits", f"{wasm}/prepaid_credits.wasm",
                                                             {**config, "response_headers": {"cost": None, "balance": None}})),
@@ -332,6 +350,8 @@ def main():
             # c: at most 10 s of warm-up (the issue's rule: a gateway meets its customers cold).
             warm_up(envoys[case], a.connections, script.get(case), 10 if case in "cC" else 90)
             rss[case] = rss_kib(envoys[case].proc.pid)
+            if case in "fpbBcC":
+                answers_with(f"http://127.0.0.1:{envoys[case].port}/", "x-credits-balance")
         runs = {case: [] for case in cases}
         for rnd in range(a.rounds):
             for case in cases:
@@ -382,6 +402,11 @@ def main():
             "p99 b/e": results["b"]["p99_ms"] / results["e"]["p99_ms"],
             "b/d": results["b"]["rps"] / results["d"]["rps"],
             "e/a": results["e"]["rps"] / ra["rps"],
+            "f/e": results["f"]["rps"] / results["e"]["rps"],
+            "p/e": results["p"]["rps"] / results["e"]["rps"],
+            "b/p": results["b"]["rps"] / results["p"]["rps"],
+            "added_cpu_us_f_over_e": results["f"]["envoy_cpu_us_per_call"] - results["e"]["envoy_cpu_us_per_call"],
+            "added_cpu_us_p_over_e": results["p"]["envoy_cpu_us_per_call"] - results["e"]["envoy_cpu_us_per_call"],
             "added_cpu_us_b_over_a": results["b"]["envoy_cpu_us_per_call"] - ra["envoy_cpu_us_per_call"],
             "added_cpu_us_b_over_e": results["b"]["envoy_cpu_us_per_call"] - results["e"]["envoy_cpu_us_per_call"],
             "added_cpu_us_e_over_a": results["e"]["envoy_cpu_us_per_call"] - ra["envoy_cpu_us_per_call"],

