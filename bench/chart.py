@@ -22,10 +22,10 @@ def load(name):
 def gateway():
     doc = load("gateway")
     cases = doc["cases"]
-    order = [k for k in ["a", "e", "f", "p", "b", "h", "c", "d", "B", "C"] if k in cases]
+    order = [k for k in ["a", "e", "f", "l", "p", "b", "h", "c", "d", "B", "C"] if k in cases]
     labels = [f"{k}. {cases[k]['label']}" for k in order]
     fig, axes = plt.subplots(1, 3, figsize=(16, 5))
-    palette = {"a": "#888888", "e": "#4c72b0", "f": "#8172b2", "p": "#b3a7d9", "b": "#55a868", "h": "#55a868",
+    palette = {"a": "#888888", "e": "#4c72b0", "f": "#8172b2", "l": "#64b5cd", "p": "#b3a7d9", "b": "#55a868", "h": "#55a868",
                "c": "#8fd18f", "d": "#c44e52", "B": "#dd8452", "C": "#f0b27a"}
     colors = [palette[k] for k in order]
     axes[0].barh(labels, [cases[k]["rps"] for k in order], color=colors)

@@ -10,6 +10,8 @@ each case's figure is its median round):
                                          response header)
   p  bench/floor-filter, `prepaid`      (the host calls prepaid_credits makes on its warm path, ten,
                                          no decisions)
+  l  bench/floor-filter, `local`        (floor with the balance in the worker's memory: subject,
+                                         :status, one response header)
   b  prepaid_credits, one customer      (warm lease: a paying customer's steady state)
   h  b without the x-credits-* response headers
   c  prepaid_credits, 10k subjects      (wrk script bench/subjects.lua: a subject picked at random
@@ -301,6 +303,15 @@ def answers_with(url, header):
             raise SystemExit(f"{url}: {r.status} without {header}: the filter did not run")
 
 
+def remove_work(work):
+    """Removes a run's directory, unless BENCH_KEEP_WORK is set: then its logs (the ledger's, each
+    gateway's) stay there to be read."""
+    if os.environ.get("BENCH_KEEP_WORK"):
+        print(f"kept {work}", file=sys.stderr)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def median(values):
     v = sorted(values)
     return v[len(v) // 2]
@@ -328,6 +339,7 @@ def main():
             "e": ("no-op wasm filter", wasm_filter("noop_filter", f"{wasm}/noop_filter.wasm", None)),
             "f": ("floor filter: a credit check's 5 host calls", wasm_filter("floor_filter", f"{wasm}/floor_filter.wasm", "floor")),
             "p": ("floor filter: prepaid_credits' 10 host calls", wasm_filter("floor_filter", f"{wasm}/floor_filter.wasm", "prepaid")),
+            "l": ("floor filter: 3 host calls, balance in worker memory", wasm_filter("floor_filter", f"{wasm}/floor_filter.wasm", "local")),
             "b": ("prepaid_credits, 1 customer", wasm_filter("prepaid_credits", f"{wasm}/prepaid_credits.wasm", config)),
             "h": ("b without response headers", wasm_filter("prepaid_credits", f"{wasm}/prepaid_credits.wasm",
                                                             {**config, "response_headers": {"cost": None, "balance": None}})),
@@ -350,7 +362,7 @@ def main():
             # c: at most 10 s of warm-up (the issue's rule: a gateway meets its customers cold).
             warm_up(envoys[case], a.connections, script.get(case), 10 if case in "cC" else 90)
             rss[case] = rss_kib(envoys[case].proc.pid)
-            if case in "fpbBcC":
+            if case in "flpbBcC":
                 answers_with(f"http://127.0.0.1:{envoys[case].port}/", "x-credits-balance")
         runs = {case: [] for case in cases}
         for rnd in range(a.rounds):
@@ -403,6 +415,7 @@ def main():
             "b/d": results["b"]["rps"] / results["d"]["rps"],
             "e/a": results["e"]["rps"] / ra["rps"],
             "f/e": results["f"]["rps"] / results["e"]["rps"],
+            "l/e": results["l"]["rps"] / results["e"]["rps"],
             "p/e": results["p"]["rps"] / results["e"]["rps"],
             "b/p": results["b"]["rps"] / results["p"]["rps"],
             "added_cpu_us_f_over_e": results["f"]["envoy_cpu_us_per_call"] - results["e"]["envoy_cpu_us_per_call"],
@@ -430,7 +443,7 @@ def main():
                                                 for k, v in results.items()}}, indent=1))
     finally:
         stop_children()
-        shutil.rmtree(work, ignore_errors=True)
+        remove_work(work)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ bench/gateway.py that apply, side by side in one run, interleaved over rounds:
   E  no-op proxy-wasm filter        (bench/noop-filter: reads one header)
   F  bench/floor-filter `floor`     (a credit check's fewest host calls, five, and no decisions)
   P  bench/floor-filter `prepaid`   (prepaid_credits' ten host calls on its warm path, no decisions)
+  L  bench/floor-filter `local`     (F with the balance in the worker's memory: three host calls)
   B  prepaid_credits, one customer  (its default configuration: a warm lease)
   H  B without the x-credits-* response headers
   C  prepaid_credits, 10k subjects  (bench/subjects.lua picks one at random per request; defaults,
@@ -24,7 +25,6 @@ cargo build --release -p ledger --bin credits-ledger --example ledger_bench.
 import argparse
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -139,6 +139,7 @@ def main():
             "E": ("no-op wasm filter", "proxy_wasm noop_filter;"),
             "F": ("floor filter: a credit check's 5 host calls", "proxy_wasm floor_filter 'floor';"),
             "P": ("floor filter: prepaid_credits' 10 host calls", "proxy_wasm floor_filter 'prepaid';"),
+            "L": ("floor filter: 3 host calls, balance in worker memory", "proxy_wasm floor_filter 'local';"),
             "B": ("prepaid_credits, 1 customer", credits(config)),
             "H": ("B without response headers", credits(quiet)),
             "C": ("prepaid_credits, 10k subjects, defaults", credits(config)),
@@ -152,7 +153,7 @@ def main():
             g.wrk(f"http://127.0.0.1:{gws[case].port}/", 10 if case == "C" else 5, a.connections, "payer0",
                   script.get(case))
             print(f"case {case} warmed for {time.time() - started:.0f} s", file=sys.stderr)
-            if case in "FPBC":
+            if case in "FLPBC":
                 g.answers_with(f"http://127.0.0.1:{gws[case].port}/", "x-credits-balance")
         runs = {case: [] for case in cases}
         for rnd in range(a.rounds):
@@ -184,6 +185,8 @@ def main():
             "C/E": results["C"]["rps"] / e["rps"],
             "E/A": e["rps"] / results["A"]["rps"],
             "F/E": results["F"]["rps"] / e["rps"],
+            "L/E": results["L"]["rps"] / e["rps"],
+            "per-round L/E": [x["rps"] / y["rps"] for x, y in zip(runs["L"], runs["E"])],
             "P/E": results["P"]["rps"] / e["rps"],
             "B/P": results["B"]["rps"] / results["P"]["rps"],
             "per-round F/E": [f["rps"] / x["rps"] for f, x in zip(runs["F"], runs["E"])],
@@ -208,7 +211,7 @@ def main():
                                                 for k, v in results.items()}}, indent=1))
     finally:
         g.stop_children()
-        shutil.rmtree(work, ignore_errors=True)
+        g.remove_work(work)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 //! The filter itself.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
@@ -14,6 +17,12 @@ proxy_wasm::main! {{
 enum Shape {
     Floor,
     Prepaid,
+    Local,
+}
+
+thread_local! {
+    /// `local`: each customer's balance in the worker's own memory, in millionths.
+    static BALANCES: RefCell<HashMap<String, u64>> = RefCell::default();
 }
 
 /// The real filter's entry length: the engine copies this much on every read and write.
@@ -38,8 +47,9 @@ impl RootContext for FloorRoot {
         self.shape = match config.trim_ascii() {
             b"" | b"floor" => Shape::Floor,
             b"prepaid" => Shape::Prepaid,
+            b"local" => Shape::Local,
             _ => {
-                hostcalls::log(LogLevel::Error, "floor-filter: configuration must be floor or prepaid").ok();
+                hostcalls::log(LogLevel::Error, "floor-filter: configuration must be floor, prepaid or local").ok();
                 return false;
             }
         };
@@ -86,6 +96,19 @@ fn update(key: &str, change: impl Fn(u64) -> u64) -> Option<u64> {
     None
 }
 
+/// `local`'s update: no host call.
+fn local_update(key: &str, change: impl Fn(u64) -> u64) -> u64 {
+    BALANCES.with(|b| {
+        let mut balances = b.borrow_mut();
+        let balance = match balances.get_mut(key) {
+            Some(balance) => balance,
+            None => balances.entry(key.to_owned()).or_insert(OPENING_BALANCE),
+        };
+        *balance = change(*balance);
+        *balance
+    })
+}
+
 impl HttpContext for FloorCall {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let Some(subject) = self.get_http_request_header("x-consumer-username") else { return Action::Continue };
@@ -94,7 +117,10 @@ impl HttpContext for FloorCall {
         }
         let key = [KEY_PREFIX, &subject].concat();
         // A hold: the price leaves the balance now.
-        self.balance = update(&key, |b| b.saturating_sub(PRICE)).unwrap_or(self.balance);
+        self.balance = match self.shape {
+            Shape::Local => local_update(&key, |b| b.saturating_sub(PRICE)),
+            Shape::Floor | Shape::Prepaid => update(&key, |b| b.saturating_sub(PRICE)).unwrap_or(self.balance),
+        };
         self.key = Some(key);
         Action::Continue
     }
@@ -108,9 +134,14 @@ impl HttpContext for FloorCall {
         }
         let status = self.get_http_response_header(":status");
         let succeeded = status.is_some_and(|s| s.starts_with('2'));
-        if self.shape == Shape::Floor && !succeeded {
+        if !succeeded {
             // Charged at admission: only a call that failed writes again, to be refunded.
-            self.balance = update(&key, |b| b.saturating_add(PRICE)).unwrap_or(self.balance);
+            let refund = |b: u64| b.saturating_add(PRICE);
+            match self.shape {
+                Shape::Floor => self.balance = update(&key, refund).unwrap_or(self.balance),
+                Shape::Local => self.balance = local_update(&key, refund),
+                Shape::Prepaid => {}
+            }
         }
         if self.shape == Shape::Prepaid {
             self.set_http_response_header("x-credits-cost", Some(if succeeded { "0.01" } else { "0" }));

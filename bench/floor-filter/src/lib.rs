@@ -11,6 +11,9 @@
 //! - `prepaid`: the calls `prepaid_credits` makes on its warm path today: the subject header, the
 //!   clock, the entry read and compare-and-swapped when the call is let through and again when
 //!   it completes (each with a clock read), `:status`, two response headers. Ten per call.
+//! - `local`: `floor` with the balance kept in the worker's own memory instead of shared data
+//!   (what a design where each worker spends a slice of the lease of its own, and writes shared
+//!   data only per tick, would make): the subject, `:status`, one response header. Three per call.
 //!
 //! The entry is as long as the real filter's (300 bytes) and holds a balance that each call
 //! lowers, so the engine copies what it would copy. Built like the real filter
