@@ -169,14 +169,65 @@ fn is_wire_number(text: &str) -> bool {
 }
 
 impl fmt::Display for Amount {
+    /// Decimal's own form (never an exponent, the scale kept), a zero unsigned. Written by hand
+    /// into a stack buffer: the filter prints two amounts per call (its response headers), and
+    /// Decimal's `Display` cost more than the rest of a call's decision (bench/profile.sh).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Decimal's Display never uses an exponent and keeps the scale; a zero prints unsigned.
-        if self.0.is_zero() {
-            write!(f, "{}", self.0.abs())
-        } else {
-            write!(f, "{}", self.0)
+        if f.width().is_some() || f.precision().is_some() {
+            // Padding or rounding asked for: Decimal's own formatting honours both.
+            let value = if self.0.is_zero() { self.0.abs() } else { self.0 };
+            return fmt::Display::fmt(&value, f);
+        }
+        let mut buf = [0u8; WIDEST];
+        f.write_str(plain(self.0, &mut buf))
+    }
+}
+
+/// The longest plain form: a minus, 29 digits (a mantissa has at most 96 bits; a scale of at
+/// most 28 needs 29 with the zero before the point) and the point.
+const WIDEST: usize = 1 + 29 + 1;
+
+/// `value` as Decimal's `Display` writes it without options, a zero unsigned, in `buf`'s tail.
+// Digit printing, not money arithmetic: every count and index is bounded by the 29 digits.
+#[allow(clippy::arithmetic_side_effects, clippy::cast_possible_truncation)]
+fn plain(value: Decimal, buf: &mut [u8; WIDEST]) -> &str {
+    // Two base-10^19 limbs, each divided as a u64: a 128-bit division (a call into the
+    // runtime) only for a mantissa beyond 64 bits, instead of one a digit.
+    const LIMB: u128 = 10_000_000_000_000_000_000;
+    let magnitude = value.mantissa().unsigned_abs();
+    let (mut high, mut low) = match u64::try_from(magnitude) {
+        Ok(small) if u128::from(small) < LIMB => (0, small),
+        _ => ((magnitude / LIMB) as u64, (magnitude % LIMB) as u64),
+    };
+    // The mantissa's digits, least significant first.
+    let mut digits = [0u8; 29];
+    let mut n = 0;
+    while low > 0 || high > 0 {
+        digits[n] = (low % 10) as u8;
+        low /= 10;
+        n += 1;
+        if n == 19 {
+            (low, high) = (high, 0);
         }
     }
+    let scale = value.scale() as usize;
+    let mut at = WIDEST;
+    // At least one digit before the point: zeros where the mantissa is shorter than the scale
+    // (`digits` is zero past the mantissa's, and holds scale + 1 ≤ 29).
+    for (i, digit) in digits.iter().enumerate().take(n.max(scale + 1)) {
+        if i == scale && scale > 0 {
+            at -= 1;
+            buf[at] = b'.';
+        }
+        at -= 1;
+        buf[at] = b'0' + digit;
+    }
+    if value.is_sign_negative() && magnitude != 0 {
+        at -= 1;
+        buf[at] = b'-';
+    }
+    // Only ASCII digits, a point and a minus were written.
+    std::str::from_utf8(&buf[at..]).unwrap_or_default()
 }
 
 /// Sums and differences keep the larger scale of their operands (1.00 − 1.00 = 0.00, not 0),
@@ -328,6 +379,46 @@ mod tests {
     fn wire_amounts_round_trip_without_loss() {
         for text in ["0", "1", "-1", "1.50", "0.000000001", "123456789012345678.123456789", "-0.10"] {
             assert_eq!(Amount::parse(text).map(|a| a.to_string()).as_deref(), Ok(text));
+        }
+    }
+
+    /// Decimal's own `Display`, a zero unsigned: what `Amount` printed before it printed by hand.
+    fn decimals_own(value: Decimal) -> String {
+        if value.is_zero() {
+            value.abs().to_string()
+        } else {
+            value.to_string()
+        }
+    }
+
+    #[test]
+    fn amounts_print_like_decimal_at_the_edges() {
+        let edges = [
+            Decimal::MAX,
+            Decimal::MIN,
+            Decimal::ZERO,
+            Decimal::from_i128_with_scale(0, 28),
+            Decimal::from_i128_with_scale(-1, 28),
+            Decimal::from_i128_with_scale(10_000_000_000_000_000_000, 19),
+            Decimal::from_i128_with_scale(10_000_000_000_000_000_000, 0),
+            Decimal::from_i128_with_scale(9_999_999_999_999_999_999, 20),
+            Decimal::from_i128_with_scale(-(1 << 95), 3),
+        ];
+        for value in edges {
+            assert_eq!(Amount(value).to_string(), decimals_own(value), "{value:?}");
+        }
+        let mut zero = Decimal::ZERO;
+        zero.set_sign_negative(true);
+        assert_eq!(Amount(zero).to_string(), "0");
+        let (a, b) = (Amount::parse("1.5").unwrap(), Amount::parse("1.25").unwrap());
+        assert_eq!(format!("{a:>6}|{b:.1}"), format!("{:>6}|{:.1}", a.0, b.0), "padding and rounding as Decimal's");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn amounts_print_like_decimal(mantissa in -(1i128 << 96) + 1..(1i128 << 96), scale in 0u32..=28) {
+            let value = Decimal::from_i128_with_scale(mantissa, scale);
+            proptest::prop_assert_eq!(Amount(value).to_string(), decimals_own(value));
         }
     }
 
