@@ -1,5 +1,6 @@
 //! Concurrent charges never over-consume: on SQLite, on PostgreSQL, and with two ledger
-//! instances on one PostgreSQL database; two instances book every expiry exactly once.
+//! instances on one PostgreSQL database; two instances book every expiry exactly once; a write
+//! abandoned while it begins leaves no transaction open.
 
 mod support;
 
@@ -160,4 +161,41 @@ async fn two_serving_processes_book_every_expiry_and_lease_expiry_once() {
     }
     setup.assert_journal_sound().await;
     println!("expiries booked: {by_a} by one instance, {by_b} by the other");
+}
+
+/// A write whose caller goes away while its transaction begins (a gateway's sync that timed out:
+/// the server drops the handler's future) must not leave its connection inside a transaction:
+/// on SQLite that transaction holds the write lock, and every later write would wait it out
+/// ("database is locked") until the connection is recycled — the ledger stalled for minutes under
+/// `bench/gateway.py` on a slow machine before this was fixed.
+#[tokio::test]
+async fn a_write_abandoned_while_it_begins_leaves_no_transaction_open() {
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let test_db = TestDb::new(backend).await;
+        let db = ledger::db::Db::connect(&test_db.url).await.expect("connect");
+        // Abandoned at every stage of beginning, from before the pool hands out a connection to
+        // after the database began the transaction.
+        for i in 0..600u64 {
+            let begun = tokio::time::timeout(Duration::from_micros(i * 7 % 1500), db.begin_write()).await;
+            if let Ok(Ok(tx)) = begun {
+                drop(tx);
+            }
+            if i % 50 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        // Every connection of the pool still begins, writes and commits at once.
+        for i in 0..12 {
+            let mut tx = tokio::time::timeout(Duration::from_secs(3), db.begin_write())
+                .await
+                .unwrap_or_else(|_| panic!("{backend:?}: write {i} waited for a transaction left open"))
+                .unwrap_or_else(|e| panic!("{backend:?}: write {i} could not begin: {e}"));
+            sqlx::query("CREATE TABLE IF NOT EXISTS abandoned_begins (n INTEGER)")
+                .execute(&mut *tx.tx)
+                .await
+                .expect("write");
+            sqlx::query("INSERT INTO abandoned_begins (n) VALUES (1)").execute(&mut *tx.tx).await.expect("write");
+            tx.commit().await.expect("commit");
+        }
+    }
 }

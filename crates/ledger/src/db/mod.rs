@@ -170,7 +170,17 @@ impl Db {
             Backend::Postgres => None,
         };
         let tx = match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Sqlite => {
+                // Run to its end on a task of its own: sqlx (0.8) makes a second round trip after
+                // a custom BEGIN before it hands out the transaction, and a caller dropped in
+                // between (a client that timed out) would leave the connection inside a
+                // transaction that holds the write lock, with nothing to roll it back. Finished
+                // on its task, an abandoned begin yields a transaction whose drop rolls it back.
+                let pool = self.pool.clone();
+                tokio::spawn(async move { pool.begin_with("BEGIN IMMEDIATE").await })
+                    .await
+                    .map_err(|e| sqlx::Error::Io(std::io::Error::other(e)))??
+            }
             Backend::Postgres => self.pool.begin().await?,
         };
         Ok(WriteTx { tx, _serial: serial })
