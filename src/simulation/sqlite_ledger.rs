@@ -138,6 +138,7 @@ impl Ledger for SqliteLedger {
             metrics: Default::default(),
             max_body_bytes,
             syncs: Default::default(),
+            books: Default::default(),
         });
     }
 

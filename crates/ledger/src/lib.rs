@@ -3,6 +3,7 @@
 #![deny(clippy::arithmetic_side_effects)]
 
 pub mod api;
+pub mod book_cache;
 pub mod check;
 pub mod db;
 pub mod expiry;
@@ -31,7 +32,7 @@ pub async fn state(database: &str, auth: Auth) -> anyhow::Result<AppState> {
     let db = db::Db::connect(database).await?;
     let metrics = Arc::new(metrics::Metrics::default());
     let max_body_bytes = api::request::DEFAULT_MAX_BODY_BYTES;
-    Ok(AppState { db, auth, metrics, max_body_bytes, syncs: Default::default() })
+    Ok(AppState { db, auth, metrics, max_body_bytes, syncs: Default::default(), books: Default::default() })
 }
 
 /// Serves until the listener fails or the process is told to stop, with webhooks delivered as

@@ -625,6 +625,39 @@ async fn send_behind_a_held_customer(
     answers
 }
 
+/// A sync keeps the books it committed, and the next sync of those customers uses them without
+/// reading them; a book that changed in between (here a charge through the API) is read again.
+async fn a_book_changed_since_a_sync_kept_it_is_read_again(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ledger = Ledger::start(&db).await;
+    let a = ledger.customer("kept").await;
+    ledger.grant(&a, grant_body("10.00", json!({}))).await;
+    let usage =
+        |from: u64| subject_sync("kept-subject", json!({"usage": usage_range(from, from + 1, "1.00", "credit_only")}));
+    let read_before = ledger.counter("gateway_sync_books_read").await;
+
+    let first = ledger.sync_one("n", usage(0)).await;
+    assert_eq!(first["live"], "9.00", "{first}");
+    let after_first = ledger.counter("gateway_sync_books_read").await;
+    assert_eq!(after_first - read_before, 1, "the first sync reads the book");
+
+    let second = ledger.sync_one("n", usage(1)).await;
+    assert_eq!(second["live"], "8.00", "{second}");
+    let after_second = ledger.counter("gateway_sync_books_read").await;
+    assert_eq!(after_second - after_first, 0, "the book the first sync kept is still current");
+
+    let (status, body) = ledger
+        .charge_with(&a, json!({"amount": "3", "currency": "USD", "settlement_mode": "credit_only", "key": "between"}))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let third = ledger.sync_one("n", usage(2)).await;
+    assert_eq!(third["live"], "4.00", "the charge counted: {third}");
+    let after_third = ledger.counter("gateway_sync_books_read").await;
+    assert_eq!(after_third - after_second, 1, "the charged book is read again");
+    assert_eq!(ledger.balance(&a, "").await, ("4.00".into(), "4.00".into(), "0".into()));
+    ledger.assert_journal_sound().await;
+}
+
 /// A group that fails, and then each of its syncs served alone, is answered with the error, every
 /// sync of it, and books nothing: here the table of usage marks disappears while the syncs wait.
 /// Once it is back, the same syncs book.
@@ -739,6 +772,7 @@ on_both_backends!(
     streams_booked_by_key_before_marks_get_marks_from_their_keys,
     a_corrupt_mark_books_nothing,
     syncs_that_arrive_together_are_served_together,
+    a_book_changed_since_a_sync_kept_it_is_read_again,
     a_group_that_fails_answers_every_sync_with_the_error_and_books_nothing,
     a_sync_that_fails_does_not_fail_its_group,
     a_split_group_that_fails_half_way_books_each_range_once,

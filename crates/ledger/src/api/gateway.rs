@@ -291,8 +291,11 @@ async fn serve_shard(state: &AppState, reqs: &[&SyncRequest], owners: &[(&str, A
     let mut outcomes = Vec::with_capacity(owners.len());
     let mut w = state.db.begin_write().await?;
     let revisions = lock_customers(&mut w.tx, state.db.backend(), &customer_ids).await?;
-    let mut books = books::load_books(&mut w.tx, &customer_ids).await?;
+    // Books this ledger committed and nobody changed since are not read again.
+    let (mut books, to_read) = state.books.take_current(&customer_ids, &revisions);
+    books.extend(books::load_books(&mut w.tx, &to_read).await?);
     let mut batch = Batch::read(state, &mut w, reqs, owners).await?;
+    batch.counts.books_read = to_read.len() as u64;
     let mut before: HashMap<&str, Book> = HashMap::new();
     for &(customer_id, at) in owners {
         // Deleted between the lookup and the lock: no revision, no book.
@@ -309,12 +312,14 @@ async fn serve_shard(state: &AppState, reqs: &[&SyncRequest], owners: &[(&str, A
             batch.writes.changes(customer_id, before, book, now);
         }
     }
-    batch.writes.revisions(revisions);
+    batch.writes.revisions(revisions.clone());
     batch.writes.flush(&mut w.tx).await?;
     let touched: Vec<(&str, &Book)> = before.keys().filter_map(|c| books.get(*c).map(|book| (*c, book))).collect();
     batch.counts.notification_events = crate::notify::on_bookings(&mut w.tx, &touched, batch.db_now).await?;
     let server_time = state.db.now(&mut w.tx).await?;
     w.commit().await?;
+    // Each book served was written with its new revision (`Writes::revisions`).
+    state.books.keep(before.keys().filter_map(|c| Some((*c, *revisions.get(*c)?, books.get(*c)?))));
     batch.counts.publish(state);
     Ok(ShardServed { outcomes, server_time })
 }
@@ -512,6 +517,8 @@ struct Counts {
     leases_released: u64,
     leases_expired_unreported: u64,
     notification_events: usize,
+    /// Books read from the store (the others were kept from an earlier sync).
+    books_read: u64,
 }
 
 impl Counts {
@@ -529,6 +536,7 @@ impl Counts {
         state.metrics.add("leases_expired_unreported", self.leases_expired_unreported);
         state.metrics.add("gateway_sync_groups", 1);
         state.metrics.add("notification_events", self.notification_events as u64);
+        state.metrics.add("gateway_sync_books_read", self.books_read);
     }
 }
 

@@ -47,6 +47,8 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// Gateway syncs waiting to be served together.
     pub syncs: Arc<gateway::SyncQueue>,
+    /// The books gateway syncs committed last.
+    pub books: Arc<crate::book_cache::BookCache>,
 }
 
 async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Response {

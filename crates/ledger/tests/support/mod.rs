@@ -219,10 +219,30 @@ impl Ledger {
         ledger::check::run(&self.state.db).await.expect("check runs")
     }
 
-    /// The journal invariant checker finds nothing wrong.
+    /// The journal invariant checker finds nothing wrong, and every book the ledger kept from a
+    /// gateway sync is, while its revision is current, exactly the book the store gives back.
     pub async fn assert_journal_sound(&self) {
         let problems = self.check().await;
         assert!(problems.is_empty(), "journal check: {problems:?}");
+        self.assert_kept_books_current().await;
+    }
+
+    async fn assert_kept_books_current(&self) {
+        let kept = self.state.books.entries();
+        let ids: Vec<String> = kept.iter().map(|(id, _, _)| id.clone()).collect();
+        let mut conn = self.state.db.pool().acquire().await.expect("connection");
+        let stored = ledger::store::books::load_books(&mut conn, &ids).await.expect("books");
+        for (id, revision, book) in kept {
+            let version: i64 = sqlx::query_scalar("SELECT lock_version FROM customers WHERE id = $1")
+                .bind(&id)
+                .fetch_one(&mut *conn)
+                .await
+                .expect("revision");
+            // A book changed since it was kept is read again under the next lock.
+            if version == revision {
+                assert_eq!(Some(&book), stored.get(&id), "the book kept for {id} at revision {revision}");
+            }
+        }
     }
 
     /// A charge with any body; `(status, body)`.
