@@ -137,6 +137,22 @@ async fn start(a: &Args, http: &reqwest::Client) -> Target {
     panic!("the ledger at {} did not become healthy", target.base);
 }
 
+/// CPU seconds (user and system) the ledger processes this run started have used so far, from
+/// `/proc/<pid>/stat` (in Linux's USER_HZ of 100 ticks a second); `None` for a ledger at `--url`
+/// or where `/proc` cannot be read.
+fn ledger_cpu_seconds(targets: &[Target]) -> Option<f64> {
+    let mut ticks = 0u64;
+    for t in targets {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", t.child.as_ref()?.id())).ok()?;
+        // Fields after the command (which may hold spaces), counted from the state (field 3):
+        // utime and stime are fields 14 and 15.
+        let rest = stat.rsplit_once(')')?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        ticks += fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    }
+    Some(ticks as f64 / 100.0)
+}
+
 /// Creates the customers (16 at a time: the ledger serialises writes anyway); returns their ids.
 async fn create_customers(http: &reqwest::Client, base: &str, prefix: &str, n: usize) -> Vec<String> {
     let base = format!("{base}/v3/openmeter");
@@ -349,6 +365,7 @@ async fn main() {
     let stop = Arc::new(AtomicBool::new(false));
     let reader = tokio::spawn(read_balances(http.clone(), target.base.clone(), customers.clone(), stop.clone()));
     let deadline = Instant::now() + Duration::from_secs(a.seconds);
+    let cpu_before = ledger_cpu_seconds(&targets);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for client in 0..a.clients {
@@ -387,6 +404,7 @@ async fn main() {
         latencies.extend(t.await.expect("client"));
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let ledger_cpu = ledger_cpu_seconds(&targets).zip(cpu_before).map(|(after, before)| after - before);
     stop.store(true, Ordering::Relaxed);
     let mut reads = reader.await.expect("reader");
     latencies.sort();
@@ -413,6 +431,7 @@ async fn main() {
         "balance_reads": reads.len(),
         "balance_p50_ms": percentile(&reads, 0.50),
         "balance_p99_ms": percentile(&reads, 0.99),
+        "ledger_cpu_seconds": ledger_cpu,
     });
     match a.mode {
         Mode::Charges => result["charges_per_second"] = json!((ops as f64 / elapsed).round()),
@@ -422,6 +441,10 @@ async fn main() {
             result["calls_per_range"] = json!(a.calls_per_range);
             result["ranges_per_second"] = json!((records as f64 / elapsed).round());
             result["calls_per_second"] = json!((records as f64 * a.calls_per_range as f64 / elapsed).round());
+            // Less sensitive than the rate to what else the machine runs (the load generator, a
+            // neighbour's steal): what one range cost the ledger processes, balance reads included.
+            result["ledger_cpu_us_per_range"] =
+                json!(ledger_cpu.map(|cpu| (cpu * 1e6 / records.max(1) as f64 * 10.0).round() / 10.0));
         }
         Mode::Setup => {}
     }
