@@ -6,7 +6,7 @@
 mod support;
 
 use serde_json::{json, Value};
-use support::{grant_body, row, subject_sync, summary, usage_range, Backend, Ledger, TestDb};
+use support::{grant_body, lease_request, row, subject_sync, summary, usage_range, Backend, Ledger, TestDb};
 
 fn id_of(v: &Value) -> String {
     v["id"].as_str().unwrap_or_else(|| panic!("no id in {v}")).to_owned()
@@ -304,6 +304,54 @@ async fn a_corrupt_mark_books_nothing(backend: Backend) {
         ledger.sync(json!({"node": "n", "subjects": [subject_sync("corrupt-subject", json!({"usage": range}))]})).await;
     assert_eq!(status, 500, "{body}");
     assert_eq!(ledger.balance(&c, "").await.0, "9.00", "booked once");
+}
+
+/// The reads of a sync come back from the database packed as JSON (`db::rows::fetch_packed_by_ids`):
+/// subjects and lease ids of any text — quotes, backslashes, control characters, non-ASCII — must
+/// come back as they went in, so that each customer is found, its lease recognised and its range
+/// booked once (the second sync finds the marks: duplicates).
+async fn subjects_and_lease_ids_of_any_text_are_read_back_as_written(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ledger = Ledger::start(&db).await;
+    let subjects = ["quote\"d", "back\\slash", "tab\tnew\nline", "bell\u{7}\u{1f}", "ünïcödé 😀", "[1,\"x\"]", "null"];
+    for (i, subject) in subjects.iter().enumerate() {
+        let (status, body) = ledger
+            .post(
+                "/v3/openmeter/customers",
+                json!({"name": format!("c{i}"), "key": format!("c{i}"), "usage_attribution": {"subject_keys": [subject]}}),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        ledger.grant(&id_of(&body), grant_body("10.00", json!({}))).await;
+    }
+    let sync = |ttl_ms: u64| {
+        let entries: Vec<Value> = subjects
+            .iter()
+            .map(|s| {
+                let mut range = usage_range(0, 2, "1.00", "credit_only");
+                range["lease_id"] = json!(format!("lease {s}"));
+                subject_sync(
+                    s,
+                    json!({"usage": range, "lease": lease_request(&format!("lease {s}"), 1, "2.00", ttl_ms)}),
+                )
+            })
+            .collect();
+        json!({"node": "n", "subjects": entries})
+    };
+    for (round, usage) in [(1, "booked"), (2, "duplicate")] {
+        let (status, body) = ledger.sync(sync(60_000)).await;
+        assert_eq!(status, 200, "{body}");
+        for (answer, subject) in body["subjects"].as_array().expect("subjects").iter().zip(subjects) {
+            assert_eq!(answer["subject"], subject, "round {round}: {answer}");
+            assert_eq!(answer["status"], "ok", "round {round}: {answer}");
+            assert_eq!(answer["usage"], usage, "round {round}: {answer}");
+            // 10.00 less the range (1.00) and what the lease holds (2.00).
+            assert_eq!(answer["live"], "7.00", "round {round}: {answer}");
+            assert_eq!(answer["lease"]["lease_id"], format!("lease {subject}"), "round {round}: {answer}");
+            assert_eq!(answer["lease"]["held"], "2.00", "round {round}: {answer}");
+        }
+    }
+    ledger.assert_journal_sound().await;
 }
 
 /// A range that names its origin (the incarnation of the node's record that numbered it) is
@@ -771,6 +819,7 @@ on_both_backends!(
     ranges_apart_from_the_mark_book_by_key_each_call_once,
     streams_booked_by_key_before_marks_get_marks_from_their_keys,
     a_corrupt_mark_books_nothing,
+    subjects_and_lease_ids_of_any_text_are_read_back_as_written,
     syncs_that_arrive_together_are_served_together,
     a_book_changed_since_a_sync_kept_it_is_read_again,
     a_group_that_fails_answers_every_sync_with_the_error_and_books_nothing,

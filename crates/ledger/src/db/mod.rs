@@ -239,9 +239,10 @@ pub async fn lock_customers(
         Backend::Sqlite => "SELECT id, lock_version FROM customers WHERE id IN ({list}) AND deleted_at IS NULL",
     };
     let mut revisions = std::collections::HashMap::with_capacity(ids.len());
-    for row in rows::fetch_by_ids(tx, sql, ids).await? {
-        let version: i64 = row.try_get(1)?;
-        revisions.insert(row.try_get(0)?, version.saturating_add(1));
+    let columns = [("id", rows::Kind::Text), ("lock_version", rows::Kind::Int)];
+    for row in rows::fetch_small_rows_by_ids(tx, sql, &columns, ids).await? {
+        let [id, version] = row.as_slice() else { return Err(rows::wrong_columns(&row)) };
+        revisions.insert(id.text()?.to_owned(), version.int()?.saturating_add(1));
     }
     Ok(revisions)
 }

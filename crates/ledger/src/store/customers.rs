@@ -83,8 +83,13 @@ pub async fn by_subject(conn: &mut sqlx::AnyConnection, subject: &str) -> StoreR
 /// absent).
 pub async fn by_subjects(conn: &mut sqlx::AnyConnection, subjects: &[String]) -> StoreResult<HashMap<String, String>> {
     let sql = "SELECT subject_key, customer_id FROM customer_subjects WHERE subject_key IN ({list})";
-    let rows = rows::fetch_by_ids(conn, sql, subjects).await?;
-    Ok(rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect::<sqlx::Result<_>>()?)
+    let columns = [("subject_key", rows::Kind::Text), ("customer_id", rows::Kind::Text)];
+    let rows = rows::fetch_small_rows_by_ids(conn, sql, &columns, subjects).await?;
+    let pair = |row: &Vec<rows::Value>| match row.as_slice() {
+        [subject, customer] => Ok((subject.text()?.to_owned(), customer.text()?.to_owned())),
+        _ => Err(rows::wrong_columns(row)),
+    };
+    Ok(rows.iter().map(pair).collect::<sqlx::Result<_>>()?)
 }
 
 /// Why a customer could not be written.

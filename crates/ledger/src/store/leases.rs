@@ -22,13 +22,20 @@ pub async fn find_many(
 ) -> StoreResult<HashMap<String, LeaseRecord>> {
     let sql = "SELECT id, customer_id, released_at, last_seq FROM holds WHERE id IN ({list})";
     let mut found = HashMap::new();
-    for r in rows::fetch_by_ids(conn, sql, lease_ids).await? {
+    let columns = [
+        ("id", rows::Kind::Text),
+        ("customer_id", rows::Kind::Text),
+        ("released_at", rows::Kind::Int),
+        ("last_seq", rows::Kind::Int),
+    ];
+    for r in rows::fetch_small_rows_by_ids(conn, sql, &columns, lease_ids).await? {
+        let [id, customer_id, released_at, last_seq] = r.as_slice() else { return Err(rows::wrong_columns(&r).into()) };
         let record = LeaseRecord {
-            customer_id: r.try_get("customer_id")?,
-            closed: r.try_get::<Option<i64>, _>("released_at")?.is_some(),
-            last_seq: r.try_get("last_seq")?,
+            customer_id: customer_id.text()?.to_owned(),
+            closed: released_at.opt_int()?.is_some(),
+            last_seq: last_seq.int()?,
         };
-        found.insert(r.try_get("id")?, record);
+        found.insert(id.text()?.to_owned(), record);
     }
     Ok(found)
 }

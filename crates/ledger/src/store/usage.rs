@@ -32,18 +32,20 @@ pub async fn recorded(conn: &mut sqlx::AnyConnection, keys: &[String]) -> StoreR
 /// The marks of `streams` (a stream never booked has none).
 pub async fn marks(conn: &mut sqlx::AnyConnection, streams: &[String]) -> StoreResult<HashMap<String, UsageMark>> {
     let sql = "SELECT stream, booked_to, keyed FROM usage_marks WHERE stream IN ({list})";
-    rows::fetch_by_ids(conn, sql, streams)
+    let columns = [("stream", rows::Kind::Text), ("booked_to", rows::Kind::Int), ("keyed", rows::Kind::Int)];
+    rows::fetch_small_rows_by_ids(conn, sql, &columns, streams)
         .await?
         .iter()
         .map(|r| {
-            let stored: i64 = r.try_get(1)?;
+            let [stream, booked_to, keyed] = r.as_slice() else { return Err(rows::wrong_columns(r).into()) };
+            let stored = booked_to.int()?;
             // A negative mark would book every call of the stream again: refuse it.
             let booked_to = u64::try_from(stored).map_err(|_| StoreError::Corrupt {
                 table: "usage_marks",
                 column: "booked_to",
                 value: stored.to_string(),
             })?;
-            Ok((r.try_get(0)?, UsageMark { booked_to, keyed: r.try_get::<i64, _>(2)? != 0 }))
+            Ok((stream.text()?.to_owned(), UsageMark { booked_to, keyed: keyed.int()? != 0 }))
         })
         .collect()
 }
