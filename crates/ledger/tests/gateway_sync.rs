@@ -306,10 +306,11 @@ async fn a_corrupt_mark_books_nothing(backend: Backend) {
     assert_eq!(ledger.balance(&c, "").await.0, "9.00", "booked once");
 }
 
-/// The reads of a sync come back from the database packed as JSON (`db::rows::fetch_packed_by_ids`):
-/// subjects and lease ids of any text — quotes, backslashes, control characters, non-ASCII — must
-/// come back as they went in, so that each customer is found, its lease recognised and its range
-/// booked once (the second sync finds the marks: duplicates).
+/// A sync's large reads come back packed as JSON on SQLite (`db::rows::fetch_small_rows_by_ids`),
+/// as rows on PostgreSQL: subjects and lease ids of any text — quotes, backslashes, control
+/// characters, non-ASCII, JSON-looking text — must come back as they went in, so that each
+/// customer is found, its lease recognised and its range booked once (the second sync finds the
+/// marks: duplicates).
 async fn subjects_and_lease_ids_of_any_text_are_read_back_as_written(backend: Backend) {
     let db = TestDb::new(backend).await;
     let ledger = Ledger::start(&db).await;
@@ -324,7 +325,7 @@ async fn subjects_and_lease_ids_of_any_text_are_read_back_as_written(backend: Ba
         assert_eq!(status, 201, "{body}");
         ledger.grant(&id_of(&body), grant_body("10.00", json!({}))).await;
     }
-    let sync = |ttl_ms: u64| {
+    let sync = || {
         let entries: Vec<Value> = subjects
             .iter()
             .map(|s| {
@@ -332,14 +333,14 @@ async fn subjects_and_lease_ids_of_any_text_are_read_back_as_written(backend: Ba
                 range["lease_id"] = json!(format!("lease {s}"));
                 subject_sync(
                     s,
-                    json!({"usage": range, "lease": lease_request(&format!("lease {s}"), 1, "2.00", ttl_ms)}),
+                    json!({"usage": range, "lease": lease_request(&format!("lease {s}"), 1, "2.00", 60_000)}),
                 )
             })
             .collect();
         json!({"node": "n", "subjects": entries})
     };
     for (round, usage) in [(1, "booked"), (2, "duplicate")] {
-        let (status, body) = ledger.sync(sync(60_000)).await;
+        let (status, body) = ledger.sync(sync()).await;
         assert_eq!(status, 200, "{body}");
         for (answer, subject) in body["subjects"].as_array().expect("subjects").iter().zip(subjects) {
             assert_eq!(answer["subject"], subject, "round {round}: {answer}");

@@ -132,9 +132,9 @@ pub enum Kind {
 /// chunk's rows into one JSON array, so the driver hands over one row per chunk: it hands every
 /// row from its worker thread to the caller's task, each a wake-up of a parked thread, and thread
 /// hand-offs were about a quarter of the ledger's CPU under gateway syncs (packed: −18 % CPU per
-/// range, bench/RESULTS.md §0h). PostgreSQL's
-/// driver reads rows off its socket in the caller's task; packing them there measured no better,
-/// so they come as rows. `select` names each column of `columns` and has an `IN ({list})`.
+/// range, bench/RESULTS.md §0h). PostgreSQL's driver reads rows off its socket in the caller's
+/// task; packing them there measured no better, so they come as rows. `select` names each column
+/// of `columns` and has an `IN ({list})`.
 pub async fn fetch_small_rows_by_ids(
     conn: &mut sqlx::AnyConnection,
     select: &str,
