@@ -6,7 +6,7 @@ use credits::sync::{LeaseAnswer, LeaseRequest};
 use credits::Amount;
 
 use crate::config::FilterConfig;
-use crate::customer::{origin_hex, CustomerEntry, Lease};
+use crate::customer::{push_origin_hex, CustomerEntry, Lease};
 use crate::pricing::Scope;
 
 /// The node's lease for a customer in a scope keeps one id for its entry's life (named by the
@@ -14,7 +14,8 @@ use crate::pricing::Scope;
 /// it was released. An entry rebuilt after an eviction opens a lease of its own, numbering its
 /// requests from 1 again; its predecessor's lease lapses at its TTL.
 pub fn id(e: &CustomerEntry) -> String {
-    let mut id = origin_hex(e.origin);
+    let mut id = String::with_capacity(16 + 1 + e.key.len());
+    push_origin_hex(&mut id, e.origin);
     id.push('/');
     id.push_str(&e.key);
     id

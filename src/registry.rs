@@ -3,7 +3,9 @@
 //! the one worker that served a customer: a worker whose instance was reset, or that no longer
 //! sees that customer's calls, still gets its usage out and its lease renewed.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
+
+use rustc_hash::FxHashSet;
 
 use crate::config::FilterConfig;
 use crate::shared::{self, Keyed, SharedData};
@@ -57,6 +59,11 @@ impl Shard {
         self.lines.split('\n').filter(|l| !l.is_empty())
     }
 
+    /// How many subjects it holds (at most; empty lines are none).
+    fn lines_held(&self) -> usize {
+        self.lines.bytes().filter(|b| *b == b'\n').count()
+    }
+
     fn contains(&self, subject: &str) -> bool {
         self.subjects().any(|s| s == subject)
     }
@@ -70,7 +77,11 @@ impl Shard {
         if subjects.iter().all(|s| used + s.len() >= SHARD_BYTES) {
             return false;
         }
-        let mut known: HashSet<&str> = self.subjects().collect();
+        // Sized at once and hashed with Fx: SipHash and regrowth were most of a tick's register
+        // cost (`bench/profile.sh`, c-ticks). A shard bounds what one set can hold (hash flooding
+        // by chosen subjects costs at most a few hundred of them).
+        let mut known = subject_set(self.lines_held() + subjects.len());
+        known.extend(self.subjects());
         let mut fresh = Vec::new();
         for s in subjects {
             if used + s.len() < SHARD_BYTES && known.insert(s) {
@@ -148,10 +159,31 @@ pub fn remove(store: &dyn SharedData, config: &FilterConfig, subject: &str) -> b
     .is_ok()
 }
 
+/// An empty set of subjects with room for `capacity`.
+fn subject_set<'a>(capacity: usize) -> FxHashSet<&'a str> {
+    FxHashSet::with_capacity_and_hasher(capacity, Default::default())
+}
+
+/// The register as read at one instant: its shards' text, whose subjects are borrowed, not
+/// copied one by one (every tick reads the whole register).
+pub struct Snapshot(Vec<Shard>);
+
+impl Snapshot {
+    pub fn subjects(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().flat_map(Shard::subjects)
+    }
+
+    /// Every registered subject, as a set to look up in.
+    pub fn to_set(&self) -> FxHashSet<&str> {
+        let mut set = subject_set(self.0.iter().map(Shard::lines_held).sum());
+        set.extend(self.subjects());
+        set
+    }
+}
+
 /// Every registered customer.
-pub fn all(store: &dyn SharedData, config: &FilterConfig) -> Vec<String> {
-    let shards: Vec<Shard> = (0..SHARDS).filter_map(|i| shared::read::<Shard>(store, &shard_key(config, i))).collect();
-    shards.iter().flat_map(Shard::subjects).map(str::to_owned).collect()
+pub fn all(store: &dyn SharedData, config: &FilterConfig) -> Snapshot {
+    Snapshot((0..SHARDS).filter_map(|i| shared::read::<Shard>(store, &shard_key(config, i))).collect())
 }
 
 #[cfg(test)]
@@ -172,11 +204,13 @@ mod tests {
             let store = FakeShared::new(rules);
             assert_eq!(add(&store, &config, &["alice", "bob", "alice"]), 0);
             assert_eq!(add(&store, &config, &["alice"]), 0);
-            let mut everyone = all(&store, &config);
+            let register = all(&store, &config);
+            let mut everyone: Vec<&str> = register.subjects().collect();
             everyone.sort();
             assert_eq!(everyone, ["alice", "bob"]);
+            assert_eq!(register.to_set(), ["alice", "bob"].into_iter().collect());
             assert!(remove(&store, &config, "alice"));
-            assert_eq!(all(&store, &config), ["bob"]);
+            assert_eq!(all(&store, &config).subjects().collect::<Vec<_>>(), ["bob"]);
         }
     }
 
@@ -213,7 +247,7 @@ mod tests {
         let mut added = 0;
         for subject in &subjects {
             assert_eq!(add(&store, &config, &[subject]), 0, "a full shard is no failure");
-            if all(&store, &config).len() == added {
+            if all(&store, &config).subjects().count() == added {
                 break;
             }
             added += 1;
@@ -223,7 +257,7 @@ mod tests {
         // Full: asking again reads the shard and writes nothing.
         let writes = store.sets.get();
         assert_eq!(add(&store, &config, &[&subjects[added]]), 0);
-        assert_eq!((store.sets.get(), all(&store, &config).len()), (writes, added));
+        assert_eq!((store.sets.get(), all(&store, &config).subjects().count()), (writes, added));
     }
 
     #[test]
@@ -238,7 +272,7 @@ mod tests {
         let probes = crate::shared::PROBES as u64;
         assert_eq!(store.sets.get(), SHARDS);
         assert!(store.gets.get() <= 2 * probes * SHARDS, "{:?}", store.gets);
-        let registered = all(&store, &config).len();
+        let registered = all(&store, &config).subjects().count();
         assert!((2_000..10_000).contains(&registered), "as many as fit: {registered}");
         // Again: every shard is full or holds them already: one read per shard, nothing written.
         let (reads, writes) = (store.gets.get(), store.sets.get());

@@ -2,8 +2,6 @@
 //! worker serves and refreshes their cached balances from the answer. Cold-miss balance reads use
 //! the same request with a single subject and no usage.
 
-use std::collections::HashSet;
-
 use credits::limits::DEFAULT_MAX_BODY_BYTES;
 use credits::sync::{
     LeaseRequest, SubjectAnswer, SubjectOutcome, SubjectSync, SyncRequest, SyncResponse, UsageOutcome,
@@ -74,18 +72,20 @@ impl Body {
     }
 
     /// Adds one customer's subjects if they fit `budget` (the first customer always goes).
+    /// Written in place and taken back if they do not fit: no buffer per subject.
     fn add(&mut self, taken: Vec<SubjectSync>, budget: Budget) -> bool {
-        let encoded: Vec<Vec<u8>> = taken.iter().map(|s| serde_json::to_vec(s).unwrap_or_default()).collect();
-        let len: usize = encoded.iter().map(|e| e.len() + 1).sum();
-        let fits = self.subjects.len() + taken.len() <= budget.subjects && self.bytes.len() + len + 2 <= budget.bytes;
-        if !fits && !self.subjects.is_empty() {
-            return false;
-        }
-        for (i, e) in encoded.iter().enumerate() {
+        let start = self.bytes.len();
+        for (i, s) in taken.iter().enumerate() {
             if i > 0 || !self.subjects.is_empty() {
                 self.bytes.push(b',');
             }
-            self.bytes.extend_from_slice(e);
+            // A subject's sync is strings, amounts and numbers: it always serializes.
+            let _ = serde_json::to_writer(&mut self.bytes, s);
+        }
+        let fits = self.subjects.len() + taken.len() <= budget.subjects && self.bytes.len() + 2 <= budget.bytes;
+        if !fits && !self.subjects.is_empty() {
+            self.bytes.truncate(start);
+            return false;
         }
         self.subjects.extend(taken);
         true
@@ -211,7 +211,8 @@ pub fn prepare(
     now_ms: u64,
 ) -> Prepared {
     // Whatever any worker of the node left to report or renew is this worker's business too.
-    let registered: HashSet<String> = registry::all(store, config).into_iter().collect();
+    let register = registry::all(store, config);
+    let registered = register.to_set();
     for subject in &registered {
         tracker.touch_if_absent(subject, now_ms);
     }
@@ -232,7 +233,7 @@ pub fn prepare(
         }
         last = Some(subject);
         // Checked against the tick's snapshot: the register is a whole shard to read.
-        if pending && !registered.contains(subject) {
+        if pending && !registered.contains(subject.as_str()) {
             prepared.unregistered.push(subject.clone());
         }
         if !kept {

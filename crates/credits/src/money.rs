@@ -133,7 +133,7 @@ impl Amount {
     /// in magnitude and [`crate::limits::MAX_AMOUNT_SCALE`] decimal places (counted as written:
     /// `"1.0000000000"` has 10).
     pub fn bounded(self) -> Result<Amount, ModelError> {
-        if self.0.abs() > crate::limits::MAX_AMOUNT || self.0.scale() > crate::limits::MAX_AMOUNT_SCALE {
+        if self.0.scale() > crate::limits::MAX_AMOUNT_SCALE || magnitude_above(self.0, crate::limits::MAX_AMOUNT) {
             return Err(ModelError::AmountOutOfBounds(self.to_string()));
         }
         Ok(self)
@@ -142,7 +142,7 @@ impl Amount {
     /// The amount, if it can be a sum the ledger answered (a balance, a hold): at most
     /// [`crate::limits::MAX_BALANCE`] in magnitude. The filter reads ledger answers through it.
     pub fn within_balance_bound(self) -> Result<Amount, ModelError> {
-        if self.0.abs() > crate::limits::MAX_BALANCE {
+        if magnitude_above(self.0, crate::limits::MAX_BALANCE) {
             return Err(ModelError::AmountOutOfBounds(self.to_string()));
         }
         Ok(self)
@@ -151,10 +151,31 @@ impl Amount {
 
 /// `result` if it kept `scale` (an inexact result has fewer places) and lies within the bound.
 fn exact(result: Amount, scale: u32) -> Result<Amount, AmountOverflow> {
-    if result.0.scale() < scale || result.0.abs() > crate::limits::MAX_BALANCE {
+    if result.0.scale() < scale || magnitude_above(result.0, crate::limits::MAX_BALANCE) {
         return Err(AmountOverflow);
     }
     Ok(result)
+}
+
+/// `10^i` for every scale a decimal can have.
+const POWERS_OF_TEN: [u128; 29] = {
+    let mut powers = [1u128; 29];
+    let mut i = 1;
+    while i < powers.len() {
+        powers[i] = powers[i - 1] * 10;
+        i += 1;
+    }
+    powers
+};
+
+/// `|value| > limit` for a whole `limit` (the bounds in `crate::limits`), compared on the
+/// mantissas: `|m| > limit × 10^scale`. Decimal's own comparison rescales one side first, and the
+/// filter checks every sum it keeps several times a call (bench/profile.sh).
+fn magnitude_above(value: Decimal, limit: Decimal) -> bool {
+    debug_assert!(limit.scale() == 0, "{limit}");
+    let scaled = POWERS_OF_TEN.get(value.scale() as usize).and_then(|p| limit.mantissa().unsigned_abs().checked_mul(*p));
+    // A limit beyond u128 once scaled is beyond every mantissa (at most 96 bits).
+    scaled.is_some_and(|l| value.mantissa().unsigned_abs() > l)
 }
 
 /// `^-?[0-9]+(\.[0-9]+)?$`, checked by hand so the model needs no regex engine.
@@ -419,6 +440,43 @@ mod tests {
         fn amounts_print_like_decimal(mantissa in -(1i128 << 96) + 1..(1i128 << 96), scale in 0u32..=28) {
             let value = Decimal::from_i128_with_scale(mantissa, scale);
             proptest::prop_assert_eq!(Amount(value).to_string(), decimals_own(value));
+        }
+    }
+
+    /// Decimal's own comparison, which `magnitude_above` replaces in the bounds.
+    fn decimals_above(value: Decimal, limit: Decimal) -> bool {
+        value.abs() > limit
+    }
+
+    #[test]
+    fn magnitudes_compare_like_decimal_at_the_bounds() {
+        use crate::limits::{MAX_AMOUNT, MAX_BALANCE};
+        for limit in [MAX_AMOUNT, MAX_BALANCE, Decimal::ZERO, Decimal::ONE] {
+            for scale in 0u32..=28 {
+                let Some(at) = limit.mantissa().checked_mul(10i128.pow(scale)).filter(|m| *m < 1 << 96) else {
+                    continue;
+                };
+                for delta in -2i128..=2 {
+                    for sign in [1, -1] {
+                        let value = Decimal::from_i128_with_scale(sign * (at + delta).max(0), scale);
+                        assert_eq!(magnitude_above(value, limit), decimals_above(value, limit), "{value} vs {limit}");
+                    }
+                }
+            }
+            for edge in [Decimal::MAX, Decimal::MIN, Decimal::from_i128_with_scale(1, 28)] {
+                assert_eq!(magnitude_above(edge, limit), decimals_above(edge, limit), "{edge} vs {limit}");
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn magnitudes_compare_like_decimal(mantissa in -(1i128 << 96) + 1..(1i128 << 96), scale in 0u32..=28) {
+            use crate::limits::{MAX_AMOUNT, MAX_BALANCE};
+            let value = Decimal::from_i128_with_scale(mantissa, scale);
+            for limit in [MAX_AMOUNT, MAX_BALANCE] {
+                proptest::prop_assert_eq!(magnitude_above(value, limit), decimals_above(value, limit));
+            }
         }
     }
 
