@@ -173,7 +173,8 @@ const POWERS_OF_TEN: [u128; 29] = {
 /// filter checks every sum it keeps several times a call (bench/profile.sh).
 fn magnitude_above(value: Decimal, limit: Decimal) -> bool {
     debug_assert!(limit.scale() == 0, "{limit}");
-    let scaled = POWERS_OF_TEN.get(value.scale() as usize).and_then(|p| limit.mantissa().unsigned_abs().checked_mul(*p));
+    let scaled =
+        POWERS_OF_TEN.get(value.scale() as usize).and_then(|p| limit.mantissa().unsigned_abs().checked_mul(*p));
     // A limit beyond u128 once scaled is beyond every mantissa (at most 96 bits).
     scaled.is_some_and(|l| value.mantissa().unsigned_abs() > l)
 }
