@@ -3,9 +3,10 @@
 //! callback here with the engine and the worker; nothing in this module calls the host directly.
 
 use credits::limits::MAX_SUBJECT_LEN;
+use credits::money::Printed;
 use credits::Amount;
 
-use crate::config::{ConfigError, FilterConfig};
+use crate::config::{ConfigError, FilterConfig, ResponseHeaders};
 use crate::decision::{self, Hold, Verdict};
 use crate::engine::{ContextId, Engine, LedgerAnswer, Metric, Token};
 use crate::pricing::{self, Quote, UnitSource};
@@ -251,13 +252,13 @@ impl Call {
         config: &FilterConfig,
         response: &dyn Request,
         end_of_stream: bool,
-    ) -> Vec<(String, String)> {
+    ) -> Option<Charged> {
         if matches!(self.stage, Stage::Waiting) && self.take_admission(worker) == Flow::Pause {
             self.resumed_undecided(worker);
         }
         let Stage::Admitted(admission) = std::mem::take(&mut self.stage) else {
             self.stage = Stage::Done;
-            return Vec::new();
+            return None;
         };
         let status = response.header(":status").and_then(|s| s.parse().ok());
         let from_headers = config
@@ -274,19 +275,9 @@ impl Call {
             let content_type = response.header("content-type");
             let reader = BodyReader::new(&config.pricing, content_type.as_deref());
             self.stage = Stage::Reading(admission, Response { status, from_headers, reader });
-            return Vec::new();
+            return None;
         }
-        let Some((cost, balance)) = complete(worker, engine, config, admission, status, from_headers) else {
-            return Vec::new();
-        };
-        let mut headers = Vec::new();
-        if let Some(name) = &config.response_headers.cost {
-            headers.push((name.clone(), cost.to_string()));
-        }
-        if let (Some(name), Some(balance)) = (&config.response_headers.balance, balance) {
-            headers.push((name.clone(), balance.to_string()));
-        }
-        headers
+        complete(worker, engine, config, admission, status, from_headers)
     }
 
     /// A chunk of the response body (a copy: the response is never held back).
@@ -343,13 +334,33 @@ impl Call {
 /// The call's subject, if it names one (with every header `subject.require_headers` asks for).
 fn identify(config: &FilterConfig, request: &dyn Request) -> Option<String> {
     let subject = request.header(&config.subject.header)?;
-    let subject = subject.trim();
+    let trimmed = subject.trim();
     let verified =
         config.subject.require_headers.iter().all(|h| request.header(h).is_some_and(|v| !v.trim().is_empty()));
-    (!subject.is_empty() && verified).then(|| subject.to_owned())
+    if trimmed.is_empty() || !verified {
+        return None;
+    }
+    // The header's own string unless there was something to trim (a copy per call otherwise).
+    Some(if trimmed.len() == subject.len() { subject } else { trimmed.to_owned() })
 }
 
-/// Completes a call at what its response reported (`observed`, per rule); the cost and the
+/// What a call completed at its response headers cost, and the balance after it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Charged {
+    pub cost: Amount,
+    pub balance: Option<Amount>,
+}
+
+impl Charged {
+    /// The response headers `names` asks for, each value printed on the stack.
+    pub fn headers<'n>(&self, names: &'n ResponseHeaders) -> impl Iterator<Item = (&'n str, Printed)> {
+        let cost = names.cost.as_deref().map(|name| (name, self.cost.printed()));
+        let balance = names.balance.as_deref().zip(self.balance).map(|(name, b)| (name, b.printed()));
+        cost.into_iter().chain(balance)
+    }
+}
+
+/// Completes a call at what its response reported (`observed`, per rule): what it cost and the
 /// balance after it. A scope whose entry could not be written is retried by the worker's tick.
 fn complete(
     worker: &mut Worker,
@@ -358,7 +369,7 @@ fn complete(
     admission: Admission,
     status: Option<u16>,
     observed: Vec<Option<Amount>>,
-) -> Option<(Amount, Option<Amount>)> {
+) -> Option<Charged> {
     let Admission { subject, quote, held } = admission;
     let unreported = quote.units.iter().zip(&observed).any(|((_, is_final), seen)| !is_final && seen.is_none());
     if unreported && status.is_some_and(|s| s < 400) && !config.pricing.units.is_empty() {
@@ -375,7 +386,7 @@ fn complete(
     if completed.effects.contended {
         worker.retry_completion(&subject, &held, &cost, &completed.done);
     }
-    Some((cost.iter().copied().sum(), completed.balance))
+    Some(Charged { cost: cost.iter().copied().sum(), balance: completed.balance })
 }
 
 #[cfg(test)]

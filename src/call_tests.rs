@@ -49,6 +49,12 @@ struct Gateway {
 }
 
 /// A configuration at 0.10 a call, `extra` merged in.
+/// The response headers a completion sets, as the adapter sets them.
+fn headers_of(charged: Option<Charged>, config: &FilterConfig) -> Vec<(String, String)> {
+    let headers = charged.iter().flat_map(|c| c.headers(&config.response_headers));
+    headers.map(|(name, value)| (name.to_owned(), value.as_str().to_owned())).collect()
+}
+
 fn config(extra: &str) -> FilterConfig {
     let json = format!(
         r#"{{"ledger": {{"upstream": "ledger", "token": "t", "timeout_ms": 500}}, "price": "0.10", "currency": "USD"{extra}}}"#
@@ -127,10 +133,10 @@ impl Gateway {
         let mut call = self.calls.remove(&id).unwrap();
         self.engine.enter(id, Phase::ResponseHeaders);
         let status = if self.engine.replies.contains_key(&id) { self.engine.replies[&id].status } else { status };
-        let headers = call.on_response_headers(&mut self.worker, &mut self.engine, config, &Status(status), true);
+        let charged = call.on_response_headers(&mut self.worker, &mut self.engine, config, &Status(status), true);
         self.engine.enter(id, Phase::Log);
         call.on_log(&mut self.worker, &mut self.engine, config);
-        headers
+        headers_of(charged, config)
     }
 
     /// Call `id`'s client went away before its response: only its log callback runs.
@@ -475,8 +481,8 @@ fn a_warm_call_makes_a_handful_of_host_calls() {
     );
     g.engine.enter(id, Phase::ResponseHeaders);
     let config = config.as_ref().as_ref().unwrap();
-    let headers = call.on_response_headers(&mut g.worker, &mut g.engine, config, &Status(200), true);
-    assert_eq!(headers.len(), 2, "x-credits-cost and x-credits-balance");
+    let charged = call.on_response_headers(&mut g.worker, &mut g.engine, config, &Status(200), true);
+    assert_eq!(headers_of(charged, config).len(), 2, "x-credits-cost and x-credits-balance");
     let after = host_calls(&g);
     assert_eq!((after.0 - after_request.0, after.1 - after_request.1, after.2 - after_request.2), (1, 1, 1));
 }

@@ -342,11 +342,12 @@ impl HttpContext for FilterCall {
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let response = Headers(MapType::HttpResponseHeaders);
-        let headers = self.with(|call, worker, host, config| {
-            call.on_response_headers(worker, host, config, &response, end_of_stream)
-        });
-        for (name, value) in headers.unwrap_or_default() {
-            let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, &name, Some(&value));
+        let (Some(Ok(config)), Some(worker)) = (self.config.as_deref(), &self.worker) else { return Action::Continue };
+        let mut host = Host::new(self.call.id);
+        let charged =
+            self.call.on_response_headers(&mut worker.borrow_mut(), &mut host, config, &response, end_of_stream);
+        for (name, value) in charged.iter().flat_map(|c| c.headers(&config.response_headers)) {
+            let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value.as_str()));
         }
         Action::Continue
     }

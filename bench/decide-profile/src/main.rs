@@ -118,8 +118,10 @@ fn run_calls(store: &Store, config: &FilterConfig, names: &[String], calls: u64,
         if let Verdict::Allow { held, .. } = verdict {
             allowed += 1;
             let completed = complete(store, config, subject, &held, &[config.price], now);
-            // The adapter's response headers: x-credits-cost and x-credits-balance.
-            header_bytes += config.price.to_string().len() + completed.balance.map_or(0, |b| b.to_string().len());
+            // The adapter's response headers: x-credits-cost and x-credits-balance, printed on
+            // the stack (`Charged::headers`).
+            header_bytes +=
+                config.price.printed().as_str().len() + completed.balance.map_or(0, |b| b.printed().as_str().len());
         }
     }
     (allowed, header_bytes)
