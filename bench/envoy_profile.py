@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""Where Envoy's CPU goes per call, in cases e (no-op Wasm filter), b (prepaid_credits, one customer)
-and c (prepaid_credits, 10,000 subjects at random, defaults) of bench/gateway.py: `perf record`
+"""Where Envoy's CPU goes per call, in cases e (no-op Wasm filter), p (bench/floor-filter making
+prepaid_credits' ten host calls and none of its decisions), b (prepaid_credits, one customer) and c
+(prepaid_credits, 10,000 subjects at random, defaults) of bench/gateway.py: `perf record`
 (software clock, every thread of the Envoy) during each measured run, split by where the samples
 fall — the Wasm code V8 compiled (the filter itself and V8's stubs for it: anonymous executable
 memory), the Envoy binary (HTTP, the proxy-wasm host side of every host call, V8's runtime and
 garbage collector: the binary is stripped, so no finer), libc, the kernel — and each share turned
 into µs per call with the run's CPU per call (/proc). The differences b − e and c − b are what the
-filter and its many customers cost, and where.
+filter and its many customers cost, and where; p − e is what its host calls cost by themselves,
+b − p what its own code costs beyond them.
 
   python3 bench/envoy_profile.py [--seconds 8] [--rounds 2] [--connections 16] [--baseline WASM]
 
@@ -86,7 +88,8 @@ def main():
         ledger, ledger_port = g.start_ledger(work)
         config = g.filter_config()
         credits = g.wasm_filter("prepaid_credits", f"{wasm}/prepaid_credits.wasm", config)
-        cases = {"e": g.wasm_filter("noop_filter", f"{wasm}/noop_filter.wasm", None), "b": credits, "c": credits}
+        cases = {"e": g.wasm_filter("noop_filter", f"{wasm}/noop_filter.wasm", None),
+                 "p": g.wasm_filter("floor_filter", f"{wasm}/floor_filter.wasm", "prepaid"), "b": credits, "c": credits}
         script = {"c": os.path.join(g.ROOT, "bench/subjects.lua")}
         if a.baseline:
             cases["B"] = cases["C"] = g.wasm_filter("prepaid_credits", a.baseline, config)
@@ -121,7 +124,7 @@ def main():
                 "top_dsos": dict(t["samples"].most_common(8)),
             }
         diff = {f"{x} - {y}": {b: results[x]["us_per_call"][b] - results[y]["us_per_call"][b] for b in BUCKETS}
-                for x, y in (("b", "e"), ("c", "b"), ("b", "B"), ("c", "C")) if y in results}
+                for x, y in (("b", "e"), ("p", "e"), ("b", "p"), ("c", "b"), ("b", "B"), ("c", "C")) if y in results}
         doc = {"benchmark": "envoy-profile", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "seconds": a.seconds, "rounds": a.rounds, "connections": a.connections,
                "baseline_wasm": a.baseline, "load_average_at_end": os.getloadavg(), "cases": results,
