@@ -221,7 +221,7 @@ pub fn prepare(
     let mut body = Body::new(node);
     let mut forget = Vec::new();
     let mut found = Vec::new();
-    let mut last = None;
+    let mut taken_subjects = 0;
     for subject in tracker.in_turn() {
         let (taken, pending, kept, origins) = take_subject(store, &tick, subject);
         if let Some(origins) = origins {
@@ -231,7 +231,7 @@ pub fn prepare(
         if !body.add(taken, budget) {
             break;
         }
-        last = Some(subject);
+        taken_subjects += 1;
         // Checked against the tick's snapshot: the register is a whole shard to read.
         if pending && !registered.contains(subject.as_str()) {
             prepared.unregistered.push(subject.clone());
@@ -240,22 +240,22 @@ pub fn prepare(
             forget.push(subject.clone());
         }
     }
-    tracker.resume_after = last.cloned();
+    tracker.turn_took(taken_subjects);
     for (subject, origins, pending) in found {
         prepared.evicted += tracker.found(&subject, &origins, pending, now_ms);
     }
     // Forgotten customers' entries go too, so the zone holds the customers of the last
     // `sync.idle_ms` (and Kong need not evict); one that was used meanwhile stays.
     let idle_ms = u64::from(config.sync.idle_ms);
-    for s in forget {
-        prepared.shared_failures += u64::from(!registry::remove(store, config, &s));
+    for s in &forget {
+        prepared.shared_failures += u64::from(!registry::remove(store, config, s));
         for scope in &config.pricing.scopes {
-            let key = entry_key(config, scope, &s);
+            let key = entry_key(config, scope, s);
             let removed = shared::remove_if::<CustomerEntry>(store, &key, |e| e.disposable(now_ms, idle_ms));
             prepared.shared_failures += u64::from(removed.is_err());
         }
-        tracker.subjects.remove(&s);
     }
+    tracker.forget(&forget.iter().map(String::as_str).collect());
     prepared.sync = body.finish(node, now_ms);
     prepared
 }
