@@ -48,13 +48,13 @@ struct Gateway {
     next: ContextId,
 }
 
-/// A configuration at 0.10 a call, `extra` merged in.
 /// The response headers a completion sets, as the adapter sets them.
 fn headers_of(charged: Option<Charged>, config: &FilterConfig) -> Vec<(String, String)> {
     let headers = charged.iter().flat_map(|c| c.headers(&config.response_headers));
     headers.map(|(name, value)| (name.to_owned(), value.as_str().to_owned())).collect()
 }
 
+/// A configuration at 0.10 a call, `extra` merged in.
 fn config(extra: &str) -> FilterConfig {
     let json = format!(
         r#"{{"ledger": {{"upstream": "ledger", "token": "t", "timeout_ms": 500}}, "price": "0.10", "currency": "USD"{extra}}}"#
