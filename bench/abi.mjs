@@ -12,7 +12,8 @@
 // deleted), the clock advancing 50 µs per call, a tick every second of that clock. Prints JSON:
 // `call_ns` (wall clock per call, ticks included), `host_calls_per_call` by import, and what the
 // last response carried. `node --cpu-prof bench/abi.mjs …` on a build that keeps its name section
-// (`--config profile.release.strip=false`) shows the filter's functions by name.
+// (`--config profile.release.strip=false`) shows the filter's functions by name. The filter's log
+// lines at level ABI_LOG_LEVEL (default 3, warn) and above go to stderr.
 import { readFile } from 'node:fs/promises';
 import { WASI } from 'node:wasi';
 
@@ -26,7 +27,7 @@ const configuration = configArg ?? JSON.stringify({
   feature_key: 'api_requests', settlement_mode: 'credit_only',
 });
 
-const OK = 0, NOT_FOUND = 1, BAD_ARGUMENT = 2, CAS_MISMATCH = 8;
+const OK = 0, NOT_FOUND = 1, CAS_MISMATCH = 8;
 const enc = new TextEncoder(), dec = new TextDecoder();
 const module = await WebAssembly.compile(await readFile(wasmPath));
 let exports, mem;
@@ -49,23 +50,13 @@ function give(data, ptrOut, sizeOut) {
   dv().setUint32(sizeOut, b.length, true);
   return OK;
 }
-function pairs(ptr, len) {
-  const v = dv(), n = v.getUint32(ptr, true), out = [];
-  let sizes = ptr + 4, data = ptr + 4 + 8 * n;
-  for (let i = 0; i < n; i++) {
-    const k = v.getUint32(sizes + 8 * i, true), l = v.getUint32(sizes + 8 * i + 4, true);
-    out.push([str(data, k), str(data + k + 1, l)]);
-    data += k + 1 + l + 1;
-  }
-  return out;
-}
 
 let nowNs = 1_780_000_000_000_000_000n;
 const shared = new Map(); // key -> { value, cas }
 let nextCas = 1;
 const maps = [new Map([[':method', 'GET'], [':path', '/api/v1/things']]), null, new Map(), null, null, null, new Map()];
-let buffers = { 4: new Uint8Array(), 7: enc.encode(configuration) };
-let pendingCalls = []; // { context, token, body }
+const buffers = { 4: new Uint8Array(), 7: enc.encode(configuration) };
+const pendingCalls = []; // { context, token, body }
 let nextToken = 1;
 let current = 0;
 const counts = {};
