@@ -20,6 +20,12 @@
 //! `--instances N` starts N ledger processes on the one database (e.g. two on one PostgreSQL);
 //! the clients take turns among them.
 //!
+//! `--warm-seconds N` runs the same load for N seconds before the measured `--seconds`: the
+//! journal a ledger books into grows, and what a range costs grows with it (on SQLite markedly,
+//! until the per-customer index of the journal is many times larger than one commit's ranges).
+//! Besides the rates it reports what the ledger processes used per range over the measured
+//! seconds: CPU (`ledger_cpu_us_per_range`) and bytes written (`ledger_written_bytes_per_range`).
+//!
 //! Prints one JSON object.
 
 use std::process::{Child, Command, Stdio};
@@ -46,6 +52,9 @@ struct Args {
     customers: usize,
     clients: usize,
     seconds: u64,
+    /// Seconds of the same load before the measured ones: the journal grows, and on SQLite each
+    /// range costs more once its per-customer index outgrows a commit (bench/RESULTS.md §0k).
+    warm_seconds: u64,
     subjects_per_sync: usize,
     calls_per_range: u64,
     subject_prefix: Option<String>,
@@ -62,6 +71,7 @@ fn args() -> Args {
         customers: 1,
         clients: 1,
         seconds: 5,
+        warm_seconds: 0,
         subjects_per_sync: 1000,
         calls_per_range: 10,
         subject_prefix: None,
@@ -85,6 +95,7 @@ fn args() -> Args {
             "--customers" => a.customers = value.parse().unwrap_or(1),
             "--clients" => a.clients = value.parse().unwrap_or(1),
             "--seconds" => a.seconds = value.parse().unwrap_or(5),
+            "--warm-seconds" => a.warm_seconds = value.parse().unwrap_or(0),
             "--subjects-per-sync" => a.subjects_per_sync = value.parse().unwrap_or(1000),
             "--calls-per-range" => a.calls_per_range = value.parse().unwrap_or(10),
             "--subject-prefix" => a.subject_prefix = Some(value),
@@ -137,20 +148,43 @@ async fn start(a: &Args, http: &reqwest::Client) -> Target {
     panic!("the ledger at {} did not become healthy", target.base);
 }
 
-/// CPU seconds (user and system) the ledger processes this run started have used so far, from
-/// `/proc/<pid>/stat` (in Linux's USER_HZ of 100 ticks a second); `None` for a ledger at `--url`
+/// What the ledger processes this run started have used so far; `None` for a ledger at `--url`
 /// or where `/proc` cannot be read.
-fn ledger_cpu_seconds(targets: &[Target]) -> Option<f64> {
-    let mut ticks = 0u64;
-    for t in targets {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", t.child.as_ref()?.id())).ok()?;
-        // Fields after the command (which may hold spaces), counted from the state (field 3):
-        // utime and stime are fields 14 and 15.
-        let rest = stat.rsplit_once(')')?.1;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        ticks += fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+#[derive(Clone, Copy)]
+struct LedgerUsage {
+    /// User and system CPU seconds, from `/proc/<pid>/stat` (in Linux's USER_HZ of 100 ticks a
+    /// second).
+    cpu_seconds: f64,
+    /// Bytes handed to `write(2)` and its kin (`wchar` of `/proc/<pid>/io`): on SQLite mostly its
+    /// write-ahead log and the checkpoints that copy it into the database file (every page a commit
+    /// dirtied, whole); on PostgreSQL the database server writes, and this is mostly HTTP answers.
+    written_bytes: u64,
+}
+
+impl LedgerUsage {
+    fn read(targets: &[Target]) -> Option<Self> {
+        let (mut ticks, mut written_bytes) = (0u64, 0u64);
+        for t in targets {
+            let pid = t.child.as_ref()?.id();
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // Fields after the command (which may hold spaces), counted from the state (field 3):
+            // utime and stime are fields 14 and 15.
+            let rest = stat.rsplit_once(')')?.1;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            ticks += fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+            let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+            let wchar = io.lines().find_map(|line| line.strip_prefix("wchar:"))?;
+            written_bytes += wchar.trim().parse::<u64>().ok()?;
+        }
+        Some(LedgerUsage { cpu_seconds: ticks as f64 / 100.0, written_bytes })
     }
-    Some(ticks as f64 / 100.0)
+
+    fn since(self, before: Self) -> Self {
+        LedgerUsage {
+            cpu_seconds: self.cpu_seconds - before.cpu_seconds,
+            written_bytes: self.written_bytes.saturating_sub(before.written_bytes),
+        }
+    }
 }
 
 /// Creates the customers (16 at a time: the ledger serialises writes anyway); returns their ids.
@@ -363,10 +397,9 @@ async fn main() {
     let records = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
-    let reader = tokio::spawn(read_balances(http.clone(), target.base.clone(), customers.clone(), stop.clone()));
-    let deadline = Instant::now() + Duration::from_secs(a.seconds);
-    let cpu_before = ledger_cpu_seconds(&targets);
-    let started = Instant::now();
+    // Requests that start before `measured_from` warm up: sent, not counted.
+    let measured_from = Instant::now() + Duration::from_secs(a.warm_seconds);
+    let deadline = measured_from + Duration::from_secs(a.seconds);
     let mut tasks = Vec::new();
     for client in 0..a.clients {
         let (a, http, base, customers, subjects) = (
@@ -384,6 +417,10 @@ async fn main() {
             while Instant::now() < deadline {
                 let t = Instant::now();
                 let booked = one_request(&a, &http, &base, &customers, &subjects, client, n, &mut next_call).await;
+                n += 1;
+                if t < measured_from {
+                    continue;
+                }
                 latencies.push(t.elapsed());
                 match booked {
                     Some(r) => {
@@ -394,17 +431,21 @@ async fn main() {
                         failed.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                n += 1;
             }
             latencies
         }));
     }
+    tokio::time::sleep_until(measured_from.into()).await;
+    let reader = tokio::spawn(read_balances(http.clone(), target.base.clone(), customers.clone(), stop.clone()));
+    let usage_before = LedgerUsage::read(&targets);
+    let started = Instant::now();
     let mut latencies: Vec<Duration> = Vec::new();
     for t in tasks {
         latencies.extend(t.await.expect("client"));
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let ledger_cpu = ledger_cpu_seconds(&targets).zip(cpu_before).map(|(after, before)| after - before);
+    let ledger_usage = LedgerUsage::read(&targets).zip(usage_before).map(|(after, before)| after.since(before));
+    let ledger_cpu = ledger_usage.map(|u| u.cpu_seconds);
     stop.store(true, Ordering::Relaxed);
     let mut reads = reader.await.expect("reader");
     latencies.sort();
@@ -423,6 +464,7 @@ async fn main() {
         "instances": targets.len(),
         "seconds": elapsed,
         "setup_seconds": setup_seconds,
+        "warm_seconds": a.warm_seconds,
         "requests": ops,
         "failed": failed.load(Ordering::Relaxed),
         "requests_per_second": (ops as f64 / elapsed).round(),
@@ -445,6 +487,8 @@ async fn main() {
             // neighbour's steal): what one range cost the ledger processes, balance reads included.
             result["ledger_cpu_us_per_range"] =
                 json!(ledger_cpu.map(|cpu| (cpu * 1e6 / records.max(1) as f64 * 10.0).round() / 10.0));
+            result["ledger_written_bytes_per_range"] =
+                json!(ledger_usage.map(|u| (u.written_bytes as f64 / records.max(1) as f64).round()));
         }
         Mode::Setup => {}
     }
