@@ -1,4 +1,6 @@
 //! The schema, written once for both databases: `{id}` becomes each one's auto-increment key.
+//! A migration that only one of them needs (a storage setting) is marked for it, and runs nothing
+//! on the other.
 //!
 //! Money is stored as decimal text and summed in Rust (SQLite has no exact decimal type);
 //! instants as microseconds since the Unix epoch (UTC).
