@@ -90,14 +90,17 @@ def ledger():
     fig.tight_layout()
     fig.savefig(os.path.join(RESULTS, "ledger.png"), dpi=90)
     print("| mode | backend | ledgers | customers | clients | subjects/sync | warm-up s | requests/s | records (ranges)/s | calls/s | p50 ms | p99 ms | "
-          "ledger CPU µs/range | ledger bytes written/range | balance read p50 ms | p99 ms | failed |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "ledger CPU µs/range | PostgreSQL CPU µs/range | machine CPU µs/range | busy cores | ledger bytes written/range | "
+          "balance read p50 ms | p99 ms | failed |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         ranges = r.get("ranges_per_second", r["requests_per_second"] if r["mode"] == "charges" else 0)
         calls = r.get("calls_per_second", r["requests_per_second"])
         print(f"| {r['mode']} | {r['backend']} | {r.get('instances', 1)} | {r['customers']} | {r['clients']} | {r.get('ranges_per_sync', '—')} | "
               f"{r.get('warm_seconds', 0)} | {r['requests_per_second']:.0f} | {ranges:.0f} | {calls:.0f} | {r['p50_ms']} | {r['p99_ms']} | "
-              f"{r.get('ledger_cpu_us_per_range') or '—'} | {r.get('ledger_written_bytes_per_range') or '—'} | "
+              f"{r.get('ledger_cpu_us_per_range') or '—'} | {r.get('postgres_cpu_us_per_range') or '—'} | "
+              f"{r.get('machine_cpu_us_per_range') or '—'} | {r.get('machine_busy_cores') or '—'} | "
+              f"{r.get('ledger_written_bytes_per_range') or '—'} | "
               f"{r['balance_p50_ms']} | {r['balance_p99_ms']} | {r['failed']} |")
 
 

@@ -18,7 +18,10 @@
 //!   in the ledger at `--url` and exits.
 //!
 //! `--instances N` starts N ledger processes on the one database (e.g. two on one PostgreSQL);
-//! the clients take turns among them.
+//! the clients take turns among them. `--node-customers` says which customers each node reports:
+//! `shared` (the default) all of them in the same order, about in step, so that every sync wants
+//! the row locks the others want at that moment; `shuffled` all of them, each node in an order of
+//! its own, as gateway nodes behind one load balancer meet their customers; `own` a slice per node.
 //!
 //! `--warm-seconds N` runs the same load for N seconds before the measured `--seconds`: the
 //! journal a ledger books into grows, and what a range costs grows with it (on SQLite markedly,
@@ -60,6 +63,62 @@ struct Args {
     subject_prefix: Option<String>,
     /// Ledger processes started on the one database; clients take turns among them.
     instances: usize,
+    /// Which customers each node reports, in which order.
+    node_customers: NodeCustomers,
+}
+
+/// Which customers the nodes of a `sync` run report, batch after batch.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum NodeCustomers {
+    /// All of them, in the same order and about in step: every sync wants the rows the other
+    /// nodes' syncs want at the same moment.
+    Shared,
+    /// All of them, each node in an order of its own (as nodes behind one load balancer meet
+    /// them): syncs sent at the same moment share some customers.
+    Shuffled,
+    /// Each node its own slice: no two syncs want the same customer.
+    Own,
+}
+
+impl NodeCustomers {
+    fn name(self) -> &'static str {
+        match self {
+            NodeCustomers::Shared => "shared",
+            NodeCustomers::Shuffled => "shuffled",
+            NodeCustomers::Own => "own",
+        }
+    }
+
+    /// The customers (indexes among `n`) of batch `batch` of node `node`, `per` of them.
+    fn batch(self, node: usize, nodes: usize, batch: usize, per: usize, n: usize) -> Vec<usize> {
+        match self {
+            NodeCustomers::Shared => {
+                let start = (batch * per + node * 7) % n;
+                (0..per).map(|j| (start + j) % n).collect()
+            }
+            NodeCustomers::Shuffled => {
+                // i ↦ a·i + node mod n is a permutation of 0..n when a and n are coprime: a
+                // different stride a per node gives each its own order.
+                let mut a = 1 + node * 7919 % n.max(1);
+                while gcd(a, n) != 1 {
+                    a += 1;
+                }
+                (0..per).map(|j| (a * ((batch * per + j) % n) + node) % n).collect()
+            }
+            NodeCustomers::Own => {
+                let slice = (n / nodes.max(1)).max(1);
+                (0..per.min(slice)).map(|j| (node * slice + (batch * per + j) % slice) % n).collect()
+            }
+        }
+    }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
 }
 
 fn args() -> Args {
@@ -76,6 +135,7 @@ fn args() -> Args {
         calls_per_range: 10,
         subject_prefix: None,
         instances: 1,
+        node_customers: NodeCustomers::Shared,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -100,6 +160,14 @@ fn args() -> Args {
             "--calls-per-range" => a.calls_per_range = value.parse().unwrap_or(10),
             "--subject-prefix" => a.subject_prefix = Some(value),
             "--instances" => a.instances = value.parse().unwrap_or(1).max(1),
+            "--node-customers" => {
+                a.node_customers = match value.as_str() {
+                    "shared" => NodeCustomers::Shared,
+                    "shuffled" => NodeCustomers::Shuffled,
+                    "own" => NodeCustomers::Own,
+                    other => panic!("unknown --node-customers {other}: shared, shuffled or own"),
+                }
+            }
             other => panic!("unknown flag {other}"),
         }
     }
@@ -166,12 +234,7 @@ impl LedgerUsage {
         let (mut ticks, mut written_bytes) = (0u64, 0u64);
         for t in targets {
             let pid = t.child.as_ref()?.id();
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            // Fields after the command (which may hold spaces), counted from the state (field 3):
-            // utime and stime are fields 14 and 15.
-            let rest = stat.rsplit_once(')')?.1;
-            let fields: Vec<&str> = rest.split_whitespace().collect();
-            ticks += fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+            ticks += cpu_ticks(&pid.to_string())?;
             let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
             let wchar = io.lines().find_map(|line| line.strip_prefix("wchar:"))?;
             written_bytes += wchar.trim().parse::<u64>().ok()?;
@@ -183,6 +246,66 @@ impl LedgerUsage {
         LedgerUsage {
             cpu_seconds: self.cpu_seconds - before.cpu_seconds,
             written_bytes: self.written_bytes.saturating_sub(before.written_bytes),
+        }
+    }
+}
+
+/// The machine's cores (those this process may run on).
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// User and system CPU ticks a process has used, from `/proc/<pid>/stat`.
+fn cpu_ticks(pid: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command (which may hold spaces), counted from the state (field 3): utime
+    // and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+/// Where the machine's CPU went over the measured seconds, so that a rate can be set against
+/// what the machine has: everything busy, this process (the load), and the processes named
+/// `postgres` (a PostgreSQL server on this machine; its backends live as long as the ledger's
+/// connections, so none of the measured work is lost with an exited one).
+#[derive(Clone, Copy)]
+struct MachineUsage {
+    busy_ticks: u64,
+    total_ticks: u64,
+    bench_ticks: u64,
+    postgres_ticks: u64,
+}
+
+impl MachineUsage {
+    fn read() -> Option<Self> {
+        // The first line of /proc/stat: `cpu user nice system idle iowait irq softirq steal …`.
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let ticks: Vec<u64> =
+            stat.lines().next()?.split_whitespace().skip(1).take(8).filter_map(|v| v.parse().ok()).collect();
+        let [user, nice, system, idle, iowait, irq, softirq, steal] = ticks[..] else { return None };
+        let busy_ticks = user + nice + system + irq + softirq;
+        let postgres_ticks = std::fs::read_dir("/proc")
+            .ok()?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|pid| pid.bytes().all(|b| b.is_ascii_digit()))
+            .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "postgres"))
+            .filter_map(|pid| cpu_ticks(&pid))
+            .sum();
+        Some(MachineUsage {
+            busy_ticks,
+            total_ticks: busy_ticks + idle + iowait + steal,
+            bench_ticks: cpu_ticks("self")?,
+            postgres_ticks,
+        })
+    }
+
+    fn since(self, before: Self) -> Self {
+        MachineUsage {
+            busy_ticks: self.busy_ticks.saturating_sub(before.busy_ticks),
+            total_ticks: self.total_ticks.saturating_sub(before.total_ticks),
+            bench_ticks: self.bench_ticks.saturating_sub(before.bench_ticks),
+            postgres_ticks: self.postgres_ticks.saturating_sub(before.postgres_ticks),
         }
     }
 }
@@ -269,8 +392,7 @@ async fn one_request(
             // Batch n of this node: the next `per` subjects round-robin. Like a gateway node, the
             // client numbers each subject's calls from 0 and reports them in contiguous ranges,
             // and sends a range again (unchanged) when its sync failed.
-            let start = (n * per + client * 7) % subjects.len();
-            let picked: Vec<usize> = (0..per).map(|j| (start + j) % subjects.len()).collect();
+            let picked = a.node_customers.batch(client, a.clients, n, per, subjects.len());
             let node = format!("bench-node-{client}");
             let body = wire::Sync {
                 node: &node,
@@ -438,6 +560,7 @@ async fn main() {
     tokio::time::sleep_until(measured_from.into()).await;
     let reader = tokio::spawn(read_balances(http.clone(), target.base.clone(), customers.clone(), stop.clone()));
     let usage_before = LedgerUsage::read(&targets);
+    let machine_before = MachineUsage::read();
     let started = Instant::now();
     let mut latencies: Vec<Duration> = Vec::new();
     for t in tasks {
@@ -445,6 +568,7 @@ async fn main() {
     }
     let elapsed = started.elapsed().as_secs_f64();
     let ledger_usage = LedgerUsage::read(&targets).zip(usage_before).map(|(after, before)| after.since(before));
+    let machine = MachineUsage::read().zip(machine_before).map(|(after, before)| after.since(before));
     let ledger_cpu = ledger_usage.map(|u| u.cpu_seconds);
     stop.store(true, Ordering::Relaxed);
     let mut reads = reader.await.expect("reader");
@@ -462,6 +586,7 @@ async fn main() {
         "customers": a.customers,
         "clients": a.clients,
         "instances": targets.len(),
+        "node_customers": a.node_customers.name(),
         "seconds": elapsed,
         "setup_seconds": setup_seconds,
         "warm_seconds": a.warm_seconds,
@@ -489,6 +614,19 @@ async fn main() {
                 json!(ledger_cpu.map(|cpu| (cpu * 1e6 / records.max(1) as f64 * 10.0).round() / 10.0));
             result["ledger_written_bytes_per_range"] =
                 json!(ledger_usage.map(|u| (u.written_bytes as f64 / records.max(1) as f64).round()));
+            // The same per range for the rest of the machine: with the ledger's, what a range costs
+            // the whole machine, and so the most ranges/s its cores could book.
+            let per_range = |ticks: u64| ((ticks as f64 * 1e4 / records.max(1) as f64) * 10.0).round() / 10.0;
+            if let Some(m) = machine {
+                result["machine_busy_cores"] = json!(
+                    ((m.busy_ticks as f64 / m.total_ticks.max(1) as f64 * cores() as f64) * 100.0).round() / 100.0
+                );
+                result["machine_cpu_us_per_range"] = json!(per_range(m.busy_ticks));
+                result["bench_cpu_us_per_range"] = json!(per_range(m.bench_ticks));
+                if backend == "postgres" {
+                    result["postgres_cpu_us_per_range"] = json!(per_range(m.postgres_ticks));
+                }
+            }
         }
         Mode::Setup => {}
     }

@@ -1,5 +1,6 @@
 //! Concurrent charges never over-consume: on SQLite, on PostgreSQL, and with two ledger
-//! instances on one PostgreSQL database; two instances book every expiry exactly once; a write
+//! instances on one PostgreSQL database; two instances book every expiry exactly once and every
+//! usage range of nodes that send them the same customers exactly once; a write
 //! abandoned while it begins leaves no transaction open.
 
 mod support;
@@ -56,6 +57,57 @@ async fn two_instances_on_one_postgres_database_never_over_consume() {
     let db = TestDb::new(Backend::Postgres).await;
     let (a, b) = (Ledger::start(&db).await, Ledger::start(&db).await);
     fifty_charges_against_thirty(&[&a, &b]).await;
+}
+
+/// Four gateway nodes, two on each of two instances on one PostgreSQL, send usage for the same
+/// customers at once, each sync twice (a node that lost the answer): the instances wait on each
+/// other's customer locks, and every range books exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_syncing_the_same_customers_book_every_range_once() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let (a, b) = (Ledger::start(&db).await, Ledger::start(&db).await);
+    let customers: Vec<String> = (0..40).map(|i| format!("shared{i:02}")).collect();
+    let mut ids = Vec::new();
+    for c in &customers {
+        let id = a.customer(c).await;
+        a.grant(&id, json!({"name": "ten", "funding_method": "none", "currency": "USD", "amount": "10"})).await;
+        ids.push(id);
+    }
+    let (a, b) = (std::sync::Arc::new(a), std::sync::Arc::new(b));
+    let mut nodes = Vec::new();
+    for node in 0..4usize {
+        let ledger = if node % 2 == 0 { a.clone() } else { b.clone() };
+        let customers = customers.clone();
+        nodes.push(tokio::spawn(async move {
+            for round in 0..10u64 {
+                // Each node in an order of its own, as nodes behind one load balancer meet them.
+                let mut order: Vec<&String> = customers.iter().collect();
+                order.rotate_left((node * 10 + round as usize * 3) % customers.len());
+                let subjects: Vec<_> = order
+                    .iter()
+                    .map(|c| {
+                        subject_sync(
+                            &format!("{c}-subject"),
+                            json!({"usage": support::usage_range(round, round + 1, "0.10", "credit_only")}),
+                        )
+                    })
+                    .collect();
+                let body = json!({"node": format!("node-{node}"), "subjects": subjects});
+                for _attempt in 0..2 {
+                    let (status, answer) = ledger.sync(body.clone()).await;
+                    assert_eq!(status, 200, "{answer}");
+                }
+            }
+        }));
+    }
+    for node in nodes {
+        node.await.expect("node");
+    }
+    for id in &ids {
+        // 4 nodes × 10 ranges × 0.10.
+        assert_eq!(a.balance(id, "").await.1, "6.00", "{id}");
+    }
+    assert!(a.check().await.is_empty(), "{:?}", a.check().await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
