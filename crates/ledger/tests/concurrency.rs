@@ -93,9 +93,11 @@ async fn two_instances_syncing_the_same_customers_book_every_range_once() {
                     })
                     .collect();
                 let body = json!({"node": format!("node-{node}"), "subjects": subjects});
-                for _attempt in 0..2 {
+                for expected in ["booked", "duplicate"] {
                     let (status, answer) = ledger.sync(body.clone()).await;
                     assert_eq!(status, 200, "{answer}");
+                    let answers = answer["subjects"].as_array().expect("subjects");
+                    assert!(answers.iter().all(|s| s["usage"] == expected), "{expected}: {answer}");
                 }
             }
         }));
