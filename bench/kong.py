@@ -37,14 +37,16 @@ import gateway as g
 class Nginx:
     """One nginx with `location /` as given, proxying to `upstream_port` (or answering itself)."""
 
-    def __init__(self, case, nginx_bin, work, location, upstream_port, modules, cpu):
+    def __init__(self, case, nginx_bin, work, location, upstream_port, modules, cpu, wasmtime_flags=()):
         self.case = case
         self.port = g.free_port()
         self.prefix = os.path.join(work, f"nginx-{case}")
         for d in ("logs", "body", "proxy", "fastcgi", "uwsgi", "scgi"):
             os.makedirs(os.path.join(self.prefix, d), exist_ok=True)
         wasm = "".join(f"    module {name} {path};\n" for name, path in modules)
-        wasm_block = f"wasm {{\n{wasm}    shm_kv prepaid_credits 16m;\n}}\n" if modules else ""
+        flags = "".join(f"        flag {name} {value};\n" for name, value in wasmtime_flags)
+        runtime = f"    wasmtime {{\n{flags}    }}\n" if flags else ""
+        wasm_block = f"wasm {{\n{wasm}    shm_kv prepaid_credits 16m;\n{runtime}}}\n" if modules else ""
         p = self.prefix
         upstream = f"upstream backend {{ server 127.0.0.1:{upstream_port}; keepalive 32; }}" if upstream_port else ""
         conf = f"""daemon off;
@@ -110,6 +112,31 @@ def measure(gw, ledger_pid, seconds, connections, script):
     return r
 
 
+def gateway_cases(wasm, ledger_port):
+    """The Wasm modules every filtered case loads, the cases (label and `proxy_wasm` line, none for
+    A) and the wrk script of the cases that need one."""
+    config = g.filter_config(f"127.0.0.1:{ledger_port}")
+    quiet = {**config, "response_headers": {"cost": None, "balance": None}}
+
+    def credits(cfg):
+        text = json.dumps(cfg).replace("\\", "\\\\").replace("'", "\\'")
+        return f"proxy_wasm prepaid_credits '{text}';"
+
+    modules = [("prepaid_credits", f"{wasm}/prepaid_credits.wasm"), ("noop_filter", f"{wasm}/noop_filter.wasm"),
+               ("floor_filter", f"{wasm}/floor_filter.wasm")]
+    cases = {
+        "A": ("no filter", None),
+        "E": ("no-op wasm filter", "proxy_wasm noop_filter;"),
+        "F": ("floor filter: a credit check's 5 host calls", "proxy_wasm floor_filter 'floor';"),
+        "P": ("floor filter: prepaid_credits' 10 host calls", "proxy_wasm floor_filter 'prepaid';"),
+        "L": ("floor filter: 3 host calls, balance in worker memory", "proxy_wasm floor_filter 'local';"),
+        "B": ("prepaid_credits, 1 customer", credits(config)),
+        "H": ("B without response headers", credits(quiet)),
+        "C": ("prepaid_credits, 10k subjects, defaults", credits(config)),
+    }
+    return modules, cases, {"C": os.path.join(g.ROOT, "bench/subjects.lua")}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=6)
@@ -125,26 +152,7 @@ def main():
     try:
         ledger, ledger_port = g.start_ledger(work)
         upstream = Nginx("upstream", nginx_bin, work, '            return 200 "ok";', None, [], 1)
-        config = g.filter_config(f"127.0.0.1:{ledger_port}")
-        quiet = {**config, "response_headers": {"cost": None, "balance": None}}
-
-        def credits(cfg):
-            text = json.dumps(cfg).replace("\\", "\\\\").replace("'", "\\'")
-            return f"proxy_wasm prepaid_credits '{text}';"
-
-        modules = [("prepaid_credits", f"{wasm}/prepaid_credits.wasm"), ("noop_filter", f"{wasm}/noop_filter.wasm"),
-                   ("floor_filter", f"{wasm}/floor_filter.wasm")]
-        cases = {
-            "A": ("no filter", None),
-            "E": ("no-op wasm filter", "proxy_wasm noop_filter;"),
-            "F": ("floor filter: a credit check's 5 host calls", "proxy_wasm floor_filter 'floor';"),
-            "P": ("floor filter: prepaid_credits' 10 host calls", "proxy_wasm floor_filter 'prepaid';"),
-            "L": ("floor filter: 3 host calls, balance in worker memory", "proxy_wasm floor_filter 'local';"),
-            "B": ("prepaid_credits, 1 customer", credits(config)),
-            "H": ("B without response headers", credits(quiet)),
-            "C": ("prepaid_credits, 10k subjects, defaults", credits(config)),
-        }
-        script = {"C": os.path.join(g.ROOT, "bench/subjects.lua")}
+        modules, cases, script = gateway_cases(wasm, ledger_port)
         gws = {}
         for case, (_, line) in cases.items():
             gws[case] = Nginx(case, nginx_bin, work, proxied(line), upstream.port, modules if line else [], 0)
