@@ -19,19 +19,17 @@ Build first (as bench/gateway.sh does). Needs perf (Debian's linux-perf; softwar
 Writes bench/results/envoy-profile.json.
 """
 
-import argparse
-import collections
 import json
 import os
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 
 import gateway as g
+import perf_split
 
 BUCKETS = ["wasm (JIT)", "envoy binary", "libc", "kernel", "other"]
 
@@ -60,24 +58,14 @@ def samples_by_dso(data):
 
 
 def profiled_run(envoy, ledger_pid, a, script, data):
-    perf = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-F", "4000", "-p", str(envoy.proc.pid),
-                             "-o", data], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(0.5)
-    try:
-        r = g.measure(envoy, ledger_pid, a.seconds, a.connections, "payer0", script)
-    finally:
-        perf.send_signal(signal.SIGINT)
-        perf.wait(timeout=30)
+    r = perf_split.recorded(envoy.proc.pid, data,
+                            lambda: g.measure(envoy, ledger_pid, a.seconds, a.connections, "payer0", script))
     return r, samples_by_dso(data)
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--seconds", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--connections", type=int, default=16)
+    ap = perf_split.arguments("envoy-profile.json")
     ap.add_argument("--baseline", help="an earlier prepaid_credits.wasm, run as cases B and C")
-    ap.add_argument("--out", default=os.path.join(g.ROOT, "bench/results/envoy-profile.json"))
     a = ap.parse_args()
     signal.signal(signal.SIGTERM, g.on_signal)
     signal.signal(signal.SIGINT, g.on_signal)
@@ -98,46 +86,23 @@ def main():
         for case, filters in cases.items():
             envoys[case] = g.Envoy(case, filters, ledger_port, work, envoy_bin)
             g.warm_up(envoys[case], a.connections, script.get(case), 10 if case in script else 90)
-        totals = {case: {"calls": 0, "cpu_us": 0.0, "samples": collections.Counter()} for case in cases}
-        for rnd in range(a.rounds):
-            for case in cases:
-                g.wrk(f"http://127.0.0.1:{envoys[case].port}/", g.PRELOAD_SECONDS, a.connections, "payer0",
-                      script.get(case))
-                r, counts = profiled_run(envoys[case], ledger.pid, a, script.get(case), f"{work}/{case}-{rnd}.data")
-                t = totals[case]
-                t["calls"] += r["requests"]
-                t["cpu_us"] += r["envoy_cpu_us_per_call"] * r["requests"]
-                t["samples"].update(counts)
-                print(f"round {rnd + 1} case {case}: {r['rps']:.0f} req/s, {r['envoy_cpu_us_per_call']:.1f} µs "
-                      f"CPU/call, {sum(counts.values())} samples", file=sys.stderr)
-        results = {}
-        for case, t in totals.items():
-            cpu = t["cpu_us"] / max(t["calls"], 1)
-            n = max(sum(t["samples"].values()), 1)
-            split = collections.Counter()
-            for dso, s in t["samples"].items():
-                split[bucket(dso)] += s
-            results[case] = {
-                "envoy_cpu_us_per_call": cpu,
-                "us_per_call": {b: cpu * split[b] / n for b in BUCKETS},
-                "samples": n,
-                "top_dsos": dict(t["samples"].most_common(8)),
-            }
-        diff = {f"{x} - {y}": {b: results[x]["us_per_call"][b] - results[y]["us_per_call"][b] for b in BUCKETS}
-                for x, y in (("b", "e"), ("p", "e"), ("b", "p"), ("c", "b"), ("b", "B"), ("c", "C")) if y in results}
+
+        def run(case, rnd):
+            return profiled_run(envoys[case], ledger.pid, a, script.get(case), f"{work}/{case}-{rnd}.data")
+
+        totals = perf_split.rounds(cases, a, lambda case: envoys[case].port, script.get, run, "envoy_cpu_us_per_call")
+        results = perf_split.split(totals, BUCKETS, bucket, "envoy_cpu_us_per_call")
+        for case, r in results.items():
+            r["top_dsos"] = dict(totals[case].samples.most_common(8))
+        diff = perf_split.differences(results, (("b", "e"), ("p", "e"), ("b", "p"), ("c", "b"), ("b", "B"), ("c", "C")),
+                                      BUCKETS)
         doc = {"benchmark": "envoy-profile", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "seconds": a.seconds, "rounds": a.rounds, "connections": a.connections,
                "baseline_wasm": a.baseline, "load_average_at_end": os.getloadavg(), "cases": results,
                "differences": diff}
         with open(a.out, "w") as f:
             json.dump(doc, f, indent=1)
-        print("| µs of Envoy CPU per call | " + " | ".join(BUCKETS) + " | all |")
-        print("|---|" + "---:|" * (len(BUCKETS) + 1))
-        for case, r in results.items():
-            print(f"| {case} | " + " | ".join(f"{r['us_per_call'][b]:.1f}" for b in BUCKETS)
-                  + f" | {r['envoy_cpu_us_per_call']:.1f} |")
-        for name, d in diff.items():
-            print(f"| {name} | " + " | ".join(f"{d[b]:+.1f}" for b in BUCKETS) + f" | {sum(d.values()):+.1f} |")
+        perf_split.print_table("Envoy", results, diff, BUCKETS, "envoy_cpu_us_per_call")
     finally:
         g.stop_children()
         shutil.rmtree(work, ignore_errors=True)

@@ -137,6 +137,23 @@ def gateway_cases(wasm, ledger_port):
     return modules, cases, {"C": os.path.join(g.ROOT, "bench/subjects.lua")}
 
 
+def begin(prefix):
+    """What every benchmark of Kong's engine starts with: the engine's nginx (NGX_WASM_NGINX), stops
+    on SIGTERM/SIGINT that clean up, a work directory."""
+    nginx_bin = os.environ.get("NGX_WASM_NGINX") or sys.exit("NGX_WASM_NGINX must name the engine's nginx")
+    signal.signal(signal.SIGTERM, g.on_signal)
+    signal.signal(signal.SIGINT, g.on_signal)
+    return nginx_bin, tempfile.mkdtemp(prefix=prefix)
+
+
+def start_backends(nginx_bin, work):
+    """Starts the ledger (SQLite) and the upstream (an nginx answering 200, on CPU 1); returns them
+    with `gateway_cases`' modules, cases and wrk scripts."""
+    ledger, ledger_port = g.start_ledger(work)
+    upstream = Nginx("upstream", nginx_bin, work, '            return 200 "ok";', None, [], 1)
+    return (ledger, upstream, *gateway_cases(os.path.join(g.ROOT, "target/wasm32-wasip1/release"), ledger_port))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=6)
@@ -144,15 +161,9 @@ def main():
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--out", default=os.path.join(g.ROOT, "bench/results/kong.json"))
     a = ap.parse_args()
-    nginx_bin = os.environ.get("NGX_WASM_NGINX") or sys.exit("NGX_WASM_NGINX must name the engine's nginx")
-    signal.signal(signal.SIGTERM, g.on_signal)
-    signal.signal(signal.SIGINT, g.on_signal)
-    wasm = os.path.join(g.ROOT, "target/wasm32-wasip1/release")
-    work = tempfile.mkdtemp(prefix="kong-bench-")
+    nginx_bin, work = begin("kong-bench-")
     try:
-        ledger, ledger_port = g.start_ledger(work)
-        upstream = Nginx("upstream", nginx_bin, work, '            return 200 "ok";', None, [], 1)
-        modules, cases, script = gateway_cases(wasm, ledger_port)
+        ledger, upstream, modules, cases, script = start_backends(nginx_bin, work)
         gws = {}
         for case, (_, line) in cases.items():
             gws[case] = Nginx(case, nginx_bin, work, proxied(line), upstream.port, modules if line else [], 0)

@@ -16,19 +16,16 @@ Build first (as bench/kong.py says). Needs perf (Debian's linux-perf) and an ngi
 symbols (../shared/tools/build-kong-engine.sh builds with -g). Writes bench/results/kong-profile.json.
 """
 
-import argparse
 import collections
 import json
 import os
 import re
-import signal
 import subprocess
-import sys
-import tempfile
 import time
 
 import gateway as g
 import kong
+import perf_split
 
 BUCKETS = ["wasm (JIT)", "wasmtime runtime", "ngx_wasm_module", "nginx", "libc", "kernel", "other"]
 CASES = "EPBC"
@@ -76,39 +73,21 @@ def profiled_run(gw, ledger_pid, a, script, data):
     master_map, worker_map = perf_maps(gw)
     if not os.path.exists(worker_map) and os.path.exists(master_map):
         os.symlink(master_map, worker_map)
-    worker = gw.pids()[1]
-    perf = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-F", "4000", *(["-g"] if a.call_graph else []),
-                             "-p", str(worker), "-o", data],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(0.5)
-    try:
-        r = kong.measure(gw, ledger_pid, a.seconds, a.connections, script)
-    finally:
-        perf.send_signal(signal.SIGINT)
-        perf.wait(timeout=30)
+    r = perf_split.recorded(gw.pids()[1], data,
+                            lambda: kong.measure(gw, ledger_pid, a.seconds, a.connections, script), a.call_graph)
     return r, samples_by_symbol(data)
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--seconds", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--connections", type=int, default=16)
+    ap = perf_split.arguments("kong-profile.json")
     ap.add_argument("--call-graph", action="store_true", help="record call graphs (perf -g) to read afterwards "
                     "with BENCH_KEEP_WORK=1")
     ap.add_argument("--top", type=int, default=12, help="symbols listed per case")
-    ap.add_argument("--out", default=os.path.join(g.ROOT, "bench/results/kong-profile.json"))
     a = ap.parse_args()
-    nginx_bin = os.environ.get("NGX_WASM_NGINX") or sys.exit("NGX_WASM_NGINX must name the engine's nginx")
-    signal.signal(signal.SIGTERM, g.on_signal)
-    signal.signal(signal.SIGINT, g.on_signal)
-    wasm = os.path.join(g.ROOT, "target/wasm32-wasip1/release")
-    work = tempfile.mkdtemp(prefix="kong-profile-")
+    nginx_bin, work = kong.begin("kong-profile-")
     gws = {}
     try:
-        ledger, ledger_port = g.start_ledger(work)
-        upstream = kong.Nginx("upstream", nginx_bin, work, '            return 200 "ok";', None, [], 1)
-        modules, cases, script = kong.gateway_cases(wasm, ledger_port)
+        ledger, upstream, modules, cases, script = kong.start_backends(nginx_bin, work)
         for case in CASES:
             gws[case] = kong.Nginx(case, nginx_bin, work, kong.proxied(cases[case][1]), upstream.port, modules, 0,
                                    wasmtime_flags=[("profiler", "perfmap")])
@@ -116,46 +95,23 @@ def main():
                   script.get(case))
             if case != "E":
                 g.answers_with(f"http://127.0.0.1:{gws[case].port}/", "x-credits-balance")
-        totals = {case: {"calls": 0, "cpu_us": 0.0, "samples": collections.Counter()} for case in CASES}
-        for rnd in range(a.rounds):
-            for case in CASES:
-                g.wrk(f"http://127.0.0.1:{gws[case].port}/", g.PRELOAD_SECONDS, a.connections, "payer0",
-                      script.get(case))
-                r, counts = profiled_run(gws[case], ledger.pid, a, script.get(case), f"{work}/{case}-{rnd}.data")
-                t = totals[case]
-                t["calls"] += r["requests"]
-                t["cpu_us"] += r["gateway_cpu_us_per_call"] * r["requests"]
-                t["samples"].update(counts)
-                print(f"round {rnd + 1} case {case}: {r['rps']:.0f} req/s, {r['gateway_cpu_us_per_call']:.1f} µs "
-                      f"CPU/call, {sum(counts.values())} samples", file=sys.stderr)
-        results = {}
-        for case, t in totals.items():
-            cpu = t["cpu_us"] / max(t["calls"], 1)
-            n = max(sum(t["samples"].values()), 1)
-            split = collections.Counter()
-            for (dso, sym), s in t["samples"].items():
-                split[bucket(dso, sym)] += s
-            results[case] = {
-                "gateway_cpu_us_per_call": cpu,
-                "us_per_call": {b: cpu * split[b] / n for b in BUCKETS},
-                "samples": n,
-                "top_symbols": [{"dso": dso, "symbol": sym, "bucket": bucket(dso, sym), "us_per_call": cpu * s / n}
-                                for (dso, sym), s in t["samples"].most_common(a.top)],
-            }
-        diff = {f"{x} - {y}": {b: results[x]["us_per_call"][b] - results[y]["us_per_call"][b] for b in BUCKETS}
-                for x, y in (("B", "E"), ("P", "E"), ("B", "P"), ("C", "B"))}
+
+        def run(case, rnd):
+            return profiled_run(gws[case], ledger.pid, a, script.get(case), f"{work}/{case}-{rnd}.data")
+
+        totals = perf_split.rounds(CASES, a, lambda case: gws[case].port, script.get, run, "gateway_cpu_us_per_call")
+        results = perf_split.split(totals, BUCKETS, lambda key: bucket(*key), "gateway_cpu_us_per_call")
+        for case, r in results.items():
+            per_sample = r["gateway_cpu_us_per_call"] / r["samples"]
+            r["top_symbols"] = [{"dso": dso, "symbol": sym, "bucket": bucket(dso, sym), "us_per_call": s * per_sample}
+                                for (dso, sym), s in totals[case].samples.most_common(a.top)]
+        diff = perf_split.differences(results, (("B", "E"), ("P", "E"), ("B", "P"), ("C", "B")), BUCKETS)
         doc = {"benchmark": "kong-engine profile", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "seconds": a.seconds, "rounds": a.rounds, "connections": a.connections,
                "load_average_at_end": os.getloadavg(), "cases": results, "differences": diff}
         with open(a.out, "w") as f:
             json.dump(doc, f, indent=1)
-        print("| µs of nginx worker CPU per call | " + " | ".join(BUCKETS) + " | all |")
-        print("|---|" + "---:|" * (len(BUCKETS) + 1))
-        for case, r in results.items():
-            print(f"| {case} | " + " | ".join(f"{r['us_per_call'][b]:.1f}" for b in BUCKETS)
-                  + f" | {r['gateway_cpu_us_per_call']:.1f} |")
-        for name, d in diff.items():
-            print(f"| {name} | " + " | ".join(f"{d[b]:+.1f}" for b in BUCKETS) + f" | {sum(d.values()):+.1f} |")
+        perf_split.print_table("nginx worker", results, diff, BUCKETS, "gateway_cpu_us_per_call")
         for case, r in results.items():
             print(f"\ncase {case}, top symbols (µs per call):")
             for s in r["top_symbols"]:
