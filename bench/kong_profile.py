@@ -5,12 +5,13 @@ of its decisions), B (prepaid_credits, one customer) and C (10,000 subjects at r
 bench/kong.py: `perf record` (software clock) of the gateway's worker during each measured run,
 split by where the samples fall — the filter's code Wasmtime compiled (named through Wasmtime's
 perf map), the Wasmtime runtime linked into nginx (its trampolines, libcalls, instance and store
-code), ngx_wasm_module (the host side of every proxy-wasm call), the rest of nginx, libc, the
-kernel — and each share turned into µs per call with the run's CPU per call (/proc). b − p is what
-the filter's own code costs beyond its host calls, p − e what its host calls cost, and the top
+code: every symbol of the binary not named ngx_*), ngx_wasm_module (the host side of every proxy-wasm call), the rest of nginx, libc, the
+kernel — and each share turned into µs per call with the run's CPU per call (/proc). B − P is what
+the filter's own code costs beyond its host calls, P − E what its host calls cost, and the top
 symbols of each case say where inside each part. The Envoy counterpart is bench/envoy_profile.py.
 
-  NGX_WASM_NGINX=<nginx> python3 bench/kong_profile.py [--seconds 8] [--rounds 2] [--connections 16]
+  NGX_WASM_NGINX=<nginx> python3 bench/kong_profile.py [--seconds 8] [--rounds 2] [--connections 16] [--top 12]
+      [--call-graph]   (perf -g; read the call graphs in the run's directory kept by BENCH_KEEP_WORK=1)
 
 Build first (as bench/kong.py says). Needs perf (Debian's linux-perf) and an nginx built with
 symbols (../shared/tools/build-kong-engine.sh builds with -g). Writes bench/results/kong-profile.json.
