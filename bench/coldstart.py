@@ -11,8 +11,7 @@ filter's Envoy (case e) is measured once per ledger, after the windows, for c/e.
 Every Envoy runs with --concurrency 1 on CPU 0; wrk and the ledger share CPU 1 (as in
 bench/gateway.py, whose helpers this script uses).
   python3 bench/coldstart.py [--filter WASM]... [--ledger PATH]... [--windows 10] [--window 2] [--connections 16]
-Build first: cargo build --release -p ledger --bin credits-ledger --example ledger_bench and
-cargo build --release --target wasm32-wasip1 -p prepaid-credits -p noop-filter.
+It builds this tree's filters and ledger first (`gateway.build`).
 """
 
 import argparse
@@ -65,6 +64,7 @@ def main():
     a = ap.parse_args()
     signal.signal(signal.SIGTERM, g.on_signal)
     signal.signal(signal.SIGINT, g.on_signal)
+    g.build()
     envoy_bin = os.environ.get("ENVOY_BIN") or shutil.which("envoy")
     ledgers = a.ledger or [os.path.join(g.ROOT, "target/release/credits-ledger")]
     filters = a.filter or [os.path.join(g.ROOT, "target/wasm32-wasip1/release/prepaid_credits.wasm")]

@@ -15,7 +15,7 @@ b − p what its own code costs beyond them.
 With --baseline (an earlier prepaid_credits.wasm), cases B and C run it beside b and c in every
 round, and the differences b − B and c − C say where a change moved the CPU.
 
-Build first (as bench/gateway.sh does). Needs perf (Debian's linux-perf; software events suffice).
+Builds what it runs (as bench/gateway.py does). Needs perf (Debian's linux-perf; software events suffice).
 Writes bench/results/envoy-profile.json.
 """
 
@@ -69,6 +69,7 @@ def main():
     a = ap.parse_args()
     signal.signal(signal.SIGTERM, g.on_signal)
     signal.signal(signal.SIGINT, g.on_signal)
+    g.build()
     envoy_bin = os.environ.get("ENVOY_BIN") or shutil.which("envoy")
     wasm = os.path.join(g.ROOT, "target/wasm32-wasip1/release")
     work = tempfile.mkdtemp(prefix="envoy-profile-")

@@ -25,8 +25,8 @@ has been idle for the others' runs).
 CPU per call is Envoy's own utime+stime (/proc/PID/stat) over the run divided by the calls wrk
 completed. Sync cost comes from Envoy's stats of its `ledger` cluster during cases b and c.
 
-Run through bench/gateway.sh (which builds everything first). Starts a ledger on SQLite in a
-temporary directory and the Envoys, and stops all of them on exit.
+Run through bench/gateway.sh (which draws the chart after). Builds what it runs, starts a ledger on
+SQLite in a temporary directory and the Envoys, and stops all of them on exit.
   python3 bench/gateway.py --seconds 10 --rounds 3 --connections 16
 """
 
@@ -51,6 +51,14 @@ PRICE = "0.01"
 PRELOAD_SECONDS = 2
 
 children = []
+
+
+def build():
+    """Builds what the benchmarks run: the three filters for wasm32-wasip1, the ledger and its
+    benchmark driver (cargo does nothing when they are up to date)."""
+    for args in (["--target", "wasm32-wasip1", "-p", "prepaid-credits", "-p", "noop-filter", "-p", "floor-filter"],
+                 ["-p", "ledger", "--bin", "credits-ledger", "--example", "ledger_bench"]):
+        subprocess.run(["cargo", "build", "--quiet", "--release", *args], cwd=ROOT, check=True)
 
 
 def stop_children():
@@ -326,6 +334,7 @@ def main():
     a = ap.parse_args()
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    build()
     envoy_bin = os.environ.get("ENVOY_BIN") or shutil.which("envoy")
     wasm = os.path.join(ROOT, "target/wasm32-wasip1/release")
     work = tempfile.mkdtemp(prefix="gateway-bench-")

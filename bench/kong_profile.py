@@ -13,7 +13,7 @@ symbols of each case say where inside each part. The Envoy counterpart is bench/
   NGX_WASM_NGINX=<nginx> python3 bench/kong_profile.py [--seconds 8] [--rounds 2] [--connections 16] [--top 12]
       [--call-graph]   (perf -g; read the call graphs in the run's directory kept by BENCH_KEEP_WORK=1)
 
-Build first (as bench/kong.py says). Needs perf (Debian's linux-perf) and an nginx built with
+Builds what it runs (as bench/kong.py does). Needs perf (Debian's linux-perf) and an nginx built with
 symbols (../shared/tools/build-kong-engine.sh builds with -g). Writes bench/results/kong-profile.json.
 """
 
