@@ -1,6 +1,6 @@
 //! `credits-ledger check`: verifies the whole journal and the snapshots derived from it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use credits::{Account, Amount, Currency, MovementKind};
 use sqlx::any::AnyRow;
@@ -172,9 +172,12 @@ impl Check {
                 store::amount("debts", "amount", r.try_get("amount")?)?,
             );
         }
-        for (key, outstanding) in &self.uncovered {
+        // Both ways: a debt the journal does not explain is as wrong as usage the debts miss.
+        let keys: BTreeSet<&DebtKey> = self.uncovered.keys().chain(debts.keys()).collect();
+        for key in keys {
+            let outstanding = self.uncovered.get(key).copied().unwrap_or_default();
             let recorded = debts.get(key).copied().unwrap_or_default();
-            if recorded != *outstanding {
+            if recorded != outstanding {
                 self.problems.push(format!(
                     "customer {} {} feature {:?}: uncovered usage {outstanding} but debt snapshot {recorded}",
                     key.0, key.1, key.2
