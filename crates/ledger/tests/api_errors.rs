@@ -5,7 +5,10 @@ mod support;
 
 use reqwest::Method;
 use serde_json::{json, Value};
-use support::{customer_path, grant_body, merged, protected_calls, Backend, Ledger, ProtectedCall, TestDb, UNKNOWN_ID};
+use support::{
+    customer_path, grant_body, merged, protected_calls, subject_sync, usage_range, Backend, Ledger, ProtectedCall,
+    TestDb, UNKNOWN_ID,
+};
 
 /// A customer with some credit, booked, so that "nothing changed" means something.
 async fn funded_customer(ledger: &Ledger) -> (String, String) {
@@ -391,7 +394,26 @@ async fn oversized_bodies_are_refused(backend: Backend) {
         let reply = ledger.call(method.clone(), path).body(Some(content_type), body_of(limit)).send().await;
         assert_eq!(reply.status, 400, "{method} {path} at the limit: {}", reply.body);
     }
+    // Requests that would book, padded with JSON whitespace one byte past the limit: refused,
+    // and nothing of them booked.
+    let charge = charge_body(json!({"key": "oversized"}));
+    let usage = usage_range(0, 3, "1.50", "credit_only");
+    let sync = json!({"node": "node-big", "subjects": [subject_sync("victim-subject", json!({ "usage": usage }))]});
+    let padded = |body: &Value| {
+        let text = body.to_string();
+        text.clone() + &" ".repeat(limit + 1 - text.len())
+    };
+    for (path, body) in [(format!("{customer}/credits/charges"), &charge), ("/v3/gateway/sync".to_owned(), &sync)] {
+        let reply = ledger.call(Method::POST, &path).body(Some("application/json"), padded(body)).send().await;
+        reply.assert_problem(413, None);
+    }
     assert_eq!(ledger.snapshot(&c).await, before, "nothing booked or stored");
+    // The same requests within the limit book: the refusal above is what kept them out.
+    let (status, body) = ledger.charge_with(&c, charge).await;
+    assert_eq!(status, 201, "{body}");
+    let answer = ledger.sync_one("node-big", sync["subjects"][0].clone()).await;
+    assert_eq!(answer["usage"], "booked", "{answer}");
+    assert_eq!(ledger.balance(&c, "").await.0, "5.00", "10 granted, 2.50 + 1 charged, 1.50 of usage booked");
     ledger.assert_journal_sound().await;
 }
 
