@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use ledger::notify::delivery::WebhookConfig;
 use serde_json::{json, Value};
 use support::receiver::{Answer, Receiver, SECRET};
-use support::{customer_path, grant_body, Backend, Ledger, TestDb, GATEWAY_TOKEN};
+use support::{
+    customer_path, grant_body, lease_request, subject_sync, usage_range, Backend, Ledger, TestDb, GATEWAY_TOKEN,
+};
 
 const CHANNELS: &str = "/v3/openmeter/notification/channels";
 const RULES: &str = "/v3/openmeter/notification/rules";
@@ -360,6 +362,76 @@ async fn postgres_two_instances_deliver_every_attempt_once() {
     two_instances_on_one_postgres_deliver_every_attempt_once().await;
 }
 
+/// How many events a customer has.
+async fn events_of(ledger: &Ledger, customer: &str) -> usize {
+    events(ledger, &format!("?filter[customer_id]={customer}&page[size]=100")).await.len()
+}
+
+/// Every kind of booking is evaluated against a rule (one threshold at 5, one customer per
+/// kind): gateway usage, a gateway lease, a void and an expiry that take the balance below it, a
+/// grant that takes it back above (so the next crossing fires again); and changing the rule
+/// re-arms what had fired.
+async fn every_kind_of_booking_is_evaluated_and_a_changed_rule_rearms(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ledger = Ledger::start(&db).await; // no delivery job: events wait in the outbox
+    let ch = channel(&ledger, "http://127.0.0.1:9/hook").await;
+    let rule_body = |name: &str| {
+        json!({"type": "credits.balance.threshold", "name": name, "channels": [ch], "currency": "USD",
+            "thresholds": [{"type": "absolute", "value": "5"}]})
+    };
+    let (status, body) = ledger.post(RULES, rule_body("low")).await;
+    assert_eq!(status, 201, "{body}");
+    let rule = body["id"].as_str().expect("id").to_owned();
+
+    let usage = ledger.customer("usage").await;
+    ledger.grant(&usage, grant_body("10", json!({}))).await;
+    let range = usage_range(0, 6, "6", "credit_only");
+    let answer = ledger.sync_one("node", subject_sync("usage-subject", json!({ "usage": range }))).await;
+    assert_eq!(answer["usage"], "booked", "{answer}");
+    assert_eq!(events_of(&ledger, &usage).await, 1, "gateway usage down to 4");
+
+    let leased = ledger.customer("leased").await;
+    ledger.grant(&leased, grant_body("10", json!({}))).await;
+    let lease = lease_request("L", 1, "6", 60_000);
+    let answer = ledger.sync_one("node", subject_sync("leased-subject", json!({ "lease": lease }))).await;
+    assert_eq!(answer["lease"]["granted"], "6", "{answer}");
+    assert_eq!(events_of(&ledger, &leased).await, 1, "a lease of 6 leaves 4 live");
+
+    let voided = ledger.customer("voided").await;
+    let big = ledger.grant(&voided, grant_body("10", json!({}))).await;
+    ledger.grant(&voided, grant_body("3", json!({}))).await;
+    assert_eq!(events_of(&ledger, &voided).await, 0, "13 is above 5");
+    let void = format!("{}/credits/grants/{}/void", customer_path(&voided), big["id"].as_str().expect("id"));
+    let (status, body) = ledger.post(&void, json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(events_of(&ledger, &voided).await, 1, "a void down to 3");
+
+    let expired = ledger.customer("expired").await;
+    let expiring = ledger.grant(&expired, grant_body("10", json!({"expires_after": "PT1S"}))).await;
+    ledger.grant(&expired, grant_body("3", json!({}))).await;
+    ledger.wait_past(expiring["expires_at"].as_str().expect("expires_at")).await;
+    assert!(ledger::expiry::pass(&ledger.state).await.expect("expiry pass") > 0, "the expiry was booked");
+    assert_eq!(events_of(&ledger, &expired).await, 1, "an expiry down to 3");
+
+    let regranted = ledger.customer("regranted").await;
+    ledger.grant(&regranted, grant_body("10", json!({}))).await;
+    charge(&ledger, &regranted, "6", "a").await; // 4: fires
+    ledger.grant(&regranted, grant_body("10", json!({}))).await; // 14: re-armed
+    charge(&ledger, &regranted, "10", "b").await; // 4: fires again
+    assert_eq!(events_of(&ledger, &regranted).await, 2, "a grant re-arms the threshold");
+
+    let changed = ledger.customer("changed").await;
+    ledger.grant(&changed, grant_body("10", json!({}))).await;
+    charge(&ledger, &changed, "6", "a").await; // 4: fires
+    charge(&ledger, &changed, "0.5", "b").await; // 3.5: still below, fired already
+    assert_eq!(events_of(&ledger, &changed).await, 1);
+    let (status, body) = ledger.put(&format!("{RULES}/{rule}"), rule_body("low balance")).await;
+    assert_eq!(status, 200, "{body}");
+    charge(&ledger, &changed, "0.5", "c").await; // 3: below a re-armed threshold
+    assert_eq!(events_of(&ledger, &changed).await, 2, "changing the rule re-armed it");
+    ledger.assert_journal_sound().await;
+}
+
 async fn charges_are_unaffected_by_customers_outside_a_rule(backend: Backend) {
     let db = TestDb::new(backend).await;
     let d = delivering(&db, fast()).await;
@@ -392,4 +464,5 @@ on_both_backends!(
     a_slow_receiver_never_slows_a_booking,
     an_expiring_grant_is_announced_once,
     charges_are_unaffected_by_customers_outside_a_rule,
+    every_kind_of_booking_is_evaluated_and_a_changed_rule_rearms,
 );
