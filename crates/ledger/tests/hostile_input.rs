@@ -191,6 +191,13 @@ async fn cursors_and_page_numbers_at_the_edge_of_i64_never_wrap(backend: Backend
                 assert_eq!(status, 200, "{path} page[{side}]={n}: {body}");
             }
         }
+        // A cursor beyond i64 is none this API issued: refused, never wrapped.
+        use base64::Engine as _;
+        let beyond = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("c1:9223372036854775808");
+        for side in ["after", "before"] {
+            let reply = ledger.call(Method::GET, &format!("{path}?page%5B{side}%5D={beyond}")).send().await;
+            reply.assert_problem(400, Some(&format!("page[{side}]")));
+        }
     }
     for path in ["/v3/openmeter/customers".to_owned(), format!("{customer}/credits/grants")] {
         let (status, body) = ledger.get(&format!("{path}?page%5Bnumber%5D={}", i64::MAX)).await;
