@@ -20,8 +20,8 @@ use crate::shared::fake::{FakeShared, Rules as SharedRules, ORIGIN_BLOCK_BITS};
 use crate::shared::Keyed;
 
 pub const SUBJECT: &str = "alice";
-const NODES: usize = 3;
-const WORKERS: usize = 2;
+pub const NODES: usize = 3;
+pub const WORKERS: usize = 2;
 /// Simulated time starts here (ms since the epoch); the scenario's grants are created then.
 pub const START_MS: u64 = 1_000;
 
@@ -168,6 +168,8 @@ struct Node {
     recorded_before: u64,
     /// Calls the evicted entries had not had booked yet: at most this many are never booked.
     lost_bound: u64,
+    /// When (simulated ms) each call was let through.
+    admitted_at: Vec<u64>,
 }
 
 #[derive(Clone)]
@@ -218,8 +220,7 @@ fn key(m: &Message) -> Outstanding {
 }
 
 impl<L: Ledger> Sim<L> {
-    pub fn new(s: &Scenario, ledger: impl FnOnce(&FilterConfig) -> L) -> Sim<L> {
-        let config = config();
+    pub fn new(s: &Scenario, config: FilterConfig, ledger: impl FnOnce(&FilterConfig) -> L) -> Sim<L> {
         let (rules, shared) = if s.kong {
             (
                 Rules::Nginx,
@@ -244,6 +245,7 @@ impl<L: Ledger> Sim<L> {
                     let_through: 0,
                     recorded_before: 0,
                     lost_bound: 0,
+                    admitted_at: Vec::new(),
                 }
             })
             .map(|mut node| {
@@ -305,6 +307,8 @@ impl<L: Ledger> Sim<L> {
     /// Records what a step of `worker` decided and routes what it sent.
     fn took(&mut self, node: usize, worker: usize, (decided, sent): (Decided, Vec<Sent>)) {
         self.nodes[node].let_through += decided.allowed;
+        let now = self.now;
+        self.nodes[node].admitted_at.extend((0..decided.allowed).map(|_| now));
         self.stats.allowed += decided.allowed;
         self.stats.refused += decided.refused;
         self.stats.unavailable += decided.unavailable;
@@ -500,24 +504,52 @@ impl<L: Ledger> Sim<L> {
         self.book = None;
     }
 
-    /// A reliable network until everything is reported and every lease given back.
-    pub fn drain(&mut self) {
+    /// From now on the network loses, duplicates and delays nothing but requests (each reaches
+    /// the ledger within the request delay); answers come back at once.
+    pub fn reliable_network(&mut self) {
         self.reliable = true;
-        for _ in 0..200 {
-            self.advance(10, 2);
-            while self.messages.iter().any(|m| m.answer.is_some() && m.due_ms <= self.now) {
-                self.deliver(0);
-            }
+    }
+
+    /// The longest a sync takes from its send to its answer on a reliable network.
+    pub fn round_trip_ms(&self) -> u64 {
+        self.request_delay_ms
+    }
+
+    /// Hands every answer that has arrived to its worker.
+    pub fn deliver_arrived(&mut self) {
+        while self.messages.iter().any(|m| m.answer.is_some() && m.due_ms <= self.now) {
+            self.deliver(0);
         }
     }
 
-    fn let_through(&self) -> u64 {
+    /// A reliable network until everything is reported and every lease given back.
+    pub fn drain(&mut self) {
+        self.reliable_network();
+        for _ in 0..200 {
+            self.advance(10, 2);
+            self.deliver_arrived();
+        }
+    }
+
+    pub fn let_through(&self) -> u64 {
         self.nodes.iter().map(|n| n.let_through).sum()
     }
 
-    /// The auditor, after every step: never more let through than the credit there was, every
-    /// call let through recorded in its node's shared state, the journal sound.
+    /// When (simulated ms) each call `node` let through was let through, in order.
+    pub fn admitted_at(&self, node: usize) -> &[u64] {
+        &self.nodes[node].admitted_at
+    }
+
+    /// The auditor, after every step: never more let through than the credit there was, and
+    /// what [`Sim::audit_records`] checks.
     pub fn audit(&mut self) -> Result<(), String> {
+        self.audit_records()?;
+        self.audit_credit()
+    }
+
+    /// Every call let through recorded in its node's shared state, the engine's rules kept, the
+    /// journal sound, nothing booked that was not let through.
+    pub fn audit_records(&mut self) -> Result<(), String> {
         for node in &self.nodes {
             let recorded = node.recorded_before + node.workers[0].calls_recorded(SUBJECT);
             if recorded != node.let_through {
@@ -539,6 +571,11 @@ impl<L: Ledger> Sim<L> {
             }
             self.book = Some(books.book);
         }
+        Ok(())
+    }
+
+    /// Never more let through than the credit there was, but for the [`Sim::allowance`].
+    fn audit_credit(&mut self) -> Result<(), String> {
         // Time alone lowers the credit (expiries), so this is checked whatever the step did.
         let credit = self.book.as_ref().map_or(Amount::ZERO, |b| credit_until(b, self.now));
         let allowance = self.allowance();
@@ -578,10 +615,18 @@ impl<L: Ledger> Sim<L> {
         expiries + self.voided_held.iter().copied().sum::<Amount>() + self.config.price.times(lost).unwrap()
     }
 
-    /// After the drain: each call booked exactly once, nothing left held.
+    /// After the drain: never more let through than the credit, each call booked exactly once,
+    /// nothing left held.
     pub fn audit_drained(&mut self) -> Result<(), String> {
+        self.audit_booked_once()?;
+        self.audit_credit()
+    }
+
+    /// After the drain: each call booked exactly once (but what evictions lost), nothing left
+    /// held, the settled balance the credit less what was booked (below zero if it must be).
+    pub fn audit_booked_once(&mut self) -> Result<(), String> {
         self.book = None;
-        self.audit()?;
+        self.audit_records()?;
         let books: Books = self.ledger.books();
         let mut booked_calls = 0;
         for (n, node) in self.nodes.iter().enumerate() {
@@ -629,7 +674,7 @@ impl<L: Ledger> Sim<L> {
 }
 
 /// Credit that could be spent by `now_ms`: what became effective, less what expired unused.
-fn credit_until(book: &Book, now_ms: u64) -> Amount {
+pub fn credit_until(book: &Book, now_ms: u64) -> Amount {
     let mut view = book.clone();
     view.try_advance(at(now_ms)).unwrap();
     view.grants().iter().filter(|g| g.funded).map(|g| g.grant.amount - g.expired - g.voided).sum()

@@ -422,7 +422,12 @@ async fn every_kind_of_booking_is_evaluated_and_a_changed_rule_rearms(backend: B
 
     let changed = ledger.customer("changed").await;
     ledger.grant(&changed, grant_body("10", json!({}))).await;
+    // A refused booking writes no event: the outbox row is in the booking's transaction.
+    let (status, body) = ledger.charge(&changed, "11", "refused").await;
+    assert_eq!(status, 402, "{body}");
+    assert_eq!(events_of(&ledger, &changed).await, 0, "nothing booked, nothing announced");
     charge(&ledger, &changed, "6", "a").await; // 4: fires
+    charge(&ledger, &changed, "6", "a").await; // the same charge again: answered, not booked
     charge(&ledger, &changed, "0.5", "b").await; // 3.5: still below, fired already
     assert_eq!(events_of(&ledger, &changed).await, 1);
     let (status, body) = ledger.put(&format!("{RULES}/{rule}"), rule_body("low balance")).await;
