@@ -757,4 +757,69 @@ mod tests {
         // Two calls would make an unsent range of 1.2 × 10^15: the failure mode (deny) applies.
         assert!(matches!(call(&store, &c, "alice", price, 3, LedgerAccess::Reachable).0, Verdict::Unavailable { .. }));
     }
+
+    /// A call priced after its response (README, "AI gateway") holds its estimate while in
+    /// flight and is charged in full, whatever it used: a customer's overspend is bounded by the
+    /// excess over their holds of the calls in flight at once.
+    mod calls_priced_after_their_response {
+        use super::*;
+        use proptest::prelude::*;
+
+        const CREDIT: &str = "10.00";
+        const ESTIMATE: &str = "1.00";
+
+        /// A call arrives (`true`), or the in-flight call `pick` completes having used `units`
+        /// tenths (0 to 3 times its estimate).
+        fn step() -> impl proptest::strategy::Strategy<Value = (bool, usize, u8)> {
+            (any::<bool>(), any::<usize>(), 0u8..=30)
+        }
+
+        proptest! {
+            #[test]
+            fn overspend_stays_within_the_excess_of_the_calls_in_flight_at_once(
+                steps in proptest::collection::vec(step(), 1..200),
+            ) {
+                let store = FakeShared::new(Rules::Envoy);
+                let c = config("");
+                known(&store, &c, "ann", CREDIT, 1);
+                // (held, admitted at step) of calls in flight; (admitted, completed, excess) of calls done.
+                let mut in_flight: Vec<(Vec<Hold>, usize)> = Vec::new();
+                let mut done: Vec<(usize, usize, Amount)> = Vec::new();
+                let mut spent = Amount::ZERO;
+                let finish = |at: usize, (held, admitted): (Vec<Hold>, usize), units: u8| {
+                    let used = amt("0.10").times(u64::from(units)).unwrap();
+                    let completed = complete(&store, &c, "ann", &held, &[used], 2 + at as u64);
+                    assert_eq!(completed.done, [true]);
+                    (used, (admitted, at, (used - amt(ESTIMATE)).max(Amount::ZERO)))
+                };
+                let mut at = 0;
+                for (arrives, pick, units) in steps {
+                    at += 1;
+                    if arrives || in_flight.is_empty() {
+                        let (v, _) = admit(&store, &c, "ann", &[amt(ESTIMATE)], 2 + at as u64, LedgerAccess::Reachable);
+                        if let Verdict::Allow { held, .. } = v {
+                            in_flight.push((held, at));
+                        }
+                    } else {
+                        let (used, call) = finish(at, in_flight.swap_remove(pick % in_flight.len()), units);
+                        spent += used;
+                        done.push(call);
+                    }
+                }
+                while let Some(call) = in_flight.pop() {
+                    at += 1;
+                    let (used, call) = finish(at, call, 30);
+                    spent += used;
+                    done.push(call);
+                }
+                let e = entry(&store, &c, 0, "ann");
+                prop_assert_eq!(e.available(), amt(CREDIT) - spent, "every call charged what it used");
+                let at_once = (0..=at)
+                    .map(|t| done.iter().filter(|(from, to, _)| *from <= t && t < *to).map(|(_, _, x)| *x).sum::<Amount>())
+                    .max()
+                    .unwrap_or(Amount::ZERO);
+                prop_assert!(spent - amt(CREDIT) <= at_once, "overspent {} with {} in flight at once", spent - amt(CREDIT), at_once);
+            }
+        }
+    }
 }
