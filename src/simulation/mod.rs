@@ -13,10 +13,10 @@
 //!   `SIM_MODEL=1` runs the seeds against the credit model alone (fast, for searching many).
 
 pub(crate) mod backend;
-mod cached;
 pub(crate) mod filter;
 pub(crate) mod model_ledger;
 mod sqlite_ledger;
+mod steady;
 mod world;
 
 use proptest::prelude::*;

@@ -61,6 +61,10 @@ pub enum Action {
     /// and ngx_wasm_module's slru moves a value read to the head of its queue and evicts from the
     /// entry's own size class first, so a shard (a page, read each tick) goes last of all.
     Evict { node: usize, pick: usize },
+    /// The node dies (`kill -9`, or `kong reload`, which wipes shared data) and starts again:
+    /// its workers and shared data are gone, requests it sent still reach the ledger. (Not in
+    /// the random scenarios: [`super::steady`] kills nodes on a network that loses nothing.)
+    Kill { node: usize },
 }
 
 fn action() -> impl Strategy<Value = Action> {
@@ -172,6 +176,17 @@ struct Node {
     admitted_at: Vec<u64>,
 }
 
+impl Node {
+    /// The node loses the customer's entry `e` (evicted, or killed with it): of its calls, the
+    /// ones not yet booked (unsent, or in a range not yet answered) may never be. Returns those.
+    fn lose(&mut self, e: &CustomerEntry) -> u64 {
+        let unreported = e.unsent_calls() + e.flight.as_ref().map_or(0, |f| f.to - f.from);
+        self.recorded_before += e.next_call;
+        self.lost_bound += unreported;
+        unreported
+    }
+}
+
 #[derive(Clone)]
 struct Message {
     id: u64,
@@ -192,6 +207,7 @@ struct Message {
 pub struct Sim<L: Ledger> {
     pub config: FilterConfig,
     rules: Rules,
+    shared_rules: SharedRules,
     pub ledger: L,
     noise: u64,
     nodes: Vec<Node>,
@@ -211,6 +227,8 @@ pub struct Sim<L: Ledger> {
     pub stats: Stats,
     /// Dispatches the engine still waits for, by (node, worker instance, token).
     outstanding: BTreeMap<Outstanding, Message>,
+    /// Each node killed: (node, when in simulated ms, the calls it had not had booked then).
+    pub kills: Vec<(usize, u64, u64)>,
 }
 
 type Outstanding = (usize, u64, Token);
@@ -221,7 +239,7 @@ fn key(m: &Message) -> Outstanding {
 
 impl<L: Ledger> Sim<L> {
     pub fn new(s: &Scenario, config: FilterConfig, ledger: impl FnOnce(&FilterConfig) -> L) -> Sim<L> {
-        let (rules, shared) = if s.kong {
+        let (rules, shared_rules) = if s.kong {
             (
                 Rules::Nginx,
                 SharedRules::Kong {
@@ -233,7 +251,7 @@ impl<L: Ledger> Sim<L> {
         };
         let nodes = (0..NODES)
             .map(|n| {
-                let store = Rc::new(FakeShared::with_origins(shared, (n as u64 + 1) << ORIGIN_BLOCK_BITS));
+                let store = Rc::new(FakeShared::with_origins(shared_rules, (n as u64 + 1) << ORIGIN_BLOCK_BITS));
                 let workers = (0..WORKERS)
                     .map(|w| SimWorker::new(rules, Rc::clone(&store), &config, (n * 10 + w) as u64 + 1, START_MS))
                     .collect();
@@ -258,6 +276,7 @@ impl<L: Ledger> Sim<L> {
         Sim {
             config,
             rules,
+            shared_rules,
             ledger,
             noise: s.noise,
             nodes,
@@ -271,6 +290,7 @@ impl<L: Ledger> Sim<L> {
             stats: Stats::default(),
             voided_held: Vec::new(),
             outstanding: BTreeMap::new(),
+            kills: Vec::new(),
         }
     }
 
@@ -478,6 +498,7 @@ impl<L: Ledger> Sim<L> {
                 self.book = None;
             }
             Action::Evict { node, pick } => self.evict(node, pick),
+            Action::Kill { node } => self.kill(node),
             Action::LedgerRestart => {
                 self.ledger.restart();
                 self.stats.ledger_restarts += 1;
@@ -496,9 +517,7 @@ impl<L: Ledger> Sim<L> {
             format!("t={} node{node} evicts {}", self.now, String::from_utf8_lossy(&bytes[..bytes.len().min(60)]))
         });
         if let Some(e) = CustomerEntry::decode(&bytes) {
-            let flight = e.flight.as_ref().map_or(0, |f| f.to - f.from);
-            n.recorded_before += e.next_call;
-            n.lost_bound += e.unsent_calls() + flight;
+            n.lose(&e);
             trace(|| format!("t={} node{node} evicts {e:?}", self.now));
         }
         self.book = None;
@@ -520,6 +539,25 @@ impl<L: Ledger> Sim<L> {
         while self.messages.iter().any(|m| m.answer.is_some() && m.due_ms <= self.now) {
             self.deliver(0);
         }
+    }
+
+    /// `node` dies and starts again with nothing: the customer's entry goes with what it had not
+    /// had booked (as in an eviction), and the new incarnation numbers calls under new origins.
+    fn kill(&mut self, node: usize) {
+        let t = self.node_time(node);
+        let incarnation = self.kills.iter().filter(|(n, _, _)| *n == node).count() as u64 + 1;
+        let n = &mut self.nodes[node];
+        let unreported = n.workers[0].entry(SUBJECT).map_or(0, |e| n.lose(&e));
+        let first_origin = ((node as u64 + 1) << ORIGIN_BLOCK_BITS) + (incarnation << (ORIGIN_BLOCK_BITS / 2));
+        n.store = Rc::new(FakeShared::with_origins(self.shared_rules, first_origin));
+        for w in 0..WORKERS {
+            let id = n.workers[w].worker.id + 1000;
+            n.workers[w] = SimWorker::new(self.rules, Rc::clone(&n.store), &self.config, id, t);
+        }
+        n.id = n.workers[0].worker.node.clone();
+        trace(|| format!("t={} node{node} killed with {unreported} calls unreported", self.now));
+        self.kills.push((node, self.now, unreported));
+        self.book = None;
     }
 
     /// A reliable network until everything is reported and every lease given back.
