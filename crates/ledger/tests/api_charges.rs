@@ -115,6 +115,11 @@ async fn credit_only_charge_that_is_not_covered_is_refused_and_books_nothing(bac
     let (status, body) = ledger.charge_with(&c, charge_body("1", "euros", json!({"currency": "EUR"}))).await;
     assert_eq!(status, 402, "{body}");
     assert_eq!((body["currency"].as_str(), body["available"].as_str()), (Some("EUR"), Some("0")));
+    // A refused charge is not remembered: after a top-up the same key goes through.
+    ledger.grant(&c, grant_body("1", json!({}))).await;
+    let (status, body) = ledger.charge(&c, "0.01", "nothing-left").await;
+    // (The balance counts the 5 of restricted credit too.)
+    assert_eq!((status, body["balance"]["live"].as_str()), (201, Some("5.99")), "{body}");
     ledger.assert_journal_sound().await;
 }
 

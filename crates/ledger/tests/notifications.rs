@@ -270,6 +270,28 @@ async fn failed_deliveries_are_retried_with_backoff_and_the_same_webhook_id(back
     assert_eq!(ledger.counter("webhook_deliveries_failed").await, 1);
 }
 
+/// A redirect is a failed attempt, retried later at the channel's URL: never followed.
+async fn redirects_are_not_followed(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let config = WebhookConfig { retry_ms: 300, max_retry_ms: 1000, max_attempts: 3, timeout_ms: 1000 };
+    let d = delivering(&db, config).await;
+    let ledger = &d.ledger;
+    let receiver = Receiver::start().await;
+    receiver.script(&[Answer::Status(307)]);
+    let ch = channel(ledger, &receiver.url).await;
+    threshold_rule(ledger, &ch, json!([{"type": "absolute", "value": "1"}])).await;
+    let c = ledger.customer("moved").await;
+    ledger.grant(&c, grant_body("2", json!({}))).await;
+    charge(ledger, &c, "1.5", "a").await;
+    let got = receiver.wait_for(2, Duration::from_secs(10)).await;
+    assert_eq!(got.iter().map(|r| r.answered).collect::<Vec<_>>(), [307, 200]);
+    assert!(got[1].at - got[0].at >= Duration::from_millis(290), "retried after the backoff, not followed: {got:?}");
+    let all = settled_events(ledger, Duration::from_secs(5)).await;
+    let delivery = &all[0]["deliveries"][0];
+    assert_eq!((&delivery["status"], &delivery["attempts"]), (&json!("success"), &json!(2)), "{delivery}");
+    assert_eq!(ledger.counter("webhook_attempts_failed").await, 1);
+}
+
 async fn a_slow_receiver_never_slows_a_booking(backend: Backend) {
     let db = TestDb::new(backend).await;
     let config = WebhookConfig { retry_ms: 100, max_retry_ms: 1000, max_attempts: 3, timeout_ms: 500 };
@@ -470,4 +492,5 @@ on_both_backends!(
     an_expiring_grant_is_announced_once,
     charges_are_unaffected_by_customers_outside_a_rule,
     every_kind_of_booking_is_evaluated_and_a_changed_rule_rearms,
+    redirects_are_not_followed,
 );

@@ -23,6 +23,7 @@ pub const SECRET: &str = "whsec_c2VjcmV0LWtleS1vZi10aGUtdGVzdC1yZWNlaXZlci0zMmI=
 /// How the receiver answers one delivery.
 #[derive(Clone, Copy, Debug)]
 pub enum Answer {
+    /// This status; a 3xx points back at the receiver itself (`Location: /hook`).
     Status(u16),
     /// Waits this long, then answers 200 (a slow receiver).
     Slow(Duration),
@@ -72,7 +73,7 @@ fn verify(headers: &HeaderMap, body: &[u8]) -> (String, i64, bool) {
     (id, timestamp.parse().unwrap_or(0), valid)
 }
 
-async fn receive(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) -> StatusCode {
+async fn receive(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) -> (StatusCode, HeaderMap) {
     let (id, timestamp, signature_valid) = verify(&headers, &body);
     let answer = {
         let first_time = !shared.deliveries.lock().expect("lock").iter().any(|d| d.id == id);
@@ -99,7 +100,11 @@ async fn receive(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) 
         answered: status,
     };
     shared.deliveries.lock().expect("lock").push(delivery);
-    StatusCode::from_u16(status).unwrap_or(StatusCode::OK)
+    let mut answer_headers = HeaderMap::new();
+    if (300..400).contains(&status) {
+        answer_headers.insert(axum::http::header::LOCATION, axum::http::HeaderValue::from_static("/hook"));
+    }
+    (StatusCode::from_u16(status).unwrap_or(StatusCode::OK), answer_headers)
 }
 
 impl Receiver {
