@@ -65,6 +65,10 @@ fn browser() -> Option<(String, String)> {
     );
 }
 
+/// Names with markup in them, which the console must show as text.
+const GLOBEX: &str = "Globex <img src=x data-injected onerror=alert(1)>";
+const TOKENS: &str = "Tokens <b data-injected>bold</b>";
+
 async fn customer(ledger: &Ledger, body: Value) -> String {
     let (status, created) = ledger.post("/v3/openmeter/customers", body).await;
     assert_eq!(status, 201, "{created}");
@@ -106,6 +110,9 @@ async fn sign_in(session: &Session, base: &str) {
 async fn list_and_search(session: &Session) {
     session.wait_text("#customers-page", "page 1 of 2").await;
     assert_eq!(rows(session, "#customer-list tbody tr[data-customer]").await, 25);
+    // What customers are called is shown as text, never as markup.
+    assert_eq!(rows(session, "#customer-list [data-injected]").await, 0, "a name became an element");
+    assert!(session.text("#customer-list tbody").await.contains(GLOBEX), "the name shown as written");
     session.click("#customers-next").await;
     session.wait_text("#customers-page", "page 2 of 2").await;
     assert_eq!(rows(session, "#customer-list tbody tr[data-customer]").await, 2);
@@ -147,6 +154,8 @@ async fn find_and_grant(session: &Session, acme: &str) {
             json!([]),
         )
         .await;
+    assert_eq!(rows(session, "#grants [data-injected]").await, 0, "a grant's name became an element");
+    assert!(session.text("#grants tbody").await.contains(TOKENS), "the grant's name shown as written");
 }
 
 /// Adjust and void through the page; the history, the grants and the chart follow.
@@ -238,12 +247,12 @@ async fn an_operator_finds_a_customer_and_grants_credit_in_a_real_browser() {
         json!({"name": "Acme Corp", "key": "acme", "usage_attribution": {"subject_keys": ["acme-app"]}}),
     )
     .await;
-    customer(&ledger, json!({"name": "Globex", "key": "globex"})).await;
+    customer(&ledger, json!({"name": GLOBEX, "key": "globex"})).await;
     for i in 0..25 {
         customer(&ledger, json!({"name": format!("Zeta {i:02}"), "key": format!("zeta-{i}")})).await;
     }
     ledger.grant(&acme, grant_body("5", json!({"name": "Welcome"}))).await;
-    ledger.grant(&acme, grant_body("3", json!({"name": "Tokens", "filters": {"features": ["tokens"]}}))).await;
+    ledger.grant(&acme, grant_body("3", json!({"name": TOKENS, "filters": {"features": ["tokens"]}}))).await;
     // A channel and a rule that fires on the first charge, for the notifications page.
     let (status, channel) = ledger
         .post(
