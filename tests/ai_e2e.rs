@@ -11,7 +11,7 @@ use std::time::Duration;
 use reqwest::header::HeaderMap;
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
-use support::llm::llm;
+use support::llm::{llm, Llm};
 use support::{filter_config, Envoy, Ledger, TempDir};
 
 /// Input tokens at 0.00001 (estimated 100), output tokens at 0.00003 (estimated from
@@ -161,6 +161,42 @@ async fn tokens_in_and_out_are_charged_per_feature_to_the_cent_with_leases() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tokens_in_and_out_are_charged_per_feature_to_the_cent_with_a_cached_balance() {
     priced_by_usage("cached").await;
+}
+
+/// The filter reads a copy of each streamed chunk as it passes: the client has the first event
+/// while the upstream still waits to send the rest (it waits for the client to say so).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_streamed_response_is_never_held_back() {
+    let dir = TempDir::new("ai-stream");
+    let ledger = Ledger::start(&dir.0).await;
+    let cy = customer(&ledger, "cy", "1.00").await;
+    let llm = Llm::start().await;
+    let envoy = Envoy::start(&dir.0, llm.port, ledger.port, &ai_config("lease")).await;
+    let mut response = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{}/v1/chat/completions", envoy.port))
+        .header("x-consumer-username", "cy")
+        .header("x-test-mode", "gated")
+        .header("x-test-completion-tokens", "5")
+        .body(json!({"messages": messages("hold on"), "max_tokens": 10, "stream": true}).to_string())
+        .send()
+        .await
+        .expect("call through envoy");
+    assert_eq!(response.status(), 200, "{}", envoy.log_text());
+    let mut body = Vec::new();
+    while !body.ends_with(b"\n\n") {
+        body.extend_from_slice(&response.chunk().await.expect("a chunk").expect("the first event"));
+    }
+    assert!(!llm.gate.finished.load(Ordering::SeqCst), "the first event came only after the upstream finished");
+    llm.gate.open();
+    while let Some(chunk) = response.chunk().await.expect("the rest") {
+        body.extend_from_slice(&chunk);
+    }
+    let body = String::from_utf8(body).unwrap();
+    assert_eq!(body.matches("data: ").count(), 7, "every event reaches the client: {body}");
+    // Charged what the last event reported: 4 + 2 = 6 prompt tokens, 5 completion tokens.
+    wait_consumed(&ledger, &cy, "input_tokens", "0.00006").await;
+    wait_consumed(&ledger, &cy, "output_tokens", "0.00015").await;
+    ledger.check().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

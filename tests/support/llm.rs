@@ -1,6 +1,6 @@
 //! An upstream that answers like an LLM API (JSON, or server-sent events with `"stream": true`).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,27 +9,56 @@ use axum::http::{HeaderMap, StatusCode};
 use futures_util::stream;
 use serde_json::{json, Value};
 
+/// An LLM-like API (see [`Llm`]): its port and the number of requests it answered.
+pub async fn llm() -> (u16, Arc<AtomicU64>) {
+    let llm = Llm::start().await;
+    (llm.port, llm.answered)
+}
+
 /// An LLM-like API. The prompt costs 4 tokens per message plus one per word; the completion is
 /// `x-test-completion-tokens` tokens (capped by `max_tokens`). `x-test-mode` selects `error`
 /// (500 that still reports usage), `no-usage` (200 without a usage object), `garbage` (200 with
-/// unreadable usage); `"stream": true` answers as server-sent events, usage in the last event.
-/// Returns its port and the number of requests it answered (each read whole before answering).
-pub async fn llm() -> (u16, Arc<AtomicU64>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let answered = Arc::new(AtomicU64::new(0));
-    let count = answered.clone();
-    let app = axum::Router::new().fallback(move |headers: HeaderMap, body: String| async move {
-        count.fetch_add(1, Ordering::SeqCst);
-        answer(&headers, &body)
-    });
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    (port, answered)
+/// unreadable usage), `gated` (a stream that sends its first event, then waits for the
+/// [`Gate`] to open); `"stream": true` answers as server-sent events, usage in the last event.
+pub struct Llm {
+    pub port: u16,
+    /// Requests answered (each read whole before answering).
+    pub answered: Arc<AtomicU64>,
+    pub gate: Arc<Gate>,
 }
 
-fn answer(headers: &HeaderMap, body: &str) -> axum::response::Response {
+/// Holds a `gated` stream after its first event until the test opens it (or 10 s pass).
+#[derive(Default)]
+pub struct Gate {
+    open: tokio::sync::Notify,
+    /// The gated stream sent its last piece.
+    pub finished: AtomicBool,
+}
+
+impl Gate {
+    pub fn open(&self) {
+        self.open.notify_one();
+    }
+}
+
+impl Llm {
+    pub async fn start() -> Llm {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (answered, gate) = (Arc::new(AtomicU64::new(0)), Arc::new(Gate::default()));
+        let (count, held) = (answered.clone(), gate.clone());
+        let app = axum::Router::new().fallback(move |headers: HeaderMap, body: String| async move {
+            count.fetch_add(1, Ordering::SeqCst);
+            answer(&headers, &body, held)
+        });
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Llm { port, answered, gate }
+    }
+}
+
+fn answer(headers: &HeaderMap, body: &str, gate: Arc<Gate>) -> axum::response::Response {
     let request: Value = serde_json::from_str(body).unwrap_or(json!({}));
     let prompt: u64 = request["messages"]
         .as_array()
@@ -55,12 +84,21 @@ fn answer(headers: &HeaderMap, body: &str) -> axum::response::Response {
             .collect();
         events.push(format!("data: {}\n\n", json!({"choices": [], "usage": usage})));
         events.push("data: [DONE]\n\n".to_owned());
+        let (first, gated) = (events[0].len(), mode == "gated");
         let text = events.concat().into_bytes();
-        let pieces: Vec<Vec<u8>> = text.chunks(37).map(<[u8]>::to_vec).collect();
-        let body = stream::unfold(pieces.into_iter(), |mut it| async move {
-            let piece = it.next()?;
+        let pieces: Vec<Vec<u8>> = if gated {
+            vec![text[..first].to_vec(), text[first..].to_vec()]
+        } else {
+            text.chunks(37).map(<[u8]>::to_vec).collect()
+        };
+        let body = stream::unfold((pieces.into_iter().enumerate(), gate), move |(mut it, gate)| async move {
+            let (i, piece) = it.next()?;
+            if gated && i == 1 {
+                let _ = tokio::time::timeout(Duration::from_secs(10), gate.open.notified()).await;
+                gate.finished.store(true, Ordering::SeqCst);
+            }
             tokio::time::sleep(Duration::from_millis(1)).await;
-            Some((Ok::<_, std::io::Error>(piece), it))
+            Some((Ok::<_, std::io::Error>(piece), (it, gate)))
         });
         return builder.header("content-type", "text/event-stream").body(Body::from_stream(body)).unwrap();
     }
