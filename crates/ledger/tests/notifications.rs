@@ -346,6 +346,36 @@ async fn an_expiring_grant_is_announced_once(backend: Backend) {
     assert!(got[0].signature_valid);
 }
 
+/// An instance that claimed a delivery and died: its claim runs out, then another instance
+/// makes the attempt (counted as the second), and the receiver gets it once.
+async fn a_dead_instances_claim_runs_out_and_another_delivers(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ledger = Ledger::start(&db).await; // no delivery job yet
+    let receiver = Receiver::start().await;
+    let ch = channel(&ledger, &receiver.url).await;
+    threshold_rule(&ledger, &ch, json!([{"type": "absolute", "value": "5"}])).await;
+    let c = ledger.customer("orphaned").await;
+    ledger.grant(&c, grant_body("10", json!({}))).await;
+    charge(&ledger, &c, "6", "fire").await;
+    // The dead instance's claim, for one second.
+    let now = ledger.db_now().await;
+    let until = now + chrono::TimeDelta::seconds(1);
+    let mut conn = ledger.state.db.pool().acquire().await.expect("connection");
+    let backend = ledger.state.db.backend();
+    let claimed = ledger::store::outbox::claim(&mut conn, backend, now, until, "dead", 4, 10).await.expect("claim");
+    assert_eq!(claimed.len(), 1, "{claimed:?}");
+    drop(conn);
+
+    let d = delivering(&db, fast()).await;
+    let got = receiver.wait_for(1, Duration::from_secs(10)).await;
+    assert!(ledger.db_now().await >= until, "delivered only once the claim ran out");
+    let all = settled_events(&d.ledger, Duration::from_secs(5)).await;
+    let delivery = &all[0]["deliveries"][0];
+    assert_eq!((&delivery["status"], &delivery["attempts"]), (&json!("success"), &json!(2)), "{delivery}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(receiver.deliveries().len(), 1, "delivered once: {got:?}");
+}
+
 async fn two_instances_on_one_postgres_deliver_every_attempt_once() {
     let db = TestDb::new(Backend::Postgres).await;
     let config = WebhookConfig { retry_ms: 100, max_retry_ms: 1000, max_attempts: 4, timeout_ms: 1000 };
@@ -493,4 +523,5 @@ on_both_backends!(
     charges_are_unaffected_by_customers_outside_a_rule,
     every_kind_of_booking_is_evaluated_and_a_changed_rule_rearms,
     redirects_are_not_followed,
+    a_dead_instances_claim_runs_out_and_another_delivers,
 );
