@@ -273,10 +273,11 @@ fn stream_usage(kong: &mut Kong, id: u32) {
     for i in 0..3 {
         let event =
             format!("data: {}\n\n", json!({"choices": [{"delta": {"content": format!("t{i}")}}], "usage": null}));
-        kong.response_body(id, event.as_bytes(), false).unwrap();
+        // Every chunk passes on at once (0: continue): the response is never held back.
+        assert_eq!(kong.response_body(id, event.as_bytes(), false).unwrap(), 0);
     }
     let usage = json!({"choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": 20}});
-    kong.response_body(id, format!("data: {usage}\n\ndata: [DONE]\n\n").as_bytes(), true).unwrap();
+    assert_eq!(kong.response_body(id, format!("data: {usage}\n\ndata: [DONE]\n\n").as_bytes(), true).unwrap(), 0);
     kong.log(id).unwrap();
     kong.done(id).unwrap();
 }
