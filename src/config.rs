@@ -35,7 +35,8 @@ pub struct LedgerConfig {
     /// Envoy cluster name, or `host:port` / `ip:port` under Kong's engine.
     pub upstream: String,
     pub authority: String,
-    pub base_path: String,
+    /// `{ledger.base_path}/gateway/sync`, built once: a base path of `/` gives `/gateway/sync`.
+    pub sync_path: String,
     pub token: String,
     pub timeout_ms: u32,
     /// Call the ledger over TLS (`:scheme: https`): Kong's engine then opens a TLS connection;
@@ -320,7 +321,7 @@ impl RawLedger {
         Ok(LedgerConfig {
             upstream: self.upstream,
             authority,
-            base_path,
+            sync_path: format!("{}/gateway/sync", base_path.trim_end_matches('/')),
             token: self.token,
             timeout_ms: to_u32(bounded("ledger.timeout_ms", self.timeout_ms, 1000, 1, 60_000)?),
             tls: self.tls.unwrap_or(false),
@@ -434,7 +435,7 @@ mod tests {
     fn defaults_fill_in() {
         let c = FilterConfig::parse(MINIMAL.as_bytes()).unwrap();
         assert_eq!(c.ledger.authority, "ledger");
-        assert_eq!(c.ledger.base_path, "/v3");
+        assert_eq!(c.ledger.sync_path, "/v3/gateway/sync");
         assert_eq!(c.ledger.timeout_ms, 1000);
         assert!(!c.ledger.tls);
         assert!(!c.ledger.upstream_is_host_name(), "an Envoy cluster name");

@@ -547,7 +547,7 @@ fn ledger_headers(config: &FilterConfig) -> Vec<(String, String)> {
     let l = &config.ledger;
     [
         (":method", "POST".to_owned()),
-        (":path", format!("{}/gateway/sync", l.base_path)),
+        (":path", l.sync_path.clone()),
         (":authority", l.authority.clone()),
         (":scheme", if l.tls { "https" } else { "http" }.to_owned()),
         ("content-type", "application/json".to_owned()),

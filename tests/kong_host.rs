@@ -123,6 +123,37 @@ fn cold_call_reads_the_balance_then_calls_are_paid_until_402() {
     assert_eq!((kong.metric("cache_misses"), kong.metric("cache_hits")), (1, 10));
 }
 
+/// `ledger.base_path`, `ledger.authority` and `ledger.tls` shape every ledger request; a base path
+/// of `/` puts the API at the root, not at `//gateway/sync`. Without TLS no `:scheme` is sent: the
+/// engine defaults to http and warns on each `:scheme` when built without TLS.
+#[test]
+fn ledger_address_fields_shape_the_dispatch() {
+    let cases = [
+        (r#""base_path": "/""#, "/gateway/sync", "127.0.0.1:8480", None),
+        (
+            r#""base_path": "/api/v3", "authority": "ledger.internal", "tls": true"#,
+            "/api/v3/gateway/sync",
+            "ledger.internal",
+            Some("https"),
+        ),
+    ];
+    for (fields, path, authority, scheme) in cases {
+        let node = Node::new(crc32);
+        let config = format!(
+            r#"{{"ledger": {{"upstream": "127.0.0.1:8480", "token": "t", {fields}}}, "price": "0.10", "currency": "USD",
+                "sync": {{"strategy": "cached"}}}}"#
+        );
+        let mut kong = configured(&node, &config);
+        let (_, action) = kong.request(&[("x-consumer-username", "alice")]).unwrap();
+        assert_eq!(action, 1, "paused");
+        let dispatch = kong.calls().last().cloned().unwrap();
+        assert_eq!(dispatch.upstream, "127.0.0.1:8480", "{fields}");
+        assert_eq!(dispatch.header(":path"), Some(path), "{fields}");
+        assert_eq!(dispatch.header(":authority"), Some(authority), "{fields}");
+        assert_eq!(dispatch.header(":scheme"), scheme, "{fields}");
+    }
+}
+
 #[test]
 fn failed_dispatch_reported_the_kong_3_9_way_follows_the_failure_mode() {
     let node = Node::new(crc32);
