@@ -459,6 +459,25 @@ mod tests {
     }
 
     #[test]
+    fn the_lease_ttl_floor_follows_the_sync_interval_and_timeout() {
+        let with = |extra: &str| {
+            FilterConfig::parse(
+                format!(r#"{{"ledger": {{"upstream": "l", "token": "t"}}, "price": "1", "currency": "USD", {extra}}}"#)
+                    .as_bytes(),
+            )
+        };
+        // Defaults: interval 1000, timeout 1000, so the floor is 6000.
+        assert_eq!(with(r#""lease": {"ttl_ms": 6000}"#).unwrap().lease.ttl_ms, 6000);
+        let err = with(r#""sync": {"interval_ms": 2000}, "lease": {"ttl_ms": 6000}"#).unwrap_err();
+        assert_eq!(err.field, "lease.ttl_ms");
+        assert!(err.to_string().contains("9000"), "{err}");
+        // The floor binds only when leases are used.
+        assert!(with(r#""sync": {"strategy": "cached"}, "lease": {"ttl_ms": 1000}"#).is_ok());
+        // Equal bounds are a fixed lease size.
+        assert!(with(r#""lease": {"min_calls": 10, "max_calls": 10}"#).is_ok());
+    }
+
+    #[test]
     fn errors_name_the_field() {
         let cases = [
             (r#"{"ledger": {"upstream": "l", "token": "t"}, "price": "1e3", "currency": "USD"}"#, "price"),
@@ -478,6 +497,15 @@ mod tests {
                 "failure_mode",
             ),
             (r#"{"ledger": {"upstream": "l", "token": "t"}, "currency": "USD"}"#, "price"),
+            // Cross-field rules: a lease range that cannot exist, a lease TTL too short to spend.
+            (
+                r#"{"ledger": {"upstream": "l", "token": "t"}, "price": "1", "currency": "USD", "lease": {"min_calls": 11, "max_calls": 10}}"#,
+                "lease.min_calls",
+            ),
+            (
+                r#"{"ledger": {"upstream": "l", "token": "t"}, "price": "1", "currency": "USD", "lease": {"ttl_ms": 5999}}"#,
+                "lease.ttl_ms",
+            ),
         ];
         for (json, field) in cases {
             let err = FilterConfig::parse(json.as_bytes()).unwrap_err();

@@ -504,6 +504,12 @@ mod tests {
                 r#"{"name": "a", "unit_price": "1", "source": {"response_header": "x"}, "estimate": {"units": "1", "request_json": "/n"}}"#,
                 "pricing.units[0].estimate",
             ),
+            // Kong's schema cannot express uniqueness across array items: the filter refuses it.
+            (
+                r#"{"name": "tokens", "unit_price": "1", "source": {"response_header": "x"}},
+                   {"name": "tokens", "unit_price": "2", "source": {"response_header": "y"}}"#,
+                "pricing.units[1].name",
+            ),
         ];
         for (unit, field) in cases {
             let err = FilterConfig::parse(base(unit).as_bytes()).unwrap_err();
