@@ -456,6 +456,27 @@ mod tests {
         assert_eq!(c.sync.strategy, Strategy::Lease, "credit_only defaults to exact leases");
         assert_eq!(c.lease.horizon_ms, 3000);
         assert_eq!(c.response_headers.balance.as_deref(), Some("x-credits-balance"));
+        // The rest of the README's configuration reference, default by default.
+        assert_eq!(c.subject.require_headers, Vec::<String>::new());
+        assert_eq!((c.subject.missing_status, c.subject.unknown_status), (401, 403));
+        assert_eq!(c.feature_key, None);
+        assert!(c.pricing.units.is_empty());
+        assert!(!c.pricing.charge_errors);
+        assert_eq!(c.pricing.missing_usage, crate::pricing::MissingUsage::ChargeEstimate);
+        assert_eq!(c.pricing.max_body_bytes, 1_048_576);
+        assert_eq!(c.pricing.hold_timeout_ms, 600_000);
+        assert_eq!((c.sync.max_stale_ms, c.sync.idle_ms), (60_000, 300_000));
+        assert_eq!((c.sync.max_unsent_calls, c.sync.unknown_ttl_ms), (1_000_000, 10_000));
+        assert_eq!((c.lease.min_calls, c.lease.max_calls, c.lease.low_water_percent), (10, 100_000, 50));
+        assert_eq!((c.lease.idle_release_ms, c.lease.ttl_ms), (300_000, 30_000));
+        assert_eq!(c.offline_allowance, None);
+        assert_eq!(c.response_headers.cost.as_deref(), Some("x-credits-cost"));
+        // Only `credit_only` needs exact leases; `credit_then_invoice` never refuses, so caches.
+        let invoiced = FilterConfig::parse(
+            br#"{"ledger": {"upstream": "l", "token": "t"}, "price": "1", "currency": "USD", "settlement_mode": "credit_then_invoice"}"#,
+        )
+        .unwrap();
+        assert_eq!(invoiced.sync.strategy, Strategy::Cached);
     }
 
     #[test]

@@ -592,6 +592,36 @@ mod tests {
         );
     }
 
+    /// `credit_then_invoice` under a lease: a call beyond the lease is let through on a fresh
+    /// entry, takes what the lease has left and nothing more (the rest is overage, booked by the
+    /// ledger), so the lease never goes negative and the balance shown never drops below zero.
+    #[test]
+    fn credit_then_invoice_spends_a_lease_down_to_zero_and_no_further() {
+        let store = FakeShared::new(Rules::Envoy);
+        let c = config(r#", "settlement_mode": "credit_then_invoice", "sync": {"strategy": "lease"}"#);
+        leased(&store, &c, "alice", "0.15", 1);
+        let key = entry_key(&c, &c.pricing.scopes[0], "alice");
+        let lease_left = || shared::read::<CustomerEntry>(&store, &key).unwrap().lease.remaining;
+        let (first, _) = call(&store, &c, "alice", amt("0.10"), 2, LedgerAccess::Reachable);
+        assert_eq!(first, Verdict::Allow { held: vec![held_from_lease("0.10", "0.10")], balance: Some(amt("0.05")) });
+        assert_eq!(lease_left(), amt("0.05"));
+        // Beyond the lease: let through, holding the 0.05 left.
+        let (second, _) = admit(&store, &c, "alice", &[amt("0.10")], 3, LedgerAccess::Reachable);
+        assert_eq!(second, Verdict::Allow { held: vec![held_from_lease("0.10", "0.05")], balance: Some(amt("0.00")) });
+        let Verdict::Allow { held, .. } = second else { unreachable!() };
+        complete(&store, &c, "alice", &held, &[amt("0.10")], 3);
+        assert_eq!(lease_left(), amt("0.00"));
+        let e = shared::read::<CustomerEntry>(&store, &key).unwrap();
+        assert_eq!((e.unsent_calls(), e.spent), (2, amt("0.20")), "both calls are booked in full");
+        // Past its freshness, a call beyond the lease asks the ledger rather than guess.
+        let stale = 3 + u64::from(c.sync.max_stale_ms) + 1;
+        assert_eq!(call(&store, &c, "alice", amt("0.10"), stale, LedgerAccess::Reachable).0, Verdict::AskLedger);
+    }
+
+    fn held_from_lease(amount: &str, from_lease: &str) -> Hold {
+        Hold { amount: amt(amount), from_lease: amt(from_lease), origin: 7, ..Hold::default() }
+    }
+
     #[test]
     fn a_lease_whose_credit_expires_before_it_can_be_spent_refuses_instead_of_asking_again() {
         let store = FakeShared::new(Rules::Envoy);

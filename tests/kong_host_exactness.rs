@@ -189,6 +189,34 @@ async fn two_nodes_of_two_workers_let_through_exactly_what_the_balance_pays_for(
     c.ledger.check().await;
 }
 
+/// `credit_then_invoice` never refuses for lack of credit, under either strategy: every call is let
+/// through, the credit pays what it covers, and the rest is booked once as overage (the settled
+/// balance stays at zero, not negative as under `credit_only`).
+#[tokio::test]
+async fn credit_then_invoice_lets_every_call_through_and_books_the_rest_as_overage() {
+    for strategy in ["cached", "lease"] {
+        let dir = TempDir::new("kong-invoice");
+        let config = json!({"ledger": {"upstream": "-", "token": "-", "timeout_ms": 1000},
+            "price": "0.10", "currency": "USD", "settlement_mode": "credit_then_invoice",
+            "sync": {"strategy": strategy, "interval_ms": 1000}});
+        let mut c = Cluster::start(&dir, &config).await;
+        let customer = c.ledger.customer_with_credit("alice", "0.50").await;
+        for round in 0..12 {
+            c.alice_round(|w| 1 + (round + w) % 3, round % 3 == 2).await;
+        }
+        assert!(c.other.is_empty(), "{strategy}: calls neither let through nor refused: {:?}", c.other);
+        assert_eq!(c.refused, 0, "{strategy}: refused for lack of credit ({} let through)", c.allowed);
+        assert_eq!(c.allowed, 96, "{strategy}");
+        for _ in 0..3 {
+            c.tick().await;
+        }
+        c.ledger.wait_settled(&customer, "0.00").await;
+        assert_eq!(c.ledger.consumed(&customer).await, Decimal::new(50, 2), "{strategy}: the credit pays first");
+        assert_eq!(c.ledger.overage(&customer).await, Decimal::new(910, 2), "{strategy}: the rest, booked once");
+        c.ledger.check().await;
+    }
+}
+
 /// Under Kong every waiting call sends its own top-up, so the ledger takes them in any order
 /// (here: the latest first); an earlier one then counts as a retry and grants nothing. A customer
 /// with ample credit must never be refused for it. Before the fix, such an answer marked the

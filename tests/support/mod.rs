@@ -153,6 +153,17 @@ impl Ledger {
             .unwrap_or_default()
     }
 
+    /// Total usage the customer's credit did not cover, recorded as overage (`credit_then_invoice`).
+    pub async fn overage(&self, customer: &str) -> rust_decimal::Decimal {
+        let db = ledger::db::Db::connect(&self.database).await.expect("db");
+        let amounts: Vec<String> = sqlx::query_scalar("SELECT amount FROM overages WHERE customer_id = ?")
+            .bind(customer)
+            .fetch_all(db.pool())
+            .await
+            .expect("overages");
+        amounts.iter().map(|a| a.parse::<rust_decimal::Decimal>().expect("decimal")).sum()
+    }
+
     pub async fn wait_settled(&self, customer: &str, expected: &str) {
         for _ in 0..200 {
             if self.settled(customer).await == expected {
