@@ -486,3 +486,53 @@ fn a_warm_call_makes_a_handful_of_host_calls() {
     let after = host_calls(&g);
     assert_eq!((after.0 - after_request.0, after.1 - after_request.1, after.2 - after_request.2), (1, 1, 1));
 }
+
+/// A response as the engine shows it: `:status` and the named headers.
+struct Answered(Vec<(&'static str, &'static str)>);
+
+impl Request for Answered {
+    fn header(&self, name: &str) -> Option<String> {
+        self.0.iter().find(|(k, _)| *k == name).map(|(_, v)| (*v).to_owned())
+    }
+
+    fn id(&self) -> Option<String> {
+        None
+    }
+}
+
+/// Units counted in a response header price the call when its headers arrive: the cost header
+/// shows it at once, an unreadable or missing count charges the estimate, and the ledger books
+/// exactly what the calls cost.
+#[test]
+fn units_counted_in_a_response_header_price_the_call_at_its_headers() {
+    let rows = r#", "pricing": {"units": [{"name": "rows", "unit_price": "0.01", "source": {"response_header": "x-rows"}, "estimate": {"units": "5"}}]}"#;
+    let mut g = Gateway::new(Rules::Envoy, config(rows), 100);
+    let cases =
+        [(Some("7"), "0.17"), (Some(" 12 "), "0.22"), (Some("-3"), "0.15"), (Some("lots"), "0.15"), (None, "0.15")];
+    for (count, cost) in cases {
+        let (id, _) = g.start();
+        for (token, _) in g.pending() {
+            g.answer(token);
+        }
+        let config = g.cfg();
+        let config = config.as_ref().as_ref().unwrap();
+        let mut call = g.calls.remove(&id).unwrap();
+        g.engine.enter(id, Phase::ResponseHeaders);
+        let response = Answered([(":status", "200")].into_iter().chain(count.map(|c| ("x-rows", c))).collect());
+        let charged = call.on_response_headers(&mut g.worker, &mut g.engine, config, &response, true);
+        g.engine.enter(id, Phase::Log);
+        call.on_log(&mut g.worker, &mut g.engine, config);
+        let headers = headers_of(charged, config);
+        let shown = headers.iter().find(|(k, _)| k == "x-credits-cost").map(|(_, v)| v.as_str());
+        assert_eq!(shown, Some(cost), "x-rows {count:?}");
+    }
+    for _ in 0..3 {
+        g.engine.now_ms += 1000;
+        g.tick();
+        for (token, _) in g.pending() {
+            g.answer(token);
+        }
+    }
+    assert_eq!(g.ledger.books().consumed, Amount::parse("0.84").unwrap(), "0.17 + 0.22 + 3 × 0.15");
+    g.no_violations();
+}
