@@ -536,3 +536,42 @@ fn units_counted_in_a_response_header_price_the_call_at_its_headers() {
     assert_eq!(g.ledger.books().consumed, Amount::parse("0.84").unwrap(), "0.17 + 0.22 + 3 × 0.15");
     g.no_violations();
 }
+
+/// `sync.max_unsent_calls` bounds what a node keeps for the ledger per customer. Beyond it, `deny`
+/// answers 503 and `allow` lets the call through unrecorded, counted in `records_dropped`; the
+/// calls recorded before are booked once the ledger takes them. Under both strategies.
+#[test]
+fn beyond_max_unsent_calls_the_failure_mode_decides_and_drops_are_counted() {
+    for strategy in ["lease", "cached"] {
+        for (mode, fourth) in [("allow", None), ("deny", Some(503))] {
+            let extra =
+                format!(r#", "failure_mode": "{mode}", "sync": {{"strategy": "{strategy}", "max_unsent_calls": 3}}"#);
+            let mut g = Gateway::new(Rules::Envoy, config(&extra), 100);
+            let mut statuses = Vec::new();
+            for _ in 0..5 {
+                let (id, _) = g.start();
+                for (token, context) in g.pending() {
+                    // Reads only: the sync that would report the calls waits for the tick.
+                    assert_ne!(context, 0);
+                    g.answer(token);
+                }
+                statuses.push(g.status(id));
+                g.finish(id, 200);
+            }
+            let case = format!("{strategy}, {mode}");
+            assert_eq!(statuses, [None, None, None, fourth, fourth], "{case}");
+            g.tick();
+            let dropped = if mode == "allow" { 2 } else { 0 };
+            assert_eq!(g.engine.metric(Metric::RecordsDropped), dropped, "{case}");
+            for _ in 0..3 {
+                for (token, _) in g.pending() {
+                    g.answer(token);
+                }
+                g.engine.now_ms += 1000;
+                g.tick();
+            }
+            assert_eq!(g.ledger.books().consumed, Amount::parse("0.30").unwrap(), "{case}: the three recorded calls");
+            g.no_violations();
+        }
+    }
+}

@@ -68,7 +68,9 @@ pub struct Effects {
     pub cache_hit: bool,
     /// The customer now has something to report (register it so every worker syncs it).
     pub became_pending: bool,
-    /// The call was let through but its usage could not be recorded (backlog full).
+    /// At completion: the call cost something that could not be recorded (it was let through on
+    /// a full backlog, or the backlog filled while it ran). Counted once, here, where the cost is
+    /// known: a call let through unrecorded that ends up costing nothing lost nothing.
     pub usage_dropped: bool,
     pub offline: bool,
     /// Other workers kept winning the compare-and-swap: nothing was recorded.
@@ -405,7 +407,7 @@ fn backlog_full(
         FailureMode::Allow => {
             let balance = e.is_fresh(now_ms, u64::from(config.sync.max_stale_ms)).then(|| e.available());
             let held = Hold { unrecorded: true, ..Hold::default() };
-            (None, (ScopeVerdict::Allow { held, balance }, Effects { usage_dropped: true, ..Effects::default() }))
+            (None, (ScopeVerdict::Allow { held, balance }, Effects::default()))
         }
     }
 }
@@ -771,8 +773,14 @@ mod tests {
             Verdict::Unavailable { .. }
         ));
         let allow = config(r#", "failure_mode": "allow", "sync": {"strategy": "cached", "max_unsent_calls": 2}"#);
-        let (v, effects) = call(&store, &allow, "alice", amt("0.10"), 5, LedgerAccess::Reachable);
-        assert!(matches!(v, Verdict::Allow { .. }) && effects.usage_dropped);
+        let (v, _) = admit(&store, &allow, "alice", &[amt("0.10")], 5, LedgerAccess::Reachable);
+        let Verdict::Allow { held, .. } = v else { panic!("{v:?}") };
+        // The drop is counted where the cost is known, once.
+        let done = complete(&store, &allow, "alice", &held, &[amt("0.10")], 5);
+        assert!(done.effects.usage_dropped);
+        let (v, _) = admit(&store, &allow, "alice", &[amt("0.10")], 6, LedgerAccess::Reachable);
+        let Verdict::Allow { held, .. } = v else { panic!("{v:?}") };
+        assert!(!complete(&store, &allow, "alice", &held, &[Amount::ZERO], 6).effects.usage_dropped, "it cost nothing");
     }
 
     #[test]

@@ -368,7 +368,6 @@ impl Worker {
         if effects.became_pending {
             self.register(engine, config, &[subject]);
         }
-        self.count(Metric::RecordsDropped, u64::from(effects.usage_dropped));
         self.count(Metric::SharedDataFailures, u64::from(effects.contended));
         if effects.offline && matches!(verdict, Verdict::Allow { .. }) {
             self.count(Metric::CallsAllowedOffline, 1);
