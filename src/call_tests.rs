@@ -83,12 +83,17 @@ impl Gateway {
 
     /// A call's request headers.
     fn start(&mut self) -> (ContextId, Flow) {
+        self.start_with(&Named(SUBJECT))
+    }
+
+    /// The request headers of a call that reads its headers from `request`.
+    fn start_with(&mut self, request: &dyn Request) -> (ContextId, Flow) {
         let id = self.next;
         self.next += 1;
         self.engine.enter(id, Phase::RequestHeaders);
         let mut call = Call::new(id);
         let config = self.cfg();
-        let flow = call.on_request_headers(&mut self.worker, &mut self.engine, &config, &Named(SUBJECT), true);
+        let flow = call.on_request_headers(&mut self.worker, &mut self.engine, &config, request, true);
         self.calls.insert(id, call);
         (id, flow)
     }
@@ -573,5 +578,130 @@ fn beyond_max_unsent_calls_the_failure_mode_decides_and_drops_are_counted() {
             assert_eq!(g.ledger.books().consumed, Amount::parse("0.30").unwrap(), "{case}: the three recorded calls");
             g.no_violations();
         }
+    }
+}
+
+/// A "no such customer" answer is remembered for `sync.unknown_ttl_ms`: the subject's calls are
+/// refused with `subject.unknown_status` without a round trip until then, and ask again after.
+/// `0` remembers nothing. Under both strategies and both engines' rules.
+#[test]
+fn a_no_such_customer_answer_is_remembered_for_unknown_ttl_ms() {
+    for rules in [Rules::Envoy, Rules::Nginx] {
+        for strategy in ["lease", "cached"] {
+            for ttl_ms in [0, 5_000] {
+                let extra = format!(
+                    r#", "subject": {{"unknown_status": 404}}, "sync": {{"strategy": "{strategy}", "unknown_ttl_ms": {ttl_ms}}}"#
+                );
+                let mut g = Gateway::new(rules, config(&extra), 10);
+                let case = format!("{rules:?}, {strategy}, ttl {ttl_ms}");
+                // Each call of mallory: (reads dispatched, its status).
+                let call = |g: &mut Gateway, after_ms: u64| {
+                    g.engine.now_ms += after_ms;
+                    let (id, flow) = g.start_with(&Subject("mallory".into()));
+                    let reads = g.pending();
+                    for (token, _) in &reads {
+                        g.answer(*token);
+                    }
+                    assert_eq!(flow, Flow::Pause, "{case}");
+                    (reads.len(), g.status(id))
+                };
+                assert_eq!(call(&mut g, 0), (1, Some(404)), "{case}: the ledger is asked");
+                let remembered = if ttl_ms > 0 { 0 } else { 1 };
+                assert_eq!(call(&mut g, 4_999), (remembered, Some(404)), "{case}: within the TTL");
+                assert_eq!(call(&mut g, 1), (1, Some(404)), "{case}: past the TTL, asked again");
+                g.tick();
+                assert_eq!(g.engine.metric(Metric::CallsUnknownCustomer), 3, "{case}");
+                // A real customer of the same worker is served.
+                let (id, _) = g.start();
+                for (token, _) in g.pending() {
+                    g.answer(token);
+                }
+                assert_eq!(g.status(id), None, "{case}");
+                g.no_violations();
+            }
+        }
+    }
+}
+
+/// A call estimated from its request body is decided once the body is complete, from the body
+/// while it fits `pricing.max_body_bytes`; a larger body is never read, and `default_units`
+/// decides. Chunks before the end are buffered by the engine (the filter pauses them).
+#[test]
+fn a_request_body_beyond_max_body_bytes_is_not_read_and_the_default_estimate_decides() {
+    let extra = r#", "sync": {"strategy": "cached"}, "pricing": {"max_body_bytes": 1024, "units": [
+        {"name": "tokens", "unit_price": "0.01", "source": {"response_header": "x-tokens"},
+         "estimate": {"request_json": "/max_tokens", "default_units": "20"}}]}"#;
+    // A JSON body asking for `max_tokens`, padded to `size` bytes.
+    let body = |max_tokens: u32, size: usize| {
+        let head = format!(r#"{{"max_tokens": {max_tokens}, "pad": ""#);
+        format!(r#"{head}{}"}}"#, "x".repeat(size - head.len() - 2)).into_bytes()
+    };
+    // (body, the sizes the engine reports chunk by chunk (the last at end of stream), the
+    // status, the price a refusal names (0.10 a call plus the tokens), whether the body was read)
+    let cases = [
+        (body(500, 100), vec![100], Some(402), Some("5.10"), true),
+        (body(500, 1100), vec![600, 1100], None, None, false),
+        (body(50, 80), vec![40, 80], None, None, true),
+        (body(500, 1024), vec![1024], Some(402), Some("5.10"), true),
+    ];
+    for rules in [Rules::Envoy, Rules::Nginx] {
+        for (body, chunks, status, price, read) in &cases {
+            let case = format!("{rules:?}, {} bytes", body.len());
+            let mut g = Gateway::new(rules, config(extra), 10); // 1.00 of credit
+            g.engine.enter(1, Phase::RequestHeaders);
+            let config = g.cfg();
+            let mut call = Call::new(1);
+            let flow = call.on_request_headers(&mut g.worker, &mut g.engine, &config, &Named(SUBJECT), false);
+            assert_eq!(flow, Flow::Continue, "{case}: the headers go on, the body decides");
+            let reads = Cell::new(0);
+            let read_body = |n: usize| {
+                reads.set(reads.get() + 1);
+                Some(body[..n].to_vec())
+            };
+            let config = config.as_ref().as_ref().unwrap();
+            let mut flows = Vec::new();
+            for (i, size) in chunks.iter().enumerate() {
+                g.engine.enter(1, Phase::RequestBody);
+                let end = i + 1 == chunks.len();
+                flows.push(call.on_request_body(&mut g.worker, &mut g.engine, config, *size, end, &read_body));
+            }
+            assert_eq!(flows[..flows.len() - 1], vec![Flow::Pause; flows.len() - 1], "{case}: buffered");
+            assert_eq!(*flows.last().unwrap(), Flow::Pause, "{case}: waits for the cold read");
+            g.calls.insert(1, call);
+            for (token, _) in g.pending() {
+                g.answer(token);
+            }
+            assert_eq!((g.status(1), reads.get() > 0), (*status, *read), "{case}");
+            if let Some(price) = price {
+                assert_eq!(g.engine.replies[&1].body["price"], *price, "{case}");
+            } else {
+                assert_eq!(g.resumed(1), 1, "{case}");
+            }
+            g.no_violations();
+        }
+    }
+}
+
+/// `response_headers` names the headers an allowed call gets; `null` leaves one out.
+#[test]
+fn response_headers_take_their_configured_names_and_null_leaves_one_out() {
+    let cases = [
+        (r#"{}"#, vec![("x-credits-balance", "0.90"), ("x-credits-cost", "0.10")]),
+        (r#"{"balance": "x-left", "cost": null}"#, vec![("x-left", "0.90")]),
+        (r#"{"balance": null, "cost": "x-spent"}"#, vec![("x-spent", "0.10")]),
+        (r#"{"balance": null, "cost": null}"#, vec![]),
+    ];
+    for (headers, expected) in cases {
+        let extra = format!(r#", "sync": {{"strategy": "cached"}}, "response_headers": {headers}"#);
+        let mut g = Gateway::new(Rules::Envoy, config(&extra), 10);
+        let (id, _) = g.start();
+        for (token, _) in g.pending() {
+            g.answer(token);
+        }
+        let mut set = g.finish(id, 200);
+        set.sort();
+        let expected: Vec<(String, String)> = expected.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect();
+        assert_eq!(set, expected, "{headers}");
+        g.no_violations();
     }
 }

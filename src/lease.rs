@@ -209,6 +209,44 @@ mod tests {
         assert!(ask(&mut e, c.lease.idle_release_ms + 1).release);
     }
 
+    /// `lease.horizon_ms` of calls at the observed rate (with room for chance) sets the target
+    /// once it exceeds what the low-water mark needs; the mark is `low_water_percent` of it.
+    #[test]
+    fn the_target_holds_horizon_ms_of_calls_and_tops_up_at_low_water_percent() {
+        let config = |lease: &str| {
+            let json = format!(
+                r#"{{"ledger": {{"upstream": "l", "token": "t"}}, "price": "0.01", "currency": "USD", "lease": {lease}}}"#
+            );
+            FilterConfig::parse(json.as_bytes()).unwrap()
+        };
+        let c = config(r#"{"min_calls": 1, "horizon_ms": 60000, "low_water_percent": 25}"#);
+        // 600 calls a minute: 600 + 3 × ⌈√600⌉ = 675 calls within the horizon; the mark needs
+        // (20 + 3 × 5) × 100 / 25 = 140 for the 2 s until the next answer (the turn, 1 s, and
+        // `ledger.timeout_ms`, 1 s).
+        let s = sizing(&c, &c.pricing.scopes[0], 600, 1_000);
+        assert_eq!((s.target, s.low), (amt("6.75"), amt("1.6875")));
+        // A short horizon: the mark decides.
+        let c = config(r#"{"min_calls": 1, "horizon_ms": 1000, "low_water_percent": 25}"#);
+        assert_eq!(sizing(&c, &c.pricing.scopes[0], 600, 1_000).target, amt("1.40"));
+        // Within min_calls and max_calls.
+        let c = config(r#"{"min_calls": 1, "max_calls": 500, "horizon_ms": 60000}"#);
+        assert_eq!(sizing(&c, &c.pricing.scopes[0], 600, 1_000).target, amt("5.00"));
+        let c = config(r#"{"min_calls": 1000, "horizon_ms": 60000}"#);
+        assert_eq!(sizing(&c, &c.pricing.scopes[0], 600, 1_000).target, amt("10.00"));
+    }
+
+    /// A lease is given back before its entry is forgotten: `lease.idle_release_ms` longer than
+    /// `sync.idle_ms` counts as `sync.idle_ms`.
+    #[test]
+    fn idle_release_never_outlasts_the_entry() {
+        let json = br#"{"ledger": {"upstream": "l", "token": "t"}, "price": "0.01", "currency": "USD",
+            "sync": {"idle_ms": 60000}, "lease": {"idle_release_ms": 600000}}"#;
+        let c = FilterConfig::parse(json).unwrap();
+        let open = Lease { open: true, ..Lease::default() };
+        assert_eq!(idle_after_ms(&open, &c), 60_000);
+        assert_eq!(idle_after_ms(&Lease { recalled: true, ..open }, &c), c.lease.horizon_ms);
+    }
+
     #[test]
     fn the_longest_lease_id_fits_what_the_ledger_accepts() {
         let feature = "f".repeat(credits::limits::MAX_FEATURE_KEY_LEN);
