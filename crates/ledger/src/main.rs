@@ -36,26 +36,31 @@ enum Command {
         /// Comma-separated to accept several (rotation).
         #[arg(long, env = "CREDITS_LEDGER_GATEWAY_TOKEN", hide_env_values = true, value_delimiter = ',')]
         gateway_token: Vec<String>,
-        /// Serve without authentication (local experiments only).
+        /// Serve without authentication (local experiments only; refused with any token).
         #[arg(long)]
         insecure_no_auth: bool,
         /// How often the background job books expiries that fell due.
-        #[arg(long, env = "CREDITS_LEDGER_EXPIRY_INTERVAL_MS", default_value_t = 1000)]
+        #[arg(long, env = "CREDITS_LEDGER_EXPIRY_INTERVAL_MS", default_value_t = 1000,
+              value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
         expiry_interval_ms: u64,
         /// The largest request body read; larger ones are refused with 413.
         #[arg(long, env = "CREDITS_LEDGER_MAX_BODY_BYTES", default_value_t = ledger::api::request::DEFAULT_MAX_BODY_BYTES)]
         max_body_bytes: usize,
         /// The first retry of a failed webhook delivery waits this long; each further one twice as long.
-        #[arg(long, env = "CREDITS_LEDGER_WEBHOOK_RETRY_MS", default_value_t = 5000)]
+        #[arg(long, env = "CREDITS_LEDGER_WEBHOOK_RETRY_MS", default_value_t = 5000,
+              value_parser = clap::value_parser!(u64).range(1..=86_400_000))]
         webhook_retry_ms: u64,
         /// The longest wait between two attempts of one delivery.
-        #[arg(long, env = "CREDITS_LEDGER_WEBHOOK_MAX_RETRY_MS", default_value_t = 3_600_000)]
+        #[arg(long, env = "CREDITS_LEDGER_WEBHOOK_MAX_RETRY_MS", default_value_t = 3_600_000,
+              value_parser = clap::value_parser!(u64).range(1..=86_400_000))]
         webhook_max_retry_ms: u64,
         /// Attempts per webhook delivery (the first included); then it is marked failed.
-        #[arg(long, env = "CREDITS_LEDGER_WEBHOOK_MAX_ATTEMPTS", default_value_t = 10)]
+        #[arg(long, env = "CREDITS_LEDGER_WEBHOOK_MAX_ATTEMPTS", default_value_t = 10,
+              value_parser = clap::value_parser!(u32).range(1..=100))]
         webhook_max_attempts: u32,
         /// How long one delivery attempt may take.
-        #[arg(long, env = "CREDITS_LEDGER_WEBHOOK_TIMEOUT_MS", default_value_t = 10_000)]
+        #[arg(long, env = "CREDITS_LEDGER_WEBHOOK_TIMEOUT_MS", default_value_t = 10_000,
+              value_parser = clap::value_parser!(u64).range(100..=300_000))]
         webhook_timeout_ms: u64,
     },
     /// Verify the whole journal; exits non-zero with a report on any violation.
@@ -98,7 +103,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if max_body_bytes < credits::limits::MIN_MAX_BODY_BYTES {
                 anyhow::bail!("--max-body-bytes must be at least {}", credits::limits::MIN_MAX_BODY_BYTES);
             }
-            let auth = if token.is_empty() && gateway_token.is_empty() && insecure_no_auth {
+            if webhook_max_retry_ms < webhook_retry_ms {
+                anyhow::bail!("--webhook-max-retry-ms must be at least --webhook-retry-ms");
+            }
+            let auth = if insecure_no_auth {
+                if !(token.is_empty() && gateway_token.is_empty()) {
+                    anyhow::bail!("--insecure-no-auth serves without tokens: give it, or tokens, not both");
+                }
                 tracing::warn!("serving WITHOUT authentication (--insecure-no-auth)");
                 Auth::Open
             } else {
@@ -112,12 +123,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let listener = tokio::net::TcpListener::bind(listen).await?;
             tracing::info!(listen = %listener.local_addr()?, database = %ledger::db::redact(&database), "credits-ledger serving");
             let webhooks = ledger::notify::delivery::WebhookConfig {
-                retry_ms: webhook_retry_ms.max(1),
+                retry_ms: webhook_retry_ms,
                 max_retry_ms: webhook_max_retry_ms,
-                max_attempts: webhook_max_attempts.clamp(1, 100),
-                timeout_ms: webhook_timeout_ms.clamp(100, 300_000),
+                max_attempts: webhook_max_attempts,
+                timeout_ms: webhook_timeout_ms,
             };
-            let jobs = ledger::Jobs { expiry_interval: Duration::from_millis(expiry_interval_ms.max(10)), webhooks };
+            let jobs = ledger::Jobs { expiry_interval: Duration::from_millis(expiry_interval_ms), webhooks };
             ledger::serve_with(listener, state, jobs).await?;
             Ok(ExitCode::SUCCESS)
         }

@@ -244,8 +244,45 @@ async fn the_served_process_checks_scopes_and_never_logs_a_token() {
     }
 }
 
+/// `--insecure-no-auth` serves every endpoint to anyone (and says so in its log).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn insecure_no_auth_serves_without_a_token() {
+    let dir = support::tempdir::TempDir::new();
+    let database = format!("sqlite://{}", dir.0.join("ledger.db").display());
+    let log = dir.0.join("ledger.log");
+    let port = free_port();
+    let mut child = ledger_command(&[
+        "serve",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--database",
+        &database,
+        "--insecure-no-auth",
+    ])
+    .stdout(Stdio::null())
+    .stderr(std::fs::File::create(&log).expect("log file"))
+    .spawn()
+    .expect("spawn credits-ledger");
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client");
+    wait_healthy(&http, &base).await;
+    let created = http.post(format!("{base}/v3/openmeter/customers")).json(&json!({"name": "n", "key": "k"})).send();
+    let created = created.await.expect("request").status().as_u16();
+    let listed = http.get(format!("{base}/v3/openmeter/customers")).send().await.expect("request");
+    let listed = (listed.status().as_u16(), listed.text().await.unwrap_or_default());
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(created, 201);
+    assert_eq!(listed.0, 200, "{}", listed.1);
+    assert!(listed.1.contains(r#""key":"k""#), "{}", listed.1);
+    let logged = std::fs::read_to_string(&log).expect("log");
+    assert!(logged.contains("WITHOUT authentication"), "{logged}");
+}
+
+/// A setting the process cannot honour stops it at start with a message naming it: no token
+/// where one is needed, unusable tokens, values out of their documented range.
 #[test]
-fn the_process_refuses_to_start_with_unusable_tokens() {
+fn the_process_refuses_to_start_with_unusable_settings() {
     let dir = support::tempdir::TempDir::new();
     let database = format!("sqlite://{}", dir.0.join("ledger.db").display());
     // Taken: should a case get past its check by mistake, it fails to bind instead of serving.
@@ -258,6 +295,19 @@ fn the_process_refuses_to_start_with_unusable_tokens() {
         (vec!["--token", "adm-1,"], None, "must not be empty"),
         (vec!["--token", "adm-1"], Some(("CREDITS_LEDGER_GATEWAY_TOKEN", "gw 2")), "whitespace"),
         (vec!["--token", "adm-1", "--max-body-bytes", "10"], None, "max-body-bytes"),
+        (vec!["--insecure-no-auth", "--token", "adm-1"], None, "--insecure-no-auth"),
+        (vec!["--insecure-no-auth"], Some(("CREDITS_LEDGER_GATEWAY_TOKEN", "gw-only-4d2c")), "--insecure-no-auth"),
+        (vec!["--token", "adm-1", "--expiry-interval-ms", "9"], None, "--expiry-interval-ms"),
+        (vec!["--token", "adm-1", "--webhook-retry-ms", "0"], None, "--webhook-retry-ms"),
+        (
+            vec!["--token", "adm-1", "--webhook-retry-ms", "9000", "--webhook-max-retry-ms", "8000"],
+            None,
+            "--webhook-max-retry-ms",
+        ),
+        (vec!["--token", "adm-1", "--webhook-max-attempts", "0"], None, "--webhook-max-attempts"),
+        (vec!["--token", "adm-1", "--webhook-max-attempts", "101"], None, "--webhook-max-attempts"),
+        (vec!["--token", "adm-1", "--webhook-timeout-ms", "99"], None, "--webhook-timeout-ms"),
+        (vec!["--token", "adm-1"], Some(("CREDITS_LEDGER_WEBHOOK_TIMEOUT_MS", "300001")), "--webhook-timeout-ms"),
     ] {
         let mut command = ledger_command(&["serve", "--listen", &listen, "--database", &database]);
         command.args(&args);
