@@ -705,3 +705,37 @@ fn response_headers_take_their_configured_names_and_null_leaves_one_out() {
         g.no_violations();
     }
 }
+
+/// `subject.header` names the customer (trimmed), `subject.require_headers` must come with it,
+/// non-blank; anything less is answered with `subject.missing_status`, without a round trip.
+#[test]
+fn the_subject_comes_from_its_configured_header_and_needs_every_required_one() {
+    let extra = r#", "sync": {"strategy": "cached"}, "subject": {"header": "x-api-customer",
+        "require_headers": ["x-credential-identifier"], "missing_status": 400}"#;
+    let mut g = Gateway::new(Rules::Nginx, config(extra), 10);
+    let refused = [
+        Answered(vec![("x-consumer-username", "alice")]),
+        Answered(vec![("x-api-customer", "alice")]),
+        Answered(vec![("x-api-customer", "alice"), ("x-credential-identifier", " ")]),
+        Answered(vec![("x-api-customer", "  "), ("x-credential-identifier", "key-1")]),
+    ];
+    for request in &refused {
+        let (id, flow) = g.start_with(request);
+        assert_eq!((flow, g.status(id), g.pending().len()), (Flow::Pause, Some(400), 0), "{:?}", request.0);
+        let detail = g.engine.replies[&id].body["detail"].as_str().unwrap_or_default().to_owned();
+        assert!(detail.contains("x-api-customer, x-credential-identifier"), "{detail}");
+    }
+    let (id, _) = g.start_with(&Answered(vec![("x-api-customer", " alice "), ("x-credential-identifier", "key-1")]));
+    for (token, _) in g.pending() {
+        g.answer(token);
+    }
+    assert_eq!((g.status(id), g.resumed(id)), (None, 1));
+    g.finish(id, 200);
+    g.tick();
+    assert_eq!(g.engine.metric(Metric::CallsUnidentified), 4);
+    for (token, _) in g.pending() {
+        g.answer(token);
+    }
+    assert_eq!(g.ledger.books().consumed, Amount::parse("0.10").unwrap(), "booked to alice");
+    g.no_violations();
+}
