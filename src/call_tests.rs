@@ -739,3 +739,42 @@ fn the_subject_comes_from_its_configured_header_and_needs_every_required_one() {
     assert_eq!(g.ledger.books().consumed, Amount::parse("0.10").unwrap(), "booked to alice");
     g.no_violations();
 }
+
+/// An upstream error costs nothing by default, whatever it reported; with
+/// `pricing.charge_errors` it is charged like any other call, at the units its body reports.
+#[test]
+fn an_upstream_error_is_charged_only_with_charge_errors_and_then_at_its_reported_units() {
+    let body = br#"{"usage": {"n": 7}}"#;
+    for (charge_errors, status, consumed) in [(false, 500, "0"), (true, 500, "0.17"), (false, 200, "0.17")] {
+        let extra = format!(
+            r#", "pricing": {{"charge_errors": {charge_errors}, "units": [{{"name": "n", "unit_price": "0.01",
+                "source": {{"response_json": "/usage/n"}}, "estimate": {{"units": "5"}}}}]}}"#
+        );
+        let mut g = Gateway::new(Rules::Envoy, config(&extra), 100);
+        let (id, _) = g.start();
+        for (token, _) in g.pending() {
+            g.answer(token);
+        }
+        let cfg = g.cfg();
+        let cfg = cfg.as_ref().as_ref().unwrap();
+        let mut call = g.calls.remove(&id).unwrap();
+        g.engine.enter(id, Phase::ResponseHeaders);
+        let response = Answered(vec![(":status", if status == 200 { "200" } else { "500" })]);
+        call.on_response_headers(&mut g.worker, &mut g.engine, cfg, &response, false);
+        g.engine.enter(id, Phase::ResponseBody);
+        call.on_response_body(&mut g.worker, &mut g.engine, cfg, Some(body), true);
+        g.engine.enter(id, Phase::Log);
+        call.on_log(&mut g.worker, &mut g.engine, cfg);
+        for _ in 0..2 {
+            g.engine.now_ms += 1_000;
+            g.tick();
+            for (token, _) in g.pending() {
+                g.answer(token);
+            }
+        }
+        let case = format!("charge_errors {charge_errors}, status {status}");
+        assert_eq!(g.ledger.books().consumed, Amount::parse(consumed).unwrap(), "{case}");
+        assert!(g.ledger.books().problems.is_empty(), "{case}: {:?}", g.ledger.books().problems);
+        g.no_violations();
+    }
+}
