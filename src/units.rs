@@ -208,6 +208,58 @@ mod tests {
         }
     }
 
+    mod chunking {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// One piece of a stream: an event reporting some counts, one reporting none, a comment,
+        /// an event too large to read, or a stray separator; each ended by one of the three
+        /// separators the format allows.
+        fn piece() -> impl Strategy<Value = Vec<u8>> {
+            let event = prop_oneof![
+                (0u32..1000, 0u32..1000).prop_map(|(i, o)| format!(
+                    "data: {{\"usage\": {{\"prompt_tokens\": {i},\ndata: \"completion_tokens\": {o}}}}}"
+                )),
+                Just("data: {\"choices\": [{\"delta\": {\"content\": \"hi\"}}]}".to_owned()),
+                Just(": keep-alive".to_owned()),
+                (0u32..1000).prop_map(|i| format!(
+                    "data: {{\"pad\": \"{}\", \"usage\": {{\"prompt_tokens\": {i}}}}}",
+                    "z".repeat(1100)
+                )),
+                Just(String::new()),
+            ];
+            let end = prop_oneof![Just("\n\n"), Just("\r\n\r\n"), Just("\r\r")];
+            (event, end).prop_map(|(e, end)| format!("{e}{end}").into_bytes())
+        }
+
+        proptest! {
+            /// However the network cuts a body into chunks, it reads the same as in one piece.
+            #[test]
+            fn a_body_reads_the_same_however_it_is_chunked(
+                pieces in proptest::collection::vec(piece(), 0..12),
+                tail in prop_oneof![Just(""), Just("data: {\"usage\": {\"completion_tokens\": 4}}"), Just("\r")],
+                cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..8),
+                events in any::<bool>(),
+            ) {
+                let mut body = pieces.concat();
+                body.extend_from_slice(tail.as_bytes());
+                let content_type = if events { "text/event-stream" } else { "application/json" };
+                // The padded events are larger than the limit and never read.
+                let whole = read(Some(content_type), &[&body], 1024);
+                let mut at: Vec<usize> = cuts.iter().map(|c| c.index(body.len() + 1)).collect();
+                at.sort_unstable();
+                let mut chunks = Vec::new();
+                let mut from = 0;
+                for cut in at {
+                    chunks.push(&body[from..cut]);
+                    from = cut;
+                }
+                chunks.push(&body[from..]);
+                prop_assert_eq!(read(Some(content_type), &chunks, 1024), whole);
+            }
+        }
+    }
+
     #[test]
     fn a_long_stream_keeps_only_the_event_in_progress_and_skips_oversized_events() {
         let mut r = BodyReader::new(&pricing(1024), Some("text/event-stream"));
