@@ -238,7 +238,13 @@ mod tests {
             #[test]
             fn a_body_reads_the_same_however_it_is_chunked(
                 pieces in proptest::collection::vec(piece(), 0..12),
-                tail in prop_oneof![Just(""), Just("data: {\"usage\": {\"completion_tokens\": 4}}"), Just("\r")],
+                tail in prop_oneof![
+                    Just(String::new()),
+                    Just("\r".to_owned()),
+                    // A last event without its blank line: read if it fits.
+                    Just("data: {\"usage\": {\"completion_tokens\": 4}}".to_owned()),
+                    Just(format!("data: \"{}\"\ndata: {{\"usage\": {{\"completion_tokens\": 4}}}}", "z".repeat(1100))),
+                ],
                 sizes in proptest::collection::vec(1usize..8, 1..4),
                 events in any::<bool>(),
             ) {
