@@ -113,6 +113,23 @@ impl Gateway {
         self.deliver(d.context, token, &answer);
     }
 
+    /// Serves every dispatch not answered yet.
+    fn answer_all(&mut self) {
+        for (token, _) in self.pending() {
+            self.answer(token);
+        }
+    }
+
+    /// `rounds` ticks a second apart, each sync answered: whatever the worker holds for the
+    /// ledger reaches it.
+    fn sync_rounds(&mut self, rounds: u32) {
+        for _ in 0..rounds {
+            self.engine.now_ms += 1_000;
+            self.tick();
+            self.answer_all();
+        }
+    }
+
     /// The engine reports that dispatch `token` failed (its timeout, a reset).
     fn fail(&mut self, token: Token) {
         let i = self.engine.dispatched.iter().position(|d| d.token == token).unwrap();
@@ -133,12 +150,22 @@ impl Gateway {
 
     /// The rest of call `id`'s life: an upstream answer (`status`) if it was let through, and its log.
     fn finish(&mut self, id: ContextId, status: u16) -> Vec<(String, String)> {
+        let status = if self.engine.replies.contains_key(&id) { self.engine.replies[&id].status } else { status };
+        self.finish_with(id, &Status(status), None)
+    }
+
+    /// The rest of call `id`'s life: `response`'s headers, then `body` in one piece if given, and
+    /// its log. The headers its response headers got.
+    fn finish_with(&mut self, id: ContextId, response: &dyn Request, body: Option<&[u8]>) -> Vec<(String, String)> {
         let config = self.cfg();
         let config = config.as_ref().as_ref().unwrap();
         let mut call = self.calls.remove(&id).unwrap();
         self.engine.enter(id, Phase::ResponseHeaders);
-        let status = if self.engine.replies.contains_key(&id) { self.engine.replies[&id].status } else { status };
-        let charged = call.on_response_headers(&mut self.worker, &mut self.engine, config, &Status(status), true);
+        let charged = call.on_response_headers(&mut self.worker, &mut self.engine, config, response, body.is_none());
+        if body.is_some() {
+            self.engine.enter(id, Phase::ResponseBody);
+            call.on_response_body(&mut self.worker, &mut self.engine, config, body, true);
+        }
         self.engine.enter(id, Phase::Log);
         call.on_log(&mut self.worker, &mut self.engine, config);
         headers_of(charged, config)
@@ -222,9 +249,7 @@ fn under_nginx_a_read_sets_aside_enough_for_every_call_of_the_customer_waiting()
     let price = g.config.as_ref().as_ref().unwrap().price;
     let calls = |n: u64| price.times(n).unwrap();
     assert_eq!(wants, [calls(1), calls(2), calls(3)], "each read asks for the calls waiting when it leaves");
-    for (token, _) in g.pending() {
-        g.answer(token);
-    }
+    g.answer_all();
     for id in &ids {
         assert_eq!((g.resumed(*id), g.status(*id)), (1, None));
     }
@@ -250,9 +275,7 @@ fn a_refused_call_is_answered_once_and_never_resumed() {
         let mut g = Gateway::new(rules, config(r#", "sync": {"strategy": "cached"}"#), 0);
         let (a, _) = g.start();
         let (b, _) = g.start();
-        for (token, _) in g.pending() {
-            g.answer(token);
-        }
+        g.answer_all();
         for id in [a, b] {
             assert_eq!((g.status(id), g.resumed(id)), (Some(402), 0), "{rules:?}");
             g.finish(id, 402);
@@ -466,9 +489,7 @@ impl Request for Counting {
 fn a_warm_call_makes_a_handful_of_host_calls() {
     let mut g = Gateway::new(Rules::Envoy, config(""), 100);
     let (first, _) = g.start();
-    for (token, _) in g.pending() {
-        g.answer(token);
-    }
+    g.answer_all();
     g.finish(first, 200);
     let host_calls = |g: &Gateway| (g.engine.clock_reads.get(), g.engine.store.gets.get(), g.engine.store.sets.get());
     let before = host_calls(&g);
@@ -516,28 +537,13 @@ fn units_counted_in_a_response_header_price_the_call_at_its_headers() {
         [(Some("7"), "0.17"), (Some(" 12 "), "0.22"), (Some("-3"), "0.15"), (Some("lots"), "0.15"), (None, "0.15")];
     for (count, cost) in cases {
         let (id, _) = g.start();
-        for (token, _) in g.pending() {
-            g.answer(token);
-        }
-        let config = g.cfg();
-        let config = config.as_ref().as_ref().unwrap();
-        let mut call = g.calls.remove(&id).unwrap();
-        g.engine.enter(id, Phase::ResponseHeaders);
+        g.answer_all();
         let response = Answered([(":status", "200")].into_iter().chain(count.map(|c| ("x-rows", c))).collect());
-        let charged = call.on_response_headers(&mut g.worker, &mut g.engine, config, &response, true);
-        g.engine.enter(id, Phase::Log);
-        call.on_log(&mut g.worker, &mut g.engine, config);
-        let headers = headers_of(charged, config);
+        let headers = g.finish_with(id, &response, None);
         let shown = headers.iter().find(|(k, _)| k == "x-credits-cost").map(|(_, v)| v.as_str());
         assert_eq!(shown, Some(cost), "x-rows {count:?}");
     }
-    for _ in 0..3 {
-        g.engine.now_ms += 1000;
-        g.tick();
-        for (token, _) in g.pending() {
-            g.answer(token);
-        }
-    }
+    g.sync_rounds(3);
     assert_eq!(g.ledger.books().consumed, Amount::parse("0.84").unwrap(), "0.17 + 0.22 + 3 × 0.15");
     g.no_violations();
 }
@@ -568,13 +574,8 @@ fn beyond_max_unsent_calls_the_failure_mode_decides_and_drops_are_counted() {
             g.tick();
             let dropped = if mode == "allow" { 2 } else { 0 };
             assert_eq!(g.engine.metric(Metric::RecordsDropped), dropped, "{case}");
-            for _ in 0..3 {
-                for (token, _) in g.pending() {
-                    g.answer(token);
-                }
-                g.engine.now_ms += 1000;
-                g.tick();
-            }
+            g.answer_all();
+            g.sync_rounds(2);
             assert_eq!(g.ledger.books().consumed, Amount::parse("0.30").unwrap(), "{case}: the three recorded calls");
             g.no_violations();
         }
@@ -613,9 +614,7 @@ fn a_no_such_customer_answer_is_remembered_for_unknown_ttl_ms() {
                 assert_eq!(g.engine.metric(Metric::CallsUnknownCustomer), 3, "{case}");
                 // A real customer of the same worker is served.
                 let (id, _) = g.start();
-                for (token, _) in g.pending() {
-                    g.answer(token);
-                }
+                g.answer_all();
                 assert_eq!(g.status(id), None, "{case}");
                 g.no_violations();
             }
@@ -668,9 +667,7 @@ fn a_request_body_beyond_max_body_bytes_is_not_read_and_the_default_estimate_dec
             assert_eq!(flows[..flows.len() - 1], vec![Flow::Pause; flows.len() - 1], "{case}: buffered");
             assert_eq!(*flows.last().unwrap(), Flow::Pause, "{case}: waits for the cold read");
             g.calls.insert(1, call);
-            for (token, _) in g.pending() {
-                g.answer(token);
-            }
+            g.answer_all();
             assert_eq!((g.status(1), reads.get() > 0), (*status, *read), "{case}");
             if let Some(price) = price {
                 assert_eq!(g.engine.replies[&1].body["price"], *price, "{case}");
@@ -695,9 +692,7 @@ fn response_headers_take_their_configured_names_and_null_leaves_one_out() {
         let extra = format!(r#", "sync": {{"strategy": "cached"}}, "response_headers": {headers}"#);
         let mut g = Gateway::new(Rules::Envoy, config(&extra), 10);
         let (id, _) = g.start();
-        for (token, _) in g.pending() {
-            g.answer(token);
-        }
+        g.answer_all();
         let mut set = g.finish(id, 200);
         set.sort();
         let expected: Vec<(String, String)> = expected.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect();
@@ -726,16 +721,12 @@ fn the_subject_comes_from_its_configured_header_and_needs_every_required_one() {
         assert!(detail.contains("x-api-customer, x-credential-identifier"), "{detail}");
     }
     let (id, _) = g.start_with(&Answered(vec![("x-api-customer", " alice "), ("x-credential-identifier", "key-1")]));
-    for (token, _) in g.pending() {
-        g.answer(token);
-    }
+    g.answer_all();
     assert_eq!((g.status(id), g.resumed(id)), (None, 1));
     g.finish(id, 200);
     g.tick();
     assert_eq!(g.engine.metric(Metric::CallsUnidentified), 4);
-    for (token, _) in g.pending() {
-        g.answer(token);
-    }
+    g.answer_all();
     assert_eq!(g.ledger.books().consumed, Amount::parse("0.10").unwrap(), "booked to alice");
     g.no_violations();
 }
@@ -752,26 +743,10 @@ fn an_upstream_error_is_charged_only_with_charge_errors_and_then_at_its_reported
         );
         let mut g = Gateway::new(Rules::Envoy, config(&extra), 100);
         let (id, _) = g.start();
-        for (token, _) in g.pending() {
-            g.answer(token);
-        }
-        let cfg = g.cfg();
-        let cfg = cfg.as_ref().as_ref().unwrap();
-        let mut call = g.calls.remove(&id).unwrap();
-        g.engine.enter(id, Phase::ResponseHeaders);
+        g.answer_all();
         let response = Answered(vec![(":status", if status == 200 { "200" } else { "500" })]);
-        call.on_response_headers(&mut g.worker, &mut g.engine, cfg, &response, false);
-        g.engine.enter(id, Phase::ResponseBody);
-        call.on_response_body(&mut g.worker, &mut g.engine, cfg, Some(body), true);
-        g.engine.enter(id, Phase::Log);
-        call.on_log(&mut g.worker, &mut g.engine, cfg);
-        for _ in 0..2 {
-            g.engine.now_ms += 1_000;
-            g.tick();
-            for (token, _) in g.pending() {
-                g.answer(token);
-            }
-        }
+        g.finish_with(id, &response, Some(body));
+        g.sync_rounds(2);
         let case = format!("charge_errors {charge_errors}, status {status}");
         assert_eq!(g.ledger.books().consumed, Amount::parse(consumed).unwrap(), "{case}");
         assert!(g.ledger.books().problems.is_empty(), "{case}: {:?}", g.ledger.books().problems);

@@ -1,14 +1,14 @@
 //! Tokens and limits: an admin token may call every endpoint, a gateway token only what a
 //! gateway needs (anything else is a 403 problem that changes nothing); several tokens per scope
 //! are valid at once (rotation); no answer and no log line repeats a token; request bodies are
-//! bounded by `--max-body-bytes`.
+//! bounded by `--max-body-bytes`; the process refuses settings it cannot honour.
 
 mod support;
 
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use reqwest::Method;
+use reqwest::{Client, Method};
 use serde_json::json;
 use support::{
     customer_path, free_port, grant_body, protected_calls, subject_sync, usage_range, wait_healthy, Backend, Ledger,
@@ -187,27 +187,36 @@ fn ledger_command(args: &[&str]) -> Command {
     command
 }
 
+/// A `credits-ledger serve` process on a free port and a new SQLite file in `dir`, logging to
+/// `dir/ledger.log`, with `configure`'s flags and environment; `(process, base URL, client)` once
+/// it is healthy.
+async fn served(dir: &support::tempdir::TempDir, configure: impl FnOnce(&mut Command)) -> (Child, String, Client) {
+    let database = format!("sqlite://{}", dir.0.join("ledger.db").display());
+    let port = free_port();
+    let mut command = ledger_command(&["serve", "--listen", &format!("127.0.0.1:{port}"), "--database", &database]);
+    configure(&mut command);
+    let log = std::fs::File::create(dir.0.join("ledger.log")).expect("log file");
+    let child = command.stdout(Stdio::null()).stderr(log).spawn().expect("spawn credits-ledger");
+    let base = format!("http://127.0.0.1:{port}");
+    let http = Client::builder().timeout(Duration::from_secs(10)).build().expect("client");
+    wait_healthy(&http, &base).await;
+    (child, base, http)
+}
+
 /// The real process, logging everything it can (`RUST_LOG=trace`), with tokens from its flags and
 /// its environment: every scope works, and no token shows up in its log or its answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_served_process_checks_scopes_and_never_logs_a_token() {
     let dir = support::tempdir::TempDir::new();
-    let database = format!("sqlite://{}", dir.0.join("ledger.db").display());
-    let log = dir.0.join("ledger.log");
-    let port = free_port();
     let (admin, admin_next) = ("adm-7f3a9c1e", "adm-next-0b2d4e6f");
     let (gateway, gateway_next) = ("gw-5e8d2a4b", "gw-next-9c1f3e7a");
-    let mut child = ledger_command(&["serve", "--listen", &format!("127.0.0.1:{port}"), "--database", &database])
-        .arg(format!("--token={admin},{admin_next}"))
-        .env("CREDITS_LEDGER_GATEWAY_TOKEN", format!("{gateway},{gateway_next}"))
-        .env("RUST_LOG", "trace")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log file"))
-        .spawn()
-        .expect("spawn credits-ledger");
-    let base = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client");
-    wait_healthy(&http, &base).await;
+    let (mut child, base, http) = served(&dir, |command| {
+        command
+            .arg(format!("--token={admin},{admin_next}"))
+            .env("CREDITS_LEDGER_GATEWAY_TOKEN", format!("{gateway},{gateway_next}"))
+            .env("RUST_LOG", "trace");
+    })
+    .await;
 
     let mut answers = String::new();
     let call = |method: Method, path: &str, token: &str| {
@@ -236,7 +245,7 @@ async fn the_served_process_checks_scopes_and_never_logs_a_token() {
     }
     let _ = child.kill();
     let _ = child.wait();
-    let logged = std::fs::read_to_string(&log).expect("log");
+    let logged = std::fs::read_to_string(dir.0.join("ledger.log")).expect("log");
     assert!(logged.contains("credits-ledger serving"), "the log was captured:\n{logged}");
     for secret in [admin, admin_next, gateway, gateway_next, "adm-7f3a9c1", "not-a-token-3e1d"] {
         assert!(!logged.contains(secret), "{secret} appears in the log:\n{logged}");
@@ -248,24 +257,10 @@ async fn the_served_process_checks_scopes_and_never_logs_a_token() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn insecure_no_auth_serves_without_a_token() {
     let dir = support::tempdir::TempDir::new();
-    let database = format!("sqlite://{}", dir.0.join("ledger.db").display());
-    let log = dir.0.join("ledger.log");
-    let port = free_port();
-    let mut child = ledger_command(&[
-        "serve",
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--database",
-        &database,
-        "--insecure-no-auth",
-    ])
-    .stdout(Stdio::null())
-    .stderr(std::fs::File::create(&log).expect("log file"))
-    .spawn()
-    .expect("spawn credits-ledger");
-    let base = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client");
-    wait_healthy(&http, &base).await;
+    let (mut child, base, http) = served(&dir, |command| {
+        command.arg("--insecure-no-auth");
+    })
+    .await;
     let created = http.post(format!("{base}/v3/openmeter/customers")).json(&json!({"name": "n", "key": "k"})).send();
     let created = created.await.expect("request").status().as_u16();
     let listed = http.get(format!("{base}/v3/openmeter/customers")).send().await.expect("request");
@@ -275,7 +270,7 @@ async fn insecure_no_auth_serves_without_a_token() {
     assert_eq!(created, 201);
     assert_eq!(listed.0, 200, "{}", listed.1);
     assert!(listed.1.contains(r#""key":"k""#), "{}", listed.1);
-    let logged = std::fs::read_to_string(&log).expect("log");
+    let logged = std::fs::read_to_string(dir.0.join("ledger.log")).expect("log");
     assert!(logged.contains("WITHOUT authentication"), "{logged}");
 }
 
