@@ -607,6 +607,11 @@ fn a_no_such_customer_answer_is_remembered_for_unknown_ttl_ms() {
                     (reads.len(), g.status(id))
                 };
                 assert_eq!(call(&mut g, 0), (1, Some(404)), "{case}: the ledger is asked");
+                let cfg = g.cfg();
+                let cfg = cfg.as_ref().as_ref().unwrap();
+                let key = crate::customer::entry_key(cfg, &cfg.pricing.scopes[0], "mallory");
+                let entry = crate::shared::read::<crate::customer::CustomerEntry>(g.engine.shared(), &key);
+                assert!(entry.is_none(), "{case}: nothing of mallory is kept in shared data");
                 let remembered = if ttl_ms > 0 { 0 } else { 1 };
                 assert_eq!(call(&mut g, 4_999), (remembered, Some(404)), "{case}: within the TTL");
                 assert_eq!(call(&mut g, 1), (1, Some(404)), "{case}: past the TTL, asked again");
