@@ -247,12 +247,23 @@ mod tests {
                 ],
                 sizes in proptest::collection::vec(1usize..8, 1..4),
                 events in any::<bool>(),
+                (pad, tokens) in (900usize..1100, 0u32..1000),
             ) {
-                let mut body = pieces.concat();
-                body.extend_from_slice(tail.as_bytes());
-                let content_type = if events { "text/event-stream" } else { "application/json" };
+                let (body, content_type) = if events {
+                    let mut body = pieces.concat();
+                    body.extend_from_slice(tail.as_bytes());
+                    (body, "text/event-stream")
+                } else {
+                    // A JSON document around the limit: read whole, or not at all.
+                    let doc = format!(r#"{{"pad": "{}", "usage": {{"prompt_tokens": {tokens}}}}}"#, "z".repeat(pad));
+                    (doc.into_bytes(), "application/json")
+                };
                 // The padded events are larger than the limit and never read.
                 let whole = read(Some(content_type), &[&body], 1024);
+                if !events {
+                    let fits = body.len() <= 1024;
+                    prop_assert_eq!(&whole[..1], &[fits.then(|| Amount::from(u64::from(tokens)))]);
+                }
                 // Small chunks of the sizes given in turn: every kind of boundary is crossed.
                 let mut chunks = Vec::new();
                 let (mut from, mut turn) = (0, sizes.iter().cycle());
