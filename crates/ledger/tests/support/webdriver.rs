@@ -91,14 +91,24 @@ impl Driver {
     }
 }
 
-async fn call(http: &reqwest::Client, method: reqwest::Method, url: &str, body: Option<Value>) -> Value {
+/// One WebDriver request: its status and its whole JSON answer.
+async fn send(
+    http: &reqwest::Client,
+    method: &reqwest::Method,
+    url: &str,
+    body: Option<&Value>,
+) -> (reqwest::StatusCode, Value) {
     let mut request = http.request(method.clone(), url);
     if let Some(b) = body {
-        request = request.json(&b);
+        request = request.json(b);
     }
     let response = request.send().await.unwrap_or_else(|e| panic!("{method} {url}: {e}"));
     let status = response.status();
-    let value: Value = response.json().await.unwrap_or(Value::Null);
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn call(http: &reqwest::Client, method: reqwest::Method, url: &str, body: Option<Value>) -> Value {
+    let (status, value) = send(http, &method, url, body.as_ref()).await;
     assert!(status.is_success(), "{method} {url}: {status} {value}");
     value["value"].clone()
 }
@@ -135,20 +145,35 @@ impl Session {
         found[ELEMENT].as_str().unwrap_or_else(|| panic!("no element {css}: {found}")).to_owned()
     }
 
+    /// `method` on the element `css` selects (`action`: `/click`, `/text`, …). The console
+    /// re-renders after each answer it gets: an element replaced between finding it and acting on
+    /// it ("stale element reference") is found again, as a user's click lands on the new one.
+    async fn on_element(&self, css: &str, method: reqwest::Method, action: &str, body: Option<Value>) -> Value {
+        let started = Instant::now();
+        loop {
+            let element = self.find(css).await;
+            let url = format!("{}/element/{element}{action}", self.base);
+            let (status, value) = send(&self.http, &method, &url, body.as_ref()).await;
+            if status.is_success() {
+                return value["value"].clone();
+            }
+            let stale = value["value"]["error"] == "stale element reference";
+            assert!(stale && started.elapsed() < WAIT, "{method} {url}: {status} {value}");
+        }
+    }
+
     pub async fn type_into(&self, css: &str, text: &str) {
-        let element = self.find(css).await;
-        self.post(&format!("/element/{element}/clear"), json!({})).await;
-        self.post(&format!("/element/{element}/value"), json!({"text": text})).await;
+        self.on_element(css, reqwest::Method::POST, "/clear", Some(json!({}))).await;
+        self.on_element(css, reqwest::Method::POST, "/value", Some(json!({"text": text}))).await;
     }
 
     pub async fn click(&self, css: &str) {
-        let element = self.find(css).await;
-        self.post(&format!("/element/{element}/click"), json!({})).await;
+        self.on_element(css, reqwest::Method::POST, "/click", Some(json!({}))).await;
     }
 
     pub async fn text(&self, css: &str) -> String {
-        let element = self.find(css).await;
-        self.get(&format!("/element/{element}/text")).await.as_str().unwrap_or("").to_owned()
+        let text = self.on_element(css, reqwest::Method::GET, "/text", None).await;
+        text.as_str().unwrap_or("").to_owned()
     }
 
     /// Waits until `script` returns true; fails with `what` and the page's status line if not.
