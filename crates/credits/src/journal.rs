@@ -137,6 +137,70 @@ impl Entry {
             Entry::DebtCovered { .. } => &[],
         }
     }
+
+    /// Folds `next`, booked right after `self`, into `self` when both record usage of one kind at
+    /// the same instant: a `consumed` movement from the same grant (or none), feature and currency
+    /// whose balance continues where `self`'s ends, or an overage of the same currency and
+    /// feature. Their amounts and postings add up; the balance runs from `self`'s before to
+    /// `next`'s after. Settled balances at any instant and every account's sum are those of the
+    /// two entries. Returns false, changing nothing, for anything else (or an overflow).
+    ///
+    /// The ledger books the usage ranges of one customer that one transaction serves (several
+    /// nodes' syncs of one group) as one entry per grant this way: a journal row per range would
+    /// cost the journal, and its customer index, a write per range (bench/RESULTS.md §0k–§0l).
+    pub fn absorb(&mut self, next: &Entry) -> bool {
+        let merged = match (&*self, next) {
+            (Entry::Movement(a), Entry::Movement(b)) => a.followed_by(b).map(Entry::Movement),
+            (
+                Entry::Overage { currency, feature, amount, at, postings },
+                Entry::Overage { currency: c, feature: f, amount: more, at: t, postings: more_postings },
+            ) if (currency, feature, at) == (c, f, t) => (|| {
+                Some(Entry::Overage {
+                    currency: *currency,
+                    feature: feature.clone(),
+                    amount: amount.checked_add(*more)?,
+                    at: *at,
+                    postings: sum_postings(postings, more_postings)?,
+                })
+            })(),
+            _ => None,
+        };
+        merged.map(|entry| *self = entry).is_some()
+    }
+}
+
+impl Movement {
+    /// `self` and `next` as one movement, if `next` consumes from the same grant (or none),
+    /// feature and currency at the same instant, continuing `self`'s balance.
+    fn followed_by(&self, next: &Movement) -> Option<Movement> {
+        let continues = self.kind == MovementKind::Consumed
+            && next.kind == MovementKind::Consumed
+            && (self.currency, &self.grant_id, &self.feature, self.booked_at)
+                == (next.currency, &next.grant_id, &next.feature, next.booked_at)
+            && self.balance_after == next.balance_before;
+        continues.then_some(())?;
+        Some(Movement {
+            amount: self.amount.checked_add(next.amount)?,
+            balance_after: next.balance_after,
+            postings: sum_postings(&self.postings, &next.postings)?,
+            ..self.clone()
+        })
+    }
+}
+
+/// Postings to the same accounts in the same order, added up pairwise; `None` if they differ in
+/// shape or a sum overflows.
+fn sum_postings(a: &[Posting], b: &[Posting]) -> Option<Vec<Posting>> {
+    if a.len() != b.len() {
+        return None;
+    }
+    a.iter()
+        .zip(b)
+        .map(|(p, q)| {
+            ((p.account, p.currency) == (q.account, q.currency)).then_some(())?;
+            Some(Posting { account: p.account, currency: p.currency, amount: p.amount.checked_add(q.amount)? })
+        })
+        .collect()
 }
 
 fn pair(currency: Currency, credit_side: (Account, Amount), other: Account) -> Vec<Posting> {

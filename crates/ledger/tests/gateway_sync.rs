@@ -481,17 +481,58 @@ async fn until(what: &str, done: impl Fn() -> bool) {
     }
 }
 
+/// A customer's ranges that one transaction books are one movement per grant: here two subjects
+/// of one customer in one sync, labelled with the node that sent both. The next sync's range is
+/// a movement of its own.
+async fn a_customers_ranges_in_one_transaction_are_one_movement_per_grant(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ledger = Ledger::start(&db).await;
+    let (status, customer) = ledger
+        .post(
+            "/v3/openmeter/customers",
+            json!({"name": "two", "key": "two", "usage_attribution": {"subject_keys": ["two-a", "two-b"]}}),
+        )
+        .await;
+    assert_eq!(status, 201, "{customer}");
+    let c = id_of(&customer);
+    let grant = id_of(&ledger.grant(&c, grant_body("10.00", json!({}))).await);
+    let (status, body) = ledger
+        .sync(json!({"node": "edge-7", "subjects": [
+            subject_sync("two-a", json!({"usage": usage_range(0, 3, "1.50", "credit_only")})),
+            subject_sync("two-b", json!({"usage": usage_range(0, 1, "0.25", "credit_only")})),
+        ]}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["subjects"][0]["live"], "8.50", "each subject answered as if served alone: {body}");
+    assert_eq!(body["subjects"][1]["live"], "8.25", "{body}");
+    book(&ledger, "edge-7", "two-a", usage_range(3, 4, "0.50", "credit_only")).await;
+    let history = ledger.all_transactions(&c).await;
+    assert_eq!(
+        summary(&history),
+        vec![
+            row("consumed", "-0.50", &grant, "8.25", "7.75"),
+            row("consumed", "-1.75", &grant, "10.00", "8.25"),
+            row("funded", "10.00", &grant, "0", "10.00"),
+        ]
+    );
+    for t in &history[..2] {
+        assert_eq!(t["labels"]["node"], "edge-7", "{t}");
+    }
+    ledger.assert_journal_sound().await;
+}
+
 /// Syncs that arrive while the ledger is busy wait and are then served together, in one
-/// transaction: each is answered as if served alone after the ones before it. Here a transaction
-/// holding the customer's row (SQLite: the write lock) keeps the first sync waiting while seven
-/// more queue behind it, one of them a retry of another (its range must book once).
+/// transaction: each is answered as if served alone after the ones before it, and each
+/// customer's ranges are one movement. Here a transaction holding the customer's row (SQLite: the
+/// write lock) keeps the first sync waiting while seven more queue behind it, one of them a retry
+/// of another (its range must book once).
 async fn syncs_that_arrive_together_are_served_together(backend: Backend) {
     let db = TestDb::new(backend).await;
     let ledger = std::sync::Arc::new(Ledger::start(&db).await);
     let a = ledger.customer("grouped-a").await;
     let b = ledger.customer("grouped-b").await;
-    ledger.grant(&a, grant_body("10.00", json!({}))).await;
-    ledger.grant(&b, grant_body("10.00", json!({}))).await;
+    let grant_a = id_of(&ledger.grant(&a, grant_body("10.00", json!({}))).await);
+    let grant_b = id_of(&ledger.grant(&b, grant_body("10.00", json!({}))).await);
     let sync_of = |node: &str| {
         json!({"node": node, "subjects": [
             subject_sync("grouped-a-subject", json!({"usage": usage_range(0, 2, "1.00", "credit_only")})),
@@ -528,6 +569,24 @@ async fn syncs_that_arrive_together_are_served_together(backend: Backend) {
     );
     assert_eq!(ledger.balance(&a, "").await, ("3.00".into(), "3.00".into(), "0".into()));
     assert_eq!(ledger.balance(&b, "").await, ("6.50".into(), "6.50".into(), "0".into()));
+    // One movement per customer and grant per transaction: the six ranges that booked together
+    // are one, labelled with no node since six nodes sent them; n0's alone keeps its label.
+    let grouped =
+        [(&a, &grant_a, ["-1.00", "9.00"], ["-6.00", "3.00"]), (&b, &grant_b, ["-0.50", "9.50"], ["-3.00", "6.50"])];
+    for (customer, grant, [alone, after_alone], [together, left]) in grouped {
+        let history = ledger.all_transactions(customer).await;
+        assert_eq!(
+            summary(&history),
+            vec![
+                row("consumed", together, grant, after_alone, left),
+                row("consumed", alone, grant, "10.00", after_alone),
+                row("funded", "10.00", grant, "0", "10.00"),
+            ]
+        );
+        assert_eq!(history[0]["name"], "Gateway usage", "{}", history[0]);
+        assert!(history[0]["labels"].get("node").is_none(), "{}", history[0]);
+        assert_eq!(history[1]["labels"]["node"], "n0", "{}", history[1]);
+    }
     assert_eq!(ledger.counter("gateway_syncs").await - syncs_before, 8);
     assert_eq!(
         ledger.counter("gateway_sync_groups").await - groups_before,
@@ -847,6 +906,7 @@ on_both_backends!(
     streams_booked_by_key_before_marks_get_marks_from_their_keys,
     a_corrupt_mark_books_nothing,
     subjects_and_lease_ids_of_any_text_are_read_back_as_written,
+    a_customers_ranges_in_one_transaction_are_one_movement_per_grant,
     syncs_that_arrive_together_are_served_together,
     a_book_changed_since_a_sync_kept_it_is_read_again,
     a_group_that_fails_answers_every_sync_with_the_error_and_books_nothing,

@@ -20,7 +20,7 @@ use futures_util::future::join_all;
 use tokio::sync::oneshot;
 
 use credits::usage_mark::{Check, UsageMark};
-use credits::{Book, HoldId};
+use credits::{Book, Entry, HoldId};
 
 use crate::db::{lock_customers, Backend, WriteTx};
 use crate::store::books::{self, Operation, Writes};
@@ -182,7 +182,8 @@ async fn serve_queue(state: AppState) {
 
 /// Serves the syncs `reqs`: a few statements read every book, usage key and lease they touch,
 /// the credit model decides subject by subject in memory (per customer in the order the subjects
-/// came: sync by sync, then request order), and a few multi-row statements write the result.
+/// came: sync by sync, then request order), and a few multi-row statements write the result. A
+/// customer's usage in one transaction is one movement per grant ([`Batch::book`]).
 ///
 /// On SQLite the group is one write transaction. On PostgreSQL it is split by customer into up to
 /// [`PG_SHARDS`] transactions that run at once: their customers are disjoint, so they never wait
@@ -306,6 +307,7 @@ async fn serve_shard(state: &AppState, reqs: &[&SyncRequest], owners: &[(&str, A
         before.entry(customer_id).or_insert_with(|| book.clone());
         outcomes.push((at, batch.serve_subject(state, book, customer_id, revision, at)));
     }
+    batch.write_booked();
     for (customer_id, before) in &before {
         if let Some(book) = books.get(*customer_id) {
             let now = batch.db_now.max(before.clock());
@@ -379,8 +381,23 @@ struct Batch<'a> {
     /// Range keys stored (before, or by this group) among those the marks cannot vouch for.
     recorded: HashSet<String>,
     leases: HashMap<String, LeaseRecord>,
+    /// The customer whose subjects are being served, and the entries they booked so far.
+    booking: Option<(String, Vec<Booked>)>,
     writes: Writes,
     counts: Counts,
+}
+
+/// A journal entry a subject booked, not yet written: the usage of a customer's next subjects may
+/// still fold into it ([`Entry::absorb`]), so that a transaction books one movement per grant and
+/// customer however many nodes' ranges it serves.
+struct Booked {
+    entry: Entry,
+    /// `usage:<key>` of the first range it books (`lease` if none).
+    reference: String,
+    /// The sync whose labels it carries; `None` once it books ranges of syncs labelled apart
+    /// (several nodes): then it carries none.
+    labels_of: Option<usize>,
+    now: DateTime<Utc>,
 }
 
 impl<'a> Batch<'a> {
@@ -413,7 +430,48 @@ impl<'a> Batch<'a> {
             owners.iter().filter_map(|&(_, at)| subject(at).lease.as_ref().map(|l| l.lease_id.clone())).collect();
         let leases = leases::find_many(&mut w.tx, &lease_ids).await?;
         let labels = reqs.iter().map(|req| Labels::from([("node".to_owned(), label_safe(&req.node))])).collect();
-        Ok(Batch { reqs, labels, db_now, marks, recorded, leases, writes: Writes::new(), counts: Counts::default() })
+        Ok(Batch {
+            reqs,
+            labels,
+            db_now,
+            marks,
+            recorded,
+            leases,
+            booking: None,
+            writes: Writes::new(),
+            counts: Counts::default(),
+        })
+    }
+
+    /// Adds what the subject of sync `sync` booked for `customer_id`, folding each entry into the
+    /// one before it where it continues it. Subjects come customer by customer.
+    fn book(&mut self, customer_id: &str, entries: Vec<Entry>, sync: usize, reference: &str, now: DateTime<Utc>) {
+        if self.booking.as_ref().is_some_and(|(c, _)| c != customer_id) {
+            self.write_booked();
+        }
+        let (_, booked) = self.booking.get_or_insert_with(|| (customer_id.to_owned(), Vec::new()));
+        for entry in entries {
+            if let Some(last) = booked.last_mut() {
+                if last.entry.absorb(&entry) {
+                    if last.labels_of.is_some_and(|l| self.labels[l] != self.labels[sync]) {
+                        last.labels_of = None;
+                    }
+                    continue;
+                }
+            }
+            booked.push(Booked { entry, reference: reference.to_owned(), labels_of: Some(sync), now });
+        }
+    }
+
+    /// Writes the entries of the customer served last.
+    fn write_booked(&mut self) {
+        let Some((customer_id, booked)) = self.booking.take() else { return };
+        let unlabelled = Labels::new();
+        for b in booked {
+            let labels = b.labels_of.map_or(&unlabelled, |sync| &self.labels[sync]);
+            let op = Operation { reference: b.reference, name: "Gateway usage", description: None, labels };
+            self.writes.entries(&customer_id, std::slice::from_ref(&b.entry), &op, b.now);
+        }
     }
 
     /// Serves the subject `at` on its customer's book and gathers what to write.
@@ -447,7 +505,7 @@ impl<'a> Batch<'a> {
         };
         // A booking that would overflow the customer's sums rejects this subject only (the book is
         // left as it was); the rest of the batch books.
-        let served = match gateway::try_serve(book, s, &facts, now) {
+        let mut served = match gateway::try_serve(book, s, &facts, now) {
             Ok(served) => served,
             Err(e) => return SubjectOutcome::Rejected { reason: e.to_string() },
         };
@@ -477,9 +535,8 @@ impl<'a> Batch<'a> {
             }
         }
         let reference = key.map_or_else(|| "lease".to_owned(), |k| format!("usage:{k}"));
-        let op = Operation { reference, name: "Gateway usage", description: None, labels: &self.labels[at.sync] };
-        self.writes.entries(customer_id, &served.entries, &op, now);
         state.metrics.count_entries(&served.entries);
+        self.book(customer_id, std::mem::take(&mut served.entries), at.sync, &reference, now);
         if let Some(request) = &s.lease {
             self.remember_lease(book, customer_id, request, served.lease_seq);
         }
