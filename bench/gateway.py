@@ -347,7 +347,7 @@ def main():
             "a": ("no filter", ""),
             "e": ("no-op wasm filter", wasm_filter("noop_filter", f"{wasm}/noop_filter.wasm", None)),
             "f": ("floor filter: a credit check's 5 host calls", wasm_filter("floor_filter", f"{wasm}/floor_filter.wasm", "floor")),
-            "p": ("floor filter: prepaid_credits' 10 host calls", wasm_filter("floor_filter", f"{wasm}/floor_filter.wasm", "prepaid")),
+            "p": ("floor filter: prepaid_credits' 9 host calls", wasm_filter("floor_filter", f"{wasm}/floor_filter.wasm", "prepaid")),
             "l": ("floor filter: 3 host calls, balance in worker memory", wasm_filter("floor_filter", f"{wasm}/floor_filter.wasm", "local")),
             "b": ("prepaid_credits, 1 customer", wasm_filter("prepaid_credits", f"{wasm}/prepaid_credits.wasm", config)),
             "h": ("b without response headers", wasm_filter("prepaid_credits", f"{wasm}/prepaid_credits.wasm",

@@ -172,8 +172,9 @@ impl Call {
         quote: Quote,
         request_id: &dyn Fn() -> Option<String>,
     ) -> Flow {
-        // One clock read for the whole decision (each is a host call).
-        let now_ms = engine.now_ms();
+        // One clock read for the whole call (each is a host call): its completion takes the
+        // worker's recent time.
+        let now_ms = worker.now_ms(engine);
         let access = worker.access(now_ms);
         let (verdict, hit) = worker.decide(engine, config, &subject, &quote.estimates, access, now_ms);
         // Each call counts once, when first decided: a hit if what the node holds decided it,
@@ -376,7 +377,7 @@ fn complete(
         worker.count(Metric::CallsUsageUnreported, 1);
     }
     let cost = pricing::cost(&config.pricing, config.price, &quote, status, &observed);
-    let now_ms = engine.now_ms();
+    let now_ms = worker.recent_ms(engine);
     let completed = decision::complete(engine.shared(), config, &subject, &held, &cost, now_ms);
     worker.tracker.touch(&subject, now_ms);
     if completed.effects.became_pending {

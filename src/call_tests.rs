@@ -483,8 +483,9 @@ impl Request for Counting {
 }
 
 /// Every host call crosses the Wasm boundary, which is the no-op filter's whole cost: a call
-/// decided from a warm lease reads one request header, the clock once per phase and the
-/// customer's entry once per phase (a get and a compare-and-swap), and never its request id.
+/// decided from a warm lease reads one request header, the clock once (at its request: its
+/// completion takes the worker's recent time) and the customer's entry once per phase (a get and
+/// a compare-and-swap), and never its request id.
 #[test]
 fn a_warm_call_makes_a_handful_of_host_calls() {
     let mut g = Gateway::new(Rules::Envoy, config(""), 100);
@@ -510,7 +511,52 @@ fn a_warm_call_makes_a_handful_of_host_calls() {
     let charged = call.on_response_headers(&mut g.worker, &mut g.engine, config, &Status(200), true);
     assert_eq!(headers_of(charged, config).len(), 2, "x-credits-cost and x-credits-balance");
     let after = host_calls(&g);
-    assert_eq!((after.0 - after_request.0, after.1 - after_request.1, after.2 - after_request.2), (1, 1, 1));
+    assert_eq!((after.0 - after_request.0, after.1 - after_request.1, after.2 - after_request.2), (0, 1, 1));
+}
+
+/// A completion reads no clock: it stamps the customer's last use with the time its worker last
+/// read (a call's admission or a tick, so at most one tick behind), and a worker that read the
+/// clock earlier than another never moves that last use back.
+#[test]
+fn a_completion_stamps_its_workers_recent_time() {
+    let mut g = Gateway::new(Rules::Envoy, config(""), 100);
+    let (first, _) = g.start();
+    g.answer_all();
+    g.finish(first, 200);
+    let last_used = |g: &Gateway| {
+        let cfg = g.cfg();
+        let cfg = cfg.as_ref().as_ref().unwrap();
+        let key = crate::customer::entry_key(cfg, &cfg.pricing.scopes[0], SUBJECT);
+        crate::shared::read::<crate::customer::CustomerEntry>(g.engine.shared(), &key).unwrap().last_used_ms
+    };
+    let (long, _) = g.start();
+    let admitted = g.engine.now_ms;
+    g.engine.now_ms += 3_000;
+    g.tick();
+    g.answer_all();
+    g.engine.now_ms += 2_000;
+    let reads = g.engine.clock_reads.get();
+    g.finish(long, 200);
+    assert_eq!(g.engine.clock_reads.get(), reads, "the completion read no clock");
+    assert_eq!(last_used(&g), admitted + 3_000, "the tick's time, not the admission's");
+
+    // Another worker of the node admits a call at +8 s, then this worker's call admitted at +6 s
+    // completes with its older time.
+    g.engine.now_ms += 1_000;
+    let (mine, _) = g.start();
+    let config = g.cfg();
+    let mut other = Worker::start(&g.engine, 8);
+    other.reconfigure(config.as_ref().as_ref().unwrap());
+    g.engine.now_ms += 2_000;
+    let theirs = g.next;
+    g.next += 1;
+    g.engine.enter(theirs, Phase::RequestHeaders);
+    let mut call = Call::new(theirs);
+    assert_eq!(call.on_request_headers(&mut other, &mut g.engine, &config, &Named(SUBJECT), true), Flow::Continue);
+    assert_eq!(last_used(&g), admitted + 8_000);
+    g.finish(mine, 200);
+    assert_eq!(last_used(&g), admitted + 8_000, "never moved back");
+    g.no_violations();
 }
 
 /// A response as the engine shows it: `:status` and the named headers.

@@ -257,7 +257,8 @@ impl CustomerEntry {
         let call = self.next_call;
         self.spent += price;
         self.next_call += 1;
-        self.last_used_ms = now_ms;
+        // A completion's time is its worker's recent one, which may trail another worker's.
+        self.last_used_ms = self.last_used_ms.max(now_ms);
         debug_assert!(self.ranges_contiguous(), "{self:?}");
         call
     }

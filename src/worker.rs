@@ -83,6 +83,8 @@ pub struct Worker {
     /// Completions whose shared entry could not be written (other workers kept winning): the tick
     /// retries them, so a call let through is never left unrecorded.
     retries: Vec<Retry>,
+    /// The host's time as this worker's callbacks last read it (0: not yet read).
+    clock_ms: u64,
 }
 
 /// A call's completion in one scope, still to be recorded.
@@ -120,6 +122,25 @@ impl Worker {
             if n > 0 {
                 engine.count(metric, n);
             }
+        }
+    }
+
+    /// Reads the host's clock (a host call) and remembers it for [`Worker::recent_ms`].
+    pub fn now_ms(&mut self, engine: &dyn Engine) -> u64 {
+        let now_ms = engine.now_ms();
+        self.clock_ms = self.clock_ms.max(now_ms);
+        now_ms
+    }
+
+    /// The host's time as this worker last read it, without a host call: every call's admission
+    /// and every tick read the clock, so it is behind by microseconds on a busy worker and by at
+    /// most one `sync.interval_ms` on an idle one. Good enough for what a completion stamps (when
+    /// a customer was last used, the freshness of the balance it shows), not for deciding a call.
+    pub fn recent_ms(&mut self, engine: &dyn Engine) -> u64 {
+        if self.clock_ms == 0 {
+            self.now_ms(engine)
+        } else {
+            self.clock_ms
         }
     }
 
@@ -171,7 +192,7 @@ impl Worker {
         pending: &PendingSync,
         answer: &LedgerAnswer,
     ) -> bool {
-        let now_ms = engine.now_ms();
+        let now_ms = self.now_ms(engine);
         engine.record_rtt(now_ms.saturating_sub(pending.sent_ms));
         match sync::parse_answer(pending, answer.status, answer.body.as_deref()) {
             Ok(response) => {
@@ -212,7 +233,7 @@ impl Worker {
     /// writes back the node's record if it was evicted, sends the worker's sync, hands over the
     /// counters.
     pub fn on_tick(&mut self, engine: &mut dyn Engine, config: &FilterConfig) {
-        let now_ms = engine.now_ms();
+        let now_ms = self.now_ms(engine);
         self.expire_reads(engine, config, now_ms);
         self.retry_completions(engine, config, now_ms);
         if node::keep(engine.shared(), &self.node).is_err() {
@@ -388,7 +409,7 @@ impl Worker {
         subject: &str,
     ) -> Wait {
         debug_assert!(waiters.contains(&running), "the owner of a read waits for it");
-        let now_ms = engine.now_ms();
+        let now_ms = self.now_ms(engine);
         for id in waiters {
             if let Some(w) = self.waiting.waiter_mut(*id) {
                 w.reads += 1;
@@ -468,7 +489,7 @@ impl Worker {
 
     /// Decides a waiting call on what is known now; `Again` if it should wait for another read.
     fn finish(&mut self, engine: &mut dyn Engine, config: &FilterConfig, context: ContextId) -> Decided {
-        let now_ms = engine.now_ms();
+        let now_ms = self.now_ms(engine);
         let asked = match self.access(now_ms) {
             LedgerAccess::Reachable => LedgerAccess::Asked,
             unreachable => unreachable,
@@ -485,7 +506,7 @@ impl Worker {
 
     /// Calls that cannot wait for another read: decided as if the ledger were unreachable.
     fn give_up(&mut self, engine: &mut dyn Engine, config: &FilterConfig, waiters: &[ContextId]) {
-        let now_ms = engine.now_ms();
+        let now_ms = self.now_ms(engine);
         for &id in waiters {
             let Some(waiter) = self.waiting.waiter(id) else { continue };
             let (subject, estimates) = (waiter.subject.clone(), waiter.quote.estimates.clone());

@@ -128,7 +128,6 @@ impl HttpContext for FloorCall {
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let Some(key) = self.key.take() else { return Action::Continue };
         if self.shape == Shape::Prepaid {
-            let _ = self.get_current_time();
             // The completion: the hold goes and the cost is recorded, at the same price.
             self.balance = update(&key, |b| b).unwrap_or(self.balance);
         }

@@ -10,7 +10,7 @@
 //!   the price was taken when it was let through).
 //! - `prepaid`: the calls `prepaid_credits` makes on its warm path today: the subject header, the
 //!   clock, the entry read and compare-and-swapped when the call is let through and again when
-//!   it completes (each with a clock read), `:status`, two response headers. Ten per call.
+//!   it completes, `:status`, two response headers. Nine per call.
 //! - `local`: `floor` with the balance kept in the worker's own memory instead of shared data
 //!   (what a design where each worker spends a slice of the lease of its own, and writes shared
 //!   data only per tick, would make): the subject, `:status`, one response header. Three per call.
