@@ -11,6 +11,8 @@ bench/gateway.py that apply, side by side in one run, interleaved over rounds:
   H  B without the x-credits-* response headers
   C  prepaid_credits, 10k subjects  (bench/subjects.lua picks one at random per request; defaults,
                                      at most 10 s of warm-up)
+  B0, C0  B and C on an earlier build, given as GATEWAY_BENCH_BASELINE=<prepaid_credits.wasm> (as
+          bench/gateway.py's B and C)
 
 Each gateway is its own nginx (one worker, pinned to CPU 0); the upstream (an nginx answering 200),
 the ledger (SQLite) and wrk (1 thread) share CPU 1. CPU per call is the gateway's master and
@@ -117,9 +119,9 @@ def gateway_cases(wasm, ledger_port):
     config = g.filter_config(f"127.0.0.1:{ledger_port}")
     quiet = {**config, "response_headers": {"cost": None, "balance": None}}
 
-    def credits(cfg):
+    def credits(cfg, module="prepaid_credits"):
         text = json.dumps(cfg).replace("\\", "\\\\").replace("'", "\\'")
-        return f"proxy_wasm prepaid_credits '{text}';"
+        return f"proxy_wasm {module} '{text}';"
 
     modules = [("prepaid_credits", f"{wasm}/prepaid_credits.wasm"), ("noop_filter", f"{wasm}/noop_filter.wasm"),
                ("floor_filter", f"{wasm}/floor_filter.wasm")]
@@ -133,7 +135,15 @@ def gateway_cases(wasm, ledger_port):
         "H": ("B without response headers", credits(quiet)),
         "C": ("prepaid_credits, 10k subjects, defaults", credits(config)),
     }
-    return modules, cases, {"C": os.path.join(g.ROOT, "bench/subjects.lua")}
+    subjects = os.path.join(g.ROOT, "bench/subjects.lua")
+    scripts = {"C": subjects}
+    baseline = os.environ.get("GATEWAY_BENCH_BASELINE")
+    if baseline:
+        modules.append(("prepaid_credits_baseline", os.path.abspath(baseline)))
+        cases["B0"] = ("B, baseline build", credits(config, "prepaid_credits_baseline"))
+        cases["C0"] = ("C, baseline build", credits(config, "prepaid_credits_baseline"))
+        scripts["C0"] = subjects
+    return modules, cases, scripts
 
 
 def begin(prefix):
@@ -169,10 +179,10 @@ def main():
             gws[case] = Nginx(case, nginx_bin, work, proxied(line), upstream.port, modules if line else [], 0)
             started = time.time()
             # C: at most 10 s of warm-up (the rule); the others until warm.
-            g.wrk(f"http://127.0.0.1:{gws[case].port}/", 10 if case == "C" else 5, a.connections, "payer0",
+            g.wrk(f"http://127.0.0.1:{gws[case].port}/", 10 if case in ("C", "C0") else 5, a.connections, "payer0",
                   script.get(case))
             print(f"case {case} warmed for {time.time() - started:.0f} s", file=sys.stderr)
-            if case in "FLPBC":
+            if case in ("F", "L", "P", "B", "C", "B0", "C0"):
                 g.answers_with(f"http://127.0.0.1:{gws[case].port}/", "x-credits-balance")
         runs = {case: [] for case in cases}
         for rnd in range(a.rounds):
@@ -214,6 +224,13 @@ def main():
             "per-round B/E": [b["rps"] / x["rps"] for b, x in zip(runs["B"], runs["E"])],
             "per-round C/E": [c["rps"] / x["rps"] for c, x in zip(runs["C"], runs["E"])],
         }
+        if "B0" in results:
+            ratios.update({
+                "B0/E": results["B0"]["rps"] / e["rps"],
+                "C0/E": results["C0"]["rps"] / e["rps"],
+                "per-round B/B0": [b["rps"] / x["rps"] for b, x in zip(runs["B"], runs["B0"])],
+                "per-round C/C0": [c["rps"] / x["rps"] for c, x in zip(runs["C"], runs["C0"])],
+            })
         version = subprocess.run([nginx_bin, "-V"], capture_output=True, text=True).stderr.splitlines()[0]
         doc = {
             "benchmark": "kong-engine gateway",
@@ -221,7 +238,7 @@ def main():
             "load_average_at_end": os.getloadavg(),
             "nginx": version, "seconds": a.seconds, "rounds": a.rounds, "connections": a.connections,
             "load_generator": "wrk -t1 (CPU 1, with the ledger and the upstream); nginx, 1 worker (CPU 0)",
-            "cases": results, "ratios": ratios,
+            "cases": results, "ratios": ratios, "baseline_wasm": os.environ.get("GATEWAY_BENCH_BASELINE"),
         }
         os.makedirs(os.path.dirname(a.out), exist_ok=True)
         with open(a.out, "w") as f:
