@@ -77,6 +77,15 @@ impl Gateway {
         Gateway { engine, worker, config: Rc::new(Ok(config)), ledger, calls: BTreeMap::new(), next: 1 }
     }
 
+    /// An Envoy worker whose customer (credit for 100 calls) has made one call: its lease is warm.
+    fn warm() -> Gateway {
+        let mut g = Gateway::new(Rules::Envoy, config(""), 100);
+        let (first, _) = g.start();
+        g.answer_all();
+        g.finish(first, 200);
+        g
+    }
+
     fn cfg(&self) -> Rc<Result<FilterConfig, ConfigError>> {
         Rc::clone(&self.config)
     }
@@ -488,10 +497,7 @@ impl Request for Counting {
 /// a compare-and-swap), and never its request id.
 #[test]
 fn a_warm_call_makes_a_handful_of_host_calls() {
-    let mut g = Gateway::new(Rules::Envoy, config(""), 100);
-    let (first, _) = g.start();
-    g.answer_all();
-    g.finish(first, 200);
+    let mut g = Gateway::warm();
     let host_calls = |g: &Gateway| (g.engine.clock_reads.get(), g.engine.store.gets.get(), g.engine.store.sets.get());
     let before = host_calls(&g);
     let (id, request) = (g.next, Counting::default());
@@ -519,10 +525,7 @@ fn a_warm_call_makes_a_handful_of_host_calls() {
 /// clock earlier than another never moves that last use back.
 #[test]
 fn a_completion_stamps_its_workers_recent_time() {
-    let mut g = Gateway::new(Rules::Envoy, config(""), 100);
-    let (first, _) = g.start();
-    g.answer_all();
-    g.finish(first, 200);
+    let mut g = Gateway::warm();
     let last_used = |g: &Gateway| {
         let cfg = g.cfg();
         let cfg = cfg.as_ref().as_ref().unwrap();
