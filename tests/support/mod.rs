@@ -182,11 +182,17 @@ impl Ledger {
 }
 
 /// The `credits-ledger` binary. Cargo builds it for the ledger's own tests but not for this
-/// package's, so the first caller makes sure it is built and current.
+/// package's, so the first caller makes sure it is built and current, unless `LEDGER_BIN` names
+/// one: `scripts/test` passes the one `cargo test --workspace` built. Building it alone resolves
+/// the ledger's features without the workspace's dev-dependencies, so it would compile the ledger
+/// and much of what it depends on a second time (a minute or two of CI).
 pub fn ledger_binary() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
         .get_or_init(|| {
+            if let Some(built) = std::env::var_os("LEDGER_BIN") {
+                return PathBuf::from(built);
+            }
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
             let status = Command::new(cargo)
                 .args(["build", "--quiet", "-p", "ledger", "--bin", "credits-ledger"])
