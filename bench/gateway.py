@@ -8,7 +8,7 @@ each case's figure is its median round):
   f  bench/floor-filter, `floor`        (a credit check's fewest host calls, no decisions: subject
                                          header, entry get + compare-and-swap, :status, one
                                          response header)
-  p  bench/floor-filter, `prepaid`      (the host calls prepaid_credits makes on its warm path, ten,
+  p  bench/floor-filter, `prepaid`      (the host calls prepaid_credits makes on its warm path, nine,
                                          no decisions)
   l  bench/floor-filter, `local`        (floor with the balance in the worker's memory: subject,
                                          :status, one response header)
