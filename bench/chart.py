@@ -70,14 +70,15 @@ def gateway():
 
 def ledger():
     rows = load("ledger")
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+    fig, axes = plt.subplots(1, 2, figsize=(19, 5.5), gridspec_kw={"width_ratios": [1, 2.4]})
     for ax, mode, key, title in [
         (axes[0], "charges", "charges_per_second", "charges/s (public charge endpoint, 16 clients)"),
         (axes[1], "sync", "ranges_per_second", "usage records (ranges)/s via /v3/gateway/sync"),
     ]:
         sel = [r for r in rows if r["mode"] == mode]
-        labels = [f"{r['backend']}\n{r['customers']} cust." + (f"\n{r['ranges_per_sync']}/sync" if mode == "sync" else "")
-                  + (f"\n{r['instances']} ledgers" if r.get("instances", 1) > 1 else "") for r in sel]
+        labels = [f"{r['backend']}\n{r['customers']:,} cust." + (f"\n{r['ranges_per_sync']}/sync" if mode == "sync" else "")
+                  + (f"\n{r['instances']} ledgers" if r.get("instances", 1) > 1 else "")
+                  + (f"\nnodes {r['node_customers']}" if r.get("node_customers", "shared") != "shared" else "") for r in sel]
         bars = ax.bar(labels, [r[key] for r in sel], color=["#4c72b0" if r["backend"] == "sqlite" else "#dd8452" for r in sel])
         for b, r in zip(bars, sel):
             ax.annotate(f"balance read p50 {r['balance_p50_ms']} / p99 {r['balance_p99_ms']} ms",
@@ -89,14 +90,15 @@ def ledger():
         ax.set_title(title)
     fig.tight_layout()
     fig.savefig(os.path.join(RESULTS, "ledger.png"), dpi=90)
-    print("| mode | backend | ledgers | customers | clients | subjects/sync | warm-up s | requests/s | records (ranges)/s | calls/s | p50 ms | p99 ms | "
+    print("| mode | nodes' customers | backend | ledgers | customers | clients | subjects/sync | warm-up s | requests/s | records (ranges)/s | calls/s | p50 ms | p99 ms | "
           "ledger CPU µs/range | PostgreSQL CPU µs/range | machine CPU µs/range | busy cores | ledger bytes written/range | "
           "balance read p50 ms | p99 ms | failed |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         ranges = r.get("ranges_per_second", r["requests_per_second"] if r["mode"] == "charges" else 0)
         calls = r.get("calls_per_second", r["requests_per_second"])
-        print(f"| {r['mode']} | {r['backend']} | {r.get('instances', 1)} | {r['customers']} | {r['clients']} | {r.get('ranges_per_sync', '—')} | "
+        nodes = r.get("node_customers", "shared") if r["mode"] == "sync" else "—"
+        print(f"| {r['mode']} | {nodes} | {r['backend']} | {r.get('instances', 1)} | {r['customers']} | {r['clients']} | {r.get('ranges_per_sync', '—')} | "
               f"{r.get('warm_seconds', 0)} | {r['requests_per_second']:.0f} | {ranges:.0f} | {calls:.0f} | {r['p50_ms']} | {r['p99_ms']} | "
               f"{r.get('ledger_cpu_us_per_range') or '—'} | {r.get('postgres_cpu_us_per_range') or '—'} | "
               f"{r.get('machine_cpu_us_per_range') or '—'} | {r.get('machine_busy_cores') or '—'} | "

@@ -4,7 +4,11 @@
 # - charges/s through the public charge endpoint (16 concurrent clients), and
 # - usage records/s through the gateway's batched POST /v3/gateway/sync (4 clients = 4 gateway
 #   nodes; a record is one usage range: one subject's calls since its node's last report; each
-#   sync carries one range per subject, up to 1,000 subjects, 10 calls per range), and
+#   sync carries one range per subject, up to 1,000 subjects, 10 calls per range; the nodes send
+#   the same customers in step, so a customer's ranges from all of them fold into one movement),
+# - the same with each node meeting the customers in an order of its own (10,000 customers only;
+#   `--node-customers shuffled`: nodes behind one load balancer; a range then books its own
+#   movement, postings and index entry),
 # - the same with one subject per sync from 16 clients (10,000 customers only): cold reads, and
 # - on PostgreSQL, 1,000-subject syncs spread over two ledger instances on the one database.
 # Every run starts its own credits-ledger (crates/ledger/examples/ledger_bench.rs) and stops it;
@@ -27,14 +31,15 @@ echo "[" > "$out"
 first=true
 for backend in sqlite postgres; do
   for customers in 1 10000; do
-    for mode in charges sync reads sync2; do
+    for mode in charges sync shuffled reads sync2; do
       # reads: 16 nodes each sending one-subject syncs back to back (cold reads: a gateway
       # meeting many customers at once); the ledger serves those that wait together.
       # sync2: sync against two ledger instances on the one PostgreSQL database.
-      per_sync=1000 instances=1 warm=0
+      per_sync=1000 instances=1 warm=0 nodes=shared
       case $mode in
         charges) clients=16 ;;
         sync) clients=4 ;;
+        shuffled) clients=4 nodes=shuffled ;;
         reads) clients=16 per_sync=1 ;;
         sync2) clients=4 instances=2 ;;
       esac
@@ -42,7 +47,7 @@ for backend in sqlite postgres; do
       # journal's per-customer index must outgrow a commit before a range costs what it will
       # cost in a ledger that has booked for a while (bench/RESULTS.md §0k).
       [ "$customers" = 10000 ] && [ "$per_sync" = 1000 ] && [ "$mode" != charges ] && warm=30
-      [ "$mode" = reads ] && [ "$customers" = 1 ] && continue
+      { [ "$mode" = reads ] || [ "$mode" = shuffled ]; } && [ "$customers" = 1 ] && continue
       [ "$mode" = sync2 ] && { [ "$backend" = sqlite ] || [ "$customers" = 1 ]; } && continue
       case $backend in
         sqlite) db="sqlite://$work/bench-$customers-$mode.db" ;;
@@ -50,7 +55,8 @@ for backend in sqlite postgres; do
       esac
       line=$(target/release/examples/ledger_bench --mode "$(case $mode in charges) echo charges ;; *) echo sync ;; esac)" \
         --ledger target/release/credits-ledger --database "$db" --customers "$customers" --clients "$clients" \
-        --seconds "$seconds" --warm-seconds "$warm" --subjects-per-sync "$per_sync" --instances "$instances")
+        --seconds "$seconds" --warm-seconds "$warm" --subjects-per-sync "$per_sync" --instances "$instances" \
+        --node-customers "$nodes")
       $first || echo "," >> "$out"
       first=false
       echo "$line" >> "$out"
