@@ -134,7 +134,7 @@ pub async fn save(
 /// multi-row statements (a gateway sync books a thousand customers at once). Each book's
 /// changes are added once per flush, after all its operations.
 pub struct Writes {
-    grant_states: Rows,
+    grant_states: grants::StateWrites,
     debt_owners: Vec<String>,
     debts: Rows,
     holds: Rows,
@@ -161,7 +161,7 @@ impl Default for Writes {
 impl Writes {
     pub fn new() -> Self {
         Writes {
-            grant_states: Rows::new(grants::STATE_COLUMNS),
+            grant_states: grants::StateWrites::new(),
             debt_owners: Vec::new(),
             debts: Rows::new(4),
             holds: Rows::new(10),
@@ -181,9 +181,7 @@ impl Writes {
     /// not journal entries) and the book's clock.
     pub fn changes(&mut self, customer_id: &str, before: &Book, after: &Book, now: DateTime<Utc>) {
         for state in after.grants() {
-            if before.grant(&state.grant.id) != Some(state) {
-                grants::push_state(&mut self.grant_states, state, now);
-            }
+            self.grant_states.changed(before.grant(&state.grant.id), state, now);
         }
         if before.debts() != after.debts() {
             self.debt_owners.push(customer_id.to_owned());
@@ -330,7 +328,7 @@ impl Writes {
 
     /// Writes every row gathered, in this transaction.
     pub async fn flush(&self, tx: &mut Tx) -> StoreResult<()> {
-        grants::save_states(tx, &self.grant_states).await?;
+        self.grant_states.save(tx).await?;
         if !self.debt_owners.is_empty() {
             rows::fetch_by_ids(tx, "DELETE FROM debts WHERE customer_id IN ({list})", &self.debt_owners).await?;
             self.debts.execute(tx, "INSERT INTO debts (customer_id, currency, feature, amount)", "").await?;

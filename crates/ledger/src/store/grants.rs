@@ -209,36 +209,89 @@ pub async fn insert(tx: &mut Tx, record: &GrantRecord) -> StoreResult<i64> {
     Ok(row.try_get(0)?)
 }
 
-/// Adds a grant's state snapshot, after an operation changed it, to the rows `save_states` writes.
-pub fn push_state(rows: &mut Rows, state: &GrantState, now: DateTime<Utc>) {
-    rows.push([
-        Value::from(state.grant.id.0.clone()),
-        Value::from(i64::from(state.funded)),
-        Value::from(state.used.to_string()),
-        Value::from(state.expired.to_string()),
-        Value::from(i64::from(state.expiry_booked)),
-        Value::from(state.voided.to_string()),
-        Value::from(state.grant.voided_at.map(micros)),
-        Value::from(micros(now)),
-    ]);
+/// Grant states an operation changed, gathered for one flush. A grant whose only change is the
+/// credit used from it (what usage and charges do) is written apart, setting `used` alone: an
+/// UPDATE that sets a column a partial index's WHERE clause reads (`funded`, `expiry_booked`,
+/// `voided_at`, read by the due-funding and due-expiry indexes) makes SQLite rewrite that index's
+/// entry even where the value is unchanged, two index writes per grant that usage never needs.
+pub struct StateWrites {
+    /// Whole snapshots: `id, funded, used, expired, expiry_booked, voided, voided_at, updated_at`.
+    states: Rows,
+    /// Credit used only: `id, used, updated_at`.
+    uses: Rows,
 }
 
-/// Writes grant state snapshots (rows of `push_state`, one per grant).
-pub async fn save_states(tx: &mut Tx, states: &Rows) -> StoreResult<()> {
-    states
-        .execute(
-            tx,
-            "UPDATE grants SET funded = CAST(v.column2 AS BIGINT), used = v.column3, expired = v.column4, \
-             expiry_booked = CAST(v.column5 AS BIGINT), voided = v.column6, voided_at = CAST(v.column7 AS BIGINT), \
-             updated_at = CAST(v.column8 AS BIGINT) FROM (",
-            ") AS v WHERE grants.id = v.column1",
-        )
-        .await?;
-    Ok(())
+impl Default for StateWrites {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
-/// The columns of a `push_state` row.
-pub const STATE_COLUMNS: usize = 8;
+impl StateWrites {
+    pub fn new() -> Self {
+        StateWrites { states: Rows::new(8), uses: Rows::new(3) }
+    }
+
+    /// Adds `after` if it differs from `before` (`None`: the grant is new to the book).
+    pub fn changed(&mut self, before: Option<&GrantState>, after: &GrantState, now: DateTime<Utc>) {
+        match before {
+            Some(before) if before == after => {}
+            Some(before) if only_use_changed(before, after) => self.uses.push([
+                Value::from(after.grant.id.0.clone()),
+                Value::from(after.used.to_string()),
+                Value::from(micros(now)),
+            ]),
+            _ => self.states.push([
+                Value::from(after.grant.id.0.clone()),
+                Value::from(i64::from(after.funded)),
+                Value::from(after.used.to_string()),
+                Value::from(after.expired.to_string()),
+                Value::from(i64::from(after.expiry_booked)),
+                Value::from(after.voided.to_string()),
+                Value::from(after.grant.voided_at.map(micros)),
+                Value::from(micros(now)),
+            ]),
+        }
+    }
+
+    /// Writes the states gathered.
+    pub async fn save(&self, tx: &mut Tx) -> StoreResult<()> {
+        self.states
+            .execute(
+                tx,
+                "UPDATE grants SET funded = CAST(v.column2 AS BIGINT), used = v.column3, expired = v.column4, \
+                 expiry_booked = CAST(v.column5 AS BIGINT), voided = v.column6, voided_at = CAST(v.column7 AS BIGINT), \
+                 updated_at = CAST(v.column8 AS BIGINT) FROM (",
+                ") AS v WHERE grants.id = v.column1",
+            )
+            .await?;
+        self.uses
+            .execute(
+                tx,
+                "UPDATE grants SET used = v.column2, updated_at = CAST(v.column3 AS BIGINT) FROM (",
+                ") AS v WHERE grants.id = v.column1",
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// How many grants go out as whole snapshots and as credit used only.
+    #[cfg(test)]
+    fn counts(&self) -> (usize, usize) {
+        (self.states.len(), self.uses.len())
+    }
+}
+
+/// Whether `after` differs from `before` in the credit used alone (the grant itself, its funding,
+/// expiry and voiding unchanged). Destructured so that a new field must be considered here.
+fn only_use_changed(before: &GrantState, after: &GrantState) -> bool {
+    let GrantState { grant, funded, used: _, expired, expiry_booked, voided } = before;
+    *grant == after.grant
+        && *funded == after.funded
+        && *expired == after.expired
+        && *expiry_booked == after.expiry_booked
+        && *voided == after.voided
+}
 
 pub async fn save_settlement(tx: &mut Tx, grant: &Grant, now: DateTime<Utc>) -> StoreResult<()> {
     let status = grant.funding.purchase().map(|p| settlement_status_text(p.settlement_status));
@@ -289,4 +342,65 @@ pub async fn expiring_unnoticed(
     let rows =
         sqlx::query(&sql).bind(micros(from)).bind(micros(to)).bind(rule_id).bind(limit).fetch_all(&mut *conn).await?;
     rows.iter().map(from_row).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use credits::{Amount, Currency, FundingMethod, GrantSpec};
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).expect("time").to_utc()
+    }
+
+    fn amount(s: &str) -> Amount {
+        Amount::parse(s).expect("amount")
+    }
+
+    fn state() -> GrantState {
+        let spec = GrantSpec {
+            currency: Currency::parse("USD").expect("currency"),
+            amount: amount("100"),
+            funding_method: FundingMethod::None,
+            purchase: None,
+            priority: Priority::DEFAULT,
+            effective_at: None,
+            expires_after: Some(IsoDuration::parse("P1D").expect("duration")),
+            features: FeatureFilter::only(Vec::new()),
+        };
+        let grant = Grant::new(spec, GrantId("g".into()), at("2030-01-01T00:00:00Z"), 0).expect("grant");
+        let mut state = GrantState::new(grant);
+        state.funded = true;
+        state
+    }
+
+    #[test]
+    fn a_grant_whose_only_change_is_credit_used_is_written_apart() {
+        let now = at("2030-01-01T12:00:00Z");
+        let before = state();
+        let mut used = before.clone();
+        used.used = amount("30");
+        let mut unfunded = before.clone();
+        unfunded.funded = false;
+        let mut expired = used.clone();
+        expired.expired = amount("70");
+        expired.expiry_booked = true;
+        let mut voided = used.clone();
+        voided.voided = amount("70");
+        voided.grant.voided_at = Some(now);
+
+        let mut writes = StateWrites::new();
+        writes.changed(Some(&before), &before, now);
+        assert_eq!(writes.counts(), (0, 0), "unchanged: nothing to write");
+        writes.changed(Some(&before), &used, now);
+        assert_eq!(writes.counts(), (0, 1), "credit used only");
+        writes.changed(Some(&unfunded), &used, now);
+        assert_eq!(writes.counts(), (1, 1), "funded and used");
+        writes.changed(Some(&used), &expired, now);
+        assert_eq!(writes.counts(), (2, 1), "expired");
+        writes.changed(Some(&used), &voided, now);
+        assert_eq!(writes.counts(), (3, 1), "voided");
+        writes.changed(None, &used, now);
+        assert_eq!(writes.counts(), (4, 1), "new to the book");
+    }
 }
