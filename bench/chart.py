@@ -22,10 +22,10 @@ def load(name):
 def gateway():
     doc = load("gateway")
     cases = doc["cases"]
-    order = [k for k in ["a", "e", "f", "l", "p", "b", "h", "c", "d", "B", "C"] if k in cases]
+    order = [k for k in ["a", "e", "f", "l", "p", "b", "h", "g", "c", "d", "B", "C"] if k in cases]
     labels = [f"{k}. {cases[k]['label']}" for k in order]
     fig, axes = plt.subplots(1, 3, figsize=(16, 5))
-    palette = {"a": "#888888", "e": "#4c72b0", "f": "#8172b2", "l": "#64b5cd", "p": "#b3a7d9", "b": "#55a868", "h": "#55a868",
+    palette = {"a": "#888888", "e": "#4c72b0", "f": "#8172b2", "l": "#64b5cd", "p": "#b3a7d9", "b": "#55a868", "h": "#55a868", "g": "#3d8b50",
                "c": "#8fd18f", "d": "#c44e52", "B": "#dd8452", "C": "#f0b27a"}
     colors = [palette[k] for k in order]
     axes[0].barh(labels, [cases[k]["rps"] for k in order], color=colors)
@@ -45,7 +45,7 @@ def gateway():
     r = doc["ratios"]
     fig.suptitle(f"Gateway overhead, Envoy {doc['envoy'].split('/')[1] if '/' in doc['envoy'] else doc['envoy']}, "
                  f"--concurrency 1, wrk {doc['connections']} connections, median of {doc['rounds']}×{doc['seconds']} s — "
-                 f"b/e {r['b/e']:.2f}, h/e {r['h/e']:.2f}, c/e {r['c/e']:.2f}, b/d {r['b/d']:.1f}")
+                 f"b/e {r['b/e']:.2f}, h/e {r['h/e']:.2f}, g/e {r['g/e']:.2f}, c/e {r['c/e']:.2f}, b/d {r['b/d']:.1f}")
     fig.tight_layout()
     fig.savefig(os.path.join(RESULTS, "gateway.png"), dpi=90)
     print("| case | req/s | p50 ms | p99 ms | Envoy CPU µs/call | ledger CPU µs/call | RSS after warm-up MiB | non-2xx |")
@@ -62,7 +62,7 @@ def gateway():
     print()
     print("| case | calls | ledger round trips | per 1,000 calls | bytes sent/call | bytes received/call | round trips/s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for k in [k for k in ("b", "h", "c", "B", "C") if k in cases]:
+    for k in [k for k in ("b", "h", "g", "c", "B", "C") if k in cases]:
         s = cases[k]["sync"]
         print(f"| {k} | {s['calls']} | {s['ledger_round_trips']} | {s['round_trips_per_1000_calls']:.3f} | "
               f"{s['bytes_sent_per_call']:.2f} | {s['bytes_received_per_call']:.2f} | {s['round_trips_per_second']:.2f} |")

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Gateway overhead: the same Envoy binary, the same load generator (wrk), the same direct-response
-route, six cases side by side in one run, interleaved over rounds (the machine is shared and noisy;
+route, ten cases side by side in one run, interleaved over rounds (the machine is shared and noisy;
 each case's figure is its median round):
 
   a  no filter                         (the physical limit of this machine)
@@ -14,6 +14,8 @@ each case's figure is its median round):
                                          :status, one response header)
   b  prepaid_credits, one customer      (warm lease: a paying customer's steady state)
   h  b without the x-credits-* response headers
+  g  b with pricing.charge_errors on     (its price is final when let through: charged then, the
+                                         completion writes nothing; seven host calls)
   c  prepaid_credits, 10k subjects      (wrk script bench/subjects.lua: a subject picked at random
                                          per request; the filter's default configuration, warmed
                                          for at most 10 s)
@@ -352,6 +354,8 @@ def main():
             "b": ("prepaid_credits, 1 customer", wasm_filter("prepaid_credits", f"{wasm}/prepaid_credits.wasm", config)),
             "h": ("b without response headers", wasm_filter("prepaid_credits", f"{wasm}/prepaid_credits.wasm",
                                                             {**config, "response_headers": {"cost": None, "balance": None}})),
+            "g": ("b charged at admission (pricing.charge_errors)", wasm_filter("prepaid_credits", f"{wasm}/prepaid_credits.wasm",
+                                                                              {**config, "pricing": {"charge_errors": True}})),
             # The filter's defaults: an idle lease is kept (lease.idle_release_ms, 5 min) unless the
             # ledger recalls it, so c keeps its leases across the other cases' runs (≈ 40 s).
             "c": ("prepaid_credits, 10k subjects", wasm_filter("prepaid_credits", f"{wasm}/prepaid_credits.wasm", config)),
@@ -371,7 +375,7 @@ def main():
             # c: at most 10 s of warm-up (the issue's rule: a gateway meets its customers cold).
             warm_up(envoys[case], a.connections, script.get(case), 10 if case in "cC" else 90)
             rss[case] = rss_kib(envoys[case].proc.pid)
-            if case in "flpbBcC":
+            if case in "flpbgBcC":
                 answers_with(f"http://127.0.0.1:{envoys[case].port}/", "x-credits-balance")
         runs = {case: [] for case in cases}
         for rnd in range(a.rounds):
@@ -399,7 +403,7 @@ def main():
                 "non_2xx_share": sum(r["non_2xx"] for r in rs) / max(sum(r["requests"] for r in rs), 1),
                 "runs": rs,
             }
-        for case in [k for k in ("b", "h", "c", "B", "C") if k in cases]:
+        for case in [k for k in ("b", "h", "g", "c", "B", "C") if k in cases]:
             calls = sum(r["requests"] for r in runs[case])
             d = [r["stats_delta"] for r in runs[case]]
             rq = sum(x.get("ledger_upstream_rq_total", 0) for x in d)
@@ -420,6 +424,7 @@ def main():
             "c/a": results["c"]["rps"] / ra["rps"],
             "c/e": results["c"]["rps"] / results["e"]["rps"],
             "h/e": results["h"]["rps"] / results["e"]["rps"],
+            "g/e": results["g"]["rps"] / results["e"]["rps"],
             "p99 b/e": results["b"]["p99_ms"] / results["e"]["p99_ms"],
             "b/d": results["b"]["rps"] / results["d"]["rps"],
             "e/a": results["e"]["rps"] / ra["rps"],

@@ -7,13 +7,13 @@ use credits::money::Printed;
 use credits::Amount;
 
 use crate::config::{ConfigError, FilterConfig, ResponseHeaders};
-use crate::decision::{self, Hold, Verdict};
+use crate::decision::{self, Verdict};
 use crate::engine::{ContextId, Engine, LedgerAnswer, Metric, Token};
 use crate::pricing::{self, Quote, UnitSource};
 use crate::problem::Problem;
 use crate::units::BodyReader;
 use crate::waiting::Waiter;
-use crate::worker::{Acted, CallRef, Wait, Worker};
+use crate::worker::{Acted, Admitted, CallRef, Wait, Worker};
 
 /// What a request callback tells the engine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,7 +45,7 @@ struct EarlyHeaders {
 struct Admission {
     subject: String,
     quote: Quote,
-    held: Vec<Hold>,
+    admitted: Admitted,
 }
 
 /// What the response says so far, for a call that reads units from its body.
@@ -176,15 +176,15 @@ impl Call {
         // worker's recent time.
         let now_ms = worker.now_ms(engine);
         let access = worker.access(now_ms);
-        let (verdict, hit) = worker.decide(engine, config, &subject, &quote.estimates, access, now_ms);
+        let (verdict, hit) = worker.decide(engine, config, &subject, &quote, access, now_ms);
         // Each call counts once, when first decided: a hit if what the node holds decided it,
         // a miss if it waits for the ledger or was decided without it.
         worker.count(if hit { Metric::CacheHits } else { Metric::CacheMisses }, 1);
         if verdict != Verdict::AskLedger {
             let call = CallRef { context: self.id, subject: &subject, request_id };
             return match worker.act(engine, config, call, verdict, now_ms) {
-                Acted::LetThrough(held) => {
-                    self.stage = Stage::Admitted(Admission { subject, quote, held });
+                Acted::LetThrough(admitted) => {
+                    self.stage = Stage::Admitted(Admission { subject, quote, admitted });
                     Flow::Continue
                 }
                 Acted::Answered => {
@@ -225,8 +225,8 @@ impl Call {
             return if matches!(self.stage, Stage::Admitted(_)) { Flow::Continue } else { Flow::Pause };
         }
         match worker.take_admission(self.id) {
-            Some((waiter, held)) => {
-                self.stage = Stage::Admitted(Admission { subject: waiter.subject, quote: waiter.quote, held });
+            Some((waiter, admitted)) => {
+                self.stage = Stage::Admitted(Admission { subject: waiter.subject, quote: waiter.quote, admitted });
                 Flow::Continue
             }
             None => Flow::Pause,
@@ -240,7 +240,8 @@ impl Call {
         if let Some(waiter) = worker.waiting.take(self.id) {
             worker.waiting.gone(self.id);
             worker.count(Metric::CallsResumedUndecided, 1);
-            self.stage = Stage::Admitted(Admission { subject: waiter.subject, quote: waiter.quote, held: Vec::new() });
+            let admitted = Admitted { held: Vec::new(), balance: None };
+            self.stage = Stage::Admitted(Admission { subject: waiter.subject, quote: waiter.quote, admitted });
         }
     }
 
@@ -371,7 +372,14 @@ fn complete(
     status: Option<u16>,
     observed: Vec<Option<Amount>>,
 ) -> Option<Charged> {
-    let Admission { subject, quote, held } = admission;
+    let Admission { subject, quote, admitted: Admitted { held, balance } } = admission;
+    if !held.is_empty() && held.iter().all(|h| h.charged) {
+        // Charged when it was let through, at a price its response cannot change
+        // (`pricing::charging`): nothing to write.
+        let now_ms = worker.recent_ms(engine);
+        worker.tracker.touch(&subject, now_ms);
+        return Some(Charged { cost: held.iter().map(|h| h.amount).sum(), balance });
+    }
     let unreported = quote.units.iter().zip(&observed).any(|((_, is_final), seen)| !is_final && seen.is_none());
     if unreported && status.is_some_and(|s| s < 400) && !config.pricing.units.is_empty() {
         worker.count(Metric::CallsUsageUnreported, 1);

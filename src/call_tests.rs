@@ -520,6 +520,46 @@ fn a_warm_call_makes_a_handful_of_host_calls() {
     assert_eq!((after.0 - after_request.0, after.1 - after_request.1, after.2 - after_request.2), (0, 1, 1));
 }
 
+/// A call whose response cannot change its price (a fixed price, `pricing.charge_errors` on) is
+/// charged when it is let through: its admission is a warm call's only shared-data update, and
+/// its completion reads and writes nothing. It shows the headers a completion would have shown,
+/// and is booked once at its price whatever became of it (an error, or no response at all).
+#[test]
+fn a_call_whose_price_is_final_is_charged_when_let_through_and_its_completion_writes_nothing() {
+    let host_calls = |g: &Gateway| (g.engine.clock_reads.get(), g.engine.store.gets.get(), g.engine.store.sets.get());
+    let warm = |extra: &str| {
+        let mut g = Gateway::new(Rules::Envoy, config(extra), 100);
+        let (first, _) = g.start();
+        g.answer_all();
+        g.finish(first, 200);
+        g
+    };
+    let (mut held, mut charged) = (warm(""), warm(r#", "pricing": {"charge_errors": true}"#));
+    for status in [200, 200, 500] {
+        let before = host_calls(&charged);
+        let (id, flow) = charged.start();
+        assert_eq!(flow, Flow::Continue);
+        let admitted = host_calls(&charged);
+        assert_eq!((admitted.1 - before.1, admitted.2 - before.2), (1, 1), "a get and a compare-and-swap");
+        let headers = charged.finish(id, status);
+        assert_eq!(host_calls(&charged), admitted, "its completion makes no host call");
+        if status == 200 {
+            // The same as a call that held its price and paid it at completion.
+            let (id, _) = held.start();
+            assert_eq!(headers, held.finish(id, 200));
+        } else {
+            assert_eq!(headers[0], ("x-credits-cost".to_owned(), "0.10".to_owned()), "{headers:?}");
+        }
+    }
+    let (gone, _) = charged.start();
+    charged.gone(gone);
+    charged.sync_rounds(2);
+    let books = charged.ledger.books();
+    assert_eq!(books.consumed, Amount::parse("0.50").unwrap(), "five calls, each once");
+    assert!(books.problems.is_empty(), "{:?}", books.problems);
+    charged.no_violations();
+}
+
 /// A completion reads no clock: it stamps the customer's last use with the time its worker last
 /// read (a call's admission or a tick, so at most one tick behind), and a worker that read the
 /// clock earlier than another never moves that last use back.

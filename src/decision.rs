@@ -6,7 +6,7 @@ use credits::{Amount, SettlementMode};
 
 use crate::config::{FailureMode, FilterConfig, Strategy};
 use crate::customer::{entry_key, CustomerEntry, Standing};
-use crate::pricing::Scope;
+use crate::pricing::{Charging, Scope};
 use crate::shared::{self, SharedData};
 
 /// What a call let through holds in one scope until it completes.
@@ -19,6 +19,9 @@ pub struct Hold {
     pub unrecorded: bool,
     /// The incarnation of the entry it is held in: an entry rebuilt since never had it.
     pub origin: u64,
+    /// Charged at admission (`Charging::AtAdmission`): its usage is recorded already, and nothing
+    /// is held for its completion to release.
+    pub charged: bool,
 }
 
 /// What happens to a call.
@@ -88,12 +91,14 @@ impl Effects {
 }
 
 /// Decides whether a call of `subject` that needs `estimates` (per scope of the configuration)
-/// goes through, and holds them if it does. A call is let through only if every scope covers it.
+/// goes through, and holds them (or charges them, as `charging` says) if it does. A call is let
+/// through only if every scope covers it.
 pub fn admit(
     store: &dyn SharedData,
     config: &FilterConfig,
     subject: &str,
     estimates: &[Amount],
+    charging: Charging,
     now_ms: u64,
     access: LedgerAccess,
 ) -> (Verdict, Effects) {
@@ -102,7 +107,7 @@ pub fn admit(
     let mut balance = None;
     let mut effects = Effects { cache_hit: true, ..Effects::default() };
     for (i, (scope, amount)) in scopes.iter().zip(estimates).enumerate() {
-        let (verdict, e) = hold_in_scope(store, config, scope, subject, *amount, now_ms, access);
+        let (verdict, e) = hold_in_scope(store, config, scope, subject, *amount, charging, now_ms, access);
         effects.merge(e);
         let refused = match verdict {
             ScopeVerdict::Allow { held: h, balance: b } => {
@@ -151,13 +156,15 @@ pub fn complete(
     out
 }
 
-/// Decides a call in one scope and holds `amount` there if it goes through.
+/// Decides a call in one scope and takes `amount` there if it goes through.
+#[allow(clippy::too_many_arguments)]
 fn hold_in_scope(
     store: &dyn SharedData,
     config: &FilterConfig,
     scope: &Scope,
     subject: &str,
     amount: Amount,
+    charging: Charging,
     now_ms: u64,
     access: LedgerAccess,
 ) -> (ScopeVerdict, Effects) {
@@ -169,7 +176,8 @@ fn hold_in_scope(
             e
         });
         let fresh = || CustomerEntry::new(&key, subject, store.fresh_origin(), now_ms);
-        let (next, (mut verdict, mut effects)) = decide_entry(entry, &fresh, config, amount, now_ms, access);
+        let taking = Taking { amount, charging, now_ms };
+        let (next, (mut verdict, mut effects)) = decide_entry(entry, &fresh, config, taking, access);
         if let (ScopeVerdict::Allow { held, .. }, Some(e)) = (&mut verdict, &next) {
             held.origin = e.origin;
         }
@@ -190,6 +198,8 @@ fn hold_in_scope(
 /// and nothing is spent. `false` if the entry could not be written (the hold then times out).
 fn cancel(store: &dyn SharedData, config: &FilterConfig, scope: &Scope, subject: &str, held: &Hold) -> bool {
     let key = entry_key(config, scope, subject);
+    // Only a call priced in one scope is charged at admission (`pricing::charging`).
+    debug_assert!(!held.charged, "a charged call is never given back");
     if held.unrecorded {
         return true;
     }
@@ -233,6 +243,7 @@ pub fn complete_in_scope(
     now_ms: u64,
 ) -> Option<ScopeCompleted> {
     let key = entry_key(config, scope, subject);
+    debug_assert!(!held.is_some_and(|h| h.charged), "a call charged at admission has nothing to complete");
     let unrecorded = held.is_some_and(|h| h.unrecorded);
     let result = shared::update::<CustomerEntry, ScopeCompleted>(store, &key, |entry| {
         let was_pending = entry.as_ref().is_some_and(CustomerEntry::has_pending);
@@ -267,36 +278,57 @@ pub fn complete_in_scope(
     result.ok()
 }
 
+/// What a call let through takes from its customer's entry in one scope.
+#[derive(Clone, Copy)]
+struct Taking {
+    amount: Amount,
+    charging: Charging,
+    now_ms: u64,
+}
+
+impl Taking {
+    /// Takes the amount from `e` (`from_lease` of it out of the node's lease, by the caller):
+    /// held until the call completes, or spent now as one call to report.
+    fn take(self, e: &mut CustomerEntry, config: &FilterConfig, from_lease: Amount) -> Hold {
+        let charged = self.charging == Charging::AtAdmission;
+        if !charged {
+            e.place_hold(self.amount, self.now_ms, config.pricing.hold_timeout_ms);
+        } else if self.amount.is_zero() {
+            e.last_used_ms = e.last_used_ms.max(self.now_ms); // nothing to book
+        } else {
+            e.spend(self.amount, self.now_ms);
+        }
+        Hold { amount: self.amount, from_lease, charged, ..Hold::default() }
+    }
+}
+
 fn decide_entry(
     entry: Option<CustomerEntry>,
     fresh: &dyn Fn() -> CustomerEntry,
     config: &FilterConfig,
-    amount: Amount,
-    now_ms: u64,
+    t: Taking,
     access: LedgerAccess,
 ) -> (Option<CustomerEntry>, (ScopeVerdict, Effects)) {
     let max_stale = u64::from(config.sync.max_stale_ms);
     let hit = Effects { cache_hit: true, ..Effects::default() };
-    let timeout = config.pricing.hold_timeout_ms;
     match entry {
         Some(e) if matches!(e.standing, Standing::Known) && config.sync.strategy == Strategy::Lease => {
-            hold_from_lease(e, config, amount, now_ms, access)
+            hold_from_lease(e, config, t, access)
         }
-        Some(mut e) if matches!(e.standing, Standing::Known) && e.is_fresh(now_ms, max_stale) => {
-            if e.backlog_full(config.sync.max_unsent_calls, amount) {
-                return backlog_full(e, config, now_ms);
+        Some(mut e) if matches!(e.standing, Standing::Known) && e.is_fresh(t.now_ms, max_stale) => {
+            if e.backlog_full(config.sync.max_unsent_calls, t.amount) {
+                return backlog_full(e, config, t.now_ms);
             }
             let available = e.available();
-            if config.settlement_mode == SettlementMode::CreditOnly && available < amount {
+            if config.settlement_mode == SettlementMode::CreditOnly && available < t.amount {
                 return (None, (ScopeVerdict::Refuse { available }, hit));
             }
-            e.place_hold(amount, now_ms, timeout);
+            let held = t.take(&mut e, config, Amount::ZERO);
             let balance = Some(e.available());
-            let held = Hold { amount, ..Hold::default() };
             (Some(e), (ScopeVerdict::Allow { held, balance }, hit))
         }
         _ if access == LedgerAccess::Reachable => (None, (ScopeVerdict::Call(Verdict::AskLedger), Effects::default())),
-        other => offline(other.unwrap_or_else(fresh), config, amount, now_ms),
+        other => offline(other.unwrap_or_else(fresh), config, t),
     }
 }
 
@@ -305,12 +337,11 @@ fn decide_entry(
 fn hold_from_lease(
     mut e: CustomerEntry,
     config: &FilterConfig,
-    amount: Amount,
-    now_ms: u64,
+    t: Taking,
     access: LedgerAccess,
 ) -> (Option<CustomerEntry>, (ScopeVerdict, Effects)) {
     let hit = Effects { cache_hit: true, ..Effects::default() };
-    let timeout = config.pricing.hold_timeout_ms;
+    let (amount, now_ms) = (t.amount, t.now_ms);
     if e.backlog_full(config.sync.max_unsent_calls, amount) {
         return backlog_full(e, config, now_ms);
     }
@@ -318,9 +349,8 @@ fn hold_from_lease(
     // A call that holds nothing here (its units are estimated at zero) needs no lease.
     if amount.is_zero() || e.lease_covers(amount, now_ms) {
         e.lease.remaining -= amount;
-        e.place_hold(amount, now_ms, timeout);
+        let held = t.take(&mut e, config, amount);
         let balance = balance(&e);
-        let held = Hold { amount, from_lease: amount, ..Hold::default() };
         return (Some(e), (ScopeVerdict::Allow { held, balance }, hit));
     }
     if config.settlement_mode == SettlementMode::CreditThenInvoice
@@ -329,9 +359,8 @@ fn hold_from_lease(
         // Never refused for lack of credit: usage beyond the lease is booked all the same.
         let from_lease = e.lease.remaining.min(amount).max(Amount::ZERO);
         e.lease.remaining -= from_lease;
-        e.place_hold(amount, now_ms, timeout);
+        let held = t.take(&mut e, config, from_lease);
         let balance = balance(&e);
-        let held = Hold { amount, from_lease, ..Hold::default() };
         return (Some(e), (ScopeVerdict::Allow { held, balance }, hit));
     }
     match access {
@@ -348,17 +377,13 @@ fn hold_from_lease(
             }
             (None, (ScopeVerdict::Refuse { available }, hit))
         }
-        _ => offline(e, config, amount, now_ms),
+        _ => offline(e, config, t),
     }
 }
 
 /// The ledger cannot be reached and nothing usable is cached: the failure mode decides.
-fn offline(
-    mut e: CustomerEntry,
-    config: &FilterConfig,
-    amount: Amount,
-    now_ms: u64,
-) -> (Option<CustomerEntry>, (ScopeVerdict, Effects)) {
+fn offline(mut e: CustomerEntry, config: &FilterConfig, t: Taking) -> (Option<CustomerEntry>, (ScopeVerdict, Effects)) {
+    let (amount, now_ms) = (t.amount, t.now_ms);
     let effects = Effects { offline: true, ..Effects::default() };
     if config.failure_mode == FailureMode::Deny {
         return (
@@ -380,10 +405,9 @@ fn offline(
     if e.backlog_full(config.sync.max_unsent_calls, amount) {
         return backlog_full(e, config, now_ms);
     }
-    // The allowance counts what calls hold: their cost is not known yet.
+    // The allowance counts what calls take, charged or held (the cost may not be known yet).
     e.offline_spent += amount;
-    e.place_hold(amount, now_ms, config.pricing.hold_timeout_ms);
-    let held = Hold { amount, ..Hold::default() };
+    let held = t.take(&mut e, config, Amount::ZERO);
     (Some(e), (ScopeVerdict::Allow { held, balance: None }, effects))
 }
 
@@ -422,7 +446,7 @@ pub(crate) fn call(
     now: u64,
     access: LedgerAccess,
 ) -> (Verdict, Effects) {
-    let (verdict, effects) = admit(store, c, subject, &[price], now, access);
+    let (verdict, effects) = admit(store, c, subject, &[price], Charging::AtCompletion, now, access);
     if let Verdict::Allow { held, .. } = &verdict {
         complete(store, c, subject, held, &[price], now);
     }
@@ -608,7 +632,8 @@ mod tests {
         assert_eq!(first, Verdict::Allow { held: vec![held_from_lease("0.10", "0.10")], balance: Some(amt("0.05")) });
         assert_eq!(lease_left(), amt("0.05"));
         // Beyond the lease: let through, holding the 0.05 left.
-        let (second, _) = admit(&store, &c, "alice", &[amt("0.10")], 3, LedgerAccess::Reachable);
+        let (second, _) =
+            admit(&store, &c, "alice", &[amt("0.10")], Charging::AtCompletion, 3, LedgerAccess::Reachable);
         assert_eq!(second, Verdict::Allow { held: vec![held_from_lease("0.10", "0.05")], balance: Some(amt("0.00")) });
         let Verdict::Allow { held, .. } = second else { unreachable!() };
         complete(&store, &c, "alice", &held, &[amt("0.10")], 3);
@@ -618,6 +643,68 @@ mod tests {
         // Past its freshness, a call beyond the lease asks the ledger rather than guess.
         let stale = 3 + u64::from(c.sync.max_stale_ms) + 1;
         assert_eq!(call(&store, &c, "alice", amt("0.10"), stale, LedgerAccess::Reachable).0, Verdict::AskLedger);
+    }
+
+    /// Charged at admission (`Charging::AtAdmission`), a call leaves its customer's entry as a
+    /// call that held its price and completed at it leaves it, and shows the same balance: on a
+    /// lease, beyond one under `credit_then_invoice`, on a cached balance, and offline.
+    #[test]
+    fn a_call_charged_at_admission_leaves_the_entry_as_one_held_and_completed_at_its_price() {
+        let leases = r#", "sync": {"strategy": "lease"}"#;
+        let beyond = r#", "settlement_mode": "credit_then_invoice", "sync": {"strategy": "lease"}"#;
+        let cached = r#", "sync": {"strategy": "cached"}"#;
+        let offline = r#", "failure_mode": "allow", "sync": {"strategy": "cached"}"#;
+        for (extra, access) in [
+            (leases, LedgerAccess::Reachable),
+            (beyond, LedgerAccess::Reachable),
+            (cached, LedgerAccess::Reachable),
+            (offline, LedgerAccess::Unreachable),
+        ] {
+            let c = config(extra);
+            let key = entry_key(&c, &c.pricing.scopes[0], "alice");
+            let run = |charging: Charging| {
+                let store = FakeShared::new(Rules::Envoy);
+                if c.sync.strategy == Strategy::Lease {
+                    let held = if c.settlement_mode == SettlementMode::CreditThenInvoice { "0.15" } else { "0.30" };
+                    leased(&store, &c, "alice", held, 1);
+                } else if access == LedgerAccess::Reachable {
+                    shared::update::<CustomerEntry, ()>(&store, &key, |_| {
+                        let mut e = CustomerEntry::new(&key, "alice", 7, 1);
+                        e.refresh(amt("1.00"), 1, 1);
+                        (Some(e), ())
+                    })
+                    .unwrap();
+                }
+                // Two calls: under `credit_then_invoice` the second goes beyond the lease.
+                let verdicts: Vec<Verdict> = (2..4)
+                    .map(|at| {
+                        let (v, _) = admit(&store, &c, "alice", &[amt("0.10")], charging, at, access);
+                        if let (Charging::AtCompletion, Verdict::Allow { held, .. }) = (charging, &v) {
+                            complete(&store, &c, "alice", held, &[amt("0.10")], at);
+                        }
+                        v
+                    })
+                    .collect();
+                (verdicts, shared::read::<CustomerEntry>(&store, &key).unwrap())
+            };
+            let (held, after_held) = run(Charging::AtCompletion);
+            let (charged, after_charged) = run(Charging::AtAdmission);
+            // Each run's store numbers the entry it creates offline with an origin of its own.
+            let alike = |v: &Verdict, charged: bool| match v.clone() {
+                Verdict::Allow { held, balance } => {
+                    assert!(held.iter().all(|h| h.charged == charged), "{extra}: {held:?}");
+                    let held = held.into_iter().map(|h| Hold { charged: false, origin: 0, ..h }).collect();
+                    Verdict::Allow { held, balance }
+                }
+                other => panic!("{extra}: {other:?}"),
+            };
+            let charged: Vec<Verdict> = charged.iter().map(|v| alike(v, true)).collect();
+            assert_eq!(charged, held.iter().map(|v| alike(v, false)).collect::<Vec<_>>(), "{extra}");
+            assert_eq!(after_charged.holds, crate::customer::Holds::default(), "{extra}: nothing held");
+            let (holds, origin) = (after_charged.holds.clone(), after_charged.origin);
+            assert_eq!(after_charged, CustomerEntry { holds, origin, ..after_held }, "{extra}");
+            assert_eq!((after_charged.unsent_calls(), after_charged.spent), (2, amt("0.20")), "{extra}");
+        }
     }
 
     fn held_from_lease(amount: &str, from_lease: &str) -> Hold {
@@ -716,14 +803,16 @@ mod tests {
         let c = tokens();
         known_in(&store, &c, 0, "ann", "5.00");
         known_in(&store, &c, 1, "ann", "0.50");
-        let (v, _) = admit(&store, &c, "ann", &[amt("1.00"), amt("1.00")], 2, LedgerAccess::Reachable);
+        let (v, _) =
+            admit(&store, &c, "ann", &[amt("1.00"), amt("1.00")], Charging::AtCompletion, 2, LedgerAccess::Reachable);
         assert_eq!(v, Verdict::Refuse { scope: 1, needed: amt("1.00"), available: amt("0.50") });
         // The input tokens' hold was given back.
         assert_eq!(
             (entry(&store, &c, 0, "ann").available(), entry(&store, &c, 0, "ann").holds.count),
             (amt("5.00"), 0)
         );
-        let (v, _) = admit(&store, &c, "ann", &[amt("1.00"), amt("0.40")], 3, LedgerAccess::Reachable);
+        let (v, _) =
+            admit(&store, &c, "ann", &[amt("1.00"), amt("0.40")], Charging::AtCompletion, 3, LedgerAccess::Reachable);
         let Verdict::Allow { held, balance } = v else { panic!("{v:?}") };
         assert_eq!(balance, Some(amt("4.00")));
         assert_eq!(entry(&store, &c, 1, "ann").available(), amt("0.10"));
@@ -734,12 +823,14 @@ mod tests {
         assert_eq!((input.available(), input.spent, input.holds.count), (amt("4.70"), amt("0.30"), 0));
         assert_eq!((output.available(), output.spent), (amt("-0.20"), amt("0.70")), "charged in full");
         // Its output credit is overdrawn now: even a call that holds nothing there is refused.
-        let (v, _) = admit(&store, &c, "ann", &[amt("1.00"), amt("0")], 5, LedgerAccess::Reachable);
+        let (v, _) =
+            admit(&store, &c, "ann", &[amt("1.00"), amt("0")], Charging::AtCompletion, 5, LedgerAccess::Reachable);
         assert_eq!(v, Verdict::Refuse { scope: 1, needed: amt("0"), available: amt("-0.20") });
         // A call that costs nothing (an upstream error) leaves no usage behind.
         known_in(&store, &c, 0, "bo", "1.00");
         known_in(&store, &c, 1, "bo", "1.00");
-        let (v, _) = admit(&store, &c, "bo", &[amt("1.00"), amt("0.40")], 6, LedgerAccess::Reachable);
+        let (v, _) =
+            admit(&store, &c, "bo", &[amt("1.00"), amt("0.40")], Charging::AtCompletion, 6, LedgerAccess::Reachable);
         let Verdict::Allow { held, .. } = v else { panic!("{v:?}") };
         complete(&store, &c, "bo", &held, &[amt("0"), amt("0")], 7);
         let (input, output) = (entry(&store, &c, 0, "bo"), entry(&store, &c, 1, "bo"));
@@ -754,7 +845,7 @@ mod tests {
         let c = FilterConfig::parse(json.as_bytes()).unwrap();
         assert_eq!(c.sync.strategy, Strategy::Lease);
         known_in(&store, &c, 0, "ann", "1.00");
-        let (v, _) = admit(&store, &c, "ann", &[amt("0")], 2, LedgerAccess::Reachable);
+        let (v, _) = admit(&store, &c, "ann", &[amt("0")], Charging::AtCompletion, 2, LedgerAccess::Reachable);
         let Verdict::Allow { held, .. } = v else { panic!("{v:?}") };
         complete(&store, &c, "ann", &held, &[amt("0.05")], 3);
         let e = entry(&store, &c, 0, "ann");
@@ -773,12 +864,12 @@ mod tests {
             Verdict::Unavailable { .. }
         ));
         let allow = config(r#", "failure_mode": "allow", "sync": {"strategy": "cached", "max_unsent_calls": 2}"#);
-        let (v, _) = admit(&store, &allow, "alice", &[amt("0.10")], 5, LedgerAccess::Reachable);
+        let (v, _) = admit(&store, &allow, "alice", &[amt("0.10")], Charging::AtCompletion, 5, LedgerAccess::Reachable);
         let Verdict::Allow { held, .. } = v else { panic!("{v:?}") };
         // The drop is counted where the cost is known, once.
         let done = complete(&store, &allow, "alice", &held, &[amt("0.10")], 5);
         assert!(done.effects.usage_dropped);
-        let (v, _) = admit(&store, &allow, "alice", &[amt("0.10")], 6, LedgerAccess::Reachable);
+        let (v, _) = admit(&store, &allow, "alice", &[amt("0.10")], Charging::AtCompletion, 6, LedgerAccess::Reachable);
         let Verdict::Allow { held, .. } = v else { panic!("{v:?}") };
         assert!(!complete(&store, &allow, "alice", &held, &[Amount::ZERO], 6).effects.usage_dropped, "it cost nothing");
     }
@@ -834,7 +925,7 @@ mod tests {
                 for (arrives, pick, units) in steps {
                     at += 1;
                     if arrives || in_flight.is_empty() {
-                        let (v, _) = admit(&store, &c, "ann", &[amt(ESTIMATE)], 2 + at as u64, LedgerAccess::Reachable);
+                        let (v, _) = admit(&store, &c, "ann", &[amt(ESTIMATE)], Charging::AtCompletion, 2 + at as u64, LedgerAccess::Reachable);
                         if let Verdict::Allow { held, .. } = v {
                             in_flight.push((held, at));
                         }

@@ -338,6 +338,29 @@ fn per_scope(pricing: &Pricing, price: Amount, units: &[Amount]) -> Vec<Amount> 
     amounts
 }
 
+/// When a call let through pays its price.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Charging {
+    /// It holds its estimate until its response says what it costs.
+    AtCompletion,
+    /// Its price is final before it goes upstream: it is charged then, and its completion writes
+    /// nothing (one shared-data update per call instead of two).
+    AtAdmission,
+}
+
+/// When a call quoted at `quote` pays: at admission when nothing its response says can change
+/// the price (every unit count came from a request header, and errors are charged like any
+/// other call), and the price is in one scope — a call refused in a later scope gives back what
+/// the earlier ones took, which a charge already on its way to the ledger could not be.
+pub fn charging(pricing: &Pricing, quote: &Quote) -> Charging {
+    let is_final = pricing.charge_errors && quote.units.iter().all(|(_, is_final)| *is_final);
+    if is_final && pricing.scopes.len() == 1 {
+        Charging::AtAdmission
+    } else {
+        Charging::AtCompletion
+    }
+}
+
 /// What the call costs now that its response is complete: `status` is the upstream's (`None`:
 /// no response), `observed` the units the response reported per rule (`None`: not reported).
 pub fn cost(
@@ -463,6 +486,75 @@ mod tests {
         assert_eq!(q.estimates, [amt("1.60")]);
         assert_eq!(cost(&c.pricing, c.price, &q, Some(500), &[Some(amt("2")), None]), [amt("1.52")]);
         assert_eq!(cost(&c.pricing, c.price, &q, Some(200), &[None, None]), [amt("1.5")]);
+    }
+
+    fn parsed(pricing: &str, price: &str) -> FilterConfig {
+        let json = format!(
+            r#"{{"ledger": {{"upstream": "l", "token": "t"}}, "price": "{price}", "currency": "USD", "pricing": {pricing}}}"#
+        );
+        FilterConfig::parse(json.as_bytes()).unwrap()
+    }
+
+    /// A call is charged at admission only when nothing its response says can change its price:
+    /// errors charged, every unit count from a request header the call sent, one scope.
+    #[test]
+    fn a_call_is_charged_at_admission_only_when_its_response_cannot_change_its_price() {
+        let sized = |header: Option<&str>| {
+            let header = header.map(str::to_owned);
+            move |name: &str| (name == "x-size").then(|| header.clone()).flatten()
+        };
+        let size = r#"{"name": "size", "unit_price": "0.5", "source": {"request_header": "x-size"}}"#;
+        let rows = r#"{"name": "rows", "unit_price": "0.01", "source": {"response_header": "x-rows"}}"#;
+        let feature =
+            r#"{"name": "size", "feature_key": "bytes", "unit_price": "0.5", "source": {"request_header": "x-size"}}"#;
+        let cases = [
+            ("{}", Some("3"), Charging::AtCompletion), // the default: an error costs nothing
+            (r#"{"charge_errors": true}"#, None, Charging::AtAdmission),
+            (&format!(r#"{{"charge_errors": true, "units": [{size}]}}"#), Some("3"), Charging::AtAdmission),
+            // Without its header the count is an estimate, which a missing usage may zero.
+            (&format!(r#"{{"charge_errors": true, "units": [{size}]}}"#), None, Charging::AtCompletion),
+            (&format!(r#"{{"charge_errors": true, "units": [{size}, {rows}]}}"#), Some("3"), Charging::AtCompletion),
+            (&format!(r#"{{"units": [{size}]}}"#), Some("3"), Charging::AtCompletion),
+            // Two scopes: a refusal in the second gives back what the first took.
+            (&format!(r#"{{"charge_errors": true, "units": [{feature}]}}"#), Some("3"), Charging::AtCompletion),
+        ];
+        for (pricing, header, expected) in cases {
+            let c = parsed(pricing, "0.10");
+            let q = quote(&c.pricing, c.price, &sized(header), None);
+            assert_eq!(charging(&c.pricing, &q), expected, "{pricing}, x-size {header:?}");
+        }
+    }
+
+    proptest::proptest! {
+        /// What makes charging at admission exact: a call charged then costs exactly what it was
+        /// charged, whatever its response (any status, none, any usage reported).
+        #[test]
+        fn a_call_charged_at_admission_costs_what_it_was_charged_whatever_its_response(
+            price in 0u64..1_000_000,
+            size in proptest::option::of(0u64..1_000_000_000_000),
+            status in proptest::option::of(100u16..600),
+            reported in proptest::collection::vec(proptest::option::of(0u64..1_000_000), 2),
+            charge_nothing in proptest::bool::ANY,
+        ) {
+            let missing = if charge_nothing { "charge_nothing" } else { "charge_estimate" };
+            let pricing = format!(
+                r#"{{"charge_errors": true, "missing_usage": "{missing}", "units": [
+                    {{"name": "size", "unit_price": "0.5", "source": {{"request_header": "x-size"}}, "estimate": {{"units": "7"}}}},
+                    {{"name": "more", "unit_price": "0.25", "source": {{"request_header": "x-more"}}}}]}}"#
+            );
+            let c = parsed(&pricing, &format!("{}.{:04}", price / 10_000, price % 10_000));
+            let header = |name: &str| match name {
+                "x-size" => size.map(|n| n.to_string()),
+                "x-more" => Some("2".to_owned()),
+                _ => None,
+            };
+            let q = quote(&c.pricing, c.price, &header, None);
+            let observed: Vec<Option<Amount>> = reported.iter().map(|n| n.map(|n| amt(&n.to_string()))).collect();
+            proptest::prop_assert_eq!(charging(&c.pricing, &q) == Charging::AtAdmission, size.is_some());
+            if size.is_some() {
+                proptest::prop_assert_eq!(cost(&c.pricing, c.price, &q, status, &observed), q.estimates);
+            }
+        }
     }
 
     #[test]

@@ -15,10 +15,10 @@ use std::collections::HashMap;
 
 use credits::Amount;
 
-use crate::decision::Hold;
 use crate::engine::{ContextId, Rules, Token};
 use crate::pricing::Quote;
 use crate::sync::PendingSync;
+use crate::worker::Admitted;
 
 /// A call that waits, with what it needs to be decided from any callback.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,8 +30,8 @@ pub struct Waiter {
     pub request_id: Option<String>,
     /// Reads this call has waited for.
     pub reads: u32,
-    /// Let through, holding this per scope: taken back by the call's next callback.
-    pub admitted: Option<Vec<Hold>>,
+    /// Let through: taken back by the call's next callback.
+    pub admitted: Option<Admitted>,
 }
 
 impl Waiter {

@@ -9,6 +9,7 @@ use crate::config::FilterConfig;
 use crate::decision::{self, Hold, LedgerAccess, Verdict};
 use crate::engine::{ContextId, DispatchRefused, Engine, LedgerAnswer, LedgerCall, Metric, Rules, Token};
 use crate::node;
+use crate::pricing::{self, Quote};
 use crate::problem::Problem;
 use crate::registry;
 use crate::sync::{self, AnswerError, Budget, PendingSync};
@@ -41,10 +42,17 @@ pub struct CallRef<'a> {
 /// What became of a call once decided.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Acted {
-    /// Let through, holding this per scope.
-    LetThrough(Vec<Hold>),
+    LetThrough(Admitted),
     /// Answered in place of the upstream.
     Answered,
+}
+
+/// A call let through: what it holds per scope, and what was left in the first scope after it
+/// (unknown while the ledger is unreachable).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Admitted {
+    pub held: Vec<Hold>,
+    pub balance: Option<Amount>,
 }
 
 /// What deciding a waiting call came to.
@@ -340,11 +348,11 @@ impl Worker {
     ) -> Acted {
         let CallRef { context, subject, request_id } = call;
         let problem = match verdict {
-            Verdict::Allow { held, .. } => {
+            Verdict::Allow { held, balance } => {
                 self.count(Metric::CallsAllowed, 1);
                 let evicted = self.tracker.served(subject, now_ms, held.iter().map(|h| h.origin));
                 self.count(Metric::SharedEntriesEvicted, evicted);
-                return Acted::LetThrough(held);
+                return Acted::LetThrough(Admitted { held, balance });
             }
             Verdict::Refuse { scope, needed, available } => {
                 self.count(Metric::CallsRefused, 1);
@@ -370,14 +378,14 @@ impl Worker {
         Acted::Answered
     }
 
-    /// Decides a call of `subject` that needs `estimates` with `access` at `now_ms`, registering
-    /// its customer if it now has something to report; and whether what the node holds decided it.
+    /// Decides a call of `subject` quoted at `quote` with `access` at `now_ms`, registering its
+    /// customer if it now has something to report; and whether what the node holds decided it.
     pub fn decide(
         &mut self,
         engine: &dyn Engine,
         config: &FilterConfig,
         subject: &str,
-        estimates: &[Amount],
+        quote: &Quote,
         access: LedgerAccess,
         now_ms: u64,
     ) -> (Verdict, bool) {
@@ -385,7 +393,9 @@ impl Worker {
         if !self.unknown.is_empty() && self.unknown.refuses(subject, now_ms, access == LedgerAccess::Reachable) {
             return (Verdict::UnknownCustomer, true);
         }
-        let (verdict, effects) = decision::admit(engine.shared(), config, subject, estimates, now_ms, access);
+        let charging = pricing::charging(&config.pricing, quote);
+        let (verdict, effects) =
+            decision::admit(engine.shared(), config, subject, &quote.estimates, charging, now_ms, access);
         if effects.became_pending {
             self.register(engine, config, &[subject]);
         }
@@ -495,8 +505,8 @@ impl Worker {
             unreachable => unreachable,
         };
         let Some(waiter) = self.waiting.waiter(context) else { return Decided::Done };
-        let (subject, estimates, reads) = (waiter.subject.clone(), waiter.quote.estimates.clone(), waiter.reads);
-        let (verdict, _) = self.decide(engine, config, &subject, &estimates, asked, now_ms);
+        let (subject, quote, reads) = (waiter.subject.clone(), waiter.quote.clone(), waiter.reads);
+        let (verdict, _) = self.decide(engine, config, &subject, &quote, asked, now_ms);
         if verdict == Verdict::AskLedger && reads < MAX_READS_PER_CALL {
             return Decided::Again;
         }
@@ -509,8 +519,8 @@ impl Worker {
         let now_ms = self.now_ms(engine);
         for &id in waiters {
             let Some(waiter) = self.waiting.waiter(id) else { continue };
-            let (subject, estimates) = (waiter.subject.clone(), waiter.quote.estimates.clone());
-            let (verdict, _) = self.decide(engine, config, &subject, &estimates, LedgerAccess::Unreachable, now_ms);
+            let (subject, quote) = (waiter.subject.clone(), waiter.quote.clone());
+            let (verdict, _) = self.decide(engine, config, &subject, &quote, LedgerAccess::Unreachable, now_ms);
             self.conclude(engine, config, id, verdict, now_ms);
         }
     }
@@ -529,8 +539,8 @@ impl Worker {
         let request_id = waiter.request_id.take();
         let call = CallRef { context, subject: &waiter.subject, request_id: &|| request_id.clone() };
         match self.act(engine, config, call, verdict, now_ms) {
-            Acted::LetThrough(held) => {
-                waiter.admitted = Some(held);
+            Acted::LetThrough(admitted) => {
+                waiter.admitted = Some(admitted);
                 self.waiting.add(context, waiter);
                 engine.resume(context);
             }
@@ -554,11 +564,11 @@ impl Worker {
     }
 
     /// A waiting call's waiter, once it was let through: what it holds now.
-    pub fn take_admission(&mut self, context: ContextId) -> Option<(Waiter, Vec<Hold>)> {
+    pub fn take_admission(&mut self, context: ContextId) -> Option<(Waiter, Admitted)> {
         self.waiting.waiter(context)?.admitted.as_ref()?;
         let mut waiter = self.waiting.take(context)?;
-        let held = waiter.admitted.take()?;
-        Some((waiter, held))
+        let admitted = waiter.admitted.take()?;
+        Some((waiter, admitted))
     }
 }
 

@@ -166,11 +166,21 @@ fn respond_200(kong: &mut Kong, id: u32) {
 /// ngx_wasm_module it shared reads between calls and answered them through
 /// `set_effective_context` (a no-op there): local responses landed on the wrong call ("local
 /// response already stashed"), calls hung, and credit stayed in leases while calls got 402.
+///
+/// Run twice: calls that hold their price until they complete, and calls whose price is final
+/// (`pricing.charge_errors`), charged when they are let through.
 #[tokio::test]
 async fn two_nodes_of_two_workers_let_through_exactly_what_the_balance_pays_for() {
+    for charge_errors in [false, true] {
+        two_nodes_of_two_workers_spend_five_dollars(charge_errors).await;
+    }
+}
+
+async fn two_nodes_of_two_workers_spend_five_dollars(charge_errors: bool) {
     let dir = TempDir::new("kong-exact");
     let config = json!({"ledger": {"upstream": "-", "token": "-", "timeout_ms": 1000},
-        "price": "0.01", "currency": "USD", "sync": {"interval_ms": 1000}});
+        "price": "0.01", "currency": "USD", "sync": {"interval_ms": 1000},
+        "pricing": {"charge_errors": charge_errors}});
     let mut c = Cluster::start(&dir, &config).await;
     let customer = c.ledger.customer_with_credit("alice", "5.00").await;
     for round in 0..400 {

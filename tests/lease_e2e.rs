@@ -62,14 +62,26 @@ async fn load(port: u16, subject: &'static str, clients: usize, patience: u32) -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_nodes_let_through_exactly_what_the_balance_pays_for() {
-    let dir = TempDir::new("two-nodes");
+    two_nodes_spend_five_dollars("two-nodes", &lease_config()).await;
+}
+
+/// The same where a call's price is final when it is let through (`pricing.charge_errors`), so
+/// that it is charged then and its completion writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_nodes_charging_calls_as_they_are_let_through_let_through_exactly_what_the_balance_pays_for() {
+    let mut config = lease_config();
+    config["pricing"] = json!({"charge_errors": true});
+    two_nodes_spend_five_dollars("two-nodes-charged", &config).await;
+}
+
+/// Two nodes under `config` spend 5.00 at 0.01 a call: exactly 500 calls, each booked once.
+async fn two_nodes_spend_five_dollars(name: &str, config: &Value) {
+    let dir = TempDir::new(name);
     let ledger = Ledger::start(&dir.0).await;
     let erin = ledger.customer_with_credit("erin", "5.00").await;
     let (up, _u) = upstream().await;
-    let (a, b) = (
-        Envoy::start(&dir.0, up, ledger.port, &lease_config()).await,
-        Envoy::start(&dir.0, up, ledger.port, &lease_config()).await,
-    );
+    let (a, b) =
+        (Envoy::start(&dir.0, up, ledger.port, config).await, Envoy::start(&dir.0, up, ledger.port, config).await);
     let (through_a, through_b) = tokio::join!(load(a.port, "erin", 4, 30), load(b.port, "erin", 4, 30));
     assert_eq!(through_a + through_b, 500, "5.00 at 0.01 pays for exactly 500 calls (a {through_a}, b {through_b})");
     assert!(through_a > 0 && through_b > 0, "both nodes served calls");

@@ -33,7 +33,7 @@ const MAX_ACTIONS: usize = 400;
 const SEEDS: std::ops::Range<u64> = 0..32;
 
 fn run<L: Ledger>(s: &Scenario, ledger: impl FnOnce(&crate::config::FilterConfig) -> L) -> Result<Stats, String> {
-    let mut sim = Sim::new(s, world::config(), ledger);
+    let mut sim = Sim::new(s, world::config(s.charge_errors), ledger);
     for (i, a) in s.actions.iter().enumerate() {
         sim.step(a);
         sim.audit().map_err(|e| format!("after action {i} ({a:?}) at t={}ms: {e}", sim.now))?;

@@ -51,7 +51,14 @@ fn run<L: Ledger>(
     ledger: impl FnOnce(&FilterConfig, &[GrantPlan]) -> L,
 ) -> Result<Sim<L>, String> {
     let grants = vec![GrantPlan { calls: credit_calls, priority: 1, effective_ms: START_MS, expires_after_ms: None }];
-    let scenario = Scenario { kong: noise % 2 == 1, skews_ms: [0, 7, 19], noise, grants, actions: Vec::new() };
+    let scenario = Scenario {
+        kong: noise % 2 == 1,
+        skews_ms: [0, 7, 19],
+        noise,
+        grants,
+        actions: Vec::new(),
+        charge_errors: false,
+    };
     let mut sim = Sim::new(&scenario, config.clone(), |c| ledger(c, &scenario.grants));
     sim.reliable_network();
     for t in 0..RUN_MS {
@@ -93,7 +100,7 @@ fn cached_overspend_within_bound<L: Ledger>(ledger: impl Fn(&FilterConfig, &[Gra
 
 fn a_killed_node_loses_at_most_its_unreported_calls<L: Ledger>(ledger: impl Fn(&FilterConfig, &[GrantPlan]) -> L) {
     let kills = [(1_337, 0), (2_550, 1), (2_551, 2), (3_777, 0)];
-    for (name, config) in [("lease", world::config()), ("cached", cached_config())] {
+    for (name, config) in [("lease", world::config(false)), ("cached", cached_config())] {
         for noise in 0..2 {
             let sim = run(&config, 1_000_000, noise, &kills, &ledger)
                 .unwrap_or_else(|e| panic!("{name}, noise {noise}: {e}"));

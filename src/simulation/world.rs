@@ -31,10 +31,15 @@ fn trace(line: impl FnOnce() -> String) {
     }
 }
 
-pub fn config() -> FilterConfig {
-    let json = r#"{"ledger": {"upstream": "ledger", "token": "t", "timeout_ms": 200}, "price": "0.01", "currency": "USD",
-        "feature_key": "api_requests", "sync": {"strategy": "lease", "interval_ms": 100},
-        "lease": {"min_calls": 3, "max_calls": 20, "ttl_ms": 1000, "idle_release_ms": 300}}"#;
+/// The filter's configuration in the simulation; with `charge_errors` a call's price is final
+/// when it is let through, so it is charged then (`pricing::Charging::AtAdmission`).
+pub fn config(charge_errors: bool) -> FilterConfig {
+    let json = format!(
+        r#"{{"ledger": {{"upstream": "ledger", "token": "t", "timeout_ms": 200}}, "price": "0.01", "currency": "USD",
+        "feature_key": "api_requests", "sync": {{"strategy": "lease", "interval_ms": 100}},
+        "lease": {{"min_calls": 3, "max_calls": 20, "ttl_ms": 1000, "idle_release_ms": 300}},
+        "pricing": {{"charge_errors": {charge_errors}}}}}"#
+    );
     FilterConfig::parse(json.as_bytes()).unwrap()
 }
 
@@ -90,6 +95,8 @@ pub struct Scenario {
     pub noise: u64,
     pub grants: Vec<GrantPlan>,
     pub actions: Vec<Action>,
+    /// Calls are charged when let through (see [`config`]).
+    pub charge_errors: bool,
 }
 
 /// Promotional credit consumed first that expires mid-run, (usually) credit that never expires,
@@ -128,8 +135,17 @@ pub fn scenario(max_actions: usize) -> impl Strategy<Value = Scenario> {
         any::<u64>(),
         grants(),
         proptest::collection::vec(action(), 1..max_actions),
+        // Drawn last, so that each seed's world is what it was before this was drawn at all.
+        any::<bool>(),
     )
-        .prop_map(|(kong, skews_ms, noise, grants, actions)| Scenario { kong, skews_ms, noise, grants, actions })
+        .prop_map(|(kong, skews_ms, noise, grants, actions, charge_errors)| Scenario {
+            kong,
+            skews_ms,
+            noise,
+            grants,
+            actions,
+            charge_errors,
+        })
 }
 
 /// A deterministic draw for message `id` (splitmix64).

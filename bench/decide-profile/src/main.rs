@@ -27,6 +27,7 @@ use credits::Amount;
 use prepaid_credits::config::FilterConfig;
 use prepaid_credits::customer::{entry_key, CustomerEntry, LeaseAnswered};
 use prepaid_credits::decision::{admit, complete, LedgerAccess, Verdict};
+use prepaid_credits::pricing::Charging;
 use prepaid_credits::registry;
 use prepaid_credits::shared::{self, CasMismatch, Keyed, SharedData};
 use prepaid_credits::sync::{self, Budget, PendingSync};
@@ -114,7 +115,8 @@ fn run_calls(store: &Store, config: &FilterConfig, names: &[String], calls: u64,
     for i in 0..calls {
         let subject = &names[(i % names.len() as u64) as usize];
         let now = start_ms + i / 16;
-        let (verdict, _effects) = admit(store, config, subject, &[config.price], now, LedgerAccess::Reachable);
+        let (verdict, _effects) =
+            admit(store, config, subject, &[config.price], Charging::AtCompletion, now, LedgerAccess::Reachable);
         if let Verdict::Allow { held, .. } = verdict {
             allowed += 1;
             let completed = complete(store, config, subject, &held, &[config.price], now);
@@ -187,7 +189,7 @@ fn run_ticks(store: &Store, config: &FilterConfig, names: &[String], calls: u64,
         for (i, subject) in (0..calls).map(|i| (i, &names[(i % names.len() as u64) as usize])) {
             let at = now - 1_000 + i * 1_000 / calls.max(1);
             if let (Verdict::Allow { held, .. }, _) =
-                admit(store, config, subject, &[config.price], at, LedgerAccess::Reachable)
+                admit(store, config, subject, &[config.price], Charging::AtCompletion, at, LedgerAccess::Reachable)
             {
                 complete(store, config, subject, &held, &[config.price], at);
                 tracker.touch(subject, at);
