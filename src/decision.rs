@@ -107,7 +107,8 @@ pub fn admit(
     let mut balance = None;
     let mut effects = Effects { cache_hit: true, ..Effects::default() };
     for (i, (scope, amount)) in scopes.iter().zip(estimates).enumerate() {
-        let (verdict, e) = hold_in_scope(store, config, scope, subject, *amount, charging, now_ms, access);
+        let taking = Taking { amount: *amount, charging, now_ms };
+        let (verdict, e) = hold_in_scope(store, config, scope, subject, taking, access);
         effects.merge(e);
         let refused = match verdict {
             ScopeVerdict::Allow { held: h, balance: b } => {
@@ -156,27 +157,23 @@ pub fn complete(
     out
 }
 
-/// Decides a call in one scope and takes `amount` there if it goes through.
-#[allow(clippy::too_many_arguments)]
+/// Decides a call in one scope and takes what `taking` says there if it goes through.
 fn hold_in_scope(
     store: &dyn SharedData,
     config: &FilterConfig,
     scope: &Scope,
     subject: &str,
-    amount: Amount,
-    charging: Charging,
-    now_ms: u64,
+    taking: Taking,
     access: LedgerAccess,
 ) -> (ScopeVerdict, Effects) {
     let key = entry_key(config, scope, subject);
     let result = shared::update::<CustomerEntry, (ScopeVerdict, Effects)>(store, &key, |entry| {
         let was_pending = entry.as_ref().is_some_and(CustomerEntry::has_pending);
         let entry = entry.map(|mut e| {
-            e.expire_holds(now_ms);
+            e.expire_holds(taking.now_ms);
             e
         });
-        let fresh = || CustomerEntry::new(&key, subject, store.fresh_origin(), now_ms);
-        let taking = Taking { amount, charging, now_ms };
+        let fresh = || CustomerEntry::new(&key, subject, store.fresh_origin(), taking.now_ms);
         let (next, (mut verdict, mut effects)) = decide_entry(entry, &fresh, config, taking, access);
         if let (ScopeVerdict::Allow { held, .. }, Some(e)) = (&mut verdict, &next) {
             held.origin = e.origin;
