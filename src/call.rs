@@ -7,13 +7,13 @@ use credits::money::Printed;
 use credits::Amount;
 
 use crate::config::{ConfigError, FilterConfig, ResponseHeaders};
-use crate::decision::{self, Verdict};
+use crate::decision::{self, Admitted, Verdict};
 use crate::engine::{ContextId, Engine, LedgerAnswer, Metric, Token};
 use crate::pricing::{self, Quote, UnitSource};
 use crate::problem::Problem;
 use crate::units::BodyReader;
 use crate::waiting::Waiter;
-use crate::worker::{Acted, Admitted, CallRef, Wait, Worker};
+use crate::worker::{Acted, CallRef, Wait, Worker};
 
 /// What a request callback tells the engine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -24,6 +24,14 @@ pub struct Hold {
     pub charged: bool,
 }
 
+/// A call let through: what it holds per scope, and what was left in the first scope after it
+/// (unknown while the ledger is unreachable).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Admitted {
+    pub held: Vec<Hold>,
+    pub balance: Option<Amount>,
+}
+
 /// What happens to a call.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {

@@ -15,10 +15,10 @@ use std::collections::HashMap;
 
 use credits::Amount;
 
+use crate::decision::Admitted;
 use crate::engine::{ContextId, Rules, Token};
 use crate::pricing::Quote;
 use crate::sync::PendingSync;
-use crate::worker::Admitted;
 
 /// A call that waits, with what it needs to be decided from any callback.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -6,7 +6,7 @@
 use credits::Amount;
 
 use crate::config::FilterConfig;
-use crate::decision::{self, Hold, LedgerAccess, Verdict};
+use crate::decision::{self, Admitted, Hold, LedgerAccess, Verdict};
 use crate::engine::{ContextId, DispatchRefused, Engine, LedgerAnswer, LedgerCall, Metric, Rules, Token};
 use crate::node;
 use crate::pricing::{self, Quote};
@@ -45,14 +45,6 @@ pub enum Acted {
     LetThrough(Admitted),
     /// Answered in place of the upstream.
     Answered,
-}
-
-/// A call let through: what it holds per scope, and what was left in the first scope after it
-/// (unknown while the ledger is unreachable).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Admitted {
-    pub held: Vec<Hold>,
-    pub balance: Option<Amount>,
 }
 
 /// What deciding a waiting call came to.
