@@ -73,6 +73,8 @@ impl Ledger for ModelLedger {
                                 last_seq: *seq,
                             })
                         }),
+                        // Ids need only be unique in the model's one book.
+                        refund_id: key.clone().map(|k| GrantId(format!("refund:{k}"))),
                     };
                     let served = gateway::try_serve(&mut self.book, s, &facts, now).unwrap();
                     if let (true, Some(key)) = (served.record_usage, key) {

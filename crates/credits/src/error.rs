@@ -40,6 +40,8 @@ pub enum ModelError {
     DuplicateHold(String),
     #[error("grant {0} already exists")]
     DuplicateGrant(String),
+    #[error("credit given back needs the id of the grant it becomes")]
+    RefundWithoutId,
 }
 
 /// An arithmetic result the credit model cannot keep: beyond [`crate::limits::MAX_BALANCE`] in

@@ -8,7 +8,8 @@ use chrono::{DateTime, TimeDelta, Utc};
 
 use crate::book::{Book, HoldId, Spend};
 use crate::error::ModelError;
-use crate::feature::FeatureScope;
+use crate::feature::{FeatureFilter, FeatureScope};
+use crate::grant::{FundingMethod, Grant, GrantId, GrantSpec, Priority};
 use crate::journal::Entry;
 use crate::limits::{
     MAX_CALLS_PER_RANGE, MAX_CALL_NUMBER, MAX_LEASE_ID_LEN, MAX_LEASE_TTL_MS, MAX_ORIGIN_LEN, MAX_SUBJECT_LEN,
@@ -23,6 +24,8 @@ pub struct Facts {
     pub usage_seen: bool,
     /// The lease id as stored, if it ever existed.
     pub lease: Option<LeaseFacts>,
+    /// The id the credit a range gives back gets, if it gives some back (`UsageRange::refunded`).
+    pub refund_id: Option<GrantId>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,8 +42,10 @@ pub struct Served {
     pub usage: Option<UsageOutcome>,
     /// Record the usage range's key (it was booked now).
     pub record_usage: bool,
-    /// Journal entries of the usage.
+    /// Journal entries of the usage (and of its refund).
     pub entries: Vec<Entry>,
+    /// The grant the range's refund was booked as (new: the store inserts it).
+    pub refund: Option<Grant>,
     pub lease: Option<LeaseAnswer>,
     /// Store this as the lease's last applied request number.
     pub lease_seq: Option<i64>,
@@ -72,6 +77,12 @@ fn invalid_usage(r: &UsageRange) -> Option<String> {
     }
     if r.amount.is_negative() {
         return Some("usage amount must not be negative".into());
+    }
+    if r.refunded.is_negative() {
+        return Some("usage refunded must not be negative".into());
+    }
+    if let Err(e) = r.refunded.bounded() {
+        return Some(format!("usage refunded {e}"));
     }
     if r.origin.as_ref().is_some_and(|o| o.is_empty() || o.len() > MAX_ORIGIN_LEN || o.contains('/')) {
         return Some(format!("usage origin must have 1..{MAX_ORIGIN_LEN} characters and no '/'"));
@@ -136,6 +147,12 @@ fn serve_in(book: &mut Book, s: &SubjectSync, facts: &Facts, now: DateTime<Utc>)
                 };
                 served.entries.extend(outcome.entries);
             }
+            if range.refunded.is_positive() {
+                let id = facts.refund_id.clone().ok_or(ModelError::RefundWithoutId)?;
+                let grant = refund_grant(s, range.refunded, id, now)?;
+                served.entries.extend(book.adjust(s.currency, range.refunded, Some(grant.clone()), now)?);
+                served.refund = Some(grant);
+            }
         }
     }
     if let Some(request) = &s.lease {
@@ -149,6 +166,25 @@ fn serve_in(book: &mut Book, s: &SubjectSync, facts: &Facts, now: DateTime<Utc>)
         .map(|b| b.live)
         .unwrap_or_default();
     Ok(served)
+}
+
+/// Credit given back for calls that were charged and then cost less: an adjustment in the
+/// range's scope (restricted to its feature, if it has one), never expiring, drawn down like any
+/// other credit of default priority. Credit of its own rather than usage undone: the grants that
+/// paid for the calls may have expired or been voided since.
+fn refund_grant(s: &SubjectSync, amount: Amount, id: GrantId, now: DateTime<Utc>) -> Result<Grant, ModelError> {
+    let features = s.feature_key.clone().map_or_else(FeatureFilter::unrestricted, |f| FeatureFilter::only(vec![f]));
+    let spec = GrantSpec {
+        currency: s.currency,
+        amount,
+        funding_method: FundingMethod::None,
+        purchase: None,
+        priority: Priority::DEFAULT,
+        effective_at: Some(now),
+        expires_after: None,
+        features,
+    };
+    Grant::new(spec, id, now, 0)
 }
 
 fn serve_lease(

@@ -82,6 +82,16 @@ pub struct UsageRange {
     /// re-sends under the same key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<String>,
+    /// Credit to give back for calls of this stream numbered before `from` (booked with earlier
+    /// ranges): calls charged when they were let through whose response then made them cost
+    /// less (an upstream error). Booked with this range, so exactly once; the ledger books it as
+    /// credit of its own (see [`crate::gateway`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub refunded: Amount,
+}
+
+fn is_zero(amount: &Amount) -> bool {
+    amount.is_zero()
 }
 
 impl SubjectSync {
@@ -324,6 +334,7 @@ mod tests {
             settlement_mode: SettlementMode::CreditOnly,
             lease_id: None,
             origin: None,
+            refunded: Amount::ZERO,
         };
         assert_eq!(r.calls(), 5);
         let mut s = SubjectSync {

@@ -106,6 +106,7 @@ mod tests {
             settlement_mode: SettlementMode::CreditOnly,
             lease_id: None,
             origin: None,
+            refunded: Amount::ZERO,
         }
     }
 

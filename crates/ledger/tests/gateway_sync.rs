@@ -150,6 +150,7 @@ async fn each_subject_of_a_batch_gets_its_own_outcome(backend: Backend) {
             subject_sync("beta-subject", json!({"lease": {"lease_id": "x", "seq": u64::MAX, "want": "1.00", "ttl_ms": 1000}})),
             usage("beta-subject", 0, 3, "2.00"),
             usage("beta-subject", i64::MAX as u64, i64::MAX as u64 + 1, "1.00"),
+            subject_sync("beta-subject", json!({"usage": refunding(usage_range(4, 5, "1.00", "credit_only"), "-0.10")})),
         ]}))
         .await;
     assert_eq!(status, 200, "{body}");
@@ -157,7 +158,7 @@ async fn each_subject_of_a_batch_gets_its_own_outcome(backend: Backend) {
     assert!(server_time <= ledger.db_now().await);
     let rejected = |subject: &str, reason: &str| json!({"subject": subject, "status": "rejected", "reason": reason});
     let answers = body["subjects"].as_array().expect("subjects").clone();
-    assert_eq!(answers.len(), 13, "{body}");
+    assert_eq!(answers.len(), 14, "{body}");
     assert_eq!(answers[0]["status"], "ok", "{body}");
     assert_eq!((answers[0]["usage"].as_str(), answers[0]["live"].as_str()), (Some("booked"), Some("9.00")));
     assert_eq!(answers[0]["customer_id"], json!(alpha));
@@ -175,6 +176,7 @@ async fn each_subject_of_a_batch_gets_its_own_outcome(backend: Backend) {
     assert_eq!((answers[11]["usage"].as_str(), answers[11]["live"].as_str()), (Some("booked"), Some("8.00")));
     assert_eq!(answers[11]["customer_id"], json!(beta));
     assert_eq!(answers[12], rejected("beta-subject", "usage range must end at or below call 9223372036854775807"));
+    assert_eq!(answers[13], rejected("beta-subject", "usage refunded must not be negative"));
 
     // Only the two valid ranges were recorded and booked; no lease was opened.
     let rows = ledger.row_counts().await;
@@ -185,6 +187,70 @@ async fn each_subject_of_a_batch_gets_its_own_outcome(backend: Backend) {
     // A rejected range left no key behind: sent again correctly, it books.
     let fixed = book(&ledger, "n", "beta-subject", usage_range(3, 4, "0.50", "credit_only")).await;
     assert_eq!((fixed["usage"].as_str(), fixed["live"].as_str()), (Some("booked"), Some("7.50")), "{fixed}");
+    ledger.assert_journal_sound().await;
+}
+
+/// `range` giving `refunded` back.
+fn refunding(mut range: Value, refunded: &str) -> Value {
+    range["refunded"] = json!(refunded);
+    range
+}
+
+/// Credit a range gives back (calls charged when let through that then failed, booked with an
+/// earlier range) is booked with it, once, as never-expiring credit of the range's feature, and
+/// the customer's book is read again afterwards (it knew the new grant without its sequence
+/// number).
+async fn a_range_gives_back_what_it_refunds_once_as_credit_of_its_scope(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ledger = Ledger::start(&db).await;
+    let c = ledger.customer("refunded").await;
+    ledger.grant(&c, grant_body("10.00", json!({"expires_after": "P10D"}))).await;
+    let sync = |from: u64, to: u64, amount: &str, refunded: &str| {
+        subject_sync(
+            "refunded-subject",
+            json!({"usage": refunding(usage_range(from, to, amount, "credit_only"), refunded)}),
+        )
+    };
+
+    let first = ledger.sync_one("n", sync(0, 5, "5.00", "0")).await;
+    assert_eq!(first["live"], "5.00", "{first}");
+    let refund = ledger.sync_one("n", sync(5, 6, "1.00", "2.00")).await;
+    assert_eq!((refund["usage"].as_str(), refund["live"].as_str()), (Some("booked"), Some("6.00")), "{refund}");
+    let (status, grants) = ledger.get(&format!("{}/credits/grants", support::customer_path(&c))).await;
+    assert_eq!(status, 200, "{grants}");
+    let given = support::data(&grants).iter().find(|g| g["name"] == "Gateway refund").expect("a refund grant").clone();
+    assert_eq!(given["amount"], "2.00", "{given}");
+    assert!(given.get("expires_at").is_none_or(Value::is_null), "never expires: {given}");
+    let history = ledger.all_transactions(&c).await;
+    assert_eq!(summary(&history[..1]), vec![row("funded", "2.00", &id_of(&given), "4.00", "6.00")]);
+    assert_eq!(history[0]["name"], "Gateway refund", "{}", history[0]);
+
+    // Sent again (its answer was lost): nothing more.
+    let before = ledger.snapshot(&c).await;
+    let again = ledger.sync_one("n", sync(5, 6, "1.00", "2.00")).await;
+    assert_eq!((again["usage"].as_str(), again["live"].as_str()), (Some("duplicate"), Some("6.00")), "{again}");
+    assert_eq!(ledger.snapshot(&c).await, before, "a retried refund books nothing");
+
+    // The next range is served from the book as the database has it.
+    let read_before = ledger.counter("gateway_sync_books_read").await;
+    let next = ledger.sync_one("n", sync(6, 7, "1.00", "0")).await;
+    assert_eq!(next["live"], "5.00", "{next}");
+    assert_eq!(ledger.counter("gateway_sync_books_read").await - read_before, 1, "the book is read again");
+
+    // In a feature's scope the credit given back pays for that feature alone.
+    let tokens = subject_sync(
+        "refunded-subject",
+        json!({"feature_key": "output_tokens", "usage": refunding(usage_range(0, 2, "0.50", "credit_only"), "0.30")}),
+    );
+    let scoped = ledger.sync_one("n", tokens).await;
+    assert_eq!(scoped["live"], "4.80", "{scoped}");
+    let (_, grants) = ledger.get(&format!("{}/credits/grants", support::customer_path(&c))).await;
+    let features: Vec<Value> = support::data(&grants)
+        .iter()
+        .filter(|g| g["name"] == "Gateway refund")
+        .map(|g| g["filters"]["features"].clone())
+        .collect();
+    assert!(features.contains(&json!(["output_tokens"])), "{grants}");
     ledger.assert_journal_sound().await;
 }
 
@@ -907,6 +973,7 @@ on_both_backends!(
     a_corrupt_mark_books_nothing,
     subjects_and_lease_ids_of_any_text_are_read_back_as_written,
     a_customers_ranges_in_one_transaction_are_one_movement_per_grant,
+    a_range_gives_back_what_it_refunds_once_as_credit_of_its_scope,
     syncs_that_arrive_together_are_served_together,
     a_book_changed_since_a_sync_kept_it_is_read_again,
     a_group_that_fails_answers_every_sync_with_the_error_and_books_nothing,

@@ -20,13 +20,14 @@ use futures_util::future::join_all;
 use tokio::sync::oneshot;
 
 use credits::usage_mark::{Check, UsageMark};
-use credits::{Book, Entry, HoldId};
+use credits::{Book, Entry, Grant, GrantId, GrantState, HoldId, MovementKind};
 
 use crate::db::{lock_customers, Backend, WriteTx};
 use crate::store::books::{self, Operation, Writes};
+use crate::store::grants::GrantRecord;
 use crate::store::leases::{self, LeaseRecord};
 use crate::store::usage::{self, UsageRecord};
-use crate::store::{customers, Labels};
+use crate::store::{customers, new_id, Labels};
 
 #[utoipa::path(post, path = "/v3/gateway/sync", request_body(content = serde_json::Value, description = "credits::sync::SyncRequest"),
     responses((status = 200, description = "credits::sync::SyncResponse: one answer per subject, in order"), (status = 400), (status = 401)))]
@@ -321,7 +322,8 @@ async fn serve_shard(state: &AppState, reqs: &[&SyncRequest], owners: &[(&str, A
     let server_time = state.db.now(&mut w.tx).await?;
     w.commit().await?;
     // Each book served was written with its new revision (`Writes::revisions`).
-    state.books.keep(before.keys().filter_map(|c| Some((*c, *revisions.get(*c)?, books.get(*c)?))));
+    let kept = before.keys().filter(|c| !batch.refunded.contains(**c));
+    state.books.keep(kept.filter_map(|c| Some((*c, *revisions.get(*c)?, books.get(*c)?))));
     batch.counts.publish(state);
     Ok(ShardServed { outcomes, server_time })
 }
@@ -383,6 +385,9 @@ struct Batch<'a> {
     leases: HashMap<String, LeaseRecord>,
     /// The customer whose subjects are being served, and the entries they booked so far.
     booking: Option<(String, Vec<Booked>)>,
+    /// Customers given credit back by this group: their books hold a grant without its sequence
+    /// number (`Writes::new_grant`), so they are not kept for the next group.
+    refunded: HashSet<String>,
     writes: Writes,
     counts: Counts,
 }
@@ -438,6 +443,7 @@ impl<'a> Batch<'a> {
             recorded,
             leases,
             booking: None,
+            refunded: HashSet::new(),
             writes: Writes::new(),
             counts: Counts::default(),
         })
@@ -469,7 +475,10 @@ impl<'a> Batch<'a> {
         let unlabelled = Labels::new();
         for b in booked {
             let labels = b.labels_of.map_or(&unlabelled, |sync| &self.labels[sync]);
-            let op = Operation { reference: b.reference, name: "Gateway usage", description: None, labels };
+            // The one adjustment a sync books is credit a range gives back.
+            let refund = matches!(&b.entry, Entry::Movement(m) if m.kind == MovementKind::Adjusted);
+            let name = if refund { "Gateway refund" } else { "Gateway usage" };
+            let op = Operation { reference: b.reference, name, description: None, labels };
             self.writes.entries(&customer_id, std::slice::from_ref(&b.entry), &op, b.now);
         }
     }
@@ -502,6 +511,7 @@ impl<'a> Batch<'a> {
                 closed: k.closed,
                 last_seq: k.last_seq,
             }),
+            refund_id: s.usage.as_ref().filter(|r| r.refunded.is_positive()).map(|_| GrantId(new_id())),
         };
         // A booking that would overflow the customer's sums rejects this subject only (the book is
         // left as it was); the rest of the batch books.
@@ -534,6 +544,10 @@ impl<'a> Batch<'a> {
                 self.marks.insert(stream.clone(), mark);
             }
         }
+        if let (Some(grant), Some(key)) = (served.refund.take(), &key) {
+            self.writes.new_grant(refund_record(customer_id, grant, key, now));
+            self.refunded.insert(customer_id.to_owned());
+        }
         let reference = key.map_or_else(|| "lease".to_owned(), |k| format!("usage:{k}"));
         state.metrics.count_entries(&served.entries);
         self.book(customer_id, std::mem::take(&mut served.entries), at.sync, &reference, now);
@@ -563,6 +577,21 @@ impl<'a> Batch<'a> {
         if let Some(seq) = seq {
             self.writes.lease_seq(&request.lease_id, seq);
         }
+    }
+}
+
+/// How credit a range gives back shows among the customer's grants: keyed and named by the range
+/// that carried it.
+fn refund_record(customer_id: &str, grant: Grant, usage_key: &str, now: DateTime<Utc>) -> GrantRecord {
+    GrantRecord {
+        state: GrantState::new(grant),
+        customer_id: customer_id.to_owned(),
+        key: Some(format!("refund:{usage_key}")),
+        name: "Gateway refund".to_owned(),
+        description: Some(format!("credit given back for failed gateway calls, with usage {usage_key}")),
+        labels: Labels::new(),
+        tax_config: None,
+        updated_at: now,
     }
 }
 

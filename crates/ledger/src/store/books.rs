@@ -134,6 +134,8 @@ pub async fn save(
 /// multi-row statements (a gateway sync books a thousand customers at once). Each book's
 /// changes are added once per flush, after all its operations.
 pub struct Writes {
+    /// Grants an operation created (credit a gateway sync gives back), inserted before any state.
+    new_grants: Vec<GrantRecord>,
     grant_states: grants::StateWrites,
     debt_owners: Vec<String>,
     debts: Rows,
@@ -161,6 +163,7 @@ impl Default for Writes {
 impl Writes {
     pub fn new() -> Self {
         Writes {
+            new_grants: Vec::new(),
             grant_states: grants::StateWrites::new(),
             debt_owners: Vec::new(),
             debts: Rows::new(4),
@@ -211,6 +214,13 @@ impl Writes {
             }
         }
         self.clocks.insert(customer_id.to_owned(), micros(after.clock()));
+    }
+
+    /// A grant the operation created; its state is written by `changes` like any other's. The
+    /// book that holds it knows it without the sequence number the database gives it, so that
+    /// book must be read again before it serves another transaction.
+    pub fn new_grant(&mut self, record: GrantRecord) {
+        self.new_grants.push(record);
     }
 
     /// The new revisions `db::lock_customers` read: each is written with its book's clock, so
@@ -328,6 +338,9 @@ impl Writes {
 
     /// Writes every row gathered, in this transaction.
     pub async fn flush(&self, tx: &mut Tx) -> StoreResult<()> {
+        for record in &self.new_grants {
+            grants::insert(tx, record).await?;
+        }
         self.grant_states.save(tx).await?;
         if !self.debt_owners.is_empty() {
             rows::fetch_by_ids(tx, "DELETE FROM debts WHERE customer_id IN ({list})", &self.debt_owners).await?;
