@@ -373,21 +373,19 @@ fn complete(
     observed: Vec<Option<Amount>>,
 ) -> Option<Charged> {
     let Admission { subject, quote, admitted: Admitted { held, balance } } = admission;
-    if !held.is_empty() && held.iter().all(|h| h.charged) {
-        // Charged when it was let through, at a price its response cannot change
-        // (`pricing::charging`): nothing to write.
-        let now_ms = worker.recent_ms(engine);
-        worker.tracker.touch(&subject, now_ms);
-        return Some(Charged { cost: held.iter().map(|h| h.amount).sum(), balance });
-    }
     let unreported = quote.units.iter().zip(&observed).any(|((_, is_final), seen)| !is_final && seen.is_none());
     if unreported && status.is_some_and(|s| s < 400) && !config.pricing.units.is_empty() {
         worker.count(Metric::CallsUsageUnreported, 1);
     }
     let cost = pricing::cost(&config.pricing, config.price, &quote, status, &observed);
     let now_ms = worker.recent_ms(engine);
-    let completed = decision::complete(engine.shared(), config, &subject, &held, &cost, now_ms);
     worker.tracker.touch(&subject, now_ms);
+    if !held.is_empty() && held.iter().zip(&cost).all(|(h, c)| h.charged && h.amount == *c) {
+        // Charged when it was let through, at what it cost (`pricing::charging`): nothing to
+        // write. One that cost less (an upstream error) is completed below: refunded.
+        return Some(Charged { cost: cost.iter().copied().sum(), balance });
+    }
+    let completed = decision::complete(engine.shared(), config, &subject, &held, &cost, now_ms);
     if completed.effects.became_pending {
         worker.register(engine, config, &[&subject]);
     }

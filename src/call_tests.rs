@@ -14,6 +14,10 @@ use crate::simulation::model_ledger::ModelLedger;
 
 const SUBJECT: &str = "alice";
 
+fn amt(text: &str) -> Amount {
+    Amount::parse(text).unwrap()
+}
+
 struct Named(&'static str);
 
 impl Request for Named {
@@ -54,16 +58,22 @@ fn headers_of(charged: Option<Charged>, config: &FilterConfig) -> Vec<(String, S
     headers.map(|(name, value)| (name.to_owned(), value.as_str().to_owned())).collect()
 }
 
-/// A configuration at 0.10 a call, `extra` merged in.
+/// Pricing that a call's response decides (units from a response header, estimated at one, 0.10
+/// each): a call holds its estimate until it completes.
+const PRICED_BY_RESPONSE: &str = r#", "price": "0", "pricing": {"units": [{"name": "n", "unit_price": "0.10",
+    "source": {"response_header": "x-units"}, "estimate": {"units": "1"}}]}"#;
+
+/// A configuration at 0.10 a call, the members of `extra` (`, "name": value…`) set over it.
 fn config(extra: &str) -> FilterConfig {
-    let json = format!(
-        r#"{{"ledger": {{"upstream": "ledger", "token": "t", "timeout_ms": 500}}, "price": "0.10", "currency": "USD"{extra}}}"#
-    );
-    FilterConfig::parse(json.as_bytes()).unwrap()
+    let mut json = serde_json::json!({"ledger": {"upstream": "ledger", "token": "t", "timeout_ms": 500}, "price": "0.10", "currency": "USD"});
+    let extra: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&format!("{{{}}}", extra.trim_start().trim_start_matches(','))).unwrap();
+    json.as_object_mut().unwrap().extend(extra);
+    FilterConfig::parse(json.to_string().as_bytes()).unwrap()
 }
 
 impl Gateway {
-    /// A worker under `rules` whose customer has credit for `calls` calls.
+    /// A worker under `rules` whose customer has credit for `calls` calls of 0.10.
     fn new(rules: Rules, config: FilterConfig, calls: u64) -> Gateway {
         let mut engine = FakeEngine::new(rules);
         engine.enter(0, Phase::Configure);
@@ -73,13 +83,15 @@ impl Gateway {
             .then_some(GrantPlan { calls, priority: 1, effective_ms: 0, expires_after_ms: None })
             .into_iter()
             .collect();
-        let ledger = ModelLedger::new(SUBJECT, config.price, &grants, at(0));
+        // Credit for `calls` calls at 0.10, whatever the configuration prices them at.
+        let ledger = ModelLedger::new(SUBJECT, amt("0.10"), &grants, at(0));
         Gateway { engine, worker, config: Rc::new(Ok(config)), ledger, calls: BTreeMap::new(), next: 1 }
     }
 
     /// An Envoy worker whose customer (credit for 100 calls) has made one call: its lease is warm.
+    /// Its calls are priced by their response, so each one's completion writes its usage.
     fn warm() -> Gateway {
-        let mut g = Gateway::new(Rules::Envoy, config(""), 100);
+        let mut g = Gateway::new(Rules::Envoy, config(PRICED_BY_RESPONSE), 100);
         let (first, _) = g.start();
         g.answer_all();
         g.finish(first, 200);
@@ -379,20 +391,28 @@ fn a_call_the_engine_resumed_undecided_is_charged_and_counted() {
 
 #[test]
 fn a_completion_that_loses_every_race_is_retried_by_the_tick() {
-    let mut g = Gateway::new(Rules::Nginx, config(r#", "sync": {"strategy": "cached"}"#), 10);
-    let (id, _) = g.start();
-    let [(token, _)] = g.pending()[..] else { panic!() };
-    g.answer(token);
-    *g.engine.store.interfere.borrow_mut() = crate::shared::MAX_CAS_ATTEMPTS;
-    g.finish(id, 200);
-    let config = g.cfg();
-    let config = config.as_ref().as_ref().unwrap();
-    let recorded = |g: &Gateway| crate::simulation::filter::entry_of(&g.engine, config, SUBJECT).map(|e| e.next_call);
-    assert_eq!(recorded(&g), Some(0), "not recorded yet");
-    g.tick();
-    assert_eq!(recorded(&g), Some(1), "recorded by the retry");
-    assert_eq!(g.engine.metric(Metric::SharedDataFailures), 1);
-    g.no_violations();
+    // A call that holds its estimate records its usage at completion; a call charged when let
+    // through and then failed gives its charge back at completion.
+    for (pricing, status, after) in [(PRICED_BY_RESPONSE, 200, "0.10"), ("", 500, "0.00")] {
+        let mut g = Gateway::new(Rules::Nginx, config(&format!(r#", "sync": {{"strategy": "cached"}}{pricing}"#)), 10);
+        let (id, _) = g.start();
+        let [(token, _)] = g.pending()[..] else { panic!() };
+        g.answer(token);
+        *g.engine.store.interfere.borrow_mut() = crate::shared::MAX_CAS_ATTEMPTS;
+        g.finish(id, status);
+        let config = g.cfg();
+        let config = config.as_ref().as_ref().unwrap();
+        // Unsent or in flight: the tick sends what it recorded.
+        let spent = |g: &Gateway| {
+            let e = crate::simulation::filter::entry_of(&g.engine, config, SUBJECT);
+            e.map(|e| e.spent + e.flight.map_or(Amount::ZERO, |f| f.amount))
+        };
+        assert_ne!(spent(&g), Some(amt(after)), "not recorded yet ({pricing})");
+        g.tick();
+        assert_eq!(spent(&g), Some(amt(after)), "recorded by the retry ({pricing})");
+        assert_eq!(g.engine.metric(Metric::SharedDataFailures), 1);
+        g.no_violations();
+    }
 }
 
 #[test]
@@ -493,11 +513,21 @@ impl Request for Counting {
 
 /// Every host call crosses the Wasm boundary, which is the no-op filter's whole cost: a call
 /// decided from a warm lease reads one request header, the clock once (at its request: its
-/// completion takes the worker's recent time) and the customer's entry once per phase (a get and
-/// a compare-and-swap), and never its request id.
+/// completion takes the worker's recent time) and the customer's entry once (a get and a
+/// compare-and-swap: charged as it is let through), and never its request id. A call whose
+/// response decides its price reads and writes the entry once more, at completion.
 #[test]
 fn a_warm_call_makes_a_handful_of_host_calls() {
-    let mut g = Gateway::warm();
+    for (pricing, at_completion) in [("", (0, 0, 0)), (PRICED_BY_RESPONSE, (0, 1, 1))] {
+        warm_call_host_calls(pricing, at_completion);
+    }
+}
+
+fn warm_call_host_calls(pricing: &str, at_completion: (u64, u64, u64)) {
+    let mut g = Gateway::new(Rules::Envoy, config(pricing), 100);
+    let (first, _) = g.start();
+    g.answer_all();
+    g.finish(first, 200);
     let host_calls = |g: &Gateway| (g.engine.clock_reads.get(), g.engine.store.gets.get(), g.engine.store.sets.get());
     let before = host_calls(&g);
     let (id, request) = (g.next, Counting::default());
@@ -517,16 +547,19 @@ fn a_warm_call_makes_a_handful_of_host_calls() {
     let charged = call.on_response_headers(&mut g.worker, &mut g.engine, config, &Status(200), true);
     assert_eq!(headers_of(charged, config).len(), 2, "x-credits-cost and x-credits-balance");
     let after = host_calls(&g);
-    assert_eq!((after.0 - after_request.0, after.1 - after_request.1, after.2 - after_request.2), (0, 1, 1));
+    let completion = (after.0 - after_request.0, after.1 - after_request.1, after.2 - after_request.2);
+    assert_eq!(completion, at_completion, "{pricing}");
 }
 
-/// A call whose response cannot change its price (a fixed price, `pricing.charge_errors` on) is
-/// charged when it is let through: its admission is a warm call's only shared-data update, and
-/// its completion reads and writes nothing. It shows the headers a completion would have shown,
-/// and is booked once at its price whatever became of it (an error, or no response at all).
+/// A call of a price its response can change only by making it free (a fixed price) is charged
+/// when it is let through: its admission is a warm call's only shared-data update, and a
+/// completion at that price reads and writes nothing. One that fails (an upstream error, no
+/// response) gets its charge back: out of the calls not sent yet or, once they were sent, as
+/// credit the next sync carries to the ledger. With `pricing.charge_errors` it keeps it. Either
+/// way it shows the headers a call that held its price until its completion shows.
 #[test]
-fn a_call_whose_price_is_final_is_charged_when_let_through_and_its_completion_writes_nothing() {
-    let host_calls = |g: &Gateway| (g.engine.clock_reads.get(), g.engine.store.gets.get(), g.engine.store.sets.get());
+fn a_call_of_a_known_price_is_charged_when_let_through_and_refunded_if_it_fails() {
+    let host_calls = |g: &Gateway| (g.engine.store.gets.get(), g.engine.store.sets.get());
     let warm = |extra: &str| {
         let mut g = Gateway::new(Rules::Envoy, config(extra), 100);
         let (first, _) = g.start();
@@ -534,30 +567,52 @@ fn a_call_whose_price_is_final_is_charged_when_let_through_and_its_completion_wr
         g.finish(first, 200);
         g
     };
-    let (mut held, mut charged) = (warm(""), warm(r#", "pricing": {"charge_errors": true}"#));
-    for status in [200, 200, 500] {
+    let entry = |g: &Gateway| {
+        let config = g.cfg();
+        crate::simulation::filter::entry_of(&g.engine, config.as_ref().as_ref().unwrap(), SUBJECT).unwrap()
+    };
+    let (mut held, mut charged) = (warm(PRICED_BY_RESPONSE), warm(""));
+    for status in [200, 500, 200, 404] {
         let before = host_calls(&charged);
         let (id, flow) = charged.start();
         assert_eq!(flow, Flow::Continue);
         let admitted = host_calls(&charged);
-        assert_eq!((admitted.1 - before.1, admitted.2 - before.2), (1, 1), "a get and a compare-and-swap");
+        assert_eq!((admitted.0 - before.0, admitted.1 - before.1), (1, 1), "a get and a compare-and-swap");
         let headers = charged.finish(id, status);
-        assert_eq!(host_calls(&charged), admitted, "its completion makes no host call");
-        if status == 200 {
-            // The same as a call that held its price and paid it at completion.
-            let (id, _) = held.start();
-            assert_eq!(headers, held.finish(id, 200));
-        } else {
-            assert_eq!(headers[0], ("x-credits-cost".to_owned(), "0.10".to_owned()), "{headers:?}");
-        }
+        let completed = host_calls(&charged);
+        let refund = u64::from(status != 200);
+        assert_eq!((completed.0 - admitted.0, completed.1 - admitted.1), (refund, refund), "status {status}");
+        let (other, _) = held.start();
+        assert_eq!(headers, held.finish(other, status), "status {status}");
     }
+    assert_eq!((entry(&charged).spent, entry(&charged).refunded), (amt("0.30"), amt("0")), "netted");
+
+    // Let through before a sync, failed after it: its charge was booked, so it comes back with
+    // the next sync. A call whose client went away before its response is refunded too.
+    let (late, _) = charged.start();
+    charged.sync_rounds(1);
+    assert_eq!(entry(&charged).unsent_calls(), 0, "sent and booked");
+    charged.finish(late, 502);
+    assert_eq!(entry(&charged).refunded, amt("0.10"));
     let (gone, _) = charged.start();
     charged.gone(gone);
     charged.sync_rounds(2);
+    assert_eq!(entry(&charged).refunded, amt("0"));
     let books = charged.ledger.books();
-    assert_eq!(books.consumed, Amount::parse("0.50").unwrap(), "five calls, each once");
     assert!(books.problems.is_empty(), "{:?}", books.problems);
+    assert_eq!(books.consumed, amt("0.40"), "three calls that succeeded and the late one");
+    let balance = books.book.try_balances(at(charged.engine.now_ms), None).unwrap()[0].settled;
+    assert_eq!(balance, amt("9.70"), "the late one given back");
     charged.no_violations();
+
+    // With `pricing.charge_errors` an error costs its price: its completion writes nothing.
+    let mut errors_charged = warm(r#", "pricing": {"charge_errors": true}"#);
+    let (id, _) = errors_charged.start();
+    let admitted = host_calls(&errors_charged);
+    let headers = errors_charged.finish(id, 500);
+    assert_eq!(host_calls(&errors_charged), admitted, "no host call");
+    assert_eq!(headers[0], ("x-credits-cost".to_owned(), "0.10".to_owned()), "{headers:?}");
+    errors_charged.no_violations();
 }
 
 /// A completion reads no clock: it stamps the customer's last use with the time its worker last

@@ -30,6 +30,8 @@ pub struct Flight {
     pub from: u64,
     pub to: u64,
     pub amount: Amount,
+    /// Credit it gives back for calls before `from` (see [`CustomerEntry::refunded`]).
+    pub refunded: Amount,
     /// The worker that sent it, and when: another worker re-sends it only once it is stale.
     pub owner: u64,
     pub sent_ms: u64,
@@ -105,6 +107,9 @@ pub struct CustomerEntry {
     pub spent: Amount,
     pub next_call: u64,
     pub unsent_from: u64,
+    /// What calls charged when they were let through and sent since, and then failed, are owed
+    /// back: it goes to the ledger with the next range.
+    pub refunded: Amount,
     pub flight: Option<Flight>,
     /// Spent while the ledger was unreachable and nothing usable was cached.
     pub offline_spent: Amount,
@@ -142,6 +147,7 @@ impl CustomerEntry {
             spent: Amount::ZERO,
             next_call: 0,
             unsent_from: 0,
+            refunded: Amount::ZERO,
             flight: None,
             offline_spent: Amount::ZERO,
             last_used_ms: now_ms,
@@ -175,7 +181,11 @@ impl CustomerEntry {
 
     /// Does the node still owe the ledger a report or hold a lease of this customer?
     pub fn has_pending(&self) -> bool {
-        self.unsent_calls() > 0 || self.flight.is_some() || self.lease.open || self.holds.count > 0
+        self.unsent_calls() > 0
+            || self.refunded.is_positive()
+            || self.flight.is_some()
+            || self.lease.open
+            || self.holds.count > 0
     }
 
     /// Can a call priced at `price` be paid from the lease now?
@@ -263,6 +273,20 @@ impl CustomerEntry {
         call
     }
 
+    /// Gives back `amount` of what call `call` was charged when it was let through (`from_lease`
+    /// of it came out of the lease). A call not sent yet is taken out of the unsent range (it
+    /// stays in it, costing less); one sent already is owed back with the next range.
+    pub fn refund(&mut self, call: u64, amount: Amount, from_lease: Amount) {
+        if call >= self.unsent_from && call < self.next_call {
+            debug_assert!(self.spent >= amount, "{self:?}");
+            self.spent = (self.spent - amount).max(Amount::ZERO);
+            // The ledger will capture that much less from the lease.
+            self.lease.remaining += from_lease;
+        } else {
+            self.refunded += amount;
+        }
+    }
+
     /// Calls are numbered without gaps: the range in flight ends where the unsent calls begin,
     /// and those end at the next call's number.
     fn ranges_contiguous(&self) -> bool {
@@ -296,14 +320,26 @@ impl CustomerEntry {
                     settlement_mode: mode,
                     lease_id: lease_id.map(str::to_owned),
                     origin: Some(origin_hex(self.origin)),
+                    refunded: f.refunded,
                 }),
             };
         }
         if self.next_call == self.unsent_from {
-            return Outgoing { range: None };
+            if !self.refunded.is_positive() {
+                return Outgoing { range: None };
+            }
+            // Credit is owed back and no call carries it: a range needs one, so one numbered
+            // for it (costing nothing) does.
+            self.next_call += 1;
         }
-        let flight =
-            Flight { from: self.unsent_from, to: self.next_call, amount: self.spent, owner: worker, sent_ms: now_ms };
+        let flight = Flight {
+            from: self.unsent_from,
+            to: self.next_call,
+            amount: self.spent,
+            refunded: self.refunded,
+            owner: worker,
+            sent_ms: now_ms,
+        };
         let range = UsageRange {
             from: flight.from,
             to: flight.to,
@@ -311,9 +347,11 @@ impl CustomerEntry {
             settlement_mode: mode,
             lease_id: lease_id.map(str::to_owned),
             origin: Some(origin_hex(self.origin)),
+            refunded: flight.refunded,
         };
         self.flight = Some(flight);
         self.spent = Amount::ZERO;
+        self.refunded = Amount::ZERO;
         self.unsent_from = self.next_call;
         debug_assert!(self.ranges_contiguous(), "{self:?}");
         Outgoing { range: Some(range) }
@@ -390,12 +428,12 @@ fn origin_digits(origin: u64) -> [u8; 16] {
 // zeros when absent), then the strings, each behind a u32 length: subject, key. An entry keeps
 // one length for its life: Kong's shm_kv moves a value that grows to another size class, and a
 // move under eviction pressure can evict the value being moved (kong-config/README.md).
-const VERSION: u8 = 5;
+const VERSION: u8 = 6;
 const UNCONFIRMED: u8 = 0;
 const KNOWN: u8 = 2;
-/// Every fixed-width field (2 bytes, 3 flags, 6 amounts, 19 integers): the encoding is
+/// Every fixed-width field (2 bytes, 3 flags, 8 amounts, 19 integers): the encoding is
 /// allocated once, at its final size.
-const FIXED_LEN: usize = 2 + 3 + 6 * 16 + 19 * 8;
+const FIXED_LEN: usize = 2 + 3 + 8 * 16 + 19 * 8;
 
 impl Keyed for CustomerEntry {
     fn key(&self) -> &str {
@@ -418,12 +456,14 @@ impl Keyed for CustomerEntry {
         w.amount(self.spent);
         w.u64(self.next_call);
         w.u64(self.unsent_from);
+        w.amount(self.refunded);
         w.u8(u8::from(self.flight.is_some()));
-        let none = Flight { from: 0, to: 0, amount: Amount::ZERO, owner: 0, sent_ms: 0 };
+        let none = Flight { from: 0, to: 0, amount: Amount::ZERO, refunded: Amount::ZERO, owner: 0, sent_ms: 0 };
         let f = self.flight.as_ref().unwrap_or(&none);
         w.u64(f.from);
         w.u64(f.to);
         w.amount(f.amount);
+        w.amount(f.refunded);
         w.u64(f.owner);
         w.u64(f.sent_ms);
         w.amount(self.offline_spent);
@@ -460,8 +500,16 @@ impl Keyed for CustomerEntry {
         let spent = r.amount()?;
         let next_call = r.u64()?;
         let unsent_from = r.u64()?;
+        let refunded = r.amount()?;
         let in_flight = r.flag()?;
-        let flight = Flight { from: r.u64()?, to: r.u64()?, amount: r.amount()?, owner: r.u64()?, sent_ms: r.u64()? };
+        let flight = Flight {
+            from: r.u64()?,
+            to: r.u64()?,
+            amount: r.amount()?,
+            refunded: r.amount()?,
+            owner: r.u64()?,
+            sent_ms: r.u64()?,
+        };
         // Ranges are taken from `unsent_from..next_call`: never backwards.
         if flight.from > flight.to {
             return None;
@@ -507,6 +555,7 @@ impl Keyed for CustomerEntry {
             spent,
             next_call,
             unsent_from,
+            refunded,
             flight,
             offline_spent,
             last_used_ms,
@@ -613,6 +662,7 @@ mod tests {
         e.spend(amt("0.10"), 11);
         e.take_outgoing(9, 12, 1000, SettlementMode::CreditOnly, None);
         e.spend(amt("0.10"), 13);
+        e.refund(0, amt("0.05"), Amount::ZERO);
         e.place_hold(amt("0.25"), 20, 1000);
         e.lease = Lease {
             open: true,
@@ -735,7 +785,7 @@ mod tests {
         assert!(corrupt(10 + 2, 29).is_none());
         assert!(corrupt(10, 1).is_none(), "unused decimal flag bits");
         // The flight's presence flag is neither 0 nor 1.
-        assert!(corrupt(10 + 16 + 16 + 8 * 4, 2).is_none());
+        assert!(corrupt(10 + 16 + 16 + 16 + 8 * 4, 2).is_none());
         // Invalid UTF-8 in the key (its last byte).
         assert!(corrupt(bytes.len() - 1, 0xff).is_none());
         let mut longer = bytes.clone();
@@ -764,10 +814,18 @@ mod tests {
 
     fn any_entry() -> impl Strategy<Value = CustomerEntry> {
         let standing = prop_oneof![Just(Standing::Unconfirmed), Just(Standing::Known)];
-        let flight =
-            proptest::option::of((any::<u64>(), any::<u64>(), any_amount(), any::<u64>(), any::<u64>()).prop_map(
-                |(a, b, amount, owner, sent_ms)| Flight { from: a.min(b), to: a.max(b), amount, owner, sent_ms },
-            ));
+        let flight = proptest::option::of(
+            (any::<u64>(), any::<u64>(), any_amount(), any_amount(), any::<u64>(), any::<u64>()).prop_map(
+                |(a, b, amount, refunded, owner, sent_ms)| Flight {
+                    from: a.min(b),
+                    to: a.max(b),
+                    amount,
+                    refunded,
+                    owner,
+                    sent_ms,
+                },
+            ),
+        );
         let lease = (
             any::<bool>(),
             any::<u64>(),
@@ -799,12 +857,12 @@ mod tests {
         });
         let strings = (".*", ".*", standing, any::<u64>());
         let balance = (any_amount(), any::<i64>(), any::<u64>(), any_amount(), any::<u64>(), any::<u64>());
-        let rest = (flight, any_amount(), any::<u64>(), lease, rate, holds);
+        let rest = (flight, any_amount(), any::<u64>(), lease, rate, holds, any_amount());
         (strings, balance, rest).prop_map(
             |(
                 (key, subject, standing, origin),
                 (live, revision, refreshed_ms, spent, a, b),
-                (flight, offline_spent, last_used_ms, lease, rate, holds),
+                (flight, offline_spent, last_used_ms, lease, rate, holds, refunded),
             )| CustomerEntry {
                 key,
                 origin,
@@ -816,6 +874,7 @@ mod tests {
                 spent,
                 next_call: a.max(b),
                 unsent_from: a.min(b),
+                refunded,
                 flight,
                 offline_spent,
                 last_used_ms,
@@ -836,6 +895,40 @@ mod tests {
         fn any_entry_round_trips(e in any_entry()) {
             prop_assert_eq!(CustomerEntry::decode(&e.encode()), Some(e));
         }
+    }
+
+    /// A refund of a call not sent yet comes out of the unsent range (and back into the lease it
+    /// was spent from); one of a call sent already rides with the next range, which a call is
+    /// numbered for if none is waiting, and goes again unchanged if that range must be re-sent.
+    #[test]
+    fn a_refund_comes_out_of_the_unsent_calls_or_rides_with_the_next_range() {
+        let mut e = CustomerEntry::new("k", "s", 3, 0);
+        e.lease = Lease { open: true, remaining: amt("0.70"), ..Lease::default() };
+        let call = e.spend(amt("0.10"), 1);
+        e.spend(amt("0.20"), 1);
+        e.refund(call, amt("0.10"), amt("0.10"));
+        assert_eq!((e.spent, e.refunded, e.lease.remaining), (amt("0.20"), amt("0"), amt("0.80")), "netted");
+        let sent = e.take_outgoing(1, 2, 1000, SettlementMode::CreditOnly, None).range.unwrap();
+        assert_eq!((sent.from, sent.to, sent.amount, sent.refunded), (0, 2, amt("0.20"), amt("0")));
+        // Call 1 fails once sent: owed, and the entry has something to report again.
+        e.confirm(&sent);
+        e.lease.open = false;
+        assert!(!e.has_pending());
+        e.refund(1, amt("0.20"), amt("0.20"));
+        assert_eq!((e.spent, e.refunded, e.lease.remaining), (amt("0"), amt("0.20"), amt("0.80")), "owed");
+        assert!(e.has_pending());
+        let carried = e.take_outgoing(1, 3, 1000, SettlementMode::CreditOnly, None).range.unwrap();
+        assert_eq!((carried.from, carried.to, carried.amount, carried.refunded), (2, 3, amt("0"), amt("0.20")));
+        assert_eq!((e.next_call, e.unsent_calls(), e.refunded), (3, 0, amt("0")), "a call numbered to carry it");
+        let again = e.take_outgoing(1, 4, 1000, SettlementMode::CreditOnly, None).range.unwrap();
+        assert_eq!(again, carried, "re-sent unchanged");
+        e.confirm(&carried);
+        assert!(!e.has_pending());
+        // With calls waiting, the refund rides with them.
+        e.refund(0, amt("0.10"), Amount::ZERO);
+        e.spend(amt("0.30"), 5);
+        let next = e.take_outgoing(1, 6, 1000, SettlementMode::CreditOnly, None).range.unwrap();
+        assert_eq!((next.from, next.to, next.amount, next.refunded), (3, 4, amt("0.30"), amt("0.10")));
     }
 
     #[test]

@@ -22,6 +22,8 @@ pub struct Hold {
     /// Charged at admission (`Charging::AtAdmission`): its usage is recorded already, and nothing
     /// is held for its completion to release.
     pub charged: bool,
+    /// The number of the call a charge recorded (a refund finds it by it).
+    pub call: u64,
 }
 
 /// A call let through: what it holds per scope, and what was left in the first scope after it
@@ -248,7 +250,9 @@ pub fn complete_in_scope(
     now_ms: u64,
 ) -> Option<ScopeCompleted> {
     let key = entry_key(config, scope, subject);
-    debug_assert!(!held.is_some_and(|h| h.charged), "a call charged at admission has nothing to complete");
+    if let Some(charged) = held.filter(|h| h.charged) {
+        return refund(store, &key, config, charged, actual, now_ms);
+    }
     let unrecorded = held.is_some_and(|h| h.unrecorded);
     let result = shared::update::<CustomerEntry, ScopeCompleted>(store, &key, |entry| {
         let was_pending = entry.as_ref().is_some_and(CustomerEntry::has_pending);
@@ -274,13 +278,45 @@ pub fn complete_in_scope(
             e.spend(actual, now_ms);
         }
         effects.became_pending = !was_pending && e.has_pending();
-        let balance = match config.sync.strategy {
-            Strategy::Lease => e.lease.open.then(|| e.live + e.lease.remaining),
-            Strategy::Cached => e.is_fresh(now_ms, u64::from(config.sync.max_stale_ms)).then(|| e.available()),
-        };
+        let balance = balance_after(&e, config, now_ms);
         (Some(e), ScopeCompleted { balance, effects })
     });
     result.ok()
+}
+
+/// A call charged when it was let through completes at `actual`: what it was charged beyond that
+/// goes back to its customer (`CustomerEntry::refund`). In an entry rebuilt since (the host
+/// evicted the one it was charged in) there is nothing to give back from: what that entry had
+/// not sent was lost with it, and is counted.
+fn refund(
+    store: &dyn SharedData,
+    key: &str,
+    config: &FilterConfig,
+    charged: &Hold,
+    actual: Amount,
+    now_ms: u64,
+) -> Option<ScopeCompleted> {
+    let back = charged.amount - actual;
+    let result = shared::update::<CustomerEntry, ScopeCompleted>(store, key, |entry| match entry {
+        Some(mut e) if e.origin == charged.origin && back.is_positive() => {
+            let was_pending = e.has_pending();
+            e.refund(charged.call, back, charged.from_lease.min(back));
+            e.last_used_ms = e.last_used_ms.max(now_ms);
+            let effects = Effects { became_pending: !was_pending && e.has_pending(), ..Effects::default() };
+            let balance = balance_after(&e, config, now_ms);
+            (Some(e), ScopeCompleted { balance, effects })
+        }
+        _ => (None, ScopeCompleted { balance: None, effects: Effects::default() }),
+    });
+    result.ok()
+}
+
+/// What is left for the customer after a completion, as far as the node knows.
+fn balance_after(e: &CustomerEntry, config: &FilterConfig, now_ms: u64) -> Option<Amount> {
+    match config.sync.strategy {
+        Strategy::Lease => e.lease.open.then(|| e.live + e.lease.remaining),
+        Strategy::Cached => e.is_fresh(now_ms, u64::from(config.sync.max_stale_ms)).then(|| e.available()),
+    }
 }
 
 /// What a call let through takes from its customer's entry in one scope.
@@ -296,14 +332,15 @@ impl Taking {
     /// held until the call completes, or spent now as one call to report.
     fn take(self, e: &mut CustomerEntry, config: &FilterConfig, from_lease: Amount) -> Hold {
         let charged = self.charging == Charging::AtAdmission;
+        let mut call = 0;
         if !charged {
             e.place_hold(self.amount, self.now_ms, config.pricing.hold_timeout_ms);
         } else if self.amount.is_zero() {
             e.last_used_ms = e.last_used_ms.max(self.now_ms); // nothing to book
         } else {
-            e.spend(self.amount, self.now_ms);
+            call = e.spend(self.amount, self.now_ms);
         }
-        Hold { amount: self.amount, from_lease, charged, ..Hold::default() }
+        Hold { amount: self.amount, from_lease, charged, call, ..Hold::default() }
     }
 }
 
@@ -652,7 +689,9 @@ mod tests {
 
     /// Charged at admission (`Charging::AtAdmission`), a call leaves its customer's entry as a
     /// call that held its price and completed at it leaves it, and shows the same balance: on a
-    /// lease, beyond one under `credit_then_invoice`, on a cached balance, and offline.
+    /// lease, beyond one under `credit_then_invoice`, on a cached balance, and offline. One that
+    /// then fails (costs nothing) is refunded to what a held call that failed leaves, but for its
+    /// number: it stays in the range, costing nothing.
     #[test]
     fn a_call_charged_at_admission_leaves_the_entry_as_one_held_and_completed_at_its_price() {
         let leases = r#", "sync": {"strategy": "lease"}"#;
@@ -680,12 +719,15 @@ mod tests {
                     })
                     .unwrap();
                 }
-                // Two calls: under `credit_then_invoice` the second goes beyond the lease.
-                let verdicts: Vec<Verdict> = (2..4)
+                // Three calls: under `credit_then_invoice` the second goes beyond the lease; the
+                // third fails.
+                let verdicts: Vec<Verdict> = (2..5)
                     .map(|at| {
                         let (v, _) = admit(&store, &c, "alice", &[amt("0.10")], charging, at, access);
-                        if let (Charging::AtCompletion, Verdict::Allow { held, .. }) = (charging, &v) {
-                            complete(&store, &c, "alice", held, &[amt("0.10")], at);
+                        let cost = if at == 4 { Amount::ZERO } else { amt("0.10") };
+                        if let (true, Verdict::Allow { held, .. }) = (charging == Charging::AtCompletion || at == 4, &v)
+                        {
+                            complete(&store, &c, "alice", held, &[cost], at);
                         }
                         v
                     })
@@ -698,7 +740,7 @@ mod tests {
             let alike = |v: &Verdict, charged: bool| match v.clone() {
                 Verdict::Allow { held, balance } => {
                     assert!(held.iter().all(|h| h.charged == charged), "{extra}: {held:?}");
-                    let held = held.into_iter().map(|h| Hold { charged: false, origin: 0, ..h }).collect();
+                    let held = held.into_iter().map(|h| Hold { charged: false, origin: 0, call: 0, ..h }).collect();
                     Verdict::Allow { held, balance }
                 }
                 other => panic!("{extra}: {other:?}"),
@@ -706,9 +748,11 @@ mod tests {
             let charged: Vec<Verdict> = charged.iter().map(|v| alike(v, true)).collect();
             assert_eq!(charged, held.iter().map(|v| alike(v, false)).collect::<Vec<_>>(), "{extra}");
             assert_eq!(after_charged.holds, crate::customer::Holds::default(), "{extra}: nothing held");
-            let (holds, origin) = (after_charged.holds.clone(), after_charged.origin);
-            assert_eq!(after_charged, CustomerEntry { holds, origin, ..after_held }, "{extra}");
-            assert_eq!((after_charged.unsent_calls(), after_charged.spent), (2, amt("0.20")), "{extra}");
+            let (holds, origin, next_call) =
+                (after_charged.holds.clone(), after_charged.origin, after_charged.next_call);
+            assert_eq!(after_held.unsent_calls(), 2, "{extra}: a held call that failed is not numbered");
+            assert_eq!(after_charged, CustomerEntry { holds, origin, next_call, ..after_held }, "{extra}");
+            assert_eq!((after_charged.unsent_calls(), after_charged.spent), (3, amt("0.20")), "{extra}");
         }
     }
 

@@ -343,17 +343,18 @@ fn per_scope(pricing: &Pricing, price: Amount, units: &[Amount]) -> Vec<Amount> 
 pub enum Charging {
     /// It holds its estimate until its response says what it costs.
     AtCompletion,
-    /// Its price is final before it goes upstream: it is charged then, and its completion writes
-    /// nothing (one shared-data update per call instead of two).
+    /// Its price is known before it goes upstream: it is charged then, and its completion writes
+    /// nothing (one shared-data update per call instead of two) unless its response makes it
+    /// cost less — an upstream error, free unless `pricing.charge_errors` — and it is refunded.
     AtAdmission,
 }
 
-/// When a call quoted at `quote` pays: at admission when nothing its response says can change
-/// the price (every unit count came from a request header, and errors are charged like any
-/// other call), and the price is in one scope — a call refused in a later scope gives back what
-/// the earlier ones took, which a charge already on its way to the ledger could not be.
+/// When a call quoted at `quote` pays: at admission when its response can change the price only
+/// by making it free (every unit count came from a request header), and the price is in one
+/// scope — a call refused in a later scope gives back what the earlier ones took, which a charge
+/// already on its way to the ledger could not be.
 pub fn charging(pricing: &Pricing, quote: &Quote) -> Charging {
-    let is_final = pricing.charge_errors && quote.units.iter().all(|(_, is_final)| *is_final);
+    let is_final = quote.units.iter().all(|(_, is_final)| *is_final);
     if is_final && pricing.scopes.len() == 1 {
         Charging::AtAdmission
     } else {
@@ -495,8 +496,8 @@ mod tests {
         FilterConfig::parse(json.as_bytes()).unwrap()
     }
 
-    /// A call is charged at admission only when nothing its response says can change its price:
-    /// errors charged, every unit count from a request header the call sent, one scope.
+    /// A call is charged at admission only when its response can change its price only by making
+    /// it free: every unit count from a request header the call sent (or a fixed price), one scope.
     #[test]
     fn a_call_is_charged_at_admission_only_when_its_response_cannot_change_its_price() {
         let sized = |header: Option<&str>| {
@@ -508,13 +509,14 @@ mod tests {
         let feature =
             r#"{"name": "size", "feature_key": "bytes", "unit_price": "0.5", "source": {"request_header": "x-size"}}"#;
         let cases = [
-            ("{}", Some("3"), Charging::AtCompletion), // the default: an error costs nothing
+            ("{}", Some("3"), Charging::AtAdmission), // the default: a fixed price
             (r#"{"charge_errors": true}"#, None, Charging::AtAdmission),
             (&format!(r#"{{"charge_errors": true, "units": [{size}]}}"#), Some("3"), Charging::AtAdmission),
             // Without its header the count is an estimate, which a missing usage may zero.
             (&format!(r#"{{"charge_errors": true, "units": [{size}]}}"#), None, Charging::AtCompletion),
             (&format!(r#"{{"charge_errors": true, "units": [{size}, {rows}]}}"#), Some("3"), Charging::AtCompletion),
-            (&format!(r#"{{"units": [{size}]}}"#), Some("3"), Charging::AtCompletion),
+            (&format!(r#"{{"units": [{size}]}}"#), Some("3"), Charging::AtAdmission),
+            (&format!(r#"{{"units": [{rows}]}}"#), Some("3"), Charging::AtCompletion),
             // Two scopes: a refusal in the second gives back what the first took.
             (&format!(r#"{{"charge_errors": true, "units": [{feature}]}}"#), Some("3"), Charging::AtCompletion),
         ];
@@ -527,7 +529,8 @@ mod tests {
 
     proptest::proptest! {
         /// What makes charging at admission exact: a call charged then costs exactly what it was
-        /// charged, whatever its response (any status, none, any usage reported).
+        /// charged, whatever its response (any status, none, any usage reported), or nothing at
+        /// all (an error, unless errors are charged): then all of it is refunded.
         #[test]
         fn a_call_charged_at_admission_costs_what_it_was_charged_whatever_its_response(
             price in 0u64..1_000_000,
@@ -535,10 +538,11 @@ mod tests {
             status in proptest::option::of(100u16..600),
             reported in proptest::collection::vec(proptest::option::of(0u64..1_000_000), 2),
             charge_nothing in proptest::bool::ANY,
+            charge_errors in proptest::bool::ANY,
         ) {
             let missing = if charge_nothing { "charge_nothing" } else { "charge_estimate" };
             let pricing = format!(
-                r#"{{"charge_errors": true, "missing_usage": "{missing}", "units": [
+                r#"{{"charge_errors": {charge_errors}, "missing_usage": "{missing}", "units": [
                     {{"name": "size", "unit_price": "0.5", "source": {{"request_header": "x-size"}}, "estimate": {{"units": "7"}}}},
                     {{"name": "more", "unit_price": "0.25", "source": {{"request_header": "x-more"}}}}]}}"#
             );
@@ -552,7 +556,9 @@ mod tests {
             let observed: Vec<Option<Amount>> = reported.iter().map(|n| n.map(|n| amt(&n.to_string()))).collect();
             proptest::prop_assert_eq!(charging(&c.pricing, &q) == Charging::AtAdmission, size.is_some());
             if size.is_some() {
-                proptest::prop_assert_eq!(cost(&c.pricing, c.price, &q, status, &observed), q.estimates);
+                let free = status.is_none_or(|s| s >= 400) && !charge_errors;
+                let expected = if free { vec![Amount::ZERO; q.estimates.len()] } else { q.estimates.clone() };
+                proptest::prop_assert_eq!(cost(&c.pricing, c.price, &q, status, &observed), expected);
             }
         }
     }
