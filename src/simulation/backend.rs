@@ -24,6 +24,8 @@ pub struct Books {
     pub book: Book,
     /// Total of `consumed` movements (usage booked, covered or not).
     pub consumed: Amount,
+    /// Total of credit given back for failed calls (ranges' `refunded`).
+    pub refunded: Amount,
     /// Booked usage ranges per node.
     pub booked: BTreeMap<String, Vec<(u64, u64)>>,
     /// Violations of the journal's invariants (double entry, snapshots).

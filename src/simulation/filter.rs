@@ -31,12 +31,16 @@ impl Request for Subject<'_> {
     }
 }
 
-/// A 200 response with no units to read.
-struct Ok200;
+/// The upstream's response: its status, and the one unit a call priced by its response uses.
+struct Response(u16);
 
-impl Request for Ok200 {
+impl Request for Response {
     fn header(&self, name: &str) -> Option<String> {
-        (name == ":status").then(|| "200".to_owned())
+        match name {
+            ":status" => Some(self.0.to_string()),
+            "x-calls" => Some("1".to_owned()),
+            _ => None,
+        }
     }
 
     fn id(&self) -> Option<String> {
@@ -67,7 +71,13 @@ pub struct Decided {
     pub refused: u64,
     pub unavailable: u64,
     pub unknown: u64,
+    /// Of those let through, the ones the upstream answered with an error at once.
+    pub failed: u64,
 }
+
+/// What the upstream answers a call let through: its status, and whether at once (within the
+/// step that let it through) or only when the simulator next lets time pass.
+pub type Upstream = dyn Fn(u64) -> (u16, bool);
 
 pub struct SimWorker {
     pub worker: Worker,
@@ -75,17 +85,29 @@ pub struct SimWorker {
     config: Rc<Result<FilterConfig, ConfigError>>,
     /// Calls that wait for the ledger.
     calls: BTreeMap<ContextId, Call>,
+    /// Calls let through that wait for the upstream's response, with its status.
+    upstream: Vec<(Call, u16)>,
+    /// How the upstream answers call `n` of this instance (see [`Upstream`]).
+    answers: Rc<Upstream>,
     next_context: ContextId,
 }
 
 impl SimWorker {
-    pub fn new(rules: Rules, store: Rc<FakeShared>, config: &FilterConfig, id: u64, now_ms: u64) -> SimWorker {
+    pub fn new(
+        rules: Rules,
+        store: Rc<FakeShared>,
+        config: &FilterConfig,
+        id: u64,
+        now_ms: u64,
+        answers: Rc<Upstream>,
+    ) -> SimWorker {
         let mut engine = FakeEngine::with_store(rules, store);
         engine.now_ms = now_ms;
         engine.enter(ROOT, Phase::Configure);
         let mut worker = Worker::start(&engine, id);
         worker.reconfigure(config);
-        SimWorker { worker, engine, config: Rc::new(Ok(config.clone())), calls: BTreeMap::new(), next_context: 1 }
+        let config = Rc::new(Ok(config.clone()));
+        SimWorker { worker, engine, config, calls: BTreeMap::new(), upstream: Vec::new(), answers, next_context: 1 }
     }
 
     fn config(&self) -> &FilterConfig {
@@ -102,11 +124,33 @@ impl SimWorker {
         let config = Rc::clone(&self.config);
         let flow = call.on_request_headers(&mut self.worker, &mut self.engine, &config, &Subject(subject), true);
         if flow == Flow::Continue {
-            self.complete(call);
-            return (Decided { allowed: 1, ..Decided::default() }, self.sent());
+            let failed = self.go_upstream(call);
+            return (Decided { allowed: 1, failed, ..Decided::default() }, self.sent());
         }
         self.calls.insert(id, call);
         self.outcomes()
+    }
+
+    /// The calls waiting for the upstream get their responses; how many failed.
+    pub fn respond(&mut self, now_ms: u64) -> u64 {
+        self.engine.now_ms = now_ms;
+        let mut failed = 0;
+        for (call, status) in std::mem::take(&mut self.upstream) {
+            failed += u64::from(status >= 400);
+            self.complete(call, status);
+        }
+        failed
+    }
+
+    /// What the worker dispatched since last asked (completions dispatch nothing; this is for
+    /// the simulator's bookkeeping after [`SimWorker::respond`]).
+    pub fn sent_since(&mut self) -> Vec<Sent> {
+        self.sent()
+    }
+
+    /// Calls let through still waiting for the upstream.
+    pub fn upstream_calls(&self) -> u64 {
+        self.upstream.len() as u64
     }
 
     /// The tick of the worker's root context.
@@ -157,18 +201,30 @@ impl SimWorker {
         for id in std::mem::take(&mut self.engine.resumed).into_keys() {
             if let Some(call) = self.calls.remove(&id) {
                 decided.allowed += 1;
-                self.complete(call);
+                decided.failed += self.go_upstream(call);
             }
         }
         (decided, self.sent())
     }
 
-    /// A call let through: the upstream answers 200 and the call completes at its price.
-    fn complete(&mut self, mut call: Call) {
+    /// A call let through: answered at once, or kept until the simulator lets time pass. `1` if
+    /// it failed at once.
+    fn go_upstream(&mut self, call: Call) -> u64 {
+        let (status, at_once) = (self.answers)(self.worker.id << 32 | u64::from(call.id));
+        if !at_once {
+            self.upstream.push((call, status));
+            return 0;
+        }
+        self.complete(call, status);
+        u64::from(status >= 400)
+    }
+
+    /// The upstream answers `status` and the call completes at what that makes it cost.
+    fn complete(&mut self, mut call: Call, status: u16) {
         let config = Rc::clone(&self.config);
         let config = valid(&config);
         self.engine.enter(call.id, Phase::ResponseHeaders);
-        call.on_response_headers(&mut self.worker, &mut self.engine, config, &Ok200, true);
+        call.on_response_headers(&mut self.worker, &mut self.engine, config, &Response(status), true);
         self.engine.enter(call.id, Phase::Log);
         call.on_log(&mut self.worker, &mut self.engine, config);
     }

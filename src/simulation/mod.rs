@@ -33,7 +33,7 @@ const MAX_ACTIONS: usize = 400;
 const SEEDS: std::ops::Range<u64> = 0..32;
 
 fn run<L: Ledger>(s: &Scenario, ledger: impl FnOnce(&crate::config::FilterConfig) -> L) -> Result<Stats, String> {
-    let mut sim = Sim::new(s, world::config(s.charge_errors), ledger);
+    let mut sim = Sim::new(s, world::config(s.priced_by_response), ledger);
     for (i, a) in s.actions.iter().enumerate() {
         sim.step(a);
         sim.audit().map_err(|e| format!("after action {i} ({a:?}) at t={}ms: {e}", sim.now))?;
@@ -44,11 +44,11 @@ fn run<L: Ledger>(s: &Scenario, ledger: impl FnOnce(&crate::config::FilterConfig
 }
 
 fn on_model(s: &Scenario) -> Result<Stats, String> {
-    run(s, |config| ModelLedger::new(SUBJECT, config.price, &s.grants, at(START_MS)))
+    run(s, |_| ModelLedger::new(SUBJECT, world::price(), &s.grants, at(START_MS)))
 }
 
 fn on_sqlite(s: &Scenario) -> Result<Stats, String> {
-    run(s, |config| SqliteLedger::new(SUBJECT, config.price, &s.grants, at(START_MS)))
+    run(s, |_| SqliteLedger::new(SUBJECT, world::price(), &s.grants, at(START_MS)))
 }
 
 /// The scenario a seed stands for (proptest's generator on a seeded ChaCha).

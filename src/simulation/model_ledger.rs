@@ -124,12 +124,16 @@ impl Ledger for ModelLedger {
             booked.entry(node).or_default().push((from, to));
         }
         let mut consumed = Amount::ZERO;
+        let mut refunded = Amount::ZERO;
         let mut credit_account = Amount::ZERO;
         let mut problems = Vec::new();
         for (i, entry) in self.journal.iter().enumerate() {
             if let Entry::Movement(m) = entry {
-                if m.kind == MovementKind::Consumed {
-                    consumed -= m.amount;
+                match m.kind {
+                    MovementKind::Consumed => consumed -= m.amount,
+                    // The one adjustment a sync books: credit given back.
+                    MovementKind::Adjusted => refunded += m.amount,
+                    _ => {}
                 }
             }
             let sum: Amount = entry.postings().iter().map(|p| p.amount).sum();
@@ -149,6 +153,6 @@ impl Ledger for ModelLedger {
         if credit_account != settled {
             problems.push(format!("credit account {credit_account} != settled balance {settled}"));
         }
-        Books { book: self.book.clone(), consumed, booked, problems }
+        Books { book: self.book.clone(), consumed, refunded, booked, problems }
     }
 }

@@ -162,27 +162,42 @@ impl Ledger for SqliteLedger {
         self.runtime.block_on(async {
             let mut conn = state.db.pool().acquire().await.unwrap();
             let book = books::load(&mut conn, &customer_id).await.unwrap().book;
-            let consumed = sqlx::query("SELECT amount FROM movements WHERE kind = 'consumed'")
-                .fetch_all(&mut *conn)
-                .await
-                .unwrap()
-                .iter()
-                .map(|r| -Amount::parse(&r.get::<String, _>(0)).unwrap())
-                .sum();
-            // The ranges booked, from the journal: each booked range's entries name it (a range
-            // spread over several grants has several; one booked twice shows in `consumed`).
+            let mut total = async |kind: &str| -> Amount {
+                sqlx::query("SELECT amount FROM movements WHERE kind = $1")
+                    .bind(kind)
+                    .fetch_all(&mut *conn)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|r| Amount::parse(&r.get::<String, _>(0)).unwrap())
+                    .sum()
+            };
+            let consumed = -total("consumed").await;
+            // The one adjustment a sync books: credit given back.
+            let refunded = total("adjusted").await;
+            // The ranges booked, from the ledger's records of them: each stream's mark (every
+            // call below it booked) and the keys of ranges booked apart from it. (A range may
+            // book no journal entry: its calls failed and were refunded, costing nothing.)
             let mut booked = std::collections::BTreeMap::<String, Vec<(u64, u64)>>::new();
-            let sql = "SELECT operation FROM movements WHERE operation LIKE 'usage:%' \
-                       UNION SELECT operation FROM overages WHERE operation LIKE 'usage:%'";
-            for r in sqlx::query(sql).fetch_all(&mut *conn).await.unwrap() {
-                let operation = r.get::<String, _>(0);
-                let (node, from, to) = parse_range_key(&operation["usage:".len()..]).unwrap();
-                booked.entry(node).or_default().push((from, to));
+            let mut marks = std::collections::BTreeMap::<String, u64>::new();
+            for r in sqlx::query("SELECT stream, booked_to FROM usage_marks").fetch_all(&mut *conn).await.unwrap() {
+                let (stream, booked_to) = (r.get::<String, _>(0), u64::try_from(r.get::<i64, _>(1)).unwrap());
+                let origin = stream.split('/').next().unwrap().to_owned();
+                marks.insert(origin.clone(), booked_to);
+                if booked_to > 0 {
+                    booked.entry(origin).or_default().push((0, booked_to));
+                }
+            }
+            for r in sqlx::query("SELECT key FROM usage_records").fetch_all(&mut *conn).await.unwrap() {
+                let (origin, from, to) = parse_range_key(&r.get::<String, _>(0)).unwrap();
+                if to > marks.get(&origin).copied().unwrap_or(0) {
+                    booked.entry(origin).or_default().push((from, to));
+                }
             }
             drop(conn);
             let mut problems = ledger::check::run(&state.db).await.unwrap();
             problems.extend(failures.into_iter().map(|f| format!("the ledger failed: {f}")));
-            Books { book, consumed, booked, problems }
+            Books { book, consumed, refunded, booked, problems }
         })
     }
 }

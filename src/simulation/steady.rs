@@ -57,7 +57,8 @@ fn run<L: Ledger>(
         noise,
         grants,
         actions: Vec::new(),
-        charge_errors: false,
+        priced_by_response: false,
+        faulty_upstream: false,
     };
     let mut sim = Sim::new(&scenario, config.clone(), |c| ledger(c, &scenario.grants));
     sim.reliable_network();

@@ -11,7 +11,7 @@ use proptest::prelude::*;
 use std::rc::Rc;
 
 use super::backend::{at, Books, GrantPlan, Ledger};
-use super::filter::{Decided, Sent, SimWorker};
+use super::filter::{Decided, Sent, SimWorker, Upstream};
 use crate::config::FilterConfig;
 use crate::customer::CustomerEntry;
 use crate::engine::{Rules, Token};
@@ -25,20 +25,34 @@ pub const WORKERS: usize = 2;
 /// Simulated time starts here (ms since the epoch); the scenario's grants are created then.
 pub const START_MS: u64 = 1_000;
 
+/// What a call that succeeds costs.
+pub fn price() -> Amount {
+    Amount::parse("0.01").unwrap()
+}
+
 fn trace(line: impl FnOnce() -> String) {
     if std::env::var_os("SIM_TRACE").is_some() {
         eprintln!("{}", line());
     }
 }
 
-/// The filter's configuration in the simulation; with `charge_errors` a call's price is final
-/// when it is let through, so it is charged then (`pricing::Charging::AtAdmission`).
-pub fn config(charge_errors: bool) -> FilterConfig {
+/// The filter's configuration in the simulation, a call costing [`price`] unless it fails. At a
+/// fixed price a call is charged when it is let through (`pricing::Charging::AtAdmission`) and
+/// refunded if it fails; priced by its response (one unit it reports), it holds its estimate
+/// until then.
+pub fn config(priced_by_response: bool) -> FilterConfig {
+    let pricing = if priced_by_response {
+        // A call whose worker went away holds its estimate until `hold_timeout_ms`: within the
+        // run's drain.
+        r#""price": "0", "pricing": {"hold_timeout_ms": 1000, "units": [{"name": "calls", "unit_price": "0.01",
+            "source": {"response_header": "x-calls"}, "estimate": {"units": "1"}}]}"#
+    } else {
+        r#""price": "0.01""#
+    };
     let json = format!(
-        r#"{{"ledger": {{"upstream": "ledger", "token": "t", "timeout_ms": 200}}, "price": "0.01", "currency": "USD",
+        r#"{{"ledger": {{"upstream": "ledger", "token": "t", "timeout_ms": 200}}, "currency": "USD",
         "feature_key": "api_requests", "sync": {{"strategy": "lease", "interval_ms": 100}},
-        "lease": {{"min_calls": 3, "max_calls": 20, "ttl_ms": 1000, "idle_release_ms": 300}},
-        "pricing": {{"charge_errors": {charge_errors}}}}}"#
+        "lease": {{"min_calls": 3, "max_calls": 20, "ttl_ms": 1000, "idle_release_ms": 300}}, {pricing}}}"#
     );
     FilterConfig::parse(json.as_bytes()).unwrap()
 }
@@ -95,8 +109,11 @@ pub struct Scenario {
     pub noise: u64,
     pub grants: Vec<GrantPlan>,
     pub actions: Vec<Action>,
-    /// Calls are charged when let through (see [`config`]).
-    pub charge_errors: bool,
+    /// Calls are priced by their response (see [`config`]).
+    pub priced_by_response: bool,
+    /// One call in eight fails, and one in two is answered only when time next passes (after
+    /// ticks that may send its usage); otherwise every call succeeds at once.
+    pub faulty_upstream: bool,
 }
 
 /// Promotional credit consumed first that expires mid-run, (usually) credit that never expires,
@@ -138,13 +155,14 @@ pub fn scenario(max_actions: usize) -> impl Strategy<Value = Scenario> {
         // Drawn last, so that each seed's world is what it was before this was drawn at all.
         any::<bool>(),
     )
-        .prop_map(|(kong, skews_ms, noise, grants, actions, charge_errors)| Scenario {
+        .prop_map(|(kong, skews_ms, noise, grants, actions, priced_by_response)| Scenario {
             kong,
             skews_ms,
             noise,
             grants,
             actions,
-            charge_errors,
+            priced_by_response,
+            faulty_upstream: true,
         })
 }
 
@@ -174,6 +192,10 @@ pub struct Stats {
     pub evictions: u64,
     /// Calls let through and never booked (their entry was evicted first).
     pub lost: u64,
+    /// Calls let through that failed (refunded if they were charged), and the credit the ledger
+    /// gave back for those whose charge it had booked.
+    pub failed: u64,
+    pub refunded: Amount,
     /// The most the auditor's allowance was needed (see [`Sim::audit`]).
     pub excess: Amount,
 }
@@ -184,6 +206,16 @@ struct Node {
     skew_ms: u64,
     workers: Vec<SimWorker>,
     let_through: u64,
+    /// Of those, the ones the upstream answered with an error (they cost nothing).
+    failed: u64,
+    /// Of those, the ones still waiting for the upstream when their worker went away: they
+    /// never complete (charged if charged when let through, free if they held their price).
+    abandoned: u64,
+    /// Calls waiting for the upstream when an entry was evicted: a refund each may be lost with
+    /// it (a refund finds the entry it was charged in, or none).
+    refunds_at_risk: u64,
+    /// What the entries lost had owed back.
+    refunds_lost: Amount,
     /// Calls numbered by the customer's entries that were evicted.
     recorded_before: u64,
     /// Calls the evicted entries had not had booked yet: at most this many are never booked.
@@ -199,7 +231,21 @@ impl Node {
         let unreported = e.unsent_calls() + e.flight.as_ref().map_or(0, |f| f.to - f.from);
         self.recorded_before += e.next_call;
         self.lost_bound += unreported;
+        self.refunds_lost += e.refunded + e.flight.as_ref().map_or(Amount::ZERO, |f| f.refunded);
+        self.refunds_at_risk += self.workers.iter().map(SimWorker::upstream_calls).sum::<u64>();
         unreported
+    }
+
+    /// Calls this node numbered, in every incarnation of the customer's entry.
+    fn numbered(&self) -> u64 {
+        self.recorded_before + self.workers[0].calls_recorded(SUBJECT)
+    }
+
+    /// Calls let through that cost their price: all but those that failed, and those that held
+    /// their price and never completed.
+    fn charged(&self, priced_by_response: bool) -> u64 {
+        let free = if priced_by_response { self.abandoned } else { 0 };
+        self.let_through - self.failed - free
     }
 }
 
@@ -222,6 +268,9 @@ struct Message {
 
 pub struct Sim<L: Ledger> {
     pub config: FilterConfig,
+    priced_by_response: bool,
+    /// How the upstream answers calls (see [`Scenario::faulty_upstream`]).
+    answers: Rc<Upstream>,
     rules: Rules,
     shared_rules: SharedRules,
     pub ledger: L,
@@ -235,6 +284,8 @@ pub struct Sim<L: Ledger> {
     reliable: bool,
     /// The customer's book as of the last audit; `None`: the ledger changed since.
     book: Option<Book>,
+    /// Credit the ledger gave back for failed calls, as of the last audit.
+    refunded: Amount,
     /// Each expiring grant's instant (ms) and, once passed, the calls let through by then that
     /// the ledger had not booked (priced).
     expiries: Vec<(u64, Option<Amount>)>,
@@ -265,11 +316,22 @@ impl<L: Ledger> Sim<L> {
         } else {
             (Rules::Envoy, SharedRules::Envoy)
         };
+        let (noise, faulty) = (s.noise, s.faulty_upstream);
+        // Drawn from the call (its worker instance and context), not from the scenario's draws,
+        // so that each seed's actions are what they were before calls could fail.
+        let answers: Rc<Upstream> = Rc::new(move |call| {
+            let failed = faulty && roll(noise, call, 7) % 8 == 0;
+            let at_once = !faulty || roll(noise, call, 8) % 2 == 0;
+            (if failed { 503 } else { 200 }, at_once)
+        });
         let nodes = (0..NODES)
             .map(|n| {
                 let store = Rc::new(FakeShared::with_origins(shared_rules, (n as u64 + 1) << ORIGIN_BLOCK_BITS));
                 let workers = (0..WORKERS)
-                    .map(|w| SimWorker::new(rules, Rc::clone(&store), &config, (n * 10 + w) as u64 + 1, START_MS))
+                    .map(|w| {
+                        let id = (n * 10 + w) as u64 + 1;
+                        SimWorker::new(rules, Rc::clone(&store), &config, id, START_MS, Rc::clone(&answers))
+                    })
                     .collect();
                 Node {
                     id: String::new(),
@@ -277,6 +339,10 @@ impl<L: Ledger> Sim<L> {
                     skew_ms: s.skews_ms[n],
                     workers,
                     let_through: 0,
+                    failed: 0,
+                    abandoned: 0,
+                    refunds_at_risk: 0,
+                    refunds_lost: Amount::ZERO,
                     recorded_before: 0,
                     lost_bound: 0,
                     admitted_at: Vec::new(),
@@ -291,6 +357,8 @@ impl<L: Ledger> Sim<L> {
         let ledger = ledger(&config);
         Sim {
             config,
+            priced_by_response: s.priced_by_response,
+            answers,
             rules,
             shared_rules,
             ledger,
@@ -302,6 +370,7 @@ impl<L: Ledger> Sim<L> {
             request_delay_ms,
             reliable: false,
             book: None,
+            refunded: Amount::ZERO,
             expiries: s.grants.iter().filter_map(|g| Some((g.effective_ms + g.expires_after_ms?, None))).collect(),
             stats: Stats::default(),
             voided_held: Vec::new(),
@@ -343,6 +412,7 @@ impl<L: Ledger> Sim<L> {
     /// Records what a step of `worker` decided and routes what it sent.
     fn took(&mut self, node: usize, worker: usize, (decided, sent): (Decided, Vec<Sent>)) {
         self.nodes[node].let_through += decided.allowed;
+        self.nodes[node].failed += decided.failed;
         let now = self.now;
         self.nodes[node].admitted_at.extend((0..decided.allowed).map(|_| now));
         self.stats.allowed += decided.allowed;
@@ -449,6 +519,16 @@ impl<L: Ledger> Sim<L> {
             }
             self.timeouts();
         }
+        // The upstream answers the calls still waiting for it.
+        for n in 0..NODES {
+            let t = self.node_time(n);
+            for w in 0..WORKERS {
+                let failed = self.nodes[n].workers[w].respond(t);
+                self.nodes[n].failed += failed;
+                let sent = self.nodes[n].workers[w].sent_since();
+                self.took(n, w, (Decided::default(), sent));
+            }
+        }
     }
 
     /// Records, as a grant expires, the calls let through that the ledger has not booked yet
@@ -459,8 +539,10 @@ impl<L: Ledger> Sim<L> {
             let (ms, noted) = self.expiries[i];
             if noted.is_none() && ms <= self.now {
                 let booked: u64 = self.ledger.books().booked.values().flatten().map(|(from, to)| to - from).sum();
-                let unreported = self.let_through().saturating_sub(booked);
-                self.expiries[i].1 = Some(self.config.price.times(unreported).unwrap());
+                // Calls numbered to carry a refund (one per failed call at most) are booked too.
+                let failed: u64 = self.nodes.iter().map(|n| n.failed).sum();
+                let unreported = (self.let_through() + failed).saturating_sub(booked);
+                self.expiries[i].1 = Some(price().times(unreported).unwrap());
             }
         }
     }
@@ -501,7 +583,9 @@ impl<L: Ledger> Sim<L> {
                 let t = self.node_time(node);
                 let n = &mut self.nodes[node];
                 let id = n.workers[worker].worker.id + 100;
-                n.workers[worker] = SimWorker::new(self.rules, Rc::clone(&n.store), &self.config, id, t);
+                n.abandoned += n.workers[worker].upstream_calls();
+                let answers = Rc::clone(&self.answers);
+                n.workers[worker] = SimWorker::new(self.rules, Rc::clone(&n.store), &self.config, id, t, answers);
                 self.stats.worker_resets += 1;
             }
             Action::LedgerJob => {
@@ -568,7 +652,9 @@ impl<L: Ledger> Sim<L> {
         n.store = Rc::new(FakeShared::with_origins(self.shared_rules, first_origin));
         for w in 0..WORKERS {
             let id = n.workers[w].worker.id + 1000;
-            n.workers[w] = SimWorker::new(self.rules, Rc::clone(&n.store), &self.config, id, t);
+            n.abandoned += n.workers[w].upstream_calls();
+            let answers = Rc::clone(&self.answers);
+            n.workers[w] = SimWorker::new(self.rules, Rc::clone(&n.store), &self.config, id, t, answers);
         }
         n.id = n.workers[0].worker.node.clone();
         trace(|| format!("t={} node{node} killed with {unreported} calls unreported", self.now));
@@ -605,9 +691,22 @@ impl<L: Ledger> Sim<L> {
     /// journal sound, nothing booked that was not let through.
     pub fn audit_records(&mut self) -> Result<(), String> {
         for node in &self.nodes {
-            let recorded = node.recorded_before + node.workers[0].calls_recorded(SUBJECT);
-            if recorded != node.let_through {
-                return Err(format!("{} recorded {recorded} calls, let {} through", node.id, node.let_through));
+            let recorded = node.numbered();
+            // Charged when let through, every call is numbered then, and a refund that no call
+            // waiting to be sent can carry gets a number of its own. Holding its price, a call is
+            // numbered when it completes, unless it failed (then it cost nothing).
+            let numbered = if self.priced_by_response {
+                let waiting: u64 = node.workers.iter().map(SimWorker::upstream_calls).sum();
+                let unnumbered = node.failed + node.abandoned + waiting;
+                recorded + unnumbered >= node.let_through && recorded <= node.let_through - node.failed
+            } else {
+                recorded >= node.let_through && recorded <= node.let_through + node.failed
+            };
+            if !numbered {
+                return Err(format!(
+                    "{} recorded {recorded} calls, let {} through ({} failed, {} abandoned)",
+                    node.id, node.let_through, node.failed, node.abandoned
+                ));
             }
             if let Some(v) = node.workers.iter().find_map(|w| w.violations().first()) {
                 return Err(format!("{}: the engine would refuse or trap: {v}", node.id));
@@ -619,11 +718,12 @@ impl<L: Ledger> Sim<L> {
                 return Err(format!("journal check: {:?}", books.problems));
             }
             // Nodes report only calls they let through: booking more is booking some twice.
-            let let_through = self.config.price.times(self.let_through()).unwrap();
+            let let_through = price().times(self.let_through()).unwrap();
             if books.consumed > let_through {
                 return Err(format!("consumed {} with {let_through} let through", books.consumed));
             }
             self.book = Some(books.book);
+            self.refunded = books.refunded;
         }
         Ok(())
     }
@@ -631,13 +731,15 @@ impl<L: Ledger> Sim<L> {
     /// Never more let through than the credit there was, but for the [`Sim::allowance`].
     fn audit_credit(&mut self) -> Result<(), String> {
         // Time alone lowers the credit (expiries), so this is checked whatever the step did.
-        let credit = self.book.as_ref().map_or(Amount::ZERO, |b| credit_until(b, self.now));
+        // Credit given back for failed calls is not more credit: those calls are not counted.
+        let credit = self.book.as_ref().map_or(Amount::ZERO, |b| credit_until(b, self.now)) - self.refunded;
         let allowance = self.allowance();
-        let spent = self.config.price.times(self.let_through()).unwrap();
+        let charged: u64 = self.nodes.iter().map(|n| n.charged(self.priced_by_response)).sum();
+        let spent = price().times(charged).unwrap();
         self.stats.excess = self.stats.excess.max(spent - credit);
         if spent > credit + allowance {
             return Err(format!(
-                "let through {} calls ({spent}) with credit {credit} (allowance {allowance})",
+                "let through {} calls, {charged} charged ({spent}), with credit {credit} (allowance {allowance})",
                 self.let_through()
             ));
         }
@@ -666,7 +768,7 @@ impl<L: Ledger> Sim<L> {
             })
             .sum();
         let lost: u64 = self.nodes.iter().map(|n| n.lost_bound).sum();
-        expiries + self.voided_held.iter().copied().sum::<Amount>() + self.config.price.times(lost).unwrap()
+        expiries + self.voided_held.iter().copied().sum::<Amount>() + price().times(lost).unwrap()
     }
 
     /// After the drain: never more let through than the credit, each call booked exactly once,
@@ -682,7 +784,8 @@ impl<L: Ledger> Sim<L> {
         self.book = None;
         self.audit_records()?;
         let books: Books = self.ledger.books();
-        let mut booked_calls = 0;
+        let (mut booked_calls, mut numbered_calls, mut charged, mut lost_bound) = (0, 0, 0, 0);
+        let mut refunds_lost = Amount::ZERO;
         for (n, node) in self.nodes.iter().enumerate() {
             // Each incarnation of the node's entry numbers its calls from 0 under its origin.
             let mine =
@@ -700,19 +803,34 @@ impl<L: Ledger> Sim<L> {
                 }
                 booked += next;
             }
-            let lost = node.let_through.checked_sub(booked);
+            let numbered = node.numbered();
+            let lost = numbered.checked_sub(booked);
             if lost.is_none_or(|lost| lost > node.lost_bound) {
                 return Err(format!(
-                    "{} let {} calls through, booked {booked} (evictions lost at most {})",
-                    node.id, node.let_through, node.lost_bound
+                    "{} numbered {numbered} calls, booked {booked} (evictions lost at most {})",
+                    node.id, node.lost_bound
                 ));
             }
             booked_calls += booked;
+            numbered_calls += numbered;
+            charged += node.charged(self.priced_by_response);
+            lost_bound += node.lost_bound;
+            refunds_lost += node.refunds_lost + price().times(node.refunds_at_risk).unwrap();
         }
-        self.stats.lost = self.let_through() - booked_calls;
-        let spent = self.config.price.times(booked_calls).unwrap();
-        if books.consumed != spent {
-            return Err(format!("consumed {} for {booked_calls} calls booked ({spent})", books.consumed));
+        self.stats.lost = numbered_calls - booked_calls;
+        self.stats.failed = self.nodes.iter().map(|n| n.failed).sum();
+        self.stats.refunded = books.refunded;
+        // The calls that cost their price paid it, each once: all but what evictions lost, and
+        // beyond it only refunds an evicted entry took with it.
+        let paid = books.consumed - books.refunded;
+        let (least, most) =
+            (price().times(charged.saturating_sub(lost_bound)).unwrap(), price().times(charged).unwrap());
+        if paid < least || paid > most + refunds_lost {
+            return Err(format!(
+                "paid {paid} (consumed {}, refunded {}) for {charged} calls that cost their price \
+                 (at least {least}, at most {most} and {refunds_lost} of lost refunds)",
+                books.consumed, books.refunded
+            ));
         }
         let b = books.book.try_balances(at(self.now), None).unwrap();
         let b = b.first().ok_or("no balance")?;
@@ -720,8 +838,8 @@ impl<L: Ledger> Sim<L> {
             return Err(format!("credit stranded: live {} settled {}", b.live, b.settled));
         }
         let credit = credit_until(&books.book, self.now);
-        if b.settled != credit - spent {
-            return Err(format!("settled {} != credit {credit} - consumed {spent}", b.settled));
+        if b.settled != credit - books.consumed {
+            return Err(format!("settled {} != credit {credit} - consumed {}", b.settled, books.consumed));
         }
         Ok(())
     }
