@@ -111,7 +111,7 @@ pub struct Scenario {
     pub actions: Vec<Action>,
     /// Calls are priced by their response (see [`config`]).
     pub priced_by_response: bool,
-    /// One call in eight fails, and one in two is answered only when time next passes (after
+    /// One call in four fails, and one in two is answered only when time next passes (after
     /// ticks that may send its usage); otherwise every call succeeds at once.
     pub faulty_upstream: bool,
 }
@@ -155,13 +155,13 @@ pub fn scenario(max_actions: usize) -> impl Strategy<Value = Scenario> {
         // Drawn last, so that each seed's world is what it was before this was drawn at all.
         any::<bool>(),
     )
-        .prop_map(|(kong, skews_ms, noise, grants, actions, priced_by_response)| Scenario {
+        .prop_map(|(kong, skews_ms, noise, grants, actions, charged_at_admission)| Scenario {
             kong,
             skews_ms,
             noise,
             grants,
             actions,
-            priced_by_response,
+            priced_by_response: !charged_at_admission,
             faulty_upstream: true,
         })
 }
@@ -320,7 +320,7 @@ impl<L: Ledger> Sim<L> {
         // Drawn from the call (its worker instance and context), not from the scenario's draws,
         // so that each seed's actions are what they were before calls could fail.
         let answers: Rc<Upstream> = Rc::new(move |call| {
-            let failed = faulty && roll(noise, call, 7) % 8 == 0;
+            let failed = faulty && roll(noise, call, 7) % 4 == 0;
             let at_once = !faulty || roll(noise, call, 8) % 2 == 0;
             (if failed { 503 } else { 200 }, at_once)
         });
