@@ -29,9 +29,9 @@ pub fn entry_key(config: &FilterConfig, scope: &Scope, subject: &str) -> String 
 pub struct Flight {
     pub from: u64,
     pub to: u64,
+    /// What it books, net as `CustomerEntry::spent` was when it was taken (below zero: it gives
+    /// credit back).
     pub amount: Amount,
-    /// Credit it gives back for calls before `from` (see [`CustomerEntry::refunded`]).
-    pub refunded: Amount,
     /// The worker that sent it, and when: another worker re-sends it only once it is stale.
     pub owner: u64,
     pub sent_ms: u64,
@@ -103,13 +103,13 @@ pub struct CustomerEntry {
     pub revision: i64,
     /// Host time of the last answer from the ledger (0: never).
     pub refreshed_ms: u64,
-    /// Spent by calls `unsent_from..next_call`, not yet sent.
+    /// Spent by calls `unsent_from..next_call`, not yet sent, less what calls of earlier ranges
+    /// charged when they were let through, then failed, are owed back (below zero when that is
+    /// more). Net, so that refunds need no field of their own: an entry keeps its size (a larger
+    /// value takes a larger slot of Kong's zone, and fewer entries fit).
     pub spent: Amount,
     pub next_call: u64,
     pub unsent_from: u64,
-    /// What calls charged when they were let through and sent since, and then failed, are owed
-    /// back: it goes to the ledger with the next range.
-    pub refunded: Amount,
     pub flight: Option<Flight>,
     /// Spent while the ledger was unreachable and nothing usable was cached.
     pub offline_spent: Amount,
@@ -147,7 +147,6 @@ impl CustomerEntry {
             spent: Amount::ZERO,
             next_call: 0,
             unsent_from: 0,
-            refunded: Amount::ZERO,
             flight: None,
             offline_spent: Amount::ZERO,
             last_used_ms: now_ms,
@@ -182,7 +181,7 @@ impl CustomerEntry {
     /// Does the node still owe the ledger a report or hold a lease of this customer?
     pub fn has_pending(&self) -> bool {
         self.unsent_calls() > 0
-            || self.refunded.is_positive()
+            || self.spent.is_negative()
             || self.flight.is_some()
             || self.lease.open
             || self.holds.count > 0
@@ -222,7 +221,10 @@ impl CustomerEntry {
         // The ledger's hold already reflects every range it confirmed; what this node spent and
         // has not had confirmed is still in it.
         // Calls still holding their estimate will spend from it too.
-        let unconfirmed = self.spent + self.flight.as_ref().map_or(Amount::ZERO, |f| f.amount) + self.holds.amount;
+        // Credit owed back does not come back into the lease (the ledger books it as credit of
+        // its own): only what the ranges will capture counts.
+        let in_flight = self.flight.as_ref().map_or(Amount::ZERO, |f| f.amount);
+        let unconfirmed = self.spent.max(Amount::ZERO) + in_flight.max(Amount::ZERO) + self.holds.amount;
         self.lease.open = true;
         self.lease.remaining = (a.answer.held - unconfirmed).max(Amount::ZERO);
         // Counted from when the request left: the ledger's clock started no earlier.
@@ -274,16 +276,14 @@ impl CustomerEntry {
     }
 
     /// Gives back `amount` of what call `call` was charged when it was let through (`from_lease`
-    /// of it came out of the lease). A call not sent yet is taken out of the unsent range (it
-    /// stays in it, costing less); one sent already is owed back with the next range.
+    /// of it came out of the lease): the next range books that much less. A call not sent yet
+    /// stays in that range, costing less, and the lease gets its part back (the ledger will
+    /// capture that much less); for one sent already the ledger took it from the lease, and what
+    /// the next range's calls cannot absorb comes back as credit of its own.
     pub fn refund(&mut self, call: u64, amount: Amount, from_lease: Amount) {
+        self.spent -= amount;
         if call >= self.unsent_from && call < self.next_call {
-            debug_assert!(self.spent >= amount, "{self:?}");
-            self.spent = (self.spent - amount).max(Amount::ZERO);
-            // The ledger will capture that much less from the lease.
             self.lease.remaining += from_lease;
-        } else {
-            self.refunded += amount;
         }
     }
 
@@ -312,46 +312,22 @@ impl CustomerEntry {
             }
             f.owner = worker;
             f.sent_ms = now_ms;
-            return Outgoing {
-                range: Some(UsageRange {
-                    from: f.from,
-                    to: f.to,
-                    amount: f.amount,
-                    settlement_mode: mode,
-                    lease_id: lease_id.map(str::to_owned),
-                    origin: Some(origin_hex(self.origin)),
-                    refunded: f.refunded,
-                }),
-            };
+            let range = range_of(f, mode, lease_id, self.origin);
+            return Outgoing { range: Some(range) };
         }
         if self.next_call == self.unsent_from {
-            if !self.refunded.is_positive() {
+            if !self.spent.is_negative() {
                 return Outgoing { range: None };
             }
             // Credit is owed back and no call carries it: a range needs one, so one numbered
             // for it (costing nothing) does.
             self.next_call += 1;
         }
-        let flight = Flight {
-            from: self.unsent_from,
-            to: self.next_call,
-            amount: self.spent,
-            refunded: self.refunded,
-            owner: worker,
-            sent_ms: now_ms,
-        };
-        let range = UsageRange {
-            from: flight.from,
-            to: flight.to,
-            amount: flight.amount,
-            settlement_mode: mode,
-            lease_id: lease_id.map(str::to_owned),
-            origin: Some(origin_hex(self.origin)),
-            refunded: flight.refunded,
-        };
+        let flight =
+            Flight { from: self.unsent_from, to: self.next_call, amount: self.spent, owner: worker, sent_ms: now_ms };
+        let range = range_of(&flight, mode, lease_id, self.origin);
         self.flight = Some(flight);
         self.spent = Amount::ZERO;
-        self.refunded = Amount::ZERO;
         self.unsent_from = self.next_call;
         debug_assert!(self.ranges_contiguous(), "{self:?}");
         Outgoing { range: Some(range) }
@@ -402,6 +378,20 @@ impl CustomerEntry {
     }
 }
 
+/// The usage range a flight is sent as: its net amount as usage, or, below zero, as credit given
+/// back (`UsageRange::refunded`).
+fn range_of(f: &Flight, mode: SettlementMode, lease_id: Option<&str>, origin: u64) -> UsageRange {
+    UsageRange {
+        from: f.from,
+        to: f.to,
+        amount: f.amount.max(Amount::ZERO),
+        settlement_mode: mode,
+        lease_id: lease_id.map(str::to_owned),
+        origin: Some(origin_hex(origin)),
+        refunded: (-f.amount).max(Amount::ZERO),
+    }
+}
+
 /// How an entry's origin appears in usage ranges and lease ids.
 pub fn origin_hex(origin: u64) -> String {
     let mut hex = String::with_capacity(16);
@@ -429,11 +419,14 @@ fn origin_digits(origin: u64) -> [u8; 16] {
 // one length for its life: Kong's shm_kv moves a value that grows to another size class, and a
 // move under eviction pressure can evict the value being moved (kong-config/README.md).
 const VERSION: u8 = 6;
+/// Version 5 stored the same fields with `spent` and a flight's amount never below zero: read as
+/// they are.
+const VERSION_5: u8 = 5;
 const UNCONFIRMED: u8 = 0;
 const KNOWN: u8 = 2;
-/// Every fixed-width field (2 bytes, 3 flags, 8 amounts, 19 integers): the encoding is
+/// Every fixed-width field (2 bytes, 3 flags, 6 amounts, 19 integers): the encoding is
 /// allocated once, at its final size.
-const FIXED_LEN: usize = 2 + 3 + 8 * 16 + 19 * 8;
+const FIXED_LEN: usize = 2 + 3 + 6 * 16 + 19 * 8;
 
 impl Keyed for CustomerEntry {
     fn key(&self) -> &str {
@@ -456,14 +449,12 @@ impl Keyed for CustomerEntry {
         w.amount(self.spent);
         w.u64(self.next_call);
         w.u64(self.unsent_from);
-        w.amount(self.refunded);
         w.u8(u8::from(self.flight.is_some()));
-        let none = Flight { from: 0, to: 0, amount: Amount::ZERO, refunded: Amount::ZERO, owner: 0, sent_ms: 0 };
+        let none = Flight { from: 0, to: 0, amount: Amount::ZERO, owner: 0, sent_ms: 0 };
         let f = self.flight.as_ref().unwrap_or(&none);
         w.u64(f.from);
         w.u64(f.to);
         w.amount(f.amount);
-        w.amount(f.refunded);
         w.u64(f.owner);
         w.u64(f.sent_ms);
         w.amount(self.offline_spent);
@@ -489,7 +480,7 @@ impl Keyed for CustomerEntry {
 
     fn decode(bytes: &[u8]) -> Option<Self> {
         let mut r = Reader(bytes);
-        if r.u8()? != VERSION {
+        if !matches!(r.u8()?, VERSION | VERSION_5) {
             return None;
         }
         let standing = r.u8()?;
@@ -500,16 +491,8 @@ impl Keyed for CustomerEntry {
         let spent = r.amount()?;
         let next_call = r.u64()?;
         let unsent_from = r.u64()?;
-        let refunded = r.amount()?;
         let in_flight = r.flag()?;
-        let flight = Flight {
-            from: r.u64()?,
-            to: r.u64()?,
-            amount: r.amount()?,
-            refunded: r.amount()?,
-            owner: r.u64()?,
-            sent_ms: r.u64()?,
-        };
+        let flight = Flight { from: r.u64()?, to: r.u64()?, amount: r.amount()?, owner: r.u64()?, sent_ms: r.u64()? };
         // Ranges are taken from `unsent_from..next_call`: never backwards.
         if flight.from > flight.to {
             return None;
@@ -555,7 +538,6 @@ impl Keyed for CustomerEntry {
             spent,
             next_call,
             unsent_from,
-            refunded,
             flight,
             offline_spent,
             last_used_ms,
@@ -683,6 +665,9 @@ mod tests {
         let bytes = e.encode();
         assert_eq!(bytes.len(), FIXED_LEN + 4 + 3 + 4 + e.key.len(), "allocated at its final size");
         assert_eq!(CustomerEntry::decode(&bytes).unwrap(), e);
+        let mut version_5 = bytes.clone();
+        version_5[0] = 5;
+        assert_eq!(CustomerEntry::decode(&version_5).unwrap(), e, "the previous version reads as it is");
         let fresh = CustomerEntry::new("k", "", 1, 0);
         assert_eq!(CustomerEntry::decode(&fresh.encode()).unwrap(), fresh);
     }
@@ -785,7 +770,7 @@ mod tests {
         assert!(corrupt(10 + 2, 29).is_none());
         assert!(corrupt(10, 1).is_none(), "unused decimal flag bits");
         // The flight's presence flag is neither 0 nor 1.
-        assert!(corrupt(10 + 16 + 16 + 16 + 8 * 4, 2).is_none());
+        assert!(corrupt(10 + 16 + 16 + 8 * 4, 2).is_none());
         // Invalid UTF-8 in the key (its last byte).
         assert!(corrupt(bytes.len() - 1, 0xff).is_none());
         let mut longer = bytes.clone();
@@ -814,18 +799,10 @@ mod tests {
 
     fn any_entry() -> impl Strategy<Value = CustomerEntry> {
         let standing = prop_oneof![Just(Standing::Unconfirmed), Just(Standing::Known)];
-        let flight = proptest::option::of(
-            (any::<u64>(), any::<u64>(), any_amount(), any_amount(), any::<u64>(), any::<u64>()).prop_map(
-                |(a, b, amount, refunded, owner, sent_ms)| Flight {
-                    from: a.min(b),
-                    to: a.max(b),
-                    amount,
-                    refunded,
-                    owner,
-                    sent_ms,
-                },
-            ),
-        );
+        let flight =
+            proptest::option::of((any::<u64>(), any::<u64>(), any_amount(), any::<u64>(), any::<u64>()).prop_map(
+                |(a, b, amount, owner, sent_ms)| Flight { from: a.min(b), to: a.max(b), amount, owner, sent_ms },
+            ));
         let lease = (
             any::<bool>(),
             any::<u64>(),
@@ -857,12 +834,12 @@ mod tests {
         });
         let strings = (".*", ".*", standing, any::<u64>());
         let balance = (any_amount(), any::<i64>(), any::<u64>(), any_amount(), any::<u64>(), any::<u64>());
-        let rest = (flight, any_amount(), any::<u64>(), lease, rate, holds, any_amount());
+        let rest = (flight, any_amount(), any::<u64>(), lease, rate, holds);
         (strings, balance, rest).prop_map(
             |(
                 (key, subject, standing, origin),
                 (live, revision, refreshed_ms, spent, a, b),
-                (flight, offline_spent, last_used_ms, lease, rate, holds, refunded),
+                (flight, offline_spent, last_used_ms, lease, rate, holds),
             )| CustomerEntry {
                 key,
                 origin,
@@ -874,7 +851,6 @@ mod tests {
                 spent,
                 next_call: a.max(b),
                 unsent_from: a.min(b),
-                refunded,
                 flight,
                 offline_spent,
                 last_used_ms,
@@ -898,8 +874,9 @@ mod tests {
     }
 
     /// A refund of a call not sent yet comes out of the unsent range (and back into the lease it
-    /// was spent from); one of a call sent already rides with the next range, which a call is
-    /// numbered for if none is waiting, and goes again unchanged if that range must be re-sent.
+    /// was spent from); one of a call sent already comes out of the next range, which gives the
+    /// rest back as `refunded` (a call numbered for it if none is waiting) and goes again
+    /// unchanged if it must be re-sent.
     #[test]
     fn a_refund_comes_out_of_the_unsent_calls_or_rides_with_the_next_range() {
         let mut e = CustomerEntry::new("k", "s", 3, 0);
@@ -907,7 +884,7 @@ mod tests {
         let call = e.spend(amt("0.10"), 1);
         e.spend(amt("0.20"), 1);
         e.refund(call, amt("0.10"), amt("0.10"));
-        assert_eq!((e.spent, e.refunded, e.lease.remaining), (amt("0.20"), amt("0"), amt("0.80")), "netted");
+        assert_eq!((e.spent, e.lease.remaining), (amt("0.20"), amt("0.80")), "netted");
         let sent = e.take_outgoing(1, 2, 1000, SettlementMode::CreditOnly, None).range.unwrap();
         assert_eq!((sent.from, sent.to, sent.amount, sent.refunded), (0, 2, amt("0.20"), amt("0")));
         // Call 1 fails once sent: owed, and the entry has something to report again.
@@ -915,20 +892,26 @@ mod tests {
         e.lease.open = false;
         assert!(!e.has_pending());
         e.refund(1, amt("0.20"), amt("0.20"));
-        assert_eq!((e.spent, e.refunded, e.lease.remaining), (amt("0"), amt("0.20"), amt("0.80")), "owed");
+        assert_eq!((e.spent, e.lease.remaining), (amt("-0.20"), amt("0.80")), "owed");
         assert!(e.has_pending());
         let carried = e.take_outgoing(1, 3, 1000, SettlementMode::CreditOnly, None).range.unwrap();
         assert_eq!((carried.from, carried.to, carried.amount, carried.refunded), (2, 3, amt("0"), amt("0.20")));
-        assert_eq!((e.next_call, e.unsent_calls(), e.refunded), (3, 0, amt("0")), "a call numbered to carry it");
+        assert_eq!((e.next_call, e.unsent_calls(), e.spent), (3, 0, amt("0")), "a call numbered to carry it");
         let again = e.take_outgoing(1, 4, 1000, SettlementMode::CreditOnly, None).range.unwrap();
         assert_eq!(again, carried, "re-sent unchanged");
         e.confirm(&carried);
         assert!(!e.has_pending());
-        // With calls waiting, the refund rides with them.
+        // With calls waiting, the refund comes out of what they spent, and only the rest is given
+        // back as credit.
         e.refund(0, amt("0.10"), Amount::ZERO);
         e.spend(amt("0.30"), 5);
         let next = e.take_outgoing(1, 6, 1000, SettlementMode::CreditOnly, None).range.unwrap();
-        assert_eq!((next.from, next.to, next.amount, next.refunded), (3, 4, amt("0.30"), amt("0.10")));
+        assert_eq!((next.from, next.to, next.amount, next.refunded), (3, 4, amt("0.20"), amt("0")));
+        e.confirm(&next);
+        e.spend(amt("0.05"), 7);
+        e.refund(3, amt("0.30"), Amount::ZERO);
+        let last = e.take_outgoing(1, 8, 1000, SettlementMode::CreditOnly, None).range.unwrap();
+        assert_eq!((last.from, last.to, last.amount, last.refunded), (4, 5, amt("0"), amt("0.25")));
     }
 
     #[test]

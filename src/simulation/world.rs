@@ -211,11 +211,10 @@ struct Node {
     /// Of those, the ones still waiting for the upstream when their worker went away: they
     /// never complete (charged if charged when let through, free if they held their price).
     abandoned: u64,
-    /// Calls waiting for the upstream when an entry was evicted: a refund each may be lost with
-    /// it (a refund finds the entry it was charged in, or none).
+    /// Calls whose refund a lost entry may have taken with it: those that had failed by then
+    /// (owed in its net usage) and those waiting for the upstream (a refund finds the entry it
+    /// was charged in, or none).
     refunds_at_risk: u64,
-    /// What the entries lost had owed back.
-    refunds_lost: Amount,
     /// Calls numbered by the customer's entries that were evicted.
     recorded_before: u64,
     /// Calls the evicted entries had not had booked yet: at most this many are never booked.
@@ -231,8 +230,7 @@ impl Node {
         let unreported = e.unsent_calls() + e.flight.as_ref().map_or(0, |f| f.to - f.from);
         self.recorded_before += e.next_call;
         self.lost_bound += unreported;
-        self.refunds_lost += e.refunded + e.flight.as_ref().map_or(Amount::ZERO, |f| f.refunded);
-        self.refunds_at_risk += self.workers.iter().map(SimWorker::upstream_calls).sum::<u64>();
+        self.refunds_at_risk += self.failed + self.workers.iter().map(SimWorker::upstream_calls).sum::<u64>();
         unreported
     }
 
@@ -342,7 +340,6 @@ impl<L: Ledger> Sim<L> {
                     failed: 0,
                     abandoned: 0,
                     refunds_at_risk: 0,
-                    refunds_lost: Amount::ZERO,
                     recorded_before: 0,
                     lost_bound: 0,
                     admitted_at: Vec::new(),
@@ -815,7 +812,7 @@ impl<L: Ledger> Sim<L> {
             numbered_calls += numbered;
             charged += node.charged(self.priced_by_response);
             lost_bound += node.lost_bound;
-            refunds_lost += node.refunds_lost + price().times(node.refunds_at_risk).unwrap();
+            refunds_lost += price().times(node.refunds_at_risk).unwrap();
         }
         self.stats.lost = numbered_calls - booked_calls;
         self.stats.failed = self.nodes.iter().map(|n| n.failed).sum();
