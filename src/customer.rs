@@ -672,6 +672,19 @@ mod tests {
         assert_eq!(CustomerEntry::decode(&fresh.encode()).unwrap(), fresh);
     }
 
+    /// How many entries Kong's zone holds follows from their size, and the real engine is more
+    /// sensitive to it than a model of its slab classes shows: 32 bytes more per entry (refunds
+    /// as two fields of their own, 9b683e30…) took its eviction suite from 0–204 calls lost to
+    /// 432–1,902 (bench/RESULTS.md §0u). So the stored form is pinned: growing it needs
+    /// `tests/kong_eviction.rs` run on the real engine again, against the build before.
+    #[test]
+    fn an_entry_is_no_larger_than_the_real_engine_was_measured_with() {
+        assert_eq!(FIXED_LEN, 253);
+        let subject = "evicted-customer-00001"; // as tests/kong_eviction.rs names them
+        let key = format!("prepaid_credits/c/USD/-/{subject}");
+        assert_eq!(CustomerEntry::new(&key, subject, 1, 0).encode().len(), 329);
+    }
+
     #[test]
     fn an_entry_keeps_one_length_for_its_life() {
         // Kong's shm_kv moves a value that changes size class; a move can evict the value itself.

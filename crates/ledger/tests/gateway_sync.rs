@@ -220,6 +220,8 @@ async fn a_range_gives_back_what_it_refunds_once_as_credit_of_its_scope(backend:
     assert_eq!(status, 200, "{grants}");
     let given = support::data(&grants).iter().find(|g| g["name"] == "Gateway refund").expect("a refund grant").clone();
     assert_eq!(given["amount"], "2.00", "{given}");
+    assert!(given.get("key").is_none(), "the range books it once, not a key: {given}");
+    assert!(given["description"].as_str().is_some_and(|d| d.contains("n/refunded-subject/USD/-/5-6")), "{given}");
     assert!(given.get("expires_at").is_none_or(Value::is_null), "never expires: {given}");
     let history = ledger.all_transactions(&c).await;
     assert_eq!(summary(&history[..1]), vec![row("funded", "2.00", &id_of(&given), "4.00", "6.00")]);

@@ -580,13 +580,14 @@ impl<'a> Batch<'a> {
     }
 }
 
-/// How credit a range gives back shows among the customer's grants: keyed and named by the range
-/// that carried it.
+/// How credit a range gives back shows among the customer's grants: named, and described by the
+/// range that carried it. No idempotency key: the range's own (its stream's mark) books it once,
+/// and a grant key is the API caller's, at most 256 characters, which a range key may exceed.
 fn refund_record(customer_id: &str, grant: Grant, usage_key: &str, now: DateTime<Utc>) -> GrantRecord {
     GrantRecord {
         state: GrantState::new(grant),
         customer_id: customer_id.to_owned(),
-        key: Some(format!("refund:{usage_key}")),
+        key: None,
         name: "Gateway refund".to_owned(),
         description: Some(format!("credit given back for failed gateway calls, with usage {usage_key}")),
         labels: Labels::new(),
