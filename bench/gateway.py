@@ -14,8 +14,8 @@ each case's figure is its median round):
                                          :status, one response header)
   b  prepaid_credits, one customer      (warm lease: a paying customer's steady state)
   h  b without the x-credits-* response headers
-  g  b with pricing.charge_errors on     (its price is final when let through: charged then, the
-                                         completion writes nothing; seven host calls)
+  g  b with pricing.charge_errors on     (an error costs its price, so no call is ever refunded;
+                                         since §0u the same seven host calls as b)
   c  prepaid_credits, 10k subjects      (wrk script bench/subjects.lua: a subject picked at random
                                          per request; the filter's default configuration, warmed
                                          for at most 10 s)
@@ -354,7 +354,7 @@ def main():
             "b": ("prepaid_credits, 1 customer", wasm_filter("prepaid_credits", f"{wasm}/prepaid_credits.wasm", config)),
             "h": ("b without response headers", wasm_filter("prepaid_credits", f"{wasm}/prepaid_credits.wasm",
                                                             {**config, "response_headers": {"cost": None, "balance": None}})),
-            "g": ("b charged at admission (pricing.charge_errors)", wasm_filter("prepaid_credits", f"{wasm}/prepaid_credits.wasm",
+            "g": ("b with errors charged (pricing.charge_errors)", wasm_filter("prepaid_credits", f"{wasm}/prepaid_credits.wasm",
                                                                               {**config, "pricing": {"charge_errors": True}})),
             # The filter's defaults: an idle lease is kept (lease.idle_release_ms, 5 min) unless the
             # ledger recalls it, so c keeps its leases across the other cases' runs (≈ 40 s).

@@ -9,8 +9,8 @@ bench/gateway.py that apply, side by side in one run, interleaved over rounds:
   L  bench/floor-filter `local`     (F with the balance in the worker's memory: three host calls)
   B  prepaid_credits, one customer  (its default configuration: a warm lease)
   H  B without the x-credits-* response headers
-  G  B with pricing.charge_errors on (its price is final when let through: charged then, the
-     completion writes nothing; seven host calls)
+  G  B with pricing.charge_errors on (an error costs its price, so no call is ever refunded;
+     since §0u the same seven host calls as B)
   C  prepaid_credits, 10k subjects  (bench/subjects.lua picks one at random per request; defaults,
                                      at most 10 s of warm-up)
   B0, C0  B and C on an earlier build, given as GATEWAY_BENCH_BASELINE=<prepaid_credits.wasm> (as
@@ -135,7 +135,7 @@ def gateway_cases(wasm, ledger_port):
         "L": ("floor filter: 3 host calls, balance in worker memory", "proxy_wasm floor_filter 'local';"),
         "B": ("prepaid_credits, 1 customer", credits(config)),
         "H": ("B without response headers", credits(quiet)),
-        "G": ("B charged at admission (pricing.charge_errors)", credits({**config, "pricing": {"charge_errors": True}})),
+        "G": ("B with errors charged (pricing.charge_errors)", credits({**config, "pricing": {"charge_errors": True}})),
         "C": ("prepaid_credits, 10k subjects, defaults", credits(config)),
     }
     subjects = os.path.join(g.ROOT, "bench/subjects.lua")
