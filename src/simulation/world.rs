@@ -695,7 +695,7 @@ impl<L: Ledger> Sim<L> {
             let numbered = if self.priced_by_response {
                 let waiting: u64 = node.workers.iter().map(SimWorker::upstream_calls).sum();
                 let unnumbered = node.failed + node.abandoned + waiting;
-                recorded + unnumbered >= node.let_through && recorded <= node.let_through - node.failed
+                recorded + unnumbered == node.let_through
             } else {
                 recorded >= node.let_through && recorded <= node.let_through + node.failed
             };
