@@ -236,6 +236,9 @@ fn serve_lease(
             served.lease = Some(LeaseAnswer { lease_id, held, granted, expires_at, closed: false, recalled });
         }
         _ if request.release => served.lease = Some(closed),
+        // A top-up or renewal the node sent before it released the lease, arriving after: the
+        // lease stays closed (a request numbered past the release opens it again).
+        Some(k) if seq <= k.last_seq => served.lease = Some(closed),
         // New, or closed before (released or expired): open it, carved out of what is live.
         known => {
             let last_seq = known.map_or(-1, |k| k.last_seq);

@@ -664,7 +664,33 @@ async fn a_renewal_that_overtakes_a_top_up_does_not_swallow_it(backend: Backend)
     ledger.assert_journal_sound().await;
 }
 
+/// A top-up the node sent before it released the lease, overtaken by the release: it neither
+/// opens the lease again nor carves credit (the node knows the lease closed and asks anew, with a
+/// higher number, when it needs one).
+async fn a_top_up_overtaken_by_the_release_leaves_the_lease_closed(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ledger = Ledger::start(&db).await;
+    let c = ledger.customer("overtaken-release").await;
+    ledger.grant(&c, grant_body("10.00", json!({}))).await;
+    let subject = "overtaken-release-subject";
+    let opened = lease(&ledger, subject, lease_request("L", 1, "4.00", MINUTE_MS)).await;
+    assert_eq!(held_granted_closed(&opened), ("4.00", "4.00", false));
+    let mut release = lease_request("L", 3, "0", MINUTE_MS);
+    release["release"] = json!(true);
+    assert_eq!(held_granted_closed(&lease(&ledger, subject, release).await), ("0", "0", true));
+    for late in [lease_request("L", 2, "3.00", MINUTE_MS), lease_request("L", 3, "0", MINUTE_MS)] {
+        let answer = lease(&ledger, subject, late).await;
+        assert_eq!(held_granted_closed(&answer), ("0", "0", true), "{answer}");
+        assert_eq!(ledger.lease_row("L").await.map(|r| r.2), Some(true), "the lease stays released");
+    }
+    assert_eq!(ledger.balance(&c, "").await, balance("10.00", "10.00"));
+    let reopened = lease(&ledger, subject, lease_request("L", 4, "2.00", MINUTE_MS)).await;
+    assert_eq!(held_granted_closed(&reopened), ("2.00", "2.00", false), "a newer request opens it");
+    ledger.assert_journal_sound().await;
+}
+
 on_both_backends!(
+    a_top_up_overtaken_by_the_release_leaves_the_lease_closed,
     a_renewal_that_overtakes_a_top_up_does_not_swallow_it,
     leases_open_top_up_renew_release_and_reopen,
     leases_never_hold_more_than_is_live,

@@ -882,6 +882,9 @@ async fn malformed_syncs_are_refused_and_book_nothing(backend: Backend) {
     sync(json!({"subjects": [valid]})).await.assert_problem(400, Some("node"));
     sync(json!({"node": "", "subjects": [valid]})).await.assert_problem(400, Some("node"));
     sync(json!({"node": "n".repeat(129), "subjects": [valid]})).await.assert_problem(400, Some("node"));
+    // A range without an origin is keyed `<node>/<subject>/…`: node "o/x" and subject "s" would
+    // share the stream of origin "o" and subject "x/s".
+    sync(json!({"node": "o/x", "subjects": [valid]})).await.assert_problem(400, Some("node"));
     sync(json!({"node": "n"})).await.assert_problem(400, Some("subjects"));
     sync(json!({"node": "n", "subjects": [valid], "extra": 1})).await.assert_problem(400, Some("extra"));
     let mut bogus = valid.clone();

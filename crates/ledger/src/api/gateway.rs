@@ -54,8 +54,10 @@ pub async fn serve(state: &AppState, req: SyncRequest) -> ApiResult<SyncResponse
 }
 
 fn validate(req: &SyncRequest) -> ApiResult<()> {
-    if req.node.is_empty() || req.node.len() > MAX_NODE_LEN {
-        return Err(Problem::bad_request("node", format!("node must have 1..{MAX_NODE_LEN} characters")));
+    // A node numbers the calls of ranges that name no origin, and its id opens their keys
+    // (`<node>/<subject>/…`): with a '/' in it, two streams could share one key.
+    if req.node.is_empty() || req.node.len() > MAX_NODE_LEN || req.node.contains('/') {
+        return Err(Problem::bad_request("node", format!("node must have 1..{MAX_NODE_LEN} characters and no '/'")));
     }
     if req.subjects.len() > MAX_SUBJECTS_PER_SYNC {
         return Err(Problem::bad_request("subjects", format!("at most {MAX_SUBJECTS_PER_SYNC} subjects per sync")));
