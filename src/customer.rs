@@ -243,9 +243,11 @@ impl CustomerEntry {
     }
 
     /// What can still be spent: the ledger's live balance minus everything not yet in it and
-    /// what calls in progress hold.
+    /// what calls in progress hold. Credit owed back counts only once `live` has it: a range in
+    /// flight may have been booked already, and `live` may come from after it.
     pub fn available(&self) -> Amount {
-        self.live - self.spent - self.flight.as_ref().map_or(Amount::ZERO, |f| f.amount) - self.holds.amount
+        let in_flight = self.flight.as_ref().map_or(Amount::ZERO, |f| f.amount);
+        self.live - self.spent.max(Amount::ZERO) - in_flight.max(Amount::ZERO) - self.holds.amount
     }
 
     /// Has the ledger answered recently enough to trust `live`?
@@ -275,15 +277,18 @@ impl CustomerEntry {
         call
     }
 
-    /// Gives back `amount` of what call `call` was charged when it was let through (`from_lease`
-    /// of it came out of the lease): the next range books that much less. A call not sent yet
-    /// stays in that range, costing less, and the lease gets its part back (the ledger will
-    /// capture that much less); for one sent already the ledger took it from the lease, and what
-    /// the next range's calls cannot absorb comes back as credit of its own.
-    pub fn refund(&mut self, call: u64, amount: Amount, from_lease: Amount) {
+    /// Gives back `amount` of what a call was charged when it was let through (`from_lease` of it
+    /// came out of the lease): the next range books that much less. A call of this entry (`call`
+    /// its number) not sent yet stays in that range, costing less, and the lease gets back what
+    /// the range will now capture less, at most its part (the range may owe credit back already
+    /// and capture nothing either way); for one sent already, or not this entry's, the ledger took
+    /// it from the lease, and what the next range's calls cannot absorb comes back as credit of
+    /// its own.
+    pub fn refund(&mut self, call: Option<u64>, amount: Amount, from_lease: Amount) {
+        let captured = self.spent.max(Amount::ZERO);
         self.spent -= amount;
-        if call >= self.unsent_from && call < self.next_call {
-            self.lease.remaining += from_lease;
+        if call.is_some_and(|call| call >= self.unsent_from && call < self.next_call) {
+            self.lease.remaining += from_lease.min(captured - self.spent.max(Amount::ZERO));
         }
     }
 
@@ -644,7 +649,7 @@ mod tests {
         e.spend(amt("0.10"), 11);
         e.take_outgoing(9, 12, 1000, SettlementMode::CreditOnly, None);
         e.spend(amt("0.10"), 13);
-        e.refund(0, amt("0.05"), Amount::ZERO);
+        e.refund(Some(0), amt("0.05"), Amount::ZERO);
         e.place_hold(amt("0.25"), 20, 1000);
         e.lease = Lease {
             open: true,
@@ -896,7 +901,7 @@ mod tests {
         e.lease = Lease { open: true, remaining: amt("0.70"), ..Lease::default() };
         let call = e.spend(amt("0.10"), 1);
         e.spend(amt("0.20"), 1);
-        e.refund(call, amt("0.10"), amt("0.10"));
+        e.refund(Some(call), amt("0.10"), amt("0.10"));
         assert_eq!((e.spent, e.lease.remaining), (amt("0.20"), amt("0.80")), "netted");
         let sent = e.take_outgoing(1, 2, 1000, SettlementMode::CreditOnly, None).range.unwrap();
         assert_eq!((sent.from, sent.to, sent.amount, sent.refunded), (0, 2, amt("0.20"), amt("0")));
@@ -904,7 +909,7 @@ mod tests {
         e.confirm(&sent);
         e.lease.open = false;
         assert!(!e.has_pending());
-        e.refund(1, amt("0.20"), amt("0.20"));
+        e.refund(Some(1), amt("0.20"), amt("0.20"));
         assert_eq!((e.spent, e.lease.remaining), (amt("-0.20"), amt("0.80")), "owed");
         assert!(e.has_pending());
         let carried = e.take_outgoing(1, 3, 1000, SettlementMode::CreditOnly, None).range.unwrap();
@@ -916,13 +921,13 @@ mod tests {
         assert!(!e.has_pending());
         // With calls waiting, the refund comes out of what they spent, and only the rest is given
         // back as credit.
-        e.refund(0, amt("0.10"), Amount::ZERO);
+        e.refund(Some(0), amt("0.10"), Amount::ZERO);
         e.spend(amt("0.30"), 5);
         let next = e.take_outgoing(1, 6, 1000, SettlementMode::CreditOnly, None).range.unwrap();
         assert_eq!((next.from, next.to, next.amount, next.refunded), (3, 4, amt("0.20"), amt("0")));
         e.confirm(&next);
         e.spend(amt("0.05"), 7);
-        e.refund(3, amt("0.30"), Amount::ZERO);
+        e.refund(Some(3), amt("0.30"), Amount::ZERO);
         let last = e.take_outgoing(1, 8, 1000, SettlementMode::CreditOnly, None).range.unwrap();
         assert_eq!((last.from, last.to, last.amount, last.refunded), (4, 5, amt("0"), amt("0.25")));
     }

@@ -251,7 +251,7 @@ pub fn complete_in_scope(
 ) -> Option<ScopeCompleted> {
     let key = entry_key(config, scope, subject);
     if let Some(charged) = held.filter(|h| h.charged) {
-        return refund(store, &key, config, charged, actual, now_ms);
+        return refund(store, &key, config, (subject, charged), actual, now_ms);
     }
     let unrecorded = held.is_some_and(|h| h.unrecorded);
     let result = shared::update::<CustomerEntry, ScopeCompleted>(store, &key, |entry| {
@@ -285,28 +285,41 @@ pub fn complete_in_scope(
 }
 
 /// A call charged when it was let through completes at `actual`: what it was charged beyond that
-/// goes back to its customer (`CustomerEntry::refund`). In an entry rebuilt since (the host
-/// evicted the one it was charged in) there is nothing to give back from: what that entry had
-/// not sent was lost with it, and is counted.
+/// goes back to its customer (`CustomerEntry::refund`). The entry it was charged in may be gone
+/// by now: deleted as idle while the call ran (then everything it sent was booked, the call
+/// too), or evicted by the host (then the call may have been lost with it, and is counted). The
+/// credit goes back all the same, through the entry there is now, or a new one made to carry it:
+/// a lost entry may cost the provider a call, never the customer.
 fn refund(
     store: &dyn SharedData,
     key: &str,
     config: &FilterConfig,
-    charged: &Hold,
+    (subject, charged): (&str, &Hold),
     actual: Amount,
     now_ms: u64,
 ) -> Option<ScopeCompleted> {
     let back = charged.amount - actual;
-    let result = shared::update::<CustomerEntry, ScopeCompleted>(store, key, |entry| match entry {
-        Some(mut e) if e.origin == charged.origin && back.is_positive() => {
-            let was_pending = e.has_pending();
-            e.refund(charged.call, back, charged.from_lease.min(back));
-            e.last_used_ms = e.last_used_ms.max(now_ms);
-            let effects = Effects { became_pending: !was_pending && e.has_pending(), ..Effects::default() };
-            let balance = balance_after(&e, config, now_ms);
-            (Some(e), ScopeCompleted { balance, effects })
+    let result = shared::update::<CustomerEntry, ScopeCompleted>(store, key, |entry| {
+        if !back.is_positive() {
+            return (None, ScopeCompleted { balance: None, effects: Effects::default() });
         }
-        _ => (None, ScopeCompleted { balance: None, effects: Effects::default() }),
+        let was_pending = entry.as_ref().is_some_and(CustomerEntry::has_pending);
+        let mut e = entry.unwrap_or_else(|| {
+            let mut e = CustomerEntry::new(key, subject, store.fresh_origin(), now_ms);
+            // No call of its own: idle from the start, so it asks for no lease and goes once
+            // the refund is booked.
+            e.last_used_ms = 0;
+            e
+        });
+        if e.origin == charged.origin {
+            e.refund(Some(charged.call), back, charged.from_lease.min(back));
+            e.last_used_ms = e.last_used_ms.max(now_ms);
+        } else {
+            e.refund(None, back, Amount::ZERO);
+        }
+        let effects = Effects { became_pending: !was_pending && e.has_pending(), ..Effects::default() };
+        let balance = balance_after(&e, config, now_ms);
+        (Some(e), ScopeCompleted { balance, effects })
     });
     result.ok()
 }

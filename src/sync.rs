@@ -704,6 +704,130 @@ mod tests {
         assert!(shared::read::<CustomerEntry>(&store, &key).is_none(), "the idle entry is deleted");
     }
 
+    /// Lets a call of `price` through for alice, charged at admission; what it holds.
+    fn charge(store: &FakeShared, c: &FilterConfig, price: &str, at: u64) -> Vec<crate::decision::Hold> {
+        let charging = crate::pricing::Charging::AtAdmission;
+        let (v, _) = crate::decision::admit(store, c, "alice", &[amt(price)], charging, at, LedgerAccess::Reachable);
+        let Verdict::Allow { held, .. } = v else { panic!("{v:?}") };
+        held
+    }
+
+    /// A charged call holds nothing, so its entry may be deleted as idle (everything booked) while
+    /// it is still upstream; when it then fails, its charge still comes back, through an entry
+    /// made to carry it, which asks for nothing else and goes once the refund is booked.
+    #[test]
+    fn a_refund_outlives_the_entry_deleted_as_idle_while_its_call_was_upstream() {
+        let (store, c, mut t) = (FakeShared::new(Rules::Envoy), config(), Tracker::default());
+        let read = balance_read(&store, &c, "node", "alice", &[c.price], 10, 1000);
+        apply(&store, &c, &read, &answer(vec![ok("alice", None, "1.00", 1)]), 10);
+        t.touch("alice", 10);
+        let held = charge(&store, &c, "0.10", 11);
+        let tick = prepare(&store, &mut t, &c, ("node", 1), Budget::default(), 100).sync.unwrap();
+        apply(&store, &c, &tick, &answer(vec![ok("alice", Some(UsageOutcome::Booked), "0.90", 2)]), 101);
+        let later = 11 + u64::from(c.sync.idle_ms) + 1_000;
+        assert!(later < 11 + c.pricing.hold_timeout_ms, "the call may still be upstream");
+        assert!(prepare(&store, &mut t, &c, ("node", 1), Budget::default(), later).sync.is_none());
+        let key = entry_key(&c, &c.pricing.scopes[0], "alice");
+        assert!(shared::read::<CustomerEntry>(&store, &key).is_none(), "deleted as idle");
+        let done = crate::decision::complete(&store, &c, "alice", &held, &[Amount::ZERO], later + 1);
+        assert!(done.effects.became_pending, "registered, so that every worker sends it");
+        t.touch("alice", later + 1);
+        let tick = prepare(&store, &mut t, &c, ("node", 1), Budget::default(), later + 2).sync.unwrap();
+        let asked = &tick.request.subjects[0];
+        let range = asked.usage.as_ref().unwrap();
+        assert_eq!((range.amount, range.refunded, range.to - range.from), (amt("0"), amt("0.10"), 1));
+        assert!(asked.lease.is_none(), "an entry made for a refund asks for no lease");
+        apply(&store, &c, &tick, &answer(vec![ok("alice", Some(UsageOutcome::Booked), "1.00", 3)]), later + 3);
+        assert!(prepare(&store, &mut t, &c, ("node", 1), Budget::default(), later + 4).sync.is_none());
+        assert!(shared::read::<CustomerEntry>(&store, &key).is_none(), "gone once the refund is booked");
+        // In an entry made since by another call, the refund nets into that entry's usage.
+        let read = balance_read(&store, &c, "node", "alice", &[c.price], later + 5, 1000);
+        apply(&store, &c, &read, &answer(vec![ok("alice", None, "1.00", 4)]), later + 5);
+        let held = charge(&store, &c, "0.10", later + 6);
+        let other = CustomerEntry { origin: held[0].origin + 1, ..shared::read(&store, &key).unwrap() };
+        store.set(&key, &shared::Keyed::encode(&other), None).unwrap();
+        crate::decision::complete(&store, &c, "alice", &held, &[Amount::ZERO], later + 7);
+        let e = shared::read::<CustomerEntry>(&store, &key).unwrap();
+        assert_eq!((e.spent, e.lease.remaining), (amt("0"), other.lease.remaining), "netted, no lease back");
+    }
+
+    /// Credit owed back counts in what a customer may spend only once `live` has it: a range in
+    /// flight that gives credit back may have been booked, and the answer of another worker's
+    /// sync carry it in `live` already.
+    #[test]
+    fn credit_owed_back_in_flight_is_not_counted_twice() {
+        let (store, c) = (FakeShared::new(Rules::Envoy), config());
+        let (mut t1, mut t2) = (Tracker::default(), Tracker::default());
+        let read = balance_read(&store, &c, "node", "alice", &[c.price], 10, 1000);
+        apply(&store, &c, &read, &answer(vec![ok("alice", None, "1.00", 1)]), 10);
+        t1.touch("alice", 10);
+        t2.touch("alice", 10);
+        let held = charge(&store, &c, "0.10", 11);
+        let tick = prepare(&store, &mut t1, &c, ("node", 1), Budget::default(), 100).sync.unwrap();
+        apply(&store, &c, &tick, &answer(vec![ok("alice", Some(UsageOutcome::Booked), "0.90", 2)]), 101);
+        crate::decision::complete(&store, &c, "alice", &held, &[Amount::ZERO], 102);
+        let w1 = prepare(&store, &mut t1, &c, ("node", 1), Budget::default(), 1_100).sync.unwrap();
+        assert_eq!(w1.request.subjects[0].usage.as_ref().unwrap().refunded, amt("0.10"));
+        let w2 = prepare(&store, &mut t2, &c, ("node", 2), Budget::default(), 1_101).sync.unwrap();
+        // The ledger books w1's range (live 1.00), then answers w2, whose answer lands first.
+        apply(&store, &c, &w2, &answer(vec![ok("alice", None, "1.00", 3)]), 1_102);
+        let e = shared::read::<CustomerEntry>(&store, &entry_key(&c, &c.pricing.scopes[0], "alice")).unwrap();
+        assert_eq!(e.available(), amt("1.00"));
+        let (verdict, _) = call(&store, &c, "alice", amt("1.05"), 1_103, LedgerAccess::Reachable);
+        assert!(matches!(verdict, Verdict::Refuse { .. }), "credit_only let through {verdict:?}");
+    }
+
+    /// A call charged from the lease that fails before it is sent gives the lease back only what
+    /// its range will capture less: with credit owed back netted into that range, less than its
+    /// price.
+    #[test]
+    fn a_refund_of_an_unsent_call_never_lifts_the_lease_above_the_ledgers_hold() {
+        let store = FakeShared::new(Rules::Envoy);
+        let c =
+            FilterConfig::parse(br#"{"ledger": {"upstream": "l", "token": "t"}, "price": "0.10", "currency": "USD"}"#)
+                .unwrap();
+        assert_eq!(c.sync.strategy, Strategy::Lease);
+        let (mut hold, mut revision, mut t) = (Amount::ZERO, 0, Tracker::default());
+        // The ledger: captures `captured` from the node's lease and grants every top-up in full.
+        let mut answer_to = |p: &PendingSync, usage: Option<UsageOutcome>, captured: &str| {
+            hold -= amt(captured);
+            let lease = p.request.subjects[0].lease.clone().map(|l| {
+                hold += l.want;
+                let expires_at = chrono::DateTime::UNIX_EPOCH + chrono::TimeDelta::hours(1);
+                let (held, granted) = (hold, l.want);
+                credits::sync::LeaseAnswer {
+                    lease_id: l.lease_id,
+                    held,
+                    granted,
+                    expires_at,
+                    closed: false,
+                    recalled: false,
+                }
+            });
+            revision += 1;
+            let outcome = SubjectOutcome::Ok { customer_id: "c".into(), usage, live: amt("5.00"), revision, lease };
+            (answer(vec![SubjectAnswer { subject: "alice".into(), outcome }]), hold)
+        };
+        let read = balance_read(&store, &c, "node", "alice", &[c.price], 10, 1000);
+        apply(&store, &c, &read, &answer_to(&read, None, "0").0, 10);
+        t.touch("alice", 10);
+        let call0 = charge(&store, &c, "0.20", 11);
+        let tick = prepare(&store, &mut t, &c, ("node", 1), Budget::default(), 100).sync.unwrap();
+        apply(&store, &c, &tick, &answer_to(&tick, Some(UsageOutcome::Booked), "0.20").0, 101);
+        crate::decision::complete(&store, &c, "alice", &call0, &[Amount::ZERO], 102); // booked, then failed
+        let call1 = charge(&store, &c, "0.30", 103); // the unsent usage nets to 0.10
+                                                     // A lease answer without a range (a read's top-up, or a tick behind another worker's range).
+        let read = balance_read(&store, &c, "node", "alice", &[c.price], 104, 1000);
+        let (a, hold) = answer_to(&read, None, "0");
+        apply(&store, &c, &read, &a, 105);
+        crate::decision::complete(&store, &c, "alice", &call1, &[Amount::ZERO], 106); // fails unsent
+        let tick = prepare(&store, &mut t, &c, ("node", 1), Budget::default(), 1_100).sync.unwrap();
+        let range = tick.request.subjects[0].usage.clone().unwrap();
+        assert_eq!((range.amount, range.refunded), (Amount::ZERO, amt("0.20")), "captures nothing");
+        let e = shared::read::<CustomerEntry>(&store, &entry_key(&c, &c.pricing.scopes[0], "alice")).unwrap();
+        assert!(e.lease.remaining <= hold, "the node may spend {} of a lease holding {hold}", e.lease.remaining);
+    }
+
     #[test]
     fn usage_of_an_unknown_subject_is_dropped_and_counted() {
         let store = FakeShared::new(Rules::Envoy);
