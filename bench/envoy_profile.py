@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Where Envoy's CPU goes per call, in cases e (no-op Wasm filter), p (bench/floor-filter making
-prepaid_credits' nine host calls and none of its decisions), b (prepaid_credits, one customer) and c
+prepaid_credits' seven host calls and none of its decisions), b (prepaid_credits, one customer) and c
 (prepaid_credits, 10,000 subjects at random, defaults) of bench/gateway.py: `perf record`
 (software clock, every thread of the Envoy) during each measured run, split by where the samples
 fall — the Wasm code V8 compiled (the filter itself and V8's stubs for it: anonymous executable

@@ -8,7 +8,7 @@ each case's figure is its median round):
   f  bench/floor-filter, `floor`        (a credit check's fewest host calls, no decisions: subject
                                          header, entry get + compare-and-swap, :status, one
                                          response header)
-  p  bench/floor-filter, `prepaid`      (the host calls prepaid_credits makes on its warm path, nine,
+  p  bench/floor-filter, `prepaid`      (the host calls prepaid_credits makes on its warm path, seven,
                                          no decisions)
   l  bench/floor-filter, `local`        (floor with the balance in the worker's memory: subject,
                                          :status, one response header)
@@ -349,7 +349,7 @@ def main():
             "a": ("no filter", ""),
             "e": ("no-op wasm filter", wasm_filter("noop_filter", f"{wasm}/noop_filter.wasm", None)),
             "f": ("floor filter: a credit check's 5 host calls", wasm_filter("floor_filter", f"{wasm}/floor_filter.wasm", "floor")),
-            "p": ("floor filter: prepaid_credits' 9 host calls", wasm_filter("floor_filter", f"{wasm}/floor_filter.wasm", "prepaid")),
+            "p": ("floor filter: prepaid_credits' 7 host calls", wasm_filter("floor_filter", f"{wasm}/floor_filter.wasm", "prepaid")),
             "l": ("floor filter: 3 host calls, balance in worker memory", wasm_filter("floor_filter", f"{wasm}/floor_filter.wasm", "local")),
             "b": ("prepaid_credits, 1 customer", wasm_filter("prepaid_credits", f"{wasm}/prepaid_credits.wasm", config)),
             "h": ("b without response headers", wasm_filter("prepaid_credits", f"{wasm}/prepaid_credits.wasm",

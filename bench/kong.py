@@ -5,7 +5,7 @@ bench/gateway.py that apply, side by side in one run, interleaved over rounds:
   A  no filter                      (proxy_pass to a keep-alive upstream)
   E  no-op proxy-wasm filter        (bench/noop-filter: reads one header)
   F  bench/floor-filter `floor`     (a credit check's fewest host calls, five, and no decisions)
-  P  bench/floor-filter `prepaid`   (prepaid_credits' nine host calls on its warm path, no decisions)
+  P  bench/floor-filter `prepaid`   (prepaid_credits' seven host calls on its warm path, no decisions)
   L  bench/floor-filter `local`     (F with the balance in the worker's memory: three host calls)
   B  prepaid_credits, one customer  (its default configuration: a warm lease)
   H  B without the x-credits-* response headers
@@ -131,7 +131,7 @@ def gateway_cases(wasm, ledger_port):
         "A": ("no filter", None),
         "E": ("no-op wasm filter", "proxy_wasm noop_filter;"),
         "F": ("floor filter: a credit check's 5 host calls", "proxy_wasm floor_filter 'floor';"),
-        "P": ("floor filter: prepaid_credits' 9 host calls", "proxy_wasm floor_filter 'prepaid';"),
+        "P": ("floor filter: prepaid_credits' 7 host calls", "proxy_wasm floor_filter 'prepaid';"),
         "L": ("floor filter: 3 host calls, balance in worker memory", "proxy_wasm floor_filter 'local';"),
         "B": ("prepaid_credits, 1 customer", credits(config)),
         "H": ("B without response headers", credits(quiet)),

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Where nginx's CPU goes per call on Kong's Wasm engine (nginx + ngx_wasm_module + Wasmtime), in
-cases E (no-op Wasm filter), P (bench/floor-filter making prepaid_credits' nine host calls and none
+cases E (no-op Wasm filter), P (bench/floor-filter making prepaid_credits' seven host calls and none
 of its decisions), B (prepaid_credits, one customer) and C (10,000 subjects at random, defaults) of
 bench/kong.py: `perf record` (software clock) of the gateway's worker during each measured run,
 split by where the samples fall — the filter's code Wasmtime compiled (named through Wasmtime's

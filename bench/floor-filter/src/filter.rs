@@ -116,7 +116,7 @@ impl HttpContext for FloorCall {
             let _ = self.get_current_time();
         }
         let key = [KEY_PREFIX, &subject].concat();
-        // A hold: the price leaves the balance now.
+        // Charged when let through: the price leaves the balance now.
         self.balance = match self.shape {
             Shape::Local => local_update(&key, |b| b.saturating_sub(PRICE)),
             Shape::Floor | Shape::Prepaid => update(&key, |b| b.saturating_sub(PRICE)).unwrap_or(self.balance),
@@ -127,20 +127,15 @@ impl HttpContext for FloorCall {
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let Some(key) = self.key.take() else { return Action::Continue };
-        if self.shape == Shape::Prepaid {
-            // The completion: the hold goes and the cost is recorded, at the same price.
-            self.balance = update(&key, |b| b).unwrap_or(self.balance);
-        }
         let status = self.get_http_response_header(":status");
         let succeeded = status.is_some_and(|s| s.starts_with('2'));
         if !succeeded {
             // Charged at admission: only a call that failed writes again, to be refunded.
             let refund = |b: u64| b.saturating_add(PRICE);
-            match self.shape {
-                Shape::Floor => self.balance = update(&key, refund).unwrap_or(self.balance),
-                Shape::Local => self.balance = local_update(&key, refund),
-                Shape::Prepaid => {}
-            }
+            self.balance = match self.shape {
+                Shape::Floor | Shape::Prepaid => update(&key, refund).unwrap_or(self.balance),
+                Shape::Local => local_update(&key, refund),
+            };
         }
         if self.shape == Shape::Prepaid {
             self.set_http_response_header("x-credits-cost", Some(if succeeded { "0.01" } else { "0" }));

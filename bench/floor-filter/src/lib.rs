@@ -8,9 +8,11 @@
 //!   read the customer's entry and write it back with compare-and-swap, read `:status`, set one
 //!   response header. Five per call; a call that failed upstream writes once more (a refund:
 //!   the price was taken when it was let through).
-//! - `prepaid`: the calls `prepaid_credits` makes on its warm path today: the subject header, the
-//!   clock, the entry read and compare-and-swapped when the call is let through and again when
-//!   it completes, `:status`, two response headers. Nine per call.
+//! - `prepaid`: the calls `prepaid_credits` makes on its warm path today, under its defaults: the
+//!   subject header, the clock, the entry read and compare-and-swapped when the call is let
+//!   through (charged then), `:status`, two response headers. Seven per call; a call that failed
+//!   upstream writes again, as in `floor`. (Until §0u of `bench/RESULTS.md` the filter made nine:
+//!   a second read and compare-and-swap when the call completed.)
 //! - `local`: `floor` with the balance kept in the worker's own memory instead of shared data
 //!   (what a design where each worker spends a slice of the lease of its own, and writes shared
 //!   data only per tick, would make): the subject, `:status`, one response header. Three per call.
