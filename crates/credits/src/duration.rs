@@ -18,8 +18,6 @@ pub struct IsoDuration {
 }
 
 const NANOS_PER_SECOND: u128 = 1_000_000_000;
-const NANOS_PER_MINUTE: u128 = 60 * NANOS_PER_SECOND;
-const NANOS_PER_HOUR: u128 = 3600 * NANOS_PER_SECOND;
 /// Bounds keep every duration addable to any date chrono can represent without overflow.
 const MAX_MONTHS: u32 = 12 * 10_000;
 const MAX_DAYS: u64 = 366 * 10_000;
@@ -55,12 +53,15 @@ impl IsoDuration {
         }
         if let Some(time) = time_part {
             for (value, unit) in components(time, "HMS").ok_or_else(invalid)? {
-                let nanos = match unit {
-                    'H' => u128::from(whole_number(value).ok_or_else(invalid)?).checked_mul(NANOS_PER_HOUR),
-                    'M' => u128::from(whole_number(value).ok_or_else(invalid)?).checked_mul(NANOS_PER_MINUTE),
-                    _ => seconds_to_nanos(value),
-                }
-                .ok_or_else(invalid)?;
+                // Elapsed time, so a fraction of an hour or minute is exact (to the nanosecond, as
+                // seconds are).
+                let seconds_per_unit = match unit {
+                    'H' => 3600,
+                    'M' => 60,
+                    _ => 1,
+                };
+                let nanos =
+                    seconds_to_nanos(value).and_then(|n| n.checked_mul(seconds_per_unit)).ok_or_else(invalid)?;
                 out.nanos = out.nanos.checked_add(nanos).ok_or_else(invalid)?;
             }
         }
@@ -106,7 +107,7 @@ fn components<'a>(text: &'a str, order: &str) -> Option<Vec<(&'a str, char)>> {
 
 fn whole_number(value: &str) -> Option<u64> {
     if !value.bytes().all(|b| b.is_ascii_digit()) {
-        return None; // fractional years, months, weeks, days, hours and minutes are refused
+        return None; // fractional years, months, weeks and days are refused: they are calendar units
     }
     value.parse().ok()
 }
@@ -184,6 +185,14 @@ mod tests {
         assert_eq!(IsoDuration::parse("P2W").unwrap().add_to(start), Some(at(2026, 1, 15)));
         assert_eq!(IsoDuration::parse("PT1H").unwrap().add_to(start), Some(start + TimeDelta::hours(1)));
         assert_eq!(IsoDuration::parse("PT1.5S").unwrap().add_to(start), Some(start + TimeDelta::milliseconds(1500)));
+        // The schema's pattern allows a fraction in every component; hours and minutes are
+        // elapsed time, so theirs are exact.
+        assert_eq!(IsoDuration::parse("PT1.5H").unwrap().add_to(start), Some(start + TimeDelta::minutes(90)));
+        assert_eq!(IsoDuration::parse("PT0.5M").unwrap().add_to(start), Some(start + TimeDelta::seconds(30)));
+        assert_eq!(
+            IsoDuration::parse("PT0.000000001H").unwrap().add_to(start),
+            Some(start + TimeDelta::nanoseconds(3600))
+        );
     }
 
     #[test]

@@ -244,12 +244,10 @@ impl Grant {
     }
 
     /// Settles the purchase of an external grant; invoice and promotional grants have no such step.
-    pub fn set_settlement_status(&mut self, status: SettlementStatus) -> Result<(), ModelError> {
+    /// Whether the status changed (a retry of the same status changes nothing).
+    pub fn set_settlement_status(&mut self, status: SettlementStatus) -> Result<bool, ModelError> {
         match &mut self.funding {
-            Funding::External(p) => {
-                p.settlement_status = status;
-                Ok(())
-            }
+            Funding::External(p) => Ok(std::mem::replace(&mut p.settlement_status, status) != status),
             other => Err(ModelError::NotExternal(other.method().as_str())),
         }
     }

@@ -92,6 +92,10 @@ pub const MAX_CALLS_PER_RANGE: u64 = 1_000_000;
 /// CloudEvents in one ingest request: 1,000 (one write transaction).
 pub const MAX_EVENTS_PER_BATCH: usize = 1000;
 
+/// Bytes of a metering event's `id` and of its `source`: together they are the event's unique key,
+/// and PostgreSQL indexes at most ≈ 2.7 KB of one.
+pub const MAX_EVENT_ID_LEN: usize = 1024;
+
 /// Subject keys of one customer: 100. Each request checks them pairwise for duplicates.
 pub const MAX_SUBJECT_KEYS_PER_CUSTOMER: usize = 100;
 

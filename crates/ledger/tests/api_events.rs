@@ -259,7 +259,35 @@ async fn health_metrics_and_openapi_are_served(backend: Backend) {
     ledger.assert_journal_sound().await;
 }
 
+/// An event's `id` and `source` are its unique key; one longer than PostgreSQL can index was a
+/// 500 there (and stored on SQLite): both now refuse it with a 400 naming the field.
+async fn an_event_id_or_source_too_long_to_index_is_refused(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ledger = Ledger::start(&db).await;
+    let long = "i".repeat(1025);
+    for (field, event) in [
+        ("id", json!({"id": long, "source": "gateway", "specversion": "1.0", "type": "request", "subject": "s"})),
+        ("source", json!({"id": "e1", "source": long, "specversion": "1.0", "type": "request", "subject": "s"})),
+    ] {
+        ledger
+            .call(reqwest::Method::POST, "/v3/openmeter/events")
+            .body(Some("application/cloudevents+json"), event.to_string())
+            .send()
+            .await
+            .assert_problem(400, Some(field));
+    }
+    let at_the_limit = json!({"id": "i".repeat(1024), "source": "s".repeat(1024), "specversion": "1.0",
+        "type": "request", "subject": "s"});
+    let reply = ledger
+        .call(reqwest::Method::POST, "/v3/openmeter/events")
+        .body(Some("application/cloudevents+json"), at_the_limit.to_string())
+        .send()
+        .await;
+    assert_eq!(reply.status, 202, "{}", reply.text);
+}
+
 on_both_backends!(
+    an_event_id_or_source_too_long_to_index_is_refused,
     events_are_accepted_in_every_content_type_and_stored_once,
     events_list_pages_with_cursors_and_filters,
     malformed_events_are_refused_and_nothing_is_stored,

@@ -426,7 +426,49 @@ async fn void_removes_the_unused_remainder_and_keeps_history(backend: Backend) {
     ledger.assert_journal_sound().await;
 }
 
+/// Re-sending the settlement status a grant already has changes nothing: the retry is answered
+/// with the grant as it was (`updated_at` included).
+async fn re_sending_the_same_settlement_status_changes_nothing(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ledger = Ledger::start(&db).await;
+    let c = ledger.customer("settler").await;
+    let ext = ledger
+        .grant(&c, grant_body("10", json!({"funding_method": "external", "purchase": {"currency": "USD"}})))
+        .await;
+    let id = ext["id"].as_str().expect("grant id");
+    let settle = format!("{}/credits/grants/{id}/settlement/external", customer_path(&c));
+    let (status, first) = ledger.post(&settle, json!({"status": "authorized"})).await;
+    assert_eq!(status, 200, "{first}");
+    ledger.wait_past(first["updated_at"].as_str().unwrap_or("")).await;
+    let (status, retried) = ledger.post(&settle, json!({"status": "authorized"})).await;
+    assert_eq!(status, 200, "{retried}");
+    assert_eq!(retried, first, "a retry returns the original answer");
+}
+
+/// Every instant the API writes is an RFC 3339 date-time (four-digit years): a grant that would
+/// expire after 9999 is refused. A fraction of an hour or minute is exact elapsed time, as the
+/// schema's pattern allows.
+async fn expiries_are_rfc3339_instants_and_may_be_fractions_of_an_hour(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ledger = Ledger::start(&db).await;
+    let c = ledger.customer("far").await;
+    let grants = format!("{}/credits/grants", customer_path(&c));
+    let too_far = grant_body("1", json!({"expires_after": "P10000Y"}));
+    ledger.call(reqwest::Method::POST, &grants).json(&too_far).send().await.assert_problem(400, Some("expires_after"));
+    let start = "2030-01-01T00:00:00Z";
+    for (duration, expires) in [("PT1.5H", "2030-01-01T01:30:00Z"), ("PT0.5M", "2030-01-01T00:00:30Z")] {
+        let body = grant_body("1", json!({"effective_at": start, "expires_after": duration}));
+        let (status, g) = ledger.post(&grants, body).await;
+        assert_eq!(status, 201, "{duration}: {g}");
+        assert_eq!(g["expires_at"], expires, "{duration}");
+    }
+    let body = grant_body("1", json!({"effective_at": start, "expires_after": "P1.5D"}));
+    ledger.call(reqwest::Method::POST, &grants).json(&body).send().await.assert_problem(400, Some("expires_after"));
+}
+
 on_both_backends!(
+    re_sending_the_same_settlement_status_changes_nothing,
+    expiries_are_rfc3339_instants_and_may_be_fractions_of_an_hour,
     grant_defaults_purchase_terms_and_round_trip,
     grant_expiry_follows_the_iso_duration_on_the_calendar,
     future_grant_is_pending_until_it_becomes_effective,

@@ -4,7 +4,7 @@
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use chrono::{DateTime, Utc};
-use credits::limits::MAX_EVENTS_PER_BATCH;
+use credits::limits::{MAX_EVENTS_PER_BATCH, MAX_EVENT_ID_LEN};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
@@ -60,6 +60,12 @@ fn validate(index: Option<usize>, event: &MeteringEvent) -> ApiResult<()> {
     ] {
         if value.is_empty() {
             return Err(Problem::bad_request(field(name), format!("{name} must not be empty")));
+        }
+    }
+    for (name, value) in [("id", &event.id), ("source", &event.source)] {
+        if value.len() > MAX_EVENT_ID_LEN {
+            let detail = format!("{name} must have at most {MAX_EVENT_ID_LEN} bytes");
+            return Err(Problem::bad_request(field(name), detail));
         }
     }
     if event.datacontenttype.as_deref().is_some_and(|c| c != "application/json") {

@@ -258,6 +258,10 @@ pub async fn create(
     if grant.expires_at.is_some_and(|e| e <= now) {
         return Err(Problem::bad_request("expires_after", "the grant would already have expired"));
     }
+    // RFC 3339 has four-digit years: an instant after 9999 could not be written back.
+    if grant.expires_at.is_some_and(|e| chrono::Datelike::year(&e) > 9999) {
+        return Err(Problem::bad_request("expires_after", "the grant would expire after the year 9999"));
+    }
     let mut record = GrantRecord {
         state: credits::GrantState::new(grant),
         customer_id: customer_id.clone(),
@@ -372,14 +376,17 @@ pub async fn settle_external(
     let mut record = grants::get(&mut ctx.w.tx, &customer_id, &grant_id)
         .await?
         .ok_or_else(|| Problem::not_found("grant", &grant_id))?;
-    record
+    let changed = record
         .state
         .grant
         .set_settlement_status(req.status)
         .map_err(|e| Problem::bad_request("funding_method", e.to_string()))?;
-    grants::save_settlement(&mut ctx.w.tx, &record.state.grant, now).await?;
-    record.updated_at = now;
-    ctx.commit().await?;
+    // The same status again (a retry) writes nothing and answers the grant as it is.
+    if changed {
+        grants::save_settlement(&mut ctx.w.tx, &record.state.grant, now).await?;
+        record.updated_at = now;
+        ctx.commit().await?;
+    }
     Ok(axum::Json(view(&record, now)))
 }
 

@@ -123,17 +123,30 @@ async fn find_clash(tx: &mut Tx, id: &str, key: Option<&str>, subjects: &[String
     Ok(None)
 }
 
-async fn write_subjects(tx: &mut Tx, id: &str, subjects: &[String]) -> StoreResult<()> {
+/// A write refused by a unique index: another transaction took the key or subject since
+/// `find_clash` looked (PostgreSQL runs writers side by side; SQLite never gets here).
+fn taken_meanwhile(result: sqlx::Result<sqlx::any::AnyQueryResult>) -> StoreResult<bool> {
+    match result {
+        Err(e) if e.as_database_error().is_some_and(|d| d.is_unique_violation()) => Ok(true),
+        other => other.map(|_| false).map_err(Into::into),
+    }
+}
+
+async fn write_subjects(tx: &mut Tx, id: &str, subjects: &[String]) -> StoreResult<Result<(), Clash>> {
     sqlx::query("DELETE FROM customer_subjects WHERE customer_id = $1").bind(id).execute(&mut **tx).await?;
     for (position, s) in subjects.iter().enumerate() {
-        sqlx::query("INSERT INTO customer_subjects (subject_key, customer_id, position) VALUES ($1, $2, $3)")
-            .bind(s)
-            .bind(id)
-            .bind(position as i64)
-            .execute(&mut **tx)
-            .await?;
+        let inserted =
+            sqlx::query("INSERT INTO customer_subjects (subject_key, customer_id, position) VALUES ($1, $2, $3)")
+                .bind(s)
+                .bind(id)
+                .bind(position as i64)
+                .execute(&mut **tx)
+                .await;
+        if taken_meanwhile(inserted)? {
+            return Ok(Err(Clash::Subject(s.clone())));
+        }
     }
-    Ok(())
+    Ok(Ok(()))
 }
 
 /// Inserts a customer; a taken key or subject is reported, not written.
@@ -141,7 +154,7 @@ pub async fn insert(tx: &mut Tx, c: &CustomerRecord) -> StoreResult<Result<(), C
     if let Some(clash) = find_clash(tx, &c.id, Some(&c.key), &c.subject_keys).await? {
         return Ok(Err(clash));
     }
-    sqlx::query(
+    let inserted = sqlx::query(
         "INSERT INTO customers (id, key, name, description, labels, primary_email, currency, billing_address, created_at, \
          updated_at, deleted_at, clock, lock_version) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, NULL, $11, 0)",
     )
@@ -157,9 +170,11 @@ pub async fn insert(tx: &mut Tx, c: &CustomerRecord) -> StoreResult<Result<(), C
     .bind(micros(c.updated_at))
     .bind(micros(c.created_at))
     .execute(&mut **tx)
-    .await?;
-    write_subjects(tx, &c.id, &c.subject_keys).await?;
-    Ok(Ok(()))
+    .await;
+    if taken_meanwhile(inserted)? {
+        return Ok(Err(Clash::Key));
+    }
+    write_subjects(tx, &c.id, &c.subject_keys).await
 }
 
 /// Replaces the editable fields of a live customer.
@@ -181,8 +196,7 @@ pub async fn update(tx: &mut Tx, c: &CustomerRecord) -> StoreResult<Result<(), C
     .bind(&c.id)
     .execute(&mut **tx)
     .await?;
-    write_subjects(tx, &c.id, &c.subject_keys).await?;
-    Ok(Ok(()))
+    write_subjects(tx, &c.id, &c.subject_keys).await
 }
 
 /// Soft-deletes: the record and its journal stay; its key and subjects become free.
