@@ -8,7 +8,7 @@ use credits::Amount;
 
 use crate::config::{ConfigError, FilterConfig, ResponseHeaders};
 use crate::decision::{self, Admitted, Verdict};
-use crate::engine::{ContextId, Engine, LedgerAnswer, Metric, Token};
+use crate::engine::{ContextId, Engine, LedgerAnswer, Metric, Rules, Token};
 use crate::pricing::{self, Quote, UnitSource};
 use crate::problem::Problem;
 use crate::units::BodyReader;
@@ -119,7 +119,7 @@ impl Call {
             self.stage = Stage::Done;
             return Flow::Pause;
         }
-        if config.pricing.needs_request_body() && !end_of_stream {
+        if config.pricing.needs_request_body() && !end_of_stream && !bodiless(engine.rules(), request) {
             // Decided once the body is in. Neither engine delivers the body to a filter that
             // paused the headers (Envoy turns that pause into "stop all iteration"), so the
             // headers go on; Kong reads the whole body before it contacts the upstream, Envoy
@@ -233,6 +233,22 @@ impl Call {
         }
     }
 
+    /// The call reached its response still waiting for a request body no callback delivered. Not
+    /// expected (`bodiless` decides a call without one at its headers), but if an engine does it,
+    /// the call went upstream undecided: it is charged at its default estimates' price, and counted.
+    fn undecided_without_body(&mut self, worker: &mut Worker, config: &FilterConfig) {
+        if !matches!(self.stage, Stage::AwaitingBody(_)) {
+            return;
+        }
+        if let Stage::AwaitingBody(early) = std::mem::take(&mut self.stage) {
+            worker.count(Metric::CallsResumedUndecided, 1);
+            let header = |name: &str| early.units.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
+            let quote = pricing::quote(&config.pricing, config.price, &header, None);
+            let admitted = Admitted { held: Vec::new(), balance: None };
+            self.stage = Stage::Admitted(Admission { subject: early.subject, quote, admitted });
+        }
+    }
+
     /// The call reached its response while the filter still had it waiting: the engine let it
     /// through undecided (Kong 3.8 resumes a call whose dispatch failed). It holds nothing but is
     /// charged all the same, and counted.
@@ -258,6 +274,7 @@ impl Call {
         if matches!(self.stage, Stage::Waiting) && self.take_admission(worker) == Flow::Pause {
             self.resumed_undecided(worker);
         }
+        self.undecided_without_body(worker, config);
         let Stage::Admitted(admission) = std::mem::take(&mut self.stage) else {
             self.stage = Stage::Done;
             return None;
@@ -331,6 +348,16 @@ impl Call {
             other => self.stage = other,
         }
     }
+}
+
+/// Does a request whose headers did not end the stream have no body all the same? Kong's engine
+/// passes `end_of_stream = false` to every request's headers and calls `on_request_body` only for
+/// a body that is not empty, so there a request that declares no body (no `transfer-encoding`, a
+/// `content-length` absent or zero) is decided at its headers. Envoy says so at the headers.
+fn bodiless(rules: Rules, request: &dyn Request) -> bool {
+    rules == Rules::Nginx
+        && request.header("transfer-encoding").is_none()
+        && request.header("content-length").is_none_or(|n| n.trim() == "0")
 }
 
 /// The call's subject, if it names one (with every header `subject.require_headers` asks for).

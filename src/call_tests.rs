@@ -799,7 +799,8 @@ fn a_request_body_beyond_max_body_bytes_is_not_read_and_the_default_estimate_dec
             g.engine.enter(1, Phase::RequestHeaders);
             let config = g.cfg();
             let mut call = Call::new(1);
-            let flow = call.on_request_headers(&mut g.worker, &mut g.engine, &config, &Named(SUBJECT), false);
+            let request = Answered(vec![("x-consumer-username", SUBJECT), ("transfer-encoding", "chunked")]);
+            let flow = call.on_request_headers(&mut g.worker, &mut g.engine, &config, &request, false);
             assert_eq!(flow, Flow::Continue, "{case}: the headers go on, the body decides");
             let reads = Cell::new(0);
             let read_body = |n: usize| {
@@ -899,6 +900,91 @@ fn an_upstream_error_is_charged_only_with_charge_errors_and_then_at_its_reported
         let case = format!("charge_errors {charge_errors}, status {status}");
         assert_eq!(g.ledger.books().consumed, Amount::parse(consumed).unwrap(), "{case}");
         assert!(g.ledger.books().problems.is_empty(), "{case}: {:?}", g.ledger.books().problems);
+        g.no_violations();
+    }
+}
+
+/// Kong's engine applies `ledger.timeout_ms` to connect, send and read separately (and not to
+/// name resolution): a read may be answered after the worker's deadline for it (timeout + 100 ms).
+/// The tick in between drops the read; the answer then matches nothing and the call is neither
+/// answered nor resumed by the filter (Kong then resumes it undecided: it goes upstream unchecked).
+#[test]
+fn under_nginx_an_answer_after_the_reads_deadline_still_decides_the_call() {
+    for late in ["failed", "ok"] {
+        let mut g = Gateway::new(Rules::Nginx, config(r#", "sync": {"strategy": "cached"}"#), 0); // no credit
+        let (id, _) = g.start();
+        let [(token, _)] = g.pending()[..] else { panic!() };
+        g.engine.now_ms += 500 + 101; // past the read's deadline
+        g.tick();
+        g.engine.dispatched.retain(|d| d.context != 0); // the tick's own sync: not under test
+        if late == "failed" {
+            g.fail(token); // 503 expected (deny)
+        } else {
+            g.answer(token); // 402 expected (no credit)
+        }
+        assert!(g.status(id).is_some() || g.resumed(id) == 1, "{late}: call neither answered nor resumed");
+        g.no_violations();
+    }
+}
+
+/// Kong's engine passes `end_of_stream = false` to `on_request_headers` always, and calls
+/// `on_request_body` only for a body that is not empty (ngx_wasm_module `ngx_wasm_ops.c`, content
+/// phase: "received empty body"). A call priced from its request body that declares none (a GET,
+/// `content-length: 0`) is decided at its headers; one that declares a body no callback delivers
+/// reaches its response undecided, and is charged at its default estimate's price and counted.
+#[test]
+fn under_nginx_a_call_priced_from_its_body_that_has_none_is_checked_at_its_headers() {
+    let extra = r#", "sync": {"strategy": "cached"}, "pricing": {"units": [
+        {"name": "tokens", "unit_price": "0.01", "source": {"response_header": "x-tokens"},
+         "estimate": {"request_json": "/max_tokens", "default_units": "20"}}]}"#;
+    let bodiless = Answered(vec![("x-consumer-username", SUBJECT), ("content-length", "0")]);
+    let declared = Answered(vec![("x-consumer-username", SUBJECT), ("content-length", "12")]);
+    let undeclared = Answered(vec![("x-consumer-username", SUBJECT)]);
+    for (request, refused) in [(undeclared, true), (bodiless, true), (declared, false)] {
+        let mut g = Gateway::new(Rules::Nginx, config(extra), 0); // no credit at all
+        g.engine.enter(1, Phase::RequestHeaders);
+        let config = g.cfg();
+        let mut call = Call::new(1);
+        let flow = call.on_request_headers(&mut g.worker, &mut g.engine, &config, &request, false);
+        g.calls.insert(1, call);
+        g.answer_all();
+        assert_eq!(g.status(1).is_some(), refused, "{:?}: {flow:?}", request.0);
+        if !refused {
+            g.finish_with(1, &Answered(vec![(":status", "200"), ("x-tokens", "7")]), None);
+            let cfg = g.cfg();
+            let entry = crate::simulation::filter::entry_of(&g.engine, cfg.as_ref().as_ref().unwrap(), SUBJECT);
+            assert_eq!(entry.map(|e| e.next_call), Some(1), "charged");
+            g.tick(); // counters go to the engine once per tick
+            assert_eq!(g.engine.metric(Metric::CallsResumedUndecided), 1, "and counted");
+        }
+        g.no_violations();
+    }
+}
+
+/// `unknown.rs`: "a flood of made-up subjects never reaches shared data". Under `lease`, every
+/// cold read writes the subject's entry (`sync::balance_read`, for its top-up's number); when
+/// the read fails the call is refused (deny) without the worker tracking the subject, so no tick
+/// ever deletes the entry: one entry per subject stays in shared data for good (Envoy never
+/// evicts; under Kong it pushes real customers' entries, and their unsent usage, out).
+#[test]
+fn an_entry_written_for_a_read_that_failed_is_deleted_once_idle() {
+    for rules in [Rules::Envoy, Rules::Nginx] {
+        let mut g = Gateway::new(rules, config(""), 10); // lease, deny
+        let (id, _) = g.start_with(&Subject("made-up-1".into()));
+        let [(token, _)] = g.pending()[..] else { panic!() };
+        g.fail(token);
+        assert_eq!(g.status(id), Some(503));
+        g.finish(id, 503);
+        for _ in 0..3 {
+            g.engine.now_ms += 400_000; // past sync.idle_ms and lease.idle_release_ms
+            g.tick();
+            g.answer_all();
+        }
+        let cfg = g.cfg();
+        let cfg = cfg.as_ref().as_ref().unwrap();
+        let key = crate::customer::entry_key(cfg, &cfg.pricing.scopes[0], "made-up-1");
+        let kept = crate::shared::read::<crate::customer::CustomerEntry>(g.engine.shared(), &key);
+        assert!(kept.is_none(), "{rules:?}: the entry of a subject never served is still in shared data: {kept:?}");
         g.no_violations();
     }
 }

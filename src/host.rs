@@ -276,7 +276,7 @@ struct Headers(MapType);
 
 impl Request for Headers {
     fn header(&self, name: &str) -> Option<String> {
-        hostcalls::get_map_value(self.0, name).ok().flatten()
+        header_text(self.0, name)
     }
 
     fn id(&self) -> Option<String> {
@@ -292,6 +292,13 @@ impl Request for Headers {
     }
 }
 
+/// A header's value as text; one that is not UTF-8 (clients may send any bytes) reads as absent.
+/// Read as bytes: the SDK's string reader panics on such a value, and a panic traps the instance.
+fn header_text(map: MapType, name: &str) -> Option<String> {
+    let bytes = hostcalls::get_map_value_bytes(map, name).ok().flatten()?;
+    String::from_utf8(bytes).ok()
+}
+
 fn flow(flow: Flow) -> Action {
     match flow {
         Flow::Continue => Action::Continue,
@@ -302,10 +309,7 @@ fn flow(flow: Flow) -> Action {
 /// The answer to a dispatch, read in its callback (`status` is `None` when the engine reports a
 /// failure).
 fn ledger_answer(body_size: usize) -> LedgerAnswer {
-    let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
-        .ok()
-        .flatten()
-        .and_then(|s| s.parse().ok());
+    let status = header_text(MapType::HttpCallResponseHeaders, ":status").and_then(|s| s.parse().ok());
     let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size).ok().flatten();
     LedgerAnswer { status, body }
 }

@@ -154,6 +154,11 @@ impl Waiting {
         expired
     }
 
+    /// Puts back a read `expired` gave up, to wait for its answer after all.
+    pub fn keep(&mut self, read: Read) {
+        self.reads.push(read);
+    }
+
     /// `context` went away (its client left, or it was answered): it waits no more, and a read it
     /// owned will not be answered.
     pub fn gone(&mut self, context: ContextId) {

@@ -356,13 +356,17 @@ impl Worker {
                 self.count(Metric::CallsUnknownCustomer, 1);
                 Problem::unknown_customer(subject, config.subject.unknown_status)
             }
+            // The subject is tracked, so that an entry a failed read wrote for it is deleted
+            // once idle, like any other.
             Verdict::Unavailable { reason } => {
                 self.count(Metric::CallsUnavailable, 1);
+                self.tracker.touch(subject, now_ms);
                 Problem::unavailable(reason)
             }
             // Only reached for a waiting call whose reads found nothing usable.
             Verdict::AskLedger => {
                 self.count(Metric::CallsUnavailable, 1);
+                self.tracker.touch(subject, now_ms);
                 Problem::unavailable("the credit ledger did not answer")
             }
         };
@@ -545,12 +549,17 @@ impl Worker {
     fn expire_reads(&mut self, engine: &mut dyn Engine, config: &FilterConfig, now_ms: u64) {
         for read in self.waiting.expired(now_ms) {
             self.mark_ledger_down(config, now_ms);
-            for id in read.waiters {
-                if engine.rules().acts_on_other_contexts() {
+            if engine.rules().acts_on_other_contexts() {
+                for id in read.waiters {
                     self.finish(engine, config, id);
                 }
-                // Under ngx_wasm_module a call can only be answered from its own callbacks: the
-                // engine fails its dispatch at the timeout and calls it back (Kong 3.9).
+            } else if read.owner.is_some() {
+                // Under ngx_wasm_module a call can only be answered from its own callbacks, and
+                // the engine always calls the read's owner back: with the answer, or failed at its
+                // own timeouts, which count connect, send and read apart and so may come after
+                // this deadline. The read stays until then, so that its answer still decides
+                // the call (otherwise Kong resumes it undecided, past every check).
+                self.waiting.keep(Read { deadline_ms: u64::MAX, ..read });
             }
         }
     }

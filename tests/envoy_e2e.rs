@@ -117,6 +117,33 @@ async fn an_invalid_config_answers_500_naming_the_field() {
     assert_eq!(envoy.call(Some("alice")).await.0, 500);
 }
 
+/// Clients may send header values of any bytes. One that is not UTF-8 reads as absent: the
+/// proxy-wasm SDK's string reader panics on it, and a panic traps the instance (Envoy then
+/// answers 503 to every later call of the worker; Kong's worker loses its state).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_header_that_is_not_utf8_reads_as_absent_and_traps_nothing() {
+    let dir = TempDir::new("not-utf8");
+    let ledger = Ledger::start(&dir.0).await;
+    let alice = ledger.customer_with_credit("alice", "1.00").await;
+    let (up, _u) = upstream().await;
+    let envoy = Envoy::start(&dir.0, up, ledger.port, &filter_config(json!({}))).await;
+    let latin1 = reqwest::header::HeaderValue::from_bytes(b"caf\xe9").unwrap();
+    for _ in 0..3 {
+        let resp = reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{}/api/thing", envoy.port))
+            .header("x-consumer-username", latin1.clone())
+            .send()
+            .await
+            .expect("call through the gateway");
+        let status = resp.status().as_u16();
+        let body = resp.text().await.unwrap_or_default();
+        assert_eq!(status, 401, "{body}\n{}", envoy.log_text());
+        let (status, _, body) = envoy.call(Some("alice")).await;
+        assert_eq!(status, 200, "the worker still serves: {body}\n{}", envoy.log_text());
+    }
+    ledger.wait_settled(&alice, "0.70").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_subject_without_the_authentication_header_is_refused() {
     let dir = TempDir::new("spoof");

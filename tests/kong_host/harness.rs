@@ -833,12 +833,17 @@ impl Kong {
     pub fn request_with_body(&mut self, headers: &[(&str, &str)], body: Option<&[u8]>) -> Result<(u32, i32)> {
         let id = self.next_id;
         self.next_id += 1;
-        let all: Vec<(String, String)> =
+        let mut all: Vec<(String, String)> =
             [(":method", "GET"), (":path", "/anything"), (":authority", "kong"), (":scheme", "http")]
                 .iter()
                 .chain(headers)
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect();
+        // A client's request declares its body (nginx reads it by these headers).
+        let declared = all.iter().any(|(k, _)| k == "content-length" || k == "transfer-encoding");
+        if let Some(body) = body.filter(|_| !declared) {
+            all.push(("content-length".to_owned(), body.len().to_string()));
+        }
         let n = all.len() as i32;
         self.store.data_mut().requests.insert(id, Request { request_headers: all, ..Request::default() });
         self.call::<(i32, i32), ()>(Phase::Idle, ROOT_ID, "proxy_on_context_create", (id as i32, ROOT_ID as i32))?;
