@@ -309,9 +309,11 @@ impl RawLedger {
         }
         let base_path = self.base_path.unwrap_or_else(|| "/v3".to_owned());
         let segments_ok = base_path == "/"
-            || base_path
-                .strip_prefix('/')
-                .is_some_and(|rest| rest.split('/').all(|s| !s.is_empty() && !s.contains(['?', '#', ' '])));
+            || base_path.strip_prefix('/').is_some_and(|rest| {
+                // It goes into the `:path` of every sync: no whitespace or control character.
+                let plain = |c: char| !(c.is_whitespace() || c.is_control() || matches!(c, '?' | '#'));
+                rest.split('/').all(|s| !s.is_empty() && s.chars().all(plain))
+            });
         if !segments_ok {
             return Err(error("ledger.base_path", "must be / or /segment[/segment…] (e.g. /v3)"));
         }

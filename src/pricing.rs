@@ -216,7 +216,8 @@ pub(crate) fn parse(raw: RawPricing, price: Amount, fixed_feature: Option<Featur
     let mut rules = Vec::with_capacity(raw.units.len());
     for (i, u) in raw.units.into_iter().enumerate() {
         let at = |name: &str| format!("pricing.units[{i}].{name}");
-        if u.name.is_empty() || u.name.len() > 64 || rules.iter().any(|r: &UnitRule| r.name == u.name) {
+        let name_chars = u.name.chars().count();
+        if name_chars == 0 || name_chars > 64 || rules.iter().any(|r: &UnitRule| r.name == u.name) {
             return Err(error(&at("name"), "must be a unique name of 1..64 characters"));
         }
         let unit_price = amount(&at("unit_price"), &u.unit_price)?;
@@ -253,7 +254,10 @@ pub(crate) fn parse(raw: RawPricing, price: Amount, fixed_feature: Option<Featur
             .typical
             .checked_add(typical)
             .and_then(|t| t.bounded().ok())
-            .ok_or_else(|| error(&at("unit_price"), "unit_price × estimate exceeds the amount bound (10^15)"))?;
+            .ok_or_else(|| {
+                let why = "unit_price × estimate must be at most 10^15 with at most 9 decimal places (the ledger's precision)";
+                error(&at("unit_price"), why)
+            })?;
         rules.push(UnitRule { name: u.name, unit_price, source, estimate, scope });
     }
     let missing_usage = match raw.missing_usage.as_deref().unwrap_or("charge_estimate") {

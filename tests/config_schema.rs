@@ -80,7 +80,7 @@ fn corpus() -> Vec<(Value, bool)> {
         ("sync", json!({})),
         ("subject", json!({})),
     ];
-    let invalid: [(&str, Option<Value>); 65] = [
+    let invalid: [(&str, Option<Value>); 67] = [
         ("ledger/upstream", Some(json!(""))),
         ("ledger/upstream", Some(json!("led ger"))),
         ("ledger/authority", Some(json!(""))),
@@ -88,6 +88,9 @@ fn corpus() -> Vec<(Value, bool)> {
         ("ledger/base_path", Some(json!("/v3/"))),
         ("ledger/base_path", Some(json!("//v3"))),
         ("ledger/base_path", Some(json!("/v3?x=1"))),
+        // A control character goes into the :path of every sync: nothing may reach the ledger.
+        ("ledger/base_path", Some(json!("/v3\r\nx-forwarded-for:1.2.3.4"))),
+        ("ledger/base_path", Some(json!("/v\t3"))),
         ("ledger/token", Some(json!(""))),
         ("ledger/token", Some(json!("a\nb"))),
         ("ledger/timeout_ms", Some(json!(0))),
@@ -176,6 +179,10 @@ fn corpus() -> Vec<(Value, bool)> {
         ),
         with("pricing", Some(json!({"units": [rule(json!({}))]}))),
         with("pricing", Some(json!({}))),
+        // Lengths are characters in JSON Schema (and in Kong's ljsonschema for maxLength).
+        ai(json!([rule(json!({"name": "é".repeat(33)}))])),
+        // The largest count, written with a decimal point: the filter takes it.
+        ai(json!([rule(json!({"estimate": {"units": "1000000000000.0"}}))])),
     ];
     let pricing_invalid = [
         ai(json!([])),
@@ -202,6 +209,8 @@ fn corpus() -> Vec<(Value, bool)> {
         with("pricing/hold_timeout_ms", Some(json!(999))),
         with("pricing/charge_errors", Some(json!("no"))),
         with("pricing/other", Some(json!(1))),
+        // More decimals than a count can carry (rust_decimal: 28): the filter refuses it.
+        ai(json!([rule(json!({"estimate": {"units": format!("0.{}1", "0".repeat(28))}}))])),
     ];
     cases.extend(pricing_valid.into_iter().map(|c| (c, true)));
     cases.extend(pricing_invalid.into_iter().map(|c| (c, false)));
@@ -250,4 +259,46 @@ fn every_schema_property_has_a_description_or_a_default() {
     let mut missing = Vec::new();
     walk("config", &meta["config_schema"], &mut missing);
     assert!(missing.is_empty(), "undocumented keys: {missing:?}");
+}
+
+/// Kong validates a filter's config with lua-resty-ljsonschema, whose `pattern` is
+/// `ngx.re.find(value, pattern, "jo")`: PCRE, where `$` also matches before a final newline.
+/// Emulated here (`P$` -> `P\n?$`): a trailing newline the filter refuses must not get through.
+#[test]
+fn a_trailing_newline_is_refused_by_the_schema_as_kong_runs_it() {
+    fn pcre_dollar(node: &mut Value) {
+        match node {
+            Value::Object(map) => {
+                if let Some(Value::String(p)) = map.get_mut("pattern") {
+                    if let Some(body) = p.strip_suffix('$') {
+                        *p = format!("{body}\\n?$");
+                    }
+                }
+                map.values_mut().for_each(pcre_dollar);
+            }
+            Value::Array(items) => items.iter_mut().for_each(pcre_dollar),
+            _ => {}
+        }
+    }
+    let mut meta: Value = serde_json::from_str(include_str!("../plugin-schema/prepaid_credits.meta.json")).unwrap();
+    pcre_dollar(&mut meta["config_schema"]);
+    let kong = jsonschema::draft4::new(&meta["config_schema"]).unwrap();
+    let cases = [
+        ("ledger/token", json!("secret\n")),
+        ("ledger/upstream", json!("127.0.0.1:8480\n")),
+        ("subject/header", json!("x-consumer-username\n")),
+        ("price", json!("0.01\n")),
+        ("currency", json!("USD\n")),
+        ("response_headers/balance", json!("x-credits-balance\n")),
+    ];
+    let mut accepted = Vec::new();
+    for (path, value) in cases {
+        let config = with(path, Some(value));
+        let parsed = FilterConfig::parse(config.to_string().as_bytes());
+        assert!(parsed.is_err(), "the filter refuses {config}");
+        if kong.is_valid(&config) {
+            accepted.push(format!("{config} -> filter: {}", parsed.unwrap_err()));
+        }
+    }
+    assert!(accepted.is_empty(), "Kong accepts, the filter answers 500:\n{}", accepted.join("\n"));
 }
