@@ -286,7 +286,28 @@ async fn an_event_id_or_source_too_long_to_index_is_refused(backend: Backend) {
     assert_eq!(reply.status, 202, "{}", reply.text);
 }
 
+/// Anyone, without a token, names the HTTP method: one it invents is counted as `other`, not as a
+/// metric series of its own.
+async fn methods_a_client_invents_add_no_metric_series(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ledger = Ledger::start(&db).await;
+    let metrics = |l: &Ledger| {
+        let http = l.http.clone();
+        let url = l.url("/metrics");
+        async move { http.get(url).send().await.expect("metrics").text().await.expect("text") }
+    };
+    let series = |text: &str| text.lines().filter(|l| l.starts_with("credits_ledger_requests_total{")).count();
+    let before = series(&metrics(&ledger).await);
+    for i in 0..200 {
+        let method = reqwest::Method::from_bytes(format!("X{i:04}").as_bytes()).expect("method");
+        let _ = ledger.http.request(method, ledger.url("/v3/openmeter/customers")).send().await.expect("sent");
+    }
+    let after = series(&metrics(&ledger).await);
+    assert!(after <= before + 2, "200 invented methods added {} series: {before} -> {after}", after - before);
+}
+
 on_both_backends!(
+    methods_a_client_invents_add_no_metric_series,
     an_event_id_or_source_too_long_to_index_is_refused,
     events_are_accepted_in_every_content_type_and_stored_once,
     events_list_pages_with_cursors_and_filters,

@@ -514,7 +514,72 @@ async fn charges_are_unaffected_by_customers_outside_a_rule(backend: Backend) {
     let _ = customer_path(&ignored);
 }
 
+/// A scan takes the 500 soonest expiring grants it has not noted for a rule: those of customers
+/// the rule does not watch are noted too, so that they cannot hide, scan after scan, a grant it
+/// does watch that expires a little later.
+async fn expiring_grants_a_rule_does_not_watch_never_hide_one_it_does(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ledger = Ledger::start(&db).await;
+    let (status, ch) =
+        ledger.post(CHANNELS, json!({"type": "webhook", "name": "ops", "url": "http://127.0.0.1:9/hook"})).await;
+    assert_eq!(status, 201, "{ch}");
+    let watched = ledger.customer("watched").await;
+    let busy = ledger.customer("busy").await;
+    let rule = json!({"type": "credits.grant.expiring", "name": "soon", "channels": [ch["id"]], "before": "P1D",
+        "customer_ids": [watched]});
+    let (status, body) = ledger.post(RULES, rule).await;
+    assert_eq!(status, 201, "{body}");
+    for _ in 0..500 {
+        ledger.grant(&busy, grant_body("1", json!({"expires_after": "PT1H"}))).await;
+    }
+    ledger.grant(&watched, grant_body("10", json!({"expires_after": "PT2H"}))).await;
+    for _ in 0..3 {
+        let now = ledger.db_now().await;
+        ledger::notify::expiring::scan(&ledger.state.db, now).await.expect("scan");
+    }
+    let (status, body) = ledger.get(&format!("{EVENTS}?filter[customer_id]={watched}")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["data"].as_array().map(Vec::len), Some(1), "the watched grant expires within P1D: {body}");
+}
+
+/// A delivery retried under `--webhook-max-attempts 10` whose ledger restarts with
+/// `--webhook-max-attempts 2` (or meets an instance configured so) after two attempts is failed
+/// (and counted), not left `pending` and due forever.
+async fn a_delivery_without_attempts_left_is_failed_after_the_limit_was_lowered(backend: Backend) {
+    use ledger::notify::delivery;
+    let db = TestDb::new(backend).await;
+    let ledger = Ledger::start(&db).await;
+    let (status, ch) =
+        ledger.post(CHANNELS, json!({"type": "webhook", "name": "ops", "url": "http://127.0.0.1:9/hook"})).await;
+    assert_eq!(status, 201, "{ch}");
+    let rule = json!({"type": "credits.balance.threshold", "name": "low", "channels": [ch["id"]], "currency": "USD",
+        "thresholds": [{"type": "absolute", "value": "5"}]});
+    assert_eq!(ledger.post(RULES, rule).await.0, 201);
+    let c = ledger.customer("c").await;
+    ledger.grant(&c, grant_body("10", json!({}))).await;
+    let (status, body) = ledger.charge(&c, "6", "k").await;
+    assert_eq!(status, 201, "{body}");
+    let (db_, metrics) = (&ledger.state.db, &ledger.state.metrics);
+    let before = WebhookConfig { retry_ms: 1, max_retry_ms: 1, max_attempts: 10, timeout_ms: 1000 };
+    let client = delivery::client(&before).expect("client");
+    for _ in 0..2 {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert_eq!(delivery::pass(db_, metrics, &client, &before).await.expect("pass"), 1);
+    }
+    let after = WebhookConfig { max_attempts: 2, ..before };
+    for _ in 0..3 {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        delivery::pass(db_, metrics, &client, &after).await.expect("pass");
+    }
+    let (_, body) = ledger.get(EVENTS).await;
+    let d = &body["data"][0]["deliveries"][0];
+    assert_eq!(d["attempts"], 2, "{d}");
+    assert_ne!(d["status"], "pending", "a delivery with no attempts left must be failed, not pending forever: {d}");
+}
+
 on_both_backends!(
+    expiring_grants_a_rule_does_not_watch_never_hide_one_it_does,
+    a_delivery_without_attempts_left_is_failed_after_the_limit_was_lowered,
     channels_and_rules_are_validated_and_admin_only,
     a_threshold_fires_once_when_crossed_and_rearms_above,
     failed_deliveries_are_retried_with_backoff_and_the_same_webhook_id,

@@ -266,13 +266,29 @@ where
 
 /// A database URL without its password, for messages.
 pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
+    let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
+    let base = match (base.find("://"), base.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = url[scheme..at].trim_start_matches("://");
+            let userinfo = base[scheme..at].trim_start_matches("://");
             let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}://{}:***@{}", &url[..scheme], user, url[at..].trim_start_matches('@'))
+            format!("{}://{}:***@{}", &base[..scheme], user, base[at..].trim_start_matches('@'))
         }
-        _ => url.to_owned(),
+        _ => base.to_owned(),
+    };
+    // The drivers also take a password as a parameter.
+    let secret = |name: &str| ["password", "sslpassword"].iter().any(|s| name.eq_ignore_ascii_case(s));
+    match query {
+        None => base,
+        Some(query) => {
+            let params: Vec<String> = query
+                .split('&')
+                .map(|p| match p.split_once('=') {
+                    Some((name, _)) if secret(name) => format!("{name}=***"),
+                    _ => p.to_owned(),
+                })
+                .collect();
+            format!("{base}?{}", params.join("&"))
+        }
     }
 }
 
@@ -300,4 +316,16 @@ fn sqlite_options(max_connections: u32) -> AnyPoolOptions {
             Ok(())
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn a_database_url_is_logged_without_any_password() {
+        let logged = redact("postgres://ledger:pw1@db.internal/ledger?sslmode=require&password=s3cret&SSLPASSWORD=k3y");
+        assert_eq!(logged, "postgres://ledger:***@db.internal/ledger?sslmode=require&password=***&SSLPASSWORD=***");
+        assert_eq!(redact("sqlite://ledger.db?mode=rwc"), "sqlite://ledger.db?mode=rwc");
+    }
 }

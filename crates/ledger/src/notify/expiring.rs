@@ -42,9 +42,8 @@ async fn scan_rule(db: &Db, rule: &RuleRecord, now: DateTime<Utc>) -> StoreResul
     let Some(horizon) = rule.spec.before.and_then(|b| b.add_to(now)) else { return Ok(0) };
     let (candidates, keys) = {
         let mut conn = db.pool().acquire().await?;
-        let found = grants::expiring_unnoticed(&mut conn, &rule.id, now, horizon, BATCH).await?;
-        let candidates: Vec<GrantRecord> = found.into_iter().filter(|g| watched(rule, g)).collect();
-        let ids: Vec<String> = candidates.iter().map(|g| g.customer_id.clone()).collect();
+        let candidates = grants::expiring_unnoticed(&mut conn, &rule.id, now, horizon, BATCH).await?;
+        let ids: Vec<String> = candidates.iter().filter(|g| watched(rule, g)).map(|g| g.customer_id.clone()).collect();
         let keys = super::customer_keys(&mut conn, &ids).await?;
         (candidates, keys)
     };
@@ -54,9 +53,11 @@ async fn scan_rule(db: &Db, rule: &RuleRecord, now: DateTime<Utc>) -> StoreResul
     let mut w = db.begin_write().await?;
     let mut events = Vec::new();
     for g in &candidates {
-        // A grant with nothing left is noted too, so that it is not looked at again.
+        // Every grant found is noted, so that it is not looked at again: one with nothing left,
+        // and one the rule does not watch (else a batch of those would hide, scan after scan,
+        // the grants it watches behind them).
         let first = outbox::claim_grant_notice(&mut w.tx, &rule.id, &g.state.grant.id.0, now).await?;
-        if first && g.state.remaining().is_ok_and(|r| r.is_positive()) {
+        if first && watched(rule, g) && g.state.remaining().is_ok_and(|r| r.is_positive()) {
             let key = keys.get(&g.customer_id).map_or("", String::as_str);
             events.push(payload::expiring_event(rule, g, key, now));
         }

@@ -196,7 +196,7 @@ pub async fn fail_abandoned(conn: &mut sqlx::AnyConnection, now: DateTime<Utc>, 
     let done = sqlx::query(
         "UPDATE notification_deliveries SET status = 'failed', lease_until = NULL, claim = NULL, \
          last_error = COALESCE(last_error, 'the attempt was lost') \
-         WHERE status = 'pending' AND attempts >= $1 AND lease_until IS NOT NULL AND lease_until <= $2",
+         WHERE status = 'pending' AND attempts >= $1 AND (lease_until IS NULL OR lease_until <= $2)",
     )
     .bind(max_attempts)
     .bind(micros(now))
