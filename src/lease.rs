@@ -2,6 +2,7 @@
 //! one, and what to ask the ledger about it on each sync.
 
 use chrono::{DateTime, Utc};
+use credits::limits::MAX_AMOUNT;
 use credits::sync::{LeaseAnswer, LeaseRequest};
 use credits::Amount;
 
@@ -118,8 +119,10 @@ pub fn request(
     }
     let Sizing { target, low } = sizing(config, scope, e.rate.calls_per_min, turn_ms);
     let remaining = if e.lease.open && now_ms < e.lease.spend_until_ms { e.lease.remaining } else { Amount::ZERO };
+    // At most what the ledger takes in one request: beyond it the ledger refuses the whole
+    // subject, usage range included.
     let want = if for_call.is_some() || remaining < low {
-        (target - remaining).max(for_call.unwrap_or(scope.typical))
+        (target - remaining).max(for_call.unwrap_or(scope.typical)).min(Amount::new(MAX_AMOUNT))
     } else {
         Amount::ZERO
     };

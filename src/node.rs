@@ -3,6 +3,8 @@
 
 use std::hash::{BuildHasher, Hasher};
 
+use credits::limits::MAX_NODE_LEN;
+
 use crate::shared::{self, Keyed, SharedData, UpdateError};
 
 /// The node's record in shared data.
@@ -25,7 +27,10 @@ impl Keyed for NodeRecord {
         let text = std::str::from_utf8(bytes).ok()?;
         let rest = text.strip_prefix("node1|")?;
         let (id, key) = rest.split_once('|')?;
-        (key == NODE_KEY).then(|| NodeRecord { id: id.to_owned() })
+        // Only an id the ledger takes (a corrupt one would have every sync refused, for good:
+        // read as no record, it is replaced by a fresh one).
+        let usable = !id.is_empty() && id.len() <= MAX_NODE_LEN && !id.contains('/');
+        (key == NODE_KEY && usable).then(|| NodeRecord { id: id.to_owned() })
     }
 }
 
@@ -61,6 +66,19 @@ pub fn keep(store: &dyn SharedData, id: &str) -> Result<(), UpdateError> {
 mod tests {
     use super::*;
     use crate::shared::fake::{FakeShared, Rules};
+
+    /// A record whose id the ledger refuses (corrupt bytes) is read as no record and replaced by a
+    /// fresh id: otherwise every sync of the node would be refused, for good.
+    #[test]
+    fn a_node_id_the_ledger_refuses_is_not_taken_from_shared_data() {
+        for bad in ["", "a/b", &"x".repeat(MAX_NODE_LEN + 1)] {
+            let store = FakeShared::new(Rules::Envoy);
+            store.set(NODE_KEY, format!("node1|{bad}|{NODE_KEY}").as_bytes(), None).unwrap();
+            let node = id(&store, 1);
+            assert!(!node.is_empty() && node.len() <= MAX_NODE_LEN && !node.contains('/'), "node id {node:?}");
+            assert_eq!(id(&store, 2), node, "and kept");
+        }
+    }
 
     #[test]
     fn every_worker_of_a_node_gets_the_first_workers_id() {

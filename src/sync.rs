@@ -828,6 +828,47 @@ mod tests {
         assert!(e.lease.remaining <= hold, "the node may spend {} of a lease holding {hold}", e.lease.remaining);
     }
 
+    /// An entry in shared data with amounts no ledger answered (corrupt, or from another version)
+    /// is unreadable rather than summed: a sum beyond `Decimal` panics, and a panic traps.
+    #[test]
+    fn an_entry_with_amounts_beyond_any_balance_traps_no_call() {
+        let store = FakeShared::new(Rules::Envoy);
+        let c = config();
+        let key = entry_key(&c, &c.pricing.scopes[0], "alice");
+        let mut e = CustomerEntry::new(&key, "alice", 1, 10);
+        (e.standing, e.refreshed_ms, e.revision) = (Standing::Known, 10, 1);
+        e.live = Amount::new(rust_decimal::Decimal::MIN);
+        e.spent = amt("1");
+        e.next_call = 1;
+        store.set(&key, &shared::Keyed::encode(&e), None).unwrap();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            call(&store, &c, "alice", amt("0.10"), 11, LedgerAccess::Reachable)
+        }));
+        assert!(r.is_ok(), "a call on an entry read from shared data panicked (a trap)");
+    }
+
+    /// A lease top-up never asks for more than the ledger takes in one request (10^15): beyond
+    /// it the ledger refuses the whole subject, and the usage range it rides with is dropped.
+    #[test]
+    fn a_lease_top_up_never_asks_beyond_what_the_ledger_takes() {
+        let store = FakeShared::new(Rules::Envoy);
+        let c = FilterConfig::parse(
+            br#"{"ledger": {"upstream": "l", "token": "t"}, "price": "100000000000000", "currency": "USD", "lease": {"min_calls": 20}}"#,
+        )
+        .unwrap();
+        let key = entry_key(&c, &c.pricing.scopes[0], "alice");
+        let mut e = CustomerEntry::new(&key, "alice", 1, 10);
+        (e.standing, e.refreshed_ms) = (Standing::Known, 10);
+        e.spend(c.price, 10);
+        store.set(&key, &shared::Keyed::encode(&e), None).unwrap();
+        let mut tracker = Tracker::default();
+        tracker.touch("alice", 10);
+        let sync = prepare(&store, &mut tracker, &c, ("node", 1), Budget::default(), 100).sync.unwrap();
+        let s = &sync.request.subjects[0];
+        assert!(s.usage.is_some() && s.lease.is_some());
+        assert_eq!(credits::gateway::invalid(s), None, "the ledger takes the subject, usage and lease");
+    }
+
     #[test]
     fn usage_of_an_unknown_subject_is_dropped_and_counted() {
         let store = FakeShared::new(Rules::Envoy);
