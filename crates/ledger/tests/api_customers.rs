@@ -345,48 +345,38 @@ async fn customer_fields_are_validated(backend: Backend) {
     assert_eq!(fetched["name"], "existing");
 }
 
-/// Customers created at once with one key: one is created, the others clash (409), never a 500.
-/// On PostgreSQL writers run side by side, so the unique index, not the check before it, is
-/// what refuses the others.
+/// Creates eight customers at once, the `i`th with `(key, subject key)` of `names(i)`; how many
+/// were created (every other answer must be a 409).
+async fn created_at_once(ledger: &std::sync::Arc<Ledger>, names: impl Fn(usize) -> (String, String)) -> usize {
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let (ledger, (key, subject)) = (ledger.clone(), names(i));
+            tokio::spawn(async move {
+                let body = json!({"name": "n", "key": key, "usage_attribution": {"subject_keys": [subject]}});
+                ledger.post(CUSTOMERS, body).await
+            })
+        })
+        .collect();
+    let mut created = 0;
+    for t in tasks {
+        let (status, body) = t.await.expect("task");
+        assert!(status == 201 || status == 409, "{status} {body}");
+        created += usize::from(status == 201);
+    }
+    created
+}
+
+/// Customers created at once with one key, or one subject key: one is created, the others clash
+/// (409), never a 500. On PostgreSQL writers run side by side, so the unique index, not the check
+/// before it, is what refuses the others.
 async fn customers_created_at_once_with_one_key_clash_with_409(backend: Backend) {
     let db = TestDb::new(backend).await;
     let ledger = std::sync::Arc::new(Ledger::start(&db).await);
     for round in 0..5 {
-        let tasks: Vec<_> = (0..8)
-            .map(|i| {
-                let ledger = ledger.clone();
-                tokio::spawn(async move {
-                    let body = json!({"name": "n", "key": format!("same-{round}"),
-                        "usage_attribution": {"subject_keys": [format!("subject-{round}-{i}")]}});
-                    ledger.post("/v3/openmeter/customers", body).await
-                })
-            })
-            .collect();
-        let mut created = 0;
-        for t in tasks {
-            let (status, body) = t.await.expect("task");
-            assert!(status == 201 || status == 409, "round {round}: {status} {body}");
-            created += usize::from(status == 201);
-        }
-        assert_eq!(created, 1, "round {round}");
-        // The same for one subject key under different customer keys.
-        let tasks: Vec<_> = (0..8)
-            .map(|i| {
-                let ledger = ledger.clone();
-                tokio::spawn(async move {
-                    let body = json!({"name": "n", "key": format!("own-{round}-{i}"),
-                        "usage_attribution": {"subject_keys": [format!("shared-{round}")]}});
-                    ledger.post("/v3/openmeter/customers", body).await
-                })
-            })
-            .collect();
-        let mut created = 0;
-        for t in tasks {
-            let (status, body) = t.await.expect("task");
-            assert!(status == 201 || status == 409, "round {round}: {status} {body}");
-            created += usize::from(status == 201);
-        }
-        assert_eq!(created, 1, "round {round}: one customer per subject key");
+        let one_key = created_at_once(&ledger, |i| (format!("same-{round}"), format!("subject-{round}-{i}"))).await;
+        assert_eq!(one_key, 1, "round {round}: one customer per key");
+        let one_subject = created_at_once(&ledger, |i| (format!("own-{round}-{i}"), format!("shared-{round}"))).await;
+        assert_eq!(one_subject, 1, "round {round}: one customer per subject key");
     }
 }
 
