@@ -14,8 +14,10 @@ keeps the requests in the run, so each exclusion checks that the ledger refuses 
 """
 import atexit
 import base64
+import calendar
 import re
 from collections import Counter
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 from urllib.parse import parse_qsl, urlsplit
 
@@ -133,12 +135,32 @@ def _amount_out_of_bounds(case, field):
 
 
 # 7. `expires_after` is "ISO8601" (no grammar given). A grant's expiry must be an instant the ledger
-#    computes exactly: whole years, months, weeks, days, hours and minutes (seconds may have a
-#    fraction; a fraction of a month has no length), more than zero (Konnect's engine: "expires_after
-#    must be positive") and at most 10,000 years.
+#    computes exactly: whole years, months, weeks and days (hours, minutes and seconds may have a
+#    fraction of up to nine digits; a fraction of a month has no length), more than zero (Konnect's
+#    engine: "expires_after must be positive"), at most 10,000 years, and ending by the year 9999
+#    (an instant after it has no RFC 3339 form).
 _DURATION = re.compile(
-    r"^P(?:(\d+)Y)?(?:(\d+)M)?(?:(\d+)W)?(?:(\d+)D)?(?:T(?=\d)(?:(\d+)H)?(?:(\d+)M)?(?:(\d+(?:\.\d+)?)S)?)?$"
+    r"^P(?:(\d+)Y)?(?:(\d+)M)?(?:(\d+)W)?(?:(\d+)D)?"
+    r"(?:T(?=\d)(?:(\d+(?:\.\d{1,9})?)H)?(?:(\d+(?:\.\d{1,9})?)M)?(?:(\d+(?:\.\d{1,9})?)S)?)?$"
 )
+
+
+def _ends_after_9999(case, months, days, seconds):
+    start = _body(case).get("effective_at")
+    try:
+        start = datetime.fromisoformat(start.replace("Z", "+00:00")) if isinstance(start, str) else datetime.now(timezone.utc)
+    except ValueError:
+        return False
+    month = start.month - 1 + int(months)
+    year = start.year + month // 12
+    if year > 9999:
+        return True
+    day = min(start.day, calendar.monthrange(year, month % 12 + 1)[1])
+    try:
+        start.replace(year=year, month=month % 12 + 1, day=day) + timedelta(days=int(days), seconds=float(seconds))
+    except OverflowError:
+        return True
+    return False
 
 
 def _duration_not_exact(case, field):
@@ -151,7 +173,20 @@ def _duration_not_exact(case, field):
     y, mo, w, d, h, mi, sec = (Decimal(g or 0) for g in match.groups())
     seconds = h * 3600 + mi * 60 + sec
     longest = 10_000 * 366
-    return y * 12 + mo > 12 * 10_000 or w * 7 + d > longest or seconds > longest * 86_400 or y + mo + w + d + seconds == 0
+    if y * 12 + mo > 12 * 10_000 or w * 7 + d > longest or seconds > longest * 86_400 or y + mo + w + d + seconds == 0:
+        return True
+    return _ends_after_9999(case, y * 12 + mo, w * 7 + d, seconds)
+
+
+# 7b. A metering event's `id` and `source` are its unique key, at most 1,024 bytes each (the schema
+#     sets no length; PostgreSQL cannot index a longer key).
+def _event_id_too_long(case, field):
+    events = case.body if isinstance(case.body, list) else [case.body]
+    names = ("id", "source")
+    return any(
+        isinstance(e, dict) and any(isinstance(e.get(n), str) and len(e[n].encode()) > 1024 for n in names)
+        for e in events
+    ) and (field or "").split(".")[-1] in names
 
 
 # 8. Cursors are opaque: `page[after]` and `page[before]` take a cursor this API issued (the
@@ -190,6 +225,7 @@ _REFUSED_ON_PURPOSE = {
     "upsert-customer": (_bad_label_key,),
     "list-customers": (_unsupported_sort,),
     "list-metering-events": (_unsupported_sort, _cursor_not_issued),
+    "ingest-metering-events": (_event_id_too_long,),
 }
 
 
