@@ -7,7 +7,9 @@
 //! one lease) per customer and scope, because credit restricted to `output_tokens` cannot pay for
 //! `input_tokens`.
 
+use credits::limits::MAX_AMOUNT_SCALE;
 use credits::{Amount, FeatureKey};
+use rust_decimal::RoundingStrategy;
 use serde::Deserialize;
 
 use crate::fields::{amount, bounded, error, header_name, ConfigError};
@@ -279,9 +281,20 @@ pub(crate) fn parse(raw: RawPricing, price: Amount, fixed_feature: Option<Featur
     })
 }
 
-/// `units × unit_price`, exact.
+/// `units × unit_price`, exact; `None` when that needs more places than a decimal has.
 pub fn unit_cost(unit_price: Amount, units: Amount) -> Option<Amount> {
     unit_price.checked_mul(units.decimal())
+}
+
+/// What `units` at `unit_price` cost a call, to the ledger's 9 decimal places, rounded half to
+/// even. The configuration refuses estimates priced beyond 9 places, but counts read at run time
+/// (a fractional count in a response or a request body) may have any number: priced exactly, the
+/// ledger could not book them. Half to even drifts neither up nor down over many calls.
+fn billed(unit_price: Amount, units: Amount) -> Amount {
+    // Cannot overflow: unit prices are at most MAX_UNIT_PRICE and counts at most `MAX_COUNT`, so
+    // a rule costs at most 10^18. A product beyond a decimal's 28 places is rounded there first.
+    let cost = unit_price.decimal().checked_mul(units.decimal()).unwrap_or_default();
+    Amount::new(cost.round_dp_with_strategy(MAX_AMOUNT_SCALE, RoundingStrategy::MidpointNearestEven))
 }
 
 /// What a call holds before it goes upstream, per scope, and the units each rule assumed.
@@ -334,10 +347,7 @@ fn per_scope(pricing: &Pricing, price: Amount, units: &[Amount]) -> Vec<Amount> 
         amounts[i] = price;
     }
     for (rule, n) in pricing.units.iter().zip(units) {
-        // Cannot overflow: unit prices are at most MAX_UNIT_PRICE and counts at most
-        // `MAX_COUNT`, so a rule costs at most 10^18.
-        let cost = unit_cost(rule.unit_price, *n).unwrap_or(Amount::ZERO);
-        amounts[rule.scope] += cost;
+        amounts[rule.scope] += billed(rule.unit_price, *n);
     }
     amounts
 }
@@ -474,6 +484,25 @@ mod tests {
         // Missing usage: the estimate by default.
         let missing = cost(&c.pricing, c.price, &q, Some(200), &[None, None]);
         assert_eq!(missing, q.estimates);
+    }
+
+    /// Counts read at run time may be fractional with any number of places: each rule's cost is
+    /// what the ledger books (9 places, half to even), never the estimate and never free.
+    #[test]
+    fn a_fractional_count_is_billed_to_the_ledgers_nine_places_half_to_even() {
+        let c = ai();
+        let q = quote(&c.pricing, c.price, &no_header, Some(br#"{"max_tokens": 200}"#));
+        let billed = |input: &str, output: &str| {
+            let used = cost(&c.pricing, c.price, &q, Some(200), &[Some(amt(input)), Some(amt(output))]);
+            used.iter().map(ToString::to_string).collect::<Vec<_>>()
+        };
+        // 0.000002 × 1.25 is booked as it is; 0.000008 × 0.0000000625 is 0.0000000000000005.
+        assert_eq!(billed("1.25", "0.0000000625"), ["0.001", "0.00000250", "0.000000000"]);
+        // Half to even at the ninth place: 0.0000000025 goes down, 0.0000000015 up.
+        assert_eq!(billed("0.00125", "0.0001875"), ["0.001", "0.000000002", "0.000000002"]);
+        // A count with more places than a product can hold exactly is still billed.
+        let long = "0.1234567890123456789012345";
+        assert_eq!(billed(long, long), ["0.001", "0.000000247", "0.000000988"]);
     }
 
     #[test]
