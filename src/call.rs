@@ -193,7 +193,7 @@ impl Call {
                 }
             };
         }
-        worker.waiting.add(self.id, Waiter::new(&subject, quote, request_id()));
+        worker.waiting.add(self.id, Waiter::new(&subject, quote, request_id(), now_ms));
         self.stage = Stage::Waiting;
         match worker.wait(engine, config, self.id, &[self.id], &subject) {
             Wait::Read => Flow::Pause,

@@ -28,15 +28,22 @@ pub struct Waiter {
     /// The request id, read before the request went on (the engine no longer lets the filter
     /// read request headers then).
     pub request_id: Option<String>,
-    /// Reads this call has waited for.
-    pub reads: u32,
+    /// When the call began to wait: it waits for the ledger's timeout from then, however many
+    /// reads that takes.
+    pub since_ms: u64,
     /// Let through: taken back by the call's next callback.
     pub admitted: Option<Admitted>,
 }
 
 impl Waiter {
-    pub fn new(subject: &str, quote: Quote, request_id: Option<String>) -> Waiter {
-        Waiter { subject: subject.to_owned(), quote, request_id, reads: 0, admitted: None }
+    pub fn new(subject: &str, quote: Quote, request_id: Option<String>, since_ms: u64) -> Waiter {
+        Waiter { subject: subject.to_owned(), quote, request_id, since_ms, admitted: None }
+    }
+
+    /// May the call still wait for the ledger at `now_ms`? For `timeout_ms` from when it began,
+    /// however many reads that takes.
+    pub fn may_wait(&self, timeout_ms: u64, now_ms: u64) -> bool {
+        now_ms < self.since_ms.saturating_add(timeout_ms)
     }
 
     /// What the call must have set aside per scope.
@@ -82,10 +89,6 @@ impl Waiting {
 
     pub fn waiter(&self, context: ContextId) -> Option<&Waiter> {
         self.calls.get(&context)
-    }
-
-    pub fn waiter_mut(&mut self, context: ContextId) -> Option<&mut Waiter> {
-        self.calls.get_mut(&context)
     }
 
     /// How many calls of `subject` wait.
@@ -184,7 +187,7 @@ mod tests {
     use credits::sync::SyncRequest;
 
     fn waiter(subject: &str) -> Waiter {
-        Waiter::new(subject, Quote { estimates: vec![Amount::from(1u64)], units: vec![] }, None)
+        Waiter::new(subject, Quote { estimates: vec![Amount::from(1u64)], units: vec![] }, None, 0)
     }
 
     fn read(subject: &str, owner: ContextId, token: Token, waiters: &[ContextId]) -> Read {

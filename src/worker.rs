@@ -17,10 +17,6 @@ use crate::tracker::Tracker;
 use crate::unknown::UnknownSubjects;
 use crate::waiting::{Plan, Read, Waiter, Waiting};
 
-/// Reads one call may wait for: a burst that outruns a top-up waits for one more, sized for every
-/// call still waiting; beyond that the ledger is too slow to set credit aside.
-pub const MAX_READS_PER_CALL: u32 = 3;
-
 /// How a call that must wait for the ledger waits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Wait {
@@ -416,11 +412,6 @@ impl Worker {
     ) -> Wait {
         debug_assert!(waiters.contains(&running), "the owner of a read waits for it");
         let now_ms = self.now_ms(engine);
-        for id in waiters {
-            if let Some(w) = self.waiting.waiter_mut(*id) {
-                w.reads += 1;
-            }
-        }
         if self.waiting.plan(subject, engine.rules()) == Plan::Join {
             self.waiting.join(subject, waiters);
             return Wait::Read;
@@ -476,15 +467,20 @@ impl Worker {
     ) {
         let Some(read) = self.waiting.answered(running, token) else { return };
         self.absorb(engine, config, &read.pending, answer);
+        // Another read would be `running`'s, so none goes out once its own wait is over (it is
+        // decided last, and would otherwise wait on for the others).
+        let now_ms = self.now_ms(engine);
+        let timeout_ms = u64::from(config.ledger.timeout_ms);
+        let more = self.waiting.waiter(running).is_some_and(|w| w.may_wait(timeout_ms, now_ms));
         let mut again = Vec::new();
         // The running call last: it owns the next read if another is needed.
         for &id in read.waiters.iter().filter(|id| **id != running) {
-            if self.finish(engine, config, id) == Decided::Again {
+            if self.finish(engine, config, id, more) == Decided::Again {
                 again.push(id);
             }
         }
         let running_waits = self.waiting.waiter(running).is_some();
-        if running_waits && (!again.is_empty() || self.finish(engine, config, running) == Decided::Again) {
+        if running_waits && (!again.is_empty() || self.finish(engine, config, running, more) == Decided::Again) {
             again.push(running);
             self.wait(engine, config, running, &again, &read.subject);
         } else if !again.is_empty() {
@@ -493,17 +489,24 @@ impl Worker {
         }
     }
 
-    /// Decides a waiting call on what is known now; `Again` if it should wait for another read.
-    fn finish(&mut self, engine: &mut dyn Engine, config: &FilterConfig, context: ContextId) -> Decided {
+    /// Decides a waiting call on what is known now; `Again` if it should wait for another read
+    /// (only if `more` reads may go out).
+    fn finish(&mut self, engine: &mut dyn Engine, config: &FilterConfig, context: ContextId, more: bool) -> Decided {
         let now_ms = self.now_ms(engine);
         let asked = match self.access(now_ms) {
             LedgerAccess::Reachable => LedgerAccess::Asked,
             unreachable => unreachable,
         };
         let Some(waiter) = self.waiting.waiter(context) else { return Decided::Done };
-        let (subject, quote, reads) = (waiter.subject.clone(), waiter.quote.clone(), waiter.reads);
+        let more = more && waiter.may_wait(u64::from(config.ledger.timeout_ms), now_ms);
+        let (subject, quote) = (waiter.subject.clone(), waiter.quote.clone());
         let (verdict, _) = self.decide(engine, config, &subject, &quote, asked, now_ms);
-        if verdict == Verdict::AskLedger && reads < MAX_READS_PER_CALL {
+        // A burst that outran the top-up (calls that arrived meanwhile, or another worker's, took
+        // it) waits for another, sized for every call still waiting: each read makes progress,
+        // and no count of them is too many while the ledger answers within its timeout (a fixed
+        // count of three refused calls at a cold node under 64 connections). Beyond that the
+        // ledger is too slow to set credit aside.
+        if verdict == Verdict::AskLedger && more {
             return Decided::Again;
         }
         self.conclude(engine, config, context, verdict, now_ms);
@@ -551,7 +554,7 @@ impl Worker {
             self.mark_ledger_down(config, now_ms);
             if engine.rules().acts_on_other_contexts() {
                 for id in read.waiters {
-                    self.finish(engine, config, id);
+                    self.finish(engine, config, id, false);
                 }
             } else if read.owner.is_some() {
                 // Under ngx_wasm_module a call can only be answered from its own callbacks, and
