@@ -123,6 +123,7 @@ wasi.initialize({ exports: { ...exports, _start: undefined } });
 // The ledger: every range booked, every lease granted what it wanted (held until its usage is
 // booked against it or it is released), for an hour. Amounts in millionths.
 const leases = new Map();
+let revision = 0; // the ledger's books change with every answer that grants or books
 const micros = (text) => { const [w, f = ''] = text.split('.'); return BigInt(w) * 1_000_000n + BigInt((f + '000000').slice(0, 6)); };
 const decimal = (m) => `${m / 1_000_000n}.${String(m % 1_000_000n).padStart(6, '0')}`;
 function answer(request) {
@@ -143,7 +144,7 @@ function answer(request) {
         lease = { lease_id: s.lease.lease_id, held: decimal(held), granted: decimal(want),
           expires_at: new Date(nowMs + 3_600_000).toISOString(), closed: s.lease.release };
       }
-      return { subject: s.subject, status: 'ok', customer_id: `c-${s.subject}`, live: '1000000', revision: nowMs,
+      return { subject: s.subject, status: 'ok', customer_id: `c-${s.subject}`, live: '1000000', revision: ++revision,
         ...(s.usage ? { usage: 'booked' } : {}), ...(lease ? { lease } : {}) };
     }),
   };

@@ -11,6 +11,7 @@ use crate::engine::fake::FakeEngine;
 use crate::engine::{Phase, Rules};
 use crate::simulation::backend::{at, GrantPlan, Ledger};
 use crate::simulation::model_ledger::ModelLedger;
+use crate::waiting::MAX_READS_PER_CALL;
 
 const SUBJECT: &str = "alice";
 
@@ -406,6 +407,36 @@ fn a_call_waits_for_credit_no_longer_than_the_ledgers_timeout() {
     }
     assert_eq!((g.status(first), waited), (Some(503), 500), "answered once the ledger's timeout passed");
     g.no_violations();
+}
+
+/// A ledger that answers at once but never with a lease the node can use (here: answers older
+/// than what the node knows, which it ignores) is not asked again and again while the clock
+/// stands still: the call is refused after `MAX_READS_PER_CALL` reads.
+#[test]
+fn a_call_waits_for_a_bounded_number_of_reads_that_set_nothing_aside() {
+    for rules in [Rules::Envoy, Rules::Nginx] {
+        let lease = r#", "lease": {"min_calls": 1, "max_calls": 1}"#;
+        let mut g = Gateway::new(rules, config(lease), 100);
+        let (warm, _) = g.start();
+        g.answer_all();
+        g.finish(warm, 200);
+        let (id, flow) = g.start();
+        assert_eq!(flow, Flow::Pause, "{rules:?}: the lease of one call is spent");
+        let mut reads = 0;
+        while let Some(d) = g.engine.dispatched.pop() {
+            reads += 1;
+            assert!(reads <= MAX_READS_PER_CALL, "{rules:?}: still reading after {reads} reads");
+            let request = serde_json::from_slice(&d.body).unwrap();
+            let mut answer = serde_json::to_value(g.ledger.serve(&request, at(g.engine.now_ms)).unwrap()).unwrap();
+            for subject in answer["subjects"].as_array_mut().unwrap() {
+                subject["revision"] = 0.into();
+            }
+            let answer = LedgerAnswer { status: Some(200), body: Some(serde_json::to_vec(&answer).unwrap()) };
+            g.deliver(d.context, d.token, &answer);
+        }
+        assert_eq!((reads, g.status(id)), (MAX_READS_PER_CALL, Some(503)), "{rules:?}");
+        g.no_violations();
+    }
 }
 
 #[test]

@@ -20,6 +20,14 @@ use crate::engine::{ContextId, Rules, Token};
 use crate::pricing::Quote;
 use crate::sync::PendingSync;
 
+/// Reads one call may wait for. A burst outruns a top-up when calls that arrived meanwhile (or
+/// another worker's) take it: the call waits for another, sized for every call still waiting, and
+/// each makes progress, so a few are enough (three were not: at a cold node under 64 connections
+/// a read's owner, decided last, was refused after three). The bound keeps a ledger that answers
+/// at once without setting credit aside the node can use from being asked again and again until
+/// the timeout.
+pub const MAX_READS_PER_CALL: u32 = 8;
+
 /// A call that waits, with what it needs to be decided from any callback.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Waiter {
@@ -28,22 +36,23 @@ pub struct Waiter {
     /// The request id, read before the request went on (the engine no longer lets the filter
     /// read request headers then).
     pub request_id: Option<String>,
-    /// When the call began to wait: it waits for the ledger's timeout from then, however many
-    /// reads that takes.
+    /// When the call began to wait: it waits for the ledger's timeout from then at most.
     pub since_ms: u64,
+    /// Reads this call has waited for.
+    pub reads: u32,
     /// Let through: taken back by the call's next callback.
     pub admitted: Option<Admitted>,
 }
 
 impl Waiter {
     pub fn new(subject: &str, quote: Quote, request_id: Option<String>, since_ms: u64) -> Waiter {
-        Waiter { subject: subject.to_owned(), quote, request_id, since_ms, admitted: None }
+        Waiter { subject: subject.to_owned(), quote, request_id, since_ms, reads: 0, admitted: None }
     }
 
-    /// May the call still wait for the ledger at `now_ms`? For `timeout_ms` from when it began,
-    /// however many reads that takes.
+    /// May the call wait for another read at `now_ms`? For `timeout_ms` from when it began, and
+    /// for at most [`MAX_READS_PER_CALL`] reads.
     pub fn may_wait(&self, timeout_ms: u64, now_ms: u64) -> bool {
-        now_ms < self.since_ms.saturating_add(timeout_ms)
+        self.reads < MAX_READS_PER_CALL && now_ms < self.since_ms.saturating_add(timeout_ms)
     }
 
     /// What the call must have set aside per scope.
@@ -89,6 +98,10 @@ impl Waiting {
 
     pub fn waiter(&self, context: ContextId) -> Option<&Waiter> {
         self.calls.get(&context)
+    }
+
+    pub fn waiter_mut(&mut self, context: ContextId) -> Option<&mut Waiter> {
+        self.calls.get_mut(&context)
     }
 
     /// How many calls of `subject` wait.

@@ -412,6 +412,11 @@ impl Worker {
     ) -> Wait {
         debug_assert!(waiters.contains(&running), "the owner of a read waits for it");
         let now_ms = self.now_ms(engine);
+        for id in waiters {
+            if let Some(w) = self.waiting.waiter_mut(*id) {
+                w.reads += 1;
+            }
+        }
         if self.waiting.plan(subject, engine.rules()) == Plan::Join {
             self.waiting.join(subject, waiters);
             return Wait::Read;
@@ -501,11 +506,8 @@ impl Worker {
         let more = more && waiter.may_wait(u64::from(config.ledger.timeout_ms), now_ms);
         let (subject, quote) = (waiter.subject.clone(), waiter.quote.clone());
         let (verdict, _) = self.decide(engine, config, &subject, &quote, asked, now_ms);
-        // A burst that outran the top-up (calls that arrived meanwhile, or another worker's, took
-        // it) waits for another, sized for every call still waiting: each read makes progress,
-        // and no count of them is too many while the ledger answers within its timeout (a fixed
-        // count of three refused calls at a cold node under 64 connections). Beyond that the
-        // ledger is too slow to set credit aside.
+        // A burst that outran the top-up waits for another (`waiting::MAX_READS_PER_CALL`); past
+        // the timeout the ledger is too slow to set credit aside.
         if verdict == Verdict::AskLedger && more {
             return Decided::Again;
         }
