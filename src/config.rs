@@ -7,8 +7,11 @@ use credits::{Amount, Currency, FeatureKey, SettlementMode};
 use serde::Deserialize;
 
 pub use crate::fields::ConfigError;
-use crate::fields::{amount, bounded, error, header_name, status, to_u32};
+use crate::fields::{amount, bounded, error, header_name, list, object, present, status, to_u32, Object};
 use crate::pricing::{self, Pricing, RawPricing};
+
+/// Amounts (`price`, `offline_allowance`) go up to 10^15 (`credits::limits::MAX_AMOUNT`).
+const AMOUNT_DIGITS: usize = 15;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FilterConfig {
@@ -123,32 +126,35 @@ pub struct ResponseHeaders {
     pub cost: Option<String>,
 }
 
-// The raw shapes, exactly as the JSON schema describes them.
+// The raw shapes, exactly as the JSON schema describes them. Members are read through
+// `fields::{object, list, present}`: serde alone takes more than the schema does (`null` for
+// an absent member, an object written as an array).
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
+    #[serde(deserialize_with = "object")]
     ledger: RawLedger,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "object")]
     subject: RawSubject,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     price: Option<String>,
     currency: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     feature_key: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "object")]
     pricing: RawPricing,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     settlement_mode: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "object")]
     sync: RawSync,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "object")]
     lease: RawLease,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     failure_mode: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     offline_allowance: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "object")]
     response_headers: RawHeaders,
 }
 
@@ -156,61 +162,61 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawLedger {
     upstream: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     authority: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     base_path: Option<String>,
     token: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     timeout_ms: Option<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     tls: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawSubject {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     header: Option<String>,
-    #[serde(default)]
-    require_headers: Option<Vec<String>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "list")]
+    require_headers: Vec<String>,
+    #[serde(default, deserialize_with = "present")]
     missing_status: Option<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     unknown_status: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawSync {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     strategy: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     interval_ms: Option<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     max_stale_ms: Option<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     idle_ms: Option<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     max_unsent_calls: Option<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     unknown_ttl_ms: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawLease {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     min_calls: Option<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     max_calls: Option<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     low_water_percent: Option<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     horizon_ms: Option<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     idle_release_ms: Option<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     ttl_ms: Option<u64>,
 }
 
@@ -231,7 +237,7 @@ fn explicit<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<Stri
 impl FilterConfig {
     pub fn parse(bytes: &[u8]) -> Result<FilterConfig, ConfigError> {
         let de = &mut serde_json::Deserializer::from_slice(bytes);
-        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+        let raw: Object<RawConfig> = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
             let path = e.path().to_string();
             let message = e.inner().to_string();
             let message = message.split(" at line ").next().unwrap_or(&message).to_owned();
@@ -245,14 +251,16 @@ impl FilterConfig {
             };
             ConfigError { field, message }
         })?;
-        Self::from_raw(raw)
+        // One JSON value, as a schema validates: serde stops at its end, whatever follows.
+        de.end().map_err(|e| error("configuration", e.to_string()))?;
+        Self::from_raw(raw.0)
     }
 
     fn from_raw(raw: RawConfig) -> Result<FilterConfig, ConfigError> {
         let ledger = raw.ledger.validate()?;
         let subject = raw.subject.validate()?;
         let price = match raw.price.as_deref() {
-            Some(text) => amount("price", text)?,
+            Some(text) => amount("price", text, AMOUNT_DIGITS)?,
             None if !raw.pricing.has_units() => return Err(error("price", "missing field `price`")),
             None => Amount::ZERO,
         };
@@ -278,7 +286,8 @@ impl FilterConfig {
             "allow" => FailureMode::Allow,
             other => return Err(error("failure_mode", format!("{other:?} is not deny or allow"))),
         };
-        let offline_allowance = raw.offline_allowance.as_deref().map(|t| amount("offline_allowance", t)).transpose()?;
+        let offline_allowance =
+            raw.offline_allowance.as_deref().map(|t| amount("offline_allowance", t, AMOUNT_DIGITS)).transpose()?;
         let response_headers = raw.response_headers.validate()?;
         Ok(FilterConfig {
             ledger,
@@ -299,7 +308,9 @@ impl FilterConfig {
 
 impl RawLedger {
     fn validate(self) -> Result<LedgerConfig, ConfigError> {
-        let plain = |s: &str| !s.is_empty() && s.chars().count() <= 256 && !s.contains(char::is_whitespace);
+        // Visible ASCII only, as every engine counts and classes it alike: Kong's PCRE matches
+        // bytes (`\S` would take a multi-byte space, and `{1,256}` counts bytes).
+        let plain = |s: &str| !s.is_empty() && s.len() <= 256 && s.bytes().all(|b| b.is_ascii_graphic());
         if !plain(&self.upstream) {
             return Err(error("ledger.upstream", "must be a cluster name or host:port without spaces"));
         }
@@ -310,9 +321,10 @@ impl RawLedger {
         let base_path = self.base_path.unwrap_or_else(|| "/v3".to_owned());
         let segments_ok = base_path == "/"
             || base_path.strip_prefix('/').is_some_and(|rest| {
-                // It goes into the `:path` of every sync: no whitespace or control character.
-                let plain = |c: char| !(c.is_whitespace() || c.is_control() || matches!(c, '?' | '#'));
-                rest.split('/').all(|s| !s.is_empty() && s.chars().all(plain))
+                // It goes into the `:path` of every sync: visible ASCII, no space, control
+                // character or anything Kong's byte-wise PCRE would class otherwise.
+                let plain = |b: u8| b.is_ascii_graphic() && !matches!(b, b'?' | b'#');
+                rest.split('/').all(|s| !s.is_empty() && s.bytes().all(plain))
             });
         if !segments_ok {
             return Err(error("ledger.base_path", "must be / or /segment[/segment…] (e.g. /v3)"));
@@ -334,7 +346,7 @@ impl RawLedger {
 impl RawSubject {
     fn validate(self) -> Result<SubjectConfig, ConfigError> {
         let header = header_name("subject.header", self.header.as_deref().unwrap_or("x-consumer-username"))?;
-        let require = self.require_headers.unwrap_or_default();
+        let require = self.require_headers;
         if require.len() > 8 {
             return Err(error("subject.require_headers", "at most 8 headers"));
         }
@@ -479,6 +491,16 @@ mod tests {
         )
         .unwrap();
         assert_eq!(invoiced.sync.strategy, Strategy::Cached);
+    }
+
+    /// One JSON value, as the schema validates one: whatever follows it is refused.
+    #[test]
+    fn nothing_may_follow_the_configuration() {
+        assert!(FilterConfig::parse(format!("{MINIMAL}\n").as_bytes()).is_ok());
+        for trailing in ["{}", "x", ",", "]"] {
+            let err = FilterConfig::parse(format!("{MINIMAL} {trailing}").as_bytes()).unwrap_err();
+            assert_eq!(err.field, "configuration", "{trailing}: {err}");
+        }
     }
 
     #[test]

@@ -2,8 +2,12 @@
 //! configuration (`config`, `pricing`). A leaf: it knows no configuration type.
 
 use std::fmt;
+use std::marker::PhantomData;
 
+use credits::limits::MAX_AMOUNT_SCALE;
 use credits::Amount;
+use serde::de::value::{MapAccessDeserializer, MapDeserializer};
+use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 /// A configuration that cannot be used, naming the offending field.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,13 +56,106 @@ pub fn status(field: &str, value: Option<u64>, default: u16) -> Result<u16, Conf
     Ok(u16::try_from(v).unwrap_or(default))
 }
 
-/// A non-negative amount within the bound every edge enforces (`credits::limits::MAX_AMOUNT`,
-/// at most `MAX_AMOUNT_SCALE` decimal places): what the ledger would refuse, the filter refuses
-/// when it is configured.
-pub fn amount(field: &str, text: &str) -> Result<Amount, ConfigError> {
+/// `text` as the schema's decimal patterns write a number from 0 to 10^`digits` with at most
+/// `places` decimal places: `[0-9]{1,digits}(\.[0-9]{1,places})?`, or 10^`digits` itself (`1`
+/// and `digits` zeros, only zeros after the point). No sign, space or exponent, and no more
+/// digits than the pattern allows even where they are leading zeros: Kong refuses those.
+pub fn written_within(text: &str, digits: usize, places: usize) -> bool {
+    let (int, frac) = match text.split_once('.') {
+        Some((int, frac)) => (int, Some(frac)),
+        None => (text, None),
+    };
+    let digits_up_to = |s: &str, max: usize| (1..=max).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit());
+    let at_bound = int.strip_prefix('1').is_some_and(|z| z.len() == digits && z.bytes().all(|b| b == b'0'))
+        && frac.is_none_or(|f| f.bytes().all(|b| b == b'0'));
+    frac.is_none_or(|f| digits_up_to(f, places)) && (digits_up_to(int, digits) || at_bound)
+}
+
+/// A non-negative amount of at most 10^`digits` (at most `credits::limits::MAX_AMOUNT`, 10^15),
+/// with at most `MAX_AMOUNT_SCALE` decimal places, written as [`written_within`] says: what the
+/// ledger would refuse, or the schema, the filter refuses when it is configured.
+pub fn amount(field: &str, text: &str, digits: usize) -> Result<Amount, ConfigError> {
+    let places = MAX_AMOUNT_SCALE as usize;
+    if !written_within(text, digits, places) {
+        let why = format!("{text:?} is not a decimal from 0 to 1{} with at most {places} places", "0".repeat(digits));
+        return Err(error(field, why));
+    }
     let a = Amount::parse_bounded(text).map_err(|e| error(field, e.to_string()))?;
     if a.is_negative() {
         return Err(error(field, "must not be negative"));
     }
     Ok(a)
+}
+
+// How the configuration's JSON is read where serde's defaults differ from the schema as Kong runs
+// it (lua-resty-ljsonschema, from `kong/db/schema/json.lua`).
+
+/// A member given, `None` when absent. `null` is refused like any other wrong type: the schema
+/// makes only `response_headers.*` nullable, and Kong hands a filter its configuration as written
+/// (a JSON field it validates and encodes again), adding no `null` for members left out.
+pub fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+/// An object of the configuration. Kong reads JSON into Lua tables, where an empty array and an
+/// empty object are the same empty table, and its validator takes that for either (`array_mt =
+/// false`); Kong may then encode it either way. So `[]` reads as `{}`; any other array is refused
+/// (serde alone reads a struct from an array, member by member, which the schema refuses).
+pub struct Object<T>(pub T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Expect<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for Expect<T> {
+            type Value = Object<T>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Object<T>, A::Error> {
+                T::deserialize(MapAccessDeserializer::new(map)).map(Object)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Object<T>, A::Error> {
+                if seq.next_element::<IgnoredAny>()?.is_some() {
+                    return Err(de::Error::invalid_type(de::Unexpected::Seq, &self));
+                }
+                T::deserialize(MapDeserializer::<_, A::Error>::new(std::iter::empty::<((), ())>())).map(Object)
+            }
+        }
+        d.deserialize_any(Expect(PhantomData))
+    }
+}
+
+/// A member that is an [`Object`].
+pub fn object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<T, D::Error> {
+    Object::deserialize(d).map(|Object(t)| t)
+}
+
+/// An optional member that is an [`Object`] (`null` refused, see [`present`]).
+pub fn some_object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    object(d).map(Some)
+}
+
+/// An array of the configuration: `{}` reads as `[]`, for the reason given at [`Object`].
+pub fn list<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
+    struct Expect<T>(PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> Visitor<'de> for Expect<T> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an array")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let mut items = Vec::new();
+            while let Some(item) = seq.next_element()? {
+                items.push(item);
+            }
+            Ok(items)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Vec<T>, A::Error> {
+            if map.next_key::<IgnoredAny>()?.is_some() {
+                return Err(de::Error::invalid_type(de::Unexpected::Map, &self));
+            }
+            Ok(Vec::new())
+        }
+    }
+    d.deserialize_any(Expect(PhantomData))
 }

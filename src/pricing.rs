@@ -12,7 +12,9 @@ use credits::{Amount, FeatureKey};
 use rust_decimal::RoundingStrategy;
 use serde::Deserialize;
 
-use crate::fields::{amount, bounded, error, header_name, ConfigError};
+use crate::fields::{
+    amount, bounded, error, header_name, list, object, present, some_object, written_within, ConfigError, Object,
+};
 
 /// Where a unit count comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -102,15 +104,15 @@ impl Pricing {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawPricing {
-    #[serde(default)]
-    units: Vec<RawUnit>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "list")]
+    units: Vec<Object<RawUnit>>,
+    #[serde(default, deserialize_with = "present")]
     charge_errors: Option<bool>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     missing_usage: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     max_body_bytes: Option<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     hold_timeout_ms: Option<u64>,
 }
 
@@ -119,32 +121,33 @@ pub(crate) struct RawPricing {
 struct RawUnit {
     name: String,
     unit_price: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     feature_key: Option<String>,
+    #[serde(deserialize_with = "object")]
     source: RawSource,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "some_object")]
     estimate: Option<RawEstimate>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawSource {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     response_json: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     response_header: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     request_header: Option<String>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawEstimate {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     units: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     request_json: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     default_units: Option<String>,
 }
 
@@ -178,17 +181,38 @@ pub fn count_from_json(value: &serde_json::Value) -> Option<Amount> {
 
 pub const MAX_UNITS: usize = 8;
 pub const MAX_UNIT_PRICE: u32 = 1_000_000;
+/// Unit prices go up to [`MAX_UNIT_PRICE`], 10^6.
+const UNIT_PRICE_DIGITS: usize = 6;
+/// Counts configured go up to [`MAX_COUNT`], 10^12, with at most 16 decimal places.
+const COUNT_DIGITS: usize = 12;
+const COUNT_PLACES: usize = 16;
+
+/// Printable ASCII (a space or a visible character), 1 to `max` of them: only there do Kong's
+/// validators count and class characters as the filter does. Its PCRE matches bytes, and
+/// lua-resty-ljsonschema's `maxLength` counts bytes before 1.2.0 (Kong 3.5–3.8) and characters
+/// from 1.2.0 (Kong 3.9). No control character: PCRE's `.` stops at a newline, and no usage
+/// report has a key with one.
+fn printable(text: &str, max: usize) -> bool {
+    (1..=max).contains(&text.len()) && text.bytes().all(|b| b == b' ' || b.is_ascii_graphic())
+}
 
 fn pointer(field: &str, p: &str) -> Result<String, ConfigError> {
-    if p.starts_with('/') && p.len() <= 256 {
+    if p.starts_with('/') && printable(p, 256) {
         Ok(p.to_owned())
     } else {
-        Err(error(field, format!("{p:?} is not a JSON pointer (e.g. /usage/prompt_tokens)")))
+        Err(error(
+            field,
+            format!("{p:?} is not a JSON pointer of up to 256 printable ASCII characters (e.g. /usage/prompt_tokens)"),
+        ))
     }
 }
 
+/// A count as the schema writes it; counts read at run time are read leniently
+/// ([`count_from_text`]).
 fn units(field: &str, text: &str) -> Result<Amount, ConfigError> {
-    count_from_text(text).ok_or_else(|| error(field, format!("{text:?} is not a count from 0 to {}", MAX_COUNT)))
+    count_from_text(text).filter(|_| written_within(text, COUNT_DIGITS, COUNT_PLACES)).ok_or_else(|| {
+        error(field, format!("{text:?} is not a count from 0 to {MAX_COUNT} with at most {COUNT_PLACES} places"))
+    })
 }
 
 fn feature(field: &str, key: Option<&str>) -> Result<Option<FeatureKey>, ConfigError> {
@@ -216,16 +240,12 @@ pub(crate) fn parse(raw: RawPricing, price: Amount, fixed_feature: Option<Featur
         scopes[i].typical = price;
     }
     let mut rules = Vec::with_capacity(raw.units.len());
-    for (i, u) in raw.units.into_iter().enumerate() {
+    for (i, Object(u)) in raw.units.into_iter().enumerate() {
         let at = |name: &str| format!("pricing.units[{i}].{name}");
-        let name_chars = u.name.chars().count();
-        if name_chars == 0 || name_chars > 64 || rules.iter().any(|r: &UnitRule| r.name == u.name) {
-            return Err(error(&at("name"), "must be a unique name of 1..64 characters"));
+        if !printable(&u.name, 64) || rules.iter().any(|r: &UnitRule| r.name == u.name) {
+            return Err(error(&at("name"), "must be a unique name of 1..64 printable ASCII characters"));
         }
-        let unit_price = amount(&at("unit_price"), &u.unit_price)?;
-        if unit_price.decimal() > MAX_UNIT_PRICE.into() {
-            return Err(error(&at("unit_price"), format!("must be at most {MAX_UNIT_PRICE}")));
-        }
+        let unit_price = amount(&at("unit_price"), &u.unit_price, UNIT_PRICE_DIGITS)?;
         let s = u.source;
         let source = match (s.response_json, s.response_header, s.request_header) {
             (Some(p), None, None) => UnitSource::ResponseJson(pointer(&at("source.response_json"), &p)?),
@@ -255,6 +275,7 @@ pub(crate) fn parse(raw: RawPricing, price: Amount, fixed_feature: Option<Featur
         scopes[scope].typical = scopes[scope]
             .typical
             .checked_add(typical)
+            .map(places_needed)
             .and_then(|t| t.bounded().ok())
             .ok_or_else(|| {
                 let why = "unit_price × estimate must be at most 10^15 with at most 9 decimal places (the ledger's precision)";
@@ -279,6 +300,16 @@ pub(crate) fn parse(raw: RawPricing, price: Amount, fixed_feature: Option<Featur
         max_body_bytes: usize::try_from(max_body_bytes).unwrap_or(usize::MAX),
         hold_timeout_ms: bounded("pricing.hold_timeout_ms", raw.hold_timeout_ms, 600_000, 1_000, 86_400_000)?,
     })
+}
+
+/// `amount` without the trailing zeros that take it beyond the ledger's 9 places: a product keeps
+/// the places of both factors (`0.000008 × 1024.0000` has 10), which the schema cannot see.
+fn places_needed(amount: Amount) -> Amount {
+    if amount.decimal().scale() > MAX_AMOUNT_SCALE {
+        Amount::new(amount.decimal().normalize())
+    } else {
+        amount
+    }
 }
 
 /// `units × unit_price`, exact; `None` when that needs more places than a decimal has.
