@@ -50,13 +50,120 @@ async fn parallel_credit_only_charges_stop_exactly_at_the_balance(backend: Backe
     fifty_charges_against_thirty(&[&ledger]).await;
 }
 
-on_both_backends!(parallel_credit_only_charges_stop_exactly_at_the_balance);
+on_both_backends!(parallel_credit_only_charges_stop_exactly_at_the_balance, copies_of_one_request_at_once_book_once);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_instances_on_one_postgres_database_never_over_consume() {
     let db = TestDb::new(Backend::Postgres).await;
     let (a, b) = (Ledger::start(&db).await, Ledger::start(&db).await);
     fifty_charges_against_thirty(&[&a, &b]).await;
+}
+
+/// How many copies of one request [`one_request_sent_many_times_at_once_books_once`] sends at once.
+const COPIES: usize = 12;
+
+/// `COPIES` copies of one request at once, spread over `ledgers`, with the admin token;
+/// `(status, body)` of each.
+async fn at_once(
+    ledgers: &[&Ledger],
+    method: reqwest::Method,
+    path: &str,
+    body: Option<&serde_json::Value>,
+    headers: &[(&str, &str)],
+) -> Vec<(u16, serde_json::Value)> {
+    let mut tasks = Vec::new();
+    for i in 0..COPIES {
+        let ledger = ledgers[i % ledgers.len()];
+        let mut request = ledger.http.request(method.clone(), ledger.url(path)).bearer_auth(TOKEN);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        if let Some(b) = body {
+            request = request.json(b);
+        }
+        tasks.push(tokio::spawn(async move {
+            let resp = request.send().await.expect("request");
+            let status = resp.status().as_u16();
+            let text = resp.text().await.unwrap_or_default();
+            (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+        }));
+    }
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(task.await.expect("task"));
+    }
+    answers
+}
+
+/// The customer's settled and live balance are both `expected`.
+async fn assert_balance(ledger: &Ledger, customer: &str, expected: &str) {
+    let (settled, live, _) = ledger.balance(customer, "").await;
+    let expected = support::amount(&json!(expected));
+    assert_eq!((support::amount(&json!(settled)), support::amount(&json!(live))), (expected, expected));
+}
+
+/// A client that timed out and sent its request again while the first was still in flight, many
+/// times over (README: "A retry with the same `key` returns the original answer and books
+/// nothing"; adjustments' `Idempotency-Key`; a grant `key` re-used is 409; the per-call
+/// authorization is idempotent on `x-request-id`): every copy of a charge, an adjustment and an
+/// authorization gets the one original answer and the credit moves once; of the copies of a
+/// keyed grant exactly one is made and every other is a 409 naming `key`.
+async fn one_request_sent_many_times_at_once_books_once(ledgers: &[&Ledger]) {
+    let first = ledgers[0];
+    let c = first.customer("impatient").await;
+    first.grant(&c, support::grant_body("100", json!({}))).await;
+    let customer = support::customer_path(&c);
+    let post = reqwest::Method::POST;
+
+    let charge = json!({"amount": "7.50", "currency": "USD", "settlement_mode": "credit_only", "key": "order-1"});
+    let answers = at_once(ledgers, post.clone(), &format!("{customer}/credits/charges"), Some(&charge), &[]).await;
+    assert!(answers.iter().all(|(status, body)| *status == 201 && *body == answers[0].1), "{answers:#?}");
+    assert_balance(first, &c, "92.50").await;
+
+    let adjustment = json!({"name": "Goodwill", "currency": "USD", "amount": "2"});
+    let path = format!("{customer}/credits/adjustments");
+    let answers = at_once(ledgers, post.clone(), &path, Some(&adjustment), &[("Idempotency-Key", "goodwill-1")]).await;
+    assert!(answers.iter().all(|(status, body)| *status == 201 && *body == answers[0].1), "{answers:#?}");
+    assert_balance(first, &c, "94.50").await;
+
+    let grant = support::grant_body("5", json!({"key": "top-up-1"}));
+    let answers = at_once(ledgers, post.clone(), &format!("{customer}/credits/grants"), Some(&grant), &[]).await;
+    let made = answers.iter().filter(|(status, _)| *status == 201).count();
+    assert_eq!(made, 1, "{answers:#?}");
+    assert!(
+        answers.iter().all(|(status, body)| *status == 201 || (*status == 409 && body["field"] == "key")),
+        "{answers:#?}"
+    );
+    assert_balance(first, &c, "99.50").await;
+
+    let call = [
+        ("x-credits-price", "0.40"),
+        ("x-credits-currency", "USD"),
+        ("x-consumer-username", "impatient-subject"),
+        ("x-request-id", "call-1"),
+    ];
+    let answers = at_once(ledgers, reqwest::Method::GET, "/v3/gateway/authorize/api/things", None, &call).await;
+    assert!(answers.iter().all(|(status, _)| *status == 200), "{answers:#?}");
+    assert_balance(first, &c, "99.10").await;
+
+    // Funded 100, one charge, one adjustment, one grant, one authorized call.
+    assert_eq!(first.all_transactions(&c).await.len(), 5);
+    for ledger in ledgers {
+        ledger.assert_journal_sound().await;
+    }
+}
+
+async fn copies_of_one_request_at_once_book_once(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ledger = Ledger::start(&db).await;
+    one_request_sent_many_times_at_once_books_once(&[&ledger]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn copies_of_one_request_at_once_on_two_instances_book_once() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let (a, b) = (Ledger::start(&db).await, Ledger::start(&db).await);
+    one_request_sent_many_times_at_once_books_once(&[&a, &b]).await;
 }
 
 /// Four gateway nodes, two on each of two instances on one PostgreSQL, send usage for the same
