@@ -577,7 +577,231 @@ async fn a_delivery_without_attempts_left_is_failed_after_the_limit_was_lowered(
     assert_ne!(d["status"], "pending", "a delivery with no attempts left must be failed, not pending forever: {d}");
 }
 
+/// How many notification events the scans of `credits.grant.expiring` rules write, and for
+/// which grants, over three scans.
+async fn expiring_events(ledger: &Ledger, customer: &str) -> Vec<Value> {
+    for _ in 0..3 {
+        let now = ledger.db_now().await;
+        ledger::notify::expiring::scan(&ledger.state.db, now).await.expect("scan");
+    }
+    events(ledger, &format!("?filter[customer_id]={customer}&page[size]=100")).await
+}
+
+/// `credits.grant.expiring` "fires once per grant when it will expire within `before` and still
+/// has unused credit": a grant spent in full, and a voided one, have nothing left to lose and are
+/// never announced; the one with credit left is, once, with what it has left.
+async fn a_grant_with_nothing_left_is_never_announced_as_expiring(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ledger = Ledger::start(&db).await; // no delivery job: events wait in the outbox
+    let ch = channel(&ledger, "http://127.0.0.1:9/hook").await;
+    let body = json!({"type": "credits.grant.expiring", "name": "soon", "channels": [ch], "before": "P1D"});
+    let (status, body) = ledger.post(RULES, body).await;
+    assert_eq!(status, 201, "{body}");
+    let c = ledger.customer("spent").await;
+    ledger.grant(&c, grant_body("4", json!({"expires_after": "PT1H", "priority": 1}))).await;
+    let voided = ledger.grant(&c, grant_body("6", json!({"expires_after": "PT2H", "priority": 2}))).await;
+    let kept = ledger.grant(&c, grant_body("10", json!({"expires_after": "PT3H", "priority": 3}))).await;
+    charge(&ledger, &c, "4", "all-of-the-first").await;
+    let void = format!("{}/credits/grants/{}/void", customer_path(&c), voided["id"].as_str().expect("id"));
+    let (status, body) = ledger.post(&void, json!({})).await;
+    assert_eq!(status, 200, "{body}");
+
+    let all = expiring_events(&ledger, &c).await;
+    let announced: Vec<(&Value, &Value)> = all
+        .iter()
+        .map(|e| (&e["payload"]["data"]["grant"]["id"], &e["payload"]["data"]["grant"]["remaining"]))
+        .collect();
+    assert_eq!(announced, [(&kept["id"], &json!("10"))], "{all:#?}");
+}
+
+/// A threshold rule in a currency watches only customers that have something in it: "A customer
+/// that never had that currency is not 'low'" — not one with only euros, nor one whose dollar
+/// charges all went to its invoice; the first dollar credit makes it one the rule watches.
+async fn a_customer_that_never_had_the_currency_is_not_low(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ledger = Ledger::start(&db).await; // no delivery job: events wait in the outbox
+    let ch = channel(&ledger, "http://127.0.0.1:9/hook").await;
+    threshold_rule(&ledger, &ch, json!([{"type": "absolute", "value": "5"}, {"type": "percent", "value": "50"}])).await;
+
+    let euros = ledger.customer("euros").await;
+    ledger.grant(&euros, grant_body("10", json!({"currency": "EUR"}))).await;
+    let (status, body) = ledger
+        .charge_with(&euros, json!({"amount": "9", "currency": "EUR", "settlement_mode": "credit_only", "key": "eur"}))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let invoiced = ledger.customer("invoiced").await;
+    let (status, body) = ledger
+        .charge_with(
+            &invoiced,
+            json!({"amount": "3", "currency": "USD", "settlement_mode": "credit_then_invoice", "key": "usd"}),
+        )
+        .await;
+    assert_eq!((status, body["overage"].as_str()), (201, Some("3")), "{body}");
+    assert_eq!(events_of(&ledger, &euros).await, 0, "1 EUR left says nothing about USD");
+    assert_eq!(events_of(&ledger, &invoiced).await, 0, "no USD credit was ever had");
+
+    // Dollar credit, spent down below both thresholds: now it is low.
+    ledger.grant(&euros, grant_body("10", json!({}))).await;
+    charge(&ledger, &euros, "6", "usd").await;
+    assert_eq!(events_of(&ledger, &euros).await, 2, "4 USD is at or below 5 and 50 % of 10");
+    ledger.assert_journal_sound().await;
+}
+
+/// Two instances on one PostgreSQL scanning for expiring grants at the same time announce each
+/// grant once ("fires once per grant", whichever instance scans).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_two_instances_announce_an_expiring_grant_once() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let (a, b) = (Ledger::start(&db).await, Ledger::start(&db).await);
+    let ch = channel(&a, "http://127.0.0.1:9/hook").await;
+    let body = json!({"type": "credits.grant.expiring", "name": "soon", "channels": [ch], "before": "P1D"});
+    let (status, body) = a.post(RULES, body).await;
+    assert_eq!(status, 201, "{body}");
+    let mut customers = Vec::new();
+    for i in 0..10 {
+        let c = a.customer(&format!("expiring-{i}")).await;
+        a.grant(&c, grant_body("10", json!({"expires_after": "PT1H"}))).await;
+        customers.push(c);
+    }
+    let scans = (0..4).flat_map(|_| [a.state.db.clone(), b.state.db.clone()]).map(|db| {
+        tokio::spawn(async move {
+            let mut conn = db.pool().acquire().await.expect("connection");
+            let now = db.now(&mut conn).await.expect("now");
+            drop(conn);
+            ledger::notify::expiring::scan(&db, now).await.expect("scan")
+        })
+    });
+    let mut written = 0;
+    for scan in scans.collect::<Vec<_>>() {
+        written += scan.await.expect("scan task");
+    }
+    assert_eq!(written, customers.len(), "one event per grant, whichever instance wrote it");
+    for c in &customers {
+        assert_eq!(events_of(&a, c).await, 1, "{c}");
+    }
+}
+
+/// `GET …/notification/events` "lists events newest first (`page[size]`, `page[after]`,
+/// `page[before]`, `filter[type]`, `filter[rule_id]`, `filter[customer_id]`)".
+async fn notification_events_are_listed_newest_first_by_filter_and_cursor(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ledger = Ledger::start(&db).await; // no delivery job: events wait in the outbox
+    let ch = channel(&ledger, "http://127.0.0.1:9/hook").await;
+    let low = threshold_rule(&ledger, &ch, json!([{"type": "absolute", "value": "5"}])).await;
+    let body = json!({"type": "credits.grant.expiring", "name": "soon", "channels": [ch], "before": "P1D"});
+    let (status, body) = ledger.post(RULES, body).await;
+    assert_eq!(status, 201, "{body}");
+    let soon = body["id"].as_str().expect("id").to_owned();
+    let (first, second) = (ledger.customer("first").await, ledger.customer("second").await);
+    ledger.grant(&first, grant_body("10", json!({"expires_after": "PT1H"}))).await;
+    charge(&ledger, &first, "6", "a").await;
+    ledger.grant(&second, grant_body("10", json!({}))).await;
+    charge(&ledger, &second, "6", "a").await;
+    let now = ledger.db_now().await;
+    assert_eq!(ledger::notify::expiring::scan(&ledger.state.db, now).await.expect("scan"), 1);
+
+    let all = events(&ledger, "?page[size]=100").await;
+    let seen: Vec<(&Value, &Value, &Value)> =
+        all.iter().map(|e| (&e["payload"]["type"], &e["payload"]["data"]["rule"]["id"], &e["customer_id"])).collect();
+    assert_eq!(
+        seen,
+        [
+            (&json!("credits.grant.expiring"), &json!(soon), &json!(first)),
+            (&json!("credits.balance.threshold"), &json!(low), &json!(second)),
+            (&json!("credits.balance.threshold"), &json!(low), &json!(first)),
+        ],
+        "newest first: {all:#?}"
+    );
+    let ids = |list: &[Value]| list.iter().map(|e| e["id"].as_str().unwrap_or("?").to_owned()).collect::<Vec<_>>();
+    let all_ids = ids(&all);
+    let (newest, middle, oldest) = (&all_ids[0], &all_ids[1], &all_ids[2]);
+    for (query, expected) in [
+        ("?filter[type]=credits.grant.expiring".to_owned(), vec![newest]),
+        ("?filter[type]=credits.balance.threshold".to_owned(), vec![middle, oldest]),
+        (format!("?filter[rule_id]={low}"), vec![middle, oldest]),
+        (format!("?filter[rule_id]={soon}"), vec![newest]),
+        (format!("?filter[customer_id]={first}"), vec![newest, oldest]),
+        (format!("?filter[customer_id]={first}&filter[type]=credits.balance.threshold"), vec![oldest]),
+    ] {
+        let found = ids(&events(&ledger, &query).await);
+        assert_eq!(found.iter().collect::<Vec<_>>(), expected, "{query}");
+    }
+
+    // One at a time: `next` walks to the oldest, `previous` back to the newest.
+    let (mut forward, mut link) = (Vec::new(), format!("{EVENTS}?page[size]=1"));
+    let last = loop {
+        let (status, page) = ledger.get(&link).await;
+        assert_eq!(status, 200, "{link}: {page}");
+        forward.extend(ids(page["data"].as_array().expect("data")));
+        match page["meta"]["page"]["next"].as_str().map(str::to_owned) {
+            Some(next) => link = next,
+            None => break page,
+        }
+    };
+    assert_eq!(forward, all_ids);
+    let mut backward = Vec::new();
+    let mut page = last;
+    while let Some(previous) = page["meta"]["page"]["previous"].as_str().map(str::to_owned) {
+        let (status, body) = ledger.get(&previous).await;
+        assert_eq!(status, 200, "{previous}: {body}");
+        backward.extend(ids(body["data"].as_array().expect("data")));
+        page = body;
+    }
+    backward.reverse();
+    assert_eq!(backward, all_ids[..2].to_vec(), "previous pages, newest last");
+}
+
+/// The bounds the README gives channels and rules: a `url` without a fragment, up to 20 custom
+/// headers and none HTTP owns (`content-type`, `host`), a `signing_secret` of `whsec_` + base64 of
+/// 24–64 bytes, 1–20 thresholds.
+async fn channel_and_rule_bounds_are_the_documented_ones(backend: Backend) {
+    use base64::Engine as _;
+    let db = TestDb::new(backend).await;
+    let ledger = Ledger::start(&db).await;
+    let secret = |bytes: usize| format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(vec![7u8; bytes]));
+    let headers = |n: usize| Value::Object((0..n).map(|i| (format!("x-h{i}"), json!("v"))).collect());
+    let webhook = |extra: Value| {
+        support::merged(json!({"type": "webhook", "name": "a", "url": "http://127.0.0.1:9/hook"}), extra)
+    };
+    for (body, field) in [
+        (webhook(json!({"url": "http://127.0.0.1:9/hook#part"})), "url"),
+        (webhook(json!({"custom_headers": headers(21)})), "custom_headers"),
+        (webhook(json!({"custom_headers": {"content-type": "text/plain"}})), "custom_headers.content-type"),
+        (webhook(json!({"custom_headers": {"host": "elsewhere"}})), "custom_headers.host"),
+        (webhook(json!({"signing_secret": secret(23)})), "signing_secret"),
+        (webhook(json!({"signing_secret": secret(65)})), "signing_secret"),
+    ] {
+        let reply = ledger.call(reqwest::Method::POST, CHANNELS).json(&body).send().await;
+        reply.assert_problem(400, Some(field));
+    }
+    let mut id = String::new();
+    for body in [
+        webhook(json!({"custom_headers": headers(20)})),
+        webhook(json!({"signing_secret": secret(24)})),
+        webhook(json!({"signing_secret": secret(64)})),
+    ] {
+        let (status, made) = ledger.post(CHANNELS, body.clone()).await;
+        assert_eq!(status, 201, "{body}: {made}");
+        id = made["id"].as_str().expect("id").to_owned();
+    }
+    let thresholds =
+        |n: usize| Value::Array((1..=n).map(|i| json!({"type": "absolute", "value": i.to_string()})).collect());
+    let rule = |n: usize| json!({"type": "credits.balance.threshold", "name": "r", "channels": [id], "currency": "USD", "thresholds": thresholds(n)});
+    for n in [0, 21] {
+        let reply = ledger.call(reqwest::Method::POST, RULES).json(&rule(n)).send().await;
+        reply.assert_problem(400, Some("thresholds"));
+    }
+    for n in [1, 20] {
+        let (status, made) = ledger.post(RULES, rule(n)).await;
+        assert_eq!(status, 201, "{n} thresholds: {made}");
+    }
+}
+
 on_both_backends!(
+    a_grant_with_nothing_left_is_never_announced_as_expiring,
+    a_customer_that_never_had_the_currency_is_not_low,
+    notification_events_are_listed_newest_first_by_filter_and_cursor,
+    channel_and_rule_bounds_are_the_documented_ones,
     expiring_grants_a_rule_does_not_watch_never_hide_one_it_does,
     a_delivery_without_attempts_left_is_failed_after_the_limit_was_lowered,
     channels_and_rules_are_validated_and_admin_only,
