@@ -173,7 +173,113 @@ async fn lists_in_requests_are_bounded(backend: Backend) {
     ledger.assert_journal_sound().await;
 }
 
+/// What the README gives the gateway scope, as `(method, OpenAPI path)`: "`POST
+/// /v3/gateway/sync`, `POST /v3/openmeter/events` …, and read customers (`GET …/customers`, `GET
+/// …/customers/{id}`) and balances (`GET …/credits/balance`)", and the per-call authorization
+/// Envoy's `ext_authz` sends (any method).
+const GATEWAY_SCOPE: &[(&str, &str)] = &[
+    ("post", "/v3/gateway/sync"),
+    ("post", "/v3/openmeter/events"),
+    ("get", "/v3/openmeter/customers"),
+    ("get", "/v3/openmeter/customers/{customerId}"),
+    ("get", "/v3/openmeter/customers/{customerId}/credits/balance"),
+    ("post", "/v3/gateway/authorize/{path}"),
+];
+
+/// Every operation the OpenAPI document lists ("lists every endpoint"), called with a gateway
+/// token: those the README gives the gateway scope are served, every other one ("Anything else")
+/// is a 403 problem that changes nothing — customers, credit, notification channels and rules.
+async fn a_gateway_token_may_call_exactly_what_the_readme_lists(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ledger = Ledger::start(&db).await;
+    let (c, g) = funded_customer(&ledger).await;
+    let channels = "/v3/openmeter/notification/channels";
+    let (status, channel) =
+        ledger.post(channels, json!({"type": "webhook", "name": "ops", "url": "http://127.0.0.1:9/hook"})).await;
+    assert_eq!(status, 201, "{channel}");
+    let rules = "/v3/openmeter/notification/rules";
+    let rule = json!({"type": "credits.balance.threshold", "name": "low", "channels": [channel["id"]],
+        "currency": "USD", "thresholds": [{"type": "absolute", "value": "1"}]});
+    let (status, rule) = ledger.post(rules, rule).await;
+    assert_eq!(status, 201, "{rule}");
+    let before = (ledger.snapshot(&c).await, notification_lists(&ledger).await);
+
+    let openapi = ledger.call_without_token(Method::GET, "/v3/openapi.json").send().await;
+    assert_eq!(openapi.status, 200, "{}", openapi.text);
+    let paths = openapi.body["paths"].as_object().expect("paths").clone();
+    let mut served = Vec::new();
+    let mut refused = 0;
+    for (template, operations) in &paths {
+        let path = template
+            .replace("{customerId}", &c)
+            .replace("{creditGrantId}", &g)
+            .replace("{channelId}", channel["id"].as_str().expect("channel id"))
+            .replace("{ruleId}", rule["id"].as_str().expect("rule id"))
+            .replace("{eventId}", support::UNKNOWN_ID)
+            .replace("{path}", "api/things");
+        for method in operations.as_object().expect("path item").keys() {
+            let Ok(m) = Method::from_bytes(method.to_ascii_uppercase().as_bytes()) else { continue };
+            if GATEWAY_SCOPE.contains(&(method.as_str(), template.as_str())) {
+                served.push((method.clone(), template.clone()));
+                continue;
+            }
+            let mut call = ledger.call_as(GATEWAY_TOKEN, m.clone(), &path);
+            if m != Method::GET && m != Method::DELETE {
+                call = call.json(&json!({}));
+            }
+            call.send().await.assert_problem(403, None);
+            refused += 1;
+        }
+    }
+    served.sort();
+    let mut scope: Vec<(String, String)> =
+        GATEWAY_SCOPE.iter().map(|(m, p)| ((*m).to_owned(), (*p).to_owned())).collect();
+    scope.sort();
+    assert_eq!(served, scope, "every operation of the gateway scope is in the OpenAPI document");
+    assert!(refused >= 20, "the document lists the admin operations too ({refused} refused)");
+    assert_eq!((ledger.snapshot(&c).await, notification_lists(&ledger).await), before, "nothing changed");
+
+    // The gateway scope: served with the gateway token (authorizations with any method).
+    let event = json!({"id": "e-1", "source": "gw", "specversion": "1.0", "type": "t", "subject": "scoped-subject"});
+    let ok = [
+        (Method::POST, "/v3/gateway/sync".to_owned(), Some(json!({"node": "n", "subjects": []}))),
+        (Method::POST, "/v3/openmeter/events".to_owned(), Some(event)),
+        (Method::GET, "/v3/openmeter/customers".to_owned(), None),
+        (Method::GET, customer_path(&c), None),
+        (Method::GET, format!("{}/credits/balance", customer_path(&c)), None),
+    ];
+    for (method, path, body) in ok {
+        let mut call = ledger.call_as(GATEWAY_TOKEN, method.clone(), &path);
+        if let Some(b) = &body {
+            call = call.json(b);
+        }
+        let reply = call.send().await;
+        assert!((200..300).contains(&reply.status), "{method} {path}: {} {}", reply.status, reply.text);
+    }
+    for (i, method) in [Method::GET, Method::POST, Method::PUT, Method::DELETE].into_iter().enumerate() {
+        let reply = ledger
+            .call_as(GATEWAY_TOKEN, method.clone(), "/v3/gateway/authorize/api/things")
+            .header("x-credits-price", "0.50")
+            .header("x-credits-currency", "USD")
+            .header("x-consumer-username", "scoped-subject")
+            .header("x-request-id", &format!("call-{i}"))
+            .send()
+            .await;
+        assert_eq!(reply.status, 200, "{method}: {}", reply.text);
+    }
+    assert_eq!(ledger.balance(&c, "").await.0, "5.50", "10 granted, 2.50 charged, four calls of 0.50");
+    ledger.assert_journal_sound().await;
+}
+
+/// The notification channels and rules, as an admin lists them.
+async fn notification_lists(ledger: &Ledger) -> serde_json::Value {
+    let (_, channels) = ledger.get("/v3/openmeter/notification/channels").await;
+    let (_, rules) = ledger.get("/v3/openmeter/notification/rules").await;
+    json!({"channels": channels, "rules": rules})
+}
+
 on_both_backends!(
+    a_gateway_token_may_call_exactly_what_the_readme_lists,
     lists_in_requests_are_bounded,
     gateway_tokens_are_refused_outside_their_scope,
     admin_tokens_may_call_every_endpoint,
@@ -293,6 +399,9 @@ fn the_process_refuses_to_start_with_unusable_settings() {
         (vec!["--insecure-no-auth", "--token", "adm-1"], None, "--insecure-no-auth"),
         (vec!["--insecure-no-auth"], Some(("CREDITS_LEDGER_GATEWAY_TOKEN", "gw-only-4d2c")), "--insecure-no-auth"),
         (vec!["--token", "adm-1", "--expiry-interval-ms", "9"], None, "--expiry-interval-ms"),
+        (vec!["--token", "adm-1", "--expiry-interval-ms", "3600001"], None, "--expiry-interval-ms"),
+        (vec!["--token", "adm-1", "--webhook-retry-ms", "86400001"], None, "--webhook-retry-ms"),
+        (vec!["--token", "adm-1", "--webhook-max-retry-ms", "86400001"], None, "--webhook-max-retry-ms"),
         (vec!["--token", "adm-1", "--webhook-retry-ms", "0"], None, "--webhook-retry-ms"),
         (
             vec!["--token", "adm-1", "--webhook-retry-ms", "9000", "--webhook-max-retry-ms", "8000"],
