@@ -184,7 +184,11 @@ async fn cursors_and_page_numbers_at_the_edge_of_i64_never_wrap(backend: Backend
     ledger.grant(&c, grant_body("1", json!({}))).await;
     let customer = customer_path(&c);
     let cursor = |n: i64| ledger::api::request::encode_cursor(n);
-    for path in [format!("{customer}/credits/transactions"), "/v3/openmeter/events".to_owned()] {
+    for path in [
+        format!("{customer}/credits/transactions"),
+        "/v3/openmeter/events".to_owned(),
+        "/v3/openmeter/notification/events".to_owned(),
+    ] {
         for n in [0, 1, i64::MAX - 1, i64::MAX] {
             for side in ["after", "before"] {
                 let (status, body) = ledger.get(&format!("{path}?page%5B{side}%5D={}", cursor(n))).await;
@@ -199,7 +203,19 @@ async fn cursors_and_page_numbers_at_the_edge_of_i64_never_wrap(backend: Backend
             reply.assert_problem(400, Some(&format!("page[{side}]")));
         }
     }
-    for path in ["/v3/openmeter/customers".to_owned(), format!("{customer}/credits/grants")] {
+    // A cursor is read as given, never wrapped: older than the largest is every movement (the
+    // grant's one), newer than it none; older than 0 none, newer than 0 every one.
+    for (side, n, expected) in [("after", i64::MAX, 1), ("before", i64::MAX, 0), ("after", 0, 0), ("before", 0, 1)] {
+        let query = format!("?page%5B{side}%5D={}", cursor(n));
+        let (status, body) = ledger.get(&format!("{customer}/credits/transactions{query}")).await;
+        assert_eq!((status, body["data"].as_array().map(Vec::len)), (200, Some(expected)), "page[{side}]={n}: {body}");
+    }
+    for path in [
+        "/v3/openmeter/customers".to_owned(),
+        format!("{customer}/credits/grants"),
+        "/v3/openmeter/notification/channels".to_owned(),
+        "/v3/openmeter/notification/rules".to_owned(),
+    ] {
         let (status, body) = ledger.get(&format!("{path}?page%5Bnumber%5D={}", i64::MAX)).await;
         assert_eq!((status, body["data"].clone()), (200, json!([])), "{path}: {body}");
         // What the schema allows is accepted as Konnect does: beyond i64 is the last possible
@@ -271,7 +287,35 @@ async fn nul_characters_are_refused_naming_where(backend: Backend) {
     ledger.assert_journal_sound().await;
 }
 
+/// "a page at most 1000 items (a larger `page[size]` is read as 1000, as Konnect's engine does)":
+/// on every list, paged by number or by cursor.
+async fn every_list_reads_a_page_size_beyond_1000_as_1000(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ledger = Ledger::start(&db).await;
+    let c = ledger.customer("sizes").await;
+    let customer = customer_path(&c);
+    for path in [
+        "/v3/openmeter/customers".to_owned(),
+        format!("{customer}/credits/grants"),
+        format!("{customer}/credits/transactions"),
+        "/v3/openmeter/events".to_owned(),
+        "/v3/openmeter/notification/channels".to_owned(),
+        "/v3/openmeter/notification/rules".to_owned(),
+        "/v3/openmeter/notification/events".to_owned(),
+    ] {
+        for size in ["1001", "99999999999999999999"] {
+            let (status, body) = ledger.get(&format!("{path}?page%5Bsize%5D={size}")).await;
+            assert_eq!(
+                (status, body["meta"]["page"]["size"].clone()),
+                (200, json!(1000)),
+                "{path} page[size]={size}: {body}"
+            );
+        }
+    }
+}
+
 on_both_backends!(
+    every_list_reads_a_page_size_beyond_1000_as_1000,
     nul_characters_are_refused_naming_where,
     undecodable_path_parameters_are_a_problem_naming_them,
     huge_amounts_are_refused_and_the_ledger_lives,
