@@ -466,7 +466,39 @@ async fn expiries_are_rfc3339_instants_and_may_be_fractions_of_an_hour(backend: 
     ledger.call(reqwest::Method::POST, &grants).json(&body).send().await.assert_problem(400, Some("expires_after"));
 }
 
+/// A void takes the whole unused remainder and no body. "Bodies are JSON; unknown fields are
+/// refused": a body with a member (an `amount`, as if part of a grant could be voided) is refused
+/// naming it and voids nothing, as is one not declared JSON; none at all, or `{}`, voids.
+async fn a_void_refuses_a_body_it_would_ignore(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ledger = Ledger::start(&db).await;
+    let c = ledger.customer("partial").await;
+    let g = ledger.grant(&c, grant_body("10", json!({}))).await;
+    let void = |id: &str| format!("{}/{id}/void", grants_path(&c));
+    let before = ledger.snapshot(&c).await;
+    for (body, field) in [(json!({"amount": "5"}), "amount"), (json!({"reason": "churn"}), "reason")] {
+        let reply = ledger.call(reqwest::Method::POST, &void(&id_of(&g))).json(&body).send().await;
+        reply.assert_problem(400, Some(field));
+    }
+    let reply = ledger
+        .call(reqwest::Method::POST, &void(&id_of(&g)))
+        .body(Some("application/x-www-form-urlencoded"), "amount=5")
+        .send()
+        .await;
+    reply.assert_problem(400, Some("Content-Type"));
+    assert_eq!(ledger.snapshot(&c).await, before, "nothing voided");
+
+    let reply = ledger.call(reqwest::Method::POST, &void(&id_of(&g))).send().await;
+    assert_eq!((reply.status, &reply.body["status"]), (200, &json!("voided")), "{}", reply.body);
+    let other = ledger.grant(&c, grant_body("3", json!({}))).await;
+    let (status, body) = ledger.post(&void(&id_of(&other)), json!({})).await;
+    assert_eq!((status, &body["status"]), (200, &json!("voided")), "{body}");
+    assert_eq!(ledger.balance(&c, "").await.0, "0");
+    ledger.assert_journal_sound().await;
+}
+
 on_both_backends!(
+    a_void_refuses_a_body_it_would_ignore,
     re_sending_the_same_settlement_status_changes_nothing,
     expiries_are_rfc3339_instants_and_may_be_fractions_of_an_hour,
     grant_defaults_purchase_terms_and_round_trip,

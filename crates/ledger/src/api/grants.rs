@@ -15,7 +15,7 @@ use utoipa::ToSchema;
 use super::customers::{PageMeta, PaginatedMeta};
 use super::fields::{self, timestamp};
 use super::problem::{ApiResult, Problem};
-use super::request::{ulid_param, Json, Query};
+use super::request::{is_json, parse_json, read_body, ulid_param, Json, Query};
 use super::AppState;
 use crate::api::customer_tx::CustomerTx;
 use crate::store::books::Operation;
@@ -390,9 +390,34 @@ pub async fn settle_external(
     Ok(axum::Json(view(&record, now)))
 }
 
-#[utoipa::path(post, path = "/v3/openmeter/customers/{customerId}/credits/grants/{creditGrantId}/void",
+/// What a void may carry: nothing, or an empty JSON object. A void takes the whole unused
+/// remainder, so a member (an `amount`, as if part of a grant could be voided) is refused rather
+/// than ignored.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VoidRequest {}
+
+#[utoipa::path(post, path = "/v3/openmeter/customers/{customerId}/credits/grants/{creditGrantId}/void", operation_id = "void",
     params(("customerId" = String, Path), ("creditGrantId" = String, Path)),
-    responses((status = 200, body = GrantView), (status = 400), (status = 401), (status = 404)))]
+    responses((status = 200, body = GrantView), (status = 400, description = "a body with any member, or not declared JSON"), (status = 401), (status = 404)))]
+pub async fn void_request(
+    State(state): State<AppState>,
+    path: Path<(String, String)>,
+    request: axum::extract::Request,
+) -> ApiResult<axum::Json<GrantView>> {
+    let content_type =
+        request.headers().get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    let body = read_body(request, &state).await?;
+    if !body.trim_ascii().is_empty() {
+        if !is_json(&content_type) {
+            return Err(Problem::bad_request("Content-Type", "expected Content-Type: application/json").in_header());
+        }
+        parse_json::<VoidRequest>(&body)?;
+    }
+    void(State(state), path).await
+}
+
+/// Voids a grant's unused remainder (the request's body checked by [`void_request`]).
 pub async fn void(
     State(state): State<AppState>,
     Path((customer_id, grant_id)): Path<(String, String)>,

@@ -114,7 +114,7 @@ pub fn router_with(state: AppState, extra: Router<AppState>) -> Router {
             &format!("{customer}/credits/grants/{{creditGrantId}}/settlement/external"),
             post(grants::settle_external),
         )
-        .route(&format!("{customer}/credits/grants/{{creditGrantId}}/void"), post(grants::void))
+        .route(&format!("{customer}/credits/grants/{{creditGrantId}}/void"), post(grants::void_request))
         .route(&format!("{customer}/credits/balance"), get(balance::get))
         .route(&format!("{customer}/credits/transactions"), get(transactions::list))
         .route(&format!("{customer}/credits/adjustments"), post(charges::adjust))

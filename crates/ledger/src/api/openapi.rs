@@ -12,7 +12,7 @@ use super::{
     info(title = "credits-ledger", description = "Prepaid credit ledger: Konnect-compatible credits API plus charges, voids and gateway sync."),
     paths(
         customers::create, customers::list, customers::get, customers::update, customers::delete,
-        grants::create, grants::list, grants::get, grants::settle_external, grants::void,
+        grants::create, grants::list, grants::get, grants::settle_external, grants::void_request,
         balance::get, transactions::list, charges::charge, charges::adjust, events::ingest, events::list, gateway::sync, authorize::authorize,
         channels::create, channels::list, channels::get, channels::update, channels::delete,
         rules::create, rules::list, rules::get, rules::update, rules::delete,
