@@ -133,6 +133,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { database } => {
+            // A check reads a journal that exists: an SQLite file that is not there (a typo,
+            // another directory) is an error, never a new empty journal reported sound.
+            let database = if database.starts_with("sqlite:") && !database.contains('?') {
+                format!("{database}?mode=rw")
+            } else {
+                database
+            };
             let db = ledger::db::Db::connect(&database).await?;
             let problems = ledger::check::run(&db).await?;
             if problems.is_empty() {

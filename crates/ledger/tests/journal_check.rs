@@ -129,4 +129,30 @@ async fn check_command_exits_non_zero_with_the_report(backend: Backend) {
     assert!(out.contains(&format!("grant {}: ", world.grant)) && out.contains("taken from a grant of 1"), "{out}");
 }
 
+/// `check` verifies a journal that exists. Pointed at an SQLite file that is not there (a typo,
+/// another directory: the default is `credits-ledger.db` in the current one) it fails naming the
+/// database and creates nothing, instead of creating an empty journal and reporting it sound.
+#[test]
+fn check_of_a_database_that_is_not_there_fails_and_creates_nothing() {
+    let dir = support::tempdir::TempDir::new();
+    let missing = dir.0.join("missing.db");
+    let check = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_credits-ledger"))
+            .args(args)
+            .current_dir(&dir.0)
+            .env_remove("CREDITS_LEDGER_DATABASE")
+            .output()
+            .expect("run credits-ledger check");
+        let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), said)
+    };
+    let (ok, said) = check(&["check", "--database", &format!("sqlite://{}", missing.display())]);
+    assert!(!ok && !said.contains("journal OK"), "a check of nothing must not pass: {said}");
+    assert!(said.contains("missing.db"), "the error names the database: {said}");
+    assert!(!missing.exists(), "check created {}", missing.display());
+    let (ok, said) = check(&["check"]);
+    assert!(!ok && !said.contains("journal OK"), "{said}");
+    assert!(!dir.0.join("credits-ledger.db").exists(), "check created credits-ledger.db");
+}
+
 on_both_backends!(check_reports_each_broken_invariant, check_command_exits_non_zero_with_the_report);
