@@ -967,7 +967,43 @@ async fn openapi_lists_the_gateway_sync_endpoint(backend: Backend) {
     assert!(sync["post"]["requestBody"].is_object(), "{sync}");
 }
 
+/// "what credit does not cover leaves a negative balance under `credit_only` (covered first by
+/// the next eligible credit)": uncovered usage of a feature is covered by the next credit that
+/// feature may use, not by credit restricted to another feature, and by a grant that becomes
+/// effective later only from that instant (booked by the background pass).
+async fn uncovered_usage_is_covered_by_the_next_eligible_credit_only(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ledger = Ledger::start(&db).await;
+    let c = ledger.customer("owing").await;
+    let usage = json!({"feature_key": "tokens", "usage": usage_range(0, 3, "3.00", "credit_only")});
+    let answer = ledger.sync_one("n", subject_sync("owing-subject", usage)).await;
+    assert_eq!(answer["usage"], "booked", "{answer}");
+    let scope = |feature: &str| format!("?filter[currency][eq]=USD&filter[feature_key][eq]={feature}");
+    let settled = |s: (String, String, String)| support::amount(&json!(s.0));
+    let n = |text: &str| support::amount(&json!(text));
+    assert_eq!(settled(ledger.balance(&c, &scope("tokens")).await), n("-3"));
+
+    // Credit only images may use leaves the tokens uncovered.
+    ledger.grant(&c, grant_body("10", json!({"filters": {"features": ["images"]}}))).await;
+    assert_eq!(settled(ledger.balance(&c, &scope("tokens")).await), n("-3"), "images credit covers no tokens");
+    assert_eq!(settled(ledger.balance(&c, &scope("images")).await), n("10"));
+    assert_eq!(ledger.row_counts().await["debts"], 1);
+
+    // Unrestricted credit that starts later covers them from its effective instant.
+    let effective = support::format_time(ledger.db_now().await + chrono::TimeDelta::milliseconds(500));
+    ledger.grant(&c, grant_body("5", json!({"effective_at": effective}))).await;
+    assert_eq!(ledger.balance(&c, &scope("tokens")).await.2, "5", "pending");
+    assert_eq!(settled(ledger.balance(&c, &scope("tokens")).await), n("-3"), "not yet effective");
+    ledger.wait_past(&effective).await;
+    assert!(ledger::expiry::pass(&ledger.state).await.expect("pass") > 0, "the funding was booked");
+    assert_eq!(settled(ledger.balance(&c, &scope("tokens")).await), n("2"), "5 less the 3 it covered");
+    assert_eq!(settled(ledger.balance(&c, &scope("images")).await), n("12"), "10 of images, 2 unrestricted");
+    assert_eq!(ledger.row_counts().await["debts"], 0);
+    ledger.assert_journal_sound().await;
+}
+
 on_both_backends!(
+    uncovered_usage_is_covered_by_the_next_eligible_credit_only,
     usage_ranges_book_once_through_the_draw_down_order,
     usage_beyond_the_balance_is_booked_in_full,
     each_subject_of_a_batch_gets_its_own_outcome,
