@@ -1078,3 +1078,58 @@ fn an_entry_written_for_a_read_that_failed_is_deleted_once_idle() {
         g.no_violations();
     }
 }
+
+/// The chain's later reads keep to the wait of when the call began: a call whose first read is
+/// answered late in its wait (400 of 500 ms) and that waits again (a call that joined took the
+/// top-up) is answered once `ledger.timeout_ms` (plus the reads' slack of 100 ms) passed since it
+/// began to wait, not a whole timeout after its last read went out (README: 'a call waiting for
+/// the ledger never waits longer').
+#[test]
+fn under_envoy_a_call_whose_chained_read_hangs_is_decided_within_its_own_wait() {
+    let lease = r#", "lease": {"min_calls": 1, "max_calls": 1}"#;
+    let mut g = Gateway::new(Rules::Envoy, config(lease), 100);
+    let (warm, _) = g.start();
+    g.answer_all();
+    g.finish(warm, 200);
+    let began = g.engine.now_ms;
+    let (a, flow) = g.start();
+    assert_eq!(flow, Flow::Pause);
+    let (b, _) = g.start(); // joins a's read, and is decided first: takes the top-up
+    g.engine.now_ms = began + 400;
+    g.answer_all();
+    assert_eq!((g.resumed(b), g.resumed(a), g.status(a)), (1, 0, None), "a waits for another read");
+    assert_eq!(g.pending().len(), 1, "a's second read is in flight");
+    // The ledger answers no more: a is decided at the first tick past its own wait.
+    g.engine.now_ms = began + 500 + 100 + 1;
+    g.tick();
+    assert_eq!((g.resumed(a), g.status(a)), (0, Some(503)), "a waited past ledger.timeout_ms");
+    g.no_violations();
+}
+
+/// Calls carried over from a read whose owner went away keep to their own wait too: the new
+/// read of the customer, dispatched late in their wait, does not extend it.
+#[test]
+fn under_envoy_calls_carried_over_from_an_orphaned_read_are_decided_within_their_own_wait() {
+    let lease = r#", "lease": {"min_calls": 1, "max_calls": 1}"#;
+    let mut g = Gateway::new(Rules::Envoy, config(lease), 100);
+    let (warm, _) = g.start();
+    g.answer_all();
+    g.finish(warm, 200);
+    let began = g.engine.now_ms;
+    let (a, _) = g.start();
+    let (b, _) = g.start(); // joins a's read
+    let [(token, _)] = g.pending()[..] else { panic!("{:?}", g.pending()) };
+    g.gone(a);
+    g.engine.dispatched.retain(|d| d.token != token);
+    g.engine.now_ms = began + 450;
+    let (c, _) = g.start(); // dispatches a new read of the customer, and takes b
+    assert_eq!(g.pending().len(), 1);
+    g.engine.now_ms = began + 500 + 100 + 1;
+    g.tick();
+    assert_eq!((g.resumed(b), g.status(b)), (0, Some(503)), "b waited past ledger.timeout_ms");
+    assert_eq!((g.resumed(c), g.status(c)), (0, None), "c waits on within its own wait");
+    g.engine.now_ms = began + 450 + 500 + 100 + 1;
+    g.tick();
+    assert_eq!(g.status(c), Some(503));
+    g.no_violations();
+}

@@ -170,6 +170,20 @@ impl Waiting {
         expired
     }
 
+    /// Calls still waiting whose own wait (`timeout_ms` from when each began, plus `slack_ms`)
+    /// is over at `now_ms`, whatever read they wait for (one dispatched late in their wait, or one
+    /// they were carried over to from a read whose owner went away).
+    pub fn overdue(&self, timeout_ms: u64, slack_ms: u64, now_ms: u64) -> Vec<ContextId> {
+        let mut overdue: Vec<ContextId> = self
+            .calls
+            .iter()
+            .filter(|(_, w)| w.admitted.is_none() && now_ms > w.since_ms.saturating_add(timeout_ms + slack_ms))
+            .map(|(id, _)| *id)
+            .collect();
+        overdue.sort_unstable();
+        overdue
+    }
+
     /// Puts back a read `expired` gave up, to wait for its answer after all.
     pub fn keep(&mut self, read: Read) {
         self.reads.push(read);

@@ -92,6 +92,10 @@ struct Retry {
     cost: Amount,
 }
 
+/// How long past `ledger.timeout_ms` a read (and a call waiting for one) is waited for before the
+/// tick gives up on it.
+const READ_SLACK_MS: u64 = 100;
+
 /// At most this many completions wait for a retry; beyond it they are counted as dropped usage.
 const MAX_RETRIES: usize = 10_000;
 
@@ -437,7 +441,7 @@ impl Worker {
         let pending = sync::balance_read(engine.shared(), config, &self.node, subject, &needed, now_ms, turn_ms);
         match self.dispatch(engine, config, &pending) {
             Ok(token) => {
-                let deadline_ms = now_ms + u64::from(config.ledger.timeout_ms) + 100;
+                let deadline_ms = now_ms + u64::from(config.ledger.timeout_ms) + READ_SLACK_MS;
                 let read = Read {
                     subject: subject.to_owned(),
                     owner: Some(running),
@@ -565,6 +569,16 @@ impl Worker {
                 // this deadline. The read stays until then, so that its answer still decides
                 // the call (otherwise Kong resumes it undecided, past every check).
                 self.waiting.keep(Read { deadline_ms: u64::MAX, ..read });
+            }
+        }
+        // A read's deadline is counted from when it went out, a call's wait from when it began:
+        // a call that waits for a read dispatched late in its wait (the next of a chain, or one
+        // it was carried over to from a read whose owner went away) is decided once its own wait
+        // is over. Under ngx_wasm_module only its own callback can decide it.
+        if engine.rules().acts_on_other_contexts() {
+            let timeout_ms = u64::from(config.ledger.timeout_ms);
+            for id in self.waiting.overdue(timeout_ms, READ_SLACK_MS, now_ms) {
+                self.finish(engine, config, id, false);
             }
         }
     }
