@@ -1133,3 +1133,55 @@ fn under_envoy_calls_carried_over_from_an_orphaned_read_are_decided_within_their
     assert_eq!(g.status(c), Some(503));
     g.no_violations();
 }
+
+/// A call the tick let through once its own wait was over (here on credit another worker's read
+/// set aside meanwhile) still owns its read: the read's late answer, in the call's own callback,
+/// must not decide it again (resumed twice, holding twice).
+#[test]
+fn under_envoy_a_call_let_through_at_the_end_of_its_wait_is_not_decided_again_by_its_reads_answer() {
+    let mut g = Gateway::new(Rules::Envoy, config(r#", "lease": {"min_calls": 1, "max_calls": 1}"#), 100);
+    let (warm, _) = g.start();
+    g.answer_all();
+    g.finish(warm, 200);
+    let began = g.engine.now_ms;
+    let (a, flow) = g.start();
+    assert_eq!(flow, Flow::Pause);
+    let (c, _) = g.start(); // joins a's read, and takes its top-up
+    g.engine.now_ms = began + 400;
+    g.answer_all();
+    assert_eq!((g.resumed(c), g.resumed(a)), (1, 0));
+    g.finish(c, 200);
+    let [(read_a, _)] = g.pending()[..] else { panic!("a's second read: {:?}", g.pending()) };
+    // Another worker of the node reads the customer, and its lease top-up lands in shared data.
+    let config = g.cfg();
+    let config = config.as_ref().as_ref().unwrap();
+    let mut other = Worker::start(&g.engine, 8);
+    other.reconfigure(config);
+    g.engine.enter(1000, Phase::RequestHeaders);
+    let mut b = Call::new(1000);
+    assert_eq!(b.on_request_headers(&mut other, &mut g.engine, &g.config.clone(), &Named(SUBJECT), true), Flow::Pause);
+    let d = g.engine.dispatched.iter().position(|d| d.context == 1000).unwrap();
+    let d = g.engine.dispatched.remove(d);
+    let request = serde_json::from_slice(&d.body).unwrap();
+    let response = g.ledger.serve(&request, at(g.engine.now_ms)).unwrap();
+    let answer = LedgerAnswer { status: Some(200), body: Some(serde_json::to_vec(&response).unwrap()) };
+    g.engine.enter(1000, Phase::CallResponse);
+    b.on_ledger_answer(&mut other, &mut g.engine, config, d.token, &answer);
+    assert_eq!(g.resumed(1000), 1);
+    // Its call goes away unserved: what it held goes back to the node's lease.
+    g.engine.enter(1000, Phase::Log);
+    b.on_log(&mut other, &mut g.engine, config);
+    // a's own wait is over: the tick decides it on what the node holds now.
+    g.engine.now_ms = began + 500 + 100 + 1;
+    g.tick();
+    for (t, c) in g.pending() {
+        if c == 0 {
+            g.answer(t);
+        }
+    }
+    assert_eq!((g.resumed(a), g.status(a)), (1, None), "let through on the node's lease");
+    g.answer(read_a);
+    assert_eq!((g.resumed(a), g.status(a)), (1, None), "decided once");
+    g.finish(a, 200);
+    g.no_violations();
+}

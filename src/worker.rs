@@ -488,7 +488,8 @@ impl Worker {
                 again.push(id);
             }
         }
-        let running_waits = self.waiting.waiter(running).is_some();
+        // Still waiting (not let through already, e.g. by the tick once its own wait was over).
+        let running_waits = self.waiting.waiter(running).is_some_and(|w| w.admitted.is_none());
         if running_waits && (!again.is_empty() || self.finish(engine, config, running, more) == Decided::Again) {
             again.push(running);
             self.wait(engine, config, running, &again, &read.subject);
@@ -506,7 +507,7 @@ impl Worker {
             LedgerAccess::Reachable => LedgerAccess::Asked,
             unreachable => unreachable,
         };
-        let Some(waiter) = self.waiting.waiter(context) else { return Decided::Done };
+        let Some(waiter) = self.waiting.waiter(context).filter(|w| w.admitted.is_none()) else { return Decided::Done };
         let more = more && waiter.may_wait(u64::from(config.ledger.timeout_ms), now_ms);
         let (subject, quote) = (waiter.subject.clone(), waiter.quote.clone());
         let (verdict, _) = self.decide(engine, config, &subject, &quote, asked, now_ms);
@@ -523,7 +524,7 @@ impl Worker {
     fn give_up(&mut self, engine: &mut dyn Engine, config: &FilterConfig, waiters: &[ContextId]) {
         let now_ms = self.now_ms(engine);
         for &id in waiters {
-            let Some(waiter) = self.waiting.waiter(id) else { continue };
+            let Some(waiter) = self.waiting.waiter(id).filter(|w| w.admitted.is_none()) else { continue };
             let (subject, quote) = (waiter.subject.clone(), waiter.quote.clone());
             let (verdict, _) = self.decide(engine, config, &subject, &quote, LedgerAccess::Unreachable, now_ms);
             self.conclude(engine, config, id, verdict, now_ms);
