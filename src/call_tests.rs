@@ -64,6 +64,9 @@ fn headers_of(charged: Option<Charged>, config: &FilterConfig) -> Vec<(String, S
 const PRICED_BY_RESPONSE: &str = r#", "price": "0", "pricing": {"units": [{"name": "n", "unit_price": "0.10",
     "source": {"response_header": "x-units"}, "estimate": {"units": "1"}}]}"#;
 
+/// Leases of one call: a burst needs more than one top-up.
+const LEASE_OF_ONE_CALL: &str = r#", "lease": {"min_calls": 1, "max_calls": 1}"#;
+
 /// A configuration at 0.10 a call, the members of `extra` (`, "name": value…`) set over it.
 fn config(extra: &str) -> FilterConfig {
     let mut json = serde_json::json!({"ledger": {"upstream": "ledger", "token": "t", "timeout_ms": 500}, "price": "0.10", "currency": "USD"});
@@ -96,6 +99,16 @@ impl Gateway {
         let (first, _) = g.start();
         g.answer_all();
         g.finish(first, 200);
+        g
+    }
+
+    /// A worker under `rules` with leases of one call (credit for 100) whose customer made one
+    /// call: its lease is open and spent, so its next call waits for a top-up.
+    fn spent_lease_of_one_call(rules: Rules) -> Gateway {
+        let mut g = Gateway::new(rules, config(LEASE_OF_ONE_CALL), 100);
+        let (warm, _) = g.start();
+        g.answer_all();
+        g.finish(warm, 200);
         g
     }
 
@@ -256,8 +269,7 @@ fn under_nginx_concurrent_cold_calls_each_read_for_themselves() {
 /// gave up after three reads (503) though the customer had ample credit.
 #[test]
 fn under_nginx_a_read_sets_aside_enough_for_every_call_of_the_customer_waiting() {
-    let lease = r#", "lease": {"min_calls": 1, "max_calls": 1}"#;
-    let mut g = Gateway::new(Rules::Nginx, config(lease), 100);
+    let mut g = Gateway::new(Rules::Nginx, config(LEASE_OF_ONE_CALL), 100);
     let ids: Vec<ContextId> = (0..3).map(|_| g.start().0).collect();
     let wants: Vec<Amount> = g
         .engine
@@ -335,8 +347,7 @@ fn a_read_that_cannot_be_dispatched_decides_the_call_at_once() {
 #[test]
 fn a_burst_that_outruns_its_top_up_waits_for_another() {
     // Lease of at least 2 calls: three calls at once need more than the first top-up sets aside.
-    let lease = r#", "lease": {"min_calls": 1, "max_calls": 1}"#;
-    let mut g = Gateway::new(Rules::Envoy, config(lease), 100);
+    let mut g = Gateway::new(Rules::Envoy, config(LEASE_OF_ONE_CALL), 100);
     let ids: Vec<ContextId> = (0..3).map(|_| g.start().0).collect();
     let mut reads = 0;
     while let Some((token, _)) = g.pending().first().copied() {
@@ -356,9 +367,8 @@ fn a_burst_that_outruns_its_top_up_waits_for_another() {
 /// to spare. A call waits while the ledger answers within its timeout, however many reads.
 #[test]
 fn a_call_outrun_read_after_read_waits_while_the_ledger_answers_in_time() {
-    let lease = r#", "lease": {"min_calls": 1, "max_calls": 1}"#;
     for rules in [Rules::Envoy, Rules::Nginx] {
-        let mut g = Gateway::new(rules, config(lease), 1_000);
+        let mut g = Gateway::new(rules, config(LEASE_OF_ONE_CALL), 1_000);
         let mut calls = vec![g.start()];
         let mut finished = Vec::new();
         for round in 0..8 {
@@ -388,8 +398,7 @@ fn a_call_outrun_read_after_read_waits_while_the_ledger_answers_in_time() {
 /// it began to wait is answered 503, however many reads it waited for.
 #[test]
 fn a_call_waits_for_credit_no_longer_than_the_ledgers_timeout() {
-    let lease = r#", "lease": {"min_calls": 1, "max_calls": 1}"#;
-    let mut g = Gateway::new(Rules::Envoy, config(lease), 100_000);
+    let mut g = Gateway::new(Rules::Envoy, config(LEASE_OF_ONE_CALL), 100_000);
     let (first, _) = g.start();
     let mut waited = 0;
     let mut arriving = 4;
@@ -415,11 +424,7 @@ fn a_call_waits_for_credit_no_longer_than_the_ledgers_timeout() {
 #[test]
 fn a_call_waits_for_a_bounded_number_of_reads_that_set_nothing_aside() {
     for rules in [Rules::Envoy, Rules::Nginx] {
-        let lease = r#", "lease": {"min_calls": 1, "max_calls": 1}"#;
-        let mut g = Gateway::new(rules, config(lease), 100);
-        let (warm, _) = g.start();
-        g.answer_all();
-        g.finish(warm, 200);
+        let mut g = Gateway::spent_lease_of_one_call(rules);
         let (id, flow) = g.start();
         assert_eq!(flow, Flow::Pause, "{rules:?}: the lease of one call is spent");
         let mut reads = 0;
@@ -1086,11 +1091,7 @@ fn an_entry_written_for_a_read_that_failed_is_deleted_once_idle() {
 /// the ledger never waits longer').
 #[test]
 fn under_envoy_a_call_whose_chained_read_hangs_is_decided_within_its_own_wait() {
-    let lease = r#", "lease": {"min_calls": 1, "max_calls": 1}"#;
-    let mut g = Gateway::new(Rules::Envoy, config(lease), 100);
-    let (warm, _) = g.start();
-    g.answer_all();
-    g.finish(warm, 200);
+    let mut g = Gateway::spent_lease_of_one_call(Rules::Envoy);
     let began = g.engine.now_ms;
     let (a, flow) = g.start();
     assert_eq!(flow, Flow::Pause);
@@ -1110,11 +1111,7 @@ fn under_envoy_a_call_whose_chained_read_hangs_is_decided_within_its_own_wait() 
 /// read of the customer, dispatched late in their wait, does not extend it.
 #[test]
 fn under_envoy_calls_carried_over_from_an_orphaned_read_are_decided_within_their_own_wait() {
-    let lease = r#", "lease": {"min_calls": 1, "max_calls": 1}"#;
-    let mut g = Gateway::new(Rules::Envoy, config(lease), 100);
-    let (warm, _) = g.start();
-    g.answer_all();
-    g.finish(warm, 200);
+    let mut g = Gateway::spent_lease_of_one_call(Rules::Envoy);
     let began = g.engine.now_ms;
     let (a, _) = g.start();
     let (b, _) = g.start(); // joins a's read
@@ -1139,10 +1136,7 @@ fn under_envoy_calls_carried_over_from_an_orphaned_read_are_decided_within_their
 /// must not decide it again (resumed twice, holding twice).
 #[test]
 fn under_envoy_a_call_let_through_at_the_end_of_its_wait_is_not_decided_again_by_its_reads_answer() {
-    let mut g = Gateway::new(Rules::Envoy, config(r#", "lease": {"min_calls": 1, "max_calls": 1}"#), 100);
-    let (warm, _) = g.start();
-    g.answer_all();
-    g.finish(warm, 200);
+    let mut g = Gateway::spent_lease_of_one_call(Rules::Envoy);
     let began = g.engine.now_ms;
     let (a, flow) = g.start();
     assert_eq!(flow, Flow::Pause);
