@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use super::*;
+use crate::decision::LedgerAccess;
 use crate::engine::fake::FakeEngine;
 use crate::engine::{Phase, Rules};
 use crate::simulation::backend::{at, GrantPlan, Ledger};
@@ -145,6 +146,20 @@ impl Gateway {
         let request = serde_json::from_slice(&d.body).unwrap();
         let response = self.ledger.serve(&request, at(self.engine.now_ms)).unwrap();
         let answer = LedgerAnswer { status: Some(200), body: Some(serde_json::to_vec(&response).unwrap()) };
+        self.deliver(d.context, token, &answer);
+    }
+
+    /// Serves dispatch `token` at the ledger but hands its context an answer older than what the
+    /// node knows (revision 0), which sets nothing aside: the node ignores it.
+    fn answer_stale(&mut self, token: Token) {
+        let i = self.engine.dispatched.iter().position(|d| d.token == token).unwrap();
+        let d = self.engine.dispatched.remove(i);
+        let request = serde_json::from_slice(&d.body).unwrap();
+        let mut answer = serde_json::to_value(self.ledger.serve(&request, at(self.engine.now_ms)).unwrap()).unwrap();
+        for subject in answer["subjects"].as_array_mut().unwrap() {
+            subject["revision"] = 0.into();
+        }
+        let answer = LedgerAnswer { status: Some(200), body: Some(serde_json::to_vec(&answer).unwrap()) };
         self.deliver(d.context, token, &answer);
     }
 
@@ -428,16 +443,10 @@ fn a_call_waits_for_a_bounded_number_of_reads_that_set_nothing_aside() {
         let (id, flow) = g.start();
         assert_eq!(flow, Flow::Pause, "{rules:?}: the lease of one call is spent");
         let mut reads = 0;
-        while let Some(d) = g.engine.dispatched.pop() {
+        while let Some(&(token, _)) = g.pending().last() {
             reads += 1;
             assert!(reads <= MAX_READS_PER_CALL, "{rules:?}: still reading after {reads} reads");
-            let request = serde_json::from_slice(&d.body).unwrap();
-            let mut answer = serde_json::to_value(g.ledger.serve(&request, at(g.engine.now_ms)).unwrap()).unwrap();
-            for subject in answer["subjects"].as_array_mut().unwrap() {
-                subject["revision"] = 0.into();
-            }
-            let answer = LedgerAnswer { status: Some(200), body: Some(serde_json::to_vec(&answer).unwrap()) };
-            g.deliver(d.context, d.token, &answer);
+            g.answer_stale(token);
         }
         assert_eq!((reads, g.status(id)), (MAX_READS_PER_CALL, Some(503)), "{rules:?}");
         g.no_violations();
@@ -1105,6 +1114,35 @@ fn under_envoy_a_call_whose_chained_read_hangs_is_decided_within_its_own_wait() 
     g.tick();
     assert_eq!((g.resumed(a), g.status(a)), (0, Some(503)), "a waited past ledger.timeout_ms");
     g.no_violations();
+}
+
+/// Under Kong's engine only a call's own read can decide it (the tick cannot end its wait, as it
+/// does under Envoy), so a further top-up read sent late in the wait (at 400 of 500 ms) is given
+/// what is left of the wait as its timeout, not a whole `ledger.timeout_ms` (README: 'a call
+/// waiting for the ledger never waits longer'). Failing at that shorter timeout does not mark the
+/// ledger down (the ledger answered the call's first read; this one was cut short); failing
+/// before it (the ledger refused the connection) does, like any other failure.
+#[test]
+fn under_nginx_a_chained_read_is_given_what_is_left_of_the_calls_wait() {
+    for (fails_at, ledger) in [(500, LedgerAccess::Reachable), (410, LedgerAccess::Unreachable)] {
+        let mut g = Gateway::spent_lease_of_one_call(Rules::Nginx);
+        let began = g.engine.now_ms;
+        let (a, flow) = g.start();
+        assert_eq!(flow, Flow::Pause);
+        let [(first, _)] = g.pending()[..] else { panic!("{:?}", g.pending()) };
+        assert_eq!(g.engine.dispatched[0].timeout_ms, 500, "a first read: the whole timeout");
+        g.engine.now_ms = began + 400;
+        g.answer_stale(first); // sets nothing aside: a waits for another read
+        let [(second, _)] = g.pending()[..] else { panic!("{:?}", g.pending()) };
+        assert_eq!(g.engine.dispatched[0].timeout_ms, 100, "what is left of a's wait");
+        g.engine.now_ms = began + fails_at;
+        g.fail(second);
+        assert_eq!((g.resumed(a), g.status(a)), (0, Some(503)), "failed at {fails_at}: a is answered (deny)");
+        assert!(g.pending().is_empty(), "failed at {fails_at}: no further read");
+        let now_ms = g.engine.now_ms;
+        assert_eq!(g.worker.access(now_ms), ledger, "failed at {fails_at}");
+        g.no_violations();
+    }
 }
 
 /// Calls carried over from a read whose owner went away keep to their own wait too: the new

@@ -196,6 +196,7 @@ pub mod fake {
         pub token: Token,
         pub context: ContextId,
         pub body: Vec<u8>,
+        pub timeout_ms: u32,
     }
 
     pub struct FakeEngine {
@@ -292,7 +293,7 @@ pub mod fake {
             }
             let token = self.next_token;
             self.next_token += 1;
-            self.dispatched.push(Dispatched { token, context, body: call.body.to_vec() });
+            self.dispatched.push(Dispatched { token, context, body: call.body.to_vec(), timeout_ms: call.timeout_ms });
             Ok(token)
         }
 

@@ -55,6 +55,19 @@ impl Waiter {
         self.reads < MAX_READS_PER_CALL && now_ms < self.since_ms.saturating_add(timeout_ms)
     }
 
+    /// The timeout of a read this call dispatches at `now_ms` (it may wait, see
+    /// [`Waiter::may_wait`]): the ledger's. Under ngx_wasm_module, where only the call's own read
+    /// can decide it (the tick cannot end its wait: [`Waiting::overdue`]), at most what is left of
+    /// its wait, so that a read sent late in a chain does not keep it a whole timeout longer.
+    pub fn read_timeout_ms(&self, timeout_ms: u32, now_ms: u64, rules: Rules) -> u32 {
+        if rules.acts_on_other_contexts() {
+            return timeout_ms;
+        }
+        let left = self.since_ms.saturating_add(u64::from(timeout_ms)).saturating_sub(now_ms);
+        // Never 0: the engine reads 0 as its own default timeout.
+        u32::try_from(left).unwrap_or(timeout_ms).clamp(1, timeout_ms.max(1))
+    }
+
     /// What the call must have set aside per scope.
     pub fn estimates(&self) -> &[Amount] {
         &self.quote.estimates
@@ -72,6 +85,8 @@ pub struct Read {
     pub pending: PendingSync,
     pub waiters: Vec<ContextId>,
     pub deadline_ms: u64,
+    /// What it was dispatched with: the ledger's timeout, or less ([`Waiter::read_timeout_ms`]).
+    pub timeout_ms: u32,
 }
 
 /// How a call that must wait gets its answer.
@@ -225,7 +240,20 @@ mod tests {
             pending: PendingSync::new(SyncRequest { node: "n".into(), subjects: vec![] }, 0),
             waiters: waiters.to_vec(),
             deadline_ms: 100,
+            timeout_ms: 100,
         }
+    }
+
+    #[test]
+    fn under_nginx_a_read_is_given_no_more_than_what_is_left_of_its_calls_wait() {
+        let mut w = waiter("ann");
+        w.since_ms = 1_000;
+        assert_eq!(w.read_timeout_ms(500, 1_000, Rules::Nginx), 500);
+        assert_eq!(w.read_timeout_ms(500, 1_400, Rules::Nginx), 100);
+        assert_eq!(w.read_timeout_ms(500, 1_499, Rules::Nginx), 1);
+        assert_eq!(w.read_timeout_ms(500, 1_700, Rules::Nginx), 1, "never 0: the engine's default");
+        // Under Envoy the tick ends a call's wait (`overdue`): its reads keep the ledger's timeout.
+        assert_eq!(w.read_timeout_ms(500, 1_400, Rules::Envoy), 500);
     }
 
     #[test]

@@ -168,6 +168,7 @@ impl Worker {
         engine: &mut dyn Engine,
         config: &FilterConfig,
         pending: &PendingSync,
+        timeout_ms: u32,
     ) -> Result<Token, DispatchRefused> {
         let body = pending.body();
         // ngx_wasm_module takes `http` by default and warns on every `:scheme` when built
@@ -175,23 +176,21 @@ impl Worker {
         let nginx = engine.rules() == Rules::Nginx && !config.ledger.tls;
         let headers: Vec<(String, String)> =
             self.ledger_headers.iter().filter(|(name, _)| !(nginx && name == ":scheme")).cloned().collect();
-        let call = LedgerCall {
-            upstream: &config.ledger.upstream,
-            headers: &headers,
-            body,
-            timeout_ms: config.ledger.timeout_ms,
-        };
+        let call = LedgerCall { upstream: &config.ledger.upstream, headers: &headers, body, timeout_ms };
         engine.dispatch(&call)
     }
 
-    /// Applies the ledger's answer to `pending` (or marks the ledger down); `true` if usable.
+    /// Applies the ledger's answer to `pending` (sent with `timeout_ms`), or marks the ledger down
+    /// if it failed, unless it failed at a timeout shorter than the ledger's (a read cut short to
+    /// what is left of its call's wait): that says nothing about the ledger.
     fn absorb(
         &mut self,
         engine: &mut dyn Engine,
         config: &FilterConfig,
         pending: &PendingSync,
         answer: &LedgerAnswer,
-    ) -> bool {
+        timeout_ms: u32,
+    ) {
         let now_ms = self.now_ms(engine);
         engine.record_rtt(now_ms.saturating_sub(pending.sent_ms));
         match sync::parse_answer(pending, answer.status, answer.body.as_deref()) {
@@ -208,7 +207,6 @@ impl Worker {
                     self.unknown.learn(subject, now_ms + u64::from(config.sync.unknown_ttl_ms));
                 }
                 self.ledger_down_until_ms = 0;
-                true
             }
             Err(AnswerError::TooLarge) => {
                 // Nothing of it was booked: its ranges go again, fewer subjects at a time.
@@ -218,13 +216,15 @@ impl Worker {
                     "prepaid_credits: the ledger refused a sync as too large; now {} subjects a sync",
                     self.budget.subjects
                 );
-                false
             }
             Err(AnswerError::Unavailable(message) | AnswerError::Malformed(message)) => {
                 self.count(Metric::SyncFailures, 1);
                 log::warn!("prepaid_credits: ledger sync failed: {message}");
-                self.mark_ledger_down(config, now_ms);
-                false
+                let cut_short = timeout_ms < config.ledger.timeout_ms
+                    && now_ms >= pending.sent_ms.saturating_add(u64::from(timeout_ms));
+                if !cut_short {
+                    self.mark_ledger_down(config, now_ms);
+                }
             }
         }
     }
@@ -299,7 +299,7 @@ impl Worker {
         self.count(Metric::SharedEntriesEvicted, prepared.evicted);
         self.count(Metric::SharedDataFailures, prepared.shared_failures);
         let Some(pending) = prepared.sync else { return };
-        match self.dispatch(engine, config, &pending) {
+        match self.dispatch(engine, config, &pending, config.ledger.timeout_ms) {
             Ok(token) => {
                 self.count(Metric::SyncBatches, 1);
                 self.count(Metric::RecordsQueued, pending.calls());
@@ -323,7 +323,7 @@ impl Worker {
     ) {
         match self.in_flight.take() {
             Some((sent, pending)) if sent == token => {
-                self.absorb(engine, config, &pending, answer);
+                self.absorb(engine, config, &pending, answer, config.ledger.timeout_ms);
             }
             other => self.in_flight = other, // not this tick's (a replaced instance's): ignored
         }
@@ -439,9 +439,13 @@ impl Worker {
             .map_or_else(Vec::new, |w| w.estimates().iter().map(|e| e.times(queue).unwrap_or(*e)).collect());
         let turn_ms = sync::turn_ms(config, self.tracker.len(), self.budget);
         let pending = sync::balance_read(engine.shared(), config, &self.node, subject, &needed, now_ms, turn_ms);
-        match self.dispatch(engine, config, &pending) {
+        let timeout_ms = self
+            .waiting
+            .waiter(running)
+            .map_or(config.ledger.timeout_ms, |w| w.read_timeout_ms(config.ledger.timeout_ms, now_ms, engine.rules()));
+        match self.dispatch(engine, config, &pending, timeout_ms) {
             Ok(token) => {
-                let deadline_ms = now_ms + u64::from(config.ledger.timeout_ms) + READ_SLACK_MS;
+                let deadline_ms = now_ms + u64::from(timeout_ms) + READ_SLACK_MS;
                 let read = Read {
                     subject: subject.to_owned(),
                     owner: Some(running),
@@ -449,6 +453,7 @@ impl Worker {
                     pending,
                     waiters: waiters.to_vec(),
                     deadline_ms,
+                    timeout_ms,
                 };
                 self.waiting.dispatched(read, engine.rules());
                 Wait::Read
@@ -475,7 +480,7 @@ impl Worker {
         answer: &LedgerAnswer,
     ) {
         let Some(read) = self.waiting.answered(running, token) else { return };
-        self.absorb(engine, config, &read.pending, answer);
+        self.absorb(engine, config, &read.pending, answer, read.timeout_ms);
         // Another read would be `running`'s, so none goes out once its own wait is over (it is
         // decided last, and would otherwise wait on for the others).
         let now_ms = self.now_ms(engine);
@@ -558,7 +563,10 @@ impl Worker {
     /// their calls are decided as if the ledger were unreachable.
     fn expire_reads(&mut self, engine: &mut dyn Engine, config: &FilterConfig, now_ms: u64) {
         for read in self.waiting.expired(now_ms) {
-            self.mark_ledger_down(config, now_ms);
+            // A read cut short to its call's wait may pass its deadline with the ledger well.
+            if read.timeout_ms >= config.ledger.timeout_ms {
+                self.mark_ledger_down(config, now_ms);
+            }
             if engine.rules().acts_on_other_contexts() {
                 for id in read.waiters {
                     self.finish(engine, config, id, false);

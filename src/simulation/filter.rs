@@ -233,7 +233,7 @@ impl SimWorker {
     fn sent(&mut self) -> Vec<Sent> {
         std::mem::take(&mut self.engine.dispatched)
             .into_iter()
-            .filter_map(|Dispatched { token, context, body }| {
+            .filter_map(|Dispatched { token, context, body, .. }| {
                 let request = serde_json::from_slice(&body).ok()?;
                 Some(Sent { token, context, request })
             })
