@@ -7,7 +7,7 @@ use credits::{Amount, Currency, FeatureKey, SettlementMode};
 use serde::Deserialize;
 
 pub use crate::fields::ConfigError;
-use crate::fields::{amount, bounded, error, header_name, list, object, present, status, to_u32, Object};
+use crate::fields::{amount, bounded, error, header_name, list, object, present, status, to_u32, whole, Object};
 use crate::pricing::{self, Pricing, RawPricing};
 
 /// Amounts (`price`, `offline_allowance`) go up to 10^15 (`credits::limits::MAX_AMOUNT`).
@@ -167,7 +167,7 @@ struct RawLedger {
     #[serde(default, deserialize_with = "present")]
     base_path: Option<String>,
     token: String,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "whole")]
     timeout_ms: Option<u64>,
     #[serde(default, deserialize_with = "present")]
     tls: Option<bool>,
@@ -180,9 +180,9 @@ struct RawSubject {
     header: Option<String>,
     #[serde(default, deserialize_with = "list")]
     require_headers: Vec<String>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "whole")]
     missing_status: Option<u64>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "whole")]
     unknown_status: Option<u64>,
 }
 
@@ -191,32 +191,32 @@ struct RawSubject {
 struct RawSync {
     #[serde(default, deserialize_with = "present")]
     strategy: Option<String>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "whole")]
     interval_ms: Option<u64>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "whole")]
     max_stale_ms: Option<u64>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "whole")]
     idle_ms: Option<u64>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "whole")]
     max_unsent_calls: Option<u64>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "whole")]
     unknown_ttl_ms: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawLease {
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "whole")]
     min_calls: Option<u64>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "whole")]
     max_calls: Option<u64>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "whole")]
     low_water_percent: Option<u64>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "whole")]
     horizon_ms: Option<u64>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "whole")]
     idle_release_ms: Option<u64>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "whole")]
     ttl_ms: Option<u64>,
 }
 
@@ -500,6 +500,24 @@ mod tests {
         for trailing in ["{}", "x", ",", "]"] {
             let err = FilterConfig::parse(format!("{MINIMAL} {trailing}").as_bytes()).unwrap_err();
             assert_eq!(err.field, "configuration", "{trailing}: {err}");
+        }
+    }
+
+    /// Kong's validator takes a number without a fraction for an integer, `-0` too where 0 is
+    /// allowed, and cjson hands `-0` over as it is.
+    #[test]
+    fn a_number_without_a_fraction_is_a_whole_number_minus_zero_too() {
+        let with = |ttl: &str| {
+            let text = format!(
+                r#"{{"ledger": {{"upstream": "l", "token": "t"}}, "price": "1", "currency": "USD", "sync": {{"unknown_ttl_ms": {ttl}}}}}"#
+            );
+            FilterConfig::parse(text.as_bytes())
+        };
+        for (whole, ttl) in [("-0", 0), ("-0.0", 0), ("0", 0), ("0.0e0", 0), ("1e3", 1000), ("2500.0", 2500)] {
+            assert_eq!(with(whole).map(|c| c.sync.unknown_ttl_ms), Ok(ttl), "{whole}");
+        }
+        for refused in ["-1", "0.5", "-0.5", "1e-9", "-1e3", "1e300"] {
+            assert_eq!(with(refused).map(|_| ()).unwrap_err().field, "sync.unknown_ttl_ms", "{refused}");
         }
     }
 

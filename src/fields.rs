@@ -7,7 +7,7 @@ use std::marker::PhantomData;
 use credits::limits::MAX_AMOUNT_SCALE;
 use credits::Amount;
 use serde::de::value::{MapAccessDeserializer, MapDeserializer};
-use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Unexpected, Visitor};
 
 /// A configuration that cannot be used, naming the offending field.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -95,6 +95,41 @@ pub fn amount(field: &str, text: &str, digits: usize) -> Result<Amount, ConfigEr
 /// (a JSON field it validates and encodes again), adding no `null` for members left out.
 pub fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
     T::deserialize(d).map(Some)
+}
+
+/// A whole number of the configuration, `None` when absent. Kong's validator takes any number
+/// without a fraction for an integer (`1e3`, and `-0` where 0 is allowed: `sync.unknown_ttl_ms`),
+/// and cjson hands over `-0` as `-0`, which serde reads as a float: read as the whole number it
+/// is, under Envoy too. A fraction, or a number below 0, is refused.
+pub fn whole<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    struct Whole;
+    impl Visitor<'_> for Whole {
+        type Value = u64;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a whole number, at least 0")
+        }
+
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<u64, E> {
+            Ok(v)
+        }
+
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<u64, E> {
+            u64::try_from(v).map_err(|_| E::invalid_value(Unexpected::Signed(v), &self))
+        }
+
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<u64, E> {
+            // Up to 2^53, where every whole number has an exact float (the schema's bounds are far
+            // below it).
+            const EXACT: f64 = 9_007_199_254_740_992.0;
+            if v.fract() == 0.0 && (0.0..=EXACT).contains(&v) {
+                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                return Ok(v as u64);
+            }
+            Err(E::invalid_value(Unexpected::Float(v), &self))
+        }
+    }
+    d.deserialize_any(Whole).map(Some)
 }
 
 /// An object of the configuration. Kong reads JSON into Lua tables, where an empty array and an

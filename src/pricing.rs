@@ -13,7 +13,7 @@ use rust_decimal::RoundingStrategy;
 use serde::Deserialize;
 
 use crate::fields::{
-    amount, bounded, error, header_name, list, object, present, some_object, written_within, ConfigError, Object,
+    amount, bounded, error, header_name, list, object, present, some_object, whole, written_within, ConfigError, Object,
 };
 
 /// Where a unit count comes from.
@@ -110,9 +110,9 @@ pub(crate) struct RawPricing {
     charge_errors: Option<bool>,
     #[serde(default, deserialize_with = "present")]
     missing_usage: Option<String>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "whole")]
     max_body_bytes: Option<u64>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "whole")]
     hold_timeout_ms: Option<u64>,
 }
 

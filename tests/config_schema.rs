@@ -143,10 +143,12 @@ fn max_bytes<'a>(_: &'a Map<String, Value>, schema: &'a Value, _: Location) -> C
 
 /// The configuration as Kong hands it to the filter: encoded again by cjson from the Lua tables
 /// (`kong/runloop/wasm.lua`), so a number without a fraction comes as an integer, and an empty
-/// array, a table like an empty object, may come as `{}` (`empty_as_object`).
+/// array, a table like an empty object, may come as `{}` (`empty_as_object`). cjson writes a
+/// negative zero as `-0`, which JSON parsers read back as the float it is.
 fn as_kong_sends(v: &Value, empty_as_object: bool) -> Value {
     match v {
         Value::Number(n) if !n.is_u64() && !n.is_i64() => match n.as_f64() {
+            Some(f) if f == 0.0 && f.is_sign_negative() => v.clone(),
             Some(f) if f.fract() == 0.0 && f.abs() < 1e15 => json!(f as i64),
             _ => v.clone(),
         },
@@ -518,6 +520,9 @@ fn the_filter_takes_what_kong_takes_as_kong_hands_it_over() {
         (with("pricing/units", Some(json!({}))), true),
         (with("ledger/timeout_ms", Some(json!(1000.0))), true),
         (with("sync/interval_ms", Some(json!(5e2))), true),
+        // The one integer whose minimum is 0.
+        (with("sync/unknown_ttl_ms", Some(json!(-0.0))), true),
+        (with("sync/unknown_ttl_ms", Some(json!(-0.5))), false),
         (with("ledger", Some(json!([]))), false),
         // No price, and no rule but an empty table: Kong's minItems counts it as an array.
         (without_price(with("pricing/units", Some(json!({})))), false),
