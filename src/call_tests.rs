@@ -376,6 +376,42 @@ fn a_burst_that_outruns_its_top_up_waits_for_another() {
     g.no_violations();
 }
 
+/// A burst at a cold node: its customer's rate is measured once per `sync.interval_ms`, so until
+/// the first window ended every top-up was sized for the calls waiting at that moment, and the
+/// node asked the ledger every few milliseconds (seen at 64 connections: a read every ~10 ms per
+/// worker for the first second). Top-ups are sized for the rate so far once that is the higher.
+#[test]
+fn a_burst_at_a_cold_node_is_topped_up_for_its_rate_before_the_first_window_ends() {
+    for rules in [Rules::Envoy, Rules::Nginx] {
+        let mut g = Gateway::new(rules, config(""), 100_000);
+        let mut reads_after_100_ms = 0;
+        // A call every millisecond for 300 ms (the window is 1,000); the ledger answers each
+        // read 2 ms after it went out, and a call let through completes at once.
+        for ms in 0..300 {
+            let (id, flow) = g.start();
+            if flow == Flow::Continue {
+                g.finish(id, 200);
+            }
+            if ms % 2 == 1 {
+                let reads: Vec<(Token, ContextId)> = g.pending();
+                if ms > 100 {
+                    reads_after_100_ms += reads.len();
+                }
+                for (token, _) in reads {
+                    g.answer(token);
+                }
+                let resumed: Vec<ContextId> = g.calls.keys().copied().filter(|id| g.resumed(*id) == 1).collect();
+                for id in resumed {
+                    g.finish(id, 200);
+                }
+            }
+            g.engine.now_ms += 1;
+        }
+        assert!(reads_after_100_ms <= 2, "{rules:?}: {reads_after_100_ms} reads in the burst's last 200 ms");
+        g.no_violations();
+    }
+}
+
 /// Found on Envoy under 64 connections at a cold node: calls that arrived while a read was in
 /// flight joined it and took its top-up, the read's owner (decided last) waited again, and after
 /// three reads it was refused with 503 though the ledger answered each read at once with credit

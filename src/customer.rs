@@ -72,6 +72,10 @@ pub struct LeaseAnswered<'a> {
     pub lasts_ms: u64,
 }
 
+/// The shortest a window counts as when a lease is sized from the rate so far
+/// ([`CustomerEntry::sizing_rate`]).
+pub const PROVISIONAL_WINDOW_MS: u64 = 100;
+
 /// Calls per minute of this customer on this node, measured over sync ticks.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct RateMeter {
@@ -190,6 +194,17 @@ impl CustomerEntry {
     /// Can a call priced at `price` be paid from the lease now?
     pub fn lease_covers(&self, price: Amount, now_ms: u64) -> bool {
         self.lease.open && now_ms < self.lease.spend_until_ms && self.lease.remaining >= price
+    }
+
+    /// The call rate to size a lease for at `now_ms`: the last window's, or the current window's
+    /// so far when that is higher. A burst at a cold node has no last window, and until its first
+    /// one ended (`sync.interval_ms`) each top-up was sized for the calls waiting at that moment:
+    /// the node asked the ledger every few milliseconds. The current window counts as at least
+    /// [`PROVISIONAL_WINDOW_MS`] long, so a few calls in its first milliseconds are not a flood.
+    pub fn sizing_rate(&self, now_ms: u64) -> u64 {
+        let elapsed = now_ms.saturating_sub(self.rate.window_start_ms).max(PROVISIONAL_WINDOW_MS);
+        let calls = self.next_call.saturating_sub(self.rate.window_start_call);
+        self.rate.calls_per_min.max(calls.saturating_mul(60_000) / elapsed)
     }
 
     /// Updates the observed call rate once per `window_ms`.
@@ -643,6 +658,20 @@ mod tests {
 
     fn amt(s: &str) -> Amount {
         Amount::parse(s).unwrap()
+    }
+
+    #[test]
+    fn a_lease_is_sized_for_the_rate_so_far_when_it_is_higher_than_the_last_windows() {
+        let mut e = CustomerEntry::new("k", "s", 1, 0);
+        for ms in 0..5 {
+            e.spend(amt("0.10"), ms);
+        }
+        // Five calls in 5 ms count as five in PROVISIONAL_WINDOW_MS: 3,000 a minute, not 60,000.
+        assert_eq!(e.sizing_rate(5), 3_000);
+        assert_eq!(e.sizing_rate(1_000), 300);
+        e.measure_rate(1_000, 1_000);
+        assert_eq!((e.rate.calls_per_min, e.sizing_rate(1_000)), (300, 300), "the measured window");
+        assert_eq!(e.sizing_rate(1_500), 300, "no calls since: the last window's rate stands");
     }
 
     /// An entry with every optional part present: known, a range in flight, a lease, holds.

@@ -117,7 +117,7 @@ pub fn request(
             return None;
         }
     }
-    let Sizing { target, low } = sizing(config, scope, e.rate.calls_per_min, turn_ms);
+    let Sizing { target, low } = sizing(config, scope, e.sizing_rate(now_ms), turn_ms);
     let remaining = if e.lease.open && now_ms < e.lease.spend_until_ms { e.lease.remaining } else { Amount::ZERO };
     // At most what the ledger takes in one request: beyond it the ledger refuses the whole
     // subject, usage range included.
