@@ -152,7 +152,7 @@ impl Waiting {
     }
 
     /// A read was dispatched from `read.owner`'s callback. Under Envoy it also takes the calls
-    /// that waited for a read of the customer whose owner went away.
+    /// that waited for a read of the customer whose owner went away (one more read for each of them).
     pub fn dispatched(&mut self, mut read: Read, rules: Rules) {
         debug_assert!(read.owner.is_some(), "a read is dispatched from a live call");
         if rules.acts_on_other_contexts() {
@@ -165,6 +165,11 @@ impl Waiting {
                 }
                 !orphan
             });
+            for id in &orphaned {
+                if let Some(w) = self.calls.get_mut(id) {
+                    w.reads += 1;
+                }
+            }
             read.waiters.extend(orphaned);
         }
         self.reads.push(read);
@@ -295,8 +300,11 @@ mod tests {
         w.gone(1);
         assert!(w.waiter(1).is_none());
         assert_eq!(w.plan("ann", Rules::Envoy), Plan::Dispatch, "an orphaned read will not be answered");
-        // The next read of the customer takes the orphaned read's calls.
+        // The next read of the customer takes the orphaned read's calls, and counts for them
+        // (`MAX_READS_PER_CALL`).
+        let before = w.waiter(2).unwrap().reads;
         w.dispatched(read("ann", 3, 11, &[3]), Rules::Envoy);
+        assert_eq!(w.waiter(2).unwrap().reads, before + 1);
         assert_eq!(w.answered(3, 11).unwrap().waiters, [3, 2]);
         assert!(w.is_empty() || w.waiter(2).is_some());
         w.gone(2);
