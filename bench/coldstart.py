@@ -1,4 +1,5 @@
-"""Cold start: how fast a gateway that meets 10,000 customers at once gets to its warm speed.
+"""Cold start: how fast a gateway that meets 10,000 customers at once gets to its warm speed
+(or, with `--one-customer`, one customer's burst at a cold node).
 
 For each filter build (`--filter`, repeatable; default the release build of this tree) and each
 ledger build given (`--ledger`, repeatable; default the release build of this tree), a
@@ -11,6 +12,7 @@ filter's Envoy (case e) is measured once per ledger, after the windows, for c/e.
 Every Envoy runs with --concurrency 1 on CPU 0; wrk and the ledger share CPU 1 (as in
 bench/gateway.py, whose helpers this script uses).
   python3 bench/coldstart.py [--filter WASM]... [--ledger PATH]... [--windows 10] [--window 2] [--connections 16]
+                             [--one-customer]
 It builds this tree's filters and ledger first (`gateway.build`).
 """
 
@@ -30,9 +32,10 @@ def one_run(ledger_bin, filter_wasm, a, envoy_bin):
     wasm = os.path.join(g.ROOT, "target/wasm32-wasip1/release")
     work = tempfile.mkdtemp(prefix="coldstart-bench-")
     try:
-        ledger, port = g.start_ledger(work, ledger_bin, (("s", g.SUBJECTS),))
+        customers = (("payer", 1),) if a.one_customer else (("s", g.SUBJECTS),)
+        ledger, port = g.start_ledger(work, ledger_bin, customers)
         config = g.filter_config()
-        script = os.path.join(g.ROOT, "bench/subjects.lua")
+        script = None if a.one_customer else os.path.join(g.ROOT, "bench/subjects.lua")
         c = g.Envoy("c", g.wasm_filter("prepaid_credits", filter_wasm, config), port, work, envoy_bin)
         windows = []
         for w in range(a.windows):
@@ -60,6 +63,7 @@ def main():
     ap.add_argument("--windows", type=int, default=10)
     ap.add_argument("--window", type=int, default=2)
     ap.add_argument("--connections", type=int, default=16)
+    ap.add_argument("--one-customer", action="store_true", help="every request as payer0 (gateway case b)")
     ap.add_argument("--out", default=os.path.join(g.ROOT, "bench/results/coldstart.json"))
     a = ap.parse_args()
     signal.signal(signal.SIGTERM, g.on_signal)
@@ -72,7 +76,8 @@ def main():
     for r in results:
         r["c_over_e_by_window"] = [round(w["rps"] / r["e_rps"], 3) for w in r["windows"]]
     doc = {"benchmark": "coldstart", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "window_seconds": a.window, "connections": a.connections, "subjects": g.SUBJECTS, "results": results}
+           "window_seconds": a.window, "connections": a.connections, "subjects": 1 if a.one_customer else g.SUBJECTS,
+           "results": results}
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(doc, f, indent=1)
