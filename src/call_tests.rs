@@ -1181,6 +1181,40 @@ fn under_nginx_a_chained_read_is_given_what_is_left_of_the_calls_wait() {
     }
 }
 
+/// Only the engine's own failure at a cut-short read's timeout says nothing about the ledger: an
+/// answer the ledger gave (a 503) is its failure whenever it arrives, and ngx_wasm_module counts
+/// connect, send and read apart, so an answer may come after the read's timeout. Under
+/// `failure_mode: allow` the call is decided on the offline allowance either way, not refused
+/// because the ledger's 503 came a few milliseconds later.
+#[test]
+fn under_nginx_a_ledger_error_to_a_cut_short_read_marks_it_down_whenever_it_arrives() {
+    for arrives_at in [410, 500, 520] {
+        let mut g = Gateway::new(
+            Rules::Nginx,
+            config(r#", "lease": {"min_calls": 1, "max_calls": 1}, "failure_mode": "allow""#),
+            100,
+        );
+        let (warm, _) = g.start();
+        g.answer_all();
+        g.finish(warm, 200);
+        let began = g.engine.now_ms;
+        let (a, flow) = g.start();
+        assert_eq!(flow, Flow::Pause);
+        let [(first, _)] = g.pending()[..] else { panic!("{:?}", g.pending()) };
+        g.engine.now_ms = began + 400;
+        g.answer_stale(first);
+        let [(second, context)] = g.pending()[..] else { panic!("{:?}", g.pending()) };
+        assert_eq!(g.engine.dispatched[0].timeout_ms, 100, "cut short");
+        g.engine.now_ms = began + arrives_at;
+        g.engine.dispatched.clear();
+        g.deliver(context, second, &LedgerAnswer { status: Some(503), body: Some(b"overloaded".to_vec()) });
+        let now_ms = g.engine.now_ms;
+        assert_eq!(g.worker.access(now_ms), LedgerAccess::Unreachable, "503 at {arrives_at}");
+        assert_eq!((g.resumed(a), g.status(a)), (1, None), "503 at {arrives_at}: let through (allow)");
+        g.no_violations();
+    }
+}
+
 /// Calls carried over from a read whose owner went away keep to their own wait too: the new
 /// read of the customer, dispatched late in their wait, does not extend it.
 #[test]

@@ -181,8 +181,8 @@ impl Worker {
     }
 
     /// Applies the ledger's answer to `pending` (sent with `timeout_ms`), or marks the ledger down
-    /// if it failed, unless it failed at a timeout shorter than the ledger's (a read cut short to
-    /// what is left of its call's wait): that says nothing about the ledger.
+    /// if it failed, unless no answer came by a timeout shorter than the ledger's (a read cut short
+    /// to what is left of its call's wait): that says nothing about the ledger.
     fn absorb(
         &mut self,
         engine: &mut dyn Engine,
@@ -220,7 +220,10 @@ impl Worker {
             Err(AnswerError::Unavailable(message) | AnswerError::Malformed(message)) => {
                 self.count(Metric::SyncFailures, 1);
                 log::warn!("prepaid_credits: ledger sync failed: {message}");
-                let cut_short = timeout_ms < config.ledger.timeout_ms
+                // Only the engine's own failure (no answer) at that timeout: an answer the ledger
+                // gave (a 5xx, an unreadable body) is its failure whenever it arrives.
+                let cut_short = answer.status.is_none()
+                    && timeout_ms < config.ledger.timeout_ms
                     && now_ms >= pending.sent_ms.saturating_add(u64::from(timeout_ms));
                 if !cut_short {
                     self.mark_ledger_down(config, now_ms);
