@@ -1215,6 +1215,33 @@ fn under_nginx_a_ledger_error_to_a_cut_short_read_marks_it_down_whenever_it_arri
     }
 }
 
+/// The worker outlives a reconfiguration (`FilterRoot::on_configure` keeps it): a read
+/// dispatched with the whole `ledger.timeout_ms` of its day is not one cut short because the
+/// timeout was raised while it was in flight. It fails at its own timeout, the ledger hung: the
+/// ledger is down, under either engine.
+#[test]
+fn a_read_in_flight_when_the_timeout_is_raised_still_marks_the_ledger_down_when_it_fails() {
+    for rules in [Rules::Envoy, Rules::Nginx] {
+        let mut g = Gateway::spent_lease_of_one_call(rules);
+        let began = g.engine.now_ms;
+        let (a, flow) = g.start();
+        assert_eq!(flow, Flow::Pause);
+        let [(read, _)] = g.pending()[..] else { panic!("{:?}", g.pending()) };
+        assert_eq!(g.engine.dispatched[0].timeout_ms, 500);
+        let raised = config(
+            r#", "ledger": {"upstream": "ledger", "token": "t", "timeout_ms": 1000}, "lease": {"min_calls": 1, "max_calls": 1}"#,
+        );
+        g.worker.reconfigure(&raised);
+        g.config = Rc::new(Ok(raised));
+        g.engine.now_ms = began + 500;
+        g.fail(read);
+        let now_ms = g.engine.now_ms;
+        assert_eq!(g.worker.access(now_ms), LedgerAccess::Unreachable, "{rules:?}");
+        assert_eq!(g.status(a), Some(503), "{rules:?}");
+        g.no_violations();
+    }
+}
+
 /// Calls carried over from a read whose owner went away keep to their own wait too: the new
 /// read of the customer, dispatched late in their wait, does not extend it.
 #[test]

@@ -87,6 +87,9 @@ pub struct Read {
     pub deadline_ms: u64,
     /// What it was dispatched with: the ledger's timeout, or less ([`Waiter::read_timeout_ms`]).
     pub timeout_ms: u32,
+    /// Dispatched with less than the ledger's timeout of the day (decided then: the worker outlives
+    /// a reconfiguration that may change it while the read is in flight).
+    pub cut_short: bool,
 }
 
 /// How a call that must wait gets its answer.
@@ -246,6 +249,7 @@ mod tests {
             waiters: waiters.to_vec(),
             deadline_ms: 100,
             timeout_ms: 100,
+            cut_short: false,
         }
     }
 

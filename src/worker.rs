@@ -180,16 +180,16 @@ impl Worker {
         engine.dispatch(&call)
     }
 
-    /// Applies the ledger's answer to `pending` (sent with `timeout_ms`), or marks the ledger down
-    /// if it failed, unless no answer came by a timeout shorter than the ledger's (a read cut short
-    /// to what is left of its call's wait): that says nothing about the ledger.
+    /// Applies the ledger's answer to `pending`, or marks the ledger down if it failed, unless no
+    /// answer came by `cut_to_ms`, a timeout shorter than the ledger's it was dispatched with (a
+    /// read cut short to what is left of its call's wait): that says nothing about the ledger.
     fn absorb(
         &mut self,
         engine: &mut dyn Engine,
         config: &FilterConfig,
         pending: &PendingSync,
         answer: &LedgerAnswer,
-        timeout_ms: u32,
+        cut_to_ms: Option<u32>,
     ) {
         let now_ms = self.now_ms(engine);
         engine.record_rtt(now_ms.saturating_sub(pending.sent_ms));
@@ -223,8 +223,7 @@ impl Worker {
                 // Only the engine's own failure (no answer) at that timeout: an answer the ledger
                 // gave (a 5xx, an unreadable body) is its failure whenever it arrives.
                 let cut_short = answer.status.is_none()
-                    && timeout_ms < config.ledger.timeout_ms
-                    && now_ms >= pending.sent_ms.saturating_add(u64::from(timeout_ms));
+                    && cut_to_ms.is_some_and(|t| now_ms >= pending.sent_ms.saturating_add(u64::from(t)));
                 if !cut_short {
                     self.mark_ledger_down(config, now_ms);
                 }
@@ -326,7 +325,7 @@ impl Worker {
     ) {
         match self.in_flight.take() {
             Some((sent, pending)) if sent == token => {
-                self.absorb(engine, config, &pending, answer, config.ledger.timeout_ms);
+                self.absorb(engine, config, &pending, answer, None);
             }
             other => self.in_flight = other, // not this tick's (a replaced instance's): ignored
         }
@@ -457,6 +456,7 @@ impl Worker {
                     waiters: waiters.to_vec(),
                     deadline_ms,
                     timeout_ms,
+                    cut_short: timeout_ms < config.ledger.timeout_ms,
                 };
                 self.waiting.dispatched(read, engine.rules());
                 Wait::Read
@@ -483,7 +483,8 @@ impl Worker {
         answer: &LedgerAnswer,
     ) {
         let Some(read) = self.waiting.answered(running, token) else { return };
-        self.absorb(engine, config, &read.pending, answer, read.timeout_ms);
+        let cut_to_ms = read.cut_short.then_some(read.timeout_ms);
+        self.absorb(engine, config, &read.pending, answer, cut_to_ms);
         // Another read would be `running`'s, so none goes out once its own wait is over (it is
         // decided last, and would otherwise wait on for the others).
         let now_ms = self.now_ms(engine);
@@ -567,7 +568,7 @@ impl Worker {
     fn expire_reads(&mut self, engine: &mut dyn Engine, config: &FilterConfig, now_ms: u64) {
         for read in self.waiting.expired(now_ms) {
             // A read cut short to its call's wait may pass its deadline with the ledger well.
-            if read.timeout_ms >= config.ledger.timeout_ms {
+            if !read.cut_short {
                 self.mark_ledger_down(config, now_ms);
             }
             if engine.rules().acts_on_other_contexts() {
