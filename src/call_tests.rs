@@ -1242,6 +1242,29 @@ fn a_read_in_flight_when_the_timeout_is_raised_still_marks_the_ledger_down_when_
     }
 }
 
+/// A call's first read is not a chained one: it goes out with the whole `ledger.timeout_ms`
+/// even when the clock moved on between the call's admission and the dispatch (a real clock
+/// moves during a callback), and failing at that timeout (the ledger hung) marks the ledger
+/// down, so that the next calls are decided at once by `failure_mode`.
+#[test]
+fn under_nginx_a_first_read_dispatched_a_millisecond_into_the_wait_is_not_cut_short() {
+    let mut g = Gateway::spent_lease_of_one_call(Rules::Nginx);
+    g.engine.ms_per_clock_read = 1;
+    let (a, flow) = g.start();
+    g.engine.ms_per_clock_read = 0;
+    g.engine.now_ms += g.engine.drift_ms.take();
+    assert_eq!(flow, Flow::Pause);
+    let [(read, _)] = g.pending()[..] else { panic!("{:?}", g.pending()) };
+    let timeout_ms = g.engine.dispatched[0].timeout_ms;
+    assert_eq!(timeout_ms, 500, "the first read: the whole timeout");
+    g.engine.now_ms += u64::from(timeout_ms);
+    g.fail(read);
+    let now_ms = g.engine.now_ms;
+    assert_eq!(g.worker.access(now_ms), LedgerAccess::Unreachable, "the ledger hung");
+    assert_eq!(g.status(a), Some(503));
+    g.no_violations();
+}
+
 /// Calls carried over from a read whose owner went away keep to their own wait too: the new
 /// read of the customer, dispatched late in their wait, does not extend it.
 #[test]

@@ -204,6 +204,10 @@ pub mod fake {
         pub now_ms: u64,
         /// Clock reads so far (each a host call on a real engine).
         pub clock_reads: Cell<u64>,
+        /// Milliseconds the clock moves on at each read (a real clock moves during a callback);
+        /// what it moved so far is `drift_ms`, added to `now_ms`.
+        pub ms_per_clock_read: u64,
+        pub drift_ms: Cell<u64>,
         /// The node's shared data (several workers of one node share it).
         pub store: Rc<FakeShared>,
         /// The callback running now: which context, in which phase.
@@ -233,6 +237,8 @@ pub mod fake {
                 rules,
                 now_ms: 1_000_000,
                 clock_reads: Cell::new(0),
+                ms_per_clock_read: 0,
+                drift_ms: Cell::new(0),
                 store,
                 running: (0, Phase::Configure),
                 dispatched: Vec::new(),
@@ -276,7 +282,9 @@ pub mod fake {
 
         fn now_ms(&self) -> u64 {
             self.clock_reads.set(self.clock_reads.get() + 1);
-            self.now_ms
+            let now_ms = self.now_ms + self.drift_ms.get();
+            self.drift_ms.set(self.drift_ms.get() + self.ms_per_clock_read);
+            now_ms
         }
 
         fn shared(&self) -> &dyn SharedData {

@@ -58,9 +58,12 @@ impl Waiter {
     /// The timeout of a read this call dispatches at `now_ms` (it may wait, see
     /// [`Waiter::may_wait`]): the ledger's. Under ngx_wasm_module, where only the call's own read
     /// can decide it (the tick cannot end its wait: [`Waiting::overdue`]), at most what is left of
-    /// its wait, so that a read sent late in a chain does not keep it a whole timeout longer.
+    /// its wait, so that a read sent late in a chain does not keep it a whole timeout longer. Its
+    /// first read (counted already) is not cut: the clock may have moved on a millisecond since
+    /// the call began to wait, and a read cut short that fails at its timeout says nothing about
+    /// the ledger, so a hung ledger would not be marked down.
     pub fn read_timeout_ms(&self, timeout_ms: u32, now_ms: u64, rules: Rules) -> u32 {
-        if rules.acts_on_other_contexts() {
+        if rules.acts_on_other_contexts() || self.reads <= 1 {
             return timeout_ms;
         }
         let left = self.since_ms.saturating_add(u64::from(timeout_ms)).saturating_sub(now_ms);
@@ -257,6 +260,9 @@ mod tests {
     fn under_nginx_a_read_is_given_no_more_than_what_is_left_of_its_calls_wait() {
         let mut w = waiter("ann");
         w.since_ms = 1_000;
+        w.reads = 1;
+        assert_eq!(w.read_timeout_ms(500, 1_001, Rules::Nginx), 500, "its first read: not cut");
+        w.reads = 2;
         assert_eq!(w.read_timeout_ms(500, 1_000, Rules::Nginx), 500);
         assert_eq!(w.read_timeout_ms(500, 1_400, Rules::Nginx), 100);
         assert_eq!(w.read_timeout_ms(500, 1_499, Rules::Nginx), 1);
