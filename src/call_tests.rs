@@ -1337,3 +1337,37 @@ fn under_envoy_a_call_let_through_at_the_end_of_its_wait_is_not_decided_again_by
     g.finish(a, 200);
     g.no_violations();
 }
+
+/// A chained read cut to the last millisecond of its call's wait passes its deadline (the tick
+/// gives it up) with the ledger well: that does not mark the ledger down (only the existing
+/// tests of a read sent with the whole timeout covered `expire_reads`), the call is not decided
+/// by the tick (Kong's rule), and its read's answer, or failure, decides it once, with no further
+/// read.
+#[test]
+fn under_nginx_a_chained_read_cut_to_one_ms_past_its_deadline_marks_nothing_down_and_decides_once() {
+    for late_answer_ok in [true, false] {
+        let mut g = Gateway::spent_lease_of_one_call(Rules::Nginx);
+        let began = g.engine.now_ms;
+        let (a, _) = g.start();
+        let [(first, _)] = g.pending()[..] else { panic!() };
+        g.engine.now_ms = began + 499;
+        g.answer_stale(first);
+        let [(second, _)] = g.pending()[..] else { panic!("{:?}", g.pending()) };
+        assert_eq!(g.engine.dispatched[0].timeout_ms, 1);
+        g.engine.now_ms = began + 700;
+        g.tick();
+        assert_eq!((g.resumed(a), g.status(a)), (0, None), "only its own callback decides it");
+        assert_eq!(g.worker.access(g.engine.now_ms), LedgerAccess::Reachable);
+        g.engine.now_ms = began + 800;
+        if late_answer_ok {
+            g.answer(second)
+        } else {
+            g.fail(second)
+        }
+        let decided = g.resumed(a) + u32::from(g.status(a).is_some());
+        assert_eq!(decided, 1, "{late_answer_ok}: decided once: {:?} {:?}", g.resumed(a), g.status(a));
+        assert!(g.pending().iter().all(|(_, c)| *c == 0), "no further read: {:?}", g.pending());
+        g.tick();
+        g.no_violations();
+    }
+}
