@@ -88,11 +88,10 @@ pub struct Read {
     pub pending: PendingSync,
     pub waiters: Vec<ContextId>,
     pub deadline_ms: u64,
-    /// What it was dispatched with: the ledger's timeout, or less ([`Waiter::read_timeout_ms`]).
-    pub timeout_ms: u32,
-    /// Dispatched with less than the ledger's timeout of the day (decided then: the worker outlives
-    /// a reconfiguration that may change it while the read is in flight).
-    pub cut_short: bool,
+    /// `Some(timeout)` when it was dispatched with less than the ledger's timeout of the day, cut
+    /// short to what was left of its call's wait ([`Waiter::read_timeout_ms`]). Decided then: the
+    /// worker outlives a reconfiguration that may change the timeout while the read is in flight.
+    pub cut_to_ms: Option<u32>,
 }
 
 /// How a call that must wait gets its answer.
@@ -251,8 +250,7 @@ mod tests {
             pending: PendingSync::new(SyncRequest { node: "n".into(), subjects: vec![] }, 0),
             waiters: waiters.to_vec(),
             deadline_ms: 100,
-            timeout_ms: 100,
-            cut_short: false,
+            cut_to_ms: None,
         }
     }
 

@@ -455,8 +455,7 @@ impl Worker {
                     pending,
                     waiters: waiters.to_vec(),
                     deadline_ms,
-                    timeout_ms,
-                    cut_short: timeout_ms < config.ledger.timeout_ms,
+                    cut_to_ms: (timeout_ms < config.ledger.timeout_ms).then_some(timeout_ms),
                 };
                 self.waiting.dispatched(read, engine.rules());
                 Wait::Read
@@ -483,8 +482,7 @@ impl Worker {
         answer: &LedgerAnswer,
     ) {
         let Some(read) = self.waiting.answered(running, token) else { return };
-        let cut_to_ms = read.cut_short.then_some(read.timeout_ms);
-        self.absorb(engine, config, &read.pending, answer, cut_to_ms);
+        self.absorb(engine, config, &read.pending, answer, read.cut_to_ms);
         // Another read would be `running`'s, so none goes out once its own wait is over (it is
         // decided last, and would otherwise wait on for the others).
         let now_ms = self.now_ms(engine);
@@ -568,7 +566,7 @@ impl Worker {
     fn expire_reads(&mut self, engine: &mut dyn Engine, config: &FilterConfig, now_ms: u64) {
         for read in self.waiting.expired(now_ms) {
             // A read cut short to its call's wait may pass its deadline with the ledger well.
-            if !read.cut_short {
+            if read.cut_to_ms.is_none() {
                 self.mark_ledger_down(config, now_ms);
             }
             if engine.rules().acts_on_other_contexts() {
