@@ -106,11 +106,31 @@ impl Gateway {
     /// A worker under `rules` with leases of one call (credit for 100) whose customer made one
     /// call: its lease is open and spent, so its next call waits for a top-up.
     fn spent_lease_of_one_call(rules: Rules) -> Gateway {
-        let mut g = Gateway::new(rules, config(LEASE_OF_ONE_CALL), 100);
+        Gateway::spent_lease_of_one_call_and(rules, "")
+    }
+
+    /// The same with `extra` configuration.
+    fn spent_lease_of_one_call_and(rules: Rules, extra: &str) -> Gateway {
+        let mut g = Gateway::new(rules, config(&format!("{LEASE_OF_ONE_CALL}{extra}")), 100);
         let (warm, _) = g.start();
         g.answer_all();
         g.finish(warm, 200);
         g
+    }
+
+    /// On a spent lease of one call (Kong's rules), call `a` waits; its first read (the whole
+    /// timeout) is answered `after_ms` into its wait with nothing set aside, so `a` waits for a
+    /// chained read: `a`, when it began to wait, and that read's token.
+    fn chained_read(&mut self, after_ms: u64) -> (ContextId, u64, Token) {
+        let began = self.engine.now_ms;
+        let (a, flow) = self.start();
+        assert_eq!(flow, Flow::Pause);
+        let [(first, _)] = self.pending()[..] else { panic!("{:?}", self.pending()) };
+        assert_eq!(self.engine.dispatched[0].timeout_ms, 500, "a first read: the whole timeout");
+        self.engine.now_ms = began + after_ms;
+        self.answer_stale(first);
+        let [(second, _)] = self.pending()[..] else { panic!("{:?}", self.pending()) };
+        (a, began, second)
     }
 
     fn cfg(&self) -> Rc<Result<FilterConfig, ConfigError>> {
@@ -1162,14 +1182,7 @@ fn under_envoy_a_call_whose_chained_read_hangs_is_decided_within_its_own_wait() 
 fn under_nginx_a_chained_read_is_given_what_is_left_of_the_calls_wait() {
     for (fails_at, ledger) in [(500, LedgerAccess::Reachable), (410, LedgerAccess::Unreachable)] {
         let mut g = Gateway::spent_lease_of_one_call(Rules::Nginx);
-        let began = g.engine.now_ms;
-        let (a, flow) = g.start();
-        assert_eq!(flow, Flow::Pause);
-        let [(first, _)] = g.pending()[..] else { panic!("{:?}", g.pending()) };
-        assert_eq!(g.engine.dispatched[0].timeout_ms, 500, "a first read: the whole timeout");
-        g.engine.now_ms = began + 400;
-        g.answer_stale(first); // sets nothing aside: a waits for another read
-        let [(second, _)] = g.pending()[..] else { panic!("{:?}", g.pending()) };
+        let (a, began, second) = g.chained_read(400);
         assert_eq!(g.engine.dispatched[0].timeout_ms, 100, "what is left of a's wait");
         g.engine.now_ms = began + fails_at;
         g.fail(second);
@@ -1189,25 +1202,12 @@ fn under_nginx_a_chained_read_is_given_what_is_left_of_the_calls_wait() {
 #[test]
 fn under_nginx_a_ledger_error_to_a_cut_short_read_marks_it_down_whenever_it_arrives() {
     for arrives_at in [410, 500, 520] {
-        let mut g = Gateway::new(
-            Rules::Nginx,
-            config(r#", "lease": {"min_calls": 1, "max_calls": 1}, "failure_mode": "allow""#),
-            100,
-        );
-        let (warm, _) = g.start();
-        g.answer_all();
-        g.finish(warm, 200);
-        let began = g.engine.now_ms;
-        let (a, flow) = g.start();
-        assert_eq!(flow, Flow::Pause);
-        let [(first, _)] = g.pending()[..] else { panic!("{:?}", g.pending()) };
-        g.engine.now_ms = began + 400;
-        g.answer_stale(first);
-        let [(second, context)] = g.pending()[..] else { panic!("{:?}", g.pending()) };
+        let mut g = Gateway::spent_lease_of_one_call_and(Rules::Nginx, r#", "failure_mode": "allow""#);
+        let (a, began, second) = g.chained_read(400);
         assert_eq!(g.engine.dispatched[0].timeout_ms, 100, "cut short");
         g.engine.now_ms = began + arrives_at;
         g.engine.dispatched.clear();
-        g.deliver(context, second, &LedgerAnswer { status: Some(503), body: Some(b"overloaded".to_vec()) });
+        g.deliver(a, second, &LedgerAnswer { status: Some(503), body: Some(b"overloaded".to_vec()) });
         let now_ms = g.engine.now_ms;
         assert_eq!(g.worker.access(now_ms), LedgerAccess::Unreachable, "503 at {arrives_at}");
         assert_eq!((g.resumed(a), g.status(a)), (1, None), "503 at {arrives_at}: let through (allow)");
@@ -1347,12 +1347,7 @@ fn under_envoy_a_call_let_through_at_the_end_of_its_wait_is_not_decided_again_by
 fn under_nginx_a_chained_read_cut_to_one_ms_past_its_deadline_marks_nothing_down_and_decides_once() {
     for late_answer_ok in [true, false] {
         let mut g = Gateway::spent_lease_of_one_call(Rules::Nginx);
-        let began = g.engine.now_ms;
-        let (a, _) = g.start();
-        let [(first, _)] = g.pending()[..] else { panic!() };
-        g.engine.now_ms = began + 499;
-        g.answer_stale(first);
-        let [(second, _)] = g.pending()[..] else { panic!("{:?}", g.pending()) };
+        let (a, began, second) = g.chained_read(499);
         assert_eq!(g.engine.dispatched[0].timeout_ms, 1);
         g.engine.now_ms = began + 700;
         g.tick();
