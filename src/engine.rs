@@ -34,6 +34,18 @@ impl Rules {
     pub fn acts_on_other_contexts(self) -> bool {
         self == Rules::Envoy
     }
+
+    /// How much less than a dispatch's timeout the clock the filter reads may show when the
+    /// engine fails the dispatch at that timeout. ngx_wasm_module times it on nginx's monotonic
+    /// millisecond clock (`ngx_add_timer` on `ngx_current_msec`) while `get_current_time` reads
+    /// the wall clock (`ngx_timeofday`), each cut to the millisecond at its own phase. Envoy
+    /// times the call on the clock it hands out.
+    pub fn timeout_early_ms(self) -> u64 {
+        match self {
+            Rules::Envoy => 0,
+            Rules::Nginx => 1,
+        }
+    }
 }
 
 /// The callback the engine is running, which decides what host calls it allows.
@@ -197,6 +209,16 @@ pub mod fake {
         pub context: ContextId,
         pub body: Vec<u8>,
         pub timeout_ms: u32,
+        /// The clock when it went out.
+        pub sent_ms: u64,
+    }
+
+    impl Dispatched {
+        /// What the filter's clock reads when the engine fails this dispatch at its timeout: as
+        /// early as `Rules::timeout_early_ms` lets it.
+        pub fn timed_out_at_ms(&self, rules: Rules) -> u64 {
+            self.sent_ms + u64::from(self.timeout_ms) - rules.timeout_early_ms()
+        }
     }
 
     pub struct FakeEngine {
@@ -301,7 +323,14 @@ pub mod fake {
             }
             let token = self.next_token;
             self.next_token += 1;
-            self.dispatched.push(Dispatched { token, context, body: call.body.to_vec(), timeout_ms: call.timeout_ms });
+            let sent_ms = self.now_ms + self.drift_ms.get();
+            self.dispatched.push(Dispatched {
+                token,
+                context,
+                body: call.body.to_vec(),
+                timeout_ms: call.timeout_ms,
+                sent_ms,
+            });
             Ok(token)
         }
 

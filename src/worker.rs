@@ -182,7 +182,8 @@ impl Worker {
 
     /// Applies the ledger's answer to `pending`, or marks the ledger down if it failed, unless no
     /// answer came by `cut_to_ms`, a timeout shorter than the ledger's it was dispatched with (a
-    /// read cut short to what is left of its call's wait): that says nothing about the ledger.
+    /// read cut short to what is left of its call's wait): that says nothing about the ledger,
+    /// and it ends the call's wait (true), however the clock the filter reads shows it.
     fn absorb(
         &mut self,
         engine: &mut dyn Engine,
@@ -190,7 +191,7 @@ impl Worker {
         pending: &PendingSync,
         answer: &LedgerAnswer,
         cut_to_ms: Option<u32>,
-    ) {
+    ) -> bool {
         let now_ms = self.now_ms(engine);
         engine.record_rtt(now_ms.saturating_sub(pending.sent_ms));
         match sync::parse_answer(pending, answer.status, answer.body.as_deref()) {
@@ -207,6 +208,7 @@ impl Worker {
                     self.unknown.learn(subject, now_ms + u64::from(config.sync.unknown_ttl_ms));
                 }
                 self.ledger_down_until_ms = 0;
+                false
             }
             Err(AnswerError::TooLarge) => {
                 // Nothing of it was booked: its ranges go again, fewer subjects at a time.
@@ -216,17 +218,20 @@ impl Worker {
                     "prepaid_credits: the ledger refused a sync as too large; now {} subjects a sync",
                     self.budget.subjects
                 );
+                false
             }
             Err(AnswerError::Unavailable(message) | AnswerError::Malformed(message)) => {
                 self.count(Metric::SyncFailures, 1);
                 log::warn!("prepaid_credits: ledger sync failed: {message}");
                 // Only the engine's own failure (no answer) at that timeout: an answer the ledger
                 // gave (a 5xx, an unreadable body) is its failure whenever it arrives.
+                let early_ms = engine.rules().timeout_early_ms();
                 let cut_short = answer.status.is_none()
-                    && cut_to_ms.is_some_and(|t| now_ms >= pending.sent_ms.saturating_add(u64::from(t)));
+                    && cut_to_ms.is_some_and(|t| now_ms + early_ms >= pending.sent_ms.saturating_add(u64::from(t)));
                 if !cut_short {
                     self.mark_ledger_down(config, now_ms);
                 }
+                cut_short
             }
         }
     }
@@ -482,12 +487,12 @@ impl Worker {
         answer: &LedgerAnswer,
     ) {
         let Some(read) = self.waiting.answered(running, token) else { return };
-        self.absorb(engine, config, &read.pending, answer, read.cut_to_ms);
+        let ran_out = self.absorb(engine, config, &read.pending, answer, read.cut_to_ms);
         // Another read would be `running`'s, so none goes out once its own wait is over (it is
         // decided last, and would otherwise wait on for the others).
         let now_ms = self.now_ms(engine);
         let timeout_ms = u64::from(config.ledger.timeout_ms);
-        let more = self.waiting.waiter(running).is_some_and(|w| w.may_wait(timeout_ms, now_ms));
+        let more = !ran_out && self.waiting.waiter(running).is_some_and(|w| w.may_wait(timeout_ms, now_ms));
         let mut again = Vec::new();
         // The running call last: it owns the next read if another is needed.
         for &id in read.waiters.iter().filter(|id| **id != running) {

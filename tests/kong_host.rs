@@ -9,7 +9,7 @@
 mod kong_host;
 
 use chrono::DateTime;
-use credits::sync::{SubjectAnswer, SubjectOutcome, SyncRequest, SyncResponse, UsageOutcome};
+use credits::sync::{LeaseAnswer, SubjectAnswer, SubjectOutcome, SyncRequest, SyncResponse, UsageOutcome};
 use credits::Amount;
 use kong_host::{crc32, HttpCall, Kong, LocalResponse, Node};
 
@@ -161,7 +161,7 @@ fn failed_dispatch_reported_the_kong_3_9_way_follows_the_failure_mode() {
     let (id, action) = kong.request(&[("x-consumer-username", "alice")]).unwrap();
     assert_eq!(action, 1);
     let token = kong.calls()[0].token;
-    kong.answer(token, &[(":dispatch_status", "timeout")], 0, b"").unwrap();
+    kong.time_out(token).unwrap();
     let local = kong.request_state(id).local.clone().expect("answered");
     assert_eq!(local.status, 503, "{}", local.body_text());
     // ngx_wasm_module would lose a body here: the problem travels in a header.
@@ -175,6 +175,76 @@ fn failed_dispatch_reported_the_kong_3_9_way_follows_the_failure_mode() {
     assert_eq!(next.status, 503);
     kong.tick().unwrap();
     assert_eq!(kong.metric("sync_failures"), 1);
+}
+
+/// The ledger's answer to a read under leases: `subject` live at `live`, every top-up granted,
+/// at `revision` (an answer older than what the node knows sets nothing aside).
+fn lease_answer(node: &Node, call: &HttpCall, live: &str, revision: i64) -> Vec<u8> {
+    let now = DateTime::from_timestamp_millis(i64::try_from(node.now_ms()).unwrap()).unwrap();
+    let request: SyncRequest = serde_json::from_slice(&call.body).unwrap();
+    let subjects = request
+        .subjects
+        .iter()
+        .map(|s| SubjectAnswer {
+            subject: s.subject.clone(),
+            outcome: SubjectOutcome::Ok {
+                customer_id: format!("cust-{}", s.subject),
+                usage: s.usage.as_ref().map(|_| UsageOutcome::Booked),
+                live: Amount::parse(live).unwrap(),
+                revision,
+                lease: s.lease.as_ref().map(|l| LeaseAnswer {
+                    lease_id: l.lease_id.clone(),
+                    held: l.want,
+                    granted: l.want,
+                    expires_at: now + chrono::Duration::milliseconds(i64::try_from(l.ttl_ms).unwrap()),
+                    closed: false,
+                    recalled: false,
+                }),
+            },
+        })
+        .collect();
+    serde_json::to_vec(&SyncResponse { server_time: now, subjects }).unwrap()
+}
+
+/// A further top-up read of a waiting call goes out with what is left of the call's wait (here
+/// 100 of 500 ms). When the engine fails it at that timeout, the filter's wall clock shows 99 ms
+/// (`Kong::time_out`): the call is answered then, and the ledger, which answered the call's
+/// first read, is not marked down — the next call asks it again instead of getting a 503.
+#[test]
+fn a_cut_short_read_timing_out_a_millisecond_early_by_the_wall_clock_ends_its_wait_and_marks_nothing_down() {
+    let node = Node::new(crc32);
+    let config = r#"{"ledger": {"upstream": "127.0.0.1:8480", "token": "t", "timeout_ms": 500}, "price": "0.10",
+        "currency": "USD", "lease": {"min_calls": 1, "max_calls": 1}}"#;
+    let mut kong = configured(&node, config);
+    let (warm, action) = kong.request(&[("x-consumer-username", "alice")]).unwrap();
+    assert_eq!(action, 1, "a cold call pauses");
+    let first = kong.calls().last().cloned().unwrap();
+    kong.answer_ok(first.token, &lease_answer(&node, &first, "1.00", 1)).unwrap();
+    assert_eq!(kong.request_state(warm).resumed, 1);
+    kong.finish(warm).unwrap();
+
+    // The lease of one call is spent: the next call waits for a top-up.
+    let (a, action) = kong.request(&[("x-consumer-username", "alice")]).unwrap();
+    assert_eq!(action, 1, "waits for a top-up");
+    let read = kong.calls().last().cloned().unwrap();
+    assert_eq!(read.timeout_ms, 500, "a first read: the whole timeout");
+    node.advance(400);
+    kong.answer_ok(read.token, &lease_answer(&node, &read, "1.00", 0)).unwrap();
+    let chained = kong.calls().last().cloned().unwrap();
+    assert_ne!(chained.token, read.token, "a stale answer: a further read");
+    assert_eq!(chained.timeout_ms, 100, "what is left of a's wait");
+    let calls = kong.calls().len();
+    kong.time_out(chained.token).unwrap();
+    assert_eq!(node.now_ms(), read.sent_ms + 499, "the engine's timeout as the wall clock shows it");
+    let local = kong.request_state(a).local.clone().expect("a is answered at the end of its wait");
+    assert_eq!(local.status, 503);
+    assert_eq!(kong.calls().len(), calls, "no read after the wait is over");
+    kong.finish(a).unwrap();
+
+    let (b, action) = kong.request(&[("x-consumer-username", "alice")]).unwrap();
+    assert_eq!(action, 1, "b waits for the ledger: it is not marked down");
+    assert!(kong.request_state(b).local.is_none(), "{:?}", kong.request_state(b).local);
+    assert_eq!(kong.calls().len(), calls + 1, "b asks the ledger");
 }
 
 #[test]

@@ -192,6 +192,8 @@ pub struct HttpCall {
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
     pub timeout_ms: u32,
+    /// The node's clock when it went out.
+    pub sent_ms: u64,
 }
 
 impl HttpCall {
@@ -562,8 +564,17 @@ fn linker(engine: &Engine, module: &Module) -> Result<Linker<Host>> {
             let h = c.data_mut();
             h.next_token += 1;
             let token = h.next_token;
-            let call =
-                HttpCall { token, context: h.current, phase, upstream, headers, body, timeout_ms: timeout as u32 };
+            let sent_ms = h.node.now_ms();
+            let call = HttpCall {
+                token,
+                context: h.current,
+                phase,
+                upstream,
+                headers,
+                body,
+                timeout_ms: timeout as u32,
+                sent_ms,
+            };
             if let Some(request) = h.requests.get_mut(&call.context) {
                 request.pending_dispatches += 1;
             }
@@ -965,6 +976,19 @@ impl Kong {
             }
         }
         r
+    }
+
+    /// The engine fails dispatch `token` at its timeout, reported the Kong 3.9 way. ngx_wasm_module
+    /// times a dispatch on nginx's monotonic millisecond clock (`ngx_add_timer` on
+    /// `ngx_current_msec`) while `proxy_get_current_time_nanoseconds` reads the wall clock
+    /// (`ngx_timeofday`), each cut to the millisecond at its own phase: the filter's clock may
+    /// show one millisecond less than the timeout, and this harness shows it so.
+    pub fn time_out(&mut self, token: u32) -> Result<()> {
+        let call = self.host().calls.iter().find(|c| c.token == token).cloned().unwrap();
+        let node = self.host().node.clone();
+        let at_ms = call.sent_ms + u64::from(call.timeout_ms) - 1;
+        node.advance(at_ms.saturating_sub(node.now_ms()));
+        self.answer(token, &[(":dispatch_status", "timeout")], 0, b"")
     }
 
     /// A 200 answer with this JSON body.
