@@ -26,7 +26,7 @@ use credits::sync::{LeaseAnswer, LeaseRequest, SubjectAnswer, SubjectOutcome, Sy
 use credits::Amount;
 use prepaid_credits::config::FilterConfig;
 use prepaid_credits::customer::{entry_key, CustomerEntry, LeaseAnswered};
-use prepaid_credits::decision::{admit, complete, LedgerAccess, Verdict};
+use prepaid_credits::decision::{admit, LedgerAccess, Verdict};
 use prepaid_credits::pricing::Charging;
 use prepaid_credits::registry;
 use prepaid_credits::shared::{self, CasMismatch, Keyed, SharedData};
@@ -107,23 +107,31 @@ fn lease(store: &Store, config: &FilterConfig, subject: &str, held: Amount, now_
 }
 
 /// The measured part (`bench/profile.sh` collects only inside this function): `calls` calls
-/// round-robin over `names`, 16 per millisecond, each held at its price and completed at it (as a
-/// fixed-price call is at its response headers). Returns the calls allowed and the header bytes.
+/// round-robin over `names`, 16 per millisecond, as the filter's defaults take them: each charged
+/// its fixed price when it is let through (`Charging::AtAdmission`: one shared-data update), its
+/// completion writing nothing (`call::complete`: it cost what it was charged), the worker's record
+/// of who called touched. Returns the calls allowed and the header bytes.
 #[inline(never)]
-fn run_calls(store: &Store, config: &FilterConfig, names: &[String], calls: u64, start_ms: u64) -> (u64, usize) {
+fn run_calls(
+    store: &Store,
+    tracker: &mut Tracker,
+    config: &FilterConfig,
+    names: &[String],
+    calls: u64,
+    start_ms: u64,
+) -> (u64, usize) {
     let (mut allowed, mut header_bytes) = (0u64, 0usize);
     for i in 0..calls {
         let subject = &names[(i % names.len() as u64) as usize];
         let now = start_ms + i / 16;
         let (verdict, _effects) =
-            admit(store, config, subject, &[config.price], Charging::AtCompletion, now, LedgerAccess::Reachable);
-        if let Verdict::Allow { held, .. } = verdict {
+            admit(store, config, subject, &[config.price], Charging::AtAdmission, now, LedgerAccess::Reachable);
+        if let Verdict::Allow { balance, .. } = verdict {
             allowed += 1;
-            let completed = complete(store, config, subject, &held, &[config.price], now);
+            tracker.touch(subject, now);
             // The adapter's response headers: x-credits-cost and x-credits-balance, printed on
             // the stack (`Charged::headers`).
-            header_bytes +=
-                config.price.printed().as_str().len() + completed.balance.map_or(0, |b| b.printed().as_str().len());
+            header_bytes += config.price.printed().as_str().len() + balance.map_or(0, |b| b.printed().as_str().len());
         }
     }
     (allowed, header_bytes)
@@ -188,10 +196,9 @@ fn run_ticks(store: &Store, config: &FilterConfig, names: &[String], calls: u64,
         let now = start_ms + (t + 1) * 1_000;
         for (i, subject) in (0..calls).map(|i| (i, &names[(i % names.len() as u64) as usize])) {
             let at = now - 1_000 + i * 1_000 / calls.max(1);
-            if let (Verdict::Allow { held, .. }, _) =
-                admit(store, config, subject, &[config.price], Charging::AtCompletion, at, LedgerAccess::Reachable)
+            if let (Verdict::Allow { .. }, _) =
+                admit(store, config, subject, &[config.price], Charging::AtAdmission, at, LedgerAccess::Reachable)
             {
-                complete(store, config, subject, &held, &[config.price], at);
                 tracker.touch(subject, at);
             }
         }
@@ -234,7 +241,7 @@ fn main() {
         return;
     }
     let started = Instant::now();
-    let (allowed, header_bytes) = run_calls(&store, &config, &names, calls, start_ms);
+    let (allowed, header_bytes) = run_calls(&store, &mut Tracker::default(), &config, &names, calls, start_ms);
     let call_ns = started.elapsed().as_secs_f64() * 1e9 / calls as f64;
     let key = entry_key(&config, &config.pricing.scopes[0], &names[0]);
     let after = shared::read::<CustomerEntry>(&store, &key).map_or(0, |e| e.encode().len());
