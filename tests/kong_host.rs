@@ -18,6 +18,13 @@ const CONFIG: &str = r#"{"ledger": {"upstream": "127.0.0.1:8480", "token": "t"},
 
 /// The ledger's answer to a sync request: every subject it names is a customer with `live`.
 fn ledger_answer(node: &Node, call: &HttpCall, live: &[(&str, &str)]) -> Vec<u8> {
+    ledger_answer_at(node, call, live, 1)
+}
+
+/// The same at `revision` (an answer older than what the node knows sets nothing aside), every
+/// lease top-up asked for granted.
+fn ledger_answer_at(node: &Node, call: &HttpCall, live: &[(&str, &str)], revision: i64) -> Vec<u8> {
+    let now = DateTime::from_timestamp_millis(i64::try_from(node.now_ms()).unwrap()).unwrap();
     let request: SyncRequest = serde_json::from_slice(&call.body).unwrap();
     let subjects = request
         .subjects
@@ -30,17 +37,20 @@ fn ledger_answer(node: &Node, call: &HttpCall, live: &[(&str, &str)]) -> Vec<u8>
                     customer_id: format!("cust-{}", s.subject),
                     usage: s.usage.as_ref().map(|_| UsageOutcome::Booked),
                     live: Amount::parse(live).unwrap(),
-                    revision: 1,
-                    lease: None,
+                    revision,
+                    lease: s.lease.as_ref().map(|l| LeaseAnswer {
+                        lease_id: l.lease_id.clone(),
+                        held: l.want,
+                        granted: l.want,
+                        expires_at: now + chrono::Duration::milliseconds(i64::try_from(l.ttl_ms).unwrap()),
+                        closed: false,
+                        recalled: false,
+                    }),
                 },
             }
         })
         .collect();
-    let answer = SyncResponse {
-        server_time: DateTime::from_timestamp_millis(i64::try_from(node.now_ms()).unwrap()).unwrap(),
-        subjects,
-    };
-    serde_json::to_vec(&answer).unwrap()
+    serde_json::to_vec(&SyncResponse { server_time: now, subjects }).unwrap()
 }
 
 #[derive(Debug)]
@@ -177,35 +187,6 @@ fn failed_dispatch_reported_the_kong_3_9_way_follows_the_failure_mode() {
     assert_eq!(kong.metric("sync_failures"), 1);
 }
 
-/// The ledger's answer to a read under leases: `subject` live at `live`, every top-up granted,
-/// at `revision` (an answer older than what the node knows sets nothing aside).
-fn lease_answer(node: &Node, call: &HttpCall, live: &str, revision: i64) -> Vec<u8> {
-    let now = DateTime::from_timestamp_millis(i64::try_from(node.now_ms()).unwrap()).unwrap();
-    let request: SyncRequest = serde_json::from_slice(&call.body).unwrap();
-    let subjects = request
-        .subjects
-        .iter()
-        .map(|s| SubjectAnswer {
-            subject: s.subject.clone(),
-            outcome: SubjectOutcome::Ok {
-                customer_id: format!("cust-{}", s.subject),
-                usage: s.usage.as_ref().map(|_| UsageOutcome::Booked),
-                live: Amount::parse(live).unwrap(),
-                revision,
-                lease: s.lease.as_ref().map(|l| LeaseAnswer {
-                    lease_id: l.lease_id.clone(),
-                    held: l.want,
-                    granted: l.want,
-                    expires_at: now + chrono::Duration::milliseconds(i64::try_from(l.ttl_ms).unwrap()),
-                    closed: false,
-                    recalled: false,
-                }),
-            },
-        })
-        .collect();
-    serde_json::to_vec(&SyncResponse { server_time: now, subjects }).unwrap()
-}
-
 /// A further top-up read of a waiting call goes out with what is left of the call's wait (here
 /// 100 of 500 ms). When the engine fails it at that timeout, the filter's wall clock shows 99 ms
 /// (`Kong::time_out`): the call is answered then, and the ledger, which answered the call's
@@ -219,7 +200,7 @@ fn a_cut_short_read_timing_out_a_millisecond_early_by_the_wall_clock_ends_its_wa
     let (warm, action) = kong.request(&[("x-consumer-username", "alice")]).unwrap();
     assert_eq!(action, 1, "a cold call pauses");
     let first = kong.calls().last().cloned().unwrap();
-    kong.answer_ok(first.token, &lease_answer(&node, &first, "1.00", 1)).unwrap();
+    kong.answer_ok(first.token, &ledger_answer(&node, &first, &[("alice", "1.00")])).unwrap();
     assert_eq!(kong.request_state(warm).resumed, 1);
     kong.finish(warm).unwrap();
 
@@ -229,7 +210,7 @@ fn a_cut_short_read_timing_out_a_millisecond_early_by_the_wall_clock_ends_its_wa
     let read = kong.calls().last().cloned().unwrap();
     assert_eq!(read.timeout_ms, 500, "a first read: the whole timeout");
     node.advance(400);
-    kong.answer_ok(read.token, &lease_answer(&node, &read, "1.00", 0)).unwrap();
+    kong.answer_ok(read.token, &ledger_answer_at(&node, &read, &[("alice", "1.00")], 0)).unwrap();
     let chained = kong.calls().last().cloned().unwrap();
     assert_ne!(chained.token, read.token, "a stale answer: a further read");
     assert_eq!(chained.timeout_ms, 100, "what is left of a's wait");
