@@ -38,8 +38,9 @@ impl Rules {
     /// How much less than a dispatch's timeout the clock the filter reads may show when the
     /// engine fails the dispatch at that timeout. ngx_wasm_module times it on nginx's monotonic
     /// millisecond clock (`ngx_add_timer` on `ngx_current_msec`) while `get_current_time` reads
-    /// the wall clock (`ngx_timeofday`), each cut to the millisecond at its own phase. Envoy
-    /// times the call on the clock it hands out.
+    /// the wall clock (`ngx_timeofday`), each cut to the millisecond at its own phase
+    /// (`tests/kong_clock.rs` measures it on the real engine). Not asked under Envoy, where no
+    /// read is cut short to its call's wait.
     pub fn timeout_early_ms(self) -> u64 {
         match self {
             Rules::Envoy => 0,
