@@ -42,17 +42,19 @@ impl PendingSync {
     }
 }
 
-/// How much one sync may carry: subjects, and bytes of JSON (the ledger refuses a body larger
-/// than its `--max-body-bytes`, 1 MiB by default, with 413).
+/// How much a tick may send: syncs (at most what the worker's turn needs), each of subjects and
+/// bytes of JSON (the ledger refuses a body larger than its `--max-body-bytes`, 1 MiB by default,
+/// with 413).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Budget {
+    pub syncs: usize,
     pub subjects: usize,
     pub bytes: usize,
 }
 
 impl Default for Budget {
     fn default() -> Budget {
-        Budget { subjects: MAX_SUBJECTS_PER_SYNC, bytes: DEFAULT_MAX_BODY_BYTES }
+        Budget { syncs: MAX_SYNCS_PER_TICK, subjects: MAX_SUBJECTS_PER_SYNC, bytes: DEFAULT_MAX_BODY_BYTES }
     }
 }
 
@@ -71,9 +73,9 @@ impl Body {
         Body { bytes, subjects: Vec::new() }
     }
 
-    /// Adds one customer's subjects if they fit `budget` (the first customer always goes).
-    /// Written in place and taken back if they do not fit: no buffer per subject.
-    fn add(&mut self, taken: Vec<SubjectSync>, budget: Budget) -> bool {
+    /// Adds one customer's subjects if they fit `budget` (the first customer always goes), or
+    /// gives them back. Written in place and taken back if they do not fit: no buffer per subject.
+    fn add(&mut self, taken: Vec<SubjectSync>, budget: Budget) -> Result<(), Vec<SubjectSync>> {
         let start = self.bytes.len();
         for (i, s) in taken.iter().enumerate() {
             if i > 0 || !self.subjects.is_empty() {
@@ -85,10 +87,10 @@ impl Body {
         let fits = self.subjects.len() + taken.len() <= budget.subjects && self.bytes.len() + 2 <= budget.bytes;
         if !fits && !self.subjects.is_empty() {
             self.bytes.truncate(start);
-            return false;
+            return Err(taken);
         }
         self.subjects.extend(taken);
-        true
+        Ok(())
     }
 
     fn finish(mut self, node: &str, sent_ms: u64) -> Option<PendingSync> {
@@ -172,11 +174,12 @@ pub fn balance_read(
     PendingSync::new(SyncRequest { node: node.to_owned(), subjects }, now_ms)
 }
 
-/// This tick's sync, and the customers that have something to report but are not in the node's
+/// This tick's syncs, and the customers that have something to report but are not in the node's
 /// register yet (the caller registers them).
 #[derive(Debug, Default)]
 pub struct Prepared {
-    pub sync: Option<PendingSync>,
+    /// At most [`Turn::syncs`] and the budget's, their customers disjoint.
+    pub syncs: Vec<PendingSync>,
     pub unregistered: Vec<String>,
     /// Entries found gone or rebuilt since this worker's last tick found them.
     pub evicted: u64,
@@ -193,15 +196,48 @@ struct Tick<'a> {
     turn_ms: u64,
 }
 
-/// How far apart a customer's turns in this worker's syncs are, with `customers` to go round: a
-/// worker with more customers than one sync holds reaches each only every few ticks.
-pub fn turn_ms(config: &FilterConfig, customers: usize, budget: Budget) -> u64 {
-    let per_sync = (budget.subjects / config.pricing.scopes.len().max(1)).max(1);
-    u64::from(config.sync.interval_ms).saturating_mul(customers.div_ceil(per_sync).max(1) as u64)
+/// Most syncs a worker sends in one tick: 8,000 customers a tick, so with the defaults a worker
+/// reaches up to 96,000 customers within [`turn_bound_ms`]; beyond that its turns grow longer.
+pub const MAX_SYNCS_PER_TICK: usize = 8;
+
+/// How a worker goes round its customers: how many syncs it sends a tick, and so how far apart
+/// a customer's turns are (longer while the worker sends fewer because the ledger does not keep
+/// up: `Worker::send_sync`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Turn {
+    pub syncs: usize,
+    pub ms: u64,
 }
 
-/// Builds this tick's sync within `budget`: takes the usage ranges to send out of the shared
-/// entries. Customers idle longer than `sync.idle_ms` with nothing left to send are forgotten.
+/// The longest a customer's turns may be apart so that what the node holds for it is still
+/// usable when the next turn's sync fails, the answer to the one after taking up to
+/// `ledger.timeout_ms`: a lease may be spent until `lease.ttl_ms` less the reserve after its
+/// request left (12 s apart with the defaults), a cached balance for `sync.max_stale_ms`.
+pub fn turn_bound_ms(config: &FilterConfig) -> u64 {
+    let usable = match config.sync.strategy {
+        Strategy::Lease => config.lease.ttl_ms.saturating_sub(lease::reserve_ms(config)),
+        Strategy::Cached => u64::from(config.sync.max_stale_ms),
+    };
+    (usable.saturating_sub(u64::from(config.ledger.timeout_ms)) / 2).max(u64::from(config.sync.interval_ms))
+}
+
+/// How a worker with `customers` to go round does so: one sync a tick while that reaches each
+/// within [`turn_bound_ms`], otherwise as many more (up to [`MAX_SYNCS_PER_TICK`]) as that
+/// takes. With one sync a tick, a worker with more customers than its leases outlast (24,000
+/// with the defaults) let each lease lapse between turns, and its customers' calls waited for
+/// reads.
+pub fn turn(config: &FilterConfig, customers: usize, budget: Budget) -> Turn {
+    let per_sync = (budget.subjects / config.pricing.scopes.len().max(1)).max(1);
+    let interval = u64::from(config.sync.interval_ms).max(1);
+    let ticks_within = (turn_bound_ms(config) / interval).max(1) as usize;
+    let syncs = customers.div_ceil(per_sync.saturating_mul(ticks_within)).clamp(1, MAX_SYNCS_PER_TICK);
+    let ticks = customers.div_ceil(per_sync.saturating_mul(syncs)).max(1) as u64;
+    Turn { syncs, ms: interval.saturating_mul(ticks) }
+}
+
+/// Builds this tick's syncs, each within `budget`: takes the usage ranges to send out of the
+/// shared entries. Customers idle longer than `sync.idle_ms` with nothing left to send are
+/// forgotten.
 pub fn prepare(
     store: &dyn SharedData,
     tracker: &mut Tracker,
@@ -216,7 +252,8 @@ pub fn prepare(
     for subject in &registered {
         tracker.touch_if_absent(subject, now_ms);
     }
-    let tick = Tick { config, worker, now_ms, turn_ms: turn_ms(config, tracker.len(), budget) };
+    let turn = turn(config, tracker.len(), budget);
+    let tick = Tick { config, worker, now_ms, turn_ms: turn.ms };
     let mut prepared = Prepared::default();
     let mut body = Body::new(node);
     let mut forget = Vec::new();
@@ -227,9 +264,14 @@ pub fn prepare(
         if let Some(origins) = origins {
             found.push((subject.clone(), origins, pending));
         }
-        // Taken but not sent: its ranges stay this worker's, sent on its next tick, in turn.
-        if !body.add(taken, budget) {
-            break;
+        if let Err(taken) = body.add(taken, budget) {
+            // Taken but not sent: its ranges stay this worker's, sent on its next tick, in turn.
+            if prepared.syncs.len() + 1 >= turn.syncs.min(budget.syncs) {
+                break;
+            }
+            prepared.syncs.extend(std::mem::replace(&mut body, Body::new(node)).finish(node, now_ms));
+            // A new body takes its first customer whatever its size.
+            let _ = body.add(taken, budget);
         }
         taken_subjects += 1;
         // Checked against the tick's snapshot: the register is a whole shard to read.
@@ -240,6 +282,7 @@ pub fn prepare(
             forget.push(subject.clone());
         }
     }
+    prepared.syncs.extend(body.finish(node, now_ms));
     tracker.turn_took(taken_subjects);
     for (subject, origins, pending) in found {
         prepared.evicted += tracker.found(&subject, &origins, pending, now_ms);
@@ -256,7 +299,6 @@ pub fn prepare(
         }
     }
     tracker.forget(&forget.iter().map(String::as_str).collect());
-    prepared.sync = body.finish(node, now_ms);
     prepared
 }
 
@@ -529,9 +571,9 @@ mod tests {
             ));
         }
         // Tick: the range goes out; the answer is lost; the retry is a duplicate.
-        let first = prepare(&store, &mut tracker, &c, ("node", 1), Budget::default(), 100).sync.unwrap();
+        let first = prepare(&store, &mut tracker, &c, ("node", 1), Budget::default(), 100).syncs.remove(0);
         let _lost = ledger.answer(&first.request);
-        let retry = prepare(&store, &mut tracker, &c, ("node", 1), Budget::default(), 200).sync.unwrap();
+        let retry = prepare(&store, &mut tracker, &c, ("node", 1), Budget::default(), 200).syncs.remove(0);
         assert_eq!(retry.request.subjects[0].usage, first.request.subjects[0].usage);
         let resp = ledger.answer(&retry.request);
         let applied = apply(&store, &c, &retry, &resp, 201);
@@ -540,6 +582,100 @@ mod tests {
         assert_eq!(ledger.balance, amt("0.60"), "four calls booked once");
         let e = shared::read::<CustomerEntry>(&store, &entry_key(&c, &c.pricing.scopes[0], "alice")).unwrap();
         assert_eq!((e.available(), e.flight.is_none()), (amt("0.60"), true));
+    }
+
+    fn leased() -> FilterConfig {
+        FilterConfig::parse(br#"{"ledger": {"upstream": "l", "token": "t"}, "price": "0.10", "currency": "USD"}"#)
+            .unwrap()
+    }
+
+    #[test]
+    fn a_worker_sends_as_many_syncs_a_tick_as_reach_every_customer_before_what_it_holds_lapses() {
+        let c = leased();
+        // A lease may be spent for 30 s less the reserve (1 + 1 + 3 s) after its request left; a
+        // turn's answer takes up to 1 s; and one failed sync must not let it lapse: turns 12 s apart.
+        assert_eq!(turn_bound_ms(&c), 12_000);
+        let at = |customers| turn(&c, customers, Budget::default());
+        assert_eq!(at(1), Turn { syncs: 1, ms: 1_000 });
+        assert_eq!(at(10_000), Turn { syncs: 1, ms: 10_000 }, "gateway case c: one sync a tick");
+        assert_eq!(at(12_000), Turn { syncs: 1, ms: 12_000 });
+        assert_eq!(at(12_001), Turn { syncs: 2, ms: 7_000 });
+        assert_eq!(at(60_000), Turn { syncs: 5, ms: 12_000 });
+        assert_eq!(at(96_000), Turn { syncs: MAX_SYNCS_PER_TICK, ms: 12_000 });
+        assert_eq!(at(200_000), Turn { syncs: MAX_SYNCS_PER_TICK, ms: 25_000 }, "beyond the cap turns grow");
+        // A cached balance is usable for `sync.max_stale_ms` (60 s): turns 29.5 s apart.
+        assert_eq!(turn_bound_ms(&config()), 29_500);
+        assert_eq!(turn(&config(), 60_000, Budget::default()), Turn { syncs: 3, ms: 20_000 });
+    }
+
+    /// Many customers who call now and then, each with a lease: every call is decided from the
+    /// lease, none waits for a read because its lease lapsed between the customer's turns. (With
+    /// one sync a tick, this worker reached each customer every 3 s, and its leases could be spent
+    /// for 2.5 s after each renewal.)
+    #[test]
+    fn customers_a_worker_goes_round_keep_their_leases_between_turns() {
+        use crate::simulation::backend::{at, GrantPlan, Ledger};
+        use crate::simulation::model_ledger::ModelLedger;
+        let c = FilterConfig::parse(
+            br#"{"ledger": {"upstream": "l", "token": "t", "timeout_ms": 100}, "price": "0.10", "currency": "USD",
+                "sync": {"interval_ms": 100}, "lease": {"ttl_ms": 3000}}"#,
+        )
+        .unwrap();
+        // Ten customers a sync (a small budget stands for the 1,000 a real one holds).
+        let budget = Budget { subjects: 10, ..Budget::default() };
+        let everyone: Vec<String> = (0..300).map(|i| format!("s{i:03}")).collect();
+        assert_eq!(turn(&c, everyone.len(), budget), Turn { syncs: 3, ms: 1_000 });
+        let store = FakeShared::new(Rules::Envoy);
+        let plan = [GrantPlan { calls: 1_000, priority: 1, effective_ms: 0, expires_after_ms: None }];
+        let mut ledgers: std::collections::BTreeMap<&str, ModelLedger> =
+            everyone.iter().map(|s| (s.as_str(), ModelLedger::new(s, amt("0.10"), &plan, at(0)))).collect();
+        let mut serve = |sync: &PendingSync, now_ms: u64| {
+            let subjects = sync.request.subjects.iter().map(|s| {
+                let one = SyncRequest { node: sync.request.node.clone(), subjects: vec![s.clone()] };
+                let ledger = ledgers.get_mut(s.subject.as_str()).unwrap();
+                ledger.job(at(now_ms));
+                ledger.serve(&one, at(now_ms)).unwrap().subjects.remove(0)
+            });
+            SyncResponse { server_time: at(now_ms), subjects: subjects.collect() }
+        };
+        let mut tracker = Tracker::default();
+        let (mut reads, mut calls) = (0, 0);
+        for now_ms in (0..20_000).step_by(50) {
+            if now_ms % 100 == 0 {
+                for sync in prepare(&store, &mut tracker, &c, ("node", 1), budget, now_ms).syncs {
+                    let answer = serve(&sync, now_ms);
+                    apply(&store, &c, &sync, &answer, now_ms + 1);
+                }
+                continue;
+            }
+            // Between ticks a fifth of the customers call: each one every 500 ms.
+            for (i, s) in everyone.iter().enumerate().filter(|(i, _)| (now_ms / 100 + *i as u64) % 5 == 0) {
+                tracker.touch(s, now_ms);
+                calls += 1;
+                match call(&store, &c, s, c.price, now_ms, LedgerAccess::Reachable).0 {
+                    Verdict::Allow { .. } => {}
+                    Verdict::AskLedger => {
+                        // What the worker does: a read for this customer, answered at once.
+                        let turn_ms = turn(&c, tracker.len(), budget).ms;
+                        let read = balance_read(&store, &c, "node", s, &[c.price], now_ms, turn_ms);
+                        let answer = serve(&read, now_ms);
+                        apply(&store, &c, &read, &answer, now_ms);
+                        // The first read of each customer is its cold start.
+                        reads += u64::from(now_ms >= 1_000);
+                        assert!(
+                            matches!(
+                                call(&store, &c, s, c.price, now_ms, LedgerAccess::Reachable).0,
+                                Verdict::Allow { .. }
+                            ),
+                            "{s} at {now_ms}: {i}"
+                        );
+                    }
+                    other => panic!("{s} at {now_ms}: {other:?}"),
+                }
+            }
+        }
+        assert_eq!(calls, 12_000, "each customer called every 500 ms for 20 s");
+        assert_eq!(reads, 0, "calls that waited for a read after every customer's first, of {calls}");
     }
 
     #[test]
@@ -556,7 +692,7 @@ mod tests {
         }
         let mut reported = std::collections::BTreeSet::new();
         for tick in 0..3 {
-            let pending = prepare(&store, &mut tracker, &c, ("node", 1), Budget::default(), 100 + tick).sync.unwrap();
+            let pending = prepare(&store, &mut tracker, &c, ("node", 1), Budget::default(), 100 + tick).syncs.remove(0);
             assert!(pending.request.subjects.len() <= MAX_SUBJECTS_PER_SYNC);
             reported.extend(pending.request.subjects.iter().filter(|s| s.usage.is_some()).map(|s| s.subject.clone()));
         }
@@ -576,7 +712,7 @@ mod tests {
                 .unwrap();
         let scope = &c.pricing.scopes[0];
         let want = |read: &PendingSync| read.request.subjects[0].lease.as_ref().map(|l| l.want);
-        let turn_ms = turn_ms(&c, 10_000, Budget::default());
+        let turn_ms = turn(&c, 10_000, Budget::default()).ms;
         assert_eq!(turn_ms, 10_000, "1,000 customers per sync, one sync per 1-s tick");
         let first = balance_read(&store, &c, "node", "alice", &[c.price], 0, turn_ms);
         assert_eq!(want(&first), Some(c.price.times(c.lease.min_calls).unwrap()), "no rate yet");
@@ -610,10 +746,10 @@ mod tests {
             tracker.touch(s, 10);
             assert!(matches!(call(&store, &c, s, amt("0.10"), 11, LedgerAccess::Reachable).0, Verdict::Allow { .. }));
         }
-        let budget = Budget { subjects: 1000, bytes: 4096 };
+        let budget = Budget { bytes: 4096, ..Budget::default() };
         let mut reported = std::collections::BTreeSet::new();
         for tick in 0..4 {
-            let pending = prepare(&store, &mut tracker, &c, ("node", 1), budget, 100 + tick).sync.unwrap();
+            let pending = prepare(&store, &mut tracker, &c, ("node", 1), budget, 100 + tick).syncs.remove(0);
             assert!(pending.body().len() <= 4096, "{} bytes", pending.body().len());
             // The body is the request, encoded once.
             assert_eq!(serde_json::from_slice::<SyncRequest>(pending.body()).unwrap(), pending.request);
@@ -669,14 +805,14 @@ mod tests {
         tracker.touch("alice", 10);
         let first = prepare(&store, &mut tracker, &c, ("node", 1), Budget::default(), 100);
         assert_eq!(first.evicted, 0);
-        let first = first.sync.unwrap();
+        let first = first.syncs.into_iter().next().unwrap();
         // The host evicts the entry while its range is in flight; the rebuilt entry numbers its
         // calls from 0 again.
         store.remove(&key);
         spend(3, 110);
         let second = prepare(&store, &mut tracker, &c, ("node", 1), Budget::default(), 200);
         assert_eq!(second.evicted, 1, "the tick finds the entry rebuilt");
-        let second = second.sync.unwrap();
+        let second = second.syncs.into_iter().next().unwrap();
         let (a, b) =
             (first.request.subjects[0].usage.clone().unwrap(), second.request.subjects[0].usage.clone().unwrap());
         assert_eq!((a.from, a.to), (b.from, b.to), "numbered alike");
@@ -695,10 +831,10 @@ mod tests {
         apply(&store, &c, &read, &answer(vec![ok("alice", None, "1", 1)]), 1);
         let mut tracker = Tracker::default();
         tracker.touch("alice", 1);
-        assert!(prepare(&store, &mut tracker, &c, ("node", 1), Budget::default(), 2).sync.is_some());
+        assert!(prepare(&store, &mut tracker, &c, ("node", 1), Budget::default(), 2).syncs.len() == 1);
         assert!(prepare(&store, &mut tracker, &c, ("node", 1), Budget::default(), 1 + u64::from(c.sync.idle_ms) + 1)
-            .sync
-            .is_none());
+            .syncs
+            .is_empty());
         assert!(tracker.is_empty());
         let key = entry_key(&c, &c.pricing.scopes[0], "alice");
         assert!(shared::read::<CustomerEntry>(&store, &key).is_none(), "the idle entry is deleted");
@@ -722,23 +858,23 @@ mod tests {
         apply(&store, &c, &read, &answer(vec![ok("alice", None, "1.00", 1)]), 10);
         t.touch("alice", 10);
         let held = charge(&store, &c, "0.10", 11);
-        let tick = prepare(&store, &mut t, &c, ("node", 1), Budget::default(), 100).sync.unwrap();
+        let tick = prepare(&store, &mut t, &c, ("node", 1), Budget::default(), 100).syncs.remove(0);
         apply(&store, &c, &tick, &answer(vec![ok("alice", Some(UsageOutcome::Booked), "0.90", 2)]), 101);
         let later = 11 + u64::from(c.sync.idle_ms) + 1_000;
         assert!(later < 11 + c.pricing.hold_timeout_ms, "the call may still be upstream");
-        assert!(prepare(&store, &mut t, &c, ("node", 1), Budget::default(), later).sync.is_none());
+        assert!(prepare(&store, &mut t, &c, ("node", 1), Budget::default(), later).syncs.is_empty());
         let key = entry_key(&c, &c.pricing.scopes[0], "alice");
         assert!(shared::read::<CustomerEntry>(&store, &key).is_none(), "deleted as idle");
         let done = crate::decision::complete(&store, &c, "alice", &held, &[Amount::ZERO], later + 1);
         assert!(done.effects.became_pending, "registered, so that every worker sends it");
         t.touch("alice", later + 1);
-        let tick = prepare(&store, &mut t, &c, ("node", 1), Budget::default(), later + 2).sync.unwrap();
+        let tick = prepare(&store, &mut t, &c, ("node", 1), Budget::default(), later + 2).syncs.remove(0);
         let asked = &tick.request.subjects[0];
         let range = asked.usage.as_ref().unwrap();
         assert_eq!((range.amount, range.refunded, range.to - range.from), (amt("0"), amt("0.10"), 1));
         assert!(asked.lease.is_none(), "an entry made for a refund asks for no lease");
         apply(&store, &c, &tick, &answer(vec![ok("alice", Some(UsageOutcome::Booked), "1.00", 3)]), later + 3);
-        assert!(prepare(&store, &mut t, &c, ("node", 1), Budget::default(), later + 4).sync.is_none());
+        assert!(prepare(&store, &mut t, &c, ("node", 1), Budget::default(), later + 4).syncs.is_empty());
         assert!(shared::read::<CustomerEntry>(&store, &key).is_none(), "gone once the refund is booked");
         // In an entry made since by another call, the refund nets into that entry's usage.
         let read = balance_read(&store, &c, "node", "alice", &[c.price], later + 5, 1000);
@@ -763,12 +899,12 @@ mod tests {
         t1.touch("alice", 10);
         t2.touch("alice", 10);
         let held = charge(&store, &c, "0.10", 11);
-        let tick = prepare(&store, &mut t1, &c, ("node", 1), Budget::default(), 100).sync.unwrap();
+        let tick = prepare(&store, &mut t1, &c, ("node", 1), Budget::default(), 100).syncs.remove(0);
         apply(&store, &c, &tick, &answer(vec![ok("alice", Some(UsageOutcome::Booked), "0.90", 2)]), 101);
         crate::decision::complete(&store, &c, "alice", &held, &[Amount::ZERO], 102);
-        let w1 = prepare(&store, &mut t1, &c, ("node", 1), Budget::default(), 1_100).sync.unwrap();
+        let w1 = prepare(&store, &mut t1, &c, ("node", 1), Budget::default(), 1_100).syncs.remove(0);
         assert_eq!(w1.request.subjects[0].usage.as_ref().unwrap().refunded, amt("0.10"));
-        let w2 = prepare(&store, &mut t2, &c, ("node", 2), Budget::default(), 1_101).sync.unwrap();
+        let w2 = prepare(&store, &mut t2, &c, ("node", 2), Budget::default(), 1_101).syncs.remove(0);
         // The ledger books w1's range (live 1.00), then answers w2, whose answer lands first.
         apply(&store, &c, &w2, &answer(vec![ok("alice", None, "1.00", 3)]), 1_102);
         let e = shared::read::<CustomerEntry>(&store, &entry_key(&c, &c.pricing.scopes[0], "alice")).unwrap();
@@ -812,7 +948,7 @@ mod tests {
         apply(&store, &c, &read, &answer_to(&read, None, "0").0, 10);
         t.touch("alice", 10);
         let call0 = charge(&store, &c, "0.20", 11);
-        let tick = prepare(&store, &mut t, &c, ("node", 1), Budget::default(), 100).sync.unwrap();
+        let tick = prepare(&store, &mut t, &c, ("node", 1), Budget::default(), 100).syncs.remove(0);
         apply(&store, &c, &tick, &answer_to(&tick, Some(UsageOutcome::Booked), "0.20").0, 101);
         crate::decision::complete(&store, &c, "alice", &call0, &[Amount::ZERO], 102); // booked, then failed
         let call1 = charge(&store, &c, "0.30", 103); // the unsent usage nets to 0.10
@@ -821,7 +957,7 @@ mod tests {
         let (a, hold) = answer_to(&read, None, "0");
         apply(&store, &c, &read, &a, 105);
         crate::decision::complete(&store, &c, "alice", &call1, &[Amount::ZERO], 106); // fails unsent
-        let tick = prepare(&store, &mut t, &c, ("node", 1), Budget::default(), 1_100).sync.unwrap();
+        let tick = prepare(&store, &mut t, &c, ("node", 1), Budget::default(), 1_100).syncs.remove(0);
         let range = tick.request.subjects[0].usage.clone().unwrap();
         assert_eq!((range.amount, range.refunded), (Amount::ZERO, amt("0.20")), "captures nothing");
         let e = shared::read::<CustomerEntry>(&store, &entry_key(&c, &c.pricing.scopes[0], "alice")).unwrap();
@@ -863,7 +999,7 @@ mod tests {
         store.set(&key, &shared::Keyed::encode(&e), None).unwrap();
         let mut tracker = Tracker::default();
         tracker.touch("alice", 10);
-        let sync = prepare(&store, &mut tracker, &c, ("node", 1), Budget::default(), 100).sync.unwrap();
+        let sync = prepare(&store, &mut tracker, &c, ("node", 1), Budget::default(), 100).syncs.remove(0);
         let s = &sync.request.subjects[0];
         assert!(s.usage.is_some() && s.lease.is_some());
         assert_eq!(credits::gateway::invalid(s), None, "the ledger takes the subject, usage and lease");
@@ -876,7 +1012,7 @@ mod tests {
         call(&store, &allow, "ghost", amt("0.10"), 1, LedgerAccess::Unreachable);
         let mut tracker = Tracker::default();
         tracker.touch("ghost", 1);
-        let pending = prepare(&store, &mut tracker, &allow, ("node", 1), Budget::default(), 2).sync.unwrap();
+        let pending = prepare(&store, &mut tracker, &allow, ("node", 1), Budget::default(), 2).syncs.remove(0);
         let unknown = SubjectAnswer { subject: "ghost".into(), outcome: SubjectOutcome::UnknownSubject };
         let applied = apply(&store, &allow, &pending, &answer(vec![unknown]), 3);
         assert_eq!((applied.calls_dropped, applied.unknown), (1, vec!["ghost".to_owned()]));

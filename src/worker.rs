@@ -69,12 +69,19 @@ pub struct Worker {
     /// Until when the ledger counts as unreachable (after a failed call).
     ledger_down_until_ms: u64,
     counters: Counters,
-    /// The tick's sync in flight: its token and what was sent.
-    in_flight: Option<(Token, PendingSync)>,
+    /// The tick's syncs in flight: their tokens and what was sent.
+    in_flight: Vec<(Token, PendingSync)>,
+    /// Syncs the last tick sent.
+    sent_last_tick: usize,
+    /// A sync of the last tick failed or was answered late.
+    congested: bool,
     /// The headers of every ledger request of this configuration.
     ledger_headers: Vec<(String, String)>,
-    /// What one sync may carry: halved each time the ledger refuses a body as too large, grown
-    /// back by each sync it takes.
+    /// What a tick may send. Per sync: halved each time the ledger refuses a body as too large,
+    /// grown back by each sync it takes. Syncs (a worker with more customers than one a tick
+    /// reaches in time needs several: `sync::turn`): one more each tick while the ledger answers
+    /// every sync of a tick within half its timeout, back to one when it does not — so a ledger
+    /// that cannot keep up is sent no more than one a tick, as before.
     budget: Budget,
     /// Completions whose shared entry could not be written (other workers kept winning): the tick
     /// retries them, so a call let through is never left unrecorded.
@@ -291,36 +298,47 @@ impl Worker {
     }
 
     fn send_sync(&mut self, engine: &mut dyn Engine, config: &FilterConfig, now_ms: u64) {
-        if let Some((_, pending)) = &self.in_flight {
+        if let Some((_, pending)) = self.in_flight.first() {
             // The engine answers every dispatch within its timeout; this only guards against a
-            // lost callback.
+            // lost callback. (A tick's syncs go out together.)
             if now_ms.saturating_sub(pending.sent_ms) <= 2 * u64::from(config.ledger.timeout_ms) {
                 return;
             }
-            self.in_flight = None;
+            self.in_flight.clear();
+            self.congested = true;
         }
+        // One sync more than the last tick while the ledger kept up, one when it did not.
+        let ramped = if self.congested { 1 } else { self.sent_last_tick + 1 };
+        self.budget.syncs = ramped.min(sync::MAX_SYNCS_PER_TICK);
+        self.congested = false;
+        self.sent_last_tick = 0;
         let prepared =
             sync::prepare(engine.shared(), &mut self.tracker, config, (&self.node, self.id), self.budget, now_ms);
         let unregistered: Vec<&str> = prepared.unregistered.iter().map(String::as_str).collect();
         self.register(engine, config, &unregistered);
         self.count(Metric::SharedEntriesEvicted, prepared.evicted);
         self.count(Metric::SharedDataFailures, prepared.shared_failures);
-        let Some(pending) = prepared.sync else { return };
-        match self.dispatch(engine, config, &pending, config.ledger.timeout_ms) {
-            Ok(token) => {
-                self.count(Metric::SyncBatches, 1);
-                self.count(Metric::RecordsQueued, pending.calls());
-                self.in_flight = Some((token, pending));
-            }
-            Err(DispatchRefused(why)) => {
-                self.count(Metric::SyncFailures, 1);
-                log::warn!("prepaid_credits: could not dispatch the sync to {:?}: {why}", config.ledger.upstream);
-                self.mark_ledger_down(config, now_ms);
+        for pending in prepared.syncs {
+            match self.dispatch(engine, config, &pending, config.ledger.timeout_ms) {
+                Ok(token) => {
+                    self.count(Metric::SyncBatches, 1);
+                    self.count(Metric::RecordsQueued, pending.calls());
+                    self.in_flight.push((token, pending));
+                    self.sent_last_tick += 1;
+                }
+                Err(DispatchRefused(why)) => {
+                    // The rest would be refused alike: their ranges go again on a later tick.
+                    self.count(Metric::SyncFailures, 1);
+                    log::warn!("prepaid_credits: could not dispatch the sync to {:?}: {why}", config.ledger.upstream);
+                    self.mark_ledger_down(config, now_ms);
+                    break;
+                }
             }
         }
     }
 
-    /// The answer to the tick's sync (in the root context).
+    /// The answer to one of the tick's syncs (in the root context). One that failed, or came
+    /// later than half the ledger's timeout, holds the next tick to one sync.
     pub fn on_sync_answer(
         &mut self,
         engine: &mut dyn Engine,
@@ -328,12 +346,12 @@ impl Worker {
         token: Token,
         answer: &LedgerAnswer,
     ) {
-        match self.in_flight.take() {
-            Some((sent, pending)) if sent == token => {
-                self.absorb(engine, config, &pending, answer, None);
-            }
-            other => self.in_flight = other, // not this tick's (a replaced instance's): ignored
-        }
+        // Not one of this tick's (a replaced instance's): ignored.
+        let Some(i) = self.in_flight.iter().position(|(sent, _)| *sent == token) else { return };
+        let (_, pending) = self.in_flight.remove(i);
+        let waited_ms = self.now_ms(engine).saturating_sub(pending.sent_ms);
+        self.congested |= answer.status != Some(200) || waited_ms > u64::from(config.ledger.timeout_ms) / 2;
+        self.absorb(engine, config, &pending, answer, None);
     }
 
     /// Acts on a verdict for call `context` of `subject`.
@@ -444,7 +462,7 @@ impl Worker {
             .waiting
             .waiter(running)
             .map_or_else(Vec::new, |w| w.estimates().iter().map(|e| e.times(queue).unwrap_or(*e)).collect());
-        let turn_ms = sync::turn_ms(config, self.tracker.len(), self.budget);
+        let turn_ms = sync::turn(config, self.tracker.len(), self.budget).ms;
         let pending = sync::balance_read(engine.shared(), config, &self.node, subject, &needed, now_ms, turn_ms);
         let timeout_ms = self
             .waiting
@@ -622,4 +640,132 @@ fn ledger_headers(config: &FilterConfig) -> Vec<(String, String)> {
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
     .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use credits::sync::{SubjectAnswer, SubjectOutcome, SyncRequest, SyncResponse};
+
+    use super::*;
+    use crate::customer::{entry_key, CustomerEntry};
+    use crate::engine::fake::{Dispatched, FakeEngine};
+    use crate::engine::Phase;
+    use crate::shared;
+    use crate::shared::fake::{FakeShared, Rules as SharedRules};
+    use std::rc::Rc;
+
+    /// A ledger's answer to the sync in `body`: every subject known with `live` credit.
+    fn answer_to(body: &[u8], live: &str, revision: i64) -> LedgerAnswer {
+        let request: SyncRequest = serde_json::from_slice(body).unwrap();
+        let subjects = request.subjects.iter().map(|s| SubjectAnswer {
+            subject: s.subject.clone(),
+            outcome: SubjectOutcome::Ok {
+                customer_id: format!("c-{}", s.subject),
+                usage: None,
+                live: Amount::parse(live).unwrap(),
+                revision,
+                lease: None,
+            },
+        });
+        let response = SyncResponse { server_time: chrono::DateTime::UNIX_EPOCH, subjects: subjects.collect() };
+        LedgerAnswer { status: Some(200), body: Some(serde_json::to_vec(&response).unwrap()) }
+    }
+
+    fn subjects_of(body: &[u8]) -> Vec<String> {
+        serde_json::from_slice::<SyncRequest>(body).unwrap().subjects.into_iter().map(|s| s.subject).collect()
+    }
+
+    /// A worker with more customers than one sync a tick reaches within their leases' life (12,000
+    /// with the defaults) sends two syncs a tick, both from the tick — once the ledger answered
+    /// the last tick's in time: one more a tick from one, and back to one after an answer that
+    /// failed or came late. Each answer is applied to its own customers.
+    #[test]
+    fn a_tick_sends_as_many_syncs_as_the_turn_needs_and_the_ledger_keeps_up_with() {
+        for rules in [Rules::Envoy, Rules::Nginx] {
+            let config = FilterConfig::parse(
+                br#"{"ledger": {"upstream": "l", "token": "t"}, "price": "0.10", "currency": "USD"}"#,
+            )
+            .unwrap();
+            // Without the fake Kong store's forced hash collisions: 12,001 keys of one length and
+            // first letter would all collide in it.
+            let mut engine = FakeEngine::with_store(rules, Rc::new(FakeShared::new(SharedRules::Envoy)));
+            engine.enter(0, Phase::Configure);
+            let mut worker = Worker::start(&engine, 1);
+            worker.reconfigure(&config);
+            let now = engine.now_ms;
+            for i in 0..12_001 {
+                let subject = format!("s{i:05}");
+                let read = sync::balance_read(engine.shared(), &config, "n", &subject, &[config.price], now, 1_000);
+                let response = serde_json::from_slice(&answer_to(read.body(), "1", 1).body.unwrap()).unwrap();
+                sync::apply(engine.shared(), &config, &read, &response, now);
+                worker.tracker.touch(&subject, now);
+            }
+            let live = |engine: &FakeEngine, subject: &str| {
+                let key = entry_key(&config, &config.pricing.scopes[0], subject);
+                shared::read::<CustomerEntry>(engine.shared(), &key).unwrap().live
+            };
+            let tick_after = |ms: u64, engine: &mut FakeEngine, worker: &mut Worker| {
+                engine.now_ms += ms;
+                engine.enter(0, Phase::Tick);
+                worker.on_tick(engine, &config);
+                std::mem::take(&mut engine.dispatched)
+            };
+            let answer = |engine: &mut FakeEngine, worker: &mut Worker, sent: &Dispatched, answer: LedgerAnswer| {
+                engine.enter(0, Phase::CallResponse);
+                worker.on_sync_answer(engine, &config, sent.token, &answer);
+            };
+            let first = tick_after(1_000, &mut engine, &mut worker);
+            assert_eq!(first.len(), 1, "{rules:?}: one sync to begin with");
+            answer(&mut engine, &mut worker, &first[0], answer_to(&first[0].body, "5", 2));
+            assert_eq!(live(&engine, &subjects_of(&first[0].body)[0]), Amount::parse("5").unwrap());
+            let second = tick_after(1_000, &mut engine, &mut worker);
+            assert_eq!(second.len(), 2, "{rules:?}: the ledger kept up: two, all the turn needs");
+            let (a, b) = (subjects_of(&second[0].body), subjects_of(&second[1].body));
+            assert_eq!((a.len(), b.len()), (1_000, 1_000));
+            assert!(a.iter().all(|s| !b.contains(s)), "no customer in both");
+            // The second is answered first; the tick after sends nothing while the first is out.
+            answer(&mut engine, &mut worker, &second[1], answer_to(&second[1].body, "6", 3));
+            assert!(tick_after(100, &mut engine, &mut worker).is_empty(), "{rules:?}: a sync of the last tick is out");
+            // An answer to a dispatch that is not one of the tick's changes nothing.
+            let mut stray = second[0].clone();
+            stray.token += 100;
+            answer(&mut engine, &mut worker, &stray, answer_to(&second[0].body, "9", 9));
+            answer(&mut engine, &mut worker, &second[0], answer_to(&second[0].body, "7", 3));
+            assert_eq!(
+                (live(&engine, &a[999]), live(&engine, &b[0])),
+                (Amount::parse("7").unwrap(), Amount::parse("6").unwrap())
+            );
+            // One answer comes late (more than half the 1-s timeout): the next tick sends one.
+            let third = tick_after(1_000, &mut engine, &mut worker);
+            assert_eq!(third.len(), 2);
+            answer(&mut engine, &mut worker, &third[0], answer_to(&third[0].body, "1", 4));
+            engine.now_ms += 501;
+            answer(&mut engine, &mut worker, &third[1], answer_to(&third[1].body, "1", 4));
+            assert_eq!(
+                tick_after(1_000, &mut engine, &mut worker).len(),
+                1,
+                "{rules:?}: back to one after a late answer"
+            );
+            assert_eq!(engine.metric(Metric::SyncBatches), 6);
+            assert!(engine.violations.is_empty(), "{:?}", engine.violations);
+        }
+    }
+
+    /// ngx_wasm_module's worker died when the root context dispatched from its answer to a
+    /// dispatch (`Rules::root_dispatches_from_answers`): the fake engine holds that against any code that does.
+    #[test]
+    fn under_ngx_wasm_module_the_root_context_never_dispatches_from_an_answer() {
+        for (rules, allowed) in [(Rules::Envoy, true), (Rules::Nginx, false)] {
+            let mut engine = FakeEngine::new(rules);
+            engine.enter(0, Phase::CallResponse);
+            let call = LedgerCall { upstream: "l", headers: &[], body: b"{}", timeout_ms: 1_000 };
+            engine.dispatch(&call).unwrap();
+            assert_eq!(engine.violations.is_empty(), allowed, "{rules:?}: {:?}", engine.violations);
+            // A call's context may (a chained read).
+            let mut engine = FakeEngine::new(rules);
+            engine.enter(3, Phase::CallResponse);
+            engine.dispatch(&call).unwrap();
+            assert!(engine.violations.is_empty(), "{rules:?}: {:?}", engine.violations);
+        }
+    }
 }

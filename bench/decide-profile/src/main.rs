@@ -137,14 +137,14 @@ fn run_calls(
     (allowed, header_bytes)
 }
 
-/// The measured half of a tick that sends (`bench/profile.sh` collects inside it): the sync built,
-/// and the customers it found unregistered registered, as `Worker::send_sync` does.
+/// The measured half of a tick that sends (`bench/profile.sh` collects inside it): the syncs
+/// built, and the customers it found unregistered registered, as `Worker::send_sync` does.
 #[inline(never)]
-fn tick_prepare(store: &Store, tracker: &mut Tracker, config: &FilterConfig, now_ms: u64) -> Option<PendingSync> {
+fn tick_prepare(store: &Store, tracker: &mut Tracker, config: &FilterConfig, now_ms: u64) -> Vec<PendingSync> {
     let prepared = sync::prepare(store, tracker, config, ("node", 1), Budget::default(), now_ms);
     let unregistered: Vec<&str> = prepared.unregistered.iter().map(String::as_str).collect();
     registry::add(store, config, &unregistered);
-    prepared.sync
+    prepared.syncs
 }
 
 /// The measured half of a tick's answer: read, applied, the customers still owing registered, as
@@ -203,13 +203,15 @@ fn run_ticks(store: &Store, config: &FilterConfig, names: &[String], calls: u64,
             }
         }
         let started = Instant::now();
-        let Some(pending) = tick_prepare(store, &mut tracker, config, now) else { continue };
+        let syncs = tick_prepare(store, &mut tracker, config, now);
         measured += started.elapsed();
-        synced += pending.request.subjects.len();
-        let body = ledger_answer(&pending, now + 5);
-        let started = Instant::now();
-        confirmed += tick_apply(store, config, &pending, &body, now + 5);
-        measured += started.elapsed();
+        for pending in syncs {
+            synced += pending.request.subjects.len();
+            let body = ledger_answer(&pending, now + 5);
+            let started = Instant::now();
+            confirmed += tick_apply(store, config, &pending, &body, now + 5);
+            measured += started.elapsed();
+        }
     }
     println!(
         "{{\"calls_between_ticks\": {calls}, \"subjects\": {}, \"ticks\": {ticks}, \"subjects_synced\": {synced}, \
