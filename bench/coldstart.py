@@ -1,9 +1,9 @@
-"""Cold start: how fast a gateway that meets 10,000 customers at once gets to its warm speed
-(or, with `--one-customer`, one customer's burst at a cold node).
+"""Cold start: how fast a gateway that meets 10,000 customers at once (or `--subjects` of them) gets
+to its warm speed (or, with `--one-customer`, one customer's burst at a cold node).
 
 For each filter build (`--filter`, repeatable; default the release build of this tree) and each
 ledger build given (`--ledger`, repeatable; default the release build of this tree), a
-fresh ledger on SQLite with 10,000 funded customers and a fresh Envoy running prepaid_credits
+fresh ledger on SQLite with 10,000 (`--subjects`) funded customers and a fresh Envoy running prepaid_credits
 with its default configuration (case c of bench/gateway.py), then wrk picking a subject at random
 per request (bench/subjects.lua) in back-to-back windows of `--window` seconds: each window's
 req/s, p99, cache misses (calls that waited for a ledger read) and ledger round trips. A no-op
@@ -12,7 +12,7 @@ filter's Envoy (case e) is measured once per ledger, after the windows, for c/e.
 Every Envoy runs with --concurrency 1 on CPU 0; wrk and the ledger share CPU 1 (as in
 bench/gateway.py, whose helpers this script uses).
   python3 bench/coldstart.py [--filter WASM]... [--ledger PATH]... [--windows 10] [--window 2] [--connections 16]
-                             [--one-customer]
+                             [--subjects 10000] [--one-customer]
 It builds this tree's filters and ledger first (`gateway.build`).
 """
 
@@ -32,7 +32,7 @@ def one_run(ledger_bin, filter_wasm, a, envoy_bin):
     wasm = os.path.join(g.ROOT, "target/wasm32-wasip1/release")
     work = tempfile.mkdtemp(prefix="coldstart-bench-")
     try:
-        customers = (("payer", 1),) if a.one_customer else (("s", g.SUBJECTS),)
+        customers = (("payer", 1),) if a.one_customer else (("s", a.subjects),)
         ledger, port = g.start_ledger(work, ledger_bin, customers)
         config = g.filter_config()
         script = None if a.one_customer else os.path.join(g.ROOT, "bench/subjects.lua")
@@ -63,9 +63,11 @@ def main():
     ap.add_argument("--windows", type=int, default=10)
     ap.add_argument("--window", type=int, default=2)
     ap.add_argument("--connections", type=int, default=16)
+    ap.add_argument("--subjects", type=int, default=g.SUBJECTS, help="customers wrk names in turn")
     ap.add_argument("--one-customer", action="store_true", help="every request as payer0 (gateway case b)")
     ap.add_argument("--out", default=os.path.join(g.ROOT, "bench/results/coldstart.json"))
     a = ap.parse_args()
+    os.environ["BENCH_SUBJECTS"] = str(a.subjects)  # read by bench/subjects.lua in wrk
     signal.signal(signal.SIGTERM, g.on_signal)
     signal.signal(signal.SIGINT, g.on_signal)
     g.build()
@@ -76,7 +78,7 @@ def main():
     for r in results:
         r["c_over_e_by_window"] = [round(w["rps"] / r["e_rps"], 3) for w in r["windows"]]
     doc = {"benchmark": "coldstart", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "window_seconds": a.window, "connections": a.connections, "subjects": 1 if a.one_customer else g.SUBJECTS,
+           "window_seconds": a.window, "connections": a.connections, "subjects": 1 if a.one_customer else a.subjects,
            "results": results}
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
