@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use libfuzzer_sys::fuzz_target;
 use prepaid_credits::config::FilterConfig;
 use prepaid_credits::shared::{CasMismatch, SharedData};
-use prepaid_credits::sync::{apply, balance_read, parse_answer, turn_ms, Budget, PendingSync};
+use prepaid_credits::sync::{apply, balance_read, parse_answer, turn, Budget, PendingSync};
 
 /// Shared data in memory: a blind set overwrites (Envoy's rule), a CAS must match, and a key is
 /// created without one.
@@ -77,15 +77,15 @@ fuzz_target!(|data: &[u8]| {
     let body = data.get(1..);
     for config in [&lease, &cached] {
         let store = Memory::default();
-        let turn = turn_ms(config, 1, Budget::default());
+        let turn_ms = turn(config, 1, Budget::default()).ms;
         // A cold read first, so that there is node state for the answer to change.
-        let _ = balance_read(&store, config, "node-1", "alice", &[config.price], 900, turn);
+        let _ = balance_read(&store, config, "node-1", "alice", &[config.price], 900, turn_ms);
         if let Ok(response) = parse_answer(&pending, status, body) {
             assert_eq!(response.subjects.len(), pending.request.subjects.len(), "an accepted answer matches");
             apply(&store, config, &pending, &response, 1_100);
             // A duplicated answer changes nothing it must not; a later read still works.
             apply(&store, config, &pending, &response, 1_200);
-            let _ = balance_read(&store, config, "node-1", "alice", &[config.price], 1_300, turn);
+            let _ = balance_read(&store, config, "node-1", "alice", &[config.price], 1_300, turn_ms);
         }
     }
 });
