@@ -82,6 +82,29 @@ pub fn idle_after_ms(lease: &Lease, config: &FilterConfig) -> u64 {
     }
 }
 
+/// A plain renewal (nothing to add, nothing to give back) that can wait for the next turn: the
+/// lease was renewed less than half a turn ago, and without this renewal it still lasts until
+/// the answer to the turn after next (so one failed sync lets it lapse no more than before).
+/// Every worker of a node goes round every customer the node holds, so without this a node of W
+/// workers renewed each lease W times a turn; now about once or twice (a renewal less than half a
+/// turn old is skipped). A lease whose credit expires before its TTL has an earlier
+/// `spend_until_ms` and is renewed.
+pub fn renewal_can_wait(
+    e: &CustomerEntry,
+    asked: &LeaseRequest,
+    config: &FilterConfig,
+    now_ms: u64,
+    turn_ms: u64,
+) -> bool {
+    let usable = config.lease.ttl_ms.saturating_sub(reserve_ms(config));
+    let plain = asked.want.is_zero() && !asked.release && e.lease.open;
+    // `spend_until_ms` is the last answered request's departure plus `usable` (or less).
+    let renewed_lately = now_ms.saturating_add(usable).saturating_sub(turn_ms / 2);
+    let outlasts_a_failed_turn =
+        now_ms.saturating_add(turn_ms.saturating_mul(2)).saturating_add(u64::from(config.ledger.timeout_ms));
+    plain && e.lease.spend_until_ms >= renewed_lately.max(outlasts_a_failed_turn)
+}
+
 /// What to ask about the lease now: a top-up below the low-water mark (or enough for a waiting
 /// call that needs `for_call`), a release once idle with nothing left to report or settle,
 /// otherwise a renewal of an open lease. The customer's next sync is `turn_ms` away.
