@@ -261,7 +261,16 @@ pub fn complete_in_scope(
             e.release_hold(h.amount);
             e.lease.remaining += h.from_lease;
         }
-        let mut effects = Effects::default();
+        // What the call held of a lease of an entry the host evicted while it ran stays in that
+        // lease until its TTL gives it back (or its grant expires in it): booked through the entry
+        // there is now, it would be paid a second time, out of the customer's other credit. Like
+        // the evicted entry's unreported calls, it is lost to the provider and counted. (An entry
+        // is deleted as idle only once its calls' holds timed out, `pricing.hold_timeout_ms`: a
+        // call that outlives that is lost the same way.)
+        let lost =
+            held.filter(|h| !h.unrecorded && h.origin != e.origin).map_or(Amount::ZERO, |h| h.from_lease.min(actual));
+        let actual = actual - lost.max(Amount::ZERO);
+        let mut effects = Effects { usage_dropped: lost.is_positive(), ..Effects::default() };
         if actual.is_zero() {
             // Nothing to book.
         } else if unrecorded || e.backlog_full(config.sync.max_unsent_calls, actual) {
@@ -698,6 +707,33 @@ mod tests {
         // Past its freshness, a call beyond the lease asks the ledger rather than guess.
         let stale = 3 + u64::from(c.sync.max_stale_ms) + 1;
         assert_eq!(call(&store, &c, "alice", amt("0.10"), stale, LedgerAccess::Reachable).0, Verdict::AskLedger);
+    }
+
+    /// A call that ran on credit held in the lease of an entry the host evicted meanwhile is not
+    /// booked through the entry made since: that lease keeps its credit until its TTL (and the
+    /// grant behind it may expire there), so the customer would pay for the call twice. It is
+    /// counted as dropped. Under `cached` the ledger held nothing for it: it is booked.
+    #[test]
+    fn a_call_running_on_an_evicted_entrys_lease_is_not_charged_again() {
+        for (strategy, booked) in [("lease", 0), ("cached", 1)] {
+            let c = config(&format!(r#", "sync": {{"strategy": "{strategy}"}}"#));
+            let key = entry_key(&c, &c.pricing.scopes[0], "alice");
+            let store = FakeShared::new(Rules::Envoy);
+            leased(&store, &c, "alice", "0.30", 1);
+            shared::update::<CustomerEntry, ()>(&store, &key, |e| {
+                let mut e = e.unwrap();
+                e.refresh(amt("1.00"), 2, 1);
+                (Some(e), ())
+            })
+            .unwrap();
+            let (v, _) = admit(&store, &c, "alice", &[amt("0.10")], Charging::AtCompletion, 2, LedgerAccess::Reachable);
+            let Verdict::Allow { held, .. } = v else { panic!("{strategy}: {v:?}") };
+            assert_eq!(held[0].from_lease.is_positive(), strategy == "lease");
+            store.remove(&key);
+            let done = complete(&store, &c, "alice", &held, &[amt("0.10")], 3);
+            let e = shared::read::<CustomerEntry>(&store, &key).unwrap();
+            assert_eq!((e.unsent_calls(), done.effects.usage_dropped), (booked, booked == 0), "{strategy}");
+        }
     }
 
     /// Charged at admission (`Charging::AtAdmission`), a call leaves its customer's entry as a

@@ -11,7 +11,7 @@ use crate::call::{Call, Flow, Request};
 use crate::config::{ConfigError, FilterConfig};
 use crate::customer::{entry_key, CustomerEntry};
 use crate::engine::fake::{Dispatched, FakeEngine};
-use crate::engine::{ContextId, LedgerAnswer, Phase, Rules, Token};
+use crate::engine::{ContextId, LedgerAnswer, Metric, Phase, Rules, Token};
 use crate::shared::{self, fake::FakeShared};
 use crate::worker::Worker;
 
@@ -90,6 +90,8 @@ pub struct SimWorker {
     /// How the upstream answers call `n` of this instance (see [`Upstream`]).
     answers: Rc<Upstream>,
     next_context: ContextId,
+    /// See [`SimWorker::dropped`].
+    dropped: u64,
 }
 
 impl SimWorker {
@@ -107,7 +109,16 @@ impl SimWorker {
         let mut worker = Worker::start(&engine, id);
         worker.reconfigure(config);
         let config = Rc::new(Ok(config.clone()));
-        SimWorker { worker, engine, config, calls: BTreeMap::new(), upstream: Vec::new(), answers, next_context: 1 }
+        SimWorker {
+            worker,
+            engine,
+            config,
+            calls: BTreeMap::new(),
+            upstream: Vec::new(),
+            answers,
+            next_context: 1,
+            dropped: 0,
+        }
     }
 
     fn config(&self) -> &FilterConfig {
@@ -153,15 +164,16 @@ impl SimWorker {
         self.upstream.len() as u64
     }
 
-    /// The tick of the worker's root context.
-    pub fn tick(&mut self, now_ms: u64) -> Vec<Sent> {
+    /// The tick of the worker's root context: what it decided of the calls whose reads it gave
+    /// up on (`Worker::expire_reads`), and what it sent.
+    pub fn tick(&mut self, now_ms: u64) -> (Decided, Vec<Sent>) {
         self.engine.now_ms = now_ms;
         self.engine.enter(ROOT, Phase::Tick);
         let config = Rc::clone(&self.config);
         if let Ok(config) = &*config {
             self.worker.on_tick(&mut self.engine, config);
         }
-        self.sent()
+        self.outcomes()
     }
 
     /// The answer to `sent` (`None`: the engine reports a failure, e.g. its timeout).
@@ -223,10 +235,22 @@ impl SimWorker {
     fn complete(&mut self, mut call: Call, status: u16) {
         let config = Rc::clone(&self.config);
         let config = valid(&config);
+        // A completion counts `records_dropped` for its call alone (a sync's answer counts the
+        // calls of ranges the ledger refused, numbered already): the difference is this call's.
+        self.worker.flush_counters(&mut self.engine);
+        let before = self.engine.metric(Metric::RecordsDropped);
         self.engine.enter(call.id, Phase::ResponseHeaders);
         call.on_response_headers(&mut self.worker, &mut self.engine, config, &Response(status), true);
         self.engine.enter(call.id, Phase::Log);
         call.on_log(&mut self.worker, &mut self.engine, config);
+        self.worker.flush_counters(&mut self.engine);
+        self.dropped += self.engine.metric(Metric::RecordsDropped) - before;
+    }
+
+    /// Calls of this worker instance whose usage went unrecorded: they ran on credit held in a
+    /// lease of an entry the host evicted meanwhile (`decision::complete_in_scope`).
+    pub fn dropped(&self) -> u64 {
+        self.dropped
     }
 
     /// What the worker dispatched since last asked.

@@ -219,6 +219,8 @@ struct Node {
     recorded_before: u64,
     /// Calls the evicted entries had not had booked yet: at most this many are never booked.
     lost_bound: u64,
+    /// Calls left unrecorded by worker instances since replaced ([`SimWorker::dropped`]).
+    dropped_before: u64,
     /// When (simulated ms) each call was let through.
     admitted_at: Vec<u64>,
 }
@@ -232,6 +234,11 @@ impl Node {
         self.lost_bound += unreported;
         self.refunds_at_risk += self.failed + self.workers.iter().map(SimWorker::upstream_calls).sum::<u64>();
         unreported
+    }
+
+    /// Calls whose usage went unrecorded because their lease's entry was evicted while they ran.
+    fn dropped(&self) -> u64 {
+        self.dropped_before + self.workers.iter().map(SimWorker::dropped).sum::<u64>()
     }
 
     /// Calls this node numbered, in every incarnation of the customer's entry.
@@ -342,6 +349,7 @@ impl<L: Ledger> Sim<L> {
                     refunds_at_risk: 0,
                     recorded_before: 0,
                     lost_bound: 0,
+                    dropped_before: 0,
                     admitted_at: Vec::new(),
                 }
             })
@@ -429,8 +437,8 @@ impl<L: Ledger> Sim<L> {
 
     fn tick(&mut self, node: usize, worker: usize) {
         let t = self.node_time(node);
-        let sent = self.nodes[node].workers[worker].tick(t);
-        self.took(node, worker, (Decided::default(), sent));
+        let took = self.nodes[node].workers[worker].tick(t);
+        self.took(node, worker, took);
     }
 
     /// The answer (or the failure) reaches the worker that asked, if it is still the same instance.
@@ -581,6 +589,7 @@ impl<L: Ledger> Sim<L> {
                 let n = &mut self.nodes[node];
                 let id = n.workers[worker].worker.id + 100;
                 n.abandoned += n.workers[worker].upstream_calls();
+                n.dropped_before += n.workers[worker].dropped();
                 let answers = Rc::clone(&self.answers);
                 n.workers[worker] = SimWorker::new(self.rules, Rc::clone(&n.store), &self.config, id, t, answers);
                 self.stats.worker_resets += 1;
@@ -615,6 +624,8 @@ impl<L: Ledger> Sim<L> {
         });
         if let Some(e) = CustomerEntry::decode(&bytes) {
             n.lose(&e);
+            // Nor are the calls still running on credit its lease held (`decision::complete_in_scope`).
+            n.lost_bound += e.holds.count;
             trace(|| format!("t={} node{node} evicts {e:?}", self.now));
         }
         self.book = None;
@@ -650,6 +661,7 @@ impl<L: Ledger> Sim<L> {
         for w in 0..WORKERS {
             let id = n.workers[w].worker.id + 1000;
             n.abandoned += n.workers[w].upstream_calls();
+            n.dropped_before += n.workers[w].dropped();
             let answers = Rc::clone(&self.answers);
             n.workers[w] = SimWorker::new(self.rules, Rc::clone(&n.store), &self.config, id, t, answers);
         }
@@ -694,7 +706,7 @@ impl<L: Ledger> Sim<L> {
             // numbered when it completes, unless it failed (then it cost nothing).
             let numbered = if self.priced_by_response {
                 let waiting: u64 = node.workers.iter().map(SimWorker::upstream_calls).sum();
-                let unnumbered = node.failed + node.abandoned + waiting;
+                let unnumbered = node.failed + node.abandoned + waiting + node.dropped();
                 recorded + unnumbered == node.let_through
             } else {
                 recorded >= node.let_through && recorded <= node.let_through + node.failed
@@ -749,7 +761,8 @@ impl<L: Ledger> Sim<L> {
     ///   without faults nothing is in flight then), at most what expired;
     /// - a void: what leases held of the voided grant (nodes spend it until their next sync);
     /// - an eviction: the calls the evicted entry had not had booked (its unsent calls and the
-    ///   range in flight), which the node never reports, so the ledger's credit never pays them.
+    ///   range in flight), which the node never reports, so the ledger's credit never pays them,
+    ///   and those still running on credit its lease held, which are never booked.
     ///
     /// A call let through from a lease after its credit expired is never allowed for.
     fn allowance(&self) -> Amount {
