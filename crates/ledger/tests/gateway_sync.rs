@@ -609,6 +609,7 @@ async fn syncs_that_arrive_together_are_served_together(backend: Backend) {
     };
     let (syncs_before, groups_before) =
         (ledger.counter("gateway_syncs").await, ledger.counter("gateway_sync_groups").await);
+    let subjects_before = ledger.counter("gateway_sync_subjects").await;
 
     let nodes = ["n0", "n1", "n2", "n3", "n4", "n5", "n6", "n0"];
     let sent = send_behind_a_held_customer(&ledger, &a, nodes.iter().map(|n| sync_of(n)).collect(), &[]).await;
@@ -656,6 +657,7 @@ async fn syncs_that_arrive_together_are_served_together(backend: Backend) {
         assert_eq!(history[1]["labels"]["node"], "n0", "{}", history[1]);
     }
     assert_eq!(ledger.counter("gateway_syncs").await - syncs_before, 8);
+    assert_eq!(ledger.counter("gateway_sync_subjects").await - subjects_before, 16, "two subjects a sync");
     assert_eq!(
         ledger.counter("gateway_sync_groups").await - groups_before,
         2,

@@ -229,6 +229,8 @@ async fn serve_group(state: &AppState, reqs: &[&SyncRequest]) -> ApiResult<Vec<S
         server_time = state.db.now(&mut conn).await?;
     }
     state.metrics.add("gateway_syncs", reqs.len() as u64);
+    // Subjects, renewals included: what the gateways' syncs cost the ledger, whatever they carried.
+    state.metrics.add("gateway_sync_subjects", reqs.iter().map(|r| r.subjects.len() as u64).sum());
     let responses = reqs
         .iter()
         .zip(outcomes)
