@@ -625,14 +625,36 @@ mod tests {
         assert_eq!(turn(&config(), 60_000, Budget::default()), Turn { syncs: 3, ms: 20_000 });
     }
 
+    /// One credit-model ledger per customer, each granted `calls` calls at 0.10, serving a sync
+    /// subject by subject.
+    struct Ledgers(std::collections::BTreeMap<String, crate::simulation::model_ledger::ModelLedger>);
+
+    impl Ledgers {
+        fn new(everyone: &[String], calls: u64) -> Ledgers {
+            use crate::simulation::backend::{at, GrantPlan};
+            use crate::simulation::model_ledger::ModelLedger;
+            let plan = [GrantPlan { calls, priority: 1, effective_ms: 0, expires_after_ms: None }];
+            Ledgers(everyone.iter().map(|s| (s.clone(), ModelLedger::new(s, amt("0.10"), &plan, at(0)))).collect())
+        }
+
+        fn serve(&mut self, sync: &PendingSync, now_ms: u64) -> SyncResponse {
+            use crate::simulation::backend::{at, Ledger};
+            let subjects = sync.request.subjects.iter().map(|s| {
+                let one = SyncRequest { node: sync.request.node.clone(), subjects: vec![s.clone()] };
+                let ledger = self.0.get_mut(&s.subject).unwrap();
+                ledger.job(at(now_ms));
+                ledger.serve(&one, at(now_ms)).unwrap().subjects.remove(0)
+            });
+            SyncResponse { server_time: at(now_ms), subjects: subjects.collect() }
+        }
+    }
+
     /// Many customers who call now and then, each with a lease: every call is decided from the
     /// lease, none waits for a read because its lease lapsed between the customer's turns. (With
     /// one sync a tick, this worker reached each customer every 3 s, and its leases could be spent
     /// for 2.5 s after each renewal.)
     #[test]
     fn customers_a_worker_goes_round_keep_their_leases_between_turns() {
-        use crate::simulation::backend::{at, GrantPlan, Ledger};
-        use crate::simulation::model_ledger::ModelLedger;
         let c = FilterConfig::parse(
             br#"{"ledger": {"upstream": "l", "token": "t", "timeout_ms": 100}, "price": "0.10", "currency": "USD",
                 "sync": {"interval_ms": 100}, "lease": {"ttl_ms": 3000}}"#,
@@ -643,18 +665,8 @@ mod tests {
         let everyone: Vec<String> = (0..300).map(|i| format!("s{i:03}")).collect();
         assert_eq!(turn(&c, everyone.len(), budget), Turn { syncs: 3, ms: 1_000 });
         let store = FakeShared::new(Rules::Envoy);
-        let plan = [GrantPlan { calls: 1_000, priority: 1, effective_ms: 0, expires_after_ms: None }];
-        let mut ledgers: std::collections::BTreeMap<&str, ModelLedger> =
-            everyone.iter().map(|s| (s.as_str(), ModelLedger::new(s, amt("0.10"), &plan, at(0)))).collect();
-        let mut serve = |sync: &PendingSync, now_ms: u64| {
-            let subjects = sync.request.subjects.iter().map(|s| {
-                let one = SyncRequest { node: sync.request.node.clone(), subjects: vec![s.clone()] };
-                let ledger = ledgers.get_mut(s.subject.as_str()).unwrap();
-                ledger.job(at(now_ms));
-                ledger.serve(&one, at(now_ms)).unwrap().subjects.remove(0)
-            });
-            SyncResponse { server_time: at(now_ms), subjects: subjects.collect() }
-        };
+        let mut ledgers = Ledgers::new(&everyone, 1_000);
+        let mut serve = |sync: &PendingSync, now_ms: u64| ledgers.serve(sync, now_ms);
         let mut tracker = Tracker::default();
         let (mut reads, mut calls) = (0, 0);
         for now_ms in (0..20_000).step_by(50) {
@@ -700,24 +712,12 @@ mod tests {
     /// twice a turn, not by every worker (four times); none lapses, so no call waits for a read.
     #[test]
     fn the_workers_of_a_node_do_not_each_renew_every_lease() {
-        use crate::simulation::backend::{at, GrantPlan, Ledger};
-        use crate::simulation::model_ledger::ModelLedger;
         let c = leased();
         let everyone: Vec<String> = (0..50).map(|i| format!("s{i:02}")).collect();
         assert_eq!(turn(&c, everyone.len(), Budget::default()).ms, 1_000);
         let store = FakeShared::new(Rules::Envoy);
-        let plan = [GrantPlan { calls: 10_000, priority: 1, effective_ms: 0, expires_after_ms: None }];
-        let mut ledgers: std::collections::BTreeMap<&str, ModelLedger> =
-            everyone.iter().map(|s| (s.as_str(), ModelLedger::new(s, amt("0.10"), &plan, at(0)))).collect();
-        let mut serve = |sync: &PendingSync, now_ms: u64| {
-            let subjects = sync.request.subjects.iter().map(|s| {
-                let one = SyncRequest { node: sync.request.node.clone(), subjects: vec![s.clone()] };
-                let ledger = ledgers.get_mut(s.subject.as_str()).unwrap();
-                ledger.job(at(now_ms));
-                ledger.serve(&one, at(now_ms)).unwrap().subjects.remove(0)
-            });
-            SyncResponse { server_time: at(now_ms), subjects: subjects.collect() }
-        };
+        let mut ledgers = Ledgers::new(&everyone, 10_000);
+        let mut serve = |sync: &PendingSync, now_ms: u64| ledgers.serve(sync, now_ms);
         let phases = [0, 200, 450, 700];
         let mut trackers: Vec<Tracker> = phases.iter().map(|_| Tracker::default()).collect();
         let (mut renewals, mut reads, mut calls, mut syncs) = (0, 0, 0, 0);
