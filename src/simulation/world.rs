@@ -624,8 +624,11 @@ impl<L: Ledger> Sim<L> {
         });
         if let Some(e) = CustomerEntry::decode(&bytes) {
             n.lose(&e);
-            // Nor are the calls still running on credit its lease held (`decision::complete_in_scope`).
-            n.lost_bound += e.holds.count;
+            // Nor are the calls still running on credit its lease held (`decision::complete_in_scope`;
+            // under `cached` nothing is held at the ledger, and they are booked).
+            if self.config.sync.strategy == crate::config::Strategy::Lease {
+                n.lost_bound += e.holds.count;
+            }
             trace(|| format!("t={} node{node} evicts {e:?}", self.now));
         }
         self.book = None;
