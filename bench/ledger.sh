@@ -9,6 +9,8 @@
 # - the same with each node meeting the customers in an order of its own (10,000 customers only;
 #   `--node-customers shuffled`: nodes behind one load balancer; a range then books its own
 #   movement, postings and index entry),
+# - both of those with 32 nodes syncing back to back (10,000 customers only): the ledger under more
+#   load than it can serve, in groups as large as `--sync-group-ms` allows,
 # - the same with one subject per sync from 16 clients (10,000 customers only): cold reads, and
 # - on PostgreSQL, 1,000-subject syncs spread over two ledger instances on the one database.
 # Every run starts its own credits-ledger (crates/ledger/examples/ledger_bench.rs) and stops it;
@@ -31,15 +33,19 @@ echo "[" > "$out"
 first=true
 for backend in sqlite postgres; do
   for customers in 1 10000; do
-    for mode in charges sync shuffled reads sync2; do
+    for mode in charges sync shuffled sync32 shuffled32 reads sync2; do
       # reads: 16 nodes each sending one-subject syncs back to back (cold reads: a gateway
       # meeting many customers at once); the ledger serves those that wait together.
       # sync2: sync against two ledger instances on the one PostgreSQL database.
+      # sync32, shuffled32: a fleet of 32 workers syncing back to back, which the ledger serves
+      # in groups as large as --sync-group-ms allows (bench/RESULTS.md §0za).
       per_sync=1000 instances=1 warm=0 nodes=shared
       case $mode in
         charges) clients=16 ;;
         sync) clients=4 ;;
         shuffled) clients=4 nodes=shuffled ;;
+        sync32) clients=32 ;;
+        shuffled32) clients=32 nodes=shuffled ;;
         reads) clients=16 per_sync=1 ;;
         sync2) clients=4 instances=2 ;;
       esac
@@ -47,7 +53,7 @@ for backend in sqlite postgres; do
       # journal's per-customer index must outgrow a commit before a range costs what it will
       # cost in a ledger that has booked for a while (bench/RESULTS.md §0k).
       [ "$customers" = 10000 ] && [ "$per_sync" = 1000 ] && [ "$mode" != charges ] && warm=30
-      { [ "$mode" = reads ] || [ "$mode" = shuffled ]; } && [ "$customers" = 1 ] && continue
+      { [ "$mode" = reads ] || [ "$mode" = shuffled ] || [ "$mode" = sync32 ] || [ "$mode" = shuffled32 ]; } && [ "$customers" = 1 ] && continue
       [ "$mode" = sync2 ] && { [ "$backend" = sqlite ] || [ "$customers" = 1 ]; } && continue
       case $backend in
         sqlite) db="sqlite://$work/bench-$customers-$mode.db" ;;

@@ -8,6 +8,7 @@ compile_error!("credits-ledger must be built with panic = \"unwind\" so that a h
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -62,6 +63,13 @@ enum Command {
         #[arg(long, env = "CREDITS_LEDGER_WEBHOOK_TIMEOUT_MS", default_value_t = 10_000,
               value_parser = clap::value_parser!(u64).range(100..=300_000))]
         webhook_timeout_ms: u64,
+        /// How long one group of gateway syncs that waited together may take to serve: under load
+        /// the ledger serves as many as fit in it (more per second than in small groups, and each
+        /// answered sooner), while every other write waits on SQLite, and writes to the group's
+        /// customers on PostgreSQL.
+        #[arg(long, env = "CREDITS_LEDGER_SYNC_GROUP_MS", default_value_t = ledger::api::gateway::DEFAULT_GROUP_MS,
+              value_parser = clap::value_parser!(u64).range(10..=60_000))]
+        sync_group_ms: u64,
     },
     /// Verify the whole journal; exits non-zero with a report on any violation.
     Check {
@@ -99,6 +107,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             webhook_max_retry_ms,
             webhook_max_attempts,
             webhook_timeout_ms,
+            sync_group_ms,
         } => {
             if max_body_bytes < credits::limits::MIN_MAX_BODY_BYTES {
                 anyhow::bail!("--max-body-bytes must be at least {}", credits::limits::MIN_MAX_BODY_BYTES);
@@ -120,6 +129,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let mut state = ledger::state(&database, auth).await?;
             state.max_body_bytes = max_body_bytes;
+            state.syncs = Arc::new(ledger::api::gateway::SyncQueue::new(Duration::from_millis(sync_group_ms)));
             let listener = tokio::net::TcpListener::bind(listen).await?;
             tracing::info!(listen = %listener.local_addr()?, database = %ledger::db::redact(&database), "credits-ledger serving");
             let webhooks = ledger::notify::delivery::WebhookConfig {

@@ -412,6 +412,8 @@ fn the_process_refuses_to_start_with_unusable_settings() {
         (vec!["--token", "adm-1", "--webhook-max-attempts", "101"], None, "--webhook-max-attempts"),
         (vec!["--token", "adm-1", "--webhook-timeout-ms", "99"], None, "--webhook-timeout-ms"),
         (vec!["--token", "adm-1"], Some(("CREDITS_LEDGER_WEBHOOK_TIMEOUT_MS", "300001")), "--webhook-timeout-ms"),
+        (vec!["--token", "adm-1", "--sync-group-ms", "9"], None, "--sync-group-ms"),
+        (vec!["--token", "adm-1"], Some(("CREDITS_LEDGER_SYNC_GROUP_MS", "60001")), "--sync-group-ms"),
     ] {
         let mut command = ledger_command(&["serve", "--listen", &listen, "--database", &database]);
         command.args(&args);

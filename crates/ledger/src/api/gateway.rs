@@ -15,6 +15,7 @@ use super::request::Json;
 use super::AppState;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use tokio::sync::oneshot;
@@ -73,25 +74,55 @@ struct Job {
     answer: oneshot::Sender<ApiResult<SyncResponse>>,
 }
 
-/// The most subjects one group carries (it always takes at least one whole sync).
-const GROUP_SUBJECTS: usize = 4 * MAX_SUBJECTS_PER_SYNC;
+/// A group carries whole syncs, at least one, up to as many subjects as the last group's pace
+/// serves within the queue's budget ([`SyncQueue::new`]), never fewer than this when they wait…
+const MIN_GROUP_SUBJECTS: usize = 4 * MAX_SUBJECTS_PER_SYNC;
+/// …and never more than this (what one transaction and its answers hold in memory).
+const MAX_GROUP_SUBJECTS: usize = 64 * MAX_SUBJECTS_PER_SYNC;
+
+/// How long a group may take by default (`--sync-group-ms`): a gateway's default
+/// `ledger.timeout_ms`. Groups that large come only when more waits than they carry, and then
+/// larger groups answer every waiting sync sooner, not later (bench/RESULTS.md §0za: 500 ms
+/// booked a fifth fewer ranges a second than 1,000 ms, with a p99 half a second longer).
+pub const DEFAULT_GROUP_MS: u64 = 1000;
 
 /// Syncs waiting for the one task that serves them, group after group.
-#[derive(Default)]
+///
+/// Why groups grow with the load: a group's commit writes every page its ranges dirtied, and
+/// with customers spread over the books most pages are dirtied by a few ranges whatever the
+/// group's size, while a customer's ranges in one group fold into one movement. With 32 nodes
+/// keeping the ledger busy, groups as large as a second allows booked 1.7–1.8× the ranges per
+/// second of groups of four, and answered sooner (bench/RESULTS.md §0za). What bounds them is the
+/// time one takes: on SQLite every other write waits for it, on PostgreSQL every write to its
+/// customers.
 pub struct SyncQueue {
     state: Mutex<QueueState>,
+    budget: Duration,
 }
 
-#[derive(Default)]
+impl Default for SyncQueue {
+    fn default() -> Self {
+        Self::new(Duration::from_millis(DEFAULT_GROUP_MS))
+    }
+}
+
 struct QueueState {
     jobs: VecDeque<Job>,
     /// A task is serving the queue.
     serving: bool,
     /// Syncs in the group being served.
     in_service: usize,
+    /// The most subjects the next group carries.
+    cap: usize,
 }
 
 impl SyncQueue {
+    /// A queue whose groups take about `budget` each when the load fills them.
+    pub fn new(budget: Duration) -> Self {
+        let state = QueueState { jobs: VecDeque::new(), serving: false, in_service: 0, cap: MIN_GROUP_SUBJECTS };
+        SyncQueue { state: Mutex::new(state), budget }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -113,15 +144,15 @@ impl SyncQueue {
         !std::mem::replace(&mut q.serving, true)
     }
 
-    /// The next group: whole syncs in arrival order, up to [`GROUP_SUBJECTS`] subjects. Empty
-    /// when nothing waits, and then the serving task is done.
+    /// The next group: whole syncs in arrival order, up to the cap's subjects. Empty when nothing
+    /// waits, and then the serving task is done.
     fn next_group(&self) -> Vec<Job> {
         let mut q = self.lock();
         let mut group = Vec::new();
         let mut subjects = 0usize;
         while let Some(job) = q.jobs.front() {
             subjects = subjects.saturating_add(job.req.subjects.len());
-            if !group.is_empty() && subjects > GROUP_SUBJECTS {
+            if !group.is_empty() && subjects > q.cap {
                 break;
             }
             group.extend(q.jobs.pop_front());
@@ -130,6 +161,22 @@ impl SyncQueue {
         q.in_service = group.len();
         group
     }
+
+    /// A group of `subjects` took `took`: the next may carry as many as fit in the budget at that
+    /// pace.
+    fn served(&self, subjects: usize, took: Duration) {
+        self.lock().cap = group_cap(self.budget, subjects, took);
+    }
+}
+
+/// The subjects that fit in `budget` at the pace of a group of `subjects` that took `took`, at
+/// most twice that group's (a pace measured on a smaller group is not trusted far beyond it),
+/// within [`MIN_GROUP_SUBJECTS`]..=[`MAX_GROUP_SUBJECTS`].
+fn group_cap(budget: Duration, subjects: usize, took: Duration) -> usize {
+    let per_subject = took.as_secs_f64() / subjects.max(1) as f64;
+    let fits = if per_subject > 0.0 { budget.as_secs_f64() / per_subject } else { f64::INFINITY };
+    // Float to integer saturates; the clamp bounds it either way.
+    (fits as usize).min(subjects.saturating_mul(2)).clamp(MIN_GROUP_SUBJECTS, MAX_GROUP_SUBJECTS)
 }
 
 /// Ends a serving task: if it panics, the syncs it has not taken are dropped (their callers answer
@@ -155,8 +202,11 @@ async fn serve_queue(state: AppState) {
             return;
         }
         let reqs: Vec<&SyncRequest> = group.iter().map(|job| &job.req).collect();
+        let started = Instant::now();
         // A caller that went away has nobody to answer; what it sent is booked all the same.
-        match serve_group(&state, &reqs).await {
+        let served = serve_group(&state, &reqs).await;
+        state.syncs.served(reqs.iter().map(|r| r.subjects.len()).sum(), started.elapsed());
+        match served {
             Ok(responses) => {
                 for (job, response) in group.into_iter().zip(responses) {
                     let _ = job.answer.send(Ok(response));
@@ -667,6 +717,66 @@ mod tests {
                 prop_assert_ne!(pair[0].last().map(|o| o.0), pair[1].first().map(|o| o.0), "a customer was split");
             }
         }
+    }
+
+    fn queued(subjects: usize) -> Job {
+        let req = SyncRequest {
+            node: "node".into(),
+            subjects: (0..subjects)
+                .map(|i| credits::sync::SubjectSync {
+                    subject: format!("s{i}"),
+                    currency: "USD".parse().unwrap(),
+                    feature_key: None,
+                    usage: None,
+                    lease: None,
+                })
+                .collect(),
+        };
+        Job { req, answer: oneshot::channel().0 }
+    }
+
+    #[test]
+    fn a_group_takes_whole_syncs_up_to_its_cap_and_at_least_one() {
+        let queue = SyncQueue::new(Duration::from_millis(500));
+        for _ in 0..40 {
+            queue.push(queued(MAX_SUBJECTS_PER_SYNC));
+        }
+        let sizes = |group: Vec<Job>| group.iter().map(|j| j.req.subjects.len()).collect::<Vec<_>>();
+        // Before any group has been timed: four full syncs.
+        assert_eq!(sizes(queue.next_group()), vec![MAX_SUBJECTS_PER_SYNC; 4]);
+        assert_eq!(queue.in_service(), 4);
+        // That group took 100 ms (25 µs a subject): 20,000 would fit in the budget, but the next
+        // group at most doubles.
+        queue.served(4 * MAX_SUBJECTS_PER_SYNC, Duration::from_millis(100));
+        assert_eq!(sizes(queue.next_group()), vec![MAX_SUBJECTS_PER_SYNC; 8]);
+        queue.served(8 * MAX_SUBJECTS_PER_SYNC, Duration::from_millis(200));
+        assert_eq!(sizes(queue.next_group()), vec![MAX_SUBJECTS_PER_SYNC; 16]);
+        queue.served(16 * MAX_SUBJECTS_PER_SYNC, Duration::from_millis(400));
+        assert_eq!(sizes(queue.next_group()), vec![MAX_SUBJECTS_PER_SYNC; 12], "20 fit; 12 were left");
+        // A slow group brings the cap back down, never below four syncs.
+        queue.served(12 * MAX_SUBJECTS_PER_SYNC, Duration::from_secs(3));
+        queue.push(queued(10));
+        queue.push(queued(MIN_GROUP_SUBJECTS - 10));
+        queue.push(queued(1));
+        assert_eq!(sizes(queue.next_group()), vec![10, MIN_GROUP_SUBJECTS - 10], "whole syncs, none split");
+        assert_eq!(sizes(queue.next_group()), vec![1]);
+        assert!(queue.next_group().is_empty());
+        assert_eq!(queue.in_service(), 0);
+        // One sync is always taken, whatever the cap.
+        queue.served(1, Duration::from_secs(60));
+        queue.push(queued(MAX_SUBJECTS_PER_SYNC));
+        assert_eq!(sizes(queue.next_group()), vec![MAX_SUBJECTS_PER_SYNC]);
+    }
+
+    #[test]
+    fn a_groups_cap_is_what_fits_in_the_budget_within_its_bounds() {
+        let budget = Duration::from_millis(500);
+        assert_eq!(group_cap(budget, 16_000, Duration::from_millis(400)), 20_000);
+        assert_eq!(group_cap(budget, 4_000, Duration::from_millis(100)), 8_000, "at most twice the group timed");
+        assert_eq!(group_cap(budget, 4_000, Duration::from_secs(2)), MIN_GROUP_SUBJECTS);
+        assert_eq!(group_cap(budget, 64_000, Duration::from_millis(10)), MAX_GROUP_SUBJECTS);
+        assert_eq!(group_cap(budget, 0, Duration::ZERO), MIN_GROUP_SUBJECTS);
+        assert_eq!(group_cap(budget, 50_000, Duration::ZERO), MAX_GROUP_SUBJECTS);
     }
 
     #[test]
