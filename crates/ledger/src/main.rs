@@ -12,6 +12,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+
+/// glibc's malloc and free were a quarter of the ledger's CPU serving gateway syncs
+/// (bench/RESULTS.md §0za).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use ledger::api::auth::{Auth, TokenError};
 
 #[derive(Parser)]
