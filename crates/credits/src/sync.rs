@@ -99,8 +99,7 @@ impl SubjectSync {
     /// origin (per node when the range names none), subject, currency and feature: one call can
     /// be priced in several features.
     pub fn usage_key(&self, node: &str) -> Option<String> {
-        let r = self.usage.as_ref()?;
-        Some(format!("{}/{}-{}", self.usage_stream(node)?, r.from, r.to))
+        Some(self.usage.as_ref()?.key_in(&self.usage_stream(node)?))
     }
 
     /// The stream the usage range's calls are numbered in (see [`crate::usage_mark`]): its key
@@ -113,6 +112,11 @@ impl SubjectSync {
 }
 
 impl UsageRange {
+    /// The range's key in its stream (see [`SubjectSync::usage_key`]).
+    pub fn key_in(&self, stream: &str) -> String {
+        format!("{stream}/{}-{}", self.from, self.to)
+    }
+
     pub fn calls(&self) -> u64 {
         self.to.saturating_sub(self.from)
     }

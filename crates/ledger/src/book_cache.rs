@@ -57,7 +57,7 @@ impl BookCache {
     }
 
     /// Keeps books a transaction committed, each at the revision it wrote.
-    pub fn keep<'a>(&self, committed: impl IntoIterator<Item = (&'a str, i64, &'a Book)>) {
+    pub fn keep<'a>(&self, committed: impl IntoIterator<Item = (&'a str, i64, Book)>) {
         let mut kept = self.lock();
         for (id, revision, book) in committed {
             if kept.len() >= MAX_BOOKS {
@@ -80,14 +80,15 @@ impl BookCache {
 /// open ones come in creation order), if that order is known here: two debts, or two holds
 /// created at one instant, come in the database's text order (its collation), so such a book is
 /// read again rather than kept.
-fn as_stored(book: &Book) -> Option<Book> {
-    if book.debts().len() > 1 {
+fn as_stored(book: Book) -> Option<Book> {
+    let (grants, debts, holds, clock) = book.into_parts();
+    if debts.len() > 1 {
         return None;
     }
-    let mut holds: Vec<_> = book.holds().iter().filter(|h| !h.released).cloned().collect();
+    let mut holds: Vec<_> = holds.into_iter().filter(|h| !h.released).collect();
     holds.sort_by_key(|h| h.created_at);
     if holds.windows(2).any(|pair| pair[0].created_at == pair[1].created_at) {
         return None;
     }
-    Some(Book::from_parts(book.grants().to_vec(), book.debts().to_vec(), holds, book.clock()))
+    Some(Book::from_parts(grants, debts, holds, clock))
 }

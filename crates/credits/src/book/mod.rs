@@ -180,6 +180,11 @@ impl Book {
         book
     }
 
+    /// The stored state [`Book::from_parts`] takes: grants, debts, holds and clock.
+    pub fn into_parts(self) -> (Vec<GrantState>, Vec<Debt>, Vec<Hold>, DateTime<Utc>) {
+        (self.grants, self.debts, self.holds, self.clock)
+    }
+
     pub fn grants(&self) -> &[GrantState] {
         &self.grants
     }

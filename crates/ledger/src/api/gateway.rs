@@ -370,14 +370,14 @@ async fn serve_shard(state: &AppState, reqs: &[&SyncRequest], owners: &[(&str, A
         }
     }
     batch.writes.revisions(revisions.clone());
-    batch.writes.flush(&mut w.tx).await?;
+    std::mem::take(&mut batch.writes).flush(&mut w.tx).await?;
     let touched: Vec<(&str, &Book)> = before.keys().filter_map(|c| books.get(*c).map(|book| (*c, book))).collect();
     batch.counts.notification_events = crate::notify::on_bookings(&mut w.tx, &touched, batch.db_now).await?;
     let server_time = state.db.now(&mut w.tx).await?;
     w.commit().await?;
     // Each book served was written with its new revision (`Writes::revisions`).
     let kept = before.keys().filter(|c| !batch.refunded.contains(**c));
-    state.books.keep(kept.filter_map(|c| Some((*c, *revisions.get(*c)?, books.get(*c)?))));
+    state.books.keep(kept.filter_map(|c| Some((*c, *revisions.get(*c)?, books.remove(*c)?))));
     batch.counts.publish(state);
     Ok(ShardServed { outcomes, server_time })
 }
@@ -432,6 +432,9 @@ struct Batch<'a> {
     labels: Vec<Labels>,
     /// The database clock of the transaction.
     db_now: DateTime<Utc>,
+    /// The usage stream of each subject served (`SubjectSync::usage_stream`), by sync and place
+    /// in it: formatted once, and taken by the subject's serving.
+    streams: Vec<Vec<Option<String>>>,
     /// The marks of the group's usage streams, moved as ranges are booked.
     marks: HashMap<String, UsageMark>,
     /// Range keys stored (before, or by this group) among those the marks cannot vouch for.
@@ -468,20 +471,23 @@ impl<'a> Batch<'a> {
     ) -> ApiResult<Self> {
         let db_now = state.db.now(&mut w.tx).await?;
         let subject = |at: At| &reqs[at.sync].subjects[at.subject];
-        let mut streams: Vec<String> =
-            owners.iter().filter_map(|&(_, at)| subject(at).usage_stream(&reqs[at.sync].node)).collect();
-        streams.sort_unstable();
-        streams.dedup();
-        let marks = usage::marks(&mut w.tx, &streams).await?;
+        let mut streams: Vec<Vec<Option<String>>> = reqs.iter().map(|r| vec![None; r.subjects.len()]).collect();
+        for &(_, at) in owners {
+            streams[at.sync][at.subject] = subject(at).usage_stream(&reqs[at.sync].node);
+        }
+        let mut wanted: Vec<&str> = streams.iter().flatten().flatten().map(String::as_str).collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let marks = usage::marks(&mut w.tx, &wanted).await?;
         // Only keys the stored marks cannot vouch for: a stream stores keys only once keyed, and
         // then every range not below its mark is checked by key, so none stored is missed; keys
         // this group stores are added as it goes.
         let keys: Vec<String> = owners
             .iter()
             .filter_map(|&(_, at)| {
-                let (s, node) = (subject(at), &reqs[at.sync].node);
-                let mark = marks.get(&s.usage_stream(node)?).copied().unwrap_or_default();
-                (mark.check(s.usage.as_ref()?) == Check::ByKey).then(|| s.usage_key(node)).flatten()
+                let (range, stream) = (subject(at).usage.as_ref()?, streams[at.sync][at.subject].as_ref()?);
+                let mark = marks.get(stream).copied().unwrap_or_default();
+                (mark.check(range) == Check::ByKey).then(|| range.key_in(stream))
             })
             .collect();
         let recorded = usage::recorded(&mut w.tx, &keys).await?;
@@ -493,6 +499,7 @@ impl<'a> Batch<'a> {
             reqs,
             labels,
             db_now,
+            streams,
             marks,
             recorded,
             leases,
@@ -505,7 +512,7 @@ impl<'a> Batch<'a> {
 
     /// Adds what the subject of sync `sync` booked for `customer_id`, folding each entry into the
     /// one before it where it continues it. Subjects come customer by customer.
-    fn book(&mut self, customer_id: &str, entries: Vec<Entry>, sync: usize, reference: &str, now: DateTime<Utc>) {
+    fn book(&mut self, customer_id: &str, entries: Vec<Entry>, sync: usize, key: Option<&str>, now: DateTime<Utc>) {
         if self.booking.as_ref().is_some_and(|(c, _)| c != customer_id) {
             self.write_booked();
         }
@@ -519,7 +526,8 @@ impl<'a> Batch<'a> {
                     continue;
                 }
             }
-            booked.push(Booked { entry, reference: reference.to_owned(), labels_of: Some(sync), now });
+            let reference = key.map_or_else(|| "lease".to_owned(), |k| format!("usage:{k}"));
+            booked.push(Booked { entry, reference, labels_of: Some(sync), now });
         }
     }
 
@@ -550,8 +558,9 @@ impl<'a> Batch<'a> {
         let now = self.db_now.max(book.clock());
         let node = &self.reqs[at.sync].node;
         let s = &self.reqs[at.sync].subjects[at.subject];
-        let key = s.usage_key(node);
-        let stream = s.usage_stream(node);
+        // Each subject is served once: its stream moves to the mark it writes.
+        let stream = self.streams[at.sync][at.subject].take();
+        let key = s.usage.as_ref().zip(stream.as_deref()).map(|(range, stream)| range.key_in(stream));
         let mut mark = stream.as_ref().and_then(|st| self.marks.get(st)).copied().unwrap_or_default();
         let usage_seen = s.usage.as_ref().is_some_and(|range| match mark.check(range) {
             Check::Booked => true,
@@ -573,7 +582,7 @@ impl<'a> Batch<'a> {
             Ok(served) => served,
             Err(e) => return SubjectOutcome::Rejected { reason: e.to_string() },
         };
-        if let (Some(range), Some(key), Some(stream)) = (&s.usage, &key, &stream) {
+        if let (Some(range), Some(key), Some(stream)) = (&s.usage, &key, stream) {
             let before = mark;
             if served.record_usage {
                 if mark.book(range) {
@@ -594,17 +603,21 @@ impl<'a> Batch<'a> {
                 mark.found(range);
             }
             if mark != before {
+                match self.marks.get_mut(stream.as_str()) {
+                    Some(known) => *known = mark,
+                    None => {
+                        self.marks.insert(stream.clone(), mark);
+                    }
+                }
                 self.writes.usage_mark(stream, customer_id, mark, now);
-                self.marks.insert(stream.clone(), mark);
             }
         }
         if let (Some(grant), Some(key)) = (served.refund.take(), &key) {
             self.writes.new_grant(refund_record(customer_id, grant, key, now));
             self.refunded.insert(customer_id.to_owned());
         }
-        let reference = key.map_or_else(|| "lease".to_owned(), |k| format!("usage:{k}"));
         state.metrics.count_entries(&served.entries);
-        self.book(customer_id, std::mem::take(&mut served.entries), at.sync, &reference, now);
+        self.book(customer_id, std::mem::take(&mut served.entries), at.sync, key.as_deref(), now);
         if let Some(request) = &s.lease {
             self.remember_lease(book, customer_id, request, served.lease_seq);
         }

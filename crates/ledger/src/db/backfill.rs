@@ -34,7 +34,7 @@ pub async fn usage_marks(tx: &mut Tx, now: i64) -> sqlx::Result<()> {
         let beyond = ranges.len() < all;
         let mut mark = UsageMark::of_keyed_ranges(ranges);
         mark.keyed |= beyond;
-        marks.push(mark_row(&stream, &customer_id, mark, now));
+        marks.push(mark_row(stream, customer_id, mark, now));
     }
     marks
         .execute(
@@ -49,10 +49,15 @@ pub const MARK_COLUMNS: usize = 5;
 
 /// A `usage_marks` row (`stream, customer_id, booked_to, keyed, updated_at`), as every writer of
 /// the table writes it. `booked_to` never exceeds [`MAX_CALL_NUMBER`]: ranges beyond it are refused.
-pub fn mark_row(stream: &str, customer_id: &str, mark: UsageMark, now: i64) -> [Value; MARK_COLUMNS] {
+pub fn mark_row(
+    stream: impl Into<Value>,
+    customer_id: impl Into<Value>,
+    mark: UsageMark,
+    now: i64,
+) -> [Value; MARK_COLUMNS] {
     [
-        Value::from(stream),
-        Value::from(customer_id),
+        stream.into(),
+        customer_id.into(),
         Value::from(i64::try_from(mark.booked_to).unwrap_or(i64::MAX)),
         Value::from(i64::from(mark.keyed)),
         Value::from(now),

@@ -76,20 +76,22 @@ impl Rows {
         self.values.len().checked_div(self.columns).unwrap_or(0)
     }
 
-    /// Runs `{head} VALUES (…), (…) {tail}` once per chunk of rows.
-    pub async fn execute(&self, tx: &mut Tx, head: &str, tail: &str) -> sqlx::Result<()> {
+    /// Runs `{head} VALUES (…), (…) {tail}` once per chunk of rows. The values move into the
+    /// statements: a sync's thousands of rows are not copied again to be bound.
+    pub async fn execute(self, tx: &mut Tx, head: &str, tail: &str) -> sqlx::Result<()> {
         let style = Placeholders::of(tx);
         let columns = self.columns.max(1);
-        for chunk in self.values.chunks(columns.saturating_mul(MAX_ROWS_PER_STATEMENT)) {
-            let sql =
-                format!("{head} VALUES {} {tail}", style.rows(columns, chunk.len().checked_div(columns).unwrap_or(0)));
+        let per_statement = columns.saturating_mul(MAX_ROWS_PER_STATEMENT);
+        let mut values = self.values.into_iter();
+        while values.len() > 0 {
+            let chunk = values.len().min(per_statement);
+            let sql = format!("{head} VALUES {} {tail}", style.rows(columns, chunk.checked_div(columns).unwrap_or(0)));
             // A full chunk's statement recurs (prepared once per connection); others vary in size.
-            let full = chunk.len() == columns.saturating_mul(MAX_ROWS_PER_STATEMENT);
-            let mut query = sqlx::query(&sql).persistent(full);
-            for v in chunk {
+            let mut query = sqlx::query(&sql).persistent(chunk == per_statement);
+            for v in values.by_ref().take(chunk) {
                 query = match v {
-                    Value::Text(t) => query.bind(t.clone()),
-                    Value::Int(i) => query.bind(*i),
+                    Value::Text(t) => query.bind(t),
+                    Value::Int(i) => query.bind(i),
                 };
             }
             query.execute(&mut **tx).await?;
@@ -102,10 +104,10 @@ impl Rows {
 pub const MAX_IDS_PER_LIST: usize = 500;
 
 /// Runs `sql_with_list` (whose `{list}` is an `IN (…)` list) for `ids` in chunks and gathers the rows.
-pub async fn fetch_by_ids(
+pub async fn fetch_by_ids<S: AsRef<str> + Sync>(
     conn: &mut sqlx::AnyConnection,
     sql_with_list: &str,
-    ids: &[String],
+    ids: &[S],
 ) -> sqlx::Result<Vec<sqlx::any::AnyRow>> {
     let style = Placeholders::of(conn);
     let mut out = Vec::new();
@@ -113,7 +115,7 @@ pub async fn fetch_by_ids(
         let sql = sql_with_list.replace("{list}", &style.list(0, chunk.len()));
         let mut query = sqlx::query(&sql).persistent(chunk.len() == MAX_IDS_PER_LIST);
         for id in chunk {
-            query = query.bind(id);
+            query = query.bind(id.as_ref());
         }
         out.extend(query.fetch_all(&mut *conn).await?);
     }
@@ -135,11 +137,11 @@ pub enum Kind {
 /// range, bench/RESULTS.md §0h). PostgreSQL's driver reads rows off its socket in the caller's
 /// task; packing them there measured no better, so they come as rows. `select` names each column
 /// of `columns` and has an `IN ({list})`.
-pub async fn fetch_small_rows_by_ids(
+pub async fn fetch_small_rows_by_ids<S: AsRef<str> + Sync>(
     conn: &mut sqlx::AnyConnection,
     select: &str,
     columns: &[(&str, Kind)],
-    ids: &[String],
+    ids: &[S],
 ) -> sqlx::Result<Vec<Vec<Value>>> {
     let style = Placeholders::of(conn);
     if style == Placeholders::Numbered {
@@ -153,7 +155,7 @@ pub async fn fetch_small_rows_by_ids(
         let sql = packed.replace("{list}", &style.list(0, chunk.len()));
         let mut query = sqlx::query_scalar::<_, String>(&sql).persistent(chunk.len() == MAX_IDS_PER_LIST);
         for id in chunk {
-            query = query.bind(id);
+            query = query.bind(id.as_ref());
         }
         let json = query.fetch_one(&mut *conn).await?;
         let rows: Vec<Vec<serde_json::Value>> =

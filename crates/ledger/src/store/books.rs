@@ -243,8 +243,8 @@ impl Writes {
     }
 
     /// Where a usage stream's mark is now.
-    pub fn usage_mark(&mut self, stream: &str, customer_id: &str, mark: UsageMark, now: DateTime<Utc>) {
-        self.usage_marks.insert(stream.to_owned(), (customer_id.to_owned(), mark, micros(now)));
+    pub fn usage_mark(&mut self, stream: String, customer_id: &str, mark: UsageMark, now: DateTime<Utc>) {
+        self.usage_marks.insert(stream, (customer_id.to_owned(), mark, micros(now)));
     }
 
     /// A gateway usage range booked apart from its stream's mark, recorded by its key so that a
@@ -337,7 +337,7 @@ impl Writes {
     }
 
     /// Writes every row gathered, in this transaction.
-    pub async fn flush(&self, tx: &mut Tx) -> StoreResult<()> {
+    pub async fn flush(self, tx: &mut Tx) -> StoreResult<()> {
         for record in &self.new_grants {
             grants::insert(tx, record).await?;
         }
@@ -357,8 +357,8 @@ impl Writes {
             )
             .await?;
         let mut lease_seqs = Rows::new(2);
-        for (id, seq) in &self.lease_seqs {
-            lease_seqs.push([Value::from(id.as_str()), Value::from(*seq)]);
+        for (id, seq) in self.lease_seqs {
+            lease_seqs.push([Value::from(id), Value::from(seq)]);
         }
         lease_seqs
             .execute(
@@ -368,9 +368,9 @@ impl Writes {
             )
             .await?;
         let mut clocks = Rows::new(3);
-        for (customer_id, clock) in &self.clocks {
-            let revision = self.revisions.get(customer_id).copied();
-            clocks.push([Value::from(customer_id.as_str()), Value::from(*clock), Value::from(revision)]);
+        for (customer_id, clock) in self.clocks {
+            let revision = self.revisions.get(&customer_id).copied();
+            clocks.push([Value::from(customer_id), Value::from(clock), Value::from(revision)]);
         }
         clocks
             .execute(
@@ -398,8 +398,8 @@ impl Writes {
             .execute(tx, "INSERT INTO postings (entry_id, customer_id, account, currency, amount)", "")
             .await?;
         let mut marks = Rows::new(usage::MARK_COLUMNS);
-        for (stream, (customer_id, mark, at)) in &self.usage_marks {
-            usage::push_mark(&mut marks, stream, customer_id, *mark, *at);
+        for (stream, (customer_id, mark, at)) in self.usage_marks {
+            usage::push_mark(&mut marks, stream, customer_id, mark, at);
         }
         marks.execute(tx, usage::MARK_UPSERT.0, usage::MARK_UPSERT.1).await?;
         self.usage

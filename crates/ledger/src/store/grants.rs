@@ -255,7 +255,7 @@ impl StateWrites {
     }
 
     /// Writes the states gathered.
-    pub async fn save(&self, tx: &mut Tx) -> StoreResult<()> {
+    pub async fn save(self, tx: &mut Tx) -> StoreResult<()> {
         self.states
             .execute(
                 tx,

@@ -30,7 +30,7 @@ pub async fn recorded(conn: &mut sqlx::AnyConnection, keys: &[String]) -> StoreR
 }
 
 /// The marks of `streams` (a stream never booked has none).
-pub async fn marks(conn: &mut sqlx::AnyConnection, streams: &[String]) -> StoreResult<HashMap<String, UsageMark>> {
+pub async fn marks(conn: &mut sqlx::AnyConnection, streams: &[&str]) -> StoreResult<HashMap<String, UsageMark>> {
     let sql = "SELECT stream, booked_to, keyed FROM usage_marks WHERE stream IN ({list})";
     let columns = [("stream", rows::Kind::Text), ("booked_to", rows::Kind::Int), ("keyed", rows::Kind::Int)];
     rows::fetch_small_rows_by_ids(conn, sql, &columns, streams)
@@ -53,7 +53,7 @@ pub async fn marks(conn: &mut sqlx::AnyConnection, streams: &[String]) -> StoreR
 pub use crate::db::backfill::MARK_COLUMNS;
 
 /// A mark row for [`MARK_UPSERT`].
-pub fn push_mark(rows: &mut Rows, stream: &str, customer_id: &str, mark: UsageMark, now: i64) {
+pub fn push_mark(rows: &mut Rows, stream: String, customer_id: String, mark: UsageMark, now: i64) {
     rows.push(backfill::mark_row(stream, customer_id, mark, now));
 }
 
