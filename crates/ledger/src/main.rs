@@ -12,12 +12,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use ledger::api::auth::{Auth, TokenError};
 
 /// glibc's malloc and free were a quarter of the ledger's CPU serving gateway syncs
 /// (bench/RESULTS.md §0za).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use ledger::api::auth::{Auth, TokenError};
 
 #[derive(Parser)]
 #[command(name = "credits-ledger", version, about = "The central prepaid-credit ledger")]
