@@ -640,7 +640,7 @@ mod tests {
                 sent_ms: at,
                 lasts_ms: c.lease.ttl_ms,
             };
-            e.apply_lease(&answered, crate::lease::reserve_ms(c));
+            e.apply_lease(&answered, crate::lease::reserve_ms(c, 0));
             (Some(e), ())
         })
         .unwrap();
@@ -841,7 +841,7 @@ mod tests {
                 sent_ms: 1000,
                 lasts_ms: 2000,
             };
-            e.apply_lease(&answered, crate::lease::reserve_ms(&c));
+            e.apply_lease(&answered, crate::lease::reserve_ms(&c, 0));
             assert!(e.lease.dry);
             (Some(e), ())
         })

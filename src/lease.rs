@@ -22,11 +22,35 @@ pub fn id(e: &CustomerEntry) -> String {
     id
 }
 
-/// How long before the ledger could expire a lease the node stops spending from it: long enough
-/// for the calls it lets through until then to reach the ledger — the next tick, a sync stuck
-/// behind an unanswered one until its timeout, and a tenth of the TTL for the way there.
-pub fn reserve_ms(config: &FilterConfig) -> u64 {
-    u64::from(config.sync.interval_ms) + u64::from(config.ledger.timeout_ms) + config.lease.ttl_ms / 10
+/// How long before the ledger could expire a lease the node stops spending from it, on a worker
+/// that reaches each customer every `turn_ms`: long enough for the calls it lets through until
+/// then to reach the ledger — the customer's next turn (the next tick at the least,
+/// [`longest_turn_ms`] at the most), then [`reserve_beyond_turn_ms`]. Counted from the tick
+/// alone, a worker whose turns were longer booked the last stretch's calls after the credit
+/// behind them expired (`sync::tests::credit_is_never_spent_after_it_expires_on_a_worker_whose_turns_are_long`).
+/// A worker whose turns are longer than the bound (a ledger that does not keep up holds it to
+/// fewer syncs) is no better than an unreachable ledger: its leases stay spendable, and the
+/// calls of their last stretch may be booked after the credit behind them expired.
+pub fn reserve_ms(config: &FilterConfig, turn_ms: u64) -> u64 {
+    let turn_ms = turn_ms.clamp(u64::from(config.sync.interval_ms), longest_turn_ms(config));
+    turn_ms + reserve_beyond_turn_ms(config)
+}
+
+/// The longest a customer's turns may be apart so that its lease is still usable when the next
+/// turn's sync fails, the answer to the one after taking up to `ledger.timeout_ms`: a lease may
+/// be spent until `lease.ttl_ms` less the reserve after its request left, and the reserve holds
+/// a turn, so turns T apart need ttl − (T + the rest of the reserve) − timeout ≥ 2T (8.3 s with
+/// the defaults; never less than a tick).
+pub fn longest_turn_ms(config: &FilterConfig) -> u64 {
+    let timeout = u64::from(config.ledger.timeout_ms);
+    let bound = config.lease.ttl_ms.saturating_sub(reserve_beyond_turn_ms(config)).saturating_sub(timeout) / 3;
+    bound.max(u64::from(config.sync.interval_ms))
+}
+
+/// What the reserve holds beyond the customer's turn: a sync stuck behind an unanswered one until
+/// its timeout, and a tenth of the TTL for the way there.
+fn reserve_beyond_turn_ms(config: &FilterConfig) -> u64 {
+    u64::from(config.ledger.timeout_ms) + config.lease.ttl_ms / 10
 }
 
 /// How long after its request left a lease may be spent from, before the reserve: its TTL, or
@@ -96,7 +120,7 @@ pub fn renewal_can_wait(
     now_ms: u64,
     turn_ms: u64,
 ) -> bool {
-    let usable = config.lease.ttl_ms.saturating_sub(reserve_ms(config));
+    let usable = config.lease.ttl_ms.saturating_sub(reserve_ms(config, turn_ms));
     let plain = asked.want.is_zero() && !asked.release && e.lease.open;
     // `spend_until_ms` is the last answered request's departure plus `usable` (or less).
     let renewed_lately = now_ms.saturating_add(usable).saturating_sub(turn_ms / 2);

@@ -23,13 +23,16 @@ use crate::tracker::Tracker;
 pub struct PendingSync {
     pub request: SyncRequest,
     pub sent_ms: u64,
+    /// The sending worker's turn: the calls it lets through on a lease this sync's answer grants
+    /// reach the ledger within it (`lease::reserve_ms`).
+    pub turn_ms: u64,
     body: Vec<u8>,
 }
 
 impl PendingSync {
-    pub fn new(request: SyncRequest, sent_ms: u64) -> PendingSync {
+    pub fn new(request: SyncRequest, sent_ms: u64, turn_ms: u64) -> PendingSync {
         let body = serde_json::to_vec(&request).unwrap_or_default();
-        PendingSync { request, sent_ms, body }
+        PendingSync { request, sent_ms, turn_ms, body }
     }
 
     pub fn body(&self) -> &[u8] {
@@ -93,13 +96,13 @@ impl Body {
         Ok(())
     }
 
-    fn finish(mut self, node: &str, sent_ms: u64) -> Option<PendingSync> {
+    fn finish(mut self, node: &str, sent_ms: u64, turn_ms: u64) -> Option<PendingSync> {
         if self.subjects.is_empty() {
             return None;
         }
         self.bytes.extend_from_slice(b"]}");
         let request = SyncRequest { node: node.to_owned(), subjects: self.subjects };
-        Some(PendingSync { request, sent_ms, body: self.bytes })
+        Some(PendingSync { request, sent_ms, turn_ms, body: self.bytes })
     }
 }
 
@@ -171,7 +174,7 @@ pub fn balance_read(
             asked
         })
         .collect();
-    PendingSync::new(SyncRequest { node: node.to_owned(), subjects }, now_ms)
+    PendingSync::new(SyncRequest { node: node.to_owned(), subjects }, now_ms, turn_ms)
 }
 
 /// This tick's syncs, and the customers that have something to report but are not in the node's
@@ -197,7 +200,7 @@ struct Tick<'a> {
 }
 
 /// Most syncs a worker sends in one tick: 8,000 customers a tick, so with the defaults a worker
-/// reaches up to 96,000 customers within [`turn_bound_ms`]; beyond that its turns grow longer.
+/// reaches up to 64,000 customers within [`turn_bound_ms`]; beyond that its turns grow longer.
 pub const MAX_SYNCS_PER_TICK: usize = 8;
 
 /// How a worker goes round its customers: how many syncs it sends a tick, and so how far apart
@@ -211,14 +214,16 @@ pub struct Turn {
 
 /// The longest a customer's turns may be apart so that what the node holds for it is still
 /// usable when the next turn's sync fails, the answer to the one after taking up to
-/// `ledger.timeout_ms`: a lease may be spent until `lease.ttl_ms` less the reserve after its
-/// request left (12 s apart with the defaults), a cached balance for `sync.max_stale_ms`.
+/// `ledger.timeout_ms`: a lease ([`lease::longest_turn_ms`], 8.3 s with the defaults), a cached
+/// balance for `sync.max_stale_ms`.
 pub fn turn_bound_ms(config: &FilterConfig) -> u64 {
-    let usable = match config.sync.strategy {
-        Strategy::Lease => config.lease.ttl_ms.saturating_sub(lease::reserve_ms(config)),
-        Strategy::Cached => u64::from(config.sync.max_stale_ms),
-    };
-    (usable.saturating_sub(u64::from(config.ledger.timeout_ms)) / 2).max(u64::from(config.sync.interval_ms))
+    match config.sync.strategy {
+        Strategy::Lease => lease::longest_turn_ms(config),
+        Strategy::Cached => {
+            let usable = u64::from(config.sync.max_stale_ms).saturating_sub(u64::from(config.ledger.timeout_ms));
+            (usable / 2).max(u64::from(config.sync.interval_ms))
+        }
+    }
 }
 
 /// How a worker with `customers` to go round does so: one sync a tick while that reaches each
@@ -271,7 +276,7 @@ pub fn prepare(
             if prepared.syncs.len() + 1 >= turn.syncs {
                 break;
             }
-            prepared.syncs.extend(std::mem::replace(&mut body, Body::new(node)).finish(node, now_ms));
+            prepared.syncs.extend(std::mem::replace(&mut body, Body::new(node)).finish(node, now_ms, turn.ms));
             // A new body takes its first customer whatever its size.
             let _ = body.add(taken, budget);
         }
@@ -284,7 +289,7 @@ pub fn prepare(
             forget.push(subject.clone());
         }
     }
-    prepared.syncs.extend(body.finish(node, now_ms));
+    prepared.syncs.extend(body.finish(node, now_ms, turn.ms));
     tracker.turn_took(taken_subjects);
     for (subject, origins, pending) in found {
         prepared.evicted += tracker.found(&subject, &origins, pending, now_ms);
@@ -472,7 +477,7 @@ pub fn apply(
                             sent_ms: pending.sent_ms,
                             lasts_ms: lease::lasts_ms(lease, response.server_time, config.lease.ttl_ms),
                         };
-                        e.apply_lease(&answered, lease::reserve_ms(config));
+                        e.apply_lease(&answered, lease::reserve_ms(config, pending.turn_ms));
                     }
                     e.refresh(*live, *revision, now_ms);
                 }
@@ -601,28 +606,38 @@ mod tests {
     #[test]
     fn a_worker_sends_as_many_syncs_a_tick_as_reach_every_customer_before_what_it_holds_lapses() {
         let c = leased();
-        // A lease may be spent for 30 s less the reserve (1 + 1 + 3 s) after its request left; a
-        // turn's answer takes up to 1 s; and one failed sync must not let it lapse: turns 12 s apart.
-        assert_eq!(turn_bound_ms(&c), 12_000);
+        // A lease may be spent for 30 s less the reserve (the turn T, 1 s of timeout and 3 s)
+        // after its request left; a turn's answer takes up to 1 s; and one failed sync must not
+        // let it lapse: 30 − (T + 4) − 1 ≥ 2T, turns 8.3 s apart.
+        assert_eq!(turn_bound_ms(&c), 8_333);
         let at = |customers| turn(&c, customers, Budget::default());
         assert_eq!(at(1), Turn { syncs: 1, ms: 1_000 });
-        assert_eq!(at(10_000), Turn { syncs: 1, ms: 10_000 }, "gateway case c: one sync a tick");
-        assert_eq!(at(12_000), Turn { syncs: 1, ms: 12_000 });
-        assert_eq!(at(12_001), Turn { syncs: 2, ms: 7_000 });
-        assert_eq!(at(60_000), Turn { syncs: 5, ms: 12_000 });
-        assert_eq!(at(96_000), Turn { syncs: MAX_SYNCS_PER_TICK, ms: 12_000 });
+        assert_eq!(at(8_000), Turn { syncs: 1, ms: 8_000 });
+        assert_eq!(at(8_001), Turn { syncs: 2, ms: 5_000 });
+        assert_eq!(at(10_000), Turn { syncs: 2, ms: 5_000 }, "gateway case c: two syncs a tick");
+        assert_eq!(at(64_000), Turn { syncs: MAX_SYNCS_PER_TICK, ms: 8_000 });
         assert_eq!(at(200_000), Turn { syncs: MAX_SYNCS_PER_TICK, ms: 25_000 }, "beyond the cap turns grow");
         // While the ledger holds the worker to fewer syncs a tick, its turns are longer: leases
         // are sized for them.
         let held = |syncs| turn(&c, 60_000, Budget { syncs, ..Budget::default() });
         assert_eq!(held(1), Turn { syncs: 1, ms: 60_000 });
         assert_eq!(held(3), Turn { syncs: 3, ms: 20_000 });
-        assert_eq!(held(5), Turn { syncs: 5, ms: 12_000 });
-        assert_eq!(held(8), Turn { syncs: 5, ms: 12_000 }, "no more than the turn needs");
+        assert_eq!(held(8), Turn { syncs: 8, ms: 8_000 });
+        let within = turn(&c, 40_000, Budget::default());
+        assert_eq!(within, Turn { syncs: 5, ms: 8_000 }, "no more than the turn needs");
         assert_eq!(turn(&c, 500, Budget { syncs: 0, ..Budget::default() }), Turn { syncs: 1, ms: 1_000 });
         // A cached balance is usable for `sync.max_stale_ms` (60 s): turns 29.5 s apart.
         assert_eq!(turn_bound_ms(&config()), 29_500);
         assert_eq!(turn(&config(), 60_000, Budget::default()), Turn { syncs: 3, ms: 20_000 });
+    }
+
+    /// Leases on a tenth of the default scale: 100-ms ticks, a 100-ms timeout, a 3-s TTL.
+    fn quick_ticks() -> FilterConfig {
+        FilterConfig::parse(
+            br#"{"ledger": {"upstream": "l", "token": "t", "timeout_ms": 100}, "price": "0.10", "currency": "USD",
+                "sync": {"interval_ms": 100}, "lease": {"ttl_ms": 3000}}"#,
+        )
+        .unwrap()
     }
 
     /// One credit-model ledger per customer, each granted `calls` calls at 0.10, serving a sync
@@ -631,10 +646,18 @@ mod tests {
 
     impl Ledgers {
         fn new(everyone: &[String], calls: u64) -> Ledgers {
+            Ledgers::expiring(everyone, calls, |_| None)
+        }
+
+        /// Customer `i`'s grant expires `expires_after_ms(i)` after it began, if ever.
+        fn expiring(everyone: &[String], calls: u64, expires_after_ms: impl Fn(usize) -> Option<u64>) -> Ledgers {
             use crate::simulation::backend::{at, GrantPlan};
             use crate::simulation::model_ledger::ModelLedger;
-            let plan = [GrantPlan { calls, priority: 1, effective_ms: 0, expires_after_ms: None }];
-            Ledgers(everyone.iter().map(|s| (s.clone(), ModelLedger::new(s, amt("0.10"), &plan, at(0)))).collect())
+            let ledger = |(i, s): (usize, &String)| {
+                let plan = [GrantPlan { calls, priority: 1, effective_ms: 0, expires_after_ms: expires_after_ms(i) }];
+                (s.clone(), ModelLedger::new(s, amt("0.10"), &plan, at(0)))
+            };
+            Ledgers(everyone.iter().enumerate().map(ledger).collect())
         }
 
         fn serve(&mut self, sync: &PendingSync, now_ms: u64) -> SyncResponse {
@@ -651,19 +674,15 @@ mod tests {
 
     /// Many customers who call now and then, each with a lease: every call is decided from the
     /// lease, none waits for a read because its lease lapsed between the customer's turns. (With
-    /// one sync a tick, this worker reached each customer every 3 s, and its leases could be spent
-    /// for 2.5 s after each renewal.)
+    /// one sync a tick, this worker would reach each customer every 3 s: longer than a lease
+    /// lasts.)
     #[test]
     fn customers_a_worker_goes_round_keep_their_leases_between_turns() {
-        let c = FilterConfig::parse(
-            br#"{"ledger": {"upstream": "l", "token": "t", "timeout_ms": 100}, "price": "0.10", "currency": "USD",
-                "sync": {"interval_ms": 100}, "lease": {"ttl_ms": 3000}}"#,
-        )
-        .unwrap();
+        let c = quick_ticks();
         // Ten customers a sync (a small budget stands for the 1,000 a real one holds).
         let budget = Budget { subjects: 10, ..Budget::default() };
         let everyone: Vec<String> = (0..300).map(|i| format!("s{i:03}")).collect();
-        assert_eq!(turn(&c, everyone.len(), budget), Turn { syncs: 3, ms: 1_000 });
+        assert_eq!(turn(&c, everyone.len(), budget), Turn { syncs: 4, ms: 800 });
         let store = FakeShared::new(Rules::Envoy);
         let mut ledgers = Ledgers::new(&everyone, 1_000);
         let mut serve = |sync: &PendingSync, now_ms: u64| ledgers.serve(sync, now_ms);
@@ -705,6 +724,80 @@ mod tests {
         }
         assert_eq!(calls, 12_000, "each customer called every 500 ms for 20 s");
         assert_eq!(reads, 0, "calls that waited for a read after every customer's first, of {calls}");
+    }
+
+    /// A worker that reaches each customer only every few ticks still reports every call it let
+    /// through on a lease before the credit behind that lease expires: no customer's usage is
+    /// booked after its only grant expired (it would be uncovered: a balance below zero).
+    #[test]
+    fn credit_is_never_spent_after_it_expires_on_a_worker_whose_turns_are_long() {
+        use crate::simulation::backend::{at, Ledger};
+        let c = quick_ticks();
+        // Ten customers a sync (a small budget stands for the 1,000 a real one holds): each
+        // customer's turn comes every 800 ms, within the bound (833 ms). The reserve holds it;
+        // counted from the tick alone (500 ms), 62 of the 600 customers ended below zero.
+        let budget = Budget { subjects: 10, ..Budget::default() };
+        let everyone: Vec<String> = (0..600).map(|i| format!("s{i:03}")).collect();
+        assert_eq!(turn(&c, everyone.len(), budget), Turn { syncs: 8, ms: 800 });
+        assert_eq!((lease::reserve_ms(&c, 100), lease::reserve_ms(&c, 800)), (500, 1_200));
+        assert_eq!(lease::reserve_ms(&c, 60_000), 833 + 400, "beyond the bound: as at the bound");
+        let store = FakeShared::new(Rules::Envoy);
+        // Each customer's one grant expires at its own moment of the turn, from 4 s on.
+        let mut ledgers = Ledgers::expiring(&everyone, 1_000, |i| Some(4_000 + (i as u64 * 37) % 1_000));
+        let mut tracker = Tracker::default();
+        // The ledger books what fell due (expiries), then the worker's tick.
+        let tick = |ledgers: &mut Ledgers, tracker: &mut Tracker, now_ms: u64| {
+            for ledger in ledgers.0.values_mut() {
+                ledger.job(at(now_ms));
+            }
+            for sync in prepare(&store, tracker, &c, ("node", 1), budget, now_ms).syncs {
+                let answer = ledgers.serve(&sync, now_ms);
+                apply(&store, &c, &sync, &answer, now_ms + 1);
+            }
+        };
+        let mut refused = 0;
+        for now_ms in (0..8_000).step_by(50) {
+            if now_ms % 100 == 0 {
+                tick(&mut ledgers, &mut tracker, now_ms);
+                continue;
+            }
+            // Each customer calls every 200 ms.
+            for (_, s) in everyone.iter().enumerate().filter(|(i, _)| (now_ms / 50 + *i as u64) % 4 == 0) {
+                tracker.touch(s, now_ms);
+                let verdict = match call(&store, &c, s, c.price, now_ms, LedgerAccess::Reachable).0 {
+                    Verdict::AskLedger => {
+                        let turn_ms = turn(&c, tracker.len(), budget).ms;
+                        let read = balance_read(&store, &c, "node", s, &[c.price], now_ms, turn_ms);
+                        let answer = ledgers.serve(&read, now_ms);
+                        apply(&store, &c, &read, &answer, now_ms);
+                        call(&store, &c, s, c.price, now_ms, LedgerAccess::Asked).0
+                    }
+                    verdict => verdict,
+                };
+                match verdict {
+                    // Asked again: it waits for another read (not made here).
+                    Verdict::Allow { .. } | Verdict::AskLedger => {}
+                    Verdict::Refuse { .. } => refused += 1,
+                    other => panic!("{s} at {now_ms}: {other:?}"),
+                }
+            }
+        }
+        // Everything still to report goes out.
+        for now_ms in (8_000..12_000).step_by(100) {
+            tick(&mut ledgers, &mut tracker, now_ms);
+        }
+        assert!(refused > 0, "every grant expired while its customer called");
+        let mut overdrawn = Vec::new();
+        for (s, ledger) in &mut ledgers.0 {
+            let books = ledger.books();
+            assert!(books.problems.is_empty(), "{s}: {:?}", books.problems);
+            let settled =
+                books.book.try_balances(at(12_000), None).unwrap().first().map_or(Amount::ZERO, |b| b.settled);
+            if settled.is_negative() {
+                overdrawn.push(format!("{s}: {settled}"));
+            }
+        }
+        assert!(overdrawn.is_empty(), "usage booked after its credit expired: {overdrawn:?}");
     }
 
     /// Four workers of one node go round the same 50 customers, each once a second, at their own
@@ -791,7 +884,7 @@ mod tests {
     }
 
     /// A customer first seen has no rate: its first lease holds `lease.min_calls`. When those run
-    /// out before its turn in a sync (a worker with 10,000 customers reaches each every 10 ticks),
+    /// out before its turn in a sync (a worker with 8,000 customers reaches each every 8 ticks),
     /// the top-up is sized at the rate its calls came at, for the turn it will wait: one more
     /// read, not one every `min_calls` calls until its turn.
     #[test]
@@ -802,8 +895,8 @@ mod tests {
                 .unwrap();
         let scope = &c.pricing.scopes[0];
         let want = |read: &PendingSync| read.request.subjects[0].lease.as_ref().map(|l| l.want);
-        let turn_ms = turn(&c, 10_000, Budget::default()).ms;
-        assert_eq!(turn_ms, 10_000, "1,000 customers per sync, one sync per 1-s tick");
+        let turn_ms = turn(&c, 8_000, Budget::default()).ms;
+        assert_eq!(turn_ms, 8_000, "1,000 customers per sync, one sync per 1-s tick");
         let first = balance_read(&store, &c, "node", "alice", &[c.price], 0, turn_ms);
         assert_eq!(want(&first), Some(c.price.times(c.lease.min_calls).unwrap()), "no rate yet");
         // Its first ten calls came within four seconds: 150 a minute.
@@ -817,10 +910,7 @@ mod tests {
         let top_up = balance_read(&store, &c, "node", "alice", &[c.price], 4_000, turn_ms);
         let sized = lease::sizing(&c, scope, 150, turn_ms);
         assert_eq!(want(&top_up), Some(sized.target));
-        assert!(
-            sized.low >= c.price.times(150 * 11 / 60).unwrap(),
-            "its low-water mark covers the turn and the answer"
-        );
+        assert!(sized.low >= c.price.times(150 * 9 / 60).unwrap(), "its low-water mark covers the turn and the answer");
     }
 
     #[test]

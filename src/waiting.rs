@@ -247,7 +247,7 @@ mod tests {
             subject: subject.into(),
             owner: Some(owner),
             token,
-            pending: PendingSync::new(SyncRequest { node: "n".into(), subjects: vec![] }, 0),
+            pending: PendingSync::new(SyncRequest { node: "n".into(), subjects: vec![] }, 0, 0),
             waiters: waiters.to_vec(),
             deadline_ms: 100,
             cut_to_ms: None,

@@ -675,7 +675,7 @@ mod tests {
         serde_json::from_slice::<SyncRequest>(body).unwrap().subjects.into_iter().map(|s| s.subject).collect()
     }
 
-    /// A worker with more customers than one sync a tick reaches within their leases' life (12,000
+    /// A worker with more customers than one sync a tick reaches within their leases' life (8,000
     /// with the defaults) sends two syncs a tick, both from the tick — once the ledger answered
     /// the last tick's in time: one more a tick from one, and back to one after an answer that
     /// failed or came late. Each answer is applied to its own customers.
@@ -686,14 +686,14 @@ mod tests {
                 br#"{"ledger": {"upstream": "l", "token": "t"}, "price": "0.10", "currency": "USD"}"#,
             )
             .unwrap();
-            // Without the fake Kong store's forced hash collisions: 12,001 keys of one length and
+            // Without the fake Kong store's forced hash collisions: 8,001 keys of one length and
             // first letter would all collide in it.
             let mut engine = FakeEngine::with_store(rules, Rc::new(FakeShared::new(SharedRules::Envoy)));
             engine.enter(0, Phase::Configure);
             let mut worker = Worker::start(&engine, 1);
             worker.reconfigure(&config);
             let now = engine.now_ms;
-            for i in 0..12_001 {
+            for i in 0..8_001 {
                 let subject = format!("s{i:05}");
                 let read = sync::balance_read(engine.shared(), &config, "n", &subject, &[config.price], now, 1_000);
                 let response = serde_json::from_slice(&answer_to(read.body(), "1", 1).body.unwrap()).unwrap();

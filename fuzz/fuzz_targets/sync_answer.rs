@@ -66,7 +66,7 @@ fn pending() -> Option<PendingSync> {
          "usage": {"from": 0, "to": 3, "amount": "0.30", "settlement_mode": "credit_only"},
          "lease": {"lease_id": "node-1/alice", "seq": 1, "want": "1.00", "ttl_ms": 30000}},
         {"subject": "bob", "currency": "USD"}]});
-    Some(PendingSync::new(serde_json::from_value(request).ok()?, 1_000))
+    Some(PendingSync::new(serde_json::from_value(request).ok()?, 1_000, 1_000))
 }
 
 fuzz_target!(|data: &[u8]| {
