@@ -235,6 +235,14 @@ fn explicit<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<Stri
 }
 
 impl FilterConfig {
+    /// How long after a customer's sync leaves its answer comes at the latest when that sync
+    /// fails once: its timeout, the next tick (which sends the customer again: `Tracker::failed`),
+    /// and that sync's timeout. What the node holds for a customer must last that long past its
+    /// turn.
+    pub fn answered_despite_a_failure_ms(&self) -> u64 {
+        2 * u64::from(self.ledger.timeout_ms) + u64::from(self.sync.interval_ms)
+    }
+
     pub fn parse(bytes: &[u8]) -> Result<FilterConfig, ConfigError> {
         let de = &mut serde_json::Deserializer::from_slice(bytes);
         let raw: Object<RawConfig> = serde_path_to_error::deserialize(&mut *de).map_err(|e| {

@@ -37,13 +37,15 @@ pub fn reserve_ms(config: &FilterConfig, turn_ms: u64) -> u64 {
 }
 
 /// The longest a customer's turns may be apart so that its lease is still usable when the next
-/// turn's sync fails, the answer to the one after taking up to `ledger.timeout_ms`: a lease may
-/// be spent until `lease.ttl_ms` less the reserve after its request left, and the reserve holds
-/// a turn, so turns T apart need ttl − (T + the rest of the reserve) − timeout ≥ 2T (8.3 s with
-/// the defaults; never less than a tick).
+/// turn's sync fails and goes again at the next tick
+/// ([`FilterConfig::answered_despite_a_failure_ms`], F): a lease may be spent until `lease.ttl_ms`
+/// less the reserve after its request left, and the reserve holds a turn, so turns T apart need
+/// ttl − (T + the rest of the reserve) ≥ T + F (11.5 s with the defaults; never less than a
+/// tick). Sent again only at the customer's next turn, a failed sync's customers needed
+/// ttl − reserve ≥ 2T + timeout: 8.3 s.
 pub fn longest_turn_ms(config: &FilterConfig) -> u64 {
-    let timeout = u64::from(config.ledger.timeout_ms);
-    let bound = config.lease.ttl_ms.saturating_sub(reserve_beyond_turn_ms(config)).saturating_sub(timeout) / 3;
+    let usable = config.lease.ttl_ms.saturating_sub(reserve_beyond_turn_ms(config));
+    let bound = usable.saturating_sub(config.answered_despite_a_failure_ms()) / 2;
     bound.max(u64::from(config.sync.interval_ms))
 }
 
@@ -108,7 +110,8 @@ pub fn idle_after_ms(lease: &Lease, config: &FilterConfig) -> u64 {
 
 /// A plain renewal (nothing to add, nothing to give back) that can wait for the next turn: the
 /// lease was renewed less than half a turn ago, and without this renewal it still lasts until
-/// the answer to the turn after next (so one failed sync lets it lapse no more than before).
+/// the answer to the next turn should that turn's sync fail once (so one failed sync lets it
+/// lapse no more than before).
 /// Every worker of a node goes round every customer the node holds, so without this a node of W
 /// workers renewed each lease W times a turn; now about once or twice (a renewal less than half a
 /// turn old is skipped). A lease whose credit expires before its TTL has an earlier
@@ -124,8 +127,7 @@ pub fn renewal_can_wait(
     let plain = asked.want.is_zero() && !asked.release && e.lease.open;
     // `spend_until_ms` is the last answered request's departure plus `usable` (or less).
     let renewed_lately = now_ms.saturating_add(usable).saturating_sub(turn_ms / 2);
-    let outlasts_a_failed_turn =
-        now_ms.saturating_add(turn_ms.saturating_mul(2)).saturating_add(u64::from(config.ledger.timeout_ms));
+    let outlasts_a_failed_turn = now_ms.saturating_add(turn_ms).saturating_add(config.answered_despite_a_failure_ms());
     plain && e.lease.spend_until_ms >= renewed_lately.max(outlasts_a_failed_turn)
 }
 

@@ -2,6 +2,8 @@
 //! worker serves and refreshes their cached balances from the answer. Cold-miss balance reads use
 //! the same request with a single subject and no usage.
 
+use std::collections::HashSet;
+
 use credits::limits::DEFAULT_MAX_BODY_BYTES;
 use credits::sync::{
     LeaseRequest, SubjectAnswer, SubjectOutcome, SubjectSync, SyncRequest, SyncResponse, UsageOutcome,
@@ -37,6 +39,11 @@ impl PendingSync {
 
     pub fn body(&self) -> &[u8] {
         &self.body
+    }
+
+    /// The customers it is about, a customer's scopes one after another.
+    pub fn subjects(&self) -> impl Iterator<Item = &str> {
+        self.request.subjects.iter().map(|s| s.subject.as_str())
     }
 
     /// The calls it reports.
@@ -200,7 +207,7 @@ struct Tick<'a> {
 }
 
 /// Most syncs a worker sends in one tick: 8,000 customers a tick, so with the defaults a worker
-/// reaches up to 64,000 customers within [`turn_bound_ms`]; beyond that its turns grow longer.
+/// reaches up to 88,000 customers within [`turn_bound_ms`]; beyond that its turns grow longer.
 pub const MAX_SYNCS_PER_TICK: usize = 8;
 
 /// How a worker goes round its customers: how many syncs it sends a tick, and so how far apart
@@ -213,15 +220,15 @@ pub struct Turn {
 }
 
 /// The longest a customer's turns may be apart so that what the node holds for it is still
-/// usable when the next turn's sync fails, the answer to the one after taking up to
-/// `ledger.timeout_ms`: a lease ([`lease::longest_turn_ms`], 8.3 s with the defaults), a cached
-/// balance for `sync.max_stale_ms`.
+/// usable when the next turn's sync fails and goes again at the next tick
+/// ([`FilterConfig::answered_despite_a_failure_ms`]): a lease ([`lease::longest_turn_ms`], 11.5 s
+/// with the defaults), a cached balance for `sync.max_stale_ms` (57 s).
 pub fn turn_bound_ms(config: &FilterConfig) -> u64 {
     match config.sync.strategy {
         Strategy::Lease => lease::longest_turn_ms(config),
         Strategy::Cached => {
-            let usable = u64::from(config.sync.max_stale_ms).saturating_sub(u64::from(config.ledger.timeout_ms));
-            (usable / 2).max(u64::from(config.sync.interval_ms))
+            let stale = u64::from(config.sync.max_stale_ms);
+            stale.saturating_sub(config.answered_despite_a_failure_ms()).max(u64::from(config.sync.interval_ms))
         }
     }
 }
@@ -240,6 +247,49 @@ pub fn turn(config: &FilterConfig, customers: usize, budget: Budget) -> Turn {
     let syncs = needed.min(budget.syncs).clamp(1, MAX_SYNCS_PER_TICK);
     let ticks = customers.div_ceil(per_sync.saturating_mul(syncs)).max(1) as u64;
     Turn { syncs, ms: interval.saturating_mul(ticks) }
+}
+
+/// This tick's syncs as they fill, customer by customer, and what it found on the way.
+struct Filling<'a> {
+    store: &'a dyn SharedData,
+    tick: Tick<'a>,
+    node: &'a str,
+    budget: Budget,
+    /// The most syncs this tick sends.
+    syncs: usize,
+    registered: &'a HashSet<&'a str>,
+    prepared: Prepared,
+    body: Body,
+    forget: Vec<String>,
+    found: Vec<(String, Vec<Option<u64>>, bool)>,
+}
+
+impl Filling<'_> {
+    /// Takes what the tick sends about `subject`; `false` when the tick's syncs are full (what
+    /// was taken then stays this worker's, sent on a later tick).
+    fn take(&mut self, subject: &str) -> bool {
+        let (taken, pending, kept, origins) = take_subject(self.store, &self.tick, subject);
+        if let Some(origins) = origins {
+            self.found.push((subject.to_owned(), origins, pending));
+        }
+        if let Err(taken) = self.body.add(taken, self.budget) {
+            if self.prepared.syncs.len() + 1 >= self.syncs {
+                return false;
+            }
+            let full = std::mem::replace(&mut self.body, Body::new(self.node));
+            self.prepared.syncs.extend(full.finish(self.node, self.tick.now_ms, self.tick.turn_ms));
+            // A new body takes its first customer whatever its size.
+            let _ = self.body.add(taken, self.budget);
+        }
+        // Checked against the tick's snapshot: the register is a whole shard to read.
+        if pending && !self.registered.contains(subject) {
+            self.prepared.unregistered.push(subject.to_owned());
+        }
+        if !kept {
+            self.forget.push(subject.to_owned());
+        }
+        true
+    }
 }
 
 /// Builds this tick's syncs, each within `budget`: takes the usage ranges to send out of the
@@ -261,34 +311,31 @@ pub fn prepare(
     }
     let turn = turn(config, tracker.len(), budget);
     let tick = Tick { config, worker, now_ms, turn_ms: turn.ms };
-    let mut prepared = Prepared::default();
-    let mut body = Body::new(node);
-    let mut forget = Vec::new();
-    let mut found = Vec::new();
+    let mut fill = Filling {
+        store,
+        tick,
+        node,
+        budget,
+        syncs: turn.syncs,
+        registered: &registered,
+        prepared: Prepared::default(),
+        body: Body::new(node),
+        forget: Vec::new(),
+        found: Vec::new(),
+    };
+    let again = tracker.take_again();
+    let sent_again = again.iter().take_while(|subject| fill.take(subject)).count();
+    tracker.not_sent_again(&again[sent_again..]);
     let mut taken_subjects = 0;
-    for subject in tracker.in_turn() {
-        let (taken, pending, kept, origins) = take_subject(store, &tick, subject);
-        if let Some(origins) = origins {
-            found.push((subject.clone(), origins, pending));
-        }
-        if let Err(taken) = body.add(taken, budget) {
-            // Taken but not sent: its ranges stay this worker's, sent on its next tick, in turn.
-            if prepared.syncs.len() + 1 >= turn.syncs {
+    if sent_again == again.len() {
+        for subject in tracker.in_turn() {
+            if !tracker.is_sent_again(subject) && !fill.take(subject) {
                 break;
             }
-            prepared.syncs.extend(std::mem::replace(&mut body, Body::new(node)).finish(node, now_ms, turn.ms));
-            // A new body takes its first customer whatever its size.
-            let _ = body.add(taken, budget);
-        }
-        taken_subjects += 1;
-        // Checked against the tick's snapshot: the register is a whole shard to read.
-        if pending && !registered.contains(subject.as_str()) {
-            prepared.unregistered.push(subject.clone());
-        }
-        if !kept {
-            forget.push(subject.clone());
+            taken_subjects += 1;
         }
     }
+    let Filling { mut prepared, body, forget, found, .. } = fill;
     prepared.syncs.extend(body.finish(node, now_ms, turn.ms));
     tracker.turn_took(taken_subjects);
     for (subject, origins, pending) in found {
@@ -607,28 +654,29 @@ mod tests {
     fn a_worker_sends_as_many_syncs_a_tick_as_reach_every_customer_before_what_it_holds_lapses() {
         let c = leased();
         // A lease may be spent for 30 s less the reserve (the turn T, 1 s of timeout and 3 s)
-        // after its request left; a turn's answer takes up to 1 s; and one failed sync must not
-        // let it lapse: 30 − (T + 4) − 1 ≥ 2T, turns 8.3 s apart.
-        assert_eq!(turn_bound_ms(&c), 8_333);
+        // after its request left; and one failed sync must not let it lapse: it fails at its
+        // 1-s timeout, its customers go again at the next tick, answered within 1 s:
+        // 30 − (T + 4) ≥ T + 3, turns 11.5 s apart.
+        assert_eq!(turn_bound_ms(&c), 11_500);
         let at = |customers| turn(&c, customers, Budget::default());
         assert_eq!(at(1), Turn { syncs: 1, ms: 1_000 });
-        assert_eq!(at(8_000), Turn { syncs: 1, ms: 8_000 });
-        assert_eq!(at(8_001), Turn { syncs: 2, ms: 5_000 });
-        assert_eq!(at(10_000), Turn { syncs: 2, ms: 5_000 }, "gateway case c: two syncs a tick");
-        assert_eq!(at(64_000), Turn { syncs: MAX_SYNCS_PER_TICK, ms: 8_000 });
+        assert_eq!(at(10_000), Turn { syncs: 1, ms: 10_000 }, "gateway case c: one sync a tick");
+        assert_eq!(at(11_000), Turn { syncs: 1, ms: 11_000 });
+        assert_eq!(at(11_001), Turn { syncs: 2, ms: 6_000 });
+        assert_eq!(at(88_000), Turn { syncs: MAX_SYNCS_PER_TICK, ms: 11_000 });
         assert_eq!(at(200_000), Turn { syncs: MAX_SYNCS_PER_TICK, ms: 25_000 }, "beyond the cap turns grow");
         // While the ledger holds the worker to fewer syncs a tick, its turns are longer: leases
         // are sized for them.
         let held = |syncs| turn(&c, 60_000, Budget { syncs, ..Budget::default() });
         assert_eq!(held(1), Turn { syncs: 1, ms: 60_000 });
         assert_eq!(held(3), Turn { syncs: 3, ms: 20_000 });
-        assert_eq!(held(8), Turn { syncs: 8, ms: 8_000 });
+        assert_eq!(held(8), Turn { syncs: 6, ms: 10_000 }, "no more than the turn needs");
         let within = turn(&c, 40_000, Budget::default());
-        assert_eq!(within, Turn { syncs: 5, ms: 8_000 }, "no more than the turn needs");
+        assert_eq!(within, Turn { syncs: 4, ms: 10_000 }, "no more than the turn needs");
         assert_eq!(turn(&c, 500, Budget { syncs: 0, ..Budget::default() }), Turn { syncs: 1, ms: 1_000 });
-        // A cached balance is usable for `sync.max_stale_ms` (60 s): turns 29.5 s apart.
-        assert_eq!(turn_bound_ms(&config()), 29_500);
-        assert_eq!(turn(&config(), 60_000, Budget::default()), Turn { syncs: 3, ms: 20_000 });
+        // A cached balance is usable for `sync.max_stale_ms` (60 s): turns 57 s apart.
+        assert_eq!(turn_bound_ms(&config()), 57_000);
+        assert_eq!(turn(&config(), 60_000, Budget::default()), Turn { syncs: 2, ms: 30_000 });
     }
 
     /// Leases on a tenth of the default scale: 100-ms ticks, a 100-ms timeout, a 3-s TTL.
@@ -675,24 +723,32 @@ mod tests {
     /// Many customers who call now and then, each with a lease: every call is decided from the
     /// lease, none waits for a read because its lease lapsed between the customer's turns. (With
     /// one sync a tick, this worker would reach each customer every 3 s: longer than a lease
-    /// lasts.)
+    /// lasts.) The answer to one sync in seven is lost: its customers go again at the next tick,
+    /// and their leases outlast that too.
     #[test]
     fn customers_a_worker_goes_round_keep_their_leases_between_turns() {
         let c = quick_ticks();
         // Ten customers a sync (a small budget stands for the 1,000 a real one holds).
         let budget = Budget { subjects: 10, ..Budget::default() };
         let everyone: Vec<String> = (0..300).map(|i| format!("s{i:03}")).collect();
-        assert_eq!(turn(&c, everyone.len(), budget), Turn { syncs: 4, ms: 800 });
+        assert_eq!(turn(&c, everyone.len(), budget), Turn { syncs: 3, ms: 1_000 });
         let store = FakeShared::new(Rules::Envoy);
         let mut ledgers = Ledgers::new(&everyone, 1_000);
         let mut serve = |sync: &PendingSync, now_ms: u64| ledgers.serve(sync, now_ms);
         let mut tracker = Tracker::default();
-        let (mut reads, mut calls) = (0, 0);
+        let (mut reads, mut calls, mut syncs, mut lost) = (0, 0, 0, 0);
         for now_ms in (0..20_000).step_by(50) {
             if now_ms % 100 == 0 {
                 for sync in prepare(&store, &mut tracker, &c, ("node", 1), budget, now_ms).syncs {
+                    syncs += 1;
                     let answer = serve(&sync, now_ms);
-                    apply(&store, &c, &sync, &answer, now_ms + 1);
+                    if syncs % 7 == 0 {
+                        // What the worker does when the answer fails to come.
+                        tracker.failed(sync.subjects());
+                        lost += 1;
+                    } else {
+                        apply(&store, &c, &sync, &answer, now_ms + 1);
+                    }
                 }
                 continue;
             }
@@ -723,6 +779,7 @@ mod tests {
             }
         }
         assert_eq!(calls, 12_000, "each customer called every 500 ms for 20 s");
+        assert!(lost > 80, "{lost} of {syncs} answers lost");
         assert_eq!(reads, 0, "calls that waited for a read after every customer's first, of {calls}");
     }
 
@@ -734,13 +791,13 @@ mod tests {
         use crate::simulation::backend::{at, Ledger};
         let c = quick_ticks();
         // Ten customers a sync (a small budget stands for the 1,000 a real one holds): each
-        // customer's turn comes every 800 ms, within the bound (833 ms). The reserve holds it;
-        // counted from the tick alone (500 ms), 62 of the 600 customers ended below zero.
+        // customer's turn comes every second, within the bound (1,150 ms). The reserve holds it;
+        // counted from the tick alone (500 ms), 120 of the 600 customers ended below zero.
         let budget = Budget { subjects: 10, ..Budget::default() };
         let everyone: Vec<String> = (0..600).map(|i| format!("s{i:03}")).collect();
-        assert_eq!(turn(&c, everyone.len(), budget), Turn { syncs: 8, ms: 800 });
-        assert_eq!((lease::reserve_ms(&c, 100), lease::reserve_ms(&c, 800)), (500, 1_200));
-        assert_eq!(lease::reserve_ms(&c, 60_000), 833 + 400, "beyond the bound: as at the bound");
+        assert_eq!(turn(&c, everyone.len(), budget), Turn { syncs: 6, ms: 1_000 });
+        assert_eq!((lease::reserve_ms(&c, 100), lease::reserve_ms(&c, 1_000)), (500, 1_400));
+        assert_eq!(lease::reserve_ms(&c, 60_000), 1_150 + 400, "beyond the bound: as at the bound");
         let store = FakeShared::new(Rules::Envoy);
         // Each customer's one grant expires at its own moment of the turn, from 4 s on.
         let mut ledgers = Ledgers::expiring(&everyone, 1_000, |i| Some(4_000 + (i as u64 * 37) % 1_000));

@@ -1,5 +1,6 @@
-//! The customers one worker keeps in sync, where its last sync stopped going round them, and
-//! what it last saw of their entries (to notice the host evicting one).
+//! The customers one worker keeps in sync, where its last sync stopped going round them, whom a
+//! failed sync left to send again, and what it last saw of their entries (to notice the host
+//! evicting one).
 
 use std::hash::RandomState;
 
@@ -18,6 +19,12 @@ pub struct Tracker {
     /// subjects, so a worker with more customers goes round them over several ticks instead of
     /// always syncing the first ones.
     next: usize,
+    /// Customers a failed sync held, in the order it held them: the next tick sends them first,
+    /// so one failed sync costs them a tick, not a turn (`sync::turn_bound_ms` counts on it).
+    again: Vec<String>,
+    /// The customers the last tick sent again: a failed sync that held them leaves them to their
+    /// turn, so a ledger that keeps failing a sync does not hold up everyone else's.
+    sent_again: FxHashSet<String>,
 }
 
 /// What a worker knows of one customer's entries.
@@ -97,10 +104,41 @@ impl Tracker {
     }
 
     /// The tick took the first `taken` customers of its turn: the next one starts after them
-    /// (from the first again if it took none).
+    /// (where this one did if it took none: customers it sent again filled it).
     pub(crate) fn turn_took(&mut self, taken: usize) {
         let start = if self.next < self.subjects.len() { self.next } else { 0 };
-        self.next = if taken == 0 { 0 } else { (start + taken) % self.subjects.len().max(1) };
+        self.next = (start + taken) % self.subjects.len().max(1);
+    }
+
+    /// A sync that held `subjects` failed: the next tick sends them again, unless this one
+    /// already did.
+    pub(crate) fn failed<'s>(&mut self, subjects: impl Iterator<Item = &'s str>) {
+        for subject in subjects {
+            // A customer's scopes follow one another in a sync.
+            if self.again.last().map(String::as_str) != Some(subject) && !self.sent_again.contains(subject) {
+                self.again.push(subject.to_owned());
+            }
+        }
+    }
+
+    /// The customers to send again this tick; they are left out of its turn (`in_turn`).
+    pub(crate) fn take_again(&mut self) -> Vec<String> {
+        let again = std::mem::take(&mut self.again);
+        self.sent_again = again.iter().cloned().collect();
+        again
+    }
+
+    /// Customers to send again that this tick had no room for: the next tick sends them.
+    pub(crate) fn not_sent_again(&mut self, subjects: &[String]) {
+        for subject in subjects {
+            self.sent_again.remove(subject);
+        }
+        self.again.extend_from_slice(subjects);
+    }
+
+    /// Is `subject` sent again this tick (and so not in its turn)?
+    pub(crate) fn is_sent_again(&self, subject: &str) -> bool {
+        !self.sent_again.is_empty() && self.sent_again.contains(subject)
     }
 
     /// Stops keeping `gone` in sync, in one pass; the turn goes on where it was.
@@ -161,8 +199,9 @@ mod tests {
         // The one the turn starts at forgotten: the next one starts it.
         t.forget(&["b"].into_iter().collect());
         assert_eq!(turn(&t), ["c", "e"]);
+        t.turn_took(1);
         t.turn_took(0);
-        assert_eq!(turn(&t), ["c", "e"], "a tick that took nobody starts the next from the first");
+        assert_eq!(turn(&t), ["e", "c"], "a tick that took nobody: the next starts where it did");
         t.forget(&["c", "e"].into_iter().collect());
         assert!(turn(&t).is_empty() && t.is_empty());
         t.turn_took(0);

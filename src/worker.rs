@@ -99,6 +99,16 @@ struct Retry {
     cost: Amount,
 }
 
+/// What became of a ledger answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Absorbed {
+    Applied,
+    /// The ledger failed it (or the engine gave up on it at the ledger's timeout).
+    Failed,
+    /// No answer within a read's shortened timeout: nothing is known of the ledger.
+    CutShort,
+}
+
 /// How long past `ledger.timeout_ms` a read (and a call waiting for one) is waited for before the
 /// tick gives up on it.
 const READ_SLACK_MS: u64 = 100;
@@ -190,7 +200,8 @@ impl Worker {
     /// Applies the ledger's answer to `pending`, or marks the ledger down if it failed, unless no
     /// answer came by `cut_to_ms`, a timeout shorter than the ledger's it was dispatched with (a
     /// read cut short to what is left of its call's wait): that says nothing about the ledger,
-    /// and it ends the call's wait (true), however the clock the filter reads shows it.
+    /// and it ends the call's wait ([`Absorbed::CutShort`]), however the clock the filter reads
+    /// shows it.
     fn absorb(
         &mut self,
         engine: &mut dyn Engine,
@@ -198,7 +209,7 @@ impl Worker {
         pending: &PendingSync,
         answer: &LedgerAnswer,
         cut_to_ms: Option<u32>,
-    ) -> bool {
+    ) -> Absorbed {
         let now_ms = self.now_ms(engine);
         engine.record_rtt(now_ms.saturating_sub(pending.sent_ms));
         match sync::parse_answer(pending, answer.status, answer.body.as_deref()) {
@@ -215,7 +226,7 @@ impl Worker {
                     self.unknown.learn(subject, now_ms + u64::from(config.sync.unknown_ttl_ms));
                 }
                 self.ledger_down_until_ms = 0;
-                false
+                Absorbed::Applied
             }
             Err(AnswerError::TooLarge) => {
                 // Nothing of it was booked: its ranges go again, fewer subjects at a time.
@@ -225,7 +236,7 @@ impl Worker {
                     "prepaid_credits: the ledger refused a sync as too large; now {} subjects a sync",
                     self.budget.subjects
                 );
-                false
+                Absorbed::Failed
             }
             Err(AnswerError::Unavailable(message) | AnswerError::Malformed(message)) => {
                 self.count(Metric::SyncFailures, 1);
@@ -235,10 +246,11 @@ impl Worker {
                 let early_ms = engine.rules().timeout_early_ms();
                 let cut_short = answer.status.is_none()
                     && cut_to_ms.is_some_and(|t| now_ms + early_ms >= pending.sent_ms.saturating_add(u64::from(t)));
-                if !cut_short {
-                    self.mark_ledger_down(config, now_ms);
+                if cut_short {
+                    return Absorbed::CutShort;
                 }
-                cut_short
+                self.mark_ledger_down(config, now_ms);
+                Absorbed::Failed
             }
         }
     }
@@ -304,7 +316,9 @@ impl Worker {
             if now_ms.saturating_sub(pending.sent_ms) <= 2 * u64::from(config.ledger.timeout_ms) {
                 return;
             }
-            self.in_flight.clear();
+            for (_, lost) in std::mem::take(&mut self.in_flight) {
+                self.tracker.failed(lost.subjects());
+            }
             self.congested = true;
         }
         // One sync more than the last tick while the ledger kept up, one when it did not.
@@ -318,7 +332,8 @@ impl Worker {
         self.register(engine, config, &unregistered);
         self.count(Metric::SharedEntriesEvicted, prepared.evicted);
         self.count(Metric::SharedDataFailures, prepared.shared_failures);
-        for pending in prepared.syncs {
+        let mut syncs = prepared.syncs.into_iter();
+        while let Some(pending) = syncs.next() {
             match self.dispatch(engine, config, &pending, config.ledger.timeout_ms) {
                 Ok(token) => {
                     self.count(Metric::SyncBatches, 1);
@@ -327,10 +342,13 @@ impl Worker {
                     self.sent_last_tick += 1;
                 }
                 Err(DispatchRefused(why)) => {
-                    // The rest would be refused alike: their ranges go again on a later tick.
+                    // The rest would be refused alike: their customers go again at the next tick.
                     self.count(Metric::SyncFailures, 1);
                     log::warn!("prepaid_credits: could not dispatch the sync to {:?}: {why}", config.ledger.upstream);
                     self.mark_ledger_down(config, now_ms);
+                    for failed in std::iter::once(pending).chain(syncs) {
+                        self.tracker.failed(failed.subjects());
+                    }
                     break;
                 }
             }
@@ -351,7 +369,9 @@ impl Worker {
         let (_, pending) = self.in_flight.remove(i);
         let waited_ms = self.now_ms(engine).saturating_sub(pending.sent_ms);
         self.congested |= answer.status != Some(200) || waited_ms > u64::from(config.ledger.timeout_ms) / 2;
-        self.absorb(engine, config, &pending, answer, None);
+        if self.absorb(engine, config, &pending, answer, None) != Absorbed::Applied {
+            self.tracker.failed(pending.subjects());
+        }
     }
 
     /// Acts on a verdict for call `context` of `subject`.
@@ -505,7 +525,7 @@ impl Worker {
         answer: &LedgerAnswer,
     ) {
         let Some(read) = self.waiting.answered(running, token) else { return };
-        let ran_out = self.absorb(engine, config, &read.pending, answer, read.cut_to_ms);
+        let ran_out = self.absorb(engine, config, &read.pending, answer, read.cut_to_ms) == Absorbed::CutShort;
         // Another read would be `running`'s, so none goes out once its own wait is over (it is
         // decided last, and would otherwise wait on for the others).
         let now_ms = self.now_ms(engine);
@@ -675,7 +695,34 @@ mod tests {
         serde_json::from_slice::<SyncRequest>(body).unwrap().subjects.into_iter().map(|s| s.subject).collect()
     }
 
-    /// A worker with more customers than one sync a tick reaches within their leases' life (8,000
+    /// A worker of a node whose `customers` the ledger knows, each with credit 1 (the fake Kong
+    /// store's forced hash collisions left out: thousands of keys of one length and first letter
+    /// would all collide in it).
+    fn worker_with_customers(rules: Rules, config: &FilterConfig, customers: usize) -> (FakeEngine, Worker) {
+        let mut engine = FakeEngine::with_store(rules, Rc::new(FakeShared::new(SharedRules::Envoy)));
+        engine.enter(0, Phase::Configure);
+        let mut worker = Worker::start(&engine, 1);
+        worker.reconfigure(config);
+        let now = engine.now_ms;
+        for i in 0..customers {
+            let subject = format!("s{i:05}");
+            let read = sync::balance_read(engine.shared(), config, "n", &subject, &[config.price], now, 1_000);
+            let response = serde_json::from_slice(&answer_to(read.body(), "1", 1).body.unwrap()).unwrap();
+            sync::apply(engine.shared(), config, &read, &response, now);
+            worker.tracker.touch(&subject, now);
+        }
+        (engine, worker)
+    }
+
+    /// The worker's tick `ms` later, and the syncs it dispatched.
+    fn tick_after(ms: u64, engine: &mut FakeEngine, worker: &mut Worker, config: &FilterConfig) -> Vec<Dispatched> {
+        engine.now_ms += ms;
+        engine.enter(0, Phase::Tick);
+        worker.on_tick(engine, config);
+        std::mem::take(&mut engine.dispatched)
+    }
+
+    /// A worker with more customers than one sync a tick reaches within their leases' life (11,000
     /// with the defaults) sends two syncs a tick, both from the tick — once the ledger answered
     /// the last tick's in time: one more a tick from one, and back to one after an answer that
     /// failed or came late. Each answer is applied to its own customers.
@@ -686,30 +733,12 @@ mod tests {
                 br#"{"ledger": {"upstream": "l", "token": "t"}, "price": "0.10", "currency": "USD"}"#,
             )
             .unwrap();
-            // Without the fake Kong store's forced hash collisions: 8,001 keys of one length and
-            // first letter would all collide in it.
-            let mut engine = FakeEngine::with_store(rules, Rc::new(FakeShared::new(SharedRules::Envoy)));
-            engine.enter(0, Phase::Configure);
-            let mut worker = Worker::start(&engine, 1);
-            worker.reconfigure(&config);
-            let now = engine.now_ms;
-            for i in 0..8_001 {
-                let subject = format!("s{i:05}");
-                let read = sync::balance_read(engine.shared(), &config, "n", &subject, &[config.price], now, 1_000);
-                let response = serde_json::from_slice(&answer_to(read.body(), "1", 1).body.unwrap()).unwrap();
-                sync::apply(engine.shared(), &config, &read, &response, now);
-                worker.tracker.touch(&subject, now);
-            }
+            let (mut engine, mut worker) = worker_with_customers(rules, &config, 11_001);
             let live = |engine: &FakeEngine, subject: &str| {
                 let key = entry_key(&config, &config.pricing.scopes[0], subject);
                 shared::read::<CustomerEntry>(engine.shared(), &key).unwrap().live
             };
-            let tick_after = |ms: u64, engine: &mut FakeEngine, worker: &mut Worker| {
-                engine.now_ms += ms;
-                engine.enter(0, Phase::Tick);
-                worker.on_tick(engine, &config);
-                std::mem::take(&mut engine.dispatched)
-            };
+            let tick_after = |ms, engine: &mut FakeEngine, worker: &mut Worker| tick_after(ms, engine, worker, &config);
             let answer = |engine: &mut FakeEngine, worker: &mut Worker, sent: &Dispatched, answer: LedgerAnswer| {
                 engine.enter(0, Phase::CallResponse);
                 worker.on_sync_answer(engine, &config, sent.token, &answer);
@@ -749,6 +778,47 @@ mod tests {
             assert_eq!(engine.metric(Metric::SyncBatches), 6);
             assert!(engine.violations.is_empty(), "{:?}", engine.violations);
         }
+    }
+
+    /// A sync that fails (an error status, a dispatch the engine refuses, an answer that never
+    /// comes) costs its customers a tick, not a turn: the next tick sends them first. A sync of
+    /// them that fails again leaves them to their turn, which goes on.
+    #[test]
+    fn a_failed_syncs_customers_go_again_at_the_next_tick() {
+        let config =
+            FilterConfig::parse(br#"{"ledger": {"upstream": "l", "token": "t"}, "price": "0.10", "currency": "USD"}"#)
+                .unwrap();
+        let (mut engine, mut worker) = worker_with_customers(Rules::Envoy, &config, 2_500);
+        let range = |from: usize, to: usize| (from..to).map(|i| format!("s{i:05}")).collect::<Vec<_>>();
+        let tick = |engine: &mut FakeEngine, worker: &mut Worker, status: Option<u16>| {
+            let sent = tick_after(1_000, engine, worker, &config);
+            assert_eq!(sent.len(), 1, "one sync a tick: 2,500 customers are within one sync's reach");
+            let answer = match status {
+                Some(200) => answer_to(&sent[0].body, "1", 2),
+                status => LedgerAnswer { status, body: None },
+            };
+            engine.enter(0, Phase::CallResponse);
+            worker.on_sync_answer(engine, &config, sent[0].token, &answer);
+            subjects_of(&sent[0].body)
+        };
+        assert_eq!(tick(&mut engine, &mut worker, Some(503)), range(0, 1_000));
+        assert_eq!(tick(&mut engine, &mut worker, None), range(0, 1_000), "again after a 503");
+        assert_eq!(tick(&mut engine, &mut worker, Some(200)), range(1_000, 2_000), "twice failed: left to their turn");
+        assert_eq!(tick(&mut engine, &mut worker, Some(200)), [range(2_000, 2_500), range(0, 500)].concat());
+        // Refused at dispatch: again at the next tick, once the engine takes it.
+        engine.refuse_dispatches = true;
+        assert!(tick_after(1_000, &mut engine, &mut worker, &config).is_empty());
+        engine.refuse_dispatches = false;
+        assert_eq!(tick(&mut engine, &mut worker, Some(200)), range(500, 1_500));
+        // An answer that never comes: the tick gives up on it after twice the timeout.
+        let lost = tick_after(1_000, &mut engine, &mut worker, &config);
+        assert_eq!(subjects_of(&lost[0].body), range(1_500, 2_500));
+        for _ in 0..2 {
+            assert!(tick_after(1_000, &mut engine, &mut worker, &config).is_empty(), "still waited for");
+        }
+        assert_eq!(tick(&mut engine, &mut worker, Some(200)), range(1_500, 2_500), "again, once given up on");
+        assert_eq!(tick(&mut engine, &mut worker, Some(200)), range(0, 1_000), "and the turn goes on");
+        assert_eq!(engine.metric(Metric::SyncFailures), 3);
     }
 
     /// ngx_wasm_module's worker died when the root context dispatched from its answer to a
