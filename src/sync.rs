@@ -653,10 +653,10 @@ mod tests {
     #[test]
     fn a_worker_sends_as_many_syncs_a_tick_as_reach_every_customer_before_what_it_holds_lapses() {
         let c = leased();
-        // A lease may be spent for 30 s less the reserve (the turn T, 1 s of timeout and 3 s)
-        // after its request left; and one failed sync must not let it lapse: it fails at its
-        // 1-s timeout, its customers go again at the next tick, answered within 1 s:
-        // 30 − (T + 4) ≥ T + 3, turns 11.5 s apart.
+        // A lease may be spent for 30 s less the reserve (the turn T, 1 s stuck behind an
+        // unanswered sync and 3 s for a failed one going again) after its request left; and one
+        // failed sync must not let it lapse: it fails at its 1-s timeout, its customers go again
+        // at the next tick, answered within 1 s: 30 − (T + 4) ≥ T + 3, turns 11.5 s apart.
         assert_eq!(turn_bound_ms(&c), 11_500);
         let at = |customers| turn(&c, customers, Budget::default());
         assert_eq!(at(1), Turn { syncs: 1, ms: 1_000 });
@@ -788,46 +788,86 @@ mod tests {
     /// booked after its only grant expired (it would be uncovered: a balance below zero).
     #[test]
     fn credit_is_never_spent_after_it_expires_on_a_worker_whose_turns_are_long() {
-        use crate::simulation::backend::{at, Ledger};
         let c = quick_ticks();
         // Ten customers a sync (a small budget stands for the 1,000 a real one holds): each
         // customer's turn comes every second, within the bound (1,150 ms). The reserve holds it;
         // counted from the tick alone (500 ms), 120 of the 600 customers ended below zero.
         let budget = Budget { subjects: 10, ..Budget::default() };
-        let everyone: Vec<String> = (0..600).map(|i| format!("s{i:03}")).collect();
-        assert_eq!(turn(&c, everyone.len(), budget), Turn { syncs: 6, ms: 1_000 });
+        assert_eq!(turn(&c, 600, budget), Turn { syncs: 6, ms: 1_000 });
         assert_eq!((lease::reserve_ms(&c, 100), lease::reserve_ms(&c, 1_000)), (500, 1_400));
         assert_eq!(lease::reserve_ms(&c, 60_000), 1_150 + 400, "beyond the bound: as at the bound");
+        let (refused, overdrawn) = spend_until_credit_expires(&c, 600, budget, None);
+        assert!(refused > 0, "every grant expired while its customer called");
+        assert!(overdrawn.is_empty(), "usage booked after its credit expired: {overdrawn:?}");
+    }
+
+    /// A sync that fails without reaching the ledger sends its customers again at the next tick:
+    /// the reserve holds that too, so their calls are still booked before the credit behind their
+    /// leases expires — also where the tick is long against a tenth of the TTL.
+    #[test]
+    fn credit_is_never_spent_after_it_expires_when_a_sync_fails_and_goes_again() {
+        let c = FilterConfig::parse(
+            br#"{"ledger": {"upstream": "l", "token": "t", "timeout_ms": 100}, "price": "0.10", "currency": "USD",
+                "sync": {"interval_ms": 500}, "lease": {"ttl_ms": 2000}}"#,
+        )
+        .unwrap();
+        let budget = Budget::default();
+        assert_eq!(turn(&c, 100, budget), Turn { syncs: 1, ms: 500 });
+        let (refused, overdrawn) = spend_until_credit_expires(&c, 100, budget, Some(3));
+        assert!(refused > 0, "every grant expired while its customer called");
+        assert!(overdrawn.is_empty(), "usage booked after its credit expired: {overdrawn:?}");
+    }
+
+    /// `customers` who call every 200 ms, each until its only grant expires (from 4 s on, each at
+    /// its own moment of a second), on a worker that sends syncs of `budget` every
+    /// `sync.interval_ms`; every `fail_every`-th sync fails without reaching the ledger and its
+    /// customers go again at the next tick. Then everything left to report goes out. Returns how
+    /// many calls were refused, and the customers whose usage was booked after their credit
+    /// expired.
+    fn spend_until_credit_expires(
+        c: &FilterConfig,
+        customers: usize,
+        budget: Budget,
+        fail_every: Option<u64>,
+    ) -> (u64, Vec<String>) {
+        use crate::simulation::backend::{at, Ledger};
+        let interval_ms = u64::from(c.sync.interval_ms);
+        let everyone: Vec<String> = (0..customers).map(|i| format!("s{i:03}")).collect();
         let store = FakeShared::new(Rules::Envoy);
-        // Each customer's one grant expires at its own moment of the turn, from 4 s on.
         let mut ledgers = Ledgers::expiring(&everyone, 1_000, |i| Some(4_000 + (i as u64 * 37) % 1_000));
         let mut tracker = Tracker::default();
+        let mut syncs = 0;
         // The ledger books what fell due (expiries), then the worker's tick.
-        let tick = |ledgers: &mut Ledgers, tracker: &mut Tracker, now_ms: u64| {
+        let mut tick = |ledgers: &mut Ledgers, tracker: &mut Tracker, now_ms: u64, failing: bool| {
             for ledger in ledgers.0.values_mut() {
                 ledger.job(at(now_ms));
             }
-            for sync in prepare(&store, tracker, &c, ("node", 1), budget, now_ms).syncs {
+            for sync in prepare(&store, tracker, c, ("node", 1), budget, now_ms).syncs {
+                syncs += 1;
+                if failing && fail_every.is_some_and(|n| syncs % n == 0) {
+                    tracker.failed(sync.subjects());
+                    continue;
+                }
                 let answer = ledgers.serve(&sync, now_ms);
-                apply(&store, &c, &sync, &answer, now_ms + 1);
+                apply(&store, c, &sync, &answer, now_ms + 1);
             }
         };
         let mut refused = 0;
         for now_ms in (0..8_000).step_by(50) {
-            if now_ms % 100 == 0 {
-                tick(&mut ledgers, &mut tracker, now_ms);
+            if now_ms % interval_ms == 0 {
+                tick(&mut ledgers, &mut tracker, now_ms, true);
                 continue;
             }
             // Each customer calls every 200 ms.
             for (_, s) in everyone.iter().enumerate().filter(|(i, _)| (now_ms / 50 + *i as u64) % 4 == 0) {
                 tracker.touch(s, now_ms);
-                let verdict = match call(&store, &c, s, c.price, now_ms, LedgerAccess::Reachable).0 {
+                let verdict = match call(&store, c, s, c.price, now_ms, LedgerAccess::Reachable).0 {
                     Verdict::AskLedger => {
-                        let turn_ms = turn(&c, tracker.len(), budget).ms;
-                        let read = balance_read(&store, &c, "node", s, &[c.price], now_ms, turn_ms);
+                        let turn_ms = turn(c, tracker.len(), budget).ms;
+                        let read = balance_read(&store, c, "node", s, &[c.price], now_ms, turn_ms);
                         let answer = ledgers.serve(&read, now_ms);
-                        apply(&store, &c, &read, &answer, now_ms);
-                        call(&store, &c, s, c.price, now_ms, LedgerAccess::Asked).0
+                        apply(&store, c, &read, &answer, now_ms);
+                        call(&store, c, s, c.price, now_ms, LedgerAccess::Asked).0
                     }
                     verdict => verdict,
                 };
@@ -839,11 +879,9 @@ mod tests {
                 }
             }
         }
-        // Everything still to report goes out.
-        for now_ms in (8_000..12_000).step_by(100) {
-            tick(&mut ledgers, &mut tracker, now_ms);
+        for now_ms in (8_000..12_000).step_by(usize::try_from(interval_ms).unwrap()) {
+            tick(&mut ledgers, &mut tracker, now_ms, false);
         }
-        assert!(refused > 0, "every grant expired while its customer called");
         let mut overdrawn = Vec::new();
         for (s, ledger) in &mut ledgers.0 {
             let books = ledger.books();
@@ -854,7 +892,7 @@ mod tests {
                 overdrawn.push(format!("{s}: {settled}"));
             }
         }
-        assert!(overdrawn.is_empty(), "usage booked after its credit expired: {overdrawn:?}");
+        (refused, overdrawn)
     }
 
     /// Four workers of one node go round the same 50 customers, each once a second, at their own

@@ -18,8 +18,10 @@ fn lease_config() -> Value {
         "ledger": {"timeout_ms": 2000},
         "sync": {"strategy": "lease", "interval_ms": 200},
         // lease.idle_release_ms stays at its default (5 minutes): only the ledger's recall can
-        // free credit an idle node holds within these tests.
-        "lease": {"ttl_ms": 7000, "min_calls": 5, "max_calls": 200}
+        // free credit an idle node holds within these tests. A lease is spendable for the TTL
+        // less its reserve (0.2 s turn + 2 s timeout + 4.2 s for a sync that fails and goes
+        // again): 3.6 s after each renewal, against the ledger's 2-s timeout.
+        "lease": {"ttl_ms": 10000, "min_calls": 5, "max_calls": 200}
     }))
 }
 
