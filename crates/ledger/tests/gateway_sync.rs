@@ -356,7 +356,9 @@ async fn streams_booked_by_key_before_marks_get_marks_from_their_keys(backend: B
 }
 
 /// A stored mark that cannot be a call number (corrupt) fails the sync with a 500 and books
-/// nothing, instead of reading as 0 and booking the stream's calls again.
+/// nothing, instead of reading as 0 and booking the stream's calls again. (The ledger that booked
+/// the range keeps its mark with the customer's book and does not read it again: here a ledger
+/// started since, as after a restart, reads it.)
 async fn a_corrupt_mark_books_nothing(backend: Backend) {
     let db = TestDb::new(backend).await;
     let ledger = Ledger::start(&db).await;
@@ -368,8 +370,10 @@ async fn a_corrupt_mark_books_nothing(backend: Backend) {
         .execute(ledger.state.db.pool())
         .await
         .expect("corrupt the mark");
-    let (status, body) =
-        ledger.sync(json!({"node": "n", "subjects": [subject_sync("corrupt-subject", json!({"usage": range}))]})).await;
+    let restarted = Ledger::start(&db).await;
+    let (status, body) = restarted
+        .sync(json!({"node": "n", "subjects": [subject_sync("corrupt-subject", json!({"usage": range}))]}))
+        .await;
     assert_eq!(status, 500, "{body}");
     assert_eq!(ledger.balance(&c, "").await.0, "9.00", "booked once");
 }
@@ -813,27 +817,91 @@ async fn a_book_changed_since_a_sync_kept_it_is_read_again(backend: Backend) {
     let usage =
         |from: u64| subject_sync("kept-subject", json!({"usage": usage_range(from, from + 1, "1.00", "credit_only")}));
     let read_before = ledger.counter("gateway_sync_books_read").await;
+    let marks_before = ledger.counter("gateway_sync_marks_read").await;
 
     let first = ledger.sync_one("n", usage(0)).await;
     assert_eq!(first["live"], "9.00", "{first}");
     let after_first = ledger.counter("gateway_sync_books_read").await;
     assert_eq!(after_first - read_before, 1, "the first sync reads the book");
+    let marks_after_first = ledger.counter("gateway_sync_marks_read").await;
+    assert_eq!(marks_after_first - marks_before, 1, "and looks for the stream's mark");
 
     let second = ledger.sync_one("n", usage(1)).await;
     assert_eq!(second["live"], "8.00", "{second}");
     let after_second = ledger.counter("gateway_sync_books_read").await;
     assert_eq!(after_second - after_first, 0, "the book the first sync kept is still current");
+    let marks_after_second = ledger.counter("gateway_sync_marks_read").await;
+    assert_eq!(marks_after_second - marks_after_first, 0, "so is the mark kept with it");
+    // Kept marks still tell a retry from a new range.
+    assert_eq!(ledger.sync_one("n", usage(1)).await["usage"], "duplicate");
+    let other_node = ledger.sync_one("m", usage(0)).await;
+    assert_eq!((other_node["usage"].as_str(), other_node["live"].as_str()), (Some("booked"), Some("7.00")));
+    assert_eq!(ledger.counter("gateway_sync_marks_read").await - marks_after_second, 1, "a new stream is looked up");
+    ledger.assert_journal_sound().await;
+    let after_second = ledger.counter("gateway_sync_books_read").await;
 
     let (status, body) = ledger
         .charge_with(&a, json!({"amount": "3", "currency": "USD", "settlement_mode": "credit_only", "key": "between"}))
         .await;
     assert_eq!(status, 201, "{body}");
+    let marks_before_third = ledger.counter("gateway_sync_marks_read").await;
     let third = ledger.sync_one("n", usage(2)).await;
-    assert_eq!(third["live"], "4.00", "the charge counted: {third}");
+    assert_eq!(third["live"], "3.00", "the charge counted: {third}");
+    assert_eq!(ledger.counter("gateway_sync_marks_read").await - marks_before_third, 1, "the mark is looked up again");
     let after_third = ledger.counter("gateway_sync_books_read").await;
     assert_eq!(after_third - after_second, 1, "the charged book is read again");
-    assert_eq!(ledger.balance(&a, "").await, ("4.00".into(), "4.00".into(), "0".into()));
+    assert_eq!(ledger.balance(&a, "").await, ("3.00".into(), "3.00".into(), "0".into()));
     ledger.assert_journal_sound().await;
+}
+
+/// Marks kept with a book are used only while no one else wrote the customer: a second ledger on
+/// the same database books a stream's next range, and the subject then moves to another customer
+/// and back; the first ledger still books each range of the stream once, and every retry it is
+/// sent is a duplicate.
+async fn a_stream_booked_elsewhere_since_its_mark_was_kept_books_each_range_once(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let (first, second) = (Ledger::start(&db).await, Ledger::start(&db).await);
+    let a = first.customer("keeper").await;
+    first.grant(&a, grant_body("10.00", json!({}))).await;
+    let usage = |from: u64, to: u64| {
+        subject_sync(
+            "keeper-subject",
+            json!({"usage": usage_range(from, to, &format!("{}.00", to - from), "credit_only")}),
+        )
+    };
+    let outcome =
+        |answer: Value| (answer["usage"].as_str().map(str::to_owned), answer["live"].as_str().map(str::to_owned));
+    let expect = |usage: &str, live: &str| (Some(usage.to_owned()), Some(live.to_owned()));
+
+    assert_eq!(outcome(first.sync_one("n", usage(0, 1)).await), expect("booked", "9.00"));
+    assert_eq!(outcome(first.sync_one("n", usage(1, 2)).await), expect("booked", "8.00"), "kept: the mark is 2");
+    // The node's next range reaches the other ledger, and its retry the first.
+    assert_eq!(outcome(second.sync_one("n", usage(2, 4)).await), expect("booked", "6.00"));
+    assert_eq!(outcome(first.sync_one("n", usage(2, 4)).await), expect("duplicate", "6.00"));
+    assert_eq!(outcome(first.sync_one("n", usage(4, 5)).await), expect("booked", "5.00"));
+
+    // The subject moves to another customer, who books a range of the stream, and back.
+    let b = first.customer("taker").await;
+    first.grant(&b, grant_body("10.00", json!({}))).await;
+    let subjects = |id: &str, key: &str, subjects: Value| {
+        let ledger = &second;
+        let body = json!({"name": key, "usage_attribution": {"subject_keys": subjects}});
+        let path = support::customer_path(id);
+        async move {
+            let (status, answer) = ledger.put(&path, body).await;
+            assert_eq!(status, 200, "{answer}");
+        }
+    };
+    subjects(&a, "keeper", json!([])).await;
+    subjects(&b, "taker", json!(["keeper-subject"])).await;
+    assert_eq!(outcome(second.sync_one("n", usage(5, 7)).await), expect("booked", "8.00"), "the taker pays");
+    subjects(&b, "taker", json!([])).await;
+    subjects(&a, "keeper", json!(["keeper-subject"])).await;
+    assert_eq!(outcome(first.sync_one("n", usage(5, 7)).await), expect("duplicate", "5.00"));
+    assert_eq!(outcome(first.sync_one("n", usage(7, 8)).await), expect("booked", "4.00"));
+    assert_eq!(first.usage_mark("n/keeper-subject/USD/-").await, Some((8, false)));
+    first.assert_journal_sound().await;
+    second.assert_journal_sound().await;
 }
 
 /// A group that fails, and then each of its syncs served alone, is answered with the error, every
@@ -1019,6 +1087,7 @@ on_both_backends!(
     a_range_gives_back_what_it_refunds_once_as_credit_of_its_scope,
     syncs_that_arrive_together_are_served_together,
     a_book_changed_since_a_sync_kept_it_is_read_again,
+    a_stream_booked_elsewhere_since_its_mark_was_kept_books_each_range_once,
     a_group_that_fails_answers_every_sync_with_the_error_and_books_nothing,
     a_sync_that_fails_does_not_fail_its_group,
     a_split_group_that_fails_half_way_books_each_range_once,

@@ -23,6 +23,7 @@ use tokio::sync::oneshot;
 use credits::usage_mark::{Check, UsageMark};
 use credits::{Book, Entry, Grant, GrantId, GrantState, HoldId, MovementKind};
 
+use crate::book_cache::Marks;
 use crate::db::{lock_customers, Backend, WriteTx};
 use crate::store::books::{self, Operation, Writes};
 use crate::store::grants::GrantRecord;
@@ -347,10 +348,16 @@ async fn serve_shard(state: &AppState, reqs: &[&SyncRequest], owners: &[(&str, A
     let mut outcomes = Vec::with_capacity(owners.len());
     let mut w = state.db.begin_write().await?;
     let revisions = lock_customers(&mut w.tx, state.db.backend(), &customer_ids).await?;
-    // Books this ledger committed and nobody changed since are not read again.
-    let (mut books, to_read) = state.books.take_current(&customer_ids, &revisions);
+    // Books (and marks) this ledger committed and nobody changed since are not read again.
+    let (kept, to_read) = state.books.take_current(&customer_ids, &revisions);
+    let mut books = HashMap::with_capacity(customer_ids.len());
+    let mut kept_marks = HashMap::with_capacity(kept.len());
+    for (customer_id, k) in kept {
+        books.insert(customer_id.clone(), k.book);
+        kept_marks.insert(customer_id, k.marks);
+    }
     books.extend(books::load_books(&mut w.tx, &to_read).await?);
-    let mut batch = Batch::read(state, &mut w, reqs, owners).await?;
+    let mut batch = Batch::read(state, &mut w, reqs, owners, kept_marks).await?;
     batch.counts.books_read = to_read.len() as u64;
     let mut before: HashMap<&str, Book> = HashMap::new();
     for &(customer_id, at) in owners {
@@ -375,9 +382,12 @@ async fn serve_shard(state: &AppState, reqs: &[&SyncRequest], owners: &[(&str, A
     batch.counts.notification_events = crate::notify::on_bookings(&mut w.tx, &touched, batch.db_now).await?;
     let server_time = state.db.now(&mut w.tx).await?;
     w.commit().await?;
-    // Each book served was written with its new revision (`Writes::revisions`).
+    // Each book served was written with its new revision (`Writes::revisions`), and each mark met
+    // is stored as it is now.
     let kept = before.keys().filter(|c| !batch.refunded.contains(**c));
-    state.books.keep(kept.filter_map(|c| Some((*c, *revisions.get(*c)?, books.remove(*c)?))));
+    state.books.keep(kept.filter_map(|c| {
+        Some((*c, *revisions.get(*c)?, books.remove(*c)?, batch.marks.remove(*c).unwrap_or_default()))
+    }));
     batch.counts.publish(state);
     Ok(ShardServed { outcomes, server_time })
 }
@@ -435,8 +445,10 @@ struct Batch<'a> {
     /// The usage stream of each subject served (`SubjectSync::usage_stream`), by sync and place
     /// in it: formatted once, and taken by the subject's serving.
     streams: Vec<Vec<Option<String>>>,
-    /// The marks of the group's usage streams, moved as ranges are booked.
-    marks: HashMap<String, UsageMark>,
+    /// Stored marks by customer and stream: those kept with the customers' books, and those of
+    /// the group's other streams; moved as ranges are booked, and joined by the streams whose
+    /// first range this group books.
+    marks: HashMap<String, Marks>,
     /// Range keys stored (before, or by this group) among those the marks cannot vouch for.
     recorded: HashSet<String>,
     leases: HashMap<String, LeaseRecord>,
@@ -468,6 +480,7 @@ impl<'a> Batch<'a> {
         w: &mut WriteTx,
         reqs: &'a [&'a SyncRequest],
         owners: &[(&str, At)],
+        mut marks: HashMap<String, Marks>,
     ) -> ApiResult<Self> {
         let db_now = state.db.now(&mut w.tx).await?;
         let subject = |at: At| &reqs[at.sync].subjects[at.subject];
@@ -475,19 +488,36 @@ impl<'a> Batch<'a> {
         for &(_, at) in owners {
             streams[at.sync][at.subject] = subject(at).usage_stream(&reqs[at.sync].node);
         }
-        let mut wanted: Vec<&str> = streams.iter().flatten().flatten().map(String::as_str).collect();
+        // The streams whose marks were not kept with their customer's book, with that customer.
+        let mut wanted: Vec<(&str, &str)> = owners
+            .iter()
+            .filter_map(|&(customer_id, at)| {
+                let stream = streams[at.sync][at.subject].as_deref()?;
+                let kept = marks.get(customer_id).is_some_and(|m| m.contains_key(stream));
+                (!kept).then_some((stream, customer_id))
+            })
+            .collect();
         wanted.sort_unstable();
         wanted.dedup();
-        let marks = usage::marks(&mut w.tx, &wanted).await?;
+        let read: Vec<&str> = wanted.iter().map(|(stream, _)| *stream).collect();
+        let marks_read = read.len() as u64;
+        let mut stored = usage::marks(&mut w.tx, &read).await?;
+        for (stream, customer_id) in &wanted {
+            if let Some((stream, mark)) = stored.remove_entry(*stream) {
+                put_mark(&mut marks, customer_id, stream, mark);
+            }
+        }
+        let mark_of = |customer_id: &str, stream: &str| {
+            marks.get(customer_id).and_then(|m| m.get(stream)).copied().unwrap_or_default()
+        };
         // Only keys the stored marks cannot vouch for: a stream stores keys only once keyed, and
         // then every range not below its mark is checked by key, so none stored is missed; keys
         // this group stores are added as it goes.
         let keys: Vec<String> = owners
             .iter()
-            .filter_map(|&(_, at)| {
+            .filter_map(|&(customer_id, at)| {
                 let (range, stream) = (subject(at).usage.as_ref()?, streams[at.sync][at.subject].as_ref()?);
-                let mark = marks.get(stream).copied().unwrap_or_default();
-                (mark.check(range) == Check::ByKey).then(|| range.key_in(stream))
+                (mark_of(customer_id, stream).check(range) == Check::ByKey).then(|| range.key_in(stream))
             })
             .collect();
         let recorded = usage::recorded(&mut w.tx, &keys).await?;
@@ -506,7 +536,7 @@ impl<'a> Batch<'a> {
             booking: None,
             refunded: HashSet::new(),
             writes: Writes::new(),
-            counts: Counts::default(),
+            counts: Counts { marks_read, ..Counts::default() },
         })
     }
 
@@ -561,7 +591,7 @@ impl<'a> Batch<'a> {
         // Each subject is served once: its stream moves to the mark it writes.
         let stream = self.streams[at.sync][at.subject].take();
         let key = s.usage.as_ref().zip(stream.as_deref()).map(|(range, stream)| range.key_in(stream));
-        let mut mark = stream.as_ref().and_then(|st| self.marks.get(st)).copied().unwrap_or_default();
+        let mut mark = stream.as_ref().and_then(|st| self.marks.get(customer_id)?.get(st)).copied().unwrap_or_default();
         let usage_seen = s.usage.as_ref().is_some_and(|range| match mark.check(range) {
             Check::Booked => true,
             Check::New => false,
@@ -603,12 +633,7 @@ impl<'a> Batch<'a> {
                 mark.found(range);
             }
             if mark != before {
-                match self.marks.get_mut(stream.as_str()) {
-                    Some(known) => *known = mark,
-                    None => {
-                        self.marks.insert(stream.clone(), mark);
-                    }
-                }
+                put_mark(&mut self.marks, customer_id, stream.clone(), mark);
                 self.writes.usage_mark(stream, customer_id, mark, now);
             }
         }
@@ -647,6 +672,18 @@ impl<'a> Batch<'a> {
     }
 }
 
+/// Sets a stream's mark among its customer's (a customer's id is copied only for its first).
+fn put_mark(marks: &mut HashMap<String, Marks>, customer_id: &str, stream: String, mark: UsageMark) {
+    match marks.get_mut(customer_id) {
+        Some(of_customer) => {
+            of_customer.insert(stream, mark);
+        }
+        None => {
+            marks.insert(customer_id.to_owned(), Marks::from([(stream, mark)]));
+        }
+    }
+}
+
 /// How credit a range gives back shows among the customer's grants: named, and described by the
 /// range that carried it. No idempotency key: the range's own (its stream's mark) books it once,
 /// and a grant key is the API caller's, at most 256 characters, which a range key may exceed.
@@ -673,6 +710,8 @@ struct Counts {
     notification_events: usize,
     /// Books read from the store (the others were kept from an earlier sync).
     books_read: u64,
+    /// Streams whose marks were looked up in the store (the others were kept with their book).
+    marks_read: u64,
 }
 
 impl Counts {
@@ -691,6 +730,7 @@ impl Counts {
         state.metrics.add("gateway_sync_groups", 1);
         state.metrics.add("notification_events", self.notification_events as u64);
         state.metrics.add("gateway_sync_books_read", self.books_read);
+        state.metrics.add("gateway_sync_marks_read", self.marks_read);
     }
 }
 

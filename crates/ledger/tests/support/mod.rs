@@ -229,10 +229,10 @@ impl Ledger {
 
     async fn assert_kept_books_current(&self) {
         let kept = self.state.books.entries();
-        let ids: Vec<String> = kept.iter().map(|(id, _, _)| id.clone()).collect();
+        let ids: Vec<String> = kept.iter().map(|(id, _, _, _)| id.clone()).collect();
         let mut conn = self.state.db.pool().acquire().await.expect("connection");
         let stored = ledger::store::books::load_books(&mut conn, &ids).await.expect("books");
-        for (id, revision, book) in kept {
+        for (id, revision, book, marks) in kept {
             let version: i64 = sqlx::query_scalar("SELECT lock_version FROM customers WHERE id = $1")
                 .bind(&id)
                 .fetch_one(&mut *conn)
@@ -241,6 +241,9 @@ impl Ledger {
             // A book changed since it was kept is read again under the next lock.
             if version == revision {
                 assert_eq!(Some(&book), stored.get(&id), "the book kept for {id} at revision {revision}");
+                let streams: Vec<&str> = marks.keys().map(String::as_str).collect();
+                let stored_marks = ledger::store::usage::marks(&mut conn, &streams).await.expect("marks");
+                assert_eq!(marks, stored_marks, "the marks kept for {id} at revision {revision}");
             }
         }
     }
