@@ -22,10 +22,10 @@ def load(name):
 def gateway():
     doc = load("gateway")
     cases = doc["cases"]
-    order = [k for k in ["a", "e", "f", "l", "p", "b", "h", "g", "c", "d", "B", "C"] if k in cases]
+    order = [k for k in ["a", "e", "r", "f", "l", "p", "q", "b", "h", "g", "c", "d", "B", "C"] if k in cases]
     labels = [f"{k}. {cases[k]['label']}" for k in order]
     fig, axes = plt.subplots(1, 3, figsize=(16, 5))
-    palette = {"a": "#888888", "e": "#4c72b0", "f": "#8172b2", "l": "#64b5cd", "p": "#b3a7d9", "b": "#55a868", "h": "#55a868", "g": "#3d8b50",
+    palette = {"a": "#888888", "e": "#4c72b0", "f": "#8172b2", "l": "#64b5cd", "p": "#b3a7d9", "q": "#d6cdeb", "r": "#8fa9d4", "b": "#55a868", "h": "#55a868", "g": "#3d8b50",
                "c": "#8fd18f", "d": "#c44e52", "B": "#dd8452", "C": "#f0b27a"}
     colors = [palette[k] for k in order]
     axes[0].barh(labels, [cases[k]["rps"] for k in order], color=colors)

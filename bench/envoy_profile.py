@@ -8,7 +8,8 @@ memory), the Envoy binary (HTTP, the proxy-wasm host side of every host call, V8
 garbage collector: the binary is stripped, so no finer), libc, the kernel — and each share turned
 into µs per call with the run's CPU per call (/proc). The differences b − e and c − b are what the
 filter and its many customers cost, and where; p − e is what its host calls cost by themselves,
-b − p what its own code costs beyond them.
+b − p what its own code costs beyond them. Case q (p's host calls on c's 10,000 subjects) splits c − b
+into the engine's side of many customers (q − p) and the filter's (c − q against b − p).
 
   python3 bench/envoy_profile.py [--seconds 8] [--rounds 2] [--connections 16] [--baseline WASM]
 
@@ -79,7 +80,10 @@ def main():
         credits = g.wasm_filter("prepaid_credits", f"{wasm}/prepaid_credits.wasm", config)
         cases = {"e": g.wasm_filter("noop_filter", f"{wasm}/noop_filter.wasm", None),
                  "p": g.wasm_filter("floor_filter", f"{wasm}/floor_filter.wasm", "prepaid"), "b": credits, "c": credits}
-        script = {"c": os.path.join(g.ROOT, "bench/subjects.lua")}
+        # q: p's seven host calls on c's 10,000 entries, so that c − b splits into the engine's
+        # side of many customers (q − p) and the filter's (c − b − (q − p)).
+        cases["q"] = cases["p"]
+        script = {case: os.path.join(g.ROOT, "bench/subjects.lua") for case in "cq"}
         if a.baseline:
             cases["B"] = cases["C"] = g.wasm_filter("prepaid_credits", a.baseline, config)
             script["C"] = script["c"]
@@ -95,7 +99,7 @@ def main():
         results = perf_split.split(totals, BUCKETS, bucket, "envoy_cpu_us_per_call")
         for case, r in results.items():
             r["top_dsos"] = dict(totals[case].samples.most_common(8))
-        diff = perf_split.differences(results, (("b", "e"), ("p", "e"), ("b", "p"), ("c", "b"), ("b", "B"), ("c", "C")),
+        diff = perf_split.differences(results, (("b", "e"), ("p", "e"), ("b", "p"), ("c", "b"), ("q", "p"), ("c", "q"), ("b", "B"), ("c", "C")),
                                       BUCKETS)
         doc = {"benchmark": "envoy-profile", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "seconds": a.seconds, "rounds": a.rounds, "connections": a.connections,

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Gateway overhead: the same Envoy binary, the same load generator (wrk), the same direct-response
-route, ten cases side by side in one run, interleaved over rounds (the machine is shared and noisy;
+route, twelve cases side by side in one run, interleaved over rounds (the machine is shared and noisy;
 each case's figure is its median round):
 
   a  no filter                         (the physical limit of this machine)
@@ -19,6 +19,10 @@ each case's figure is its median round):
   c  prepaid_credits, 10k subjects      (wrk script bench/subjects.lua: a subject picked at random
                                          per request; the filter's default configuration, warmed
                                          for at most 10 s)
+  q  p with c's 10k subjects            (the seven host calls on 10,000 shared-data entries: what
+                                         the engine's side of c costs with no decision behind it)
+  r  e with c's 10k subjects            (the no-op filter under c's load generator: what the wrk
+                                         script itself costs)
   d  ext_authz (HTTP) to the ledger     (the naive design: a durable charge per call)
 
 Every Envoy runs with --concurrency 1 pinned to CPU 0; wrk (1 thread) and the ledger share CPU 1.
@@ -359,6 +363,8 @@ def main():
             # The filter's defaults: an idle lease is kept (lease.idle_release_ms, 5 min) unless the
             # ledger recalls it, so c keeps its leases across the other cases' runs (≈ 40 s).
             "c": ("prepaid_credits, 10k subjects", wasm_filter("prepaid_credits", f"{wasm}/prepaid_credits.wasm", config)),
+            "q": ("floor filter: 7 host calls, 10k subjects", wasm_filter("floor_filter", f"{wasm}/floor_filter.wasm", "prepaid")),
+            "r": ("no-op wasm filter, 10k subjects", wasm_filter("noop_filter", f"{wasm}/noop_filter.wasm", None)),
             "d": ("ext_authz to the ledger", ext_authz(ledger_port)),
         }
         # GATEWAY_BENCH_BASELINE=<an earlier prepaid_credits.wasm> adds B and C: cases b and c run
@@ -367,7 +373,7 @@ def main():
         if baseline:
             cases["B"] = ("b, baseline build", wasm_filter("prepaid_credits", baseline, config))
             cases["C"] = ("c, baseline build", wasm_filter("prepaid_credits", baseline, config))
-        script = {"c": os.path.join(ROOT, "bench/subjects.lua"), "C": os.path.join(ROOT, "bench/subjects.lua")}
+        script = {case: os.path.join(ROOT, "bench/subjects.lua") for case in "cCqr"}
         envoys = {}
         rss = {}
         for case, (_, filters) in cases.items():
@@ -375,7 +381,7 @@ def main():
             # c: at most 10 s of warm-up (the issue's rule: a gateway meets its customers cold).
             warm_up(envoys[case], a.connections, script.get(case), 10 if case in "cC" else 90)
             rss[case] = rss_kib(envoys[case].proc.pid)
-            if case in "flpbgBcC":
+            if case in "flpqbgBcC":
                 answers_with(f"http://127.0.0.1:{envoys[case].port}/", "x-credits-balance")
         runs = {case: [] for case in cases}
         for rnd in range(a.rounds):
@@ -432,6 +438,10 @@ def main():
             "l/e": results["l"]["rps"] / results["e"]["rps"],
             "p/e": results["p"]["rps"] / results["e"]["rps"],
             "b/p": results["b"]["rps"] / results["p"]["rps"],
+            "q/e": results["q"]["rps"] / results["e"]["rps"],
+            "c/q": results["c"]["rps"] / results["q"]["rps"],
+            "r/e": results["r"]["rps"] / results["e"]["rps"],
+            "c/r": results["c"]["rps"] / results["r"]["rps"],
             "added_cpu_us_f_over_e": results["f"]["envoy_cpu_us_per_call"] - results["e"]["envoy_cpu_us_per_call"],
             "added_cpu_us_p_over_e": results["p"]["envoy_cpu_us_per_call"] - results["e"]["envoy_cpu_us_per_call"],
             "added_cpu_us_b_over_a": results["b"]["envoy_cpu_us_per_call"] - ra["envoy_cpu_us_per_call"],

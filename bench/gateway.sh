@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Gateway overhead, ten cases side by side in one run (see bench/gateway.py for what each is):
+# Gateway overhead, twelve cases side by side in one run (see bench/gateway.py for what each is):
 # a no filter, e no-op wasm filter, f, l and p the floor filter (a credit check's host calls and no
 # decisions: the fewest on shared data, the fewest with the balance in worker memory, and prepaid_credits' own), b prepaid_credits with one paying customer (warm lease), h b without
 # the x-credits-* response headers, g b with pricing.charge_errors on (errors charged), c prepaid_credits over 10k subjects with its default configuration,
-# d Envoy ext_authz calling the ledger per call.
-# Builds what it needs, starts a ledger (SQLite, temp dir) and ten Envoys (--concurrency 1, CPU 0),
+# d Envoy ext_authz calling the ledger per call, q and r the floor filter's prepaid_credits shape and the no-op filter under c's 10k subjects.
+# Builds what it needs, starts a ledger (SQLite, temp dir) and twelve Envoys (--concurrency 1, CPU 0),
 # drives each with wrk (1 thread, CPU 1), stops everything it started on exit.
 # Writes bench/results/gateway.json and bench/results/gateway.png.
 #   bench/gateway.sh [seconds per run, default 10] [rounds, default 3] [connections, default 16]

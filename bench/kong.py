@@ -13,6 +13,8 @@ bench/gateway.py that apply, side by side in one run, interleaved over rounds:
      since §0u the same seven host calls as B)
   C  prepaid_credits, 10k subjects  (bench/subjects.lua picks one at random per request; defaults,
                                      at most 10 s of warm-up)
+  Q  P with C's 10k subjects         (the seven host calls on 10,000 shared-data entries, no decisions)
+  R  E with C's 10k subjects         (the no-op filter under C's load generator)
   B0, C0  B and C on an earlier build, given as GATEWAY_BENCH_BASELINE=<prepaid_credits.wasm> (as
           bench/gateway.py's B and C)
 
@@ -137,9 +139,11 @@ def gateway_cases(wasm, ledger_port):
         "H": ("B without response headers", credits(quiet)),
         "G": ("B with errors charged (pricing.charge_errors)", credits({**config, "pricing": {"charge_errors": True}})),
         "C": ("prepaid_credits, 10k subjects, defaults", credits(config)),
+        "Q": ("floor filter: 7 host calls, 10k subjects", "proxy_wasm floor_filter 'prepaid';"),
+        "R": ("no-op wasm filter, 10k subjects", "proxy_wasm noop_filter;"),
     }
     subjects = os.path.join(g.ROOT, "bench/subjects.lua")
-    scripts = {"C": subjects}
+    scripts = {case: subjects for case in "CQR"}
     baseline = os.environ.get("GATEWAY_BENCH_BASELINE")
     if baseline:
         modules.append(("prepaid_credits_baseline", os.path.abspath(baseline)))
@@ -185,7 +189,7 @@ def main():
             g.wrk(f"http://127.0.0.1:{gws[case].port}/", 10 if case in ("C", "C0") else 5, a.connections, "payer0",
                   script.get(case))
             print(f"case {case} warmed for {time.time() - started:.0f} s", file=sys.stderr)
-            if case in ("F", "L", "P", "B", "C", "B0", "C0"):
+            if case in ("F", "L", "P", "Q", "B", "C", "B0", "C0"):
                 g.answers_with(f"http://127.0.0.1:{gws[case].port}/", "x-credits-balance")
         runs = {case: [] for case in cases}
         for rnd in range(a.rounds):
@@ -228,6 +232,12 @@ def main():
             "p99 B/E": results["B"]["p99_ms"] / e["p99_ms"],
             "per-round B/E": [b["rps"] / x["rps"] for b, x in zip(runs["B"], runs["E"])],
             "per-round C/E": [c["rps"] / x["rps"] for c, x in zip(runs["C"], runs["E"])],
+            "Q/E": results["Q"]["rps"] / e["rps"],
+            "C/Q": results["C"]["rps"] / results["Q"]["rps"],
+            "R/E": results["R"]["rps"] / e["rps"],
+            "C/R": results["C"]["rps"] / results["R"]["rps"],
+            "per-round C/Q": [c["rps"] / x["rps"] for c, x in zip(runs["C"], runs["Q"])],
+            "per-round C/R": [c["rps"] / x["rps"] for c, x in zip(runs["C"], runs["R"])],
         }
         if "B0" in results:
             ratios.update({

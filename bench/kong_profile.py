@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Where nginx's CPU goes per call on Kong's Wasm engine (nginx + ngx_wasm_module + Wasmtime), in
 cases E (no-op Wasm filter), P (bench/floor-filter making prepaid_credits' seven host calls and none
-of its decisions), B (prepaid_credits, one customer) and C (10,000 subjects at random, defaults) of
-bench/kong.py: `perf record` (software clock) of the gateway's worker during each measured run,
+of its decisions), B (prepaid_credits, one customer), C (10,000 subjects at random, defaults) and Q
+(P on C's 10,000 subjects: the engine's side of many customers) of bench/kong.py: `perf record` (software clock) of the gateway's worker during each measured run,
 split by where the samples fall — the filter's code Wasmtime compiled (named through Wasmtime's
 perf map), the Wasmtime runtime linked into nginx (its trampolines, libcalls, instance and store
 code: every symbol of the binary not named ngx_*), ngx_wasm_module (the host side of every proxy-wasm call), the rest of nginx, libc, the
@@ -29,7 +29,7 @@ import kong
 import perf_split
 
 BUCKETS = ["wasm (JIT)", "wasmtime runtime", "ngx_wasm_module", "nginx", "libc", "kernel", "other"]
-CASES = "EPBC"
+CASES = "EPBCQ"
 WASM_MODULE_PREFIXES = ("ngx_proxy_wasm", "ngx_wasm", "ngx_wavm", "ngx_wa_", "ngx_wrt", "ngx_http_wasm",
                         "ngx_http_proxy_wasm")
 
@@ -92,7 +92,7 @@ def main():
         for case in CASES:
             gws[case] = kong.Nginx(case, nginx_bin, work, kong.proxied(cases[case][1]), upstream.port, modules, 0,
                                    wasmtime_flags=[("profiler", "perfmap")])
-            g.wrk(f"http://127.0.0.1:{gws[case].port}/", 10 if case == "C" else 5, a.connections, "payer0",
+            g.wrk(f"http://127.0.0.1:{gws[case].port}/", 10 if case in "CQ" else 5, a.connections, "payer0",
                   script.get(case))
             if case != "E":
                 g.answers_with(f"http://127.0.0.1:{gws[case].port}/", "x-credits-balance")
@@ -106,7 +106,7 @@ def main():
             per_sample = r["gateway_cpu_us_per_call"] / r["samples"]
             r["top_symbols"] = [{"dso": dso, "symbol": sym, "bucket": bucket(dso, sym), "us_per_call": s * per_sample}
                                 for (dso, sym), s in totals[case].samples.most_common(a.top)]
-        diff = perf_split.differences(results, (("B", "E"), ("P", "E"), ("B", "P"), ("C", "B")), BUCKETS)
+        diff = perf_split.differences(results, (("B", "E"), ("P", "E"), ("B", "P"), ("C", "B"), ("Q", "P"), ("C", "Q")), BUCKETS)
         doc = {"benchmark": "kong-engine profile", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "seconds": a.seconds, "rounds": a.rounds, "connections": a.connections,
                "load_average_at_end": os.getloadavg(), "cases": results, "differences": diff}
