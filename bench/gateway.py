@@ -21,11 +21,13 @@ each case's figure is its median round):
                                          for at most 10 s)
   q  p with c's 10k subjects            (the seven host calls on 10,000 shared-data entries: what
                                          the engine's side of c costs with no decision behind it)
-  r  e with c's 10k subjects            (the no-op filter under c's load generator: what the wrk
-                                         script itself costs)
+  r  e with c's 10k subjects            (the no-op filter under c's load: what 10,000 subject
+                                         values cost with no filter work behind them)
   d  ext_authz (HTTP) to the ledger     (the naive design: a durable charge per call)
 
 Every Envoy runs with --concurrency 1 pinned to CPU 0; wrk (1 thread) and the ledger share CPU 1.
+wrk always runs a script that formats each request (bench/subject.lua names one subject): its
+scripted mode alone moved a gateway's CPU per call (bench/RESULTS.md §0zg), so every case gets it.
 Each measured run follows a 2-s unmeasured load of the same case (the cases take turns, so each
 has been idle for the others' runs).
 CPU per call is Envoy's own utime+stime (/proc/PID/stat) over the run divided by the calls wrk
@@ -250,12 +252,11 @@ class Envoy:
 
 
 def wrk(url, seconds, connections, subject, script):
-    cmd = ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
-    if script:
-        cmd += ["-s", script]
-    else:
-        cmd += ["-H", f"x-consumer-username: {subject}"]
-    out = subprocess.run(cmd + [url], capture_output=True, text=True, check=True).stdout
+    # Always a script (one subject: bench/subject.lua), so that every case runs wrk the same way.
+    script = script or os.path.join(ROOT, "bench/subject.lua")
+    cmd = ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", script]
+    env = {**os.environ, "BENCH_SUBJECT": subject}
+    out = subprocess.run(cmd + [url], capture_output=True, text=True, check=True, env=env).stdout
     requests = int(re.search(r"(\d+) requests in", out).group(1))
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors = re.search(r"Socket errors: (.*)", out)

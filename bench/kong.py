@@ -14,7 +14,8 @@ bench/gateway.py that apply, side by side in one run, interleaved over rounds:
   C  prepaid_credits, 10k subjects  (bench/subjects.lua picks one at random per request; defaults,
                                      at most 10 s of warm-up)
   Q  P with C's 10k subjects         (the seven host calls on 10,000 shared-data entries, no decisions)
-  R  E with C's 10k subjects         (the no-op filter under C's load generator)
+  R  E with C's 10k subjects         (the no-op filter under C's load: every case runs wrk with a
+                                     script, bench/subject.lua where it names one subject)
   B0, C0  B and C on an earlier build, given as GATEWAY_BENCH_BASELINE=<prepaid_credits.wasm> (as
           bench/gateway.py's B and C)
 
